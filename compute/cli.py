@@ -1,0 +1,326 @@
+"""`compute-ctl`: the bootstrap. Validates everything it can before touching anything, prepares
+the runtime dir and the state file, renders supervisord.conf, runs supervisord, relays the
+tree's log lines to stdout and exits with postgres' exit code.
+
+The slow steps (PGDATA, storage, postgres) happen in the supervised `lifecycle` program, so
+the HTTP API answers `/status` from the first second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+
+from psycopg.conninfo import conninfo_to_dict
+
+from . import __version__
+from .logrelay import FIFO_NAME
+from .logs import setup_bootstrap_logging
+from .spec import SpecError, load_spec_file, parse_spec_text
+from .state import StateStore, state_path
+from .supervision import CONF_NAME, render_supervisord_conf, rpc, socket_path
+from .users import effective_user
+
+log = logging.getLogger("compute.cli")
+
+DEFAULT_VM_INFORMANT = "/bin/vm-informant"
+EXIT_UNEXPECTED = 1
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compute-ctl",
+        description="Start a Postgres compute node from a spec, as a supervisord-managed process "
+                    "tree (Neon compute_ctl compatible). Exits with postgres' exit code.",
+        epilog="Exactly one spec source: -s, -S, or -i with -p. "
+               "Operators: supervisorctl -c RUNTIME_DIR/supervisord.conf status. "
+               "Sub-command: `compute-ctl plan -C CONNSTR -S SPEC` prints the SQL a "
+               "reconfiguration would run, without running it.",
+    )
+    p.add_argument("-D", "--pgdata", required=True, help="data directory; emptied at every start")
+    p.add_argument("-C", "--connstr", required=True,
+                   help="superuser connection string to the local postgres, "
+                        "e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
+    p.add_argument("-b", "--pgbin", default="postgres",
+                   help="postgres binary (default: postgres from PATH); also runs --sync-safekeepers")
+    p.add_argument("-s", "--spec", help="the spec as inline JSON")
+    p.add_argument("-S", "--spec-path", help="the spec as a JSON file")
+    p.add_argument("-i", "--compute-id", help="pull mode: this compute's id at the control plane")
+    p.add_argument("-p", "--control-plane-uri",
+                   help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
+                        "(Authorization from env NEON_CONSOLE_JWT); enables POST /configure")
+    p.add_argument("--http-port", type=int, default=3080, help="HTTP API port on all interfaces (default 3080)")
+    p.add_argument("--runtime-dir", default=None,
+                   help="rendered supervisord.conf, its control socket, the state file and logs "
+                        "(default /run/compute-ctl as root, else /tmp/compute-ctl-$USER); never inside PGDATA")
+    p.add_argument("--user", default="postgres",
+                   help="when started as root, run everything as this unprivileged user (default postgres)")
+    p.add_argument("--vm-informant", default=DEFAULT_VM_INFORMANT,
+                   help=f"vm-informant binary, supervised when it exists (default {DEFAULT_VM_INFORMANT})")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="after a failed start, keep serving the error on /status this long, then exit 1 (default 30)")
+    p.add_argument("--monitor-interval", type=float, default=0.5,
+                   help="activity monitor period in seconds (default 0.5)")
+    p.add_argument("--jwks", default=None, help="JWKS file: require a bearer JWT on mutating HTTP routes")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--version", action="version", version=f"compute-ctl {__version__}")
+    return p
+
+
+def _check_path(name: str, path: str) -> str:
+    if any(ch in path for ch in "\n\r\x00\",%"):
+        raise UsageError(f"{name} {path!r}: must not contain newlines, quotes, commas or %")
+    return os.path.abspath(path)
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def resolve_pgbin(pgbin: str) -> str:
+    import shutil
+    found = pgbin if os.sep in pgbin else shutil.which(pgbin)
+    if not found or not os.access(found, os.X_OK):
+        raise UsageError(f"--pgbin {pgbin!r}: not an executable (give the full path, e.g. "
+                         "/usr/lib/postgresql/15/bin/postgres)")
+    return os.path.abspath(found)
+
+
+def resolve_pgbin_dir(pgbin: str) -> str:
+    """Where initdb lives for the embedded default: next to pgbin, or next to what it links to."""
+    for d in (os.path.dirname(pgbin), os.path.dirname(os.path.realpath(pgbin)), "/usr/lib/postgresql/15/bin"):
+        if os.access(os.path.join(d, "initdb"), os.X_OK):
+            return d
+    return os.path.dirname(pgbin)
+
+
+def superuser_of(connstr: str) -> str:
+    try:
+        params = conninfo_to_dict(connstr)
+    except Exception as e:
+        raise UsageError(f"--connstr: not a valid connection string ({e})") from None
+    user = params.get("user")
+    if not user:
+        raise UsageError("--connstr must name the superuser, e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
+    return user
+
+
+def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """Everything that can be checked before anything is touched. Returns (raw spec, superuser)."""
+    sources = [x for x in (args.spec, args.spec_path) if x is not None]
+    pull = args.compute_id is not None or args.control_plane_uri is not None
+    if pull and (args.compute_id is None or args.control_plane_uri is None):
+        raise UsageError("-i/--compute-id and -p/--control-plane-uri go together")
+    if len(sources) + pull != 1:
+        raise UsageError("give exactly one spec source: -s JSON, -S FILE, or -i ID with -p URI")
+    superuser = superuser_of(args.connstr)
+    raw = None
+    if args.spec is not None:
+        spec = parse_spec_text(args.spec, superuser=superuser)
+        raw = __import__("json").loads(args.spec)
+    elif args.spec_path is not None:
+        spec = load_spec_file(args.spec_path, superuser=superuser)
+        with open(args.spec_path, "rb") as f:
+            raw = __import__("json").loads(f.read())
+    else:
+        spec = None
+    if not (0 < args.http_port < 65536):
+        raise UsageError("--http-port must be 1..65535")
+    if args.monitor_interval <= 0 or args.grace_seconds < 0:
+        raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
+    del spec  # validated; the driver parses it again from the state file
+    return raw, superuser
+
+
+def default_runtime_dir() -> str:
+    if os.getuid() == 0:
+        return "/run/compute-ctl"
+    return f"/tmp/compute-ctl-{os.environ.get('USER') or os.getuid()}"
+
+
+def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    os.chmod(runtime_dir, 0o700)
+    user.chown(runtime_dir)
+    logs = os.path.join(runtime_dir, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    user.chown(logs)
+    fifo = os.path.join(runtime_dir, FIFO_NAME)
+    if os.path.exists(fifo):
+        os.unlink(fifo)
+    os.mkfifo(fifo, 0o600)
+    user.chown(fifo)
+    # PGDATA is emptied by the driver (as the user); here it only has to exist and be ours.
+    os.makedirs(pgdata, mode=0o700, exist_ok=True)
+    user.chown(pgdata)
+
+
+class Tree:
+    """supervisord as our child, with signals forwarded and its log lines copied."""
+
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+        self.proc: subprocess.Popen | None = None
+        self.terminating = False
+
+    def start(self) -> None:
+        fifo = os.open(os.path.join(self.runtime_dir, FIFO_NAME), os.O_RDWR)
+        threading.Thread(target=self._copy_logs, args=(fifo,), daemon=True).start()
+        conf = os.path.join(self.runtime_dir, CONF_NAME)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf],
+            stdin=subprocess.DEVNULL, env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir},
+            start_new_session=True,  # our signals reach supervisord only the way we forward them
+        )
+        threading.Thread(target=self._nudge, daemon=True).start()
+
+    def _nudge(self) -> None:
+        """supervisord starts its programs after its first 1 s poll() returns; a request on the
+        control socket ends that wait early (saves ~1 s of every start)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.proc and self.proc.poll() is None:
+            if os.path.exists(socket_path(self.runtime_dir)):
+                try:
+                    rpc(self.runtime_dir).supervisor.getState()
+                    return
+                except (OSError, xmlrpc.client.Error):
+                    pass
+            time.sleep(0.005)
+
+    @staticmethod
+    def _copy_logs(fd: int) -> None:
+        # os.write, not sys.stdout: no buffer lock to trip over at interpreter exit.
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            os.write(1, chunk)
+
+    def terminate(self, signum: int, _frame=None) -> None:
+        if not self.terminating:
+            log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(signum).name)
+        self.terminating = True
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        while True:
+            try:
+                return self.proc.wait()
+            except InterruptedError:
+                continue
+
+
+def stop_orphaned_postgres(pgdata: str, timeout: float = 8.0) -> None:
+    """Backstop if supervisord died without stopping postgres (e.g. SIGKILL)."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            pid = int(f.readline().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGINT)
+    except OSError:
+        return
+    log.warning("postgres (pid %d) outlived supervisord: fast shutdown", pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plan":
+        from .plan_cmd import main as plan_main
+        return plan_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    setup_bootstrap_logging(args.log_format)
+    try:
+        raw_spec, superuser = validate(args)
+        pgbin = resolve_pgbin(args.pgbin)
+        pgdata = _check_path("--pgdata", args.pgdata)
+        runtime_dir = _check_path("--runtime-dir", args.runtime_dir or default_runtime_dir())
+        if _inside(runtime_dir, pgdata) or _inside(pgdata, runtime_dir):
+            raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
+        user = effective_user(args.user)
+    except (UsageError, SpecError, ValueError) as e:
+        print(f"compute-ctl: {e}", file=sys.stderr)
+        return 1
+
+    vm_informant = args.vm_informant if args.vm_informant and os.access(args.vm_informant, os.X_OK) else None
+    launch = {
+        "pgdata": pgdata, "connstr": args.connstr, "pgbin": pgbin, "pgbin_dir": resolve_pgbin_dir(pgbin),
+        "superuser": superuser, "http_port": args.http_port, "runtime_dir": runtime_dir,
+        "compute_id": args.compute_id, "control_plane_uri": args.control_plane_uri,
+        "live_config_allowed": args.control_plane_uri is not None,
+        "grace_seconds": args.grace_seconds, "monitor_interval": args.monitor_interval,
+        "jwks_path": os.path.abspath(args.jwks) if args.jwks else None, "log_format": args.log_format,
+        "vm_informant": vm_informant,
+    }
+    try:
+        prepare_dirs(runtime_dir, pgdata, user)
+        user.demote()  # from here on nothing runs as root
+        if not os.access(sys.executable, os.X_OK):
+            raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
+                             "compute-supervisor where that user can read it (scripts/install.sh)")
+        informant_connstr = f"dbname=postgres user={superuser} sslmode=disable"
+        conf = render_supervisord_conf(
+            runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
+            auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
+            informant_connstr=informant_connstr)
+        old = os.umask(0o077)  # the conf may carry the storage token
+        try:
+            with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:
+                f.write(conf)
+        finally:
+            os.umask(old)
+        StateStore.create(state_path(runtime_dir), {
+            "launch": launch, "status": "init", "error": None, "start_time": time.time(),
+            "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {},
+        })
+    except (OSError, UsageError, ValueError) as e:
+        print(f"compute-ctl: {e}", file=sys.stderr)
+        return 1
+
+    tree = Tree(runtime_dir)
+    signal.signal(signal.SIGTERM, tree.terminate)
+    signal.signal(signal.SIGINT, tree.terminate)
+    log.info("starting compute: PGDATA %s, HTTP port %d, runtime dir %s, user %s",
+             pgdata, args.http_port, runtime_dir, user.name)
+    tree.start()
+    tree.wait()
+    stop_orphaned_postgres(pgdata)
+    code = StateStore(state_path(runtime_dir)).get("exit_code")
+    if tree.terminating:
+        code = 0
+    elif code is None:
+        log.error("supervisord exited unexpectedly")
+        code = EXIT_UNEXPECTED
+    log.info("compute stopped: exit code %d", code)
+    sys.stdout.flush()
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Rendering postgresql.conf and pg_hba.conf from the spec (pure, plus two tiny writers)."""
+
+from __future__ import annotations
+
+import os
+
+from .spec import BARE_VALUE, GenericOption
+
+BEGIN_MARK = "# Managed by compute_ctl: begin"
+END_MARK = "# Managed by compute_ctl: end"
+HBA_LINE = "host all all 0.0.0.0/0 md5"
+
+
+def quote_value(opt: GenericOption) -> str:
+    """`string` values single-quoted with `'` and `\\` doubled; others bare (validated tokens)."""
+    if opt.value is None:
+        return ""
+    if any(ch in opt.value for ch in "\n\r\x00"):
+        # spec.py already rejects these; a second guard because this is the injection point.
+        raise ValueError(f"setting {opt.name}: value contains a newline or NUL")
+    if opt.vartype == "string":
+        return "'" + opt.value.replace("\\", "\\\\").replace("'", "''") + "'"
+    if not BARE_VALUE.match(opt.value):
+        raise ValueError(f"setting {opt.name}: {opt.value!r} is not a plain {opt.vartype} value")
+    return opt.value
+
+
+def setting_line(opt: GenericOption) -> str:
+    return opt.name if opt.value is None else f"{opt.name} = {quote_value(opt)}"
+
+
+def render_postgresql_conf(settings: tuple[GenericOption, ...] | list[GenericOption]) -> str:
+    lines = [BEGIN_MARK, *(setting_line(o) for o in settings), END_MARK]
+    return "\n".join(lines) + "\n"
+
+
+def write_postgresql_conf(pgdata: str, settings) -> None:
+    """Rewrite postgresql.conf whole, atomically (a reload must never see half a file)."""
+    _atomic_write(os.path.join(pgdata, "postgresql.conf"), render_postgresql_conf(settings))
+
+
+def ensure_hba_line(pgdata: str) -> bool:
+    """Append `host all all 0.0.0.0/0 md5` to pg_hba.conf when missing. True if appended."""
+    path = os.path.join(pgdata, "pg_hba.conf")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if any(" ".join(line.split()) == HBA_LINE for line in text.splitlines()):
+        return False
+    sep = "" if not text or text.endswith("\n") else "\n"
+    with open(path, "a") as f:
+        f.write(f"{sep}{HBA_LINE}\n")
+    return True
+
+
+def render_default_hba(superuser: str) -> str:
+    """pg_hba.conf for the embedded default: the local superuser is trusted on the socket and
+    loopback (the connstr carries no password); everyone else needs a password."""
+    if any(ch in superuser for ch in '"\n\r\x00 \t,'):
+        raise ValueError(f"superuser name {superuser!r} cannot be written to pg_hba.conf")
+    return (
+        "# Written by compute-ctl for the embedded default (initdb) storage.\n"
+        "local all all trust\n"
+        f'host all "{superuser}" 127.0.0.1/32 trust\n'
+        f'host all "{superuser}" ::1/128 trust\n'
+        "host all all 127.0.0.1/32 md5\n"
+        "host all all ::1/128 md5\n"
+        f"{HBA_LINE}\n"
+    )
+
+
+def write_default_hba(pgdata: str, superuser: str) -> None:
+    _atomic_write(os.path.join(pgdata, "pg_hba.conf"), render_default_hba(superuser))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,335 @@
+"""The compute spec (Neon `format_version` 1.0): parsing and validation.
+
+Everything here is pure: `parse_spec` turns decoded JSON into frozen dataclasses or raises
+`SpecError` naming the offending field. Validation is strict about anything that later ends up
+in SQL or postgresql.conf (names, setting values) and lenient about unknown keys, as the
+original is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+MD5_HASH = re.compile(r"^(md5)?[0-9a-f]{32}$")
+SCRAM_VERIFIER = re.compile(
+    r"^SCRAM-SHA-256\$\d+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$"
+)
+TOKEN = re.compile(r"^[A-Za-z0-9._~+/=:-]+$")  # JWT-like; it travels in an environment variable
+GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+OPTION_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A value written without quotes (vartype other than string) must be one harmless token.
+BARE_VALUE = re.compile(r"^[-+.0-9A-Za-z_:]+$")
+
+DELTA_ACTIONS = ("delete_db", "rename_db", "delete_role", "rename_role")
+NEON_SETTINGS = ("neon.pageserver_connstring", "neon.tenant_id", "neon.timeline_id", "neon.safekeepers")
+
+
+class SpecError(ValueError):
+    """An invalid spec; `str()` is one line naming the field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"invalid spec: {field}: {message}")
+
+
+@dataclass(frozen=True)
+class GenericOption:
+    name: str
+    value: str | None
+    vartype: str
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    encrypted_password: str | None  # md5 hash without prefix, or a SCRAM verifier
+    options: tuple[GenericOption, ...] = ()
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+    owner: str
+    options: tuple[GenericOption, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeltaOp:
+    action: str
+    name: str
+    new_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    cluster_id: str | None
+    name: str | None
+    state: str | None
+    roles: tuple[Role, ...]
+    databases: tuple[Database, ...]
+    settings: tuple[GenericOption, ...]
+
+
+@dataclass(frozen=True)
+class NeonStorage:
+    """Where the data comes from when the spec names a pageserver."""
+
+    pageserver_connstring: str
+    tenant_id: str
+    timeline_id: str
+    safekeepers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    format_version: float
+    cluster: Cluster
+    delta_operations: tuple[DeltaOp, ...] = ()
+    operation_uuid: str | None = None
+    storage_auth_token: str | None = field(default=None, repr=False)
+    storage: NeonStorage | None = None
+    mode: str = "Primary"  # Primary | Static | Replica
+    static_lsn: str | None = None
+
+    def setting(self, name: str) -> str | None:
+        for opt in self.cluster.settings:
+            if opt.name == name:
+                return opt.value
+        return None
+
+    @property
+    def tenant_id(self) -> str | None:
+        return self.storage.tenant_id if self.storage else None
+
+    @property
+    def timeline_id(self) -> str | None:
+        return self.storage.timeline_id if self.storage else None
+
+
+# -- entry points -------------------------------------------------------------------------
+
+def parse_spec_text(text: str | bytes, *, superuser: str | None = None) -> ComputeSpec:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError("<document>", f"larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError("<document>", f"not valid JSON ({e})") from None
+    return parse_spec(obj, superuser=superuser)
+
+
+def load_spec_file(path: str, *, superuser: str | None = None) -> ComputeSpec:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError("<file>", f"cannot read {path}: {e.strerror}") from None
+    return parse_spec_text(text, superuser=superuser)
+
+
+def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
+    """Validate decoded JSON. `superuser` (the connstr's user) may own databases without
+    being listed in `roles`."""
+    o = _Obj(obj, "<document>")
+    version = o.req("format_version", (int, float))
+    if isinstance(version, bool) or float(version) != 1.0:
+        raise SpecError("format_version", f"unsupported version {version!r} (expected 1.0)")
+
+    c = _Obj(o.req("cluster", dict), "cluster")
+    roles = tuple(_role(r, f"cluster.roles[{i}]") for i, r in enumerate(c.list("roles")))
+    databases = tuple(_database(d, f"cluster.databases[{i}]") for i, d in enumerate(c.list("databases")))
+    settings = tuple(_option(s, f"cluster.settings[{i}]", GUC_NAME) for i, s in enumerate(c.list("settings")))
+    _unique((r.name for r in roles), "cluster.roles", "role")
+    _unique((d.name for d in databases), "cluster.databases", "database")
+    _unique((s.name for s in settings), "cluster.settings", "setting")
+    known = {r.name for r in roles} | ({superuser} if superuser else set())
+    for i, db in enumerate(databases):
+        if db.owner not in known:
+            raise SpecError(f"cluster.databases[{i}].owner",
+                            f"role {db.owner!r} is not defined in cluster.roles")
+    cluster = Cluster(
+        cluster_id=c.opt("cluster_id", str), name=c.opt("name", str), state=c.opt("state", str),
+        roles=roles, databases=databases, settings=settings,
+    )
+    token = o.opt("storage_auth_token", str)
+    if token is not None and not TOKEN.match(token):
+        raise SpecError("storage_auth_token", "must be a printable token without spaces or quotes")
+    deltas = tuple(_delta(d, f"delta_operations[{i}]") for i, d in enumerate(o.list("delta_operations")))
+    mode, static_lsn = _mode(o.raw.get("mode"))
+    spec = ComputeSpec(
+        format_version=float(version),
+        cluster=cluster,
+        delta_operations=deltas,
+        operation_uuid=o.opt("operation_uuid", str),
+        storage_auth_token=token,
+        mode=mode,
+        static_lsn=static_lsn,
+    )
+    storage = _storage(o, spec)
+    return dataclasses.replace(spec, storage=storage)
+
+
+# -- pieces -----------------------------------------------------------------------------
+
+class _Obj:
+    """A JSON object with the path it came from, for error messages."""
+
+    def __init__(self, raw: Any, path: str):
+        if not isinstance(raw, dict):
+            raise SpecError(path, f"expected an object, got {_typename(raw)}")
+        self.raw, self.path = raw, path
+
+    def _field(self, key: str) -> str:
+        return key if self.path == "<document>" else f"{self.path}.{key}"
+
+    def req(self, key: str, types: type | tuple[type, ...]) -> Any:
+        if self.raw.get(key) is None:
+            raise SpecError(self._field(key), "is required")
+        return self._typed(key, types)
+
+    def opt(self, key: str, types: type | tuple[type, ...]) -> Any:
+        return None if self.raw.get(key) is None else self._typed(key, types)
+
+    def list(self, key: str) -> list:
+        return self.opt(key, list) or []
+
+    def _typed(self, key: str, types: type | tuple[type, ...]) -> Any:
+        value = self.raw[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+            expected = " or ".join(t.__name__ for t in _tuple(types))
+            raise SpecError(self._field(key), f"expected {expected}, got {_typename(value)}")
+        return value
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _typename(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _name(o: _Obj, key: str) -> str:
+    name = o.req(key, str)
+    where = o._field(key)
+    if not name:
+        raise SpecError(where, "must not be empty")
+    if "\x00" in name:
+        raise SpecError(where, "must not contain a NUL byte")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise SpecError(where, f"longer than {MAX_NAME_BYTES} bytes (postgres would truncate it)")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(where, "is not valid UTF-8") from None
+    return name
+
+
+def _role(raw: Any, path: str) -> Role:
+    o = _Obj(raw, path)
+    name = _name(o, "name")
+    password = o.opt("encrypted_password", str)
+    if password is not None and not (MD5_HASH.match(password) or SCRAM_VERIFIER.match(password)):
+        # Never echo the value: it may be a plain password someone pasted by mistake.
+        raise SpecError(f"{path}.encrypted_password",
+                        "must be an md5 hash (32 hex digits) or a SCRAM-SHA-256 verifier")
+    options = tuple(_option(x, f"{path}.options[{i}]", OPTION_KEYWORD) for i, x in enumerate(o.list("options")))
+    return Role(name=name, encrypted_password=password, options=options)
+
+
+def _database(raw: Any, path: str) -> Database:
+    o = _Obj(raw, path)
+    options = tuple(_option(x, f"{path}.options[{i}]", OPTION_KEYWORD) for i, x in enumerate(o.list("options")))
+    return Database(name=_name(o, "name"), owner=_name(o, "owner"), options=options)
+
+
+def _option(raw: Any, path: str, name_pattern: re.Pattern) -> GenericOption:
+    o = _Obj(raw, path)
+    name = o.req("name", str)
+    if not name_pattern.match(name):
+        raise SpecError(f"{path}.name", f"{name!r} is not a valid option name")
+    vartype = o.opt("vartype", str) or "string"
+    value = o.opt("value", str)
+    if value is not None:
+        if any(ch in value for ch in "\n\r\x00"):
+            raise SpecError(f"{path}.value", "must not contain a newline or NUL byte")
+        if vartype != "string" and not BARE_VALUE.match(value):
+            raise SpecError(f"{path}.value",
+                            f"{value!r} is not a plain {vartype} value (use vartype \"string\" for text)")
+    return GenericOption(name=name, value=value, vartype=vartype)
+
+
+def _delta(raw: Any, path: str) -> DeltaOp:
+    o = _Obj(raw, path)
+    action = o.req("action", str)
+    if action not in DELTA_ACTIONS:
+        raise SpecError(f"{path}.action", f"unknown action {action!r} (expected one of {', '.join(DELTA_ACTIONS)})")
+    name = _name(o, "name")
+    new_name = _name(o, "new_name") if action.startswith("rename_") else None
+    return DeltaOp(action=action, name=name, new_name=new_name)
+
+
+def _mode(raw: Any) -> tuple[str, str | None]:
+    """`"Primary"`, `"Replica"`, `{"Static": "0/16B9188"}` (serde's externally tagged enum)."""
+    if raw is None or raw == "Primary":
+        return "Primary", None
+    if raw == "Replica":
+        return "Replica", None
+    if isinstance(raw, dict) and set(raw) == {"Static"} and isinstance(raw["Static"], str) and LSN.match(raw["Static"]):
+        return "Static", raw["Static"]
+    raise SpecError("mode", 'expected "Primary", "Replica" or {"Static": "<lsn>"}')
+
+
+def _storage(o: _Obj, spec: ComputeSpec) -> NeonStorage | None:
+    """Top-level fields win over the older `neon.*` settings."""
+    connstr = o.opt("pageserver_connstring", str) or spec.setting("neon.pageserver_connstring")
+    tenant = o.opt("tenant_id", str) or spec.setting("neon.tenant_id")
+    timeline = o.opt("timeline_id", str) or spec.setting("neon.timeline_id")
+    if o.raw.get("safekeeper_connstrings") is not None:
+        sks = o.opt("safekeeper_connstrings", list)
+        for i, sk in enumerate(sks):
+            if not isinstance(sk, str) or not sk:
+                raise SpecError(f"safekeeper_connstrings[{i}]", "expected a non-empty string")
+        safekeepers = tuple(sks)
+    else:
+        safekeepers = tuple(s.strip() for s in (spec.setting("neon.safekeepers") or "").split(",") if s.strip())
+
+    if not (connstr or tenant or timeline):
+        return None  # the embedded default: a local cluster from initdb
+    for field_name, value in (("pageserver_connstring", connstr), ("tenant_id", tenant), ("timeline_id", timeline)):
+        if not value:
+            raise SpecError(field_name, "is required when the spec names a pageserver "
+                            "(top-level or neon.* setting)")
+    for field_name, value in (("tenant_id", tenant), ("timeline_id", timeline)):
+        if not HEX32.match(value):
+            raise SpecError(field_name, "must be 32 lowercase hex digits")
+    return NeonStorage(connstr, tenant, timeline, safekeepers)
+
+
+def _unique(names: Iterable[str], path: str, what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise SpecError(path, f"{what} {n!r} is listed twice")
+        seen.add(n)
+
+
+def redacted(obj: Any) -> Any:
+    """A copy of a decoded spec safe to log: passwords and tokens replaced."""
+    if isinstance(obj, dict):
+        return {k: ("[redacted]" if k in ("encrypted_password", "storage_auth_token") and v is not None
+                    else redacted(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redacted(v) for v in obj]
+    return obj

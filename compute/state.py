@@ -1,0 +1,167 @@
+"""The shared state file: one small SQLite database in the runtime dir.
+
+Every supervised program (lifecycle driver, monitor, API workers, exit watcher) opens its own
+connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mode, so readers
+(the API serving /status) never wait for writers. This is the only module that speaks SQL to it.
+
+The data is a key/value table whose values are JSON. Keys in use:
+  status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
+  metrics (object of integers), launch (the bootstrap's settings), postgres_exit (int),
+  pending_restart (list of setting names), shutdown_requested (bool)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Iterable
+
+STATUSES = ("empty", "configuration_pending", "init", "running", "configuration", "failed")
+STATE_FILE = "state.db"
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+
+
+class StateStore:
+    """A handle on the state file. Safe to share between threads of one process (one
+    connection per thread); reopened automatically in a forked child."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    # -- connections ----------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @classmethod
+    def create(cls, path: str, initial: dict[str, Any]) -> "StateStore":
+        """Start a fresh state file (a compute start is always a fresh start)."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
+        old_umask = os.umask(0o077)  # it holds the spec: password hashes, the storage token
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(_SCHEMA)
+            conn.close()
+        finally:
+            os.umask(old_umask)
+        store = cls(path)
+        store.set(**initial)
+        return store
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        keys = list(keys)
+        marks = ",".join("?" * len(keys))
+        rows = self._conn().execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
+        found = {k: json.loads(v) for k, v in rows}
+        return {k: found.get(k) for k in keys}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._conn().execute("SELECT key, value FROM kv")}
+
+    # -- writes ---------------------------------------------------------------------------
+    def _write(self, fn) -> Any:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    @staticmethod
+    def _put(conn: sqlite3.Connection, fields: dict[str, Any]) -> None:
+        conn.executemany(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v)) for k, v in fields.items()],
+        )
+
+    def set(self, **fields: Any) -> None:
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown status {fields['status']!r}")
+        self._write(lambda conn: self._put(conn, fields))
+
+    def transition(self, allowed_from: Iterable[str] | None, status: str, **fields: Any) -> bool:
+        """Set status (and fields) only if the current status is in `allowed_from` (None: any).
+        Atomic, so of two concurrent /configure requests exactly one wins."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        allowed = None if allowed_from is None else set(allowed_from)
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'status'").fetchone()
+            current = json.loads(row[0]) if row else None
+            if allowed is not None and current not in allowed:
+                return False
+            self._put(conn, {**fields, "status": status})
+            return True
+
+        return self._write(txn)
+
+    def advance_last_active(self, ts: float) -> bool:
+        """Move last_active forward to `ts`; never backwards. True if it changed."""
+        def txn(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'last_active'").fetchone()
+            if row is not None and json.loads(row[0]) >= ts:
+                return False
+            self._put(conn, {"last_active": ts})
+            return True
+
+        return self._write(txn)
+
+    def set_once(self, key: str, value: Any) -> bool:
+        """Set `key` only if it has no value yet (first writer wins). True if set."""
+        def txn(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone():
+                return False
+            self._put(conn, {key: value})
+            return True
+
+        return self._write(txn)
+
+    def record_metrics(self, **values: int) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'metrics'").fetchone()
+            metrics = json.loads(row[0]) if row else {}
+            metrics.update({k: int(v) for k, v in values.items()})
+            self._put(conn, {"metrics": metrics})
+
+        self._write(txn)
+
+    def integrity_ok(self) -> bool:
+        return self._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def state_path(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, STATE_FILE)
+
+
+def now() -> float:
+    return time.time()

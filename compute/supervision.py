@@ -1,0 +1,90 @@
+"""Talking to supervisord: the XML-RPC client over its unix control socket."""
+
+from __future__ import annotations
+
+import os
+import xmlrpc.client
+
+from supervisor.xmlrpc import SupervisorTransport
+
+SOCKET_NAME = "supervisor.sock"
+CONF_NAME = "supervisord.conf"
+
+
+def socket_path(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, SOCKET_NAME)
+
+
+def rpc(runtime_dir: str) -> xmlrpc.client.ServerProxy:
+    """A proxy on supervisord's XML-RPC interface (`.supervisor.getProcessInfo(...)` etc.)."""
+    transport = SupervisorTransport(None, None, f"unix://{socket_path(runtime_dir)}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+
+# -- rendering supervisord.conf -------------------------------------------------------------
+
+import string  # noqa: E402  (kept next to the code that uses it)
+import sys  # noqa: E402
+import sysconfig  # noqa: E402
+
+TEMPLATE = "supervisord.conf.tmpl"
+VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
+_SAFE_ENV_VALUE = __import__("re").compile(r"^[A-Za-z0-9._~+/=:-]+$")
+
+
+def template_dir() -> str:
+    """The repo's supervisor/ folder in a checkout, or its installed copy under share/."""
+    candidates = [
+        os.environ.get("COMPUTE_TEMPLATE_DIR", ""),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "supervisor"),
+        os.path.join(sysconfig.get_path("data"), "share", "compute-supervisor"),
+        os.path.join(sys.prefix, "share", "compute-supervisor"),
+    ]
+    for d in candidates:
+        if d and os.path.isfile(os.path.join(d, TEMPLATE)):
+            return d
+    raise FileNotFoundError(f"{TEMPLATE} not found (looked in: {', '.join(c for c in candidates if c)})")
+
+
+def _conf_value(value: str) -> str:
+    """A value safe on one supervisord config line: no line breaks, `%` escaped (supervisord
+    expands %(name)s)."""
+    if any(ch in value for ch in "\n\r\x00"):
+        raise ValueError(f"{value!r} cannot be written to supervisord.conf")
+    return value.replace("%", "%%")
+
+
+def _command_arg(value: str) -> str:
+    import shlex
+    return _conf_value(shlex.quote(value))
+
+
+def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python: str,
+                            auth_token: str | None, vm_informant: str | None,
+                            informant_connstr: str, postgres_stop_seconds: int = 8) -> str:
+    tdir = template_dir()
+    logs = os.path.join(runtime_dir, "logs")
+    env = ""
+    if auth_token:
+        if not _SAFE_ENV_VALUE.match(auth_token):
+            raise ValueError("storage_auth_token has characters that cannot be passed in the environment")
+        env = f'environment=NEON_AUTH_TOKEN="{_conf_value(auth_token)}"'
+    values = {
+        "runtime_dir": _conf_value(runtime_dir),
+        "conf": _conf_value(os.path.join(runtime_dir, CONF_NAME)),
+        "socket": _conf_value(socket_path(runtime_dir)),
+        "logs": _conf_value(logs),
+        "pgdata": _command_arg(pgdata),
+        "pgbin": _command_arg(pgbin),
+        "python": _command_arg(python),
+        "postgres_stop_seconds": str(int(postgres_stop_seconds)),
+        "postgres_environment": env,
+        "vm_informant_section": "",
+    }
+    if vm_informant:
+        with open(os.path.join(tdir, VM_INFORMANT_TEMPLATE)) as f:
+            values["vm_informant_section"] = string.Template(f.read()).substitute(
+                values, vm_informant=_command_arg(vm_informant),
+                informant_connstr=_command_arg(informant_connstr))
+    with open(os.path.join(tdir, TEMPLATE)) as f:
+        return string.Template(f.read()).substitute(values)

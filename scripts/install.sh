@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything compute-supervisor needs on a bare Debian bookworm machine (or image):
+# PostgreSQL 15 and tools from Debian's packages, then the package in a virtualenv that the
+# unprivileged compute user can read. Idempotent. Used by .ci/run, scripts/demo, scripts/test
+# and the Dockerfile, so CI exercises the image's install steps.
+#
+#   COMPUTE_VENV   virtualenv path (default /opt/compute-supervisor/venv)
+#   WITH_TESTS=1   also install the test dependencies
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${COMPUTE_VENV:-/opt/compute-supervisor/venv}"
+packages=(postgresql-15 python3 python3-venv util-linux gdb procps ca-certificates)
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: installing ${missing[*]}"
+  # No default cluster: every compute makes its own PGDATA.
+  sudo_ mkdir -p /etc/postgresql-common
+  echo "create_main_cluster = false" | sudo_ tee /etc/postgresql-common/createcluster.conf >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+id postgres >/dev/null 2>&1 || sudo_ useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+
+if [ ! -x "$venv/bin/python" ]; then
+  sudo_ mkdir -p "$(dirname "$venv")"
+  sudo_ /usr/bin/python3 -m venv "$venv"
+  sudo_ "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+extra=""
+[ "${WITH_TESTS:-0}" = 1 ] && extra="[test]"
+# A real (not editable) install: the compute user cannot read a checkout under /root.
+# Build from a copy so no build/ or egg-info litter is left in the checkout.
+build="$(mktemp -d)"
+trap 'rm -rf "$build"' EXIT
+(cd "$repo" && tar --exclude=.git --exclude='*.egg-info' --exclude=build -cf - .) | tar -xf - -C "$build"
+sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps "$build"
+sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check "$build$extra"
+sudo_ chmod -R a+rX "$(dirname "$venv")"
+echo "install.sh: compute-ctl installed in $venv"

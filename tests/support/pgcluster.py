@@ -1,0 +1,95 @@
+"""Throwaway PostgreSQL 15 clusters for tests, run as an unprivileged user even when tests run as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from compute.users import effective_user
+
+PGBIN_DIR = os.environ.get("PGBIN_DIR", "/usr/lib/postgresql/15/bin")
+PG_USER = effective_user(os.environ.get("COMPUTE_TEST_USER", "postgres"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scratch_dir(prefix: str = "cs-") -> str:
+    """A fresh directory under /tmp owned by the postgres user (pytest's tmp_path is root-only)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(path, 0o755)
+    PG_USER.chown(path)
+    return path
+
+
+def run_as_pg(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("check", True)
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    if os.getuid() == 0:
+        kwargs["user"], kwargs["group"], kwargs["extra_groups"] = PG_USER.uid, PG_USER.gid, []
+    env = dict(kwargs.pop("env", os.environ))
+    env["HOME"] = PG_USER.home
+    return subprocess.run(argv, env=env, **kwargs)
+
+
+@dataclass
+class Cluster:
+    datadir: str
+    port: int
+    superuser: str = "cloud_admin"
+    started: bool = field(default=False)
+
+    def conninfo(self, dbname: str = "postgres", user: str | None = None) -> str:
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user or self.superuser}"
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{dbname}"
+
+    def initdb(self) -> None:
+        run_as_pg([f"{PGBIN_DIR}/initdb", "-D", self.datadir, "-U", self.superuser,
+                   "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"])
+
+    def start(self, **settings: str) -> None:
+        opts = {"port": str(self.port), "listen_addresses": "'127.0.0.1'",
+                "unix_socket_directories": f"'{self.datadir}'", "fsync": "off", **settings}
+        with open(os.path.join(self.datadir, "postgresql.conf"), "a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in opts.items())
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", self.datadir, "-w", "-l",
+                   os.path.join(self.datadir, "server.log"), "start"])
+        self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", self.datadir, "-m", "immediate", "stop"], check=False)
+            self.started = False
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.datadir, "server.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+@contextmanager
+def running_cluster(superuser: str = "cloud_admin", **settings: str) -> Iterator[Cluster]:
+    """initdb + start a cluster on a free loopback port; removed afterwards."""
+    base = scratch_dir("cs-pg-")
+    cluster = Cluster(datadir=os.path.join(base, "data"), port=free_port(), superuser=superuser)
+    try:
+        cluster.initdb()
+        cluster.start(**settings)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""Booting the whole tree (`compute-ctl` -> supervisord -> programs) for end-to-end tests.
+
+The tree runs from the installed virtualenv (scripts/install.sh; the compute user cannot read a
+checkout under /root), as the unprivileged user, against real postgres 15, real supervisord,
+real gunicorn and real HTTP on loopback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from .pgcluster import PGBIN_DIR, free_port, scratch_dir
+
+VENV = os.environ.get("COMPUTE_VENV", "/opt/compute-supervisor/venv")
+COMPUTE_CTL = os.path.join(VENV, "bin", "compute-ctl")
+SUPERUSER = "cloud_admin"
+
+
+def base_spec(pg_port: int, sockdir: str, **extra_settings: str) -> dict:
+    settings = {"port": (str(pg_port), "integer"), "listen_addresses": ("127.0.0.1", "string"),
+                "unix_socket_directories": (sockdir, "string"), "fsync": ("off", "bool"),
+                "shared_buffers": ("32MB", "string")}
+    settings.update({k: (v, "string") for k, v in extra_settings.items()})
+    return {
+        "format_version": 1.0,
+        "cluster": {
+            "cluster_id": "test", "name": "test",
+            "roles": [{"name": "app", "encrypted_password": "240aeccb7a1d859a99844d012bfe74cc", "options": None}],
+            "databases": [{"name": "appdb", "owner": "app", "options": None}],
+            "settings": [{"name": k, "value": v, "vartype": t} for k, (v, t) in settings.items()],
+        },
+        "delta_operations": None,
+    }
+
+
+@dataclass
+class Compute:
+    spec: dict | None = None
+    args: list[str] = field(default_factory=list)
+    pgbin: str = os.path.join(PGBIN_DIR, "postgres")
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.base = scratch_dir("cs-tree-")
+        self.pgdata = os.path.join(self.base, "pgdata")
+        self.runtime_dir = os.path.join(self.base, "run")
+        self.http_port = free_port()
+        self.pg_port = free_port()
+        self.out_path = os.path.join(self.base, "compute-ctl.out")
+        self.proc: subprocess.Popen | None = None
+
+    def new_spec(self, **extra_settings: str) -> dict:
+        return base_spec(self.pg_port, self.base, **extra_settings)
+
+    @property
+    def connstr(self) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.pg_port}/postgres"
+
+    def conninfo(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
+        s = f"host=127.0.0.1 port={self.pg_port} dbname={dbname} user={user} connect_timeout=5"
+        return s + (f" password={password}" if password else "")
+
+    def command(self) -> list[str]:
+        cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
+               "--http-port", str(self.http_port), "--runtime-dir", self.runtime_dir,
+               "--grace-seconds", "2"]
+        if self.spec is not None:
+            spec_path = os.path.join(self.base, "spec.json")
+            with open(spec_path, "w") as f:
+                json.dump(self.spec, f)
+            cmd += ["-S", spec_path]
+        return cmd + self.args
+
+    def start(self) -> "Compute":
+        self.out = open(self.out_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self.out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+        return self
+
+    def output(self) -> str:
+        with open(self.out_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    # -- HTTP -------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: bytes | dict | None = None,
+                headers: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
+                                     method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def status(self) -> dict | None:
+        try:
+            code, body = self.request("GET", "/status", timeout=2)
+        except (OSError, urllib.error.URLError):
+            return None
+        return json.loads(body) if code == 200 else None
+
+    def wait_status(self, *wanted: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.status()
+            if last and last["status"] in wanted:
+                return last
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"compute-ctl exited ({self.proc.returncode}) waiting for {wanted}; "
+                                     f"last status {last}\n{self.output()[-6000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"status never became {wanted}; last {last}\n{self.output()[-6000:]}")
+
+    # -- process ----------------------------------------------------------------------------
+    def wait_exit(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"compute-ctl still running after {timeout} s\n{self.output()[-6000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def postmaster_pid(self) -> int:
+        with open(os.path.join(self.pgdata, "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([os.path.join(VENV, "bin", "supervisorctl"), "-c",
+                               os.path.join(self.runtime_dir, "supervisord.conf"), *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "out"):
+            self.out.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> "Compute":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def spec_copy(spec: dict) -> dict:
+    return copy.deepcopy(spec)

@@ -1,0 +1,102 @@
+"""postgresql.conf / pg_hba.conf / supervisord.conf rendering (pure)."""
+
+import configparser
+import os
+
+import pytest
+
+from compute.pgconf import (BEGIN_MARK, END_MARK, HBA_LINE, ensure_hba_line, quote_value,
+                            render_default_hba, render_postgresql_conf)
+from compute.spec import GenericOption
+from compute.supervision import render_supervisord_conf
+
+
+def opt(name, value, vartype="string"):
+    return GenericOption(name, value, vartype)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("plain", "'plain'"), ("it's", "'it''s'"), ("back\\slash", "'back\\\\slash'"),
+    ("'; DROP", "'''; DROP'"), ("", "''"),
+])
+def test_string_quoting(value, expected):
+    assert quote_value(opt("x", value)) == expected
+
+
+def test_bare_values_and_null():
+    text = render_postgresql_conf([opt("max_connections", "100", "integer"), opt("fsync", "off", "bool"),
+                                   opt("neon.flag", None), opt("search_path", "a, b")])
+    assert text.splitlines() == [BEGIN_MARK, "max_connections = 100", "fsync = off", "neon.flag",
+                                 "search_path = 'a, b'", END_MARK]
+
+
+@pytest.mark.parametrize("o", [opt("x", "a\nb"), opt("x", "a\rb"), opt("x", "1 2", "integer"),
+                               opt("x", "1'", "integer")])
+def test_injection_refused(o):
+    with pytest.raises(ValueError):
+        quote_value(o)
+
+
+def test_postgres_parses_what_we_write(tmp_path):
+    """The round trip through postgres' own parser is in the e2e tests; here: one line each."""
+    text = render_postgresql_conf([opt("a.b", "x'y\\z"), opt("c.d", "1", "integer")])
+    assert text.count("\n") == 4
+
+
+def test_hba_line_appended_once(tmp_path):
+    (tmp_path / "pg_hba.conf").write_text("local all all trust")
+    assert ensure_hba_line(str(tmp_path)) is True
+    assert ensure_hba_line(str(tmp_path)) is False
+    lines = (tmp_path / "pg_hba.conf").read_text().splitlines()
+    assert lines == ["local all all trust", HBA_LINE]
+
+
+def test_hba_line_detected_with_other_spacing(tmp_path):
+    (tmp_path / "pg_hba.conf").write_text("host   all  all 0.0.0.0/0   md5\n")
+    assert ensure_hba_line(str(tmp_path)) is False
+
+
+def test_default_hba_trusts_only_superuser_on_loopback():
+    text = render_default_hba("cloud_admin")
+    assert 'host all "cloud_admin" 127.0.0.1/32 trust' in text and HBA_LINE in text
+    with pytest.raises(ValueError):
+        render_default_hba('evil" all')
+
+
+def render(**over):
+    kw = dict(runtime_dir="/run/c", pgdata="/data/pg data", pgbin="/usr/bin/postgres", python="/opt/v/bin/python",
+              auth_token=None, vm_informant=None, informant_connstr="dbname=postgres user=cloud_admin")
+    kw.update(over)
+    return render_supervisord_conf(**kw)
+
+
+def parse(text):
+    cp = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    cp.read_string(text)
+    return cp
+
+
+def test_supervisord_conf_programs():
+    cp = parse(render())
+    assert {"program:postgres", "program:lifecycle", "program:monitor", "program:api",
+            "eventlistener:exitwatch", "eventlistener:logrelay"} <= set(cp.sections())
+    assert "program:vm-informant" not in cp.sections()
+    pg = cp["program:postgres"]
+    assert pg["autostart"] == "false" and pg["autorestart"] == "false" and pg["stopsignal"] == "INT"
+    assert pg["command"].endswith("/usr/bin/postgres -D '/data/pg data'")
+    assert "environment" not in pg
+    assert cp["unix_http_server"]["chmod"] == "0700"
+
+
+def test_supervisord_conf_token_and_informant():
+    cp = parse(render(auth_token="eyJ.abc-_", vm_informant="/bin/vm-informant"))
+    assert cp["program:postgres"]["environment"] == 'NEON_AUTH_TOKEN="eyJ.abc-_"'
+    assert cp["program:vm-informant"]["autorestart"] == "false"
+    with pytest.raises(ValueError):
+        render(auth_token='x" ,EVIL=1')
+    with pytest.raises(ValueError):
+        render(pgdata="/data\n[program:evil]")
+
+
+def test_percent_escaped():
+    assert "/data/100%%" in render(pgdata="/data/100%")
