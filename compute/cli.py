@@ -25,7 +25,7 @@ from .logrelay import FIFO_NAME
 from .logs import setup_bootstrap_logging
 from .spec import SpecError, load_spec_file, parse_spec_text
 from .state import StateStore, state_path
-from .supervision import CONF_NAME, render_supervisord_conf, rpc, socket_path
+from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
 from .users import effective_user
 
 log = logging.getLogger("compute.cli")
@@ -211,9 +211,11 @@ class Tree:
     def terminate(self, signum: int, _frame=None) -> None:
         if not self.terminating:
             log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(signum).name)
-        self.terminating = True
+        already, self.terminating = self.terminating, True
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            if not already:
+                threading.Thread(target=shutdown_tree, args=(self.runtime_dir,), daemon=True).start()
 
     def wait(self) -> int:
         assert self.proc is not None

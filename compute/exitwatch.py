@@ -20,12 +20,13 @@ import xmlrpc.client
 from .listener import events
 from .logs import setup_program_logging
 from .state import StateStore, state_path
-from .supervision import rpc
+from .supervision import rpc, shutdown_tree
 
 log = logging.getLogger("compute.exitwatch")
 
 VM_INFORMANT = "vm-informant"
 INFORMANT_RESTART_DELAY = 5.0
+SHUTDOWN_STATE = 6  # supervisor.xmlrpc.Faults.SHUTDOWN_STATE
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
 
 
@@ -65,8 +66,19 @@ class ExitWatch:
                 self.restart_later(name)
 
     def postgres_ended(self, eventname: str) -> None:
-        info = rpc(self.runtime_dir).supervisor.getProcessInfo("postgres")
+        try:
+            info = rpc(self.runtime_dir).supervisor.getProcessInfo("postgres")
+        except xmlrpc.client.Fault as e:
+            if e.faultCode == SHUTDOWN_STATE:
+                return  # supervisord is already taking the tree down (SIGTERM, /terminate)
+            raise
         code = postgres_exit_code(info)
+        if not (self.store.get("startup_done") or self.store.get("shutdown_requested")):
+            # A failed start: the driver reports it on /status for the grace period, then exits 1.
+            log.warning("postgres exited during start-up (%s, exit status %s)",
+                        info.get("statename"), info.get("exitstatus"))
+            self.store.set(postgres_exit_code=code)
+            return
         log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
                  info.get("statename"), info.get("exitstatus"), code)
         log_core_dumps(self.launch.get("pgdata", ""), self.launch.get("pgbin", "postgres"))
@@ -74,10 +86,8 @@ class ExitWatch:
         self.shutdown()
 
     def shutdown(self) -> None:
-        try:
-            rpc(self.runtime_dir).supervisor.shutdown()
-        except (OSError, xmlrpc.client.Fault) as e:  # already shutting down
-            log.debug("shutdown: %s", e)
+        # In a thread: the event must be acknowledged, and supervisord stops us too.
+        threading.Thread(target=shutdown_tree, args=(self.runtime_dir,), daemon=True).start()
 
     def count_exit(self, name: str) -> None:
         restarts = self.store.get("program_restarts") or {}

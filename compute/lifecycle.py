@@ -22,7 +22,6 @@ import shutil
 import signal
 import threading
 import time
-import xmlrpc.client
 
 import psycopg
 
@@ -30,7 +29,7 @@ from . import pgconf, storage
 from .logs import setup_program_logging
 from .spec import ComputeSpec, SpecError, parse_spec
 from .state import StateStore, state_path
-from .supervision import rpc
+from .supervision import rpc, shutdown_tree
 
 log = logging.getLogger("compute.lifecycle")
 
@@ -252,10 +251,7 @@ class Driver:
             log.info("keeping the error on /status for %.0f s before exiting", remaining)
             self.wake.wait(remaining)
         self.store.set_once("exit_code", 1)
-        try:
-            self.supervisor().shutdown()
-        except (OSError, xmlrpc.client.Fault):
-            pass
+        shutdown_tree(self.runtime_dir)
         while True:  # supervisord stops us
             time.sleep(1)
 

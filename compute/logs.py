@@ -29,13 +29,19 @@ def timestamp(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
-def format_line(program: str, line: str, fmt: str = "text", t: float | None = None) -> str:
-    """One output line of `program`, in the tree's shape."""
-    m = _LEVEL.search(line[:120])
-    level = m.group(1) if m else "INFO"
-    level = _PG_LEVELS.get(level, "DEBUG" if level.startswith("DEBUG") else level)
+def format_line(program: str, line: str, fmt: str = "text", t: float | None = None,
+                level: str | None = None) -> str:
+    """One output line of `program`, in the tree's shape. The level is read from the line
+    (`LEVEL: ...` from our programs, postgres' `LOG:`/`ERROR:`) unless given."""
+    m = None
+    if level is None:
+        m = _LEVEL.search(line[:120])
+        level = m.group(1) if m else "INFO"
+        level = _PG_LEVELS.get(level, "DEBUG" if level.startswith("DEBUG") else level)
+        if m and m.start() == 0:
+            line = line[m.end():]  # our own `LEVEL: ` prefix: the level column says it
     if fmt == "json":
-        msg = line[m.end():] if m and m.start() == 0 else line
+        msg = line
         return json.dumps({"ts": timestamp(t), "level": level, "program": program, "msg": msg},
                           ensure_ascii=False)
     return f"{timestamp(t)} {level:<8} {program:<12} {line}"
@@ -49,7 +55,7 @@ class TreeFormatter(logging.Formatter):
         self.program, self.fmt = program, fmt
 
     def format(self, record: logging.LogRecord) -> str:
-        return format_line(self.program, f"{record.levelname}: {record.getMessage()}", self.fmt, record.created)
+        return format_line(self.program, record.getMessage(), self.fmt, record.created, record.levelname)
 
 
 def setup_bootstrap_logging(fmt: str) -> None:

@@ -1,0 +1,151 @@
+"""End to end: the whole tree (compute-ctl -> supervisord -> programs) on the embedded default,
+and every way it can end."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+from tests.support.tree import Compute
+
+pytestmark = pytest.mark.e2e
+
+APP_PASSWORD = "apppass"
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.fixture
+def compute():
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        yield c
+
+
+def test_embedded_default_boots_and_stops_cleanly(compute):
+    st = compute.wait_status("running")
+    assert st["error"] is None and st["tenant"] is None and st["start_time"]
+
+    # The spec's role logs in with its password over TCP; without one it is refused.
+    with psycopg.connect(compute.conninfo("appdb", "app", APP_PASSWORD)) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("app", "appdb")
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(compute.conninfo("appdb", "app", "wrong")).close()
+
+    with open(os.path.join(compute.pgdata, "postgresql.conf")) as f:
+        conf = f.read()
+    assert conf.startswith("# Managed by compute_ctl: begin\n") and f"port = {compute.pg_port}" in conf
+
+    code, body = compute.request("GET", "/metrics.json")
+    metrics = json.loads(body)
+    assert code == 200 and metrics["total_startup_ms"] > 0 and "config_ms" in metrics
+
+    # Nothing runs as root; the password hash is nowhere in the output.
+    pm = compute.postmaster_pid()
+    assert uid_of(pm) != 0
+    out = compute.output()
+    assert "240aeccb7a1d859a99844d012bfe74cc" not in out
+    assert "lifecycle" in out and "postgres" in out and "compute is running" in out
+
+    t = time.monotonic()
+    compute.signal(signal.SIGTERM)
+    assert compute.wait_exit(10) == 0
+    assert time.monotonic() - t < 10
+    assert not alive(pm)
+    assert "received fast shutdown request" in compute.output()
+
+
+def test_kill_9_postmaster_fails_the_tree_fast(compute):
+    compute.wait_status("running")
+    pm = compute.postmaster_pid()
+    t = time.monotonic()
+    os.kill(pm, signal.SIGKILL)
+    code = compute.wait_exit(10)
+    assert code != 0
+    assert time.monotonic() - t < 5
+
+
+def test_supervisorctl_operations(compute):
+    compute.wait_status("running")
+    pm = compute.postmaster_pid()
+    st = compute.supervisorctl("status")
+    assert st.returncode == 0, st.stdout + st.stderr
+    for name in ("postgres", "lifecycle", "monitor", "api", "exitwatch", "logrelay"):
+        assert name in st.stdout
+    assert compute.supervisorctl("restart", "monitor").returncode == 0
+    assert compute.supervisorctl("restart", "api").returncode == 0
+    compute.wait_status("running")
+    assert compute.postmaster_pid() == pm and alive(pm)
+    tail = compute.supervisorctl("tail", "lifecycle")
+    assert "compute is running" in tail.stdout
+
+    # Stopping postgres takes the whole compute down with postgres' exit code (0: fast shutdown).
+    compute.supervisorctl("stop", "postgres")
+    assert compute.wait_exit(15) == 0
+    assert not alive(pm)
+
+
+def test_failed_start_reports_error_then_exits_1():
+    c = Compute()
+    c.spec = c.new_spec()
+    c.spec["cluster"]["settings"].append({"name": "shared_buffers", "value": "lots", "vartype": "string"})
+    c.spec["cluster"]["settings"] = [s for s in c.spec["cluster"]["settings"]
+                                     if not (s["name"] == "shared_buffers" and s["value"] == "32MB")]
+    with c:
+        st = c.wait_status("failed")
+        assert "postgres exited while starting" in st["error"]
+        t = time.monotonic()
+        assert c.wait_exit(15) == 1
+        assert 0.5 < time.monotonic() - t < 10  # the grace period (2 s in tests) was honoured
+
+
+@pytest.mark.parametrize("field,mutate", [
+    ("cluster.settings[5].value",
+     lambda s: s["cluster"]["settings"].append({"name": "work_mem", "value": "1MB\nfsync = off"})),
+    ("cluster.roles[0].name", lambda s: s["cluster"]["roles"][0].update(name="x" * 70)),
+])
+def test_invalid_spec_exits_1_and_touches_nothing(field, mutate):
+    c = Compute()
+    c.spec = c.new_spec()
+    mutate(c.spec)
+    os.makedirs(c.pgdata)
+    marker = os.path.join(c.pgdata, "precious")
+    open(marker, "w").close()
+    c.start()
+    try:
+        assert c.wait_exit(10) == 1
+        assert os.path.exists(marker)
+        assert not os.path.exists(c.runtime_dir)
+        out = c.output().strip()
+        assert out.startswith(f"compute-ctl: invalid spec: {field}: ") and len(out.splitlines()) == 1
+    finally:
+        c.close()
+
+
+def test_secrets_not_in_process_arguments(compute):
+    compute.wait_status("running")
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "240aeccb7a1d859a99844d012bfe74cc" not in ps
+    conf = os.path.join(compute.runtime_dir, "supervisord.conf")
+    assert os.stat(conf).st_mode & 0o077 == 0
+    assert os.stat(os.path.join(compute.runtime_dir, "state.db")).st_mode & 0o077 == 0
