@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import __version__
 from .logrelay import FIFO_NAME
 from .logs import setup_bootstrap_logging
+from .procutil import become_subreaper
 from .spec import SpecError, load_spec_file, parse_spec_text
 from .state import StateStore, state_path
 from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
@@ -218,12 +219,17 @@ class Tree:
                 threading.Thread(target=shutdown_tree, args=(self.runtime_dir,), daemon=True).start()
 
     def wait(self) -> int:
+        """Wait for supervisord, reaping whatever else is handed to us meanwhile: as PID 1 of a
+        container, or as a subreaper, orphans of the tree become our children."""
         assert self.proc is not None
         while True:
             try:
-                return self.proc.wait()
-            except InterruptedError:
-                continue
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return self.proc.returncode or 0
+            if pid == self.proc.pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                return self.proc.returncode
 
 
 def stop_orphaned_postgres(pgdata: str, timeout: float = 8.0) -> None:
@@ -231,19 +237,24 @@ def stop_orphaned_postgres(pgdata: str, timeout: float = 8.0) -> None:
     try:
         with open(os.path.join(pgdata, "postmaster.pid")) as f:
             pid = int(f.readline().strip())
-    except (OSError, ValueError):
-        return
-    try:
+        # A stale file (postgres was killed) may name a recycled pid: the postmaster's working
+        # directory is PGDATA, anything else is not ours to signal.
+        if os.readlink(f"/proc/{pid}/cwd") != os.path.realpath(pgdata):
+            return
         os.kill(pid, signal.SIGINT)
-    except OSError:
+    except (OSError, ValueError):
         return
     log.warning("postgres (pid %d) outlived supervisord: fast shutdown", pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except OSError:
-            return
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child, as the subreaper
+                return
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
         time.sleep(0.05)
     try:
         os.kill(pid, signal.SIGKILL)
@@ -305,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
+    become_subreaper()
     tree = Tree(runtime_dir)
     signal.signal(signal.SIGTERM, tree.terminate)
     signal.signal(signal.SIGINT, tree.terminate)

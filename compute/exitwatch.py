@@ -18,6 +18,7 @@ import time
 import xmlrpc.client
 
 from .listener import events
+from .procutil import die_with_parent
 from .logs import setup_program_logging
 from .state import StateStore, state_path
 from .supervision import rpc, shutdown_tree
@@ -121,6 +122,7 @@ class ExitWatch:
 
 
 def main() -> None:
+    die_with_parent()
     setup_program_logging()
     watch = ExitWatch(os.environ["COMPUTE_RUNTIME_DIR"])
     started = False

@@ -26,6 +26,7 @@ import time
 import psycopg
 
 from . import pgconf, storage
+from .procutil import die_with_parent
 from .logs import setup_program_logging
 from .spec import ComputeSpec, SpecError, parse_spec
 from .state import StateStore, state_path
@@ -257,6 +258,7 @@ class Driver:
 
 
 def main() -> None:
+    die_with_parent()
     setup_program_logging()
     driver = Driver(os.environ["COMPUTE_RUNTIME_DIR"])
     signal.signal(signal.SIGUSR1, lambda *_: driver.wake.set())

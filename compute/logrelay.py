@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .listener import events
+from .procutil import die_with_parent
 from .logs import format_line
 from .state import StateStore, state_path
 
@@ -13,6 +14,7 @@ FIFO_NAME = "logs.fifo"
 
 
 def main() -> None:
+    die_with_parent()
     runtime_dir = os.environ["COMPUTE_RUNTIME_DIR"]
     launch = StateStore(state_path(runtime_dir)).get("launch") or {}
     fmt = launch.get("log_format", "text")

@@ -149,3 +149,18 @@ def test_secrets_not_in_process_arguments(compute):
     conf = os.path.join(compute.runtime_dir, "supervisord.conf")
     assert os.stat(conf).st_mode & 0o077 == 0
     assert os.stat(os.path.join(compute.runtime_dir, "state.db")).st_mode & 0o077 == 0
+
+
+def test_sigkill_of_supervisord_leaves_no_orphans(compute):
+    compute.wait_status("running")
+    pids = [int(line.split("pid ")[1].split(",")[0])
+            for line in compute.supervisorctl("status").stdout.splitlines() if "pid " in line]
+    pm = compute.postmaster_pid()
+    assert pm in pids and len(pids) >= 6
+    with open(os.path.join(compute.runtime_dir, "supervisord.pid")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    assert compute.wait_exit(15) != 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    assert [p for p in pids if alive(p)] == []

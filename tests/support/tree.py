@@ -66,8 +66,9 @@ class Compute:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.pg_port}/postgres"
 
     def conninfo(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
-        s = f"host=127.0.0.1 port={self.pg_port} dbname={dbname} user={user} connect_timeout=5"
-        return s + (f" password={password}" if password else "")
+        from psycopg.conninfo import make_conninfo
+        return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
+                             connect_timeout=5, password=password)
 
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,

@@ -1,0 +1,41 @@
+# compute-supervisor: a Postgres compute node (Neon compute_ctl compatible) under supervisord.
+#
+#   podman build --network host -t compute-supervisor .       (or docker build)
+#   docker run --rm -p 3080:3080 -p 55432:55432 compute-supervisor          # demo compute
+#   docker run --rm -v $PWD/spec.json:/spec/spec.json:ro -e ... compute-supervisor \
+#       -D /var/lib/postgresql/pgdata -C postgresql://cloud_admin@127.0.0.1:55432/postgres \
+#       -S /spec/spec.json -b postgres                                      # a real compute
+#
+# A Neon-patched postgres replaces Debian's either at build time
+# (--build-arg PGBIN_DIR=/usr/local/neon/bin plus a COPY/mount of it) or at run time by
+# mounting its bin directory on /usr/local/pgsql/bin, which comes first in PATH.
+FROM debian:bookworm-slim
+
+ARG PGBIN_DIR=/usr/lib/postgresql/15/bin
+ENV COMPUTE_VENV=/opt/compute-supervisor/venv \
+    PATH=/usr/local/pgsql/bin:${PGBIN_DIR}:/opt/compute-supervisor/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8
+
+# The same install script CI runs (scripts/install.sh), so CI exercises these steps.
+COPY . /src
+RUN /src/scripts/install.sh \
+    && rm -rf /var/lib/apt/lists/* /root/.cache \
+    && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/pgdata \
+    && install -d -o root -g root -m 0755 /etc/compute \
+    && cp /src/conf/demo-spec.json /etc/compute/demo-spec.json
+
+USER postgres
+WORKDIR /var/lib/postgresql
+EXPOSE 3080 55432
+
+# compute-ctl answers SIGTERM with a fast shutdown of postgres and exits 0 within a few
+# seconds, well inside the default 10 s stop timeout.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["/opt/compute-supervisor/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3080/readyz', timeout=2)"]
+
+ENTRYPOINT ["compute-ctl"]
+CMD ["-D", "/var/lib/postgresql/pgdata", \
+     "-C", "postgresql://cloud_admin@127.0.0.1:55432/postgres", \
+     "-S", "/etc/compute/demo-spec.json", \
+     "--runtime-dir", "/tmp/compute-ctl"]

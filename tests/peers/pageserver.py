@@ -1,0 +1,352 @@
+"""A pageserver peer speaking the Postgres wire protocol (v3), enough for compute start-up.
+
+It answers `basebackup <tenant> <timeline> [<lsn>]` with COPY OUT of a tar file streamed from
+disk, like Neon's pageserver. Usable as a pytest helper (`with PageserverPeer(tar) as ps:`) or as
+a script: `python -m tests.peers.pageserver --port N --tar FILE [--password P] [--error-after-archive]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import socketserver
+import struct
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+PROTOCOL_3 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+@dataclass
+class Session:
+    """What one client connection sent us."""
+    startup: dict[str, str] = field(default_factory=dict)
+    password: str | None = None  # cleartext auth only (md5 sends a hash)
+    authenticated: bool = False
+    ssl_requested: bool = False
+    gssenc_requested: bool = False
+    cancel_request: bool = False
+    queries: list[str] = field(default_factory=list)
+    other_messages: list[str] = field(default_factory=list)  # e.g. 'P' if a client used extended protocol
+    bytes_sent: int = 0
+    terminated: bool = False  # sent 'X'
+
+    @property
+    def user(self) -> str | None:
+        return self.startup.get("user")
+
+    @property
+    def database(self) -> str | None:
+        return self.startup.get("database")
+
+
+class _Closed(Exception):
+    pass
+
+
+def _msg(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def error_response(code: str, message: str, severity: str = "ERROR") -> bytes:
+    body = b"S" + _cstr(severity) + b"V" + _cstr(severity) + b"C" + _cstr(code) + b"M" + _cstr(message)
+    return _msg(b"E", body + b"\0")
+
+
+class PageserverPeer:
+    """Serves one tar file as the basebackup of any (or the configured) tenant/timeline."""
+
+    def __init__(self, tar_path: str, *, password: str | None = None, auth: str = "cleartext",
+                 tenant_id: str | None = None, timeline_id: str | None = None,
+                 error_after_archive: bool = False, truncate_at: int | None = None,
+                 chunk_size: int = 64 * 1024, chunk_delay: float = 0.0,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        if auth not in ("cleartext", "md5"):
+            raise ValueError("auth must be 'cleartext' or 'md5'")
+        self.tar_path = tar_path
+        self.password = password
+        self.auth = auth
+        self.tenant_id = tenant_id
+        self.timeline_id = timeline_id
+        self.error_after_archive = error_after_archive
+        self.truncate_at = truncate_at  # send only this many tar bytes, then end the COPY normally
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self.sessions: list[Session] = []
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.peer = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def connstr(self) -> str:
+        """Shaped like the control plane's pageserver_connstring (user is ignored by the pageserver)."""
+        return f"postgresql://no_user@127.0.0.1:{self.port}"
+
+    @property
+    def last(self) -> Session:
+        """The last session that sent a startup message (libpq may also open cancel connections)."""
+        with self._lock:
+            return [s for s in self.sessions if s.startup][-1]
+
+    def start(self) -> "PageserverPeer":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pageserver-peer",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> "PageserverPeer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _record(self, session: Session) -> None:
+        with self._lock:
+            self.sessions.append(session)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    peer: PageserverPeer
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = self.server.peer
+        self.session = Session()
+        self.peer._record(self.session)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise _Closed()
+            buf += chunk
+        return bytes(buf)
+
+    def recv_message(self) -> tuple[bytes, bytes]:
+        kind = self.recv_exact(1)
+        (length,) = struct.unpack("!I", self.recv_exact(4))
+        return kind, self.recv_exact(length - 4)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def handle(self) -> None:
+        try:
+            if self.startup() and self.authenticate():
+                self.query_loop()
+        except (_Closed, ConnectionError):
+            pass
+
+    # -- start-up: SSL/GSS negotiation refused, then StartupMessage
+    def startup(self) -> bool:
+        while True:
+            (length,) = struct.unpack("!I", self.recv_exact(4))
+            body = self.recv_exact(length - 4)
+            (code,) = struct.unpack("!I", body[:4])
+            if code == SSL_REQUEST:
+                self.session.ssl_requested = True
+                self.send(b"N")
+            elif code == GSSENC_REQUEST:
+                self.session.gssenc_requested = True
+                self.send(b"N")
+            elif code == CANCEL_REQUEST:
+                self.session.cancel_request = True
+                return False
+            elif code == PROTOCOL_3:
+                parts = body[4:].split(b"\0")
+                params = {parts[i].decode(): parts[i + 1].decode()
+                          for i in range(0, len(parts) - 1, 2) if parts[i]}
+                self.session.startup = params
+                return True
+            else:
+                self.send(error_response("0A000", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}",
+                                         "FATAL"))
+                return False
+
+    def authenticate(self) -> bool:
+        peer, user = self.peer, self.session.user or ""
+        if peer.password is not None:
+            if peer.auth == "cleartext":
+                self.send(_msg(b"R", struct.pack("!I", 3)))
+            else:
+                salt = secrets.token_bytes(4)
+                self.send(_msg(b"R", struct.pack("!I", 5) + salt))
+            kind, body = self.recv_message()
+            if kind != b"p":
+                self.send(error_response("08P01", "expected password response", "FATAL"))
+                return False
+            got = body.rstrip(b"\0").decode()
+            if peer.auth == "cleartext":
+                self.session.password = got
+                ok = got == peer.password
+            else:
+                inner = hashlib.md5((peer.password + user).encode()).hexdigest()
+                ok = got == "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+            if not ok:
+                self.send(error_response("28P01", f'password authentication failed for user "{user}"',
+                                         "FATAL"))
+                return False
+        self.session.authenticated = True
+        out = [_msg(b"R", struct.pack("!I", 0))]
+        for k, v in (("server_version", "15.0"), ("server_encoding", "UTF8"),
+                     ("client_encoding", "UTF8"), ("DateStyle", "ISO"),
+                     ("integer_datetimes", "on"), ("standard_conforming_strings", "on")):
+            out.append(_msg(b"S", _cstr(k) + _cstr(v)))
+        out.append(_msg(b"K", struct.pack("!II", os.getpid() & 0x7FFFFFFF, secrets.randbits(31))))
+        out.append(_msg(b"Z", b"I"))
+        self.send(b"".join(out))
+        return True
+
+    def query_loop(self) -> None:
+        while True:
+            kind, body = self.recv_message()
+            if kind == b"X":
+                self.session.terminated = True
+                return
+            if kind != b"Q":
+                # The pageserver speaks the simple query protocol only.
+                self.session.other_messages.append(kind.decode("latin-1"))
+                self.send(error_response("08P01", f"unsupported message type {kind!r}", "FATAL"))
+                return
+            text = body.rstrip(b"\0").decode()
+            self.session.queries.append(text)
+            self.send(self.run_query(text) + _msg(b"Z", b"I"))
+
+    def run_query(self, text: str) -> bytes:
+        """Returns the final messages to send (before ReadyForQuery); streams COPY data itself."""
+        parts = text.split()
+        if not parts or parts[0] != "basebackup" or len(parts) not in (3, 4):
+            return error_response("42601", f"unsupported command: {text[:100]}")
+        tenant, timeline = parts[1], parts[2]
+        if not _HEX32.match(tenant) or not _HEX32.match(timeline):
+            return error_response("XX000", "invalid tenant or timeline id")
+        if len(parts) == 4 and not _LSN.match(parts[3]):
+            return error_response("XX000", f"invalid LSN {parts[3]}")
+        if self.peer.tenant_id is not None and tenant != self.peer.tenant_id:
+            return error_response("XX000", f"Tenant {tenant} not found")
+        if self.peer.timeline_id is not None and timeline != self.peer.timeline_id:
+            return error_response("XX000", f"Timeline {tenant}/{timeline} was not found")
+        self.send(_msg(b"H", struct.pack("!bH", 0, 0)))  # CopyOutResponse: text, 0 columns
+        self.stream_tar()
+        if self.peer.error_after_archive:
+            return error_response("XX000", "basebackup: simulated failure after the archive")
+        return _msg(b"c") + _msg(b"C", _cstr("SELECT 1"))
+
+    def stream_tar(self) -> None:
+        limit = self.peer.truncate_at
+        with open(self.peer.tar_path, "rb") as f:
+            while True:
+                size = self.peer.chunk_size
+                if limit is not None:
+                    size = min(size, limit - self.session.bytes_sent)
+                chunk = f.read(size) if size > 0 else b""
+                if not chunk:
+                    return
+                self.send(struct.pack("!cI", b"d", len(chunk) + 4) + chunk)
+                self.session.bytes_sent += len(chunk)
+                if self.peer.chunk_delay:
+                    time.sleep(self.peer.chunk_delay)  # a slow pageserver, for progress reporting
+
+
+# ---------------------------------------------------------------- fixture tar
+
+_tar_cache: dict[str, str] = {}
+_tar_lock = threading.Lock()
+
+
+def make_basebackup_tar(dest_tar: str, superuser: str = "cloud_admin") -> str:
+    """Write to dest_tar a tar of a real PG15 data dir shaped like the pageserver's basebackup."""
+    with _tar_lock:
+        src = _tar_cache.get(superuser)
+        if src is None or not os.path.exists(src):
+            src = _tar_cache[superuser] = _build_basebackup_tar(superuser)
+    if os.path.abspath(dest_tar) != src:
+        shutil.copyfile(src, dest_tar)  # a copy: callers may alter theirs
+    return dest_tar
+
+
+def _build_basebackup_tar(superuser: str) -> str:
+    from tests.support.pgcluster import Cluster, scratch_dir  # test-only dependency
+
+    base = scratch_dir("cs-bbtar-")
+    atexit.register(shutil.rmtree, base, True)
+    cluster = Cluster(datadir=os.path.join(base, "data"), port=0, superuser=superuser)
+    cluster.initdb()
+    data = cluster.datadir
+    # The pageserver sends no postgresql.conf (the compute writes it), an empty auto.conf and
+    # a signal file telling neon's postgres where WAL starts.
+    os.remove(os.path.join(data, "postgresql.conf"))
+    for name, content in (("postgresql.auto.conf", ""), ("neon.signal", "PREV LSN: 0/0\n")):
+        path = os.path.join(data, name)
+        with open(path, "w") as f:
+            f.write(content)
+        os.chmod(path, 0o600)
+    out = os.path.join(base, "basebackup.tar")
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for entry in sorted(os.listdir(data)):
+            tar.add(os.path.join(data, entry), arcname=entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--tar", required=True, help="tar file served as the basebackup")
+    ap.add_argument("--password", help="require this password (the storage auth token)")
+    ap.add_argument("--auth", choices=("cleartext", "md5"), default="cleartext")
+    ap.add_argument("--tenant", help="only this tenant id exists")
+    ap.add_argument("--timeline", help="only this timeline id exists")
+    ap.add_argument("--error-after-archive", action="store_true")
+    args = ap.parse_args(argv)
+    peer = PageserverPeer(args.tar, password=args.password, auth=args.auth, tenant_id=args.tenant,
+                          timeline_id=args.timeline, error_after_archive=args.error_after_archive,
+                          host=args.host, port=args.port)
+    print(f"pageserver peer listening on {args.host}:{peer.port}", flush=True)
+    try:
+        peer._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        peer._server.server_close()
+
+
+if __name__ == "__main__":
+    main()
