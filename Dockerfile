@@ -1,6 +1,6 @@
 # compute-supervisor: a Postgres compute node (Neon compute_ctl compatible) under supervisord.
 #
-#   podman build --network host -t compute-supervisor .       (or docker build)
+#   podman build --format docker --network host -t compute-supervisor .   (or docker build)
 #   docker run --rm -p 3080:3080 -p 55432:55432 compute-supervisor          # demo compute
 #   docker run --rm -v $PWD/spec.json:/spec/spec.json:ro -e ... compute-supervisor \
 #       -D /var/lib/postgresql/pgdata -C postgresql://cloud_admin@127.0.0.1:55432/postgres \
@@ -12,6 +12,8 @@
 FROM debian:bookworm-slim
 
 ARG PGBIN_DIR=/usr/lib/postgresql/15/bin
+# Behind a TLS-intercepting proxy: -v /path/ca.crt:/ca.crt:ro --build-arg PIP_CERT=/ca.crt
+ARG PIP_CERT=
 ENV COMPUTE_VENV=/opt/compute-supervisor/venv \
     PATH=/usr/local/pgsql/bin:${PGBIN_DIR}:/opt/compute-supervisor/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8

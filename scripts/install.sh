@@ -6,10 +6,15 @@
 #
 #   COMPUTE_VENV   virtualenv path (default /opt/compute-supervisor/venv)
 #   WITH_TESTS=1   also install the test dependencies
+#   PIP_CERT       CA bundle for pip (a proxy's), optional
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COMPUTE_VENV:-/opt/compute-supervisor/venv}"
 packages=(postgresql-15 python3 python3-venv util-linux gdb procps ca-certificates)
+
+# Behind a TLS-intercepting proxy pass its CA bundle as PIP_CERT (pip reads it); an empty one
+# (an unset Docker build arg) must not reach pip.
+[ -n "${PIP_CERT:-}" ] || unset PIP_CERT
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -1,0 +1,156 @@
+"""Start-up time of the whole tree vs. the irreducible work done by hand, in the same run.
+
+    python -m bench.startup [--runs 5]
+
+Compute: `compute-ctl` on the Neon path (stand-in --sync-safekeepers, wire-protocol pageserver
+peer serving a real PG15 basebackup tar), timed from exec to `/status` = running, with the
+phases it reports in /metrics.json.
+Baseline, by hand: the same stand-in sync, `tar -x` of the same archive, the same
+postgresql.conf, `pg_ctl start -w`, and the same SQL through one psql session.
+Needs the installed tree (scripts/install.sh) and root (it runs postgres as the postgres user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+
+from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+from tests.peers.sync_safekeepers import write_fake_postgres
+from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
+from tests.support.tree import Compute
+
+TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
+TOKEN = "bench-token"
+PHASES = ("wait_for_spec_ms", "sync_safekeepers_ms", "basebackup_ms", "start_postgres_ms", "config_ms")
+
+BASELINE_SQL = """\
+CREATE ROLE app LOGIN PASSWORD 'md5240aeccb7a1d859a99844d012bfe74cc';
+GRANT pg_read_all_data, pg_write_all_data TO app;
+CREATE DATABASE appdb OWNER app;
+GRANT CREATE ON DATABASE appdb TO app;
+\\c appdb
+ALTER SCHEMA public OWNER TO app;
+"""
+
+
+def spec_for(c: Compute, ps: PageserverPeer) -> dict:
+    spec = c.new_spec()
+    spec["storage_auth_token"] = TOKEN
+    spec["cluster"]["settings"] += [
+        {"name": "neon.pageserver_connstring", "value": ps.connstr, "vartype": "string"},
+        {"name": "neon.tenant_id", "value": TENANT, "vartype": "string"},
+        {"name": "neon.timeline_id", "value": TIMELINE, "vartype": "string"},
+        {"name": "neon.safekeepers", "value": "127.0.0.1:5454", "vartype": "string"},
+    ]
+    return spec
+
+
+def run_compute(tar: str) -> dict[str, float]:
+    with PageserverPeer(tar, password=TOKEN) as ps:
+        c = Compute()
+        c.pgbin = write_fake_postgres(c.base)
+        c.spec = spec_for(c, ps)
+        t0 = time.monotonic()
+        c.start()
+        try:
+            while True:
+                st = c.status()
+                if st and st["status"] == "running":
+                    break
+                if st and st["status"] == "failed" or c.proc.poll() is not None:
+                    raise RuntimeError(f"compute failed: {st}\n{c.output()[-3000:]}")
+                time.sleep(0.002)
+            wall = (time.monotonic() - t0) * 1000
+            metrics = json.loads(c.request("GET", "/metrics.json")[1])
+            t1 = time.monotonic()
+            c.signal()
+            c.wait_exit(30)
+            stop = (time.monotonic() - t1) * 1000
+        finally:
+            c.close()
+    out = {k: float(metrics.get(k, 0)) for k in PHASES}
+    out.update(total_startup_ms=float(metrics["total_startup_ms"]), wall_to_running_ms=wall, stop_ms=stop)
+    return out
+
+
+def run_baseline(tar: str, settings_text: str, fake_pg: str) -> dict[str, float]:
+    base = scratch_dir("cs-bench-base-")
+    pgdata = os.path.join(base, "pgdata")
+    port = json.loads(settings_text)["port"]
+    try:
+        t0 = time.monotonic()
+        run_as_pg(["mkdir", "-m", "700", pgdata])
+        with open(os.path.join(base, "postgresql.conf"), "w") as f:
+            f.write(json.loads(settings_text)["conf"])
+        run_as_pg(["cp", os.path.join(base, "postgresql.conf"), pgdata])
+        t = time.monotonic()
+        run_as_pg([fake_pg, "--sync-safekeepers"], env={**os.environ, "PGDATA": pgdata})
+        sync = time.monotonic() - t
+        t = time.monotonic()
+        run_as_pg(["tar", "-xf", tar, "-C", pgdata])
+        extract = time.monotonic() - t
+        t = time.monotonic()
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-w", "-l", os.path.join(base, "log"), "start"])
+        start = time.monotonic() - t
+        t = time.monotonic()
+        run_as_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
+                   "-U", "cloud_admin", "-d", "postgres"], input=BASELINE_SQL)
+        sql = time.monotonic() - t
+        total = time.monotonic() - t0
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-m", "fast", "stop"], check=False)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"sync_safekeepers_ms": sync * 1000, "basebackup_ms": extract * 1000, "start_postgres_ms": start * 1000,
+            "config_ms": sql * 1000, "wait_for_spec_ms": 0.0, "total_startup_ms": total * 1000,
+            "wall_to_running_ms": total * 1000, "stop_ms": 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    tar = make_basebackup_tar(os.path.join(scratch_dir("cs-bench-"), "basebackup.tar"))
+    fake_pg = write_fake_postgres(scratch_dir("cs-bench-bin-"))
+
+    # The same settings for the baseline as the compute renders.
+    from compute.pgconf import render_postgresql_conf
+    from compute.spec import parse_spec
+    probe = Compute()
+    spec = parse_spec(probe.new_spec())
+    probe.close()
+
+    compute_runs, base_runs = [], []
+    for i in range(args.runs):
+        compute_runs.append(run_compute(tar))
+        port = 20000 + os.getpid() % 10000 + i
+        settings = [o if o.name != "port" else type(o)("port", str(port), "integer") for o in spec.cluster.settings
+                    if o.name != "unix_socket_directories"]
+        conf = render_postgresql_conf(settings) + "unix_socket_directories = '/tmp'\n"
+        base_runs.append(run_baseline(tar, json.dumps({"port": port, "conf": conf}), fake_pg))
+
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    print(f"# bench.startup: {args.runs} runs, median ms; {platform.node()} {os.cpu_count()} cpus, "
+          f"python {platform.python_version()}; archive {os.path.getsize(tar) >> 20} MiB")
+    print(f"{'phase':<24}{'compute-ctl':>12}{'by hand':>10}{'ratio':>8}")
+    rows = [("wait for spec", "wait_for_spec_ms"), ("sync safekeepers", "sync_safekeepers_ms"),
+            ("basebackup / tar -x", "basebackup_ms"), ("postgres start", "start_postgres_ms"),
+            ("config (SQL)", "config_ms"), ("total (reported)", "total_startup_ms"),
+            ("exec -> running (wall)", "wall_to_running_ms")]
+    for label, key in rows:
+        a, b = med(compute_runs, key), med(base_runs, key)
+        ratio = f"{a / b:.2f}x" if b else "-"
+        print(f"{label:<24}{a:>12.0f}{b:>10.0f}{ratio:>8}")
+    print(f"{'SIGTERM -> exit':<24}{med(compute_runs, 'stop_ms'):>12.0f}")
+
+
+if __name__ == "__main__":
+    main()
