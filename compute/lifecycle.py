@@ -160,6 +160,8 @@ class Driver:
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
         else:
+            # The spec's token, else one given in the environment (a Kubernetes Secret).
+            token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
             pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
             t = time.monotonic()
@@ -167,7 +169,7 @@ class Driver:
             if spec.mode == "Static":
                 lsn = spec.static_lsn or "0/0"
             elif spec.mode == "Primary" and st.safekeepers:
-                lsn = storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, spec.storage_auth_token)
+                lsn = storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token)
             sync_ms = ms_since(t)
             log.info("safekeepers synced at LSN %s in %d ms", lsn, sync_ms)
             t = time.monotonic()
@@ -181,7 +183,7 @@ class Driver:
                     last[:] = [now, nbytes]
 
             nbytes = storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
-                                        self.pgdata, spec.storage_auth_token, progress=progress)
+                                        self.pgdata, token, progress=progress)
             bb_ms = ms_since(t)
             log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
             self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)

@@ -122,3 +122,19 @@ def test_sync_failure_fails_the_start_with_its_output(basebackup_tar):
             st = c.wait_status("failed", timeout=60)
             assert "exit" in st["error"] and ps.sessions == []
             assert c.wait_exit(20) == 1
+
+
+def test_token_from_environment(basebackup_tar):
+    """Kubernetes passes the storage token from a Secret as NEON_AUTH_TOKEN, not in the spec."""
+    with PageserverPeer(basebackup_tar, password=TOKEN) as ps:
+        c = Compute()
+        c.pgbin = write_fake_postgres(c.base)
+        record = os.path.join(c.base, "sync.json")
+        c.env = {"NEON_AUTH_TOKEN": TOKEN, "FAKE_SK_RECORD": record, "FAKE_SK_EXPECT_TOKEN": TOKEN}
+        c.spec = neon_spec(c, ps)
+        del c.spec["storage_auth_token"]
+        with c:
+            c.wait_status("running", timeout=90)
+            assert ps.last.password == TOKEN
+            with open(record) as f:
+                assert json.load(f)[0]["token_matches"] is True
