@@ -42,6 +42,15 @@ class StartupError(Exception):
     pass
 
 
+def describe(e: Exception) -> str:
+    """Our own errors say what went wrong in one line; anything else also says what it is."""
+    from .control_plane import ControlPlaneError
+    from .reconcile import ReconcileError
+    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
 def ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
 
@@ -98,8 +107,7 @@ class Driver:
             except Exception as e:  # any failure of the start is reported, not crashed on
                 if self.stopping:
                     return
-                msg = str(e) if isinstance(e, (StartupError, storage.StorageError, SpecError)) \
-                    else f"{type(e).__name__}: {e}"
+                msg = describe(e)
                 log.error("start-up failed: %s", msg)
                 self.store.set(status="failed", error=msg, failed_at=time.time())
                 self.fail_later(msg)
@@ -241,7 +249,7 @@ class Driver:
                            tenant=spec.tenant_id, timeline=spec.timeline_id)
             log.info("new spec applied")
         except Exception as e:
-            msg = str(e) if isinstance(e, SpecError) else f"{type(e).__name__}: {e}"
+            msg = describe(e)
             log.error("reconfiguration failed: %s", msg)
             self.store.set(status="failed", error=msg)
 

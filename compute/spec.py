@@ -8,6 +8,8 @@ original is.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -20,9 +22,8 @@ MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 MD5_HASH = re.compile(r"^(md5)?[0-9a-f]{32}$")
-SCRAM_VERIFIER = re.compile(
-    r"^SCRAM-SHA-256\$\d+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$"
-)
+SCRAM_VERIFIER = re.compile(r"^SCRAM-SHA-256\$([0-9]+):([^$:]+)\$([^$:]+):([^$:]+)$")
+RESERVED_ROLES = ("public", "none")
 TOKEN = re.compile(r"^[A-Za-z0-9._~+/=:-]+$")  # JWT-like; it travels in an environment variable
 GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 OPTION_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -239,13 +240,35 @@ def _name(o: _Obj, key: str) -> str:
 def _role(raw: Any, path: str) -> Role:
     o = _Obj(raw, path)
     name = _name(o, "name")
+    if name in RESERVED_ROLES or name.startswith("pg_"):
+        raise SpecError(f"{path}.name", f"{name!r} is a reserved role name")
     password = o.opt("encrypted_password", str)
-    if password is not None and not (MD5_HASH.match(password) or SCRAM_VERIFIER.match(password)):
+    if password is not None and not valid_password_hash(password):
         # Never echo the value: it may be a plain password someone pasted by mistake.
         raise SpecError(f"{path}.encrypted_password",
                         "must be an md5 hash (32 hex digits) or a SCRAM-SHA-256 verifier")
     options = tuple(_option(x, f"{path}.options[{i}]", OPTION_KEYWORD) for i, x in enumerate(o.list("options")))
     return Role(name=name, encrypted_password=password, options=options)
+
+
+def valid_password_hash(value: str) -> bool:
+    """Whether postgres stores `value` as given: an md5 hash or a well-formed SCRAM verifier
+    (32-byte keys). Anything else it would take for a plain password and hash it, so the spec
+    would never match and the "hash" would be the password."""
+    if MD5_HASH.match(value):
+        return True
+    m = SCRAM_VERIFIER.match(value)
+    if not m or int(m.group(1)) <= 0:
+        return False
+    salt, stored, server = (_b64(g) for g in m.group(2, 3, 4))
+    return bool(salt) and stored is not None and len(stored) == 32 and server is not None and len(server) == 32
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _database(raw: Any, path: str) -> Database:

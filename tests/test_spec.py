@@ -75,6 +75,12 @@ def test_modes(mode, expected):
     (lambda d: d["cluster"].update(roles=[{"name": "a", "encrypted_password": "hunter2"}]),
      "cluster.roles[0].encrypted_password"),
     (lambda d: d["cluster"].update(roles=[{"name": "a"}, {"name": "a"}]), "cluster.roles"),
+    # Postgres would take a malformed verifier for a plain password and hash it.
+    (lambda d: d["cluster"].update(roles=[{"name": "a", "encrypted_password":
+                                           "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy"}]),
+     "cluster.roles[0].encrypted_password"),
+    (lambda d: d["cluster"].update(roles=[{"name": "pg_monitor"}]), "cluster.roles[0].name"),
+    (lambda d: d["cluster"].update(roles=[{"name": "public"}]), "cluster.roles[0].name"),
     (lambda d: d["cluster"].update(databases=[{"name": "db", "owner": "nobody"}]), "cluster.databases[0].owner"),
     (lambda d: d["cluster"].update(databases=[{"name": "db"}]), "cluster.databases[0].owner"),
     (lambda d: d["cluster"].update(settings=[{"name": "work_mem", "value": "1\nfsync=off"}]),

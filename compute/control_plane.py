@@ -1,0 +1,131 @@
+"""Pulling the spec from the control plane (pull mode: `-i <compute id> -p <control plane URI>`).
+
+    GET {uri}/management/api/v2/computes/{compute_id}/spec
+    Authorization: <NEON_CONSOLE_JWT, verbatim, as the original sends it>
+    -> {"spec": {...}}  or  {"spec": null}  (null: start empty and wait for POST /configure)
+
+Network errors, 5xx and 429 answers are retried with exponential backoff; any other non-200
+answer, or a body that is not such an object, raises ControlPlaneError. The JWT never appears in
+an error message or a log line. Redirects are not followed (they would carry the JWT elsewhere).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+log = logging.getLogger("compute.control_plane")
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+USER_AGENT = "compute-ctl (compute-supervisor)"
+
+
+class ControlPlaneError(Exception):
+    """The control plane refused the request, answered nonsense, or stayed unreachable."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None  # the 3xx answer surfaces as an HTTPError
+
+
+_opener = urllib.request.build_opener(_NoRedirect())
+
+
+def spec_url(control_plane_uri: str, compute_id: str) -> str:
+    parsed = urllib.parse.urlsplit(control_plane_uri)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ControlPlaneError(f"control plane URI must be an http(s) URL, got {control_plane_uri!r}")
+    if not compute_id:
+        raise ControlPlaneError("compute id must not be empty")
+    base = control_plane_uri.rstrip("/")
+    return f"{base}/management/api/v2/computes/{urllib.parse.quote(compute_id, safe='')}/spec"
+
+
+def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, attempts: int = 5,
+               backoff: float = 0.5, timeout: float = 10) -> dict | None:
+    """The compute's spec (decoded JSON, not yet validated), or None when the control plane has
+    none for it yet."""
+    url = spec_url(control_plane_uri, compute_id)
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if jwt:
+        headers["Authorization"] = jwt
+    attempts = max(1, attempts)
+    last = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            status, body = _get(url, headers, timeout)
+        except _Retryable as e:
+            last = _scrub(str(e), jwt)
+        else:
+            if status == 200:
+                return _parse(body, url, jwt)
+            if status >= 500 or status == 429:
+                last = f"HTTP {status}{_excerpt(body, jwt)}"
+            else:
+                raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
+        if attempt < attempts:
+            delay = backoff * (2 ** (attempt - 1))
+            log.warning("fetching the spec from %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                        url, attempt, attempts, last, delay)
+            time.sleep(delay)
+    raise ControlPlaneError(f"cannot fetch the spec from {url} after {attempts} attempt(s): {last}")
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            return resp.status, _read(resp)
+    except urllib.error.HTTPError as e:
+        try:
+            body = _read(e)
+        except Exception:  # noqa: BLE001 - the status is what matters
+            body = b""
+        finally:
+            e.close()
+        return e.code, body
+    except urllib.error.URLError as e:
+        raise _Retryable(f"network error: {e.reason}") from None
+    except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        raise _Retryable(f"network error: {type(e).__name__}: {e}") from None
+
+
+def _read(resp: Any) -> bytes:
+    body = resp.read(MAX_ANSWER_BYTES + 1)
+    if len(body) > MAX_ANSWER_BYTES:
+        raise ControlPlaneError(f"control plane answer larger than {MAX_ANSWER_BYTES} bytes")
+    return body
+
+
+def _parse(body: bytes, url: str, jwt: str | None) -> dict | None:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ControlPlaneError(f"malformed answer from GET {url}: not JSON{_excerpt(body, jwt)}") from None
+    if not isinstance(obj, dict) or "spec" not in obj:
+        raise ControlPlaneError(f"malformed answer from GET {url}: expected an object with a \"spec\" key")
+    spec = obj["spec"]
+    if spec is not None and not isinstance(spec, dict):
+        raise ControlPlaneError(f"malformed answer from GET {url}: \"spec\" is neither an object nor null")
+    return spec
+
+
+def _scrub(text: str, jwt: str | None) -> str:
+    return text.replace(jwt, "[redacted]") if jwt else text
+
+
+def _excerpt(body: bytes, jwt: str | None) -> str:
+    text = _scrub(body.decode("utf-8", "replace"), jwt).strip()[:200]  # scrub, then cut
+    return f": {text!r}" if text else ""

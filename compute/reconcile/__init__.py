@@ -1,0 +1,21 @@
+"""Reconciling a running cluster with a spec (contract §5): snapshot -> plan -> execute.
+
+    from compute.reconcile import apply_spec, plan_spec, format_plan, dry_run
+    report = apply_spec("postgresql://cloud_admin@127.0.0.1:5432/postgres", spec, superuser="cloud_admin")
+    print(format_plan(dry_run(connstr, spec, superuser="cloud_admin")))
+
+See planner.py for the order of operations and how the two phases work.
+"""
+
+from .api import ApplyReport, apply_spec, dry_run, plan_spec
+from .errors import ApplyError, CatalogError, PlanError, ReconcileError
+from .catalog import Catalog, DatabaseInfo, LocalFacts, RoleInfo, snapshot, with_local_facts
+from .connections import Connections
+from .executor import execute
+from .planner import Plan, Statement, Step, format_plan, plan, stored_password
+
+__all__ = [
+    "ApplyError", "ApplyReport", "Catalog", "CatalogError", "Connections", "DatabaseInfo",
+    "LocalFacts", "Plan", "PlanError", "ReconcileError", "RoleInfo", "Statement", "Step", "apply_spec", "dry_run",
+    "execute", "format_plan", "plan", "plan_spec", "snapshot", "stored_password", "with_local_facts",
+]

@@ -1,0 +1,166 @@
+"""A control-plane peer: serves `GET /management/api/v2/computes/{id}/spec` like Neon's console.
+
+    with ControlPlanePeer(spec={...}, compute_id="compute-1") as cp:
+        fetch_spec(cp.url, "compute-1", jwt)
+        cp.requests[-1].headers["Authorization"]
+
+Knobs (attributes, changeable while running): `spec` (a dict, or None for `{"spec": null}`),
+`compute_id` (None: any id), `fail_first` (answer the first N requests with `fail_status`,
+default 503), `drop_first` (close the first N connections without answering), `jwt` (when set,
+other Authorization values get 401), `raw_body` (answer these bytes verbatim with 200),
+`status` (force this status, with `raw_body` or an error object as the body). Requests are recorded in `requests`.
+Also a script: `python -m tests.peers.control_plane --port N [--spec-file F] [--compute-id ID]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PREFIX = "/management/api/v2/computes/"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    compute_id: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ControlPlanePeer:
+    def __init__(self, spec: dict | None = None, *, compute_id: str | None = None, fail_first: int = 0,
+                 fail_status: int = 503, drop_first: int = 0, jwt: str | None = None,
+                 raw_body: bytes | None = None, status: int | None = None,
+                 host: str = "127.0.0.1", port: int = 0):
+        self.spec = spec
+        self.compute_id = compute_id
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.drop_first = drop_first
+        self.jwt = jwt
+        self.raw_body = raw_body
+        self.status = status
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ControlPlanePeer":
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="control-plane-peer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> "ControlPlanePeer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # decides what to do with one request (under the lock)
+    def _decide(self, req: Request) -> tuple[str, int, bytes]:
+        with self.lock:
+            self.requests.append(req)
+            if self.drop_first > 0:
+                self.drop_first -= 1
+                return "drop", 0, b""
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return "answer", self.fail_status, _json({"error": "temporarily unavailable"})
+            if req.method != "GET" or req.compute_id is None:
+                return "answer", 404, _json({"error": "not found"})
+            if self.compute_id is not None and req.compute_id != self.compute_id:
+                return "answer", 404, _json({"error": f"compute {req.compute_id} not found"})
+            if self.jwt is not None and req.headers.get("Authorization") != self.jwt:
+                return "answer", 401, _json({"error": "unauthorized"})
+            if self.status is not None:
+                return "answer", self.status, self.raw_body or _json({"error": f"status {self.status}"})
+            if self.raw_body is not None:
+                return "answer", 200, self.raw_body
+            return "answer", 200, _json({"spec": self.spec})
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _handler_for(peer: ControlPlanePeer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            compute_id = None
+            if path.startswith(PREFIX) and path.endswith("/spec"):
+                raw_id = path[len(PREFIX):-len("/spec")]
+                if raw_id and "/" not in raw_id:
+                    compute_id = urllib.parse.unquote(raw_id)
+            req = Request(self.command, self.path, compute_id, dict(self.headers.items()))
+            action, status, body = peer._decide(req)
+            if action == "drop":
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = _serve
+        do_POST = _serve
+
+        def log_message(self, format, *args):  # noqa: A002 - quiet
+            pass
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="control-plane peer serving one compute spec")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--spec-file", help="JSON spec to serve (default: null spec)")
+    ap.add_argument("--compute-id")
+    ap.add_argument("--jwt")
+    ap.add_argument("--fail-first", type=int, default=0)
+    args = ap.parse_args(argv)
+    spec = None
+    if args.spec_file:
+        with open(args.spec_file) as f:
+            spec = json.load(f)
+    peer = ControlPlanePeer(spec, compute_id=args.compute_id, jwt=args.jwt, fail_first=args.fail_first,
+                            port=args.port)
+    print(peer.url, flush=True)
+    try:
+        peer._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
