@@ -150,3 +150,30 @@ def test_configure_refused_without_pull_mode():
         c.wait_status("running")
         code, body = configure(c, c.new_spec())
         assert code == 412 and "not allowed" in body["error"]
+
+
+def test_plan_prints_without_running():
+    import subprocess
+
+    from tests.support.tree import COMPUTE_CTL
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        spec = c.new_spec()
+        spec["cluster"]["roles"].append({"name": "new;role", "encrypted_password": md5_hash("new;role", "s3cret"),
+                                         "options": None})
+        spec["cluster"]["roles"][0]["encrypted_password"] = md5_hash("app", "changed")
+        path = os.path.join(c.base, "next.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        out = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", path],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert 'CREATE ROLE "new;role"' in out.stdout and 'ALTER ROLE "app"' in out.stdout
+        assert "[redacted]" in out.stdout and md5_hash("app", "changed") not in out.stdout
+        assert roles_and_dbs(c)[0] == {"app"}  # nothing ran
+
+        unchanged = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", os.path.join(c.base, "spec.json")],
+                                   capture_output=True, text=True, timeout=60)
+        assert unchanged.returncode == 0 and "nothing to do" in unchanged.stdout
