@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from tests.support.tree import Compute
+from tests.support.tree import COMPUTE_CTL, Compute
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +98,19 @@ def test_supervisorctl_operations(compute):
     assert compute.postmaster_pid() == pm and alive(pm)
     tail = compute.supervisorctl("tail", "lifecycle")
     assert "compute is running" in tail.stdout
+
+    # status is non-zero while a program is not running.
+    assert compute.supervisorctl("stop", "monitor").returncode == 0
+    assert compute.supervisorctl("status").returncode != 0
+    assert compute.supervisorctl("start", "monitor").returncode == 0
+    assert compute.supervisorctl("status").returncode == 0
+
+    # Only the compute's user (and root) can reach the control socket.
+    other = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                            os.path.join(os.path.dirname(COMPUTE_CTL), "supervisorctl"), "-c",
+                            os.path.join(compute.runtime_dir, "supervisord.conf"), "status"],
+                           capture_output=True, text=True, timeout=30)
+    assert other.returncode != 0 and "RUNNING" not in other.stdout
 
     # Stopping postgres takes the whole compute down with postgres' exit code (0: fast shutdown).
     compute.supervisorctl("stop", "postgres")
