@@ -308,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(conf)
         finally:
             os.umask(old)
+        started = time.time()
         StateStore.create(state_path(runtime_dir), {
-            "launch": launch, "status": "init", "error": None, "start_time": time.time(),
+            # last_active starts at the start (as the original): a compute nobody ever connects
+            # to must still look idle since then, not "never", to be suspended.
+            "launch": launch, "status": "init", "error": None, "start_time": started, "last_active": started,
             "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {},
         })
     except (OSError, UsageError, ValueError) as e:

@@ -143,8 +143,9 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     being listed in `roles`."""
     o = _Obj(obj, "<document>")
     version = o.req("format_version", (int, float))
-    if isinstance(version, bool) or float(version) != 1.0:
-        raise SpecError("format_version", f"unsupported version {version!r} (expected 1.0)")
+    if isinstance(version, bool) or version != 1.0:  # no float(): a huge int would overflow
+        shown = repr(version) if isinstance(version, float) or abs(version) < 10**12 else "(a huge number)"
+        raise SpecError("format_version", f"unsupported version {shown} (expected 1.0)")
 
     c = _Obj(o.req("cluster", dict), "cluster")
     roles = tuple(_role(r, f"cluster.roles[{i}]") for i, r in enumerate(c.list("roles")))

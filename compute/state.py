@@ -108,9 +108,11 @@ class StateStore:
             raise ValueError(f"unknown status {fields['status']!r}")
         self._write(lambda conn: self._put(conn, fields))
 
-    def transition(self, allowed_from: Iterable[str] | None, status: str, **fields: Any) -> bool:
+    def transition(self, allowed_from: Iterable[str] | None, status: str, *, bump: str | None = None,
+                   **fields: Any) -> int | bool:
         """Set status (and fields) only if the current status is in `allowed_from` (None: any).
-        Atomic, so of two concurrent /configure requests exactly one wins."""
+        Atomic, so of two concurrent /configure requests exactly one wins. With `bump`, that
+        integer key is incremented in the same transaction and its new value returned."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         allowed = None if allowed_from is None else set(allowed_from)
@@ -120,8 +122,12 @@ class StateStore:
             current = json.loads(row[0]) if row else None
             if allowed is not None and current not in allowed:
                 return False
-            self._put(conn, {**fields, "status": status})
-            return True
+            extra = {}
+            if bump:
+                row = conn.execute("SELECT value FROM kv WHERE key = ?", (bump,)).fetchone()
+                extra[bump] = int((json.loads(row[0]) if row else 0) or 0) + 1
+            self._put(conn, {**fields, **extra, "status": status})
+            return extra[bump] if bump else True
 
         return self._write(txn)
 
@@ -129,7 +135,8 @@ class StateStore:
         """Move last_active forward to `ts`; never backwards. True if it changed."""
         def txn(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT value FROM kv WHERE key = 'last_active'").fetchone()
-            if row is not None and json.loads(row[0]) >= ts:
+            current = json.loads(row[0]) if row is not None else None
+            if current is not None and current >= ts:
                 return False
             self._put(conn, {"last_active": ts})
             return True

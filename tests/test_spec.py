@@ -63,6 +63,7 @@ def test_modes(mode, expected):
 @pytest.mark.parametrize("mutate,field", [
     (lambda d: d.pop("format_version"), "format_version"),
     (lambda d: d.update(format_version=2.0), "format_version"),
+    (lambda d: d.update(format_version=10 ** 5000), "format_version"),
     (lambda d: d.update(format_version=True), "format_version"),
     (lambda d: d.pop("cluster"), "cluster"),
     (lambda d: d.update(cluster=[]), "cluster"),

@@ -1,0 +1,41 @@
+"""The falcon application: `create_app()` is what gunicorn loads in each worker.
+
+    python -m gunicorn -c python:compute.api.gunicorn_conf "compute.api.app:create_app()"
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from compute.api.auth import JwtAuth
+from compute.api.configure import Configure
+from compute.api.context import ApiContext, runtime_dir_from_env
+from compute.api.errors import BodyLimit, serialize_error
+from compute.api.health import Healthz, Readyz
+from compute.api.insights import Insights
+from compute.api.openapi_doc import OpenApiDocument
+from compute.api.prometheus import PrometheusMetrics
+from compute.api.status import Info, MetricsJson, Status
+from compute.api.terminate import Terminate
+from compute.api.writability import CheckWritability
+
+
+def create_app(runtime_dir: str | None = None) -> falcon.App:
+    ctx = ApiContext(runtime_dir or runtime_dir_from_env())
+    auth = JwtAuth(launch=lambda: ctx.launch)
+
+    app = falcon.App(middleware=[BodyLimit(), auth])
+    app.set_error_serializer(serialize_error)
+
+    app.add_route("/status", Status(ctx))
+    app.add_route("/metrics.json", MetricsJson(ctx))
+    app.add_route("/metrics", PrometheusMetrics(ctx))
+    app.add_route("/insights", Insights(ctx))
+    app.add_route("/info", Info(ctx))
+    app.add_route("/check_writability", CheckWritability(ctx))
+    app.add_route("/configure", Configure(ctx))
+    app.add_route("/terminate", Terminate(ctx))
+    app.add_route("/healthz", Healthz(ctx))
+    app.add_route("/readyz", Readyz(ctx))
+    app.add_route("/openapi.yaml", OpenApiDocument())
+    return app

@@ -1,0 +1,153 @@
+"""Optional JWT bearer auth for the mutating routes.
+
+When `launch["jwks_path"]` names a JWKS file, /configure, /terminate and /check_writability
+(resources with `auth_required = True`) need `Authorization: Bearer <jwt>` signed by one of its
+keys: Ed25519 (`"kty": "OKP"`, alg EdDSA) or RSA (alg RS256). The algorithm is taken from the
+key, never from the token, so an RSA public key can not be abused as an HMAC secret. Health
+and read routes stay open.
+
+401: missing, malformed, badly signed or expired token. 403: a valid token whose `compute_id`
+claim is not this compute's `launch["compute_id"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+try:
+    import jwt
+except ImportError:  # PyJWT[crypto] is a dependency; without it only auth is unavailable
+    jwt = None
+
+log = logging.getLogger("compute.api.auth")
+
+_ALG_FOR_KTY = {"OKP": "EdDSA", "RSA": "RS256"}
+
+
+@dataclass(frozen=True)
+class _Key:
+    kid: str | None
+    alg: str
+    key: Any
+
+
+def load_jwks(path: str) -> list[_Key]:
+    with open(path, "rb") as f:
+        doc = json.load(f)
+    keys: list[_Key] = []
+    for raw in doc.get("keys", []) if isinstance(doc, dict) else []:
+        alg = _ALG_FOR_KTY.get(raw.get("kty"))
+        if alg is None or raw.get("alg") not in (None, alg):
+            log.warning("ignoring JWKS key %r: unsupported kty/alg %r/%r", raw.get("kid"), raw.get("kty"), raw.get("alg"))
+            continue
+        if raw.get("kty") == "OKP" and raw.get("crv") != "Ed25519":
+            log.warning("ignoring JWKS key %r: unsupported curve %r", raw.get("kid"), raw.get("crv"))
+            continue
+        if raw.get("use") not in (None, "sig"):
+            continue
+        try:
+            keys.append(_Key(raw.get("kid"), alg, jwt.PyJWK.from_dict(raw, algorithm=alg).key))
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as e:
+            log.warning("ignoring JWKS key %r: %s", raw.get("kid"), e)
+    return keys
+
+
+class JwtAuth:
+    """Falcon middleware; a no-op when no JWKS is configured."""
+
+    def __init__(self, jwks_path: str | None = None, compute_id: str | None = None, *, launch=None):
+        """Either fixed settings, or `launch`: a callable returning the launch dict, read at
+        request time (so a late launch record can never leave auth silently off)."""
+        self._jwks_path = jwks_path
+        self._compute_id = compute_id
+        self._launch = launch
+        self._keys: list[_Key] = []
+        self._mtime: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def jwks_path(self) -> str | None:
+        return self._launch().get("jwks_path") if self._launch else self._jwks_path
+
+    @property
+    def compute_id(self) -> str | None:
+        return self._launch().get("compute_id") if self._launch else self._compute_id
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.jwks_path)
+
+    def _current_keys(self) -> list[_Key]:
+        """The JWKS, reloaded when the file changes (key rotation without a restart)."""
+        try:
+            mtime = os.stat(self.jwks_path).st_mtime
+        except OSError as e:
+            log.error("cannot read JWKS %s: %s", self.jwks_path, e)
+            return []
+        if mtime != self._mtime:
+            with self._lock:
+                if mtime != self._mtime:
+                    try:
+                        self._keys = load_jwks(self.jwks_path)
+                    except (OSError, ValueError) as e:
+                        log.error("cannot load JWKS %s: %s", self.jwks_path, e)
+                        self._keys = []
+                    self._mtime = mtime
+        return self._keys
+
+    def verify(self, authorization: str | None) -> dict[str, Any]:
+        """The token's claims, or raise falcon 401/403."""
+        if not authorization:
+            raise _unauthorized("missing bearer token")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise _unauthorized("expected 'Authorization: Bearer <token>'")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as e:
+            raise _unauthorized(f"malformed token: {e}") from None
+        keys = self._current_keys()
+        kid = header.get("kid")
+        candidates = [k for k in keys if kid is None or k.kid is None or k.kid == kid]
+        if not candidates:
+            raise _unauthorized("no key of the JWKS matches the token")
+        last_error: Exception | None = None
+        for key in candidates:
+            try:
+                claims = jwt.decode(token, key.key, algorithms=[key.alg],
+                                    options={"verify_aud": False})
+                break
+            except jwt.ExpiredSignatureError as e:
+                raise _unauthorized(f"token expired: {e}") from None
+            except jwt.InvalidTokenError as e:
+                last_error = e
+        else:
+            raise _unauthorized(f"invalid token: {last_error}")
+        if self.compute_id is not None and claims.get("compute_id") != self.compute_id:
+            raise falcon.HTTPForbidden(description="token is not valid for this compute")
+        return claims
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict) -> None:
+        if resource is None or not getattr(resource, "auth_required", False):
+            return
+        if not hasattr(resource, f"on_{req.method.lower()}"):
+            return  # let falcon answer 405 rather than 401
+        if self._launch is not None and not self._launch():
+            raise falcon.HTTPServiceUnavailable(description="the compute has no launch settings yet")
+        if not self.enabled:
+            return
+        if jwt is None:
+            raise falcon.HTTPInternalServerError(description="a JWKS is configured but PyJWT is not installed")
+        req.context.claims = self.verify(req.get_header("Authorization"))
+
+
+def _unauthorized(message: str) -> falcon.HTTPError:
+    return falcon.HTTPUnauthorized(description=message, challenges=["Bearer"])

@@ -1,0 +1,96 @@
+"""POST /configure: hand a new spec to the lifecycle driver and wait for the outcome.
+
+The API's half of the protocol (the driver is the `lifecycle` program):
+  1. validate: 400 unless the body is a JSON object with a "spec" object; 412 when live
+     configuration is not allowed (not pull mode) or the spec is invalid;
+  2. one atomic transition {empty, running} -> configuration_pending carrying the spec and a
+     new spec_generation: of concurrent requests exactly one wins, the others get 412;
+  3. wake the driver (SIGUSR1 through supervisord; it also polls, so failures are ignored);
+  4. poll the state file until `running` (200, the /status body) or `failed` (500 {"error"}).
+The request blocks a single worker thread; other requests keep being served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import falcon
+
+from compute.api.context import ApiContext, debug_status_name
+from compute.api.errors import json_body, read_body
+from compute.api.supervisor_client import rpc
+from compute.spec import SpecError, parse_spec
+
+log = logging.getLogger("compute.api.configure")
+
+POLL_INTERVAL = 0.05
+DEFAULT_TIMEOUT = 600.0
+
+
+class Configure:
+    auth_required = True
+
+    def __init__(self, ctx: ApiContext, *, timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL):
+        self.ctx = ctx
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raw = read_body(req)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise falcon.HTTPBadRequest(description=f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise falcon.HTTPBadRequest(description="request body is nested too deeply") from None
+        if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+            raise falcon.HTTPBadRequest(description='request body must be a JSON object {"spec": {...}}')
+        spec = body["spec"]
+
+        launch = self.ctx.launch
+        if not launch.get("live_config_allowed"):
+            raise falcon.HTTPPreconditionFailed(
+                description="live configuration is not allowed for this compute node")
+        try:
+            parse_spec(spec, superuser=launch.get("superuser") or self.ctx.superuser)
+        except SpecError as e:
+            raise falcon.HTTPPreconditionFailed(description=str(e)) from None
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
+            # A spec the validator could not even walk is an invalid spec, not a server error.
+            log.warning("spec validation raised %s", type(e).__name__, exc_info=True)
+            raise falcon.HTTPPreconditionFailed(
+                description=f"invalid spec: {type(e).__name__}: {str(e)[:200]}") from None
+
+        store = self.ctx.store
+        generation = store.transition({"empty", "running"}, "configuration_pending",
+                                      bump="spec_generation", spec=spec, error=None)
+        if not generation:
+            status = store.get("status")
+            raise falcon.HTTPPreconditionFailed(
+                description=f"invalid compute status for configuration request: {debug_status_name(status)}")
+        log.info("new spec (generation %d) handed to the driver", generation)
+        self._wake_driver()
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            s = store.get_many(("status", "spec_generation", "error"))
+            # A later generation means ours was applied and another /configure came after it.
+            if s["status"] == "running" or (s["spec_generation"] or 0) > generation:
+                json_body(resp, self.ctx.status_body())
+                return
+            if s["status"] == "failed":
+                json_body(resp, {"error": s["error"] or "configuration failed"}, falcon.HTTP_500)
+                return
+            if time.monotonic() >= deadline:
+                json_body(resp, {"error": f"timed out after {self.timeout:.0f} s waiting for the configuration "
+                                          f"(status {s['status']})"}, falcon.HTTP_500)
+                return
+            time.sleep(self.poll_interval)
+
+    def _wake_driver(self) -> None:
+        try:
+            rpc(self.ctx.runtime_dir, timeout=2).supervisor.signalProcess("lifecycle", "USR1")
+        except Exception as e:  # the driver polls the state anyway
+            log.debug("could not signal the lifecycle driver: %s", e)

@@ -1,0 +1,108 @@
+"""What every resource needs: the state store, the launch settings, postgres connections."""
+
+from __future__ import annotations
+
+import calendar
+import functools
+import os
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from compute.monitor import superuser_of
+from compute.state import StateStore, state_path
+
+HTTP_APPLICATION_NAME = "compute_ctl:http"
+# /insights and /check_writability must not hold a request thread forever on a stuck postgres.
+STATEMENT_TIMEOUT_MS = 10_000
+
+STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time")
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC string with milliseconds: 2026-11-25T10:00:00.123Z."""
+    if ts is None:
+        return None
+    secs, millis = divmod(int(float(ts) * 1000), 1000)
+    return f"{_second(secs)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _second(secs: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+
+
+def parse_rfc3339(text: str) -> float:
+    """The inverse of rfc3339() (tests and tools)."""
+    main, _, frac = text.rstrip("Z").partition(".")
+    secs = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+    return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def debug_status_name(status: str | None) -> str:
+    """How the original printed a status in its text messages (Rust `{:?}`): ConfigurationPending."""
+    return "".join(part.capitalize() for part in str(status).split("_"))
+
+
+class ApiContext:
+    """Per-process (per gunicorn worker) handle; safe to share between the worker's threads."""
+
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+        self.state_path = state_path(runtime_dir)
+        self.store = StateStore(self.state_path)
+        self._launch: dict[str, Any] | None = None
+        self._conn_params: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def launch(self) -> dict[str, Any]:
+        """The bootstrap's settings: written once before any program starts, so cached."""
+        launch = self._launch
+        if launch is None:
+            launch = self.store.get("launch") or {}
+            if launch:
+                self._launch = launch
+        return launch
+
+    @property
+    def connstr(self) -> str:
+        return self.launch["connstr"]
+
+    @property
+    def superuser(self) -> str | None:
+        return superuser_of(self.launch.get("connstr", "")) or self.launch.get("superuser")
+
+    def status_body(self) -> dict[str, Any]:
+        """The /status answer: one indexed read of the state file."""
+        s = self.store.get_many(STATUS_KEYS)
+        return {
+            "tenant": s["tenant"],
+            "timeline": s["timeline"],
+            "status": s["status"],
+            "last_active": rfc3339(s["last_active"]),
+            "error": s["error"],
+            "start_time": rfc3339(s["start_time"]),
+        }
+
+    def pg_connect(self, timeout: float = 3) -> psycopg.Connection:
+        """A fresh superuser connection (autocommit, statement timeout). The superuser's sessions
+        never count as user activity, so the API's own queries cannot keep an idle compute awake."""
+        params = self._conn_params
+        if params is None:
+            params = conninfo_to_dict(self.connstr)
+            # added to the connstr's own options, if it has any
+            params["options"] = f"{params.get('options', '')} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+            self._conn_params = params
+        return psycopg.connect(**params, autocommit=True, connect_timeout=max(1, round(timeout)),
+                               application_name=HTTP_APPLICATION_NAME)
+
+
+def runtime_dir_from_env() -> str:
+    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
+    if not runtime_dir:
+        raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
+    return runtime_dir

@@ -1,0 +1,91 @@
+"""gunicorn settings for the API program (loaded with `-c python:compute.api.gunicorn_conf`).
+
+    COMPUTE_RUNTIME_DIR=/run/compute \\
+        python -m gunicorn -c python:compute.api.gunicorn_conf "compute.api.app:create_app()"
+
+gthread workers: a /configure blocks one thread of one worker while /status keeps being served
+by the others. Workers hold no state of their own (everything lives in the state file), so a
+worker that crashes or is recycled loses nothing. Overrides through the environment:
+COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_ACCESS_LOG=1.
+"""
+
+import os
+
+from gunicorn.glogging import Logger as _GunicornLogger
+
+from compute.procutil import die_with_parent
+from compute.state import StateStore, state_path
+
+
+def _launch() -> dict:
+    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
+    if not runtime_dir:
+        raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
+    store = StateStore(state_path(runtime_dir))
+    try:
+        return store.get("launch") or {}
+    finally:
+        store.close()  # do not carry an open SQLite handle into forked workers
+
+
+class QuietAccessLogger(_GunicornLogger):
+    """gunicorn prepares the access-log fields of every request as soon as a logconfig_dict is
+    set, even with no access log: a few percent of the CPU of a /status. Skip that."""
+
+    def access(self, resp, req, environ, request_time):
+        if self.cfg.accesslog:
+            super().access(resp, req, environ, request_time)
+
+
+_launch_settings = _launch()
+_access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
+
+bind = [f"0.0.0.0:{int(_launch_settings.get('http_port') or 3080)}"]
+try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
+    from compute.api.worker import HeadFirstThreadWorker as worker_class
+except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
+    worker_class = "gthread"
+workers = int(os.environ.get("COMPUTE_API_WORKERS", "2"))
+# 16 threads per worker. /status is CPU-bound under one GIL per worker, so fewer threads give a
+# better synthetic tail (python -m bench.api, 64 keep-alive connections, 2 quiet cores: p99
+# ~23 ms with 4 threads, ~31-37 ms with 16, same ~7,500 req/s), but threads are what absorbs
+# requests that block: /configure, /terminate, /insights and /check_writability on a stuck
+# postgres (10 s statement timeout), bodies sent slowly. Request heads no longer hold a thread
+# (compute/api/worker.py). COMPUTE_API_THREADS=4 trades that margin for the tail.
+threads = int(os.environ.get("COMPUTE_API_THREADS", "16"))
+keepalive = 5
+timeout = 30  # the heartbeat of a worker, not a request timeout (a /configure may take minutes)
+graceful_timeout = 2  # inside supervisord's stopwaitsecs = 3 for the api program
+proc_name = "compute_ctl:api"
+accesslog = "-" if _access_log else None
+errorlog = "-"
+loglevel = "info"
+logger_class = QuietAccessLogger
+# `LEVEL: message` on stderr like every supervised program: the logrelay listener adds the time
+# and the program name (text or JSON, launch["log_format"]) on the way to compute-ctl's stdout.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"}},
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["stderr"] if _access_log else [], "propagate": False},
+    },
+}
+# gunicorn >= 24 opens a control socket under $HOME by default: shared between instances, and
+# nothing here uses it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """In the master: if supervisord is killed outright, get SIGTERM (graceful stop) rather than
+    survive as an orphan holding the port. Workers already exit when the master goes."""
+    die_with_parent()
+
+
+# The status answers are tiny; reject absurd request lines and headers early.
+limit_request_line = 8190
+limit_request_fields = 100
+

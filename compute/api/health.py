@@ -1,0 +1,63 @@
+"""Kubernetes probes.
+
+GET /healthz (liveness): 200 whenever this process can answer; never touches postgres, so a
+slow or restarting postgres never gets the pod killed.
+GET /readyz (readiness, and startup): 200 only when the status is `running` and postgres accepts
+a connection; 503 otherwise. The postgres check (a connection with a 1 s timeout) is cached for
+about a second per worker, so probes stay cheap whatever their rate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import falcon
+import psycopg
+
+from compute.api.context import ApiContext
+from compute.api.errors import json_body
+
+CACHE_SECONDS = 1.0
+
+
+class Healthz:
+    def __init__(self, ctx: ApiContext):
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        json_body(resp, {"alive": True})
+
+
+class Readyz:
+    def __init__(self, ctx: ApiContext, *, cache_seconds: float = CACHE_SECONDS):
+        self.ctx = ctx
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._checked_at = float("-inf")
+        self._pg_ok: bool = False
+        self._pg_reason: str | None = None
+
+    def _postgres_accepts(self) -> tuple[bool, str | None]:
+        with self._lock:  # one check at a time; concurrent probes share its result
+            if time.monotonic() - self._checked_at >= self.cache_seconds:
+                try:
+                    with self.ctx.pg_connect(timeout=1):
+                        pass
+                    self._pg_ok, self._pg_reason = True, None
+                except (psycopg.Error, KeyError) as e:
+                    self._pg_ok, self._pg_reason = False, f"postgres does not accept connections: {str(e).strip()}"
+                self._checked_at = time.monotonic()
+            return self._pg_ok, self._pg_reason
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = self.ctx.store.get("status")
+        if status != "running":
+            json_body(resp, {"ready": False, "status": status, "reason": f"compute status is {status}"},
+                      falcon.HTTP_503)
+            return
+        ok, reason = self._postgres_accepts()
+        if not ok:
+            json_body(resp, {"ready": False, "status": status, "reason": reason}, falcon.HTTP_503)
+            return
+        json_body(resp, {"ready": True, "status": status, "reason": None})

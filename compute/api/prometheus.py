@@ -1,0 +1,124 @@
+"""GET /metrics: Prometheus text exposition (version 0.0.4).
+
+From the state file: start-up phase durations, the status (one labeled gauge per status),
+last activity, restarts counted by the exit watcher. From supervisord (XML-RPC, 2 s timeout):
+each program's state; when supervisord does not answer, `compute_supervisord_up 0` and the
+rest of the page is still served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import falcon
+
+from compute.api.context import ApiContext
+from compute.api.supervisor_client import rpc
+from compute.state import STATUSES
+
+log = logging.getLogger("compute.api.prometheus")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(value: float | int) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+class _Page:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, float]]) -> None:
+        samples = list(samples)
+        if not samples:
+            return
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+                self.lines.append(f"{name}{{{inner}}} {_num(value)}")
+            else:
+                self.lines.append(f"{name} {_num(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class PrometheusMetrics:
+    def __init__(self, ctx: ApiContext, *, rpc_timeout: float = 2.0):
+        self.ctx = ctx
+        self.rpc_timeout = rpc_timeout
+
+    def _programs(self) -> list[dict] | None:
+        try:
+            return rpc(self.ctx.runtime_dir, timeout=self.rpc_timeout).supervisor.getAllProcessInfo()
+        except Exception as e:  # unreachable, timed out, refused: the page is still served
+            log.debug("supervisord did not answer: %s", e)
+            return None
+
+    def render(self) -> str:
+        s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
+                                     "pending_restart", "spec_generation"))
+        now = time.time()
+        page = _Page()
+
+        page.family("compute_status", "gauge", "The compute status: 1 for the current one, 0 for the others.",
+                    (({"status": st}, int(st == s["status"])) for st in STATUSES))
+
+        metrics = s["metrics"] or {}
+        page.family("compute_startup_phase_seconds", "gauge", "Duration of the start-up phases.",
+                    (({"phase": k[:-3]}, int(v) / 1000) for k, v in sorted(metrics.items()) if k.endswith("_ms")))
+        page.family("compute_basebackup_bytes", "gauge", "Size of the basebackup received at start-up.",
+                    [({}, int(metrics["basebackup_bytes"]))] if "basebackup_bytes" in metrics else [])
+        other = [(k, v) for k, v in sorted(metrics.items()) if not k.endswith("_ms") and k != "basebackup_bytes"]
+        page.family("compute_startup_metric", "gauge", "Other start-up metrics, by name.",
+                    (({"name": k}, int(v)) for k, v in other))
+
+        if s["start_time"] is not None:
+            page.family("compute_start_time_seconds", "gauge", "When the compute started (epoch seconds).",
+                        [({}, float(s["start_time"]))])
+        if s["last_active"] is not None:
+            page.family("compute_last_active_timestamp_seconds", "gauge",
+                        "Last user activity seen by the monitor (epoch seconds).", [({}, float(s["last_active"]))])
+            page.family("compute_seconds_since_last_active", "gauge", "Seconds since the last user activity.",
+                        [({}, max(0.0, round(now - float(s["last_active"]), 3)))])
+        page.family("compute_spec_generation", "gauge", "Number of specs received through /configure.",
+                    [({}, int(s["spec_generation"] or 0))])
+        page.family("compute_pending_restart_settings", "gauge",
+                    "Settings changed by a reconfiguration that wait for a postgres restart.",
+                    [({}, len(s["pending_restart"] or []))])
+        page.family("compute_program_restarts_total", "counter", "Unexpected exits of supervised programs.",
+                    (({"program": name}, int(n)) for name, n in sorted((s["program_restarts"] or {}).items())))
+
+        programs = self._programs()
+        page.family("compute_supervisord_up", "gauge", "Whether supervisord answered the scrape.",
+                    [({}, int(programs is not None))])
+        if programs:
+            programs = sorted(programs, key=lambda p: p.get("name", ""))
+            page.family("compute_program_state", "gauge",
+                        "supervisord state code of each program (0 STOPPED, 10 STARTING, 20 RUNNING, 30 BACKOFF, "
+                        "40 STOPPING, 100 EXITED, 200 FATAL, 1000 UNKNOWN).",
+                        (({"program": p.get("name"), "state": p.get("statename")}, int(p.get("state", 1000)))
+                         for p in programs))
+            page.family("compute_program_up", "gauge", "1 when supervisord reports the program RUNNING.",
+                        (({"program": p.get("name")}, int(p.get("statename") == "RUNNING")) for p in programs))
+            page.family("compute_program_uptime_seconds", "gauge", "Seconds since the program (re)started.",
+                        (({"program": p.get("name")}, max(0, int(p.get("now", 0)) - int(p.get("start", 0))))
+                         for p in programs if p.get("statename") == "RUNNING"))
+        return page.text()
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE
+        resp.text = self.render()

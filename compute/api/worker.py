@@ -1,0 +1,76 @@
+"""gunicorn's gthread worker, except that a request head is read without holding a thread.
+
+The stock worker hands a connection to a pool thread as soon as its first byte arrives, and the
+thread then reads the rest of the request with a blocking socket and no deadline: a few dozen
+clients sending their request a byte now and then occupy every thread and /status starves.
+Here a pool thread only takes what is already there (one non-blocking recv), keeps it with the
+connection and gives the connection back to the worker's poller until the head is complete
+(an empty line); only then does the stock code parse and serve the request, from the bytes
+already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
+poller closes a connection that stays silent for `keepalive` seconds.
+
+Bodies are still read by the thread (bounded at 1 MiB by the app). TLS and HTTP/2 connections
+take the stock path. Used by compute/api/gunicorn_conf.py when the installed gunicorn has the
+hooks it relies on (gunicorn >= 23's deferral of connections to the poller), else plain gthread.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gunicorn.workers import gthread
+
+_DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
+
+# The end of a head: "\r\n\r\n", or with bare LFs (which gunicorn's parser then rejects
+# with a 400: it must get to see them).
+HEAD_ENDS = (b"\n\r\n", b"\n\n")
+HEAD_DEADLINE = 30.0
+MAX_BUFFERED_HEAD = 64 * 1024  # beyond that, let gunicorn's own limits reject the request
+RECV_SIZE = 65536
+
+
+class HeadFirstThreadWorker(gthread.ThreadWorker):
+    def handle(self, conn):
+        if (self.cfg.is_ssl or conn.is_http2
+                or gthread.negotiation.prior_knowledge_allowed(self.cfg, conn.client)):
+            return super().handle(conn)
+        parser = conn.parser
+        if parser is not None and parser.unreader.buf.getbuffer().nbytes:
+            return super().handle(conn)  # pipelined bytes already held: the stock path
+        verdict = self._read_head(conn)
+        if verdict is True:
+            return super().handle(conn)
+        return verdict
+
+    @staticmethod
+    def _read_head(conn):
+        """True: the head is complete and handed to the parser. _DEFER: wait in the poller for
+        more. False: close the connection."""
+        head = getattr(conn, "cs_head", None)
+        if head is None:
+            head = conn.cs_head = bytearray()
+            conn.cs_head_since = None
+        try:
+            conn.sock.setblocking(False)
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            return False
+        if data == b"":
+            return False  # the client went away
+        if data:
+            if not head:
+                conn.cs_head_since = time.monotonic()
+            start = max(0, len(head) - 2)
+            head += data
+            if any(head.find(end, start) >= 0 for end in HEAD_ENDS) or len(head) > MAX_BUFFERED_HEAD:
+                conn.init()  # blocking socket and parser, as the stock path makes them
+                conn.parser.unreader.unread(bytes(head))
+                head.clear()
+                conn.cs_head_since = None
+                return True
+        if conn.cs_head_since is not None and time.monotonic() - conn.cs_head_since > HEAD_DEADLINE:
+            return False
+        return _DEFER
