@@ -709,7 +709,12 @@ def test_gunicorn_worker_crash_loses_no_state(tmp_path):
     store, port = gunicorn_state(rt, status="running", last_active=1795600800.5)
     with gunicorn(rt) as master:
         before = json.loads(call(port, "GET", "/status")[2])
-        workers = [int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()]
+        deadline = time.monotonic() + 10
+        while True:  # both workers forked (the first may answer before the second exists)
+            workers = [int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()]
+            if len(workers) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(workers) == 2
         for w in workers:
             os.kill(w, signal.SIGKILL)
