@@ -181,8 +181,11 @@ class Tree:
         threading.Thread(target=self._copy_logs, args=(fifo,), daemon=True).start()
         conf = os.path.join(self.runtime_dir, CONF_NAME)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf],
-            stdin=subprocess.DEVNULL, env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir},
+            [sys.executable, "-m", "compute.supervisord_main", "-n", "-c", conf],
+            stdin=subprocess.DEVNULL,
+            # PYTHONSAFEPATH: `python -m` must not import from the working directory (a `compute/`
+            # or `gunicorn.py` there would shadow the installed package in every program).
+            env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir, "PYTHONSAFEPATH": "1"},
             start_new_session=True,  # our signals reach supervisord only the way we forward them
         )
         threading.Thread(target=self._nudge, daemon=True).start()

@@ -19,16 +19,16 @@ from typing import Any, Iterable
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
 
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
-LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-MD5_HASH = re.compile(r"^(md5)?[0-9a-f]{32}$")
-SCRAM_VERIFIER = re.compile(r"^SCRAM-SHA-256\$([0-9]+):([^$:]+)\$([^$:]+):([^$:]+)$")
+HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
+MD5_HASH = re.compile(r"^(md5)?[0-9a-f]{32}\Z")
+SCRAM_VERIFIER = re.compile(r"^SCRAM-SHA-256\$([0-9]+):([^$:]+)\$([^$:]+):([^$:]+)\Z")
 RESERVED_ROLES = ("public", "none")
-TOKEN = re.compile(r"^[A-Za-z0-9._~+/=:-]+$")  # JWT-like; it travels in an environment variable
-GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-OPTION_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TOKEN = re.compile(r"^[A-Za-z0-9._~+/=:-]+\Z")  # JWT-like; it travels in an environment variable
+GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
+OPTION_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # A value written without quotes (vartype other than string) must be one harmless token.
-BARE_VALUE = re.compile(r"^[-+.0-9A-Za-z_:]+$")
+BARE_VALUE = re.compile(r"^[-+.0-9A-Za-z_:]+\Z")
 
 DELTA_ACTIONS = ("delete_db", "rename_db", "delete_role", "rename_role")
 NEON_SETTINGS = ("neon.pageserver_connstring", "neon.tenant_id", "neon.timeline_id", "neon.safekeepers")
@@ -122,9 +122,14 @@ class ComputeSpec:
 def parse_spec_text(text: str | bytes, *, superuser: str | None = None) -> ComputeSpec:
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError("<document>", f"larger than {MAX_SPEC_BYTES} bytes")
+    if isinstance(text, (bytes, bytearray)):
+        try:  # strictly: json.loads(bytes) would let UTF-8-encoded surrogates through
+            text = bytes(text).decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise SpecError("<document>", f"not valid UTF-8 ({e})") from None
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise SpecError("<document>", f"not valid JSON ({e})") from None
     return parse_spec(obj, superuser=superuser)
 
@@ -153,7 +158,7 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     settings = tuple(_option(s, f"cluster.settings[{i}]", GUC_NAME) for i, s in enumerate(c.list("settings")))
     _unique((r.name for r in roles), "cluster.roles", "role")
     _unique((d.name for d in databases), "cluster.databases", "database")
-    _unique((s.name for s in settings), "cluster.settings", "setting")
+    _unique((s.name.lower() for s in settings), "cluster.settings", "setting")  # GUC names ignore case
     known = {r.name for r in roles} | ({superuser} if superuser else set())
     for i, db in enumerate(databases):
         if db.owner not in known:
@@ -215,6 +220,11 @@ class _Obj:
 
 def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _typename(value: Any) -> str:
@@ -282,15 +292,19 @@ def _option(raw: Any, path: str, name_pattern: re.Pattern) -> GenericOption:
     o = _Obj(raw, path)
     name = o.req("name", str)
     if not name_pattern.match(name):
-        raise SpecError(f"{path}.name", f"{name!r} is not a valid option name")
+        raise SpecError(f"{path}.name", f"{_short(name)} is not a valid option name")
     vartype = o.opt("vartype", str) or "string"
     value = o.opt("value", str)
     if value is not None:
         if any(ch in value for ch in "\n\r\x00"):
             raise SpecError(f"{path}.value", "must not contain a newline or NUL byte")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(f"{path}.value", "is not valid UTF-8") from None
         if vartype != "string" and not BARE_VALUE.match(value):
             raise SpecError(f"{path}.value",
-                            f"{value!r} is not a plain {vartype} value (use vartype \"string\" for text)")
+                            f"{_short(value)} is not a plain {_short(vartype)} value (use vartype \"string\" for text)")
     return GenericOption(name=name, value=value, vartype=vartype)
 
 
@@ -301,6 +315,10 @@ def _delta(raw: Any, path: str) -> DeltaOp:
         raise SpecError(f"{path}.action", f"unknown action {action!r} (expected one of {', '.join(DELTA_ACTIONS)})")
     name = _name(o, "name")
     new_name = _name(o, "new_name") if action.startswith("rename_") else None
+    if action.endswith("_role"):
+        for key, value in (("name", name), ("new_name", new_name)):
+            if value is not None and (value in RESERVED_ROLES or value.startswith("pg_")):
+                raise SpecError(f"{path}.{key}", f"{value!r} is a reserved role name")
     return DeltaOp(action=action, name=name, new_name=new_name)
 
 

@@ -29,7 +29,7 @@ import sysconfig  # noqa: E402
 
 TEMPLATE = "supervisord.conf.tmpl"
 VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
-_SAFE_ENV_VALUE = __import__("re").compile(r"^[A-Za-z0-9._~+/=:-]+$")
+_SAFE_ENV_VALUE = __import__("re").compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
 
 
 def template_dir() -> str:
@@ -50,7 +50,7 @@ def _conf_value(value: str) -> str:
     """A value safe on one supervisord config line: no line breaks, `%` escaped (supervisord
     expands %(name)s)."""
     if any(ch in value for ch in "\n\r\x00"):
-        raise ValueError(f"{value!r} cannot be written to supervisord.conf")
+        raise ValueError("a value with a line break or NUL cannot be written to supervisord.conf")
     return value.replace("%", "%%")
 
 

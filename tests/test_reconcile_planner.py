@@ -343,9 +343,7 @@ def test_new_database_planned_from_the_template_facts():
     (lambda: spec(roles=[(SU, None)]), "connstr superuser"),
     # matches spec.py's pattern, but postgres would not recognise it and hash it as a password
     (lambda: spec(deltas=[("delete_role", SU)]), "connstr superuser"),
-    (lambda: spec(deltas=[("delete_role", "pg_read_all_data")]), "built-in"),
     (lambda: spec(deltas=[("rename_role", SU, "x")]), "connstr superuser"),
-    (lambda: spec(deltas=[("rename_role", "x", "pg_x")]), "built-in"),
     (lambda: spec(deltas=[("rename_role", "a", "c"), ("rename_role", "b", "c")]), "two rename operations"),
     (lambda: spec(deltas=[("rename_db", "a", "c"), ("rename_db", "b", "c")]), "two rename operations"),
     (lambda: spec(roles=[("alice", None)], deltas=[("delete_role", "alice")]), "also listed in cluster.roles"),

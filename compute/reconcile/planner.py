@@ -57,7 +57,7 @@ RESERVED_ROLE_NAMES = frozenset({"public", "none"})  # CREATE ROLE rejects these
 PROTECTED_DATABASES = frozenset({"template0", "template1"})
 PG_STAT_STATEMENTS = "pg_stat_statements"
 WEB_ACCESS = "web_access"
-_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_MD5 = re.compile(r"^[0-9a-f]{32}\Z")
 _REDACTED = sql.SQL("[redacted]")
 
 

@@ -1,0 +1,306 @@
+"""All the benchmarks, one table: `python -m bench [--quick] [--skip PARTS] [--json FILE]`.
+
+Parts (in the order they run, quietest first):
+  footprint   PSS of every non-postgres process of a booted tree; the idle monitor's CPU over
+              30 s of the same tree (bench/footprint.py)
+  api         GET /status req/s and p99, p99 while a POST /configure is in flight, monitor CPU
+              with a session idle in transaction (bench/api.py; skipped with a note if missing)
+  startup     compute-ctl exec -> running vs the same work by hand, same run (bench/startup.py)
+  reconcile   1,000 roles + 100 databases: first apply and no-op re-apply (bench/reconcile.py)
+  basebackup  throughput and peak RSS of the streamed basebackup over loopback vs `cat | tar -x`,
+              at two archive sizes (bench/basebackup.py)
+
+Figures are medians over the runs of each part. --quick uses fewer runs, shorter load and
+smaller archives (it still measures the goals' sizes where that is cheap). Needs root, the
+installed tree (scripts/install.sh) and PostgreSQL 15, like the parts it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+
+PARTS = ("footprint", "api", "startup", "reconcile", "basebackup")
+MIB = 1 << 20
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+def machine() -> dict:
+    model, physical = "?", set()
+    with open("/proc/cpuinfo") as f:
+        for block in f.read().split("\n\n"):
+            fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in block.splitlines()))
+            model = fields.get("model name", model)
+            if "physical id" in fields and "core id" in fields:
+                physical.add((fields["physical id"], fields["core id"]))
+    with open("/proc/meminfo") as f:
+        mem_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("systemd-detect-virt") else ""
+    return {"cpu": model, "cpus": os.cpu_count(), "physical_cores": len(physical) or None,
+            "memory_gib": round(mem_kib / 2**20, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "virtualization": virt or None,
+            "loadavg_start": round(os.getloadavg()[0], 2)}
+
+
+# -- the parts ----------------------------------------------------------------------------------------
+
+def run_footprint(quick: bool) -> dict:
+    from bench.footprint import measure
+    return measure(settle=3.0, monitor_seconds=10.0 if quick else 30.0)
+
+
+def run_api(quick: bool) -> dict:
+    try:
+        import bench.api as api
+    except Exception as e:  # noqa: BLE001 - being written by someone else; note why and go on
+        return {"skipped": f"bench.api not importable: {type(e).__name__}: {e}"}
+    argv = ["--json", "--seconds", "5" if quick else "10", "--monitor-seconds", "10" if quick else "30"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        api.main(argv)
+    return json.loads(out.getvalue())
+
+
+def run_startup(quick: bool) -> dict:
+    from bench.startup import run_baseline, run_compute
+    from compute.pgconf import render_postgresql_conf
+    from compute.spec import parse_spec
+    from tests.peers.pageserver import make_basebackup_tar
+    from tests.peers.sync_safekeepers import write_fake_postgres
+    from tests.support.pgcluster import scratch_dir
+    from tests.support.tree import Compute
+
+    runs = 3 if quick else 7
+    tar_dir, bin_dir = scratch_dir("cs-bench-"), scratch_dir("cs-bench-bin-")
+    try:
+        tar = make_basebackup_tar(os.path.join(tar_dir, "basebackup.tar"))
+        fake_pg = write_fake_postgres(bin_dir)
+        probe = Compute()
+        spec = parse_spec(probe.new_spec())
+        probe.close()
+        compute, base = [], []
+        for i in range(runs):  # interleaved, so both see the same machine weather
+            compute.append(run_compute(tar))
+            port = 20000 + os.getpid() % 10000 + i
+            settings = [o if o.name != "port" else type(o)("port", str(port), "integer")
+                        for o in spec.cluster.settings if o.name != "unix_socket_directories"]
+            conf = render_postgresql_conf(settings) + "unix_socket_directories = '/tmp'\n"
+            base.append(run_baseline(tar, json.dumps({"port": port, "conf": conf}), fake_pg))
+        archive_mib = os.path.getsize(tar) / MIB
+    finally:
+        shutil.rmtree(tar_dir, ignore_errors=True)
+        shutil.rmtree(bin_dir, ignore_errors=True)
+
+    def med(rs, k):
+        return round(statistics.median(r[k] for r in rs), 1)
+
+    keys = ("wall_to_running_ms", "total_startup_ms", "sync_safekeepers_ms", "basebackup_ms",
+            "start_postgres_ms", "config_ms", "stop_ms")
+    return {"runs": runs, "archive_mib": round(archive_mib, 1),
+            "compute": {k: med(compute, k) for k in keys}, "baseline": {k: med(base, k) for k in keys},
+            "compute_wall_all": [round(r["wall_to_running_ms"]) for r in compute],
+            "baseline_all": [round(r["total_startup_ms"]) for r in base]}
+
+
+def run_reconcile(quick: bool) -> dict:
+    from bench.reconcile import run
+    runs = 1 if quick else 3
+    results = [run(1000) for _ in range(runs)]
+    return {"runs": runs, "roles": 1000, "databases": 100,
+            "first_s": round(statistics.median(r[0] for r in results), 2),
+            "noop_s": round(statistics.median(r[1] for r in results), 3),
+            "first_all": [round(r[0], 2) for r in results], "noop_all": [round(r[1], 3) for r in results],
+            "statements": results[0][2], "noop_connections": results[0][3]}
+
+
+def run_basebackup(quick: bool) -> dict:
+    from bench.basebackup import _fresh, _measure, build_tar
+    from tests.peers.pageserver import PageserverPeer
+    sizes = (64, 256) if quick else (64, 1024)
+    repeat = 2 if quick else 3
+    out = {"repeat": repeat, "sizes": {}}
+    work = tempfile.mkdtemp(prefix="bench-bb-", dir=tempfile.gettempdir())
+    try:
+        for size_mib in sizes:
+            tar_path = os.path.join(work, "basebackup.tar")
+            size = build_tar(tar_path, size_mib)
+            dest = os.path.join(work, "x")
+            ours, base = [], []
+            with PageserverPeer(tar_path, chunk_size=64 * 1024) as peer:
+                for i in range(repeat):
+                    runs = [("ours", [sys.executable, "-m", "bench.basebackup", "--client", peer.connstr]),
+                            ("base", ["sh", "-c", 'cat "$1" | tar -x -C "$2"', "sh", tar_path])]
+                    for kind, cmd in runs[::1 if i % 2 == 0 else -1]:  # alternate who goes first
+                        r = _measure([*cmd, _fresh(dest)])
+                        if kind == "ours" and int(r["out"]) != size:
+                            raise RuntimeError("basebackup byte count mismatch")
+                        (ours if kind == "ours" else base).append(r)
+            idle = _measure([sys.executable, "-c", "import compute.storage"])
+            mib = size / MIB
+            o_s = statistics.median(r["seconds"] for r in ours)
+            b_s = statistics.median(r["seconds"] for r in base)
+            out["sizes"][str(size_mib)] = {
+                "archive_mib": round(mib), "ours_s": round(o_s, 2), "tar_s": round(b_s, 2),
+                "ours_mib_s": round(mib / o_s), "tar_mib_s": round(mib / b_s), "ratio": round(b_s / o_s, 2),
+                "ours_all_s": [round(r["seconds"], 2) for r in ours], "tar_all_s": [round(r["seconds"], 2) for r in base],
+                "ours_peak_rss_mib": round(max(r["maxrss_kib"] for r in ours) / 1024, 1),
+                "tar_peak_rss_mib": round(max(r["maxrss_kib"] for r in base) / 1024, 1),
+                "interpreter_rss_mib": round(idle["maxrss_kib"] / 1024, 1),
+                "interpreter_start_s": round(idle["seconds"], 2)}
+            os.unlink(tar_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+RUNNERS = {"footprint": run_footprint, "api": run_api, "startup": run_startup,
+           "reconcile": run_reconcile, "basebackup": run_basebackup}
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+def rows(r: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, goal, verdict)."""
+    out = []
+
+    def row(name, value, goal="", ok=None):
+        out.append((name, value, goal, "" if ok is None else ("ok" if ok else "MISSED")))
+
+    def skipped(part, why):
+        row(part, f"skipped: {why}")
+
+    s = r.get("startup")
+    if s and "error" not in s:
+        c, b = s["compute"], s["baseline"]
+        ratio = c["wall_to_running_ms"] / b["total_startup_ms"]
+        row("startup: exec -> running", f"{c['wall_to_running_ms']:.0f} ms vs {b['total_startup_ms']:.0f} ms by hand "
+            f"= {ratio:.2f}x", "<= 1.3x", ratio <= 1.3)
+        row("  phases (ours / by hand)",
+            f"sync {c['sync_safekeepers_ms']:.0f}/{b['sync_safekeepers_ms']:.0f}, basebackup "
+            f"{c['basebackup_ms']:.0f}/{b['basebackup_ms']:.0f}, postgres {c['start_postgres_ms']:.0f}/"
+            f"{b['start_postgres_ms']:.0f}, SQL {c['config_ms']:.0f}/{b['config_ms']:.0f} ms")
+        row("  SIGTERM -> exit 0", f"{c['stop_ms']:.0f} ms")
+    elif s:
+        skipped("startup", s["error"])
+
+    a = r.get("api")
+    if a and "skipped" in a:
+        skipped("api", a["skipped"])
+    elif a and "error" not in a:
+        st, d = a["status"], a["status_during_configure"]
+        row("API GET /status", f"{st['rps']:.0f} req/s ({a.get('load_generator')}, 64 conns)", ">= 3000",
+            st["rps"] >= 3000)
+        row("API GET /status p99", f"{st['p99_ms']:.1f} ms (p50 {st['p50_ms']:.1f})", "<= 20 ms", st["p99_ms"] <= 20)
+        row("API p99 during /configure", f"{d['p99_ms']:.1f} ms ({d['rps']:.0f} req/s)", "<= 50 ms",
+            d["p99_ms"] <= 50)
+        m = a.get("monitor")
+        if m:
+            row("monitor CPU, session idle in txn", f"{m['cpu_pct']:.2f} % (writes every tick)", "< 1 %",
+                m["cpu_pct"] < 1)
+    elif a:
+        skipped("api", a["error"])
+
+    f = r.get("footprint")
+    if f and "error" not in f:
+        m = f.get("monitor_cpu")
+        if m:
+            row("monitor CPU, idle compute", f"{m['pct']:.2f} % over {m['wall_s']:.0f} s", "< 1 %", m["pct"] < 1)
+        top = sorted(f["processes"], key=lambda p: -p["pss_kib"])
+        row("footprint (PSS, non-postgres)", f"{f['total_pss_mib']:.1f} MiB in {len(top)} processes", "<= 80 MiB",
+            f["total_pss_mib"] <= 80)
+        row("  per process (MiB)", ", ".join(f"{p['role']} {p['pss_kib'] / 1024:.1f}" for p in top))
+    elif f:
+        skipped("footprint", f["error"])
+
+    rc = r.get("reconcile")
+    if rc and "error" not in rc:
+        row("reconcile 1000 roles/100 dbs, first", f"{rc['first_s']:.2f} s ({rc['statements']} statements)",
+            "<= 10 s", rc["first_s"] <= 10)
+        row("reconcile 1000/100, no-op", f"{rc['noop_s']:.3f} s", "<= 1 s", rc["noop_s"] <= 1)
+    elif rc:
+        skipped("reconcile", rc["error"])
+
+    bb = r.get("basebackup")
+    if bb and "error" not in bb:
+        for size, x in bb["sizes"].items():
+            row(f"basebackup {x['archive_mib']} MiB", f"{x['ours_mib_s']} MiB/s vs tar {x['tar_mib_s']} MiB/s "
+                f"= {x['ratio']:.2f}x", ">= 0.8x", x["ratio"] >= 0.8)
+        worst = max(x["ours_peak_rss_mib"] for x in bb["sizes"].values())
+        row("basebackup peak RSS", " / ".join(f"{x['ours_peak_rss_mib']} MiB at {x['archive_mib']} MiB"
+                                             for x in bb["sizes"].values()), "<= 64 MiB", worst <= 64)
+    elif bb:
+        skipped("basebackup", bb["error"])
+    return out
+
+
+def print_table(r: dict) -> None:
+    m = r["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cpus']} CPUs ({m['physical_cores']} physical cores), {m['memory_gib']} GiB, "
+          f"kernel {m['kernel']}, python {m['python']}" + (f", {m['virtualization']}" if m["virtualization"] else "")
+          + f"; load average {m['loadavg_start']} at start, {r['loadavg_end']} at end; "
+            f"{'quick' if r['quick'] else 'full'} run, {r['elapsed_s']:.0f} s")
+    table = rows(r)
+    wv = 64  # long values wrap onto continuation lines
+    w0 = max(len(t[0]) for t in table)
+    w2 = max(len(t[2]) for t in table)
+    print(f"{'figure':<{w0}}  {'measured':<{wv}}  {'goal':<{w2}}  verdict")
+    print("-" * (w0 + wv + w2 + 13))
+    for name, value, goal, verdict in table:
+        lines = textwrap.wrap(value, wv, subsequent_indent="  ") or [""]
+        print(f"{name:<{w0}}  {lines[0]:<{wv}}  {goal:<{w2}}  {verdict}")
+        for more in lines[1:]:
+            print(f"{'':<{w0}}  {more}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer runs, shorter loads, smaller archives")
+    ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
+    ap.add_argument("--json", metavar="FILE", help="also write every raw figure to FILE")
+    args = ap.parse_args(argv)
+    skip = {p for p in args.skip.split(",") if p}
+    only = {p for p in args.only.split(",") if p} or set(PARTS)
+    unknown = (skip | only) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
+
+    results: dict = {"machine": machine(), "quick": args.quick}
+    t0 = time.monotonic()
+    for part in PARTS:
+        if part in skip or part not in only:
+            continue
+        print(f"bench: {part} ...", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        try:
+            results[part] = RUNNERS[part](args.quick)
+        except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
+            traceback.print_exc()
+            results[part] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"bench: {part} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    results["elapsed_s"] = time.monotonic() - t0
+    results["loadavg_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
