@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import time
 
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar

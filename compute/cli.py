@@ -24,7 +24,7 @@ from . import __version__
 from .logrelay import FIFO_NAME
 from .logs import setup_bootstrap_logging
 from .procutil import become_subreaper
-from .spec import SpecError, load_spec_file, parse_spec_text
+from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
 from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
 from .users import effective_user
@@ -128,20 +128,14 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
         raise UsageError("give exactly one spec source: -s JSON, -S FILE, or -i ID with -p URI")
     superuser = superuser_of(args.connstr)
     raw = None
-    if args.spec is not None:
-        spec = parse_spec_text(args.spec, superuser=superuser)
-        raw = __import__("json").loads(args.spec)
-    elif args.spec_path is not None:
-        spec = load_spec_file(args.spec_path, superuser=superuser)
-        with open(args.spec_path, "rb") as f:
-            raw = __import__("json").loads(f.read())
-    else:
-        spec = None
+    if not pull:
+        text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
+        raw = decode_spec_text(text)
+        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
-    del spec  # validated; the driver parses it again from the state file
     return raw, superuser
 
 

@@ -120,6 +120,11 @@ class ComputeSpec:
 # -- entry points -------------------------------------------------------------------------
 
 def parse_spec_text(text: str | bytes, *, superuser: str | None = None) -> ComputeSpec:
+    return parse_spec(decode_spec_text(text), superuser=superuser)
+
+
+def decode_spec_text(text: str | bytes) -> Any:
+    """The decoded JSON document (not validated yet), or a SpecError."""
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError("<document>", f"larger than {MAX_SPEC_BYTES} bytes")
     if isinstance(text, (bytes, bytearray)):
@@ -128,19 +133,21 @@ def parse_spec_text(text: str | bytes, *, superuser: str | None = None) -> Compu
         except UnicodeDecodeError as e:
             raise SpecError("<document>", f"not valid UTF-8 ({e})") from None
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise SpecError("<document>", f"not valid JSON ({e})") from None
-    return parse_spec(obj, superuser=superuser)
+
+
+def read_spec_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError("<file>", f"cannot read {path}: {e.strerror}") from None
 
 
 def load_spec_file(path: str, *, superuser: str | None = None) -> ComputeSpec:
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as e:
-        raise SpecError("<file>", f"cannot read {path}: {e.strerror}") from None
-    return parse_spec_text(text, superuser=superuser)
+    return parse_spec_text(read_spec_file(path), superuser=superuser)
 
 
 def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:

@@ -1,8 +1,17 @@
-"""Talking to supervisord: the XML-RPC client over its unix control socket."""
+"""Talking to supervisord: the XML-RPC client over its unix control socket, rendering its
+config, and shutting the tree down."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
+import shlex
+import socket
+import string
+import sys
+import sysconfig
+import time
 import xmlrpc.client
 
 from supervisor.xmlrpc import SupervisorTransport
@@ -15,21 +24,38 @@ def socket_path(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, SOCKET_NAME)
 
 
-def rpc(runtime_dir: str) -> xmlrpc.client.ServerProxy:
-    """A proxy on supervisord's XML-RPC interface (`.supervisor.getProcessInfo(...)` etc.)."""
-    transport = SupervisorTransport(None, None, f"unix://{socket_path(runtime_dir)}")
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def rpc(runtime_dir: str, timeout: float | None = None) -> xmlrpc.client.ServerProxy:
+    """A proxy on supervisord's XML-RPC interface (`.supervisor.getProcessInfo(...)` etc.).
+    With `timeout`, each call gives up after that many seconds: a wedged supervisord must not
+    wedge an API request thread."""
+    path = socket_path(runtime_dir)
+    transport = SupervisorTransport(None, None, f"unix://{path}")
+    if timeout is not None:
+        transport._get_connection = lambda: _UnixConnection(path, timeout)  # noqa: SLF001
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
 
 # -- rendering supervisord.conf -------------------------------------------------------------
 
-import string  # noqa: E402  (kept next to the code that uses it)
-import sys  # noqa: E402
-import sysconfig  # noqa: E402
-
 TEMPLATE = "supervisord.conf.tmpl"
 VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
-_SAFE_ENV_VALUE = __import__("re").compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
+_SAFE_ENV_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
 
 
 def template_dir() -> str:
@@ -55,7 +81,6 @@ def _conf_value(value: str) -> str:
 
 
 def _command_arg(value: str) -> str:
-    import shlex
     return _conf_value(shlex.quote(value))
 
 
@@ -98,7 +123,6 @@ def shutdown_tree(runtime_dir: str, timeout: float = 20.0) -> None:
     supervisord stops one priority group per turn of its main loop, and a turn without I/O
     waits 1 s in poll(); with seven programs that is seconds of idling. Every request on the
     control socket ends the wait early, so we keep asking for its state until it is gone."""
-    import time
     deadline = time.monotonic() + timeout
     try:
         rpc(runtime_dir).supervisor.shutdown()

@@ -24,7 +24,7 @@ from compute.api.app import create_app
 from compute.api.context import ApiContext, parse_rfc3339, rfc3339
 from compute.api.errors import MAX_BODY_BYTES
 from compute.api.status import physical_cores
-from compute.api.supervisor_client import rpc
+from compute.supervision import rpc
 from compute.api.writability import WRITABILITY_QUERY
 from compute.state import StateStore, state_path
 from tests.support.api_helpers import (TENANT, TIMELINE, fake_driver, gunicorn, gunicorn_state, jwks_keys,

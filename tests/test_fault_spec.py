@@ -17,7 +17,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 
 import tempfile

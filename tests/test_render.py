@@ -1,7 +1,6 @@
 """postgresql.conf / pg_hba.conf / supervisord.conf rendering (pure)."""
 
 import configparser
-import os
 
 import pytest
 

@@ -20,7 +20,7 @@ import falcon
 
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body
-from compute.api.supervisor_client import rpc
+from compute.supervision import rpc
 from compute.spec import SpecError, parse_spec
 
 log = logging.getLogger("compute.api.configure")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import falcon
 
 from compute.api.context import ApiContext
-from compute.api.supervisor_client import rpc
+from compute.supervision import rpc
 from compute.state import STATUSES
 
 log = logging.getLogger("compute.api.prometheus")

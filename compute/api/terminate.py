@@ -13,7 +13,7 @@ import falcon
 
 from compute.api.context import ApiContext
 from compute.api.errors import json_body
-from compute.api.supervisor_client import rpc
+from compute.supervision import rpc
 
 log = logging.getLogger("compute.api.terminate")
 

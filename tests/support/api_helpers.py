@@ -239,7 +239,7 @@ def supervisord(runtime_dir: str) -> Iterator[str]:
     `lifecycle` (appends a line to <runtime_dir>/usr1.log on every SIGUSR1). Yields the path
     of that log."""
     from compute.supervision import socket_path
-    from compute.api.supervisor_client import rpc
+    from compute.supervision import rpc
 
     recorder = os.path.join(runtime_dir, "usr1_recorder.py")
     usr1_log = os.path.join(runtime_dir, "usr1.log")
