@@ -23,7 +23,7 @@ import time
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
-from tests.support.tree import Compute
+from tests.support.tree import Compute, with_neon_storage
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 TOKEN = "bench-token"
@@ -40,15 +40,7 @@ ALTER SCHEMA public OWNER TO app;
 
 
 def spec_for(c: Compute, ps: PageserverPeer) -> dict:
-    spec = c.new_spec()
-    spec["storage_auth_token"] = TOKEN
-    spec["cluster"]["settings"] += [
-        {"name": "neon.pageserver_connstring", "value": ps.connstr, "vartype": "string"},
-        {"name": "neon.tenant_id", "value": TENANT, "vartype": "string"},
-        {"name": "neon.timeline_id", "value": TIMELINE, "vartype": "string"},
-        {"name": "neon.safekeepers", "value": "127.0.0.1:5454", "vartype": "string"},
-    ]
-    return spec
+    return with_neon_storage(c.new_spec(), ps.connstr, TENANT, TIMELINE, "127.0.0.1:5454", TOKEN)
 
 
 def run_compute(tar: str) -> dict[str, float]:

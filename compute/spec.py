@@ -372,13 +372,3 @@ def _unique(names: Iterable[str], path: str, what: str) -> None:
         if n in seen:
             raise SpecError(path, f"{what} {n!r} is listed twice")
         seen.add(n)
-
-
-def redacted(obj: Any) -> Any:
-    """A copy of a decoded spec safe to log: passwords and tokens replaced."""
-    if isinstance(obj, dict):
-        return {k: ("[redacted]" if k in ("encrypted_password", "storage_auth_token") and v is not None
-                    else redacted(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redacted(v) for v in obj]
-    return obj

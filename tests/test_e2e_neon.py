@@ -12,7 +12,7 @@ from psycopg import sql
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import DEFAULT_LSN, write_fake_postgres
 from tests.support.pgcluster import scratch_dir
-from tests.support.tree import Compute
+from tests.support.tree import Compute, with_neon_storage
 
 pytestmark = pytest.mark.e2e
 
@@ -33,14 +33,8 @@ def basebackup_tar():
 
 
 def neon_spec(c: Compute, ps: PageserverPeer) -> dict:
-    spec = c.new_spec(**{"test.quoted": QUOTED_SETTING})
-    spec["storage_auth_token"] = TOKEN
-    spec["cluster"]["settings"] += [
-        {"name": "neon.pageserver_connstring", "value": ps.connstr, "vartype": "string"},
-        {"name": "neon.tenant_id", "value": TENANT, "vartype": "string"},
-        {"name": "neon.timeline_id", "value": TIMELINE, "vartype": "string"},
-        {"name": "neon.safekeepers", "value": "127.0.0.1:5454,127.0.0.1:5455", "vartype": "string"},
-    ]
+    spec = with_neon_storage(c.new_spec(**{"test.quoted": QUOTED_SETTING}), ps.connstr, TENANT, TIMELINE,
+                             "127.0.0.1:5454,127.0.0.1:5455", TOKEN)
     spec["cluster"]["roles"] = [{"name": n, "encrypted_password": md5_hash(n, f"pw-{i}"), "options": None}
                                 for i, n in enumerate(HOSTILE)]
     spec["cluster"]["databases"] = [{"name": f"db {n}", "owner": n, "options": None} for n in HOSTILE[:-1]]

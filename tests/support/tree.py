@@ -42,6 +42,20 @@ def base_spec(pg_port: int, sockdir: str, **extra_settings: str) -> dict:
     }
 
 
+def with_neon_storage(spec: dict, pageserver_connstr: str, tenant: str, timeline: str,
+                      safekeepers: str, token: str | None) -> dict:
+    """`spec` pointed at a pageserver through the `neon.*` settings (the original spec format)."""
+    if token is not None:
+        spec["storage_auth_token"] = token
+    spec["cluster"]["settings"] += [
+        {"name": "neon.pageserver_connstring", "value": pageserver_connstr, "vartype": "string"},
+        {"name": "neon.tenant_id", "value": tenant, "vartype": "string"},
+        {"name": "neon.timeline_id", "value": timeline, "vartype": "string"},
+        {"name": "neon.safekeepers", "value": safekeepers, "vartype": "string"},
+    ]
+    return spec
+
+
 @dataclass
 class Compute:
     spec: dict | None = None
