@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import __version__
 from .logrelay import FIFO_NAME
 from .logs import setup_bootstrap_logging
+from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
 from .procutil import become_subreaper
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when started as root, run everything as this unprivileged user (default postgres)")
     p.add_argument("--vm-informant", default=DEFAULT_VM_INFORMANT,
                    help=f"vm-informant binary, supervised when it exists (default {DEFAULT_VM_INFORMANT})")
+    p.add_argument("--postgres-exporter", default=None,
+                   help="postgres metrics exporter binary (Debian's prometheus-postgres-exporter), "
+                        "supervised when given; connects as the superuser, no password")
+    p.add_argument("--postgres-exporter-port", type=int, default=POSTGRES_EXPORTER_PORT,
+                   help=f"port of the exporter's /metrics, all interfaces (default {POSTGRES_EXPORTER_PORT})")
     p.add_argument("--grace-seconds", type=float, default=30.0,
                    help="after a failed start, keep serving the error on /status this long, then exit 1 (default 30)")
     p.add_argument("--monitor-interval", type=float, default=0.5,
@@ -134,6 +140,11 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
         parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
+    if not (0 < args.postgres_exporter_port < 65536) or (
+            args.postgres_exporter and args.postgres_exporter_port == args.http_port):
+        raise UsageError("--postgres-exporter-port must be 1..65535 and differ from --http-port")
+    if args.postgres_exporter and not os.access(args.postgres_exporter, os.X_OK):
+        raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: not an executable")
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
     return raw, superuser
@@ -287,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "grace_seconds": args.grace_seconds, "monitor_interval": args.monitor_interval,
         "jwks_path": os.path.abspath(args.jwks) if args.jwks else None, "log_format": args.log_format,
         "vm_informant": vm_informant,
+        "postgres_exporter": os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
+        "postgres_exporter_port": args.postgres_exporter_port,
     }
     try:
         prepare_dirs(runtime_dir, pgdata, user)
@@ -298,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         conf = render_supervisord_conf(
             runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
             auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
-            informant_connstr=informant_connstr)
+            informant_connstr=informant_connstr,
+            postgres_exporter=launch["postgres_exporter"], postgres_exporter_port=args.postgres_exporter_port,
+            exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "")
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
             with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:

@@ -1,12 +1,18 @@
 """Pulling the spec from the control plane (pull mode: `-i <compute id> -p <control plane URI>`).
 
     GET {uri}/management/api/v2/computes/{compute_id}/spec
-    Authorization: <NEON_CONSOLE_JWT, verbatim, as the original sends it>
+    Authorization: <the token, verbatim, as the original sends it>
     -> {"spec": {...}}  or  {"spec": null}  (null: start empty and wait for POST /configure)
+    -> {"status": "attached", "spec": {...}}  or  {"status": "empty", ...}   (compute_ctl, 2023)
 
-Network errors, 5xx and 429 answers are retried with exponential backoff; any other non-200
-answer, or a body that is not such an object, raises ControlPlaneError. The JWT never appears in
-an error message or a log line. Redirects are not followed (they would carry the JWT elsewhere).
+The token comes from NEON_CONTROL_PLANE_TOKEN (compute_ctl from April 2023 on) or, failing that,
+NEON_CONSOLE_JWT (before). With a `status`, "empty" means no spec yet whatever `spec` holds, and
+"attached" with no spec is an error; without one, `spec` alone decides (as before).
+
+Network errors, 502 and 503 are retried with exponential backoff (as the original: those are
+the control plane's passing faults); any other non-200 answer, or a body that is not such an
+object, raises ControlPlaneError. The token never appears in an error message or a log line.
+Redirects are not followed (they would carry the token elsewhere).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
 import time
 import urllib.error
@@ -29,6 +36,20 @@ USER_AGENT = "compute-ctl (compute-supervisor)"
 
 class ControlPlaneError(Exception):
     """The control plane refused the request, answered nonsense, or stayed unreachable."""
+
+
+# Newest name first: compute_ctl read NEON_CONSOLE_JWT until April 2023, then NEON_CONTROL_PLANE_TOKEN.
+TOKEN_ENV_NAMES = ("NEON_CONTROL_PLANE_TOKEN", "NEON_CONSOLE_JWT")
+RETRIED_STATUSES = frozenset({502, 503})
+
+
+def control_plane_token(environ=None) -> str | None:
+    """The token to send as `Authorization`, from the first of TOKEN_ENV_NAMES that is set."""
+    environ = os.environ if environ is None else environ
+    for name in TOKEN_ENV_NAMES:
+        if environ.get(name):
+            return environ[name]
+    return None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -67,7 +88,7 @@ def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, atte
         else:
             if status == 200:
                 return _parse(body, url, jwt)
-            if status >= 500 or status == 429:
+            if status in RETRIED_STATUSES:
                 last = f"HTTP {status}{_excerpt(body, jwt)}"
             else:
                 raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
@@ -114,12 +135,31 @@ def _parse(body: bytes, url: str, jwt: str | None) -> dict | None:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ControlPlaneError(f"malformed answer from GET {url}: not JSON{_excerpt(body, jwt)}") from None
-    if not isinstance(obj, dict) or "spec" not in obj:
-        raise ControlPlaneError(f"malformed answer from GET {url}: expected an object with a \"spec\" key")
-    spec = obj["spec"]
+    try:
+        return spec_of_answer(obj)
+    except ValueError as e:
+        raise ControlPlaneError(f"malformed answer from GET {url}: {e}") from None
+
+
+def spec_of_answer(obj: Any) -> dict | None:
+    """The spec in a decoded answer (None: the compute has none yet); ValueError if malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError("expected an object with a \"spec\" key")
+    spec = obj.get("spec")
     if spec is not None and not isinstance(spec, dict):
-        raise ControlPlaneError(f"malformed answer from GET {url}: \"spec\" is neither an object nor null")
-    return spec
+        raise ValueError("\"spec\" is neither an object nor null")
+    if "status" not in obj:  # the older answer: the spec alone decides
+        if "spec" not in obj:
+            raise ValueError("expected an object with a \"spec\" key")
+        return spec
+    status = obj["status"]
+    if status == "empty":
+        return None
+    if status == "attached":
+        if spec is None:
+            raise ValueError("compute is attached, but its spec is empty")
+        return spec
+    raise ValueError(f"unknown compute status {str(status)[:40]!r} (expected \"empty\" or \"attached\")")
 
 
 def _scrub(text: str, jwt: str | None) -> str:

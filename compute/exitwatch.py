@@ -4,7 +4,8 @@
   each), record postgres' exit code as the tree's, then ask supervisord to shut down.
   (supervisord itself always exits 0; compute-ctl exits with the recorded code.)
 - any other program EXITED: counted in `program_restarts` (served by /metrics).
-- vm-informant EXITED: started again about 5 s later (supervisord would restart it at once).
+- vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
+  restart it at once).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .supervision import rpc, shutdown_tree
 log = logging.getLogger("compute.exitwatch")
 
 VM_INFORMANT = "vm-informant"
+POSTGRES_EXPORTER = "postgres-exporter"
+RESTARTED_LATER = (VM_INFORMANT, POSTGRES_EXPORTER)  # companions: never in a tight restart loop
 INFORMANT_RESTART_DELAY = 5.0
 SHUTDOWN_STATE = 6  # supervisor.xmlrpc.Faults.SHUTDOWN_STATE
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
@@ -63,7 +66,7 @@ class ExitWatch:
             self.postgres_ended(eventname)
         elif eventname == "PROCESS_STATE_EXITED":
             self.count_exit(name)
-            if name == VM_INFORMANT:
+            if name in RESTARTED_LATER:
                 self.restart_later(name)
 
     def postgres_ended(self, eventname: str) -> None:
@@ -116,9 +119,10 @@ class ExitWatch:
         if pg and pg["statename"] in ("EXITED", "FATAL") or (
                 pg and pg["statename"] == "STOPPED" and self.store.get("postgres_started")):
             self.postgres_ended("recovered")
-        informant = infos.get(VM_INFORMANT)
-        if informant and informant["statename"] in ("EXITED", "FATAL", "BACKOFF"):
-            self.restart_later(VM_INFORMANT)
+        for name in RESTARTED_LATER:
+            info = infos.get(name)
+            if info and info["statename"] in ("EXITED", "FATAL", "BACKOFF"):
+                self.restart_later(name)
 
 
 def main() -> None:

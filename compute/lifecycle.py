@@ -117,8 +117,8 @@ class Driver:
     # -- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
         t_start = time.monotonic()
-        started_at = self.store.get("start_time") or time.time()
         spec = self.wait_for_spec()
+        started_at = self.store.get("start_time") or time.time()
         if self.postgres_state() in ("RUNNING", "STARTING"):
             log.info("postgres is already running (driver restarted): applying the spec again")
         else:
@@ -139,9 +139,9 @@ class Driver:
         raw = self.store.get("spec")
         t0 = time.monotonic()
         if raw is None and self.launch.get("control_plane_uri"):
-            from .control_plane import fetch_spec
+            from .control_plane import control_plane_token, fetch_spec
             raw = fetch_spec(self.launch["control_plane_uri"], self.launch["compute_id"],
-                             os.environ.get("NEON_CONSOLE_JWT") or self.launch.get("console_jwt"))
+                             control_plane_token() or self.launch.get("console_jwt"))
             if raw is not None:
                 parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
                 self.store.set(spec=raw, spec_generation=1)
@@ -152,6 +152,9 @@ class Driver:
                 self.wake.wait(POLL)
                 self.wake.clear()
             raw = self.store.get("spec")
+            # Neon's rule: the start of an `empty` compute is when its spec arrives, so
+            # total_startup_ms (and /status start_time) do not count the wait.
+            self.store.set(start_time=time.time())
         self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
         spec = parse_spec(raw, superuser=self.superuser)
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
@@ -219,6 +222,9 @@ class Driver:
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
     def apply(self, spec: ComputeSpec) -> None:
+        if spec.skip_pg_catalog_updates:
+            log.info("skip_pg_catalog_updates: roles, databases and grants left as they are")
+            return
         from .reconcile import apply_spec
         apply_spec(self.launch["connstr"], spec, superuser=self.superuser)
 

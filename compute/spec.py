@@ -101,6 +101,9 @@ class ComputeSpec:
     storage: NeonStorage | None = None
     mode: str = "Primary"  # Primary | Static | Replica
     static_lsn: str | None = None
+    # Neon's switch for computes whose roles and databases are known to be in place: no
+    # role/database/grant SQL at start or on reconfigure (that step was the p90 of start-up).
+    skip_pg_catalog_updates: bool = False
 
     def setting(self, name: str) -> str | None:
         for opt in self.cluster.settings:
@@ -188,6 +191,7 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         storage_auth_token=token,
         mode=mode,
         static_lsn=static_lsn,
+        skip_pg_catalog_updates=bool(o.opt("skip_pg_catalog_updates", bool)),
     )
     storage = _storage(o, spec)
     return dataclasses.replace(spec, storage=storage)

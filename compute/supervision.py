@@ -55,7 +55,9 @@ def rpc(runtime_dir: str, timeout: float | None = None) -> xmlrpc.client.ServerP
 
 TEMPLATE = "supervisord.conf.tmpl"
 VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
+POSTGRES_EXPORTER_TEMPLATE = "postgres-exporter.section.tmpl"
 _SAFE_ENV_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
+_SAFE_URL_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:@?&%-]+\Z")
 
 
 def template_dir() -> str:
@@ -86,7 +88,9 @@ def _command_arg(value: str) -> str:
 
 def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python: str,
                             auth_token: str | None, vm_informant: str | None,
-                            informant_connstr: str, postgres_stop_seconds: int = 8) -> str:
+                            informant_connstr: str, postgres_stop_seconds: int = 8,
+                            postgres_exporter: str | None = None, postgres_exporter_port: int = 9187,
+                            exporter_dsn: str = "") -> str:
     tdir = template_dir()
     logs = os.path.join(runtime_dir, "logs")
     env = ""
@@ -105,14 +109,31 @@ def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python
         "postgres_stop_seconds": str(int(postgres_stop_seconds)),
         "postgres_environment": env,
         "vm_informant_section": "",
+        "postgres_exporter_section": "",
     }
     if vm_informant:
         with open(os.path.join(tdir, VM_INFORMANT_TEMPLATE)) as f:
             values["vm_informant_section"] = string.Template(f.read()).substitute(
                 values, vm_informant=_command_arg(vm_informant),
                 informant_connstr=_command_arg(informant_connstr))
+    if postgres_exporter:
+        with open(os.path.join(tdir, POSTGRES_EXPORTER_TEMPLATE)) as f:
+            values["postgres_exporter_section"] = string.Template(f.read()).substitute(
+                values, postgres_exporter=_command_arg(postgres_exporter),
+                postgres_exporter_port=str(int(postgres_exporter_port)),
+                exporter_dsn=_env_value(exporter_dsn))
     with open(os.path.join(tdir, TEMPLATE)) as f:
         return string.Template(f.read()).substitute(values)
+
+
+def _env_value(value: str) -> str:
+    """A value for a double-quoted `environment=` entry. supervisord's parser (non-posix shlex)
+    ends the value at the next `"` and strips quote characters from both ends, so only a
+    value made of URL-safe characters goes through unchanged."""
+    if not _SAFE_URL_VALUE.match(value):
+        raise ValueError("a value with characters other than URL-safe ones cannot be passed in "
+                         "supervisord's environment")
+    return _conf_value(value)
 
 
 # -- shutting the tree down -----------------------------------------------------------------

@@ -8,7 +8,9 @@ Knobs (attributes, changeable while running): `spec` (a dict, or None for `{"spe
 `compute_id` (None: any id), `fail_first` (answer the first N requests with `fail_status`,
 default 503), `drop_first` (close the first N connections without answering), `jwt` (when set,
 other Authorization values get 401), `raw_body` (answer these bytes verbatim with 200),
-`status` (force this status, with `raw_body` or an error object as the body). Requests are recorded in `requests`.
+`status` (force this status, with `raw_body` or an error object as the body), `answer_status`
+(when set, answers carry `"status": <it>` as compute_ctl's 2023 control plane did: "attached",
+"empty"). Requests are recorded in `requests`.
 Also a script: `python -m tests.peers.control_plane --port N [--spec-file F] [--compute-id ID]`.
 """
 
@@ -37,7 +39,7 @@ class ControlPlanePeer:
     def __init__(self, spec: dict | None = None, *, compute_id: str | None = None, fail_first: int = 0,
                  fail_status: int = 503, drop_first: int = 0, jwt: str | None = None,
                  raw_body: bytes | None = None, status: int | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+                 answer_status: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.spec = spec
         self.compute_id = compute_id
         self.fail_first = fail_first
@@ -46,6 +48,7 @@ class ControlPlanePeer:
         self.jwt = jwt
         self.raw_body = raw_body
         self.status = status
+        self.answer_status = answer_status
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -98,7 +101,10 @@ class ControlPlanePeer:
                 return "answer", self.status, self.raw_body or _json({"error": f"status {self.status}"})
             if self.raw_body is not None:
                 return "answer", 200, self.raw_body
-            return "answer", 200, _json({"spec": self.spec})
+            answer = {"spec": self.spec}
+            if self.answer_status is not None:
+                answer["status"] = self.answer_status
+            return "answer", 200, _json(answer)
 
 
 def _json(obj) -> bytes:
@@ -147,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-id")
     ap.add_argument("--jwt")
     ap.add_argument("--fail-first", type=int, default=0)
+    ap.add_argument("--answer-status", choices=("attached", "empty"))
     args = ap.parse_args(argv)
     spec = None
     if args.spec_file:
         with open(args.spec_file) as f:
             spec = json.load(f)
     peer = ControlPlanePeer(spec, compute_id=args.compute_id, jwt=args.jwt, fail_first=args.fail_first,
-                            port=args.port)
+                            answer_status=args.answer_status, port=args.port)
     print(peer.url, flush=True)
     try:
         peer._server.serve_forever()
