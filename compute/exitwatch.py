@@ -30,6 +30,7 @@ VM_INFORMANT = "vm-informant"
 POSTGRES_EXPORTER = "postgres-exporter"
 RESTARTED_LATER = (VM_INFORMANT, POSTGRES_EXPORTER)  # companions: never in a tight restart loop
 INFORMANT_RESTART_DELAY = 5.0
+TERMINATE_ANSWER_WAIT = 60.0
 SHUTDOWN_STATE = 6  # supervisor.xmlrpc.Faults.SHUTDOWN_STATE
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
 
@@ -77,6 +78,8 @@ class ExitWatch:
                 return  # supervisord is already taking the tree down (SIGTERM, /terminate)
             raise
         code = postgres_exit_code(info)
+        if self.store.get("shutdown_requested"):
+            code = 0  # /terminate: a wanted stop (an immediate shutdown exits non-zero)
         if not (self.store.get("startup_done") or self.store.get("shutdown_requested")):
             # A failed start: the driver reports it on /status for the grace period, then exits 1.
             log.warning("postgres exited during start-up (%s, exit status %s)",
@@ -91,7 +94,15 @@ class ExitWatch:
 
     def shutdown(self) -> None:
         # In a thread: the event must be acknowledged, and supervisord stops us too.
-        threading.Thread(target=shutdown_tree, args=(self.runtime_dir,), daemon=True).start()
+        threading.Thread(target=self._shutdown_after_terminate, daemon=True).start()
+
+    def _shutdown_after_terminate(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
+        """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
+        out before the api program is stopped."""
+        deadline = time.monotonic() + timeout
+        while self.store.get("terminate_pending") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shutdown_tree(self.runtime_dir)
 
     def count_exit(self, name: str) -> None:
         restarts = self.store.get("program_restarts") or {}

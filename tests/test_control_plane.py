@@ -137,3 +137,54 @@ def test_bad_uri():
         spec_url("file:///etc/passwd", "c")
     with pytest.raises(ControlPlaneError, match="empty"):
         spec_url("http://x", "")
+
+
+# -- compute_ctl of April 2023: the token's second name, the `status` answer, what is retried --
+
+def test_token_from_either_variable_newest_name_first():
+    from compute.control_plane import control_plane_token
+    assert control_plane_token({"NEON_CONTROL_PLANE_TOKEN": "new", "NEON_CONSOLE_JWT": "old"}) == "new"
+    assert control_plane_token({"NEON_CONSOLE_JWT": "old"}) == "old"
+    assert control_plane_token({"NEON_CONTROL_PLANE_TOKEN": "", "NEON_CONSOLE_JWT": "old"}) == "old"
+    assert control_plane_token({}) is None
+
+
+def test_status_attached_returns_the_spec():
+    with ControlPlanePeer(SPEC, answer_status="attached") as cp:
+        assert fetch_spec(cp.url, "c", JWT) == SPEC
+
+
+def test_status_empty_means_no_spec_whatever_spec_holds():
+    with ControlPlanePeer(SPEC, answer_status="empty") as cp:
+        assert fetch_spec(cp.url, "c", JWT) is None
+    with ControlPlanePeer(raw_body=b'{"status": "empty"}') as cp:
+        assert fetch_spec(cp.url, "c", JWT) is None
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"status": "attached", "spec": null}', "attached, but its spec is empty"),
+    (b'{"status": "attached"}', "attached, but its spec is empty"),
+    (b'{"status": "detached", "spec": {}}', "unknown compute status 'detached'"),
+    (b'{"status": ["x"], "spec": null}', "unknown compute status"),
+    (b'{"status": "attached", "spec": [1]}', "neither an object nor null"),
+])
+def test_bad_status_answers_are_fatal(body, message):
+    with ControlPlanePeer(raw_body=body) as cp:
+        with pytest.raises(ControlPlaneError, match=message):
+            fetch_spec(cp.url, "c", JWT, backoff=0.01)
+        assert len(cp.requests) == 1
+
+
+@pytest.mark.parametrize("status", [502, 503])
+def test_502_and_503_are_retried(status):
+    with ControlPlanePeer(SPEC, fail_first=2, fail_status=status, answer_status="attached") as cp:
+        assert fetch_spec(cp.url, "c", JWT, attempts=3, backoff=0.01) == SPEC
+        assert len(cp.requests) == 3
+
+
+@pytest.mark.parametrize("status", [500, 504, 429, 403])
+def test_other_codes_are_fatal_at_once(status):
+    with ControlPlanePeer(SPEC, fail_first=1, fail_status=status) as cp:
+        with pytest.raises(ControlPlaneError, match=f"refused .*HTTP {status}"):
+            fetch_spec(cp.url, "c", JWT, attempts=3, backoff=0.01)
+        assert len(cp.requests) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import falcon
 
 from compute.api.auth import JwtAuth
+from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
 from compute.api.errors import BodyLimit, serialize_error
@@ -37,5 +38,7 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app.add_route("/terminate", Terminate(ctx))
     app.add_route("/healthz", Healthz(ctx))
     app.add_route("/readyz", Readyz(ctx))
+    app.add_route("/dbs_and_roles", DbsAndRoles(ctx))
+    app.add_route("/database_schema", DatabaseSchema(ctx))
     app.add_route("/openapi.yaml", OpenApiDocument())
     return app

@@ -24,7 +24,9 @@ SELECT coalesce(json_agg(row_to_json(s) ORDER BY s.mean_exec_time + s.mean_plan_
          LIMIT 100) s
 """
 
-NOT_INSTALLED = "pg_stat_statements is not available: the extension is not installed"
+# Without pg_stat_statements (not installed, or not preloaded) the answer is an empty list, as
+# Neon's: clients parse /insights as JSON.
+NO_STATEMENTS = '{"pg_stat_statements": []}'
 
 
 class Insights:
@@ -40,7 +42,9 @@ class Insights:
             with self.ctx.pg_connect() as conn:
                 rows = conn.execute(INSIGHTS_QUERY, (self.ctx.superuser,)).fetchone()[0]
         except (pgerrors.UndefinedTable, pgerrors.UndefinedFunction, pgerrors.ObjectNotInPrerequisiteState) as e:
-            text(resp, f"{NOT_INSTALLED} ({str(e).strip()})")
+            log.info("insights: pg_stat_statements is not available (%s)", str(e).strip())
+            resp.content_type = falcon.MEDIA_JSON
+            resp.text = NO_STATEMENTS
             return
         except psycopg.OperationalError as e:
             json_body(resp, {"error": f"cannot connect to postgres: {str(e).strip()}"}, falcon.HTTP_503)

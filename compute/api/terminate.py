@@ -1,24 +1,34 @@
-"""POST /terminate: stop postgres (fast shutdown) and return once it is down.
+"""POST /terminate[?mode=fast|immediate]: stop postgres and return once it is down, with the
+primary's last LSN: {"terminated": true, "lsn": "0/16B3748" | null} (Neon's answer is the
+`lsn`; `terminated` is kept for our earlier clients).
 
-`shutdown_requested` tells the lead's exit watcher that postgres going away is wanted: it then
-takes the whole tree down with exit status 0.
+fast (default): supervisord stops postgres with SIGINT (fast shutdown, a shutdown checkpoint).
+immediate: SIGQUIT (immediate shutdown: no checkpoint, crash recovery on a next start).
+
+`shutdown_requested` tells the exit watcher that postgres going away is wanted: it then takes
+the whole tree down with exit status 0, once this request has its answer (`terminate_pending`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import xmlrpc.client
 
 import falcon
+import psycopg
 
+from compute import shutdown_lsn, storage
 from compute.api.context import ApiContext
 from compute.api.errors import json_body
+from compute.spec import SpecError, parse_spec
 from compute.supervision import rpc
 
 log = logging.getLogger("compute.api.terminate")
 
 # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want.
 NOT_RUNNING = 70
+IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
 
 
 class Terminate:
@@ -28,18 +38,77 @@ class Terminate:
         self.ctx = ctx
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.ctx.store.set(shutdown_requested=True)
-        log.info("terminate requested: stopping postgres")
+        modes = req.get_param_as_list("mode") or ["fast"]
+        mode = modes[0]
+        if len(modes) != 1 or mode not in shutdown_lsn.MODES:
+            raise falcon.HTTPBadRequest(description=f"mode must be fast or immediate, got {','.join(modes)[:40]!r}")
+        spec = self._spec()
+        source = shutdown_lsn.lsn_source(spec, mode)
+        lsn = self._flush_lsn() if source == shutdown_lsn.FLUSH_BEFORE_SIGNAL else None
+        self.ctx.store.set(shutdown_requested=True, terminate_pending=True)
         try:
-            # Blocks until supervisord reports postgres stopped (SIGINT, then SIGKILL after
-            # its stopwaitsecs), so no socket timeout here.
-            rpc(self.ctx.runtime_dir, timeout=None).supervisor.stopProcess("postgres", True)
+            log.info("terminate requested (%s): stopping postgres", mode)
+            error = self._stop_postgres(mode)
+            if error:
+                json_body(resp, {"error": error}, falcon.HTTP_500)
+                return
+            log.info("postgres is down")
+            if source == shutdown_lsn.CONTROLDATA:
+                lsn = shutdown_lsn.controldata_lsn(self.ctx.launch["pgbin_dir"], self.ctx.launch["pgdata"])
+            elif source == shutdown_lsn.SYNC_SAFEKEEPERS:
+                lsn = self._sync_safekeepers(spec)
+            json_body(resp, {"terminated": True, "lsn": lsn})
+        finally:
+            self.ctx.store.set(terminate_pending=False)
+
+    def _spec(self):
+        raw = self.ctx.store.get("spec")
+        if raw is None:
+            return None
+        try:
+            return parse_spec(raw, superuser=self.ctx.superuser)
+        except SpecError:
+            return None
+
+    def _flush_lsn(self) -> str | None:
+        try:
+            with self.ctx.pg_connect() as conn:
+                return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]
+        except psycopg.Error as e:
+            log.warning("cannot read the WAL flush LSN before the immediate shutdown: %s", e)
+            return None
+
+    def _sync_safekeepers(self, spec) -> str | None:
+        try:
+            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"],
+                                            spec.storage_auth_token, retries=1)
+        except storage.StorageError as e:
+            log.warning("sync-safekeepers after the shutdown failed: %s", e)
+            return None
+
+    def _stop_postgres(self, mode: str) -> str | None:
+        """None once postgres is down; else what went wrong."""
+        # No socket timeout: stopping blocks until supervisord reports postgres stopped.
+        supervisor = rpc(self.ctx.runtime_dir, timeout=None).supervisor
+        try:
+            if mode == "immediate" and self._quit(supervisor):
+                return None
+            supervisor.stopProcess("postgres", True)
         except xmlrpc.client.Fault as e:
             if e.faultCode != NOT_RUNNING:
-                json_body(resp, {"error": f"supervisord refused to stop postgres: {e.faultString}"}, falcon.HTTP_500)
-                return
+                return f"supervisord refused to stop postgres: {e.faultString}"
         except (OSError, xmlrpc.client.ProtocolError) as e:
-            json_body(resp, {"error": f"cannot reach supervisord: {e}"}, falcon.HTTP_500)
-            return
-        log.info("postgres is down")
-        json_body(resp, {"terminated": True})
+            return f"cannot reach supervisord: {e}"
+        return None
+
+    @staticmethod
+    def _quit(supervisor) -> bool:
+        """SIGQUIT (immediate shutdown); True once postgres has exited."""
+        supervisor.signalProcess("postgres", "QUIT")
+        deadline = time.monotonic() + IMMEDIATE_WAIT
+        while time.monotonic() < deadline:
+            if supervisor.getProcessInfo("postgres")["statename"] not in ("RUNNING", "STARTING", "STOPPING"):
+                return True
+            time.sleep(0.05)
+        log.warning("postgres still up %.0f s after SIGQUIT: stopping it the regular way", IMMEDIATE_WAIT)
+        return False
