@@ -3,8 +3,8 @@
 Decided as data first (`lsn_source`), then found:
 - a Neon primary with safekeepers: `postgres --sync-safekeepers` after the shutdown, as Neon's
   compute_ctl does (the safekeepers' agreed end of WAL);
-- a plain primary, fast shutdown: the shutdown checkpoint's LSN from `pg_controldata` (the
-  last record a clean shutdown writes; everything up to it is durable);
+- a plain primary, fast shutdown: the shutdown checkpoint's LSN from `pg_controldata`: the
+  checkpoint record starts exactly where the WAL written before the shutdown ends (measured);
 - a plain primary, immediate shutdown (SIGQUIT: no shutdown checkpoint): the WAL flush LSN read
   just before the signal;
 - anything else (Static, Replica, a standby, an unknown spec): null.
