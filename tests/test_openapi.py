@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import shutil
+import urllib.parse
 
 import falcon.inspect
 import falcon.testing
@@ -30,7 +31,7 @@ HOST = "http://localhost:3080"
 HTTP_METHODS = ("get", "post", "put", "delete", "patch")
 
 # Documented answers that need a broken postgres in ways a test cannot cheaply arrange.
-NOT_EXERCISED = {("/insights", "get", 500)}
+NOT_EXERCISED = {("/insights", "get", 500), ("/dbs_and_roles", "get", 500)}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,9 @@ class Checker:
     def check(self, method: str, path: str, status: int, content_type: str, body: bytes,
               headers: dict, req_body: bytes | None = None, req_headers: dict | None = None) -> None:
         req_headers = req_headers or {}
-        request = MockRequest(HOST, method, path, headers=req_headers, data=req_body,
+        path, _, query = path.partition("?")  # the query string is the request's, not the path's
+        request = MockRequest(HOST, method, path, args=dict(urllib.parse.parse_qsl(query)),
+                              headers=req_headers, data=req_body,
                               content_type=req_headers.get("Content-Type", "application/json"))
         response = MockResponse(body, status_code=status, headers=headers, content_type=content_type)
         self.openapi.validate_response(request, response)
@@ -191,6 +194,58 @@ def test_real_http_responses_match_the_document(openapi, tmp_path):
             checker.check(method, path, resp.status, resp.getheader("Content-Type", ""), data,
                           dict(resp.getheaders()), body)
     assert ("/configure", "post", 400) in checker.seen
+
+
+def test_terminate_modes_match_the_document(checker):
+    rt = short_runtime_dir()
+    try:
+        make_state(rt)
+        c = falcon.testing.TestClient(create_app(rt))
+        assert sim(checker, c, "POST", "/terminate?mode=nope").status_code == 400
+        with supervisord(rt):
+            r = sim(checker, c, "POST", "/terminate?mode=immediate")
+            assert r.status_code == 200 and r.json["lsn"] is None
+    finally:
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+def test_insights_without_pg_stat_statements_matches_the_document(checker, tmp_path):
+    from tests.support.pgcluster import running_cluster
+    with running_cluster() as cluster:
+        make_state(str(tmp_path), launch=launch_settings(str(tmp_path), connstr=cluster.url()))
+        r = sim(checker, falcon.testing.TestClient(create_app(str(tmp_path))), "GET", "/insights")
+    assert (r.status_code, r.json) == (200, {"pg_stat_statements": []})
+
+
+def test_catalog_routes_match_the_document(checker, pg, tmp_path):
+    rt = str(tmp_path)
+    make_state(rt, launch=launch_settings(rt, connstr=pg.url(), pgbin_dir="/usr/lib/postgresql/15/bin"))
+    c = falcon.testing.TestClient(create_app(rt))
+    r = sim(checker, c, "GET", "/dbs_and_roles")
+    assert r.status_code == 200 and r.json["roles"] and r.json["databases"]
+    assert sim(checker, c, "GET", "/database_schema?database=postgres").status_code == 200
+    assert sim(checker, c, "GET", "/database_schema?database=nope").status_code == 404
+    assert sim(checker, c, "GET", "/database_schema?database=a&database=b").status_code == 400
+
+    # pg_dump missing: 500; postgres unreachable: 503
+    make_state(str(tmp_path / "nodump"), launch=launch_settings(str(tmp_path / "nodump"), connstr=pg.url(),
+                                                               pgbin_dir="/nonexistent"))
+    c2 = falcon.testing.TestClient(create_app(str(tmp_path / "nodump")))
+    assert sim(checker, c2, "GET", "/database_schema?database=postgres").status_code == 500
+    make_state(str(tmp_path / "down"), launch=launch_settings(str(tmp_path / "down")))
+    c3 = falcon.testing.TestClient(create_app(str(tmp_path / "down")))
+    assert sim(checker, c3, "GET", "/dbs_and_roles").status_code == 503
+    assert sim(checker, c3, "GET", "/database_schema?database=postgres").status_code == 503
+
+    # under a JWKS: 401 without a token, 403 with another compute's
+    ed, _, jwks = jwks_keys()
+    path = write_jwks(str(tmp_path / "jwks.json"), jwks)
+    make_state(str(tmp_path / "auth"), launch=launch_settings(str(tmp_path / "auth"), jwks_path=path))
+    c4 = falcon.testing.TestClient(create_app(str(tmp_path / "auth")))
+    wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other"}, ed, algorithm="EdDSA")}
+    for route in ("/dbs_and_roles", "/database_schema?database=postgres"):
+        assert sim(checker, c4, "GET", route).status_code == 401
+        assert sim(checker, c4, "GET", route, headers=wrong).status_code == 403
 
 
 def test_every_documented_response_was_exercised(doc, checker):

@@ -12,6 +12,7 @@ the whole tree down with exit status 0, once this request has its answer (`termi
 from __future__ import annotations
 
 import logging
+import os
 import time
 import xmlrpc.client
 
@@ -80,8 +81,8 @@ class Terminate:
 
     def _sync_safekeepers(self, spec) -> str | None:
         try:
-            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"],
-                                            spec.storage_auth_token, retries=1)
+            token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None  # as lifecycle
+            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"], token, retries=1)
         except storage.StorageError as e:
             log.warning("sync-safekeepers after the shutdown failed: %s", e)
             return None
