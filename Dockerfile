@@ -12,6 +12,9 @@
 FROM debian:bookworm-slim
 
 ARG PGBIN_DIR=/usr/lib/postgresql/15/bin
+# --build-arg WITH_POSTGRES_EXPORTER=1 adds Debian's prometheus-postgres-exporter (run it with
+# --postgres-exporter /usr/bin/prometheus-postgres-exporter; it serves port 9187).
+ARG WITH_POSTGRES_EXPORTER=0
 # Behind a TLS-intercepting proxy: -v /path/ca.crt:/ca.crt:ro --build-arg PIP_CERT=/ca.crt
 ARG PIP_CERT=
 ENV COMPUTE_VENV=/opt/compute-supervisor/venv \
@@ -20,7 +23,7 @@ ENV COMPUTE_VENV=/opt/compute-supervisor/venv \
 
 # The same install script CI runs (scripts/install.sh), so CI exercises these steps.
 COPY . /src
-RUN /src/scripts/install.sh \
+RUN WITH_POSTGRES_EXPORTER=${WITH_POSTGRES_EXPORTER} /src/scripts/install.sh \
     && rm -rf /var/lib/apt/lists/* /root/.cache \
     && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/pgdata \
     && install -d -o root -g root -m 0755 /etc/compute \
@@ -28,7 +31,7 @@ RUN /src/scripts/install.sh \
 
 USER postgres
 WORKDIR /var/lib/postgresql
-EXPOSE 3080 55432
+EXPOSE 3080 55432 9187
 
 # compute-ctl answers SIGTERM with a fast shutdown of postgres and exits 0 within a few
 # seconds, well inside the default 10 s stop timeout.

@@ -23,7 +23,7 @@ def container():
 
 def test_manifest_structure():
     docs = load()
-    assert set(docs) == {"ConfigMap", "Secret", "StatefulSet"}
+    assert set(docs) == {"ConfigMap", "Secret", "StatefulSet", "Service", "ServiceMonitor"}
     pod = docs["StatefulSet"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= 10
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -58,3 +58,20 @@ def test_probe_paths_exist_in_the_api(tmp_path):
     assert client.simulate_get(c["startupProbe"]["httpGet"]["path"]).status_code == 200
     # Not running yet: not ready, but the route exists.
     assert client.simulate_get(c["readinessProbe"]["httpGet"]["path"]).status_code == 503
+
+
+def test_both_metrics_endpoints_are_scraped():
+    docs, c = load(), container()
+    args = c["args"]
+    exporter_port = int(args[args.index("--postgres-exporter-port") + 1])
+    assert args[args.index("--postgres-exporter") + 1] == "/usr/bin/prometheus-postgres-exporter"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["pg-metrics"] == exporter_port and ports["http"] == 3080
+    service_ports = {p["name"]: p["targetPort"] for p in docs["Service"]["spec"]["ports"]}
+    scraped = {e["port"] for e in docs["ServiceMonitor"]["spec"]["endpoints"]}
+    assert scraped == {"http", "pg-metrics"} and all(service_ports[p] in ports for p in scraped)
+    assert docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == docs["Service"]["metadata"]["labels"]
+    # The compute-ctl parser accepts these args.
+    from compute.cli import build_parser
+    parsed = build_parser().parse_args(args)
+    assert parsed.postgres_exporter_port == exporter_port
