@@ -17,8 +17,6 @@ import logging
 import os
 import subprocess
 import threading
-from typing import Iterator
-
 import falcon
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -130,23 +128,36 @@ class DatabaseSchema:
                       falcon.HTTP_500)
             return
         resp.content_type = "application/sql; charset=utf-8"
-        resp.stream = _stream(proc, first)
+        resp.stream = _DumpStream(proc, first)
 
 
-def _stream(proc: subprocess.Popen, first: bytes) -> Iterator[bytes]:
-    """Chunks as pg_dump writes them; pg_dump is killed if the client goes away (the server
-    closes this generator)."""
-    try:
-        yield first
-        while chunk := proc.stdout.read1(CHUNK):
-            yield chunk
-        if proc.wait() != 0:
-            log.error("pg_dump exited with code %d after streaming part of the schema", proc.returncode)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+class _DumpStream:
+    """The WSGI body: chunks as pg_dump writes them. The server calls close() when the body is
+    done or the client went away, even before the first chunk was asked for (a generator's
+    `finally` would not run then): pg_dump never outlives its request."""
+
+    def __init__(self, proc: subprocess.Popen, first: bytes):
+        self.proc, self.pending = proc, first
+
+    def __iter__(self) -> "_DumpStream":
+        return self
+
+    def __next__(self) -> bytes:
+        if self.pending:
+            chunk, self.pending = self.pending, b""
+            return chunk
+        chunk = self.proc.stdout.read1(CHUNK)
+        if not chunk:
+            if self.proc.wait() != 0:
+                log.error("pg_dump exited with code %d after streaming part of the schema", self.proc.returncode)
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
 
 
 def _log_stderr(proc: subprocess.Popen, errors: list[str]) -> None:
