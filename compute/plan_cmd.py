@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
         superuser = superuser_of(args.connstr)
         spec = (load_spec_file(args.spec_path, superuser=superuser) if args.spec_path
                 else parse_spec_text(args.spec, superuser=superuser))
+        if spec.skip_pg_catalog_updates:  # what a reconfiguration would run: nothing
+            print("-- skip_pg_catalog_updates: no role, database or grant statement would run")
+            return 0
         print(format_plan(dry_run(args.connstr, spec, superuser=superuser)))
     except (UsageError, SpecError, ReconcileError) as e:
         print(f"compute-ctl plan: {e}", file=sys.stderr)
