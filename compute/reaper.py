@@ -5,9 +5,10 @@ loses its parent is re-parented to it: the tree is exactly compute-ctl's descend
 supervisord has exited, whether it stopped everything in order or was killed, compute-ctl reads
 the process table, decides which signal each remaining descendant is due (`due_signals`, a pure
 function of the snapshot and the time spent), sends those it has not sent yet, reaps, and
-repeats until no descendant is left. Postgres is treated as postgres: fast shutdown (SIGINT)
-first, immediate shutdown (SIGQUIT) next, its own children left to it; everything else gets
-SIGTERM; whatever is still there after `kill_after` seconds gets SIGKILL.
+repeats until no descendant is left. For `term_after` seconds it only waits (what is already
+stopping, stops); then postgres is treated as postgres: fast shutdown (SIGINT) first, immediate
+shutdown (SIGQUIT) next, its own children left to it; everything else gets SIGTERM; whatever
+is still there after `kill_after` seconds gets SIGKILL.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ class Proc:
 
 @dataclass(frozen=True)
 class Escalation:
-    """Seconds since the cleanup began at which each harder signal is due."""
+    """Seconds since the cleanup began at which each signal is due."""
+    # Before that, only reap: after a SIGKILL of supervisord every program and postgres already
+    # got their parent-death signal and are on their way out, in their own orderly fashion.
+    term_after: float = 0.5
     quit_postmaster_after: float = 2.0  # fast shutdown took too long: immediate shutdown
     kill_after: float = 3.0  # SIGKILL whatever is left (the 5 s budget of a killed supervisord)
 
@@ -55,17 +59,20 @@ def descendants(table: Mapping[int, Proc], root: int) -> list[Proc]:
 def due_signals(table: Mapping[int, Proc], root: int, postmaster: int | None, elapsed: float,
                 escalation: Escalation = Escalation()) -> dict[int, int]:
     """pid -> the signal each live descendant of `root` is due `elapsed` seconds into the
-    cleanup. Empty: nothing of the tree is left (zombies only need reaping)."""
+    cleanup (0: none yet; a postmaster's children: none, it stops them). Empty: nothing of the
+    tree is left alive (zombies only need reaping)."""
     due: dict[int, int] = {}
     for p in descendants(table, root):
         if p.state == "Z":
             continue
-        if elapsed >= escalation.kill_after:
+        if elapsed < escalation.term_after:
+            due[p.pid] = 0  # alive, nothing to send yet
+        elif elapsed >= escalation.kill_after:
             due[p.pid] = signal.SIGKILL
         elif p.pid == postmaster:
             due[p.pid] = signal.SIGQUIT if elapsed >= escalation.quit_postmaster_after else signal.SIGINT
         elif postmaster is not None and p.ppid == postmaster:
-            continue  # backends and auxiliary processes: the postmaster stops them
+            due[p.pid] = 0  # backends and auxiliary processes: the postmaster stops them
         else:
             due[p.pid] = signal.SIGTERM
     return due
@@ -124,11 +131,14 @@ def stop_descendants(pgdata: str | None = None, *, escalation: Escalation = Esca
     me = os.getpid()
     t0 = time.monotonic()
     sent: set[tuple[int, int, int]] = set()  # (pid, start, signal): each signal once per process
+    postmaster = None
     while True:
         reap_children()
         table = snapshot()
         elapsed = time.monotonic() - t0
-        due = due_signals(table, me, postmaster_pid(pgdata), elapsed, escalation)
+        # Remembered: postgres removes postmaster.pid just before it exits.
+        postmaster = postmaster or postmaster_pid(pgdata)
+        due = due_signals(table, me, postmaster, elapsed, escalation)
         if not due and not any(p.ppid == me for p in table.values()):
             return []
         if elapsed >= give_up_after:
@@ -138,7 +148,7 @@ def stop_descendants(pgdata: str | None = None, *, escalation: Escalation = Esca
             return left
         for pid, sig in due.items():
             key = (pid, table[pid].start, sig)
-            if key in sent:
+            if not sig or key in sent:
                 continue
             sent.add(key)
             log.warning("%s (pid %d) outlived supervisord: %s", table[pid].comm, pid,
