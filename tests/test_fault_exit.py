@@ -154,9 +154,10 @@ def assert_ports_free(c: Compute) -> None:
     assert not listening(c.pg_port), f"the postgres port {c.pg_port} is still listened on"
 
 
-def stopped_at_exit(scene: Scene, action, timeout: float = 30) -> tuple[int, float]:
+def stopped_at_exit(scene: Scene, action, timeout: float = 30, orderly: bool = True) -> tuple[int, float]:
     """Run `action`, wait for compute-ctl to exit, and require that nothing of the tree is left
-    at that moment: compute-ctl exits only once every descendant is gone."""
+    at that moment: compute-ctl exits only once every descendant is gone. `orderly`: supervisord
+    stopped everything itself, compute-ctl's last resort had nothing to do."""
     c, rec = scene.c, scene.rec
     rec.record()
     t0 = time.monotonic()
@@ -167,6 +168,8 @@ def stopped_at_exit(scene: Scene, action, timeout: float = 30) -> tuple[int, flo
     left = rec.survivors()
     assert left == [], f"left behind when compute-ctl exited ({code}): {left}"
     assert_ports_free(c)
+    if orderly:
+        assert "outlived supervisord" not in c.output(), c.output()[-3000:]
     return code, elapsed
 
 
@@ -195,7 +198,8 @@ def test_kill_9_supervisord_leaves_nothing_behind(moment):
     shutdown) and exits only then, with an error."""
     with Scene(moment) as s:
         sup = supervisord_pid(s.c.runtime_dir)
-        code, elapsed = stopped_at_exit(s, lambda: os.kill(sup, signal.SIGKILL), timeout=3 * GONE_WITHIN)
+        code, elapsed = stopped_at_exit(s, lambda: os.kill(sup, signal.SIGKILL),
+                                        timeout=3 * GONE_WITHIN, orderly=False)
         print(f"\nkill -9 supervisord ({moment}): compute-ctl exited {code} after {elapsed:.2f} s")
         assert code != 0
         assert elapsed <= GONE_WITHIN
