@@ -136,8 +136,10 @@ def stop_descendants(pgdata: str | None = None, *, escalation: Escalation = Esca
         reap_children()
         table = snapshot()
         elapsed = time.monotonic() - t0
-        # Remembered: postgres removes postmaster.pid just before it exits.
-        postmaster = postmaster or postmaster_pid(pgdata)
+        # Remembered: postgres removes postmaster.pid just before it exits. A stale file may
+        # name a recycled pid: only a postgres of ours is treated as the postmaster.
+        if postmaster is None and (pm := postmaster_pid(pgdata)) in table and table[pm].comm == "postgres":
+            postmaster = pm
         due = due_signals(table, me, postmaster, elapsed, escalation)
         if not due and not any(p.ppid == me for p in table.values()):
             return []
