@@ -136,9 +136,9 @@ def stop_descendants(pgdata: str | None = None, *, escalation: Escalation = Esca
         reap_children()
         table = snapshot()
         elapsed = time.monotonic() - t0
-        # Remembered: postgres removes postmaster.pid just before it exits. A stale file may
-        # name a recycled pid: only a postgres of ours is treated as the postmaster.
-        if postmaster is None and (pm := postmaster_pid(pgdata)) in table and table[pm].comm == "postgres":
+        # Remembered once seen running: postgres removes postmaster.pid just before it exits.
+        # (A stale file naming a recycled pid is harmless: due_signals only looks at our own.)
+        if postmaster is None and (pm := postmaster_pid(pgdata)) in table:
             postmaster = pm
         due = due_signals(table, me, postmaster, elapsed, escalation)
         if not due and not any(p.ppid == me for p in table.values()):
