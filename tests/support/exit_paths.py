@@ -59,8 +59,8 @@ class TreeRecord:
 
     def record(self) -> "TreeRecord":
         for role, p in tree(self.compute_pid):
-            if p.pid == self.compute_pid:
-                continue
+            if p.pid == self.compute_pid or not p.cmdline:
+                continue  # an exiting process has no command line left to name it by
             s = read_stat(p.pid)
             if s is None:
                 continue
@@ -72,7 +72,7 @@ class TreeRecord:
     def roles(self) -> set[str]:
         return set(self.members.values())
 
-    def keep_recording(self, period: float = 0.02) -> "TreeRecord":
+    def keep_recording(self, period: float = 0.25) -> "TreeRecord":
         """Record in a thread until `stop()`: short-lived processes (initdb) are seen too."""
         def run():
             while not self._stop.wait(period):
