@@ -1,9 +1,10 @@
 """Every exit path leaves nothing behind (issue 9, section 5).
 
 Each path ends a booted tree at different moments: while the lifecycle driver runs initdb
-(`starting`), running with a client session open (`running`), and in pull mode with a
-/configure in flight whose apply is blocked on a lock a spec role holds (`configuring`: a
-gunicorn worker thread and a postgres backend are busy). The tree's processes are recorded from
+(`starting`), running with a client session open (`running`), in pull mode with a /configure
+in flight whose apply is blocked on a lock a spec role holds (`configuring`: a gunicorn worker
+thread and a postgres backend are busy), and right after the api master was killed, while its
+successor boots (`api-restarting`: the kills only). The tree's processes are recorded from
 /proc before the blow (by pid and start time, plus supervisord's session), and afterwards none
 of them may be left and neither port may be listened on:
 
@@ -137,6 +138,15 @@ class Scene:
         else:
             self.client = psycopg.connect(c.conninfo("appdb", "app", APP_PASSWORD))
         self.stack.callback(self.client.close)
+        if self.moment == "api-restarting":
+            # The api master killed, and the blow lands while its successor boots: before the
+            # gunicorn master arms its parent-death signal (it imports the app first).
+            sup = supervisord_pid(c.runtime_dir)
+            old = program_child(sup, "api")
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: (n := program_child(sup, "api")) and n != old, 10, "a new api master", 0.002)
+            self.rec.record()
+            return
         if self.moment == "configuring":
             self.configure_call = self.pool.submit(configure, c, spec_with_app_password(c, "newpass"), 60)
             wait_for(lambda: blocked_apply_pids(c), 30, "the apply to block on the role's lock", 0.05)
@@ -175,7 +185,7 @@ def stopped_at_exit(scene: Scene, action, timeout: float = 30, orderly: bool = T
 
 # -- kill -9 compute-ctl ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("moment", MOMENTS)
+@pytest.mark.parametrize("moment", MOMENTS + ["api-restarting"])
 def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
     """supervisord gets a parent-death signal: it stops the tree in order, on its own."""
     with Scene(moment) as s:
@@ -192,7 +202,7 @@ def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
 
 # -- kill -9 supervisord ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("moment", MOMENTS)
+@pytest.mark.parametrize("moment", MOMENTS + ["api-restarting"])
 def test_kill_9_supervisord_leaves_nothing_behind(moment):
     """compute-ctl, the subreaper, stops what is left (postgres: fast, then immediate
     shutdown) and exits only then, with an error."""
