@@ -30,7 +30,7 @@ import pytest
 
 from compute.state import StateStore, state_path
 from tests.peers.control_plane import ControlPlanePeer
-from tests.support.exit_paths import TreeRecord, listening, read_stat
+from tests.support.exit_paths import TreeRecord, listening
 from tests.support.fault_tree import program_child, supervisord_pid, tree
 from tests.support.tree import Compute
 
