@@ -24,7 +24,8 @@ from . import __version__
 from .logrelay import FIFO_NAME
 from .logs import setup_bootstrap_logging
 from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
-from .procutil import become_subreaper
+from .procutil import COMPUTE_CTL_PID_ENV, become_subreaper
+from .reaper import stop_descendants
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
 from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
@@ -190,7 +191,10 @@ class Tree:
             stdin=subprocess.DEVNULL,
             # PYTHONSAFEPATH: `python -m` must not import from the working directory (a `compute/`
             # or `gunicorn.py` there would shadow the installed package in every program).
-            env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir, "PYTHONSAFEPATH": "1"},
+            # COMPUTE_CTL_PID: supervisord checks that it is still our child once it has asked
+            # for a parent-death signal (we may die before it gets there).
+            env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir, "PYTHONSAFEPATH": "1",
+                 COMPUTE_CTL_PID_ENV: str(os.getpid())},
             start_new_session=True,  # our signals reach supervisord only the way we forward them
         )
         threading.Thread(target=self._nudge, daemon=True).start()
@@ -238,36 +242,6 @@ class Tree:
             if pid == self.proc.pid:
                 self.proc.returncode = os.waitstatus_to_exitcode(status)
                 return self.proc.returncode
-
-
-def stop_orphaned_postgres(pgdata: str, timeout: float = 8.0) -> None:
-    """Backstop if supervisord died without stopping postgres (e.g. SIGKILL)."""
-    try:
-        with open(os.path.join(pgdata, "postmaster.pid")) as f:
-            pid = int(f.readline().strip())
-        # A stale file (postgres was killed) may name a recycled pid: the postmaster's working
-        # directory is PGDATA, anything else is not ours to signal.
-        if os.readlink(f"/proc/{pid}/cwd") != os.path.realpath(pgdata):
-            return
-        os.kill(pid, signal.SIGINT)
-    except (OSError, ValueError):
-        return
-    log.warning("postgres (pid %d) outlived supervisord: fast shutdown", pid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child, as the subreaper
-                return
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
              pgdata, args.http_port, runtime_dir, user.name)
     tree.start()
     tree.wait()
-    stop_orphaned_postgres(pgdata)
+    # Whatever the path (postgres exited, SIGTERM, /terminate, failed start, supervisord
+    # killed), nothing of the tree outlives us: as the subreaper we see all of it.
+    stop_descendants(pgdata)
     code = StateStore(state_path(runtime_dir)).get("exit_code")
     if tree.terminating:
         code = 0

@@ -10,7 +10,8 @@ from the state file and supervisord's view of postgres, never from memory:
 - postgres never started: (re)do the start-up from scratch;
 - postgres running but the start not finished: wait for ready and apply the spec again
   (applying is idempotent);
-- start finished: serve reconfigurations;
+- start finished: serve reconfigurations; one that was being applied when the previous driver
+  died (status `configuration`) is applied again, after ending that driver's sessions;
 - start failed: finish the grace period, then take the tree down with exit code 1.
 """
 
@@ -24,9 +25,11 @@ import threading
 import time
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import pgconf, storage
 from .procutil import die_with_parent
+from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .logs import setup_program_logging
 from .spec import ComputeSpec, SpecError, parse_spec
 from .state import StateStore, state_path
@@ -36,6 +39,7 @@ log = logging.getLogger("compute.lifecycle")
 
 READY_TIMEOUT = 60.0
 POLL = 0.5
+STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
 
 
 class StartupError(Exception):
@@ -98,6 +102,7 @@ class Driver:
     def run(self) -> None:
         status = self.store.get("status")
         if self.store.get("startup_done"):
+            self.resume_interrupted_reconfiguration()
             self.serve()
         elif status == "failed":
             self.fail_later(self.store.get("error") or "start-up failed")
@@ -119,12 +124,15 @@ class Driver:
         t_start = time.monotonic()
         spec = self.wait_for_spec()
         started_at = self.store.get("start_time") or time.time()
-        if self.postgres_state() in ("RUNNING", "STARTING"):
+        resumed = self.postgres_state() in ("RUNNING", "STARTING")
+        if resumed:
             log.info("postgres is already running (driver restarted): applying the spec again")
         else:
             self.prepare_data(spec)
             self.start_postgres()
         self.wait_ready()
+        if resumed:
+            self.end_stale_apply_sessions()
         t = time.monotonic()
         self.apply(spec)
         config_ms = ms_since(t)
@@ -235,6 +243,36 @@ class Driver:
                 self.reconfigure()
             self.wake.wait(POLL)
             self.wake.clear()
+
+    def resume_interrupted_reconfiguration(self) -> None:
+        """Status `configuration` at our start means the previous driver died applying a new
+        spec (only the driver sets it, and it always leaves it): apply that spec again."""
+        if self.store.get("status") != "configuration":
+            return
+        log.warning("the previous driver died while applying a new spec: applying it again")
+        self.end_stale_apply_sessions()
+        self.store.transition({"configuration"}, "configuration_pending")
+
+    def end_stale_apply_sessions(self) -> None:
+        """End the sessions a killed driver left applying the spec. postgres only notices their
+        client is gone when it next talks to it: one blocked on a lock would hold the locks it
+        already has, and our own apply would wait behind it, or collide with it."""
+        name = conninfo_to_dict(self.launch["connstr"]).get("application_name") or APPLY_APPLICATION_NAME
+        try:
+            with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
+                # In the target list, not the WHERE clause: evaluated only for the rows found.
+                ended = conn.execute(
+                    "SELECT pid, pg_catalog.pg_terminate_backend(pid, %s::pg_catalog.int8)"
+                    " FROM pg_catalog.pg_stat_activity"
+                    " WHERE application_name = %s AND usename = current_user"
+                    " AND backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()",
+                    (STALE_SESSION_WAIT_MS, name)).fetchall()
+        except psycopg.Error as e:
+            log.warning("could not end the previous driver's sessions: %s", str(e).strip())
+            return
+        if ended:
+            log.info("ended %d session(s) of the previous driver (pids %s)", len(ended),
+                     ", ".join(str(pid) for pid, _ in ended))
 
     def reconfigure(self) -> None:
         if not self.store.transition({"configuration_pending"}, "configuration"):

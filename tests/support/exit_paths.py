@@ -1,0 +1,135 @@
+"""Watching a booted tree end (tests/test_fault_exit.py): which of its processes are left, read
+from /proc independently of the code under test, and whether its ports are still listened on.
+
+A process is recorded by (pid, start time), so a recycled pid is never mistaken for one of the
+tree's. supervisord runs in a session of its own, and everything it starts (and what those
+start) stays in that session even when re-parented to init: survivors are the recorded
+processes still alive plus any live member of that session.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from tests.support.fault_tree import tree
+
+
+@dataclass(frozen=True)
+class Stat:
+    pid: int
+    ppid: int
+    state: str
+    session: int
+    start: int
+    comm: str
+
+
+def read_stat(pid: int) -> Stat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    rest = stat[stat.rindex(")") + 2:].split()  # rest[i] is field i + 3 of proc(5)
+    return Stat(pid, int(rest[1]), rest[0], int(rest[3]), int(rest[19]), comm)
+
+
+def all_stats() -> list[Stat]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (s := read_stat(int(name))) is not None:
+            out.append(s)
+    return out
+
+
+class TreeRecord:
+    """The processes of a booted `Compute` (compute-ctl itself excluded)."""
+
+    def __init__(self, compute_pid: int):
+        self.compute_pid = compute_pid
+        self.members: dict[tuple[int, int], str] = {}  # (pid, start) -> role
+        self.sessions: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self) -> "TreeRecord":
+        for role, p in tree(self.compute_pid):
+            if p.pid == self.compute_pid or not p.cmdline:
+                continue  # an exiting process has no command line left to name it by
+            s = read_stat(p.pid)
+            if s is None:
+                continue
+            self.members[(s.pid, s.start)] = role  # the latest: a fork is named after its exec
+            if role == "supervisord":
+                self.sessions.add(s.session)
+        return self
+
+    def roles(self) -> set[str]:
+        return set(self.members.values())
+
+    def keep_recording(self, period: float = 0.25) -> "TreeRecord":
+        """Record in a thread until `stop()`: short-lived processes (initdb) are seen too."""
+        def run():
+            while not self._stop.wait(period):
+                self.record()
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def survivors(self) -> list[str]:
+        """'role (pid N, state S, parent P)' for each live process of the tree."""
+        left = {}
+        for s in all_stats():
+            if s.state == "Z" or s.pid == self.compute_pid:
+                continue
+            role = self.members.get((s.pid, s.start))
+            if role is None and s.session in self.sessions:
+                role = f"{s.comm} (in supervisord's session)"
+            if role is not None:
+                left[s.pid] = f"{role} (pid {s.pid}, state {s.state}, parent {s.ppid})"
+        return [left[p] for p in sorted(left)]
+
+    def wait_gone(self, timeout: float) -> tuple[float, list[str]]:
+        """Poll until no survivor is left or `timeout` has passed: (seconds waited, survivors)."""
+        t0 = time.monotonic()
+        while True:
+            left = self.survivors()
+            waited = time.monotonic() - t0
+            if not left or waited >= timeout:
+                return waited, left
+            time.sleep(0.02)
+
+    def kill_survivors(self) -> None:
+        """Cleanup after a failed test: a regression must not leak into the rest of the run."""
+        for s in all_stats():
+            if s.state != "Z" and s.pid != self.compute_pid and (
+                    (s.pid, s.start) in self.members or s.session in self.sessions):
+                try:
+                    os.kill(s.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def listening(port: int) -> bool:
+    """Some socket listens on TCP `port` (any address, IPv4 or IPv6), from /proc/net."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
