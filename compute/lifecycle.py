@@ -25,7 +25,7 @@ import time
 
 import psycopg
 
-from . import pgconf, storage
+from . import modes, pgconf, replica, storage
 from .procutil import die_with_parent
 from .logs import setup_program_logging
 from .spec import ComputeSpec, SpecError, parse_spec
@@ -46,7 +46,8 @@ def describe(e: Exception) -> str:
     """Our own errors say what went wrong in one line; anything else also says what it is."""
     from .control_plane import ControlPlaneError
     from .reconcile import ReconcileError
-    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError)):
+    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError,
+                      replica.ReplicaError)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -160,7 +161,16 @@ class Driver:
     def prepare_data(self, spec: ComputeSpec) -> None:
         empty_directory(self.pgdata)
         st = spec.storage
-        if st is None:
+        plan = modes.plan_start(spec)
+        if plan.source == "clone":
+            t = time.monotonic()
+            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, spec.setting("primary_conninfo"),
+                                           self.runtime_dir)
+            pgconf.write_default_hba(self.pgdata, self.superuser)
+            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
+            self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
+            log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
+        elif st is None:
             t = time.monotonic()
             storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser)
             pgconf.write_default_hba(self.pgdata, self.superuser)
@@ -171,15 +181,16 @@ class Driver:
             # The spec's token, else one given in the environment (a Kubernetes Secret).
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
             t = time.monotonic()
-            lsn = "0/0"
-            if spec.mode == "Static":
-                lsn = spec.static_lsn or "0/0"
-            elif spec.mode == "Primary" and st.safekeepers:
+            lsn = plan.basebackup_lsn
+            if plan.sync_safekeepers:
                 lsn = storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token)
+                log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
+            else:
+                log.info("%s compute: no safekeeper sync; basebackup at %s", spec.mode,
+                         "the latest LSN" if lsn == "0/0" else f"LSN {lsn}")
             sync_ms = ms_since(t)
-            log.info("safekeepers synced at LSN %s in %d ms", lsn, sync_ms)
             t = time.monotonic()
             last = [t, 0]
 
@@ -191,10 +202,12 @@ class Driver:
                     last[:] = [now, nbytes]
 
             nbytes = storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
-                                        self.pgdata, token, progress=progress)
+                                        self.pgdata, token, progress=progress, replica=plan.basebackup_replica)
             bb_ms = ms_since(t)
             log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
             self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)
+        if plan.standby:
+            replica.write_standby_signal(self.pgdata)
         pgconf.ensure_hba_line(self.pgdata)
 
     def start_postgres(self) -> None:
@@ -219,6 +232,9 @@ class Driver:
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
     def apply(self, spec: ComputeSpec) -> None:
+        if not modes.runs_catalog_sql(spec):
+            log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
+            return
         from .reconcile import apply_spec
         apply_spec(self.launch["connstr"], spec, superuser=self.superuser)
 
@@ -236,7 +252,7 @@ class Driver:
         try:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
             with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously

@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
 
@@ -190,7 +193,9 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         static_lsn=static_lsn,
     )
     storage = _storage(o, spec)
-    return dataclasses.replace(spec, storage=storage)
+    spec = dataclasses.replace(spec, storage=storage)
+    _check_mode(spec)
+    return spec
 
 
 # -- pieces -----------------------------------------------------------------------------
@@ -338,6 +343,23 @@ def _mode(raw: Any) -> tuple[str, str | None]:
     if isinstance(raw, dict) and set(raw) == {"Static"} and isinstance(raw["Static"], str) and LSN.match(raw["Static"]):
         return "Static", raw["Static"]
     raise SpecError("mode", 'expected "Primary", "Replica" or {"Static": "<lsn>"}')
+
+
+def _check_mode(spec: ComputeSpec) -> None:
+    """Read-only modes need somewhere to read from (compute/modes.py decides the rest)."""
+    if spec.mode == "Static" and spec.storage is None:
+        raise SpecError("mode", "Static needs a pageserver (the spec names none)")
+    if spec.mode == "Replica" and spec.storage is None:
+        conninfo = spec.setting("primary_conninfo")
+        if not conninfo:
+            raise SpecError("mode", "Replica without a pageserver needs a primary_conninfo setting naming the primary")
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.ProgrammingError:
+            # Never echo it: it usually holds the replication password.
+            raise SpecError("cluster.settings.primary_conninfo", "is not a valid libpq connection string") from None
+        if not params.get("host") and not params.get("hostaddr"):
+            raise SpecError("cluster.settings.primary_conninfo", "must name the primary's host")
 
 
 def _storage(o: _Obj, spec: ComputeSpec) -> NeonStorage | None:

@@ -84,6 +84,10 @@ class Compute:
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 
+    def admin_conninfo(self, dbname: str = "postgres") -> str:
+        """How a test reaches a booted compute as its superuser (one place to repoint)."""
+        return self.conninfo(dbname)
+
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
                "--http-port", str(self.http_port), "--runtime-dir", self.runtime_dir,
