@@ -19,6 +19,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import modes
+from .procutil import die_with_parent
 
 log = logging.getLogger("compute.replica")
 
@@ -65,7 +66,9 @@ def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir
                 f.write(passfile_line(password))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # no stray PGPASSWORD etc.
         try:
-            res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env)
+            # It dies with us: a lifecycle driver killed mid-clone leaves no pg_basebackup behind.
+            res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                                 preexec_fn=die_with_parent)
         except OSError as e:
             raise ReplicaError(f"cannot run pg_basebackup: {e.strerror}") from None
     finally:

@@ -14,6 +14,8 @@ import glob
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +26,7 @@ from psycopg import sql
 import yaml
 from openapi_schema_validator import OAS30Validator
 
+from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.api_helpers import REPO
@@ -295,3 +298,83 @@ def test_replica_with_a_wrong_password_fails_clearly(primary):
         assert wrong not in st["error"]
         assert c.wait_exit(30) == 1
         assert wrong not in c.output()
+
+
+def test_reconfiguring_a_replica_applies_settings_but_no_catalog_sql(primary):
+    with ControlPlanePeer(None) as cp:
+        c = Compute()
+        c.args = ["-i", "compute-1", "-p", cp.url]  # pull mode: /configure is allowed
+        cp.spec = replica_spec(c, primary)
+        with c:
+            c.wait_status("running", timeout=90)
+            spec = replica_spec(c, primary)
+            spec["cluster"]["settings"].append({"name": "work_mem", "value": "7MB", "vartype": "string"})
+            spec["cluster"]["roles"].append({"name": "newcomer", "encrypted_password": None, "options": None})
+            code, body = c.request("POST", "/configure", {"spec": spec}, {"Content-Type": "application/json"}, 60)
+            assert code == 200, body
+            with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+                assert conn.execute("SHOW work_mem").fetchone()[0] == "7MB"
+                assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+                assert not {"app", "newcomer"} & user_roles(conn)
+            assert_no_catalog_sql(c)
+            # Still following the primary.
+            with psycopg.connect(primary.conninfo(), autocommit=True) as pconn, \
+                    psycopg.connect(c.admin_conninfo(), autocommit=True) as rconn:
+                pconn.execute("INSERT INTO items VALUES (10, 'after reconfigure')")
+                wait_for(lambda: rconn.execute("SELECT what FROM items WHERE id = 10").fetchone(), 30,
+                         "the row on the replica")
+            assert SECRET_MARK not in c.output()
+
+
+def children_named(ppid: int, name: str) -> list[int]:
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(stat.replace("/stat", "/comm")) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid and comm == name:
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def test_a_killed_driver_leaves_no_clone_behind():
+    """A primary that accepts TCP and never answers keeps pg_basebackup waiting; killing the
+    lifecycle driver then must take that pg_basebackup with it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        c = Compute()
+        c.spec = c.new_spec(primary_conninfo=f"host=127.0.0.1 port={silent.getsockname()[1]} user=r "
+                                             "connect_timeout=60")
+        c.spec["mode"] = "Replica"
+        with c:
+            def clone_under_driver():
+                res = c.supervisorctl("pid", "lifecycle")
+                out = res.stdout.strip()
+                pid = int(out) if out.isdigit() else 0
+                kids = children_named(pid, "pg_basebackup") if pid else []
+                return (pid, kids[0]) if kids else None
+            driver, clone = wait_for(clone_under_driver, 60, "pg_basebackup under the lifecycle driver")
+            os.kill(driver, signal.SIGKILL)
+            wait_for(lambda: not os.path.exists(f"/proc/{clone}") or open(f"/proc/{clone}/stat").read().split()[2] == "Z",
+                     30, "the orphaned pg_basebackup to exit")
+            assert c.status()["status"] == "init"  # the restarted driver is cloning again
+        # And nothing of the tree is left once compute-ctl is gone.
+        assert c.proc.returncode is not None
+        wait_for(lambda: not processes_mentioning(c.pgdata), 30, "no process of the tree left")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(cmdline.split("/")[2]))
+        except OSError:
+            pass
+    return pids
