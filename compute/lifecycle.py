@@ -167,21 +167,21 @@ class Driver:
             nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, spec.setting("primary_conninfo"),
                                            self.runtime_dir)
             pgconf.write_default_hba(self.pgdata, self.superuser)
-            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
+            self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
             log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
         elif st is None:
             t = time.monotonic()
             storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser)
             pgconf.write_default_hba(self.pgdata, self.superuser)
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
         else:
             # The spec's token, else one given in the environment (a Kubernetes Secret).
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
-            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
+            self.write_conf(spec)
             t = time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
@@ -209,6 +209,12 @@ class Driver:
         if plan.standby:
             replica.write_standby_signal(self.pgdata)
         pgconf.ensure_hba_line(self.pgdata)
+
+    def write_conf(self, spec: ComputeSpec) -> None:
+        """postgresql.conf for the spec and its mode; the replication password (if any) goes to
+        the passfile primary_conninfo names, written first so a reload finds it."""
+        replica.write_passfile(self.pgdata, modes.replication_password(spec))
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata))
 
     def start_postgres(self) -> None:
         self.t_postgres = time.monotonic()
@@ -252,7 +258,7 @@ class Driver:
         try:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
-            pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec))
+            self.write_conf(spec)
             with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously

@@ -18,9 +18,11 @@ settings are still written and reloaded.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .spec import LSN, ComputeSpec, GenericOption
 
@@ -28,6 +30,9 @@ PRIMARY, STATIC, REPLICA = "Primary", "Static", "Replica"
 # Settings a read-only mode owns: the spec cannot turn the standby into something that will not start.
 STANDBY_OWNED = ("hot_standby", "recovery_target_lsn")
 DEFAULT_SAFEKEEPER_PORT = "5454"
+# The replication password lives here (0600, in the 0700 PGDATA), never in postgresql.conf:
+# postgres logs `parameter "primary_conninfo" changed to "<value>"` on every reload that changes it.
+PASSFILE = "replication.pgpass"
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,16 @@ def runs_catalog_sql(spec: ComputeSpec) -> bool:
     return spec.mode == PRIMARY
 
 
-def conf_settings(spec: ComputeSpec) -> tuple[GenericOption, ...]:
-    """The settings written to postgresql.conf: the spec's, plus what the mode needs."""
+def conf_settings(spec: ComputeSpec, pgdata: str) -> tuple[GenericOption, ...]:
+    """The settings written to postgresql.conf: the spec's, plus what the mode needs, with the
+    password of `primary_conninfo` replaced by our passfile (see replication_password)."""
+    passfile = os.path.join(pgdata, PASSFILE)
+    return tuple(dataclasses.replace(o, value=conninfo_with_passfile(o.value, passfile))
+                 if o.name.lower() == "primary_conninfo" and o.value else o
+                 for o in _mode_settings(spec))
+
+
+def _mode_settings(spec: ComputeSpec) -> tuple[GenericOption, ...]:
     if spec.mode == PRIMARY:
         return spec.cluster.settings
     own = [o for o in spec.cluster.settings if o.name.lower() not in STANDBY_OWNED]
@@ -95,6 +108,32 @@ def safekeeper_conninfo(spec: ComputeSpec) -> str:
         "", host=",".join(hosts), port=",".join(ports),
         options=f"-c timeline_id={spec.storage.timeline_id} tenant_id={spec.storage.tenant_id}",
         application_name="replica", replication="true")
+
+
+def split_password(conninfo: str) -> tuple[dict[str, str], str | None]:
+    """The conninfo's parameters without the password, and the password."""
+    params = conninfo_to_dict(conninfo)
+    return params, params.pop("password", None)
+
+
+def conninfo_with_passfile(conninfo: str, passfile: str) -> str:
+    """`conninfo` unchanged without a password; else without it, naming `passfile` instead."""
+    params, password = split_password(conninfo)
+    if password is None:
+        return conninfo
+    return make_conninfo("", **{**params, "passfile": passfile})
+
+
+def replication_password(spec: ComputeSpec) -> str | None:
+    for o in spec.cluster.settings:
+        if o.name.lower() == "primary_conninfo" and o.value:
+            return split_password(o.value)[1]
+    return None
+
+
+def passfile_line(password: str) -> str:
+    """One ~/.pgpass line matching any host, port, database and user (`:` and `\\` escaped)."""
+    return "*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n"
 
 
 def lsn_int(lsn: str) -> int:

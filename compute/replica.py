@@ -3,8 +3,9 @@
 The replication password (in the spec's `primary_conninfo` setting) never reaches argv, an
 environment or a log: pg_basebackup gets it through a 0600 passfile in the private runtime dir,
 removed as soon as the clone is done, and every line we log from it has the password masked.
-postgres itself reads `primary_conninfo` from postgresql.conf (0600 inside the 0700 PGDATA;
-the setting is superuser-only in SQL).
+postgres reads `primary_conninfo` from postgresql.conf with the password replaced by
+`passfile=PGDATA/replication.pgpass` (0600 inside the 0700 PGDATA): postgres logs a changed
+primary_conninfo's value on reload, so the value must hold no secret.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 import time
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from . import modes
 from .procutil import die_with_parent
@@ -36,8 +37,7 @@ class ReplicaError(Exception):
 def clone_command(pgbin_dir: str, pgdata: str, primary_conninfo: str, passfile: str | None) -> tuple[list[str], str | None]:
     """(argv, password) for pg_basebackup: the password taken out of the conninfo, and the
     passfile named in its place. Pure."""
-    params = conninfo_to_dict(primary_conninfo)
-    password = params.pop("password", None)
+    params, password = modes.split_password(primary_conninfo)
     params.pop("replication", None)  # pg_basebackup asks for a replication connection itself
     params.pop("dbname", None)
     if password is not None and passfile is not None:
@@ -51,11 +51,6 @@ def clone_command(pgbin_dir: str, pgdata: str, primary_conninfo: str, passfile: 
     return argv, password
 
 
-def passfile_line(password: str) -> str:
-    """One ~/.pgpass line matching any host, port, database and user (`:` and `\\` escaped)."""
-    return "*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n"
-
-
 def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir: str) -> int:
     """pg_basebackup of the primary into the (empty) pgdata; returns the bytes now in pgdata."""
     fd, passfile = tempfile.mkstemp(prefix=".clone-", suffix=".pgpass", dir=secret_dir)  # 0600
@@ -63,7 +58,7 @@ def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir
         argv, password = clone_command(pgbin_dir, pgdata, primary_conninfo, passfile)
         with os.fdopen(fd, "w") as f:
             if password is not None:
-                f.write(passfile_line(password))
+                f.write(modes.passfile_line(password))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # no stray PGPASSWORD etc.
         try:
             # It dies with us: a lifecycle driver killed mid-clone leaves no pg_basebackup behind.
@@ -98,6 +93,23 @@ def directory_bytes(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def write_passfile(pgdata: str, password: str | None) -> None:
+    """PGDATA/replication.pgpass for the walreceiver (named by primary_conninfo), written
+    atomically at 0600; removed when the spec has no replication password."""
+    path = os.path.join(pgdata, modes.PASSFILE)
+    if password is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(modes.passfile_line(password))
+    os.replace(tmp, path)
 
 
 def write_standby_signal(pgdata: str) -> None:

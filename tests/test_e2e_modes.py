@@ -162,10 +162,10 @@ def primary():
         yield pg
 
 
-def replica_spec(c: Compute, primary, password: str = REPL_PASSWORD) -> dict:
+def replica_spec(c: Compute, primary, password: str = REPL_PASSWORD, name: str = "cs_replica") -> dict:
     spec = c.new_spec(log_statement="all", primary_conninfo=(
         f"host=127.0.0.1 port={primary.port} user=replicator password='{password.replace(chr(92), chr(92) * 2)}' "
-        "application_name=cs_replica"))
+        f"application_name={name}"))
     spec["mode"] = "Replica"
     return spec
 
@@ -208,7 +208,9 @@ def test_replica_of_a_plain_primary_follows_it_and_promotes(primary):
     with SecretWatcher(SECRET_MARK) as watcher, c:
         c.wait_status("running", timeout=90)
         assert os.path.exists(os.path.join(c.pgdata, "standby.signal"))
-        assert glob.glob(os.path.join(c.runtime_dir, "*.pgpass")) == []  # the passfile is gone
+        assert glob.glob(os.path.join(c.runtime_dir, "*.pgpass")) == []  # the clone's passfile is gone
+        with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
+            assert SECRET_MARK not in f.read()
         # A replication connection authenticated with the password (scram on the primary).
         with psycopg.connect(primary.conninfo(), autocommit=True) as conn:
             wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_replication "
@@ -301,13 +303,21 @@ def test_replica_with_a_wrong_password_fails_clearly(primary):
 
 
 def test_reconfiguring_a_replica_applies_settings_but_no_catalog_sql(primary):
-    with ControlPlanePeer(None) as cp:
+    """Also a password rotation: postgres logs a changed primary_conninfo on reload, so the
+    value it sees must hold no password (the passfile does)."""
+    rotated = "r0tated:pw-Zq81x"
+    with ControlPlanePeer(None) as cp, SecretWatcher(SECRET_MARK) as watcher:
         c = Compute()
         c.args = ["-i", "compute-1", "-p", cp.url]  # pull mode: /configure is allowed
         cp.spec = replica_spec(c, primary)
         with c:
             c.wait_status("running", timeout=90)
-            spec = replica_spec(c, primary)
+            with psycopg.connect(primary.conninfo(), autocommit=True) as conn:
+                conn.execute("SET log_statement = 'none'")
+                conn.execute(sql.SQL("ALTER ROLE replicator PASSWORD {}").format(sql.Literal(rotated)))
+                # the running walreceiver keeps its session: end it so the new password is needed
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+            spec = replica_spec(c, primary, rotated, "cs_replica_2")
             spec["cluster"]["settings"].append({"name": "work_mem", "value": "7MB", "vartype": "string"})
             spec["cluster"]["roles"].append({"name": "newcomer", "encrypted_password": None, "options": None})
             code, body = c.request("POST", "/configure", {"spec": spec}, {"Content-Type": "application/json"}, 60)
@@ -323,7 +333,12 @@ def test_reconfiguring_a_replica_applies_settings_but_no_catalog_sql(primary):
                 pconn.execute("INSERT INTO items VALUES (10, 'after reconfigure')")
                 wait_for(lambda: rconn.execute("SELECT what FROM items WHERE id = 10").fetchone(), 30,
                          "the row on the replica")
-            assert SECRET_MARK not in c.output()
+            wait_for(lambda: 'parameter "primary_conninfo" changed' in c.output(), 30,
+                     "postgres to log the changed primary_conninfo")  # it does log the value...
+            with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
+                assert SECRET_MARK not in f.read()
+            assert SECRET_MARK not in c.output()  # ...without the password
+    assert watcher.samples > 10 and watcher.hits == []
 
 
 def children_named(ppid: int, name: str) -> list[int]:
@@ -362,7 +377,7 @@ def test_a_killed_driver_leaves_no_clone_behind():
             os.kill(driver, signal.SIGKILL)
             wait_for(lambda: not os.path.exists(f"/proc/{clone}") or open(f"/proc/{clone}/stat").read().split()[2] == "Z",
                      30, "the orphaned pg_basebackup to exit")
-            assert c.status()["status"] == "init"  # the restarted driver is cloning again
+            c.wait_status("init", timeout=30)  # the restarted driver is cloning again
         # And nothing of the tree is left once compute-ctl is gone.
         assert c.proc.returncode is not None
         wait_for(lambda: not processes_mentioning(c.pgdata), 30, "no process of the tree left")

@@ -40,7 +40,7 @@ def neon_spec(mode, safekeepers: str = "sk-1.local:5454,[::1]:6500,sk-3") -> dic
 
 
 def settings_of(spec) -> dict[str, str | None]:
-    return {o.name: o.value for o in modes.conf_settings(spec)}
+    return {o.name: o.value for o in modes.conf_settings(spec, "/pgdata")}
 
 
 # -- start-up decisions -------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_plan_for_each_mode():
 
 def test_primary_settings_are_the_specs_own():
     spec = parse_spec(neon_spec("Primary"))
-    assert modes.conf_settings(spec) == spec.cluster.settings
+    assert modes.conf_settings(spec, "/pgdata") == spec.cluster.settings
 
 
 def test_static_settings_pin_the_lsn_and_hot_standby():
@@ -100,9 +100,22 @@ def test_a_replica_keeps_its_own_primary_conninfo():
     raw = neon_spec("Replica")
     raw["cluster"]["settings"].append({"name": "primary_conninfo", "value": "host=sk port=1", "vartype": "string"})
     assert settings_of(parse_spec(raw))["primary_conninfo"] == "host=sk port=1"
-    plain = settings_of(parse_spec(plain_spec(primary_conninfo=CONNINFO)))
-    assert plain["primary_conninfo"] == CONNINFO and plain["hot_standby"] == "on"
+    plain = settings_of(parse_spec(plain_spec(primary_conninfo="host=db1 user=r")))
+    assert plain["primary_conninfo"] == "host=db1 user=r" and plain["hot_standby"] == "on"
     assert "neon.compute_mode" not in plain  # vanilla postgres: no neon settings of ours
+
+
+@pytest.mark.parametrize("conninfo", [CONNINFO, "postgresql://replicator:hunter2-secret@10.0.0.5:5432/?application_name=r1"])
+def test_the_replication_password_goes_to_the_passfile(conninfo):
+    """postgres logs a changed primary_conninfo's value on reload: it must hold no password."""
+    spec = parse_spec(plain_spec(primary_conninfo=conninfo))
+    value = settings_of(spec)["primary_conninfo"]
+    assert "hunter2" not in value
+    params = conninfo_to_dict(value)
+    assert params["passfile"] == "/pgdata/replication.pgpass"
+    assert (params["host"], params["user"], params["application_name"]) == ("10.0.0.5", "replicator", "r1")
+    assert modes.replication_password(spec) == "hunter2-secret"
+    assert modes.replication_password(parse_spec(plain_spec(primary_conninfo="host=h"))) is None
 
 
 def test_lsn_order_and_mode_of():
@@ -146,9 +159,18 @@ def test_clone_command_keeps_the_password_out_of_argv():
 
 
 def test_passfile_line_escapes_separators():
-    assert replica.passfile_line("a:b\\c") == "*:*:*:*:a\\:b\\\\c\n"
+    assert modes.passfile_line("a:b\\c") == "*:*:*:*:a\\:b\\\\c\n"
     assert replica.mask("FATAL: pw hunter2 x", "hunter2") == "FATAL: pw [redacted] x"
     assert replica.mask("text", None) == "text"
+
+
+def test_passfile_is_private_and_goes_away(tmp_path):
+    replica.write_passfile(str(tmp_path), "pw:1")
+    path = tmp_path / "replication.pgpass"
+    assert path.read_text() == "*:*:*:*:pw\\:1\n" and (path.stat().st_mode & 0o777) == 0o600
+    replica.write_passfile(str(tmp_path), None)
+    assert not path.exists()
+    replica.write_passfile(str(tmp_path), None)  # idempotent
 
 
 def test_basebackup_asks_for_a_replica_as_neon_does():
