@@ -271,3 +271,10 @@ def test_check_writability_says_read_only_without_writing(tmp_path, mode, shown)
     r = client(rt).simulate_post("/check_writability")
     assert r.status_code == 500 and r.text.startswith(f"compute is read-only (mode {shown})")
     assert r.headers["content-type"].startswith("text/plain")
+
+
+def test_plan_of_a_read_only_spec_is_no_sql(capsys):
+    from compute.plan_cmd import main
+    # port 1: nothing listens, so the answer cannot come from a catalog
+    rc = main(["-C", "postgresql://cloud_admin@127.0.0.1:1/postgres", "-s", json.dumps(neon_spec("Replica"))])
+    assert rc == 0 and capsys.readouterr().out.startswith("-- mode Replica: no catalog SQL")
