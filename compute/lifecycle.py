@@ -164,7 +164,7 @@ class Driver:
         plan = modes.plan_start(spec)
         if plan.source == "clone":
             t = time.monotonic()
-            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, spec.setting("primary_conninfo"),
+            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, modes.primary_conninfo(spec),
                                            self.runtime_dir)
             pgconf.write_default_hba(self.pgdata, self.superuser)
             self.write_conf(spec)

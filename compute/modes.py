@@ -124,11 +124,14 @@ def conninfo_with_passfile(conninfo: str, passfile: str) -> str:
     return make_conninfo("", **{**params, "passfile": passfile})
 
 
+def primary_conninfo(spec: ComputeSpec) -> str | None:
+    """The spec's primary_conninfo setting (GUC names ignore case)."""
+    return next((o.value for o in spec.cluster.settings if o.name.lower() == "primary_conninfo" and o.value), None)
+
+
 def replication_password(spec: ComputeSpec) -> str | None:
-    for o in spec.cluster.settings:
-        if o.name.lower() == "primary_conninfo" and o.value:
-            return split_password(o.value)[1]
-    return None
+    conninfo = primary_conninfo(spec)
+    return split_password(conninfo)[1] if conninfo else None
 
 
 def passfile_line(password: str) -> str:

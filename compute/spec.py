@@ -346,18 +346,21 @@ def _mode(raw: Any) -> tuple[str, str | None]:
 
 
 def _check_mode(spec: ComputeSpec) -> None:
-    """Read-only modes need somewhere to read from (compute/modes.py decides the rest)."""
+    """Read-only modes need somewhere to read from (compute/modes.py decides the rest), and a
+    primary_conninfo must parse: its password is moved to a passfile before postgres sees it."""
     if spec.mode == "Static" and spec.storage is None:
         raise SpecError("mode", "Static needs a pageserver (the spec names none)")
-    if spec.mode == "Replica" and spec.storage is None:
-        conninfo = spec.setting("primary_conninfo")
-        if not conninfo:
-            raise SpecError("mode", "Replica without a pageserver needs a primary_conninfo setting naming the primary")
+    conninfo = next((o.value for o in spec.cluster.settings if o.name.lower() == "primary_conninfo"), None)
+    params: dict = {}
+    if conninfo:
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.ProgrammingError:
             # Never echo it: it usually holds the replication password.
             raise SpecError("cluster.settings.primary_conninfo", "is not a valid libpq connection string") from None
+    if spec.mode == "Replica" and spec.storage is None:
+        if not conninfo:
+            raise SpecError("mode", "Replica without a pageserver needs a primary_conninfo setting naming the primary")
         if not params.get("host") and not params.get("hostaddr"):
             raise SpecError("cluster.settings.primary_conninfo", "must name the primary's host")
 

@@ -116,6 +116,9 @@ def test_the_replication_password_goes_to_the_passfile(conninfo):
     assert (params["host"], params["user"], params["application_name"]) == ("10.0.0.5", "replicator", "r1")
     assert modes.replication_password(spec) == "hunter2-secret"
     assert modes.replication_password(parse_spec(plain_spec(primary_conninfo="host=h"))) is None
+    mixed = parse_spec(plain_spec(Primary_ConnInfo=conninfo))  # GUC names ignore case
+    assert modes.primary_conninfo(mixed) == conninfo and modes.replication_password(mixed) == "hunter2-secret"
+    assert "hunter2" not in settings_of(mixed)["Primary_ConnInfo"]
 
 
 def test_lsn_order_and_mode_of():
@@ -129,6 +132,15 @@ def test_lsn_order_and_mode_of():
 
 
 # -- the spec's mode checks ---------------------------------------------------------------------
+
+def test_invalid_primary_conninfo_in_any_mode():
+    raw = neon_spec("Replica")
+    raw["cluster"]["settings"].append({"name": "Primary_Conninfo", "value": "host='x password=hunter2-secret",
+                                       "vartype": "string"})
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    assert "not a valid" in str(e.value) and "hunter2" not in str(e.value)
+
 
 @pytest.mark.parametrize("raw, field, words", [
     (plain_spec({"Static": "0/1"}), "mode", "needs a pageserver"),
