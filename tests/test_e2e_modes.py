@@ -255,6 +255,7 @@ def test_replica_of_a_plain_primary_follows_it_and_promotes(primary):
         answer = json.loads(body)
         assert code == 200, answer
         assert answer["status"] == "completed"
+        print(f"promote timings: {answer}")
         with open(os.path.join(REPO, "docs", "openapi.yaml")) as f:
             doc = yaml.safe_load(f)
         OAS30Validator(doc["components"]["schemas"]["PromoteState"]).validate(answer)
