@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ from psycopg import sql
 import yaml
 from openapi_schema_validator import OAS30Validator
 
+from compute.replica import ReplicaError, wait_for_replay
 from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import write_fake_postgres
@@ -249,11 +251,19 @@ def test_replica_of_a_plain_primary_follows_it_and_promotes(primary):
             assert code == 400
         assert c.status()["status"] == "running"
 
+        # Waiting for an LSN the replica never reaches gives up with a clear error.
+        with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+            with pytest.raises(ReplicaError, match="did not replay up to FFFFFFFF/0"):
+                wait_for_replay(conn, "FFFFFFFF/0", timeout=0.3)
+
         primary.stop()  # as Neon does: promote once the old primary is gone
-        code, body = c.request("POST", "/promote", {"spec": promoted, "wal_flush_lsn": flush_lsn},
-                               {"Content-Type": "application/json"}, timeout=120)
+        # Two promotions at once: exactly one does it.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: c.request("POST", "/promote", {"spec": promoted, "wal_flush_lsn": flush_lsn},
+                                                        {"Content-Type": "application/json"}, timeout=120), range(2)))
+        assert sorted(code for code, _ in answers) == [200, 412], answers
+        body = next(body for code, body in answers if code == 200)
         answer = json.loads(body)
-        assert code == 200, answer
         assert answer["status"] == "completed"
         print(f"promote timings: {answer}")
         with open(os.path.join(REPO, "docs", "openapi.yaml")) as f:
