@@ -143,6 +143,23 @@ def test_replica_on_neon_path_asks_the_safekeepers_for_wal(basebackup_tar):
             assert_no_catalog_sql(c)
             assert c.status()["status"] == "running"  # still, while it waits for WAL
 
+            # Promotion on the Neon path: the LSN is required, then it is waited for.
+            primary_spec = neon_mode_spec(c, ps, f"127.0.0.1:{sk.port}", "Primary")
+            hdr = {"Content-Type": "application/json"}
+            code, body = c.request("POST", "/promote", {"spec": primary_spec}, hdr)
+            assert code == 400 and b"wal_flush_lsn is required" in body
+            with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+                lsn = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()[0]
+            code, body = c.request("POST", "/promote", {"spec": primary_spec, "wal_flush_lsn": lsn}, hdr, timeout=120)
+            assert code == 200 and json.loads(body)["status"] == "completed", body
+            with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+                assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+                conn.execute("CREATE TABLE written_after_promotion (x int)")
+                assert "app" in user_roles(conn)  # the spec applied as a Primary
+            with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
+                conf = f.read()
+            assert "hot_standby" not in conf and "neon.compute_mode" not in conf
+
 
 @pytest.fixture
 def primary():
