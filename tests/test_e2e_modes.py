@@ -3,7 +3,8 @@
 - Static and Replica on the Neon path, with the pageserver peer: no safekeeper sync, the
   basebackup asked as Neon asks for non-primaries, a hot standby, no catalog SQL, `running`.
   Our safekeeper stand-in cannot stream WAL: the Replica waits for WAL forever (read-only), and
-  the test proves postgres asks the safekeepers for it the way Neon configures it.
+  the test proves postgres asks the safekeepers for it the way Neon configures it, then
+  promotes it at the LSN it has replayed.
 - A replica compute of a real primary started here: rows follow, writes fail, /promote makes
   them work; the replication password is never in argv, an environment, or a log.
 """
