@@ -63,6 +63,7 @@ def parse_request(raw: bytes, superuser: str | None) -> tuple[dict, str | None]:
 
 class Promote:
     auth_required = True
+    json_body_required = True  # for a Content-Type check on JSON routes, where one is enforced
 
     def __init__(self, ctx: ApiContext, *, lsn_timeout: float = LSN_WAIT_TIMEOUT,
                  reconfigure_timeout: float = RECONFIGURE_TIMEOUT):
