@@ -27,7 +27,7 @@ import time
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import pgconf, storage
+from . import modes, pgconf, replica, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .logs import setup_program_logging
@@ -50,7 +50,8 @@ def describe(e: Exception) -> str:
     """Our own errors say what went wrong in one line; anything else also says what it is."""
     from .control_plane import ControlPlaneError
     from .reconcile import ReconcileError
-    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError)):
+    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError,
+                      replica.ReplicaError)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -171,26 +172,36 @@ class Driver:
     def prepare_data(self, spec: ComputeSpec) -> None:
         empty_directory(self.pgdata)
         st = spec.storage
-        if st is None:
+        plan = modes.plan_start(spec)
+        if plan.source == "clone":
+            t = time.monotonic()
+            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, modes.primary_conninfo(spec),
+                                           self.runtime_dir)
+            pgconf.write_default_hba(self.pgdata, self.superuser)
+            self.write_conf(spec)
+            self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
+            log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
+        elif st is None:
             t = time.monotonic()
             storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser)
             pgconf.write_default_hba(self.pgdata, self.superuser)
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
         else:
             # The spec's token, else one given in the environment (a Kubernetes Secret).
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            self.write_conf(spec)
             t = time.monotonic()
-            lsn = "0/0"
-            if spec.mode == "Static":
-                lsn = spec.static_lsn or "0/0"
-            elif spec.mode == "Primary" and st.safekeepers:
+            lsn = plan.basebackup_lsn
+            if plan.sync_safekeepers:
                 lsn = storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token)
+                log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
+            else:
+                log.info("%s compute: no safekeeper sync; basebackup at %s", spec.mode,
+                         "the latest LSN" if lsn == "0/0" else f"LSN {lsn}")
             sync_ms = ms_since(t)
-            log.info("safekeepers synced at LSN %s in %d ms", lsn, sync_ms)
             t = time.monotonic()
             last = [t, 0]
 
@@ -202,11 +213,19 @@ class Driver:
                     last[:] = [now, nbytes]
 
             nbytes = storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
-                                        self.pgdata, token, progress=progress)
+                                        self.pgdata, token, progress=progress, replica=plan.basebackup_replica)
             bb_ms = ms_since(t)
             log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
             self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)
+        if plan.standby:
+            replica.write_standby_signal(self.pgdata)
         pgconf.ensure_hba_line(self.pgdata)
+
+    def write_conf(self, spec: ComputeSpec) -> None:
+        """postgresql.conf for the spec and its mode; the replication password (if any) goes to
+        the passfile primary_conninfo names, written first so a reload finds it."""
+        replica.write_passfile(self.pgdata, modes.replication_password(spec))
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata))
 
     def start_postgres(self) -> None:
         self.t_postgres = time.monotonic()
@@ -232,6 +251,9 @@ class Driver:
     def apply(self, spec: ComputeSpec) -> None:
         if spec.skip_pg_catalog_updates:
             log.info("skip_pg_catalog_updates: roles, databases and grants left as they are")
+            return
+        if not modes.runs_catalog_sql(spec):
+            log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
             return
         from .reconcile import apply_spec
         apply_spec(self.launch["connstr"], spec, superuser=self.superuser)
@@ -280,7 +302,7 @@ class Driver:
         try:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
-            pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
+            self.write_conf(spec)
             with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously

@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
 
@@ -194,7 +197,9 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         skip_pg_catalog_updates=bool(o.opt("skip_pg_catalog_updates", bool)),
     )
     storage = _storage(o, spec)
-    return dataclasses.replace(spec, storage=storage)
+    spec = dataclasses.replace(spec, storage=storage)
+    _check_mode(spec)
+    return spec
 
 
 # -- pieces -----------------------------------------------------------------------------
@@ -342,6 +347,26 @@ def _mode(raw: Any) -> tuple[str, str | None]:
     if isinstance(raw, dict) and set(raw) == {"Static"} and isinstance(raw["Static"], str) and LSN.match(raw["Static"]):
         return "Static", raw["Static"]
     raise SpecError("mode", 'expected "Primary", "Replica" or {"Static": "<lsn>"}')
+
+
+def _check_mode(spec: ComputeSpec) -> None:
+    """Read-only modes need somewhere to read from (compute/modes.py decides the rest), and a
+    primary_conninfo must parse: its password is moved to a passfile before postgres sees it."""
+    if spec.mode == "Static" and spec.storage is None:
+        raise SpecError("mode", "Static needs a pageserver (the spec names none)")
+    conninfo = next((o.value for o in spec.cluster.settings if o.name.lower() == "primary_conninfo"), None)
+    params: dict = {}
+    if conninfo:
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.ProgrammingError:
+            # Never echo it: it usually holds the replication password.
+            raise SpecError("cluster.settings.primary_conninfo", "is not a valid libpq connection string") from None
+    if spec.mode == "Replica" and spec.storage is None:
+        if not conninfo:
+            raise SpecError("mode", "Replica without a pageserver needs a primary_conninfo setting naming the primary")
+        if not params.get("host") and not params.get("hostaddr"):
+            raise SpecError("cluster.settings.primary_conninfo", "must name the primary's host")
 
 
 def _storage(o: _Obj, spec: ComputeSpec) -> NeonStorage | None:

@@ -105,8 +105,10 @@ def _run_logged(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- basebackup
 
 def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
-               auth_token: str | None, *, progress: Callable[[int], None] | None = None) -> int:
-    """Stream `basebackup` from the pageserver (COPY OUT of one tar) into pgdata; returns bytes received."""
+               auth_token: str | None, *, progress: Callable[[int], None] | None = None,
+               replica: bool = False) -> int:
+    """Stream `basebackup` from the pageserver (COPY OUT of one tar) into pgdata; returns bytes received.
+    `replica`: for a Static or Replica compute, as Neon asks (`--replica`)."""
     if not _ID_RE.fullmatch(tenant_id) or not _ID_RE.fullmatch(timeline_id):
         raise StorageError("tenant_id and timeline_id must be 32 lowercase hex digits")
     if not LSN_RE.fullmatch(lsn):
@@ -115,6 +117,8 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     hi, lo = lsn.split("/")
     if int(hi, 16) or int(lo, 16):
         query += f" {lsn}"  # 0/0 means "latest": the LSN is left out
+    if replica:
+        query += " --replica"
     conninfo = _pageserver_conninfo(pageserver_connstr, auth_token)
 
     os.makedirs(pgdata, mode=0o700, exist_ok=True)

@@ -31,7 +31,9 @@ HOST = "http://localhost:3080"
 HTTP_METHODS = ("get", "post", "put", "delete", "patch")
 
 # Documented answers that need a broken postgres in ways a test cannot cheaply arrange.
-NOT_EXERCISED = {("/insights", "get", 500), ("/dbs_and_roles", "get", 500)}
+NOT_EXERCISED = {("/insights", "get", 500), ("/dbs_and_roles", "get", 500),
+                 # needs a real replica: tests/test_e2e_modes.py validates it against PromoteState
+                 ("/promote", "post", 200)}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,7 @@ def test_auth_responses_match_the_document(checker, tmp_path):
     make_state(rt, status="init", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
     c = falcon.testing.TestClient(create_app(rt))
     wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other"}, ed, algorithm="EdDSA")}
-    for route in ("/configure", "/terminate", "/check_writability"):
+    for route in ("/configure", "/terminate", "/check_writability", "/promote"):
         assert sim(checker, c, "POST", route).status_code == 401
         assert sim(checker, c, "POST", route, headers=wrong).status_code == 403
 
@@ -246,6 +248,23 @@ def test_catalog_routes_match_the_document(checker, pg, tmp_path):
     for route in ("/dbs_and_roles", "/database_schema?database=postgres"):
         assert sim(checker, c4, "GET", route).status_code == 401
         assert sim(checker, c4, "GET", route, headers=wrong).status_code == 403
+
+
+def test_promote_responses_match_the_document(checker, pg, tmp_path):
+    rt = str(tmp_path)
+    replica_spec = {**minimal_spec(), "mode": "Replica"}
+    store = make_state(rt, status="running", spec=replica_spec, launch=launch_settings(rt, connstr=pg.url()))
+    c = falcon.testing.TestClient(create_app(rt))
+    hdr = {"Content-Type": "application/json"}
+    primary = json.dumps({"spec": minimal_spec(), "wal_flush_lsn": "0/1"}).encode()
+    assert sim(checker, c, "POST", "/promote", b"nope", hdr).status_code == 400
+    assert sim(checker, c, "POST", "/promote", b"x" * (MAX_BODY_BYTES + 1), hdr).status_code == 413
+    assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 500  # pg is not in recovery
+    store.set(spec=minimal_spec())
+    assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 412
+    # read-only: the text answer of /check_writability
+    store.set(spec=replica_spec)
+    assert sim(checker, c, "POST", "/check_writability").status_code == 500
 
 
 def test_every_documented_response_was_exercised(doc, checker):

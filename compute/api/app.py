@@ -16,6 +16,7 @@ from compute.api.health import Healthz, Readyz
 from compute.api.insights import Insights
 from compute.api.openapi_doc import OpenApiDocument
 from compute.api.prometheus import PrometheusMetrics
+from compute.api.promote import Promote
 from compute.api.status import Info, MetricsJson, Status
 from compute.api.terminate import Terminate
 from compute.api.writability import CheckWritability
@@ -36,6 +37,7 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app.add_route("/check_writability", CheckWritability(ctx))
     app.add_route("/configure", Configure(ctx))
     app.add_route("/terminate", Terminate(ctx))
+    app.add_route("/promote", Promote(ctx))
     app.add_route("/healthz", Healthz(ctx))
     app.add_route("/readyz", Readyz(ctx))
     app.add_route("/dbs_and_roles", DbsAndRoles(ctx))

@@ -1,6 +1,6 @@
 """Optional JWT bearer auth for the mutating routes.
 
-When `launch["jwks_path"]` names a JWKS file, /configure, /terminate, /check_writability,
+When `launch["jwks_path"]` names a JWKS file, /configure, /promote, /terminate, /check_writability,
 /dbs_and_roles and /database_schema (resources with `auth_required = True`) need `Authorization: Bearer <jwt>` signed by one of its
 keys: Ed25519 (`"kty": "OKP"`, alg EdDSA) or RSA (alg RS256). The algorithm is taken from the
 key, never from the token, so an RSA public key can not be abused as an HMAC secret. Health

@@ -7,6 +7,7 @@ import logging
 import falcon
 import psycopg
 
+from compute import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import text
 
@@ -30,6 +31,13 @@ class CheckWritability:
         status = self.ctx.store.get("status")
         if status != "running":
             text(resp, f"invalid compute status for check_writability request: {debug_status_name(status)}")
+            return
+        mode = modes.mode_of(self.ctx.store.get("spec"))
+        if mode != modes.PRIMARY:
+            # A hot standby refuses every write; say so instead of sending one (Neon's answer is
+            # the same 500, with postgres' "read-only transaction" error).
+            text(resp, f"compute is read-only (mode {mode.lower()}): cannot execute INSERT in a read-only transaction",
+                 falcon.HTTP_500)
             return
         try:
             with self.ctx.pg_connect() as conn:

@@ -1,6 +1,6 @@
 """A pageserver peer speaking the Postgres wire protocol (v3), enough for compute start-up.
 
-It answers `basebackup <tenant> <timeline> [<lsn>]` with COPY OUT of a tar file streamed from
+It answers `basebackup <tenant> <timeline> [<lsn>] [--replica]` with COPY OUT of a tar file streamed from
 disk, like Neon's pageserver. Usable as a pytest helper (`with PageserverPeer(tar) as ps:`) or as
 a script: `python -m tests.peers.pageserver --port N --tar FILE [--password P] [--error-after-archive]`.
 """
@@ -251,8 +251,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def run_query(self, text: str) -> bytes:
         """Returns the final messages to send (before ReadyForQuery); streams COPY data itself."""
-        parts = text.split()
-        if not parts or parts[0] != "basebackup" or len(parts) not in (3, 4):
+        words = text.split()
+        # `--replica`: Neon's compute asks so for a Static or Replica compute (recorded in queries).
+        parts = [w for w in words if w != "--replica"]
+        if not parts or parts[0] != "basebackup" or len(parts) not in (3, 4) or words[:len(parts)] != parts:
             return error_response("42601", f"unsupported command: {text[:100]}")
         tenant, timeline = parts[1], parts[2]
         if not _HEX32.match(tenant) or not _HEX32.match(timeline):
