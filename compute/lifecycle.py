@@ -25,7 +25,7 @@ import time
 
 import psycopg
 
-from . import pgconf, storage
+from . import localauth, pgconf, storage
 from .procutil import die_with_parent
 from .logs import setup_program_logging
 from .spec import ComputeSpec, SpecError, parse_spec
@@ -35,6 +35,7 @@ from .supervision import rpc, shutdown_tree
 log = logging.getLogger("compute.lifecycle")
 
 READY_TIMEOUT = 60.0
+LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.paths recognises PGDATA by these
 POLL = 0.5
 
 
@@ -59,11 +60,14 @@ def empty_directory(path: str) -> None:
     """Remove everything inside `path` and make it 0700. The directory itself stays: its parent
     may belong to root (a volume mount), where we could not recreate it."""
     with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        entries = sorted(it, key=lambda e: e.name in LAST_REMOVED)
+    # What tells compute-ctl this is our data directory goes last: a driver killed half-way
+    # leaves a PGDATA that the next start still recognises (and empties) instead of refusing.
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
     os.chmod(path, 0o700)
 
 
@@ -162,8 +166,7 @@ class Driver:
         st = spec.storage
         if st is None:
             t = time.monotonic()
-            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser)
-            pgconf.write_default_hba(self.pgdata, self.superuser)
+            self.initdb_with_password()
             pgconf.write_postgresql_conf(self.pgdata, spec.cluster.settings)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
@@ -196,6 +199,20 @@ class Driver:
             log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
             self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)
         pgconf.ensure_hba_line(self.pgdata)
+
+    def initdb_with_password(self) -> None:
+        """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
+        needed over TCP, and the 0600 passfile our programs find through PGPASSFILE."""
+        password = localauth.new_password()
+        pwfile = os.path.join(self.runtime_dir, "initdb.pw")
+        localauth.write_secret(pwfile, password + "\n")
+        try:
+            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser, pwfile=pwfile)
+        finally:
+            os.unlink(pwfile)
+        pgconf.write_default_hba(self.pgdata, self.superuser)
+        localauth.write_secret(localauth.passfile_path(self.runtime_dir),
+                               localauth.render_passfile(self.superuser, password))
 
     def start_postgres(self) -> None:
         self.t_postgres = time.monotonic()

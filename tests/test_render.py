@@ -55,11 +55,36 @@ def test_hba_line_detected_with_other_spacing(tmp_path):
     assert ensure_hba_line(str(tmp_path)) is False
 
 
-def test_default_hba_trusts_only_superuser_on_loopback():
+def test_default_hba_trusts_nobody():
+    """Passwordless superuser only over peer (the compute's OS user, via the ident map); every
+    other line wants a password; the contract's line is there."""
     text = render_default_hba("cloud_admin")
-    assert 'host all "cloud_admin" 127.0.0.1/32 trust' in text and HBA_LINE in text
+    lines = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == ["local", "all", '"cloud_admin"', "peer", "map=compute"]
+    assert ["host", "all", '"cloud_admin"', "all", "scram-sha-256"] in lines
+    assert not [ln for ln in lines if "trust" in ln]
+    # The superuser's lines come before any line that could match it with a weaker method.
+    first_all = min(i for i, ln in enumerate(lines) if ln[2] == "all")
+    assert all(i < first_all for i, ln in enumerate(lines) if ln[2] == '"cloud_admin"')
+    assert HBA_LINE in text
+    for bad in ('evil" all', "a b", "a,b", "a#b", ""):
+        with pytest.raises(ValueError):
+            render_default_hba(bad)
+
+
+def test_ident_maps_only_the_compute_user():
+    from compute.localauth import render_ident
+    text = render_ident("postgres", "cloud_admin")
+    assert [ln.split() for ln in text.splitlines() if not ln.startswith("#")] == \
+        [["compute", '"postgres"', '"cloud_admin"']]
     with pytest.raises(ValueError):
-        render_default_hba('evil" all')
+        render_ident("postgres\nx", "cloud_admin")
+
+
+def test_passfile_escapes_separators():
+    from compute.localauth import render_passfile
+    assert render_passfile("cloud_admin", "pw") == "*:*:*:cloud_admin:pw\n"
+    assert render_passfile("a:b", "p\\w") == "*:*:*:a\\:b:p\\\\w\n"
 
 
 def render(**over):
