@@ -138,7 +138,10 @@ def secure_dir(path: str, policy: Policy, *, what: str, uid: int, gid: int,
     that one refused directory leaves the other untouched too)."""
     if not os.path.isabs(path):
         raise PathError(f"{what} {path}: must be an absolute path")
-    fd = _walk(path, policy, create=not dry_run)
+    try:
+        fd = _walk(path, policy, create=not dry_run)
+    except PathError as e:
+        raise PathError(f"{what} {path}: {e}") from None
     if fd is None:
         return  # dry run: from some component on, everything would be created by us
     try:
