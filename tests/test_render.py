@@ -124,3 +124,32 @@ def test_supervisord_conf_token_and_informant():
 
 def test_percent_escaped():
     assert "/data/100%%" in render(pgdata="/data/100%")
+
+
+def test_secrets_only_in_their_programs_sections():
+    """compute/environ.py decides; supervisord.conf carries each secret only in its program's
+    `environment=` (parsed here with supervisor's own parser), none in [supervisord]'s."""
+    from supervisor.datatypes import dict_of_key_value_pairs
+
+    from compute.environ import child_environment, program_secrets, supervisord_environment
+    environ = {"PATH": "/bin", "NEON_CONSOLE_JWT": "Bearer cp.tok-1", "NEON_CONTROL_PLANE_TOKEN": "cp2",
+               "NEON_AUTH_TOKEN": "st.env"}
+    assert supervisord_environment(environ) == {"PATH": "/bin"}
+    assert child_environment(environ) == {"PATH": "/bin", "NEON_AUTH_TOKEN": "st.env"}
+    secrets = program_secrets(environ, "st.spec")
+    assert secrets == {"lifecycle": {"NEON_CONSOLE_JWT": "Bearer cp.tok-1", "NEON_CONTROL_PLANE_TOKEN": "cp2",
+                                     "NEON_AUTH_TOKEN": "st.env"},
+                       "postgres": {"NEON_AUTH_TOKEN": "st.spec"}}  # the spec's token wins for postgres
+    assert program_secrets({"PATH": "/bin"}, None) == {"lifecycle": {}, "postgres": {}}
+
+    cp = parse(render(program_env=secrets))
+    assert dict_of_key_value_pairs(cp["program:lifecycle"]["environment"]) == secrets["lifecycle"]
+    assert dict_of_key_value_pairs(cp["program:postgres"]["environment"]) == secrets["postgres"]
+    glob = dict_of_key_value_pairs(cp["supervisord"]["environment"])
+    assert glob["PGPASSFILE"] == "/run/c/superuser.pgpass" and not set(glob) & set(environ)
+    for section in cp.sections():
+        if section not in ("program:lifecycle", "program:postgres"):
+            assert "environment" not in cp[section] or section == "supervisord", section
+    with pytest.raises(ValueError) as info:
+        render(program_env={"lifecycle": {"NEON_CONSOLE_JWT": 'x"\nEVIL'}})
+    assert "EVIL" not in str(info.value)
