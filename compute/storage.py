@@ -329,7 +329,7 @@ def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | No
         argv.append(f"--pwfile={pwfile}")
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             errors="replace")
+                             errors="replace", env=child_environment(os.environ))
     except OSError as e:
         raise StorageError(f"cannot run initdb: {e}") from None
     for line in res.stderr.splitlines():
