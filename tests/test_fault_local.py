@@ -8,6 +8,7 @@ compute-ctl runs as root here, as in a container without USER: the worst case fo
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -247,6 +248,24 @@ def environ_of(pid: int) -> bytes:
         return b""
 
 
+def secrets_by_role(c: Compute) -> dict[str, set[str]]:
+    """token -> the roles of the tree's processes whose environment holds it (compute-ctl
+    itself left out: its caller gave it the tokens)."""
+    found: dict[str, set[str]] = {}
+    for role, p in tree(c.proc.pid):
+        if role == "compute-ctl":
+            continue
+        env = environ_of(p.pid)
+        # The stand-in sync binary's own knob carries the expected token: not a leak of ours.
+        seen = b"\0".join(e for e in env.split(b"\0") if not e.startswith(b"FAKE_SK_EXPECT_TOKEN="))
+        for token in (CP_TOKEN, STORAGE_TOKEN):
+            if token.encode() in seen:
+                found.setdefault(token, set()).add(role)
+        for name in (b"NEON_CONSOLE_JWT=", b"NEON_CONTROL_PLANE_TOKEN="):
+            assert not (env.startswith(name) or b"\0" + name in env) or role == "lifecycle", (role, name)
+    return found
+
+
 def test_tokens_only_in_the_programs_that_use_them():
     c = Compute()
     spec = c.new_spec()
@@ -268,16 +287,7 @@ def test_tokens_only_in_the_programs_that_use_them():
                 if {"sleep", "api worker", "monitor", "exitwatch", "logrelay"} <= roles:
                     break
                 time.sleep(0.1)
-            found: dict[str, set[str]] = {}
-            for role, p in tree(c.proc.pid):
-                if role == "compute-ctl":
-                    continue  # given the tokens by its caller; not readable by the compute user
-                env = environ_of(p.pid)
-                for token in (CP_TOKEN, STORAGE_TOKEN):
-                    if token.encode() in env:
-                        found.setdefault(token, set()).add(role)
-                for name in (b"NEON_CONSOLE_JWT=", b"NEON_CONTROL_PLANE_TOKEN="):
-                    assert not (env.startswith(name) or b"\0" + name in env) or role == "lifecycle", (role, name)
+            found = secrets_by_role(c)
             assert roles >= {"sleep", "api worker", "monitor", "supervisord", "postgres"}, roles
             assert found.get(CP_TOKEN) == {"lifecycle"}, found
             assert found.get(STORAGE_TOKEN) == {"lifecycle", "postgres"}, found
@@ -303,3 +313,31 @@ def test_tokens_only_in_the_programs_that_use_them():
             with open(conf) as f:
                 assert f.read() == conf_before
             assert c.status()["status"] == "running"
+
+
+def test_neon_path_storage_token_reaches_sync_and_postgres_only():
+    """The Neon path: the storage token from the environment (a Kubernetes Secret) reaches
+    --sync-safekeepers, the pageserver (as the password) and postgres; the control-plane token,
+    also in the environment, reaches none of them."""
+    from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+    from tests.peers.sync_safekeepers import write_fake_postgres
+    from tests.support.tree import with_neon_storage
+
+    tenant, timeline = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
+    c = Compute()
+    tar = make_basebackup_tar(os.path.join(c.base, "basebackup.tar"))
+    with PageserverPeer(tar, password=STORAGE_TOKEN, tenant_id=tenant, timeline_id=timeline) as ps:
+        c.pgbin = write_fake_postgres(c.base)
+        record = os.path.join(c.base, "sync.json")
+        c.spec = with_neon_storage(c.new_spec(), ps.connstr, tenant, timeline, "127.0.0.1:5454", token=None)
+        c.env = {"FAKE_SK_RECORD": record, "FAKE_SK_EXPECT_TOKEN": STORAGE_TOKEN,
+                 "NEON_CONSOLE_JWT": CP_TOKEN, "NEON_AUTH_TOKEN": STORAGE_TOKEN}
+        with c:
+            c.wait_status("running", timeout=90)
+            with open(record) as f:
+                calls = json.load(f)
+            assert [(x["token_matches"], x["control_plane_token_set"]) for x in calls] == [(True, False)]
+            assert ps.last.password == STORAGE_TOKEN
+            found = secrets_by_role(c)
+            assert CP_TOKEN not in found or found[CP_TOKEN] == {"lifecycle"}, found
+            assert found.get(STORAGE_TOKEN) == {"lifecycle", "postgres"}, found
