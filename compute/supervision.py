@@ -57,7 +57,6 @@ def rpc(runtime_dir: str, timeout: float | None = None) -> xmlrpc.client.ServerP
 
 TEMPLATE = "supervisord.conf.tmpl"
 VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
-_SAFE_ENV_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
 
 
 def template_dir() -> str:
