@@ -22,7 +22,10 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
 from .logrelay import FIFO_NAME
+from .environ import program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
+from .paths import Policy, secure_dir
+from .pgconf import BEGIN_MARK
 from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
 from .procutil import COMPUTE_CTL_PID_ENV, become_subreaper
 from .reaper import stop_descendants
@@ -157,21 +160,30 @@ def default_runtime_dir() -> str:
     return f"/tmp/compute-ctl-{os.environ.get('USER') or os.getuid()}"
 
 
+def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
+    """Refuse (PathError) a PGDATA or runtime dir we must not take over; changes nothing."""
+    policy = Policy.for_process(user.uid)
+    secure_dir(runtime_dir, policy, what="--runtime-dir", uid=user.uid, gid=user.gid, dry_run=True)
+    secure_dir(pgdata, policy, what="--pgdata", uid=user.uid, gid=user.gid,
+               pgdata_marker=BEGIN_MARK, dry_run=True)
+
+
 def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
-    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-    os.chmod(runtime_dir, 0o700)
-    user.chown(runtime_dir)
-    logs = os.path.join(runtime_dir, "logs")
-    os.makedirs(logs, mode=0o700, exist_ok=True)
-    user.chown(logs)
+    """The two directories, 0700 and the user's, reached without following anyone's symlink
+    (compute/paths.py). PGDATA is emptied by the driver (as the user), not here. Everything
+    inside the runtime dir is made after dropping root (prepare_runtime_files)."""
+    policy = Policy.for_process(user.uid)
+    secure_dir(runtime_dir, policy, what="--runtime-dir", uid=user.uid, gid=user.gid)
+    secure_dir(pgdata, policy, what="--pgdata", uid=user.uid, gid=user.gid, pgdata_marker=BEGIN_MARK)
+
+
+def prepare_runtime_files(runtime_dir: str) -> None:
+    """As the compute user: root never creates or chowns anything the user could have planted."""
+    os.makedirs(os.path.join(runtime_dir, "logs"), mode=0o700, exist_ok=True)
     fifo = os.path.join(runtime_dir, FIFO_NAME)
-    if os.path.exists(fifo):
+    if os.path.lexists(fifo):
         os.unlink(fifo)
     os.mkfifo(fifo, 0o600)
-    user.chown(fifo)
-    # PGDATA is emptied by the driver (as the user); here it only has to exist and be ours.
-    os.makedirs(pgdata, mode=0o700, exist_ok=True)
-    user.chown(pgdata)
 
 
 class Tree:
@@ -191,10 +203,11 @@ class Tree:
             stdin=subprocess.DEVNULL,
             # PYTHONSAFEPATH: `python -m` must not import from the working directory (a `compute/`
             # or `gunicorn.py` there would shadow the installed package in every program).
+            # No secrets: each goes only to the program that needs it (compute/environ.py).
             # COMPUTE_CTL_PID: supervisord checks that it is still our child once it has asked
             # for a parent-death signal (we may die before it gets there).
-            env={**os.environ, "COMPUTE_RUNTIME_DIR": self.runtime_dir, "PYTHONSAFEPATH": "1",
-                 COMPUTE_CTL_PID_ENV: str(os.getpid())},
+            env={**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": self.runtime_dir,
+                 "PYTHONSAFEPATH": "1", COMPUTE_CTL_PID_ENV: str(os.getpid())},
             start_new_session=True,  # our signals reach supervisord only the way we forward them
         )
         threading.Thread(target=self._nudge, daemon=True).start()
@@ -259,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if _inside(runtime_dir, pgdata) or _inside(pgdata, runtime_dir):
             raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
         user = effective_user(args.user)
+        check_dirs(runtime_dir, pgdata, user)
     except (UsageError, SpecError, ValueError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_dirs(runtime_dir, pgdata, user)
         user.demote()  # from here on nothing runs as root
+        prepare_runtime_files(runtime_dir)
         if not os.access(sys.executable, os.X_OK):
             raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
                              "compute-supervisor where that user can read it (scripts/install.sh)")
@@ -287,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
             informant_connstr=informant_connstr,
             postgres_exporter=launch["postgres_exporter"], postgres_exporter_port=args.postgres_exporter_port,
-            exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "")
+            exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
+            program_env=program_secrets(os.environ, (raw_spec or {}).get("storage_auth_token")))
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
             with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:

@@ -27,7 +27,7 @@ import time
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import modes, pgconf, replica, storage
+from . import localauth, modes, pgconf, replica, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .logs import setup_program_logging
@@ -38,6 +38,7 @@ from .supervision import rpc, shutdown_tree
 log = logging.getLogger("compute.lifecycle")
 
 READY_TIMEOUT = 60.0
+LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.paths recognises PGDATA by these
 POLL = 0.5
 STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
 
@@ -64,11 +65,14 @@ def empty_directory(path: str) -> None:
     """Remove everything inside `path` and make it 0700. The directory itself stays: its parent
     may belong to root (a volume mount), where we could not recreate it."""
     with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        entries = sorted(it, key=lambda e: e.name in LAST_REMOVED)
+    # What tells compute-ctl this is our data directory goes last: a driver killed half-way
+    # leaves a PGDATA that the next start still recognises (and empties) instead of refusing.
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
     os.chmod(path, 0o700)
 
 
@@ -183,8 +187,7 @@ class Driver:
             log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
         elif st is None:
             t = time.monotonic()
-            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser)
-            pgconf.write_default_hba(self.pgdata, self.superuser)
+            self.initdb_with_password()
             self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
@@ -226,6 +229,20 @@ class Driver:
         the passfile primary_conninfo names, written first so a reload finds it."""
         replica.write_passfile(self.pgdata, modes.replication_password(spec))
         pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata))
+
+    def initdb_with_password(self) -> None:
+        """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
+        needed over TCP, and the 0600 passfile our programs find through PGPASSFILE."""
+        password = localauth.new_password()
+        pwfile = os.path.join(self.runtime_dir, "initdb.pw")
+        localauth.write_secret(pwfile, password + "\n")
+        try:
+            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser, pwfile=pwfile)
+        finally:
+            os.unlink(pwfile)
+        pgconf.write_default_hba(self.pgdata, self.superuser)
+        localauth.write_secret(localauth.passfile_path(self.runtime_dir),
+                               localauth.render_passfile(self.superuser, password))
 
     def start_postgres(self) -> None:
         self.t_postgres = time.monotonic()

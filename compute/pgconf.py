@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .spec import BARE_VALUE, GenericOption
+from .localauth import IDENT_MAP, hba_name, render_ident
+from .spec import BARE_VALUE, GenericOption, conf_bare_value_ok
 
 BEGIN_MARK = "# Managed by compute_ctl: begin"
 END_MARK = "# Managed by compute_ctl: end"
@@ -20,7 +21,7 @@ def quote_value(opt: GenericOption) -> str:
         raise ValueError(f"setting {opt.name}: value contains a newline or NUL")
     if opt.vartype == "string":
         return "'" + opt.value.replace("\\", "\\\\").replace("'", "''") + "'"
-    if not BARE_VALUE.match(opt.value):
+    if not BARE_VALUE.match(opt.value) or not conf_bare_value_ok(opt.value, opt.vartype):
         raise ValueError(f"setting {opt.name}: {opt.value!r} is not a plain {opt.vartype} value")
     return opt.value
 
@@ -56,22 +57,28 @@ def ensure_hba_line(pgdata: str) -> bool:
 
 
 def render_default_hba(superuser: str) -> str:
-    """pg_hba.conf for the embedded default: the local superuser is trusted on the socket and
-    loopback (the connstr carries no password); everyone else needs a password."""
-    if any(ch in superuser for ch in '"\n\r\x00 \t,'):
-        raise ValueError(f"superuser name {superuser!r} cannot be written to pg_hba.conf")
+    """pg_hba.conf for the embedded default (see compute/localauth.py): the superuser without a
+    password only as the compute's OS user on the socket (peer + pg_ident map), with its
+    generated password over TCP; every other role with its password."""
+    su = hba_name(superuser, "superuser name")
     return (
         "# Written by compute-ctl for the embedded default (initdb) storage.\n"
-        "local all all trust\n"
-        f'host all "{superuser}" 127.0.0.1/32 trust\n'
-        f'host all "{superuser}" ::1/128 trust\n'
+        f"local all {su} peer map={IDENT_MAP}\n"
+        f"host all {su} all scram-sha-256\n"
+        "local all all md5\n"
         "host all all 127.0.0.1/32 md5\n"
         "host all all ::1/128 md5\n"
         f"{HBA_LINE}\n"
     )
 
 
-def write_default_hba(pgdata: str, superuser: str) -> None:
+def write_default_hba(pgdata: str, superuser: str, os_user: str | None = None) -> None:
+    """pg_hba.conf and the pg_ident.conf map it names (`os_user`: the compute's, by default
+    whoever runs this, i.e. the driver)."""
+    if os_user is None:
+        import pwd
+        os_user = pwd.getpwuid(os.getuid()).pw_name
+    _atomic_write(os.path.join(pgdata, "pg_ident.conf"), render_ident(os_user, superuser))
     _atomic_write(os.path.join(pgdata, "pg_hba.conf"), render_default_hba(superuser))
 
 

@@ -32,6 +32,23 @@ GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\Z")
 OPTION_KEYWORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # A value written without quotes (vartype other than string) must be one harmless token.
 BARE_VALUE = re.compile(r"^[-+.0-9A-Za-z_:]+\Z")
+# postgresql.conf: what postgres' own lexer (guc-file.l) reads as ONE bare value, ASCII only and
+# without "/" (paths belong in strings): an unquoted string, an integer (decimal or hex, with a
+# unit), or a real. Nothing else is ever written bare: no comment marker, quote or space.
+_CONF_UNQUOTED = r"[A-Za-z_][A-Za-z0-9_.:-]*"
+_CONF_INTEGER = r"[-+]?(?:[0-9]+|0x[0-9A-Fa-f]+)[A-Za-z]*"
+_CONF_REAL = r"[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[Ee][-+]?[0-9]+)?"
+_CONF_BOOL = r"(?i:t|tr|tru|true|f|fa|fal|fals|false|y|ye|yes|n|no|on|of|off|1|0)"  # parse_bool()
+CONF_BARE_VALUE = {
+    "bool": re.compile(rf"^{_CONF_BOOL}\Z"),
+    "integer": re.compile(rf"^(?:{_CONF_INTEGER}|{_CONF_REAL})\Z"),
+    "real": re.compile(rf"^(?:{_CONF_INTEGER}|{_CONF_REAL})\Z"),
+}
+CONF_BARE_ANY = re.compile(rf"^(?:{_CONF_UNQUOTED}|{_CONF_INTEGER}|{_CONF_REAL})\Z")  # enum, others
+# Settings that make postgres read other files or move its own: a spec may ask for settings,
+# not for the server to load a file of its choosing (names are case-insensitive).
+FORBIDDEN_SETTINGS = ("include", "include_if_exists", "include_dir", "config_file", "hba_file",
+                      "ident_file", "data_directory")
 
 DELTA_ACTIONS = ("delete_db", "rename_db", "delete_role", "rename_role")
 NEON_SETTINGS = ("neon.pageserver_connstring", "neon.tenant_id", "neon.timeline_id", "neon.safekeepers")
@@ -168,7 +185,7 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     c = _Obj(o.req("cluster", dict), "cluster")
     roles = tuple(_role(r, f"cluster.roles[{i}]") for i, r in enumerate(c.list("roles")))
     databases = tuple(_database(d, f"cluster.databases[{i}]") for i, d in enumerate(c.list("databases")))
-    settings = tuple(_option(s, f"cluster.settings[{i}]", GUC_NAME) for i, s in enumerate(c.list("settings")))
+    settings = tuple(_setting(s, f"cluster.settings[{i}]") for i, s in enumerate(c.list("settings")))
     _unique((r.name for r in roles), "cluster.roles", "role")
     _unique((d.name for d in databases), "cluster.databases", "database")
     _unique((s.name.lower() for s in settings), "cluster.settings", "setting")  # GUC names ignore case
@@ -322,6 +339,22 @@ def _option(raw: Any, path: str, name_pattern: re.Pattern) -> GenericOption:
             raise SpecError(f"{path}.value",
                             f"{_short(value)} is not a plain {_short(vartype)} value (use vartype \"string\" for text)")
     return GenericOption(name=name, value=value, vartype=vartype)
+
+
+def conf_bare_value_ok(value: str, vartype: str) -> bool:
+    """Whether postgres reads `value`, written without quotes, as one value of that vartype."""
+    return bool(CONF_BARE_VALUE.get(vartype, CONF_BARE_ANY).match(value))
+
+
+def _setting(raw: Any, path: str) -> GenericOption:
+    opt = _option(raw, path, GUC_NAME)
+    if opt.name.lower() in FORBIDDEN_SETTINGS:
+        raise SpecError(f"{path}.name", f"{opt.name!r} is not allowed: it makes postgres read other "
+                        "files or move its own")
+    if opt.value is not None and opt.vartype != "string" and not conf_bare_value_ok(opt.value, opt.vartype):
+        raise SpecError(f"{path}.value", f"{_short(opt.value)} is not a plain {_short(opt.vartype)} value "
+                        "in postgresql.conf (use vartype \"string\" for text)")
+    return opt
 
 
 def _delta(raw: Any, path: str) -> DeltaOp:

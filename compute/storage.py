@@ -20,6 +20,8 @@ from typing import Callable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .environ import child_environment
+
 log = logging.getLogger("compute.storage")
 
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -47,7 +49,7 @@ def _truncate(text: str, limit: int = _TAIL) -> str:
 def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
                      retries: int = 3, backoff: float = 0.5) -> str:
     """Run `<pgbin> --sync-safekeepers`; returns the LSN it prints. `retries` = attempts in total."""
-    env = dict(os.environ)
+    env = child_environment(os.environ)  # no control-plane token for a postgres binary
     env["PGDATA"] = pgdata  # the binary reads PGDATA; it is not given -D
     env.pop("NEON_AUTH_TOKEN", None)
     if auth_token:
@@ -321,13 +323,17 @@ def _sane_mode(member: tarfile.TarInfo) -> tarfile.TarInfo:
 
 # ---------------------------------------------------------------- embedded default
 
-def initdb_default(pgbin_dir: str, pgdata: str, superuser: str) -> None:
-    """The embedded default when the spec names no pageserver: a fresh local cluster."""
+def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | None = None) -> None:
+    """The embedded default when the spec names no pageserver: a fresh local cluster.
+    `pwfile`: a file whose first line becomes the superuser's password (a path on argv, never
+    the password)."""
     argv = [os.path.join(pgbin_dir, "initdb"), "-D", pgdata, "-U", superuser, "--auth=trust",
             "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]
+    if pwfile:
+        argv.append(f"--pwfile={pwfile}")
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             errors="replace")
+                             errors="replace", env=child_environment(os.environ))
     except OSError as e:
         raise StorageError(f"cannot run initdb: {e}") from None
     for line in res.stderr.splitlines():

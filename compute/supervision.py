@@ -16,6 +16,8 @@ import xmlrpc.client
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from .localauth import passfile_path
+
 SOCKET_NAME = "supervisor.sock"
 CONF_NAME = "supervisord.conf"
 
@@ -56,7 +58,6 @@ def rpc(runtime_dir: str, timeout: float | None = None) -> xmlrpc.client.ServerP
 TEMPLATE = "supervisord.conf.tmpl"
 VM_INFORMANT_TEMPLATE = "vm-informant.section.tmpl"
 POSTGRES_EXPORTER_TEMPLATE = "postgres-exporter.section.tmpl"
-_SAFE_ENV_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:-]+\Z")
 _SAFE_URL_VALUE = re.compile(r"^[A-Za-z0-9._~+/=:@?&%-]+\Z")
 
 
@@ -86,18 +87,31 @@ def _command_arg(value: str) -> str:
     return _conf_value(shlex.quote(value))
 
 
+_ENV_VALUE = re.compile(r"^[A-Za-z0-9._~+/=: -]+\Z")  # a token, maybe after "Bearer "
+
+
+def _environment_line(env: dict[str, str]) -> str:
+    """`environment=K="v",...` for one program; tokens only (never echoed in an error)."""
+    for name, value in env.items():
+        if not _ENV_VALUE.match(value):
+            raise ValueError(f"{'storage_auth_token' if name == 'NEON_AUTH_TOKEN' else name} has "
+                             "characters that cannot be passed in the environment")
+    return ("environment=" + ",".join(f'{k}="{_conf_value(v)}"' for k, v in env.items())) if env else ""
+
+
 def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python: str,
                             auth_token: str | None, vm_informant: str | None,
                             informant_connstr: str, postgres_stop_seconds: int = 8,
                             postgres_exporter: str | None = None, postgres_exporter_port: int = 9187,
-                            exporter_dsn: str = "") -> str:
+                            exporter_dsn: str = "",
+                            program_env: dict[str, dict[str, str]] | None = None) -> str:
+    """`program_env`: extra environment per program (`lifecycle`, `postgres`): the secrets
+    only they get (compute/environ.py). `auth_token` alone still means postgres' storage token."""
     tdir = template_dir()
     logs = os.path.join(runtime_dir, "logs")
-    env = ""
-    if auth_token:
-        if not _SAFE_ENV_VALUE.match(auth_token):
-            raise ValueError("storage_auth_token has characters that cannot be passed in the environment")
-        env = f'environment=NEON_AUTH_TOKEN="{_conf_value(auth_token)}"'
+    program_env = dict(program_env or {})
+    if auth_token and "NEON_AUTH_TOKEN" not in program_env.get("postgres", {}):
+        program_env["postgres"] = {**program_env.get("postgres", {}), "NEON_AUTH_TOKEN": auth_token}
     values = {
         "runtime_dir": _conf_value(runtime_dir),
         "conf": _conf_value(os.path.join(runtime_dir, CONF_NAME)),
@@ -107,7 +121,9 @@ def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python
         "pgbin": _command_arg(pgbin),
         "python": _command_arg(python),
         "postgres_stop_seconds": str(int(postgres_stop_seconds)),
-        "postgres_environment": env,
+        "postgres_environment": _environment_line(program_env.get("postgres", {})),
+        "lifecycle_environment": _environment_line(program_env.get("lifecycle", {})),
+        "passfile": _conf_value(passfile_path(runtime_dir)),
         "vm_informant_section": "",
         "postgres_exporter_section": "",
     }

@@ -167,13 +167,13 @@ def test_plan_prints_without_running():
         path = os.path.join(c.base, "next.json")
         with open(path, "w") as f:
             json.dump(spec, f)
-        out = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", path],
+        out = subprocess.run([COMPUTE_CTL, "plan", "-C", c.admin_connstr, "-S", path],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert 'CREATE ROLE "new;role"' in out.stdout and 'ALTER ROLE "app"' in out.stdout
         assert "[redacted]" in out.stdout and md5_hash("app", "changed") not in out.stdout
         assert roles_and_dbs(c)[0] == {"app"}  # nothing ran
 
-        unchanged = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", os.path.join(c.base, "spec.json")],
+        unchanged = subprocess.run([COMPUTE_CTL, "plan", "-C", c.admin_connstr, "-S", os.path.join(c.base, "spec.json")],
                                    capture_output=True, text=True, timeout=60)
         assert unchanged.returncode == 0 and "nothing to do" in unchanged.stdout

@@ -160,6 +160,7 @@ HAND = [
     case("role name is a number", with_(role(name=42)), "cluster.roles[0].name"),
     case("role name empty", with_(role(name="")), "cluster.roles[0].name"),
     case("role name with NUL", with_(role(name="ap\x00p")), "cluster.roles[0].name"),
+    case("hba_file setting", with_(add_setting(name="HBA_File", value="/tmp/trust_all")), f"{S5}.name"),
     case("role name 64 bytes", with_(role(name="r" * 64)), "cluster.roles[0].name"),
     case("role name 32 chars / 64 bytes", with_(role(name="\u00e9" * 32)), "cluster.roles[0].name"),
     case("role name lone surrogate", with_(role(name="a\ud800b")), "cluster.roles[0].name"),
@@ -228,6 +229,26 @@ HAND = [
          f"{S5}.value"),
     case("enum value with spaces", with_(add_setting(name="log_min_messages", value="warning error", vartype="enum")),
          f"{S5}.value"),
+    # settings that would make postgres read other files or move its own (any case)
+    case("include setting", with_(add_setting(name="include", value="/etc/passwd")), f"{S5}.name"),
+    case("include_if_exists, other case", with_(add_setting(name="Include_If_Exists", value="/tmp/x.conf")),
+         f"{S5}.name"),
+    case("include_dir", with_(add_setting(name="INCLUDE_DIR", value="/tmp")), f"{S5}.name"),
+    case("include without a value", with_(add_setting(name="include", value=None)), f"{S5}.name"),
+    case("config_file", with_(add_setting(name="config_file", value="/tmp/evil.conf")), f"{S5}.name"),
+    case("hba_file", with_(add_setting(name="hba_file", value="/tmp/trust_all")), f"{S5}.name"),
+    case("ident_file", with_(add_setting(name="Ident_File", value="/tmp/ident")), f"{S5}.name"),
+    case("data_directory bare", with_(add_setting(name="data_directory", value="pgdata", vartype="enum")),
+         f"{S5}.name"),
+    # bare values: only one token of postgres' config grammar, of the vartype's kind
+    case("integer value with a unit after a fraction", with_(add_setting(name="work_mem", value="1.5GB",
+                                                                         vartype="integer")), f"{S5}.value"),
+    case("bool value that is no bool", with_(add_setting(name="jit", value="maybe", vartype="bool")), f"{S5}.value"),
+    case("bare value with a slash", with_(add_setting(name="x.y", value="a/b", vartype="enum")), f"{S5}.value"),
+    case("bare value of two tokens", with_(add_setting(name="x.y", value="10:00", vartype="enum")), f"{S5}.value"),
+    case("bare value starting with a dash", with_(add_setting(name="x.y", value="-on", vartype="enum")),
+         f"{S5}.value"),
+    case("real value with a letter first", with_(add_setting(name="x.y", value="e5", vartype="real")), f"{S5}.value"),
     case("setting value lone surrogate", with_(add_setting(value="x\udc80")), f"{S5}.value", SURROGATE_VALUE),
     case("duplicate setting", with_(add_setting(name="fsync", value="on", vartype="bool")), "cluster.settings"),
     case("duplicate setting, other case", with_(add_setting(name="FSYNC", value="on", vartype="bool")),
@@ -455,6 +476,8 @@ def bad_ids(draw):
             {"name": "neon.timeline_id", "value": TIMELINE, "vartype": "string"}]
         if "\n" in bad or "\r" in bad or "\x00" in bad:
             bad = bad.replace("\n", "").replace("\r", "").replace("\x00", "") or "x"
+        # A lone surrogate is caught earlier, as a bad setting value: not what this case tests.
+        bad = bad.encode("utf-8", "ignore").decode() or "x"
         next(o for o in s["cluster"]["settings"] if o["name"] == f"neon.{which}")["value"] = bad
         if HEX32_STRICT.fullmatch(bad):
             bad = bad[:-1]

@@ -55,11 +55,36 @@ def test_hba_line_detected_with_other_spacing(tmp_path):
     assert ensure_hba_line(str(tmp_path)) is False
 
 
-def test_default_hba_trusts_only_superuser_on_loopback():
+def test_default_hba_trusts_nobody():
+    """Passwordless superuser only over peer (the compute's OS user, via the ident map); every
+    other line wants a password; the contract's line is there."""
     text = render_default_hba("cloud_admin")
-    assert 'host all "cloud_admin" 127.0.0.1/32 trust' in text and HBA_LINE in text
+    lines = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+    assert lines[0] == ["local", "all", '"cloud_admin"', "peer", "map=compute"]
+    assert ["host", "all", '"cloud_admin"', "all", "scram-sha-256"] in lines
+    assert not [ln for ln in lines if "trust" in ln]
+    # The superuser's lines come before any line that could match it with a weaker method.
+    first_all = min(i for i, ln in enumerate(lines) if ln[2] == "all")
+    assert all(i < first_all for i, ln in enumerate(lines) if ln[2] == '"cloud_admin"')
+    assert HBA_LINE in text
+    for bad in ('evil" all', "a b", "a,b", "a#b", ""):
+        with pytest.raises(ValueError):
+            render_default_hba(bad)
+
+
+def test_ident_maps_only_the_compute_user():
+    from compute.localauth import render_ident
+    text = render_ident("postgres", "cloud_admin")
+    assert [ln.split() for ln in text.splitlines() if not ln.startswith("#")] == \
+        [["compute", '"postgres"', '"cloud_admin"']]
     with pytest.raises(ValueError):
-        render_default_hba('evil" all')
+        render_ident("postgres\nx", "cloud_admin")
+
+
+def test_passfile_escapes_separators():
+    from compute.localauth import render_passfile
+    assert render_passfile("cloud_admin", "pw") == "*:*:*:cloud_admin:pw\n"
+    assert render_passfile("a:b", "p\\w") == "*:*:*:a\\:b:p\\\\w\n"
 
 
 def render(**over):
@@ -99,3 +124,32 @@ def test_supervisord_conf_token_and_informant():
 
 def test_percent_escaped():
     assert "/data/100%%" in render(pgdata="/data/100%")
+
+
+def test_secrets_only_in_their_programs_sections():
+    """compute/environ.py decides; supervisord.conf carries each secret only in its program's
+    `environment=` (parsed here with supervisor's own parser), none in [supervisord]'s."""
+    from supervisor.datatypes import dict_of_key_value_pairs
+
+    from compute.environ import child_environment, program_secrets, supervisord_environment
+    environ = {"PATH": "/bin", "NEON_CONSOLE_JWT": "Bearer cp.tok-1", "NEON_CONTROL_PLANE_TOKEN": "cp2",
+               "NEON_AUTH_TOKEN": "st.env"}
+    assert supervisord_environment(environ) == {"PATH": "/bin"}
+    assert child_environment(environ) == {"PATH": "/bin", "NEON_AUTH_TOKEN": "st.env"}
+    secrets = program_secrets(environ, "st.spec")
+    assert secrets == {"lifecycle": {"NEON_CONSOLE_JWT": "Bearer cp.tok-1", "NEON_CONTROL_PLANE_TOKEN": "cp2",
+                                     "NEON_AUTH_TOKEN": "st.env"},
+                       "postgres": {"NEON_AUTH_TOKEN": "st.spec"}}  # the spec's token wins for postgres
+    assert program_secrets({"PATH": "/bin"}, None) == {"lifecycle": {}, "postgres": {}}
+
+    cp = parse(render(program_env=secrets))
+    assert dict_of_key_value_pairs(cp["program:lifecycle"]["environment"]) == secrets["lifecycle"]
+    assert dict_of_key_value_pairs(cp["program:postgres"]["environment"]) == secrets["postgres"]
+    glob = dict_of_key_value_pairs(cp["supervisord"]["environment"])
+    assert glob["PGPASSFILE"] == "/run/c/superuser.pgpass" and not set(glob) & set(environ)
+    for section in cp.sections():
+        if section not in ("program:lifecycle", "program:postgres"):
+            assert "environment" not in cp[section] or section == "supervisord", section
+    with pytest.raises(ValueError) as info:
+        render(program_env={"lifecycle": {"NEON_CONSOLE_JWT": 'x"\nEVIL'}})
+    assert "EVIL" not in str(info.value)

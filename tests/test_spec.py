@@ -145,3 +145,26 @@ def test_text_errors():
     with pytest.raises(SpecError, match="larger than"):
         parse_spec_text(" " * (16 * 1024 * 1024 + 1))
     assert parse_spec_text(json.dumps(spec())).format_version == 1.0
+
+
+@pytest.mark.parametrize("value,vartype", [
+    ("on", "bool"), ("OFF", "bool"), ("true", "bool"), ("0", "bool"), ("128MB", "integer"),
+    ("-1", "integer"), ("0x1F", "integer"), ("0.9", "real"), (".5", "real"), ("2ms", "real"),
+    ("replica", "enum"), ("debug5", "enum"), ("neon.x", "enum"), ("a-b:c", "enum"), ("42", "enum"),
+])
+def test_plain_bare_values_are_accepted(value, vartype):
+    from compute.pgconf import render_postgresql_conf
+    spec = parse_spec({"format_version": 1.0, "cluster": {"settings": [{"name": "x.y", "value": value,
+                                                                         "vartype": vartype}]}})
+    assert f"x.y = {value}\n" in render_postgresql_conf(spec.cluster.settings)
+
+
+@pytest.mark.parametrize("name", ["include", "INCLUDE_DIR", "Include_If_Exists", "config_file", "hba_file",
+                                  "ident_file", "data_directory"])
+def test_settings_that_move_files_are_refused(name):
+    with pytest.raises(SpecError) as info:
+        parse_spec({"format_version": 1.0, "cluster": {"settings": [
+            {"name": "work_mem", "value": "4MB", "vartype": "string"},
+            {"name": name, "value": "/tmp/x", "vartype": "string"}]}})
+    assert info.value.field == "cluster.settings[1].name" and "not allowed" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -7,7 +7,7 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
 * `postgres --sync-safekeepers` (argv[1], as in neon's main.c) with PGDATA in env: checks like the
   real binary (refuses root unless FAKE_SK_ALLOW_ROOT=1, needs PGDATA or -D, needs
   postgresql.conf), logs to stderr, prints one LSN (env FAKE_SK_LSN, default 0/16B9188), exits 0.
-* env FAKE_SK_RECORD=<file>: appends {argv, pgdata, token_set, token_matches, uid} to a JSON list
+* env FAKE_SK_RECORD=<file>: appends {argv, pgdata, token_set, token_matches, control_plane_token_set, uid} to a JSON list
   there; token_matches compares NEON_AUTH_TOKEN with FAKE_SK_EXPECT_TOKEN (the token itself is
   never written).
 * env FAKE_SK_FAIL=N: the first N invocations fail (exit 1, error on stderr); the count is kept in
@@ -83,6 +83,8 @@ def sync_main(argv: list[str]) -> int:
         _record(record, {"argv": argv, "pgdata": os.environ.get("PGDATA"),
                          "token_set": token is not None,
                          "token_matches": None if expected is None else token == expected,
+                         "control_plane_token_set": any(os.environ.get(k) for k in (
+                             "NEON_CONSOLE_JWT", "NEON_CONTROL_PLANE_TOKEN")),
                          "uid": os.geteuid()})
     if pgdata is None:
         sys.stderr.write("postgres does not know where to find the server configuration file.\n"

@@ -79,8 +79,27 @@ class Compute:
     def connstr(self) -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.pg_port}/postgres"
 
+    @property
+    def passfile(self) -> str:
+        """The superuser's password, as our own programs find it (compute/localauth.py)."""
+        return os.path.join(self.runtime_dir, "superuser.pgpass")
+
+    def admin_conninfo(self, dbname: str = "postgres") -> str:
+        """The ONE way tests connect to a booted compute as the superuser: the -C connstr (TCP
+        loopback) with the password from the runtime dir's passfile, as our programs do."""
+        from psycopg.conninfo import make_conninfo
+        return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=SUPERUSER,
+                             connect_timeout=5, passfile=self.passfile)
+
+    @property
+    def admin_connstr(self) -> str:
+        """`connstr` plus the passfile, for `compute-ctl plan -C` run by a test."""
+        return f"{self.connstr}?passfile={self.passfile}"
+
     def conninfo(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
         from psycopg.conninfo import make_conninfo
+        if user == SUPERUSER and password is None:
+            return self.admin_conninfo(dbname)
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 

@@ -1,0 +1,191 @@
+"""The path policy for PGDATA and the runtime dir (compute/paths.py): the pure decisions, then
+the walk on a real filesystem (owners faked with chown when the tests run as root)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+
+import pytest
+
+from compute.paths import (Node, PathError, Policy, check_ancestor, check_symlink, check_target,
+                           looks_like_our_pgdata, secure_dir)
+from compute.pgconf import BEGIN_MARK
+
+COMPUTE, OTHER = 1000, 65534
+AS_ROOT = Policy.for_process(COMPUTE, euid=0)
+AS_USER = Policy.for_process(COMPUTE, euid=COMPUTE)
+
+
+def d(uid=0, mode=0o755, path="/x"):
+    return Node(path, "dir", uid, mode)
+
+
+def link(uid=0):
+    return Node("/x", "symlink", uid, 0o777)
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("node", [d(0, 0o755), d(COMPUTE, 0o700), d(0, 0o1777), d(COMPUTE, 0o1777)])
+def test_ancestors_that_pass(node):
+    check_ancestor(node, AS_ROOT)
+
+
+@pytest.mark.parametrize("node,why", [
+    (d(OTHER, 0o755), "belongs to"),
+    (d(0, 0o777), "writable by group/other"),        # e.g. a shared dir without the sticky bit
+    (d(COMPUTE, 0o775), "writable by group/other"),
+    (Node("/x", "other", 0, 0o644), "not a directory"),
+])
+def test_ancestors_that_are_refused(node, why):
+    with pytest.raises(PathError, match=why):
+        check_ancestor(node, AS_ROOT)
+
+
+def test_symlinks_followed_only_when_we_could_have_made_them():
+    check_symlink(link(0), AS_ROOT)
+    check_symlink(link(COMPUTE), AS_USER)   # our own, when we are that user
+    for policy, uid in ((AS_ROOT, COMPUTE), (AS_ROOT, OTHER), (AS_USER, OTHER)):
+        with pytest.raises(PathError, match="symlink owned by"):
+            check_symlink(link(uid), policy)
+
+
+def test_targets():
+    check_target(d(COMPUTE, 0o700), AS_ROOT, what="--pgdata", entries=[])
+    check_target(d(COMPUTE, 0o700), AS_ROOT, what="--runtime-dir")         # contents not looked at
+    check_target(d(0, 0o777), AS_ROOT, what="--pgdata", entries=[])       # an empty mount point
+    check_target(d(COMPUTE, 0o700), AS_ROOT, what="--pgdata", entries=["PG_VERSION", "base"], ours=True)
+    refused = [
+        (dict(node=d(OTHER, 0o700), entries=[]), "belongs to"),
+        (dict(node=d(0, 0o755), entries=["passwd"]), "belongs to root and is not empty"),
+        (dict(node=d(0, 0o755), entries=None), "belongs to root and is not empty"),
+        (dict(node=d(COMPUTE, 0o770), entries=[]), "writable by group/other"),
+        (dict(node=d(COMPUTE, 0o700), entries=["lib", "cache"]), "not a data directory"),
+        (dict(node=Node("/x", "other", COMPUTE, 0o600), entries=None), "not a directory"),
+    ]
+    for kw, why in refused:
+        with pytest.raises(PathError, match=why):
+            check_target(kw["node"], AS_ROOT, what="--pgdata", entries=kw["entries"])
+    with pytest.raises(PathError, match="belongs to root"):  # not root: we could not chown it
+        check_target(d(0, 0o755), AS_USER, what="--pgdata", entries=[])
+
+
+def test_our_pgdata_is_recognised():
+    assert looks_like_our_pgdata(["PG_VERSION", "global"], None, BEGIN_MARK)
+    assert looks_like_our_pgdata(["postgresql.conf"], BEGIN_MARK + "\nport = 1\n", BEGIN_MARK)
+    assert not looks_like_our_pgdata(["postgresql.conf"], "# someone else's\n", BEGIN_MARK)
+    assert not looks_like_our_pgdata(["lib", "log"], None, BEGIN_MARK)
+
+
+# -- the walk on a real filesystem -------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="fakes other owners with chown")
+
+
+@pytest.fixture
+def base():
+    path = tempfile.mkdtemp(prefix="cs-paths-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def user():
+    pw = pwd.getpwnam("postgres")
+    return pw.pw_uid, pw.pw_gid
+
+
+def nobody():
+    return pwd.getpwnam("nobody").pw_uid
+
+
+def prepare(path, **kw):
+    uid, gid = user()
+    secure_dir(path, Policy.for_process(uid), what="--pgdata", uid=uid, gid=gid, **kw)
+
+
+def snapshot(path):
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+
+@needs_root
+def test_creates_missing_directories_for_the_user(base):
+    target = os.path.join(base, "a", "b", "pgdata")
+    prepare(target, pgdata_marker=BEGIN_MARK)
+    st = os.stat(target)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user()[0], 0o700)
+    assert os.stat(os.path.join(base, "a")).st_uid == 0  # parents: root's, as makedirs made them
+
+
+@needs_root
+def test_dry_run_creates_nothing(base):
+    target = os.path.join(base, "a", "pgdata")
+    prepare(target, dry_run=True, pgdata_marker=BEGIN_MARK)
+    assert os.listdir(base) == []
+
+
+@needs_root
+@pytest.mark.parametrize("layout", ["symlink as target", "symlink as parent", "dir of another user",
+                                    "world-writable parent"])
+def test_planted_paths_are_refused_and_the_victim_untouched(base, layout):
+    victim = os.path.join(base, "victim")
+    os.mkdir(victim, 0o755)
+    with open(os.path.join(victim, "precious"), "w") as f:
+        f.write("keep")
+    before = snapshot(victim)
+    if layout == "symlink as target":
+        target = os.path.join(base, "pgdata")
+        os.symlink(victim, target)
+        os.lchown(target, nobody(), nobody())
+    elif layout == "symlink as parent":
+        os.symlink(base, os.path.join(base, "up"))
+        os.lchown(os.path.join(base, "up"), nobody(), nobody())
+        target = os.path.join(base, "up", "victim")
+    elif layout == "dir of another user":
+        planted = os.path.join(base, "planted")
+        os.mkdir(planted)
+        os.chown(planted, nobody(), nobody())
+        os.symlink(victim, os.path.join(planted, "pgdata"))  # even a root-made link inside: refused
+        target = os.path.join(planted, "pgdata")
+    else:
+        shared = os.path.join(base, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        os.symlink(victim, os.path.join(shared, "pgdata"))
+        target = os.path.join(shared, "pgdata")
+    for dry_run in (True, False):
+        with pytest.raises(PathError):
+            prepare(target, dry_run=dry_run, pgdata_marker=BEGIN_MARK)
+    assert snapshot(victim) == before
+
+
+@needs_root
+def test_root_symlink_is_followed(base):
+    real = os.path.join(base, "real")
+    os.symlink(real, os.path.join(base, "alias"))  # root made it: like /var/run -> /run
+    prepare(os.path.join(base, "alias"), pgdata_marker=BEGIN_MARK)
+    assert os.stat(real).st_uid == user()[0]
+
+
+@needs_root
+def test_typo_pgdata_is_not_taken(base):
+    uid, gid = user()
+    lib = os.path.join(base, "lib")  # like `-D /var/lib`: full of someone's data
+    os.makedirs(os.path.join(lib, "dpkg"))
+    before = snapshot(lib)
+    with pytest.raises(PathError, match="belongs to root and is not empty"):
+        prepare(lib, pgdata_marker=BEGIN_MARK)
+    os.chown(lib, uid, gid)  # even the compute user's own directory, when it is not a data directory
+    os.chmod(lib, 0o700)
+    with pytest.raises(PathError, match="not a data directory"):
+        prepare(lib, pgdata_marker=BEGIN_MARK)
+    assert sorted(os.listdir(lib)) == before[3]
+    # ...but a PGDATA of ours is, including one a killed driver left half-emptied.
+    with open(os.path.join(lib, "postgresql.conf"), "w") as f:
+        f.write(BEGIN_MARK + "\n")
+    prepare(lib, pgdata_marker=BEGIN_MARK)
