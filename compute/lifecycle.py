@@ -181,7 +181,7 @@ class Driver:
             t = time.monotonic()
             nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, modes.primary_conninfo(spec),
                                            self.runtime_dir)
-            pgconf.write_default_hba(self.pgdata, self.superuser)
+            pgconf.write_default_hba(self.pgdata, self.superuser, clone=True)
             self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
             log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))

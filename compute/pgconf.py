@@ -56,15 +56,21 @@ def ensure_hba_line(pgdata: str) -> bool:
     return True
 
 
-def render_default_hba(superuser: str) -> str:
+def render_default_hba(superuser: str, *, clone: bool = False) -> str:
     """pg_hba.conf for the embedded default (see compute/localauth.py): the superuser without a
     password only as the compute's OS user on the socket (peer + pg_ident map), with its
-    generated password over TCP; every other role with its password."""
+    generated password over TCP; every other role with its password.
+
+    `clone`: a replica cloned from a plain primary has the primary's catalog, and a standby
+    cannot be given a password of ours, so our programs reach the superuser over loopback
+    without one (a documented gap: docs/security.md, "Read replicas of a plain primary")."""
     su = hba_name(superuser, "superuser name")
+    tcp = (f"host all {su} 127.0.0.1/32 trust\nhost all {su} ::1/128 trust\n" if clone
+           else f"host all {su} all scram-sha-256\n")
     return (
         "# Written by compute-ctl for the embedded default (initdb) storage.\n"
         f"local all {su} peer map={IDENT_MAP}\n"
-        f"host all {su} all scram-sha-256\n"
+        f"{tcp}"
         "local all all md5\n"
         "host all all 127.0.0.1/32 md5\n"
         "host all all ::1/128 md5\n"
@@ -72,14 +78,14 @@ def render_default_hba(superuser: str) -> str:
     )
 
 
-def write_default_hba(pgdata: str, superuser: str, os_user: str | None = None) -> None:
+def write_default_hba(pgdata: str, superuser: str, os_user: str | None = None, *, clone: bool = False) -> None:
     """pg_hba.conf and the pg_ident.conf map it names (`os_user`: the compute's, by default
     whoever runs this, i.e. the driver)."""
     if os_user is None:
         import pwd
         os_user = pwd.getpwuid(os.getuid()).pw_name
     _atomic_write(os.path.join(pgdata, "pg_ident.conf"), render_ident(os_user, superuser))
-    _atomic_write(os.path.join(pgdata, "pg_hba.conf"), render_default_hba(superuser))
+    _atomic_write(os.path.join(pgdata, "pg_hba.conf"), render_default_hba(superuser, clone=clone))
 
 
 def _atomic_write(path: str, text: str) -> None:
