@@ -36,6 +36,12 @@ def die_with_parent(sig: int = signal.SIGTERM, parent_env: str = SUPERVISORD_PID
     return ok
 
 
+def dies_with_us() -> None:
+    """preexec_fn for a child we run ourselves (pg_basebackup): it gets SIGTERM when we die.
+    No parent check: its parent is us, not the supervisord that die_with_parent expects."""
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def become_subreaper() -> bool:
     """Orphans of our descendants are reparented to us instead of init."""
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)

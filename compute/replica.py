@@ -20,7 +20,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from . import modes
-from .procutil import die_with_parent
+from .procutil import dies_with_us
 
 log = logging.getLogger("compute.replica")
 
@@ -63,7 +63,7 @@ def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir
         try:
             # It dies with us: a lifecycle driver killed mid-clone leaves no pg_basebackup behind.
             res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                                 preexec_fn=die_with_parent)
+                                 preexec_fn=dies_with_us)
         except OSError as e:
             raise ReplicaError(f"cannot run pg_basebackup: {e.strerror}") from None
     finally:

@@ -54,7 +54,9 @@ def test_section_only_when_asked_and_its_environment_survives_supervisords_parse
     cp.read_string(render(postgres_exporter="/usr/bin/prom exporter", postgres_exporter_port=9999,
                           exporter_dsn=dsn))
     sec = cp["program:postgres-exporter"]
-    assert sec["command"] == "'/usr/bin/prom exporter' --web.listen-address=:9999 --log.level=warn"
+    # under setpriv: a parent-death signal, so the exporter never outlives supervisord
+    assert sec["command"] == ("/usr/bin/setpriv --pdeathsig SIGTERM -- '/usr/bin/prom exporter' "
+                              "--web.listen-address=:9999 --log.level=warn")
     assert sec["autorestart"] == "false"  # exitwatch restarts it after 5 s
     env = dict_of_key_value_pairs(sec["environment"].replace("%%", "%"))  # supervisord's own parser
     assert env == {"DATA_SOURCE_NAME": dsn}

@@ -64,9 +64,13 @@ def pg_dump_env(connstr: str, dbname: str) -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
            "PGDATABASE": dbname, "PGAPPNAME": "compute_ctl:database_schema", "PGCONNECT_TIMEOUT": "10"}
     for key, var in (("host", "PGHOST"), ("hostaddr", "PGHOSTADDR"), ("port", "PGPORT"), ("user", "PGUSER"),
-                     ("sslmode", "PGSSLMODE")):
+                     ("sslmode", "PGSSLMODE"), ("passfile", "PGPASSFILE")):
         if params.get(key):
             env[var] = str(params[key])
+    # The superuser's password on the embedded default: the passfile our programs are given
+    # (compute/localauth.py), never the password itself.
+    if "PGPASSFILE" not in env and os.environ.get("PGPASSFILE"):
+        env["PGPASSFILE"] = os.environ["PGPASSFILE"]
     return env
 
 

@@ -103,11 +103,6 @@ class Compute:
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 
-    def admin_conninfo(self, dbname: str = "postgres") -> str:
-        """The superuser's connection to the booted compute: new tests connect through this one
-        helper, so a change of the superuser's access (socket, not TCP) is made here only."""
-        return self.conninfo(dbname)
-
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
                "--http-port", str(self.http_port), "--runtime-dir", self.runtime_dir,
