@@ -9,13 +9,20 @@ connection and gives the connection back to the worker's poller until the head i
 already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
 poller closes a connection that stays silent for `keepalive` seconds.
 
-Bodies are still read by the thread (bounded at 1 MiB by the app). TLS and HTTP/2 connections
-take the stock path. Used by compute/api/gunicorn_conf.py when the installed gunicorn has the
-hooks it relies on (gunicorn >= 23's deferral of connections to the poller), else plain gthread.
+Bodies are read by a thread, and only when the app asks (after auth and mode checks; bounded at
+1 MiB and at a few concurrent reads by the app, compute/api/errors.py). Once a head is complete,
+the rest of that request (its body, read by the app) must arrive within REQUEST_DEADLINE
+seconds, and every socket operation of the thread (a response the client does not read
+included) within IO_TIMEOUT; a body the app left unread is never drained for long
+(DRAIN_DEADLINE): the connection is closed instead of being kept alive. TLS and HTTP/2
+connections take the stock path. Used by compute/api/gunicorn_conf.py when the installed
+gunicorn has the hooks it relies on (gunicorn >= 23's deferral of connections to the poller),
+else plain gthread.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 from gunicorn.workers import gthread
@@ -25,9 +32,36 @@ _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without d
 # The end of a head: "\r\n\r\n", or with bare LFs (which gunicorn's parser then rejects
 # with a 400: it must get to see them).
 HEAD_ENDS = (b"\n\r\n", b"\n\n")
-HEAD_DEADLINE = 30.0
+HEAD_DEADLINE = 10.0
 MAX_BUFFERED_HEAD = 64 * 1024  # beyond that, let gunicorn's own limits reject the request
 RECV_SIZE = 65536
+REQUEST_DEADLINE = 10.0  # head complete -> body read by the app
+IO_TIMEOUT = 10.0  # any one blocking send or receive of a pool thread
+DRAIN_DEADLINE = 0.1  # an unread body already in flight may be skipped; else close
+DRAIN_MAX_BYTES = 64 * 1024
+
+
+class DeadlineSocket:
+    """The parser's view of a client socket: every recv ends by `deadline` (socket.timeout),
+    however slowly the bytes come. Everything else is the socket's own."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int, *flags) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("request not received within its deadline")
+        before = self._sock.gettimeout()
+        self._sock.settimeout(remaining if before is None else min(before, remaining))
+        try:
+            return self._sock.recv(size, *flags)
+        finally:
+            self._sock.settimeout(before)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 class HeadFirstThreadWorker(gthread.ThreadWorker):
@@ -37,11 +71,28 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             return super().handle(conn)
         parser = conn.parser
         if parser is not None and parser.unreader.buf.getbuffer().nbytes:
+            if isinstance(getattr(parser.unreader, "sock", None), DeadlineSocket):
+                parser.unreader.sock.deadline = time.monotonic() + REQUEST_DEADLINE
             return super().handle(conn)  # pipelined bytes already held: the stock path
         verdict = self._read_head(conn)
         if verdict is True:
             return super().handle(conn)
         return verdict
+
+    def handle_request(self, req, conn):
+        # Blocking from here on, but never without a bound: the parser reads through a
+        # DeadlineSocket, and sends (a client that does not read its answer) time out.
+        conn.sock.settimeout(IO_TIMEOUT)
+        return super().handle_request(req, conn)
+
+    def _keepalive_after(self, conn, keepalive):
+        """Keep a connection alive only if what is left of its body is already here: a client
+        that announced a body and does not send it must not hold a thread (gunicorn's own
+        drain waits up to 5 s)."""
+        if not keepalive:
+            return False
+        return bool(conn.parser.finish_body(deadline=time.monotonic() + DRAIN_DEADLINE,
+                                            max_bytes=DRAIN_MAX_BYTES))
 
     @staticmethod
     def _read_head(conn):
@@ -67,7 +118,10 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             head += data
             if any(head.find(end, start) >= 0 for end in HEAD_ENDS) or len(head) > MAX_BUFFERED_HEAD:
                 conn.init()  # blocking socket and parser, as the stock path makes them
-                conn.parser.unreader.unread(bytes(head))
+                unreader = conn.parser.unreader
+                if hasattr(unreader, "sock"):  # the rest of this request within REQUEST_DEADLINE
+                    unreader.sock = DeadlineSocket(conn.sock, time.monotonic() + REQUEST_DEADLINE)
+                unreader.unread(bytes(head))
                 head.clear()
                 conn.cs_head_since = None
                 return True
