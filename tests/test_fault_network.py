@@ -111,6 +111,16 @@ class Probes:
     def slow_or_failed(self) -> list:
         return [r for r in self.results if r[1] != 200 or r[2] >= PROBE_BOUND]
 
+    def longest_miss_streak(self) -> int:
+        """Most consecutive probes that failed or took a second or more. A liveness probe fails
+        a pod after several misses in a row (Kubernetes: 3); starvation would miss them all for
+        seconds, while one lone miss is the noise of a shared 2-core machine."""
+        worst = run = 0
+        for _, code, latency in self.results:
+            run = run + 1 if code != 200 or latency >= PROBE_BOUND else 0
+            worst = max(worst, run)
+        return worst
+
 
 @dataclass
 class Hostile:
@@ -189,7 +199,8 @@ class Hostile:
 
 def test_dozens_of_hostile_connections_do_not_starve_the_probes(open_compute):
     c = open_compute
-    kinds = {"slowloris": 15, "slow_body": 15, "unread_body": 10, "unread_form": 10, "silent": 10}
+    # more slow bodies than the API has threads (2 workers x 16): only 4 per worker are read
+    kinds = {"slowloris": 15, "slow_body": 40, "unread_body": 10, "unread_form": 10, "silent": 10}
     hostile = [Hostile(kind, c.http_port) for kind, n in kinds.items() for _ in range(n)]
     stop = threading.Event()
     threads = [threading.Thread(target=h.run, args=(stop,), daemon=True) for h in hostile]
@@ -212,9 +223,11 @@ def test_dozens_of_hostile_connections_do_not_starve_the_probes(open_compute):
     by_kind = {k: Counter((h.status, h.closed_after is not None) for h in hostile if h.kind == k) for k in kinds}
     latencies = sorted(r[2] for r in probes.results)
     print(f"\n{len(hostile)} hostile connections: {by_kind}; {len(probes.results)} probes, "
-          f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+          f"p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, p99 {latencies[len(latencies) * 99 // 100] * 1000:.0f} ms, "
+          f"max {latencies[-1] * 1000:.0f} ms, {len(probes.slow_or_failed())} over 1 s")
     assert len(probes.results) > 50
-    assert probes.slow_or_failed() == []
+    misses = probes.slow_or_failed()
+    assert probes.longest_miss_streak() <= 1 and len(misses) <= len(probes.results) // 50, misses
     for h in hostile:
         assert h.closed_after is not None, f"{h.kind}: still open"
     for h in hostile:
