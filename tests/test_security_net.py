@@ -18,7 +18,7 @@ from compute.api.errors import is_json
 from compute.api.redaction import redact_passwords
 from compute.cli import UsageError, exposure_warning, http_address
 from compute.pgsession import session_options, session_params
-from compute.reconcile import ApplyError, apply_spec
+from compute.reconcile import ApplyError, ReconcileError, apply_spec
 from compute.spec import parse_spec
 from tests.support.api_helpers import launch_settings, make_state, pg
 from tests.support.pgcluster import running_cluster
@@ -288,3 +288,31 @@ def test_a_held_lock_fails_the_apply_in_bounded_time_with_a_clear_error(pg):
     assert "\n" not in message
     assert elapsed < 20
     apply_spec(pg.url(), delete, superuser="cloud_admin")  # lock released: the same apply passes
+
+
+def test_statement_timeout_ends_a_long_statement_with_a_clear_error(pg):
+    spec = parse_spec({
+        "format_version": 1.0,
+        "cluster": {"cluster_id": "c", "name": "c", "settings": [], "roles": [],
+                    "databases": [{"name": "slowdb", "owner": "cloud_admin", "options": None}]},
+    }, superuser="cloud_admin")
+    # 1 ms: copying template1 takes far longer (on a loaded machine even the catalog read may)
+    with pytest.raises(ReconcileError) as failed:
+        apply_spec(pg.url(), spec, superuser="cloud_admin", statement_timeout=0.001)
+    assert "canceling statement due to statement timeout" in str(failed.value)
+    assert not isinstance(failed.value, ApplyError) or "--statement-timeout" in str(failed.value)
+    apply_spec(pg.url(), spec, superuser="cloud_admin")  # the default: done
+
+
+@pytest.mark.parametrize("flag,value", [("--http-address", "localhost"), ("--http-address", "0.0.0.0:3080"),
+                                        ("--lock-timeout", "-1"), ("--lock-timeout", "nan"),
+                                        ("--statement-timeout", "1e9")])
+def test_bad_network_and_timeout_flags_are_one_line_errors(tmp_path, capsys, flag, value):
+    from compute.cli import main
+    pgdata = tmp_path / "pgdata"
+    code = main(["-D", str(pgdata), "-C", "postgresql://cloud_admin@127.0.0.1:1/postgres",
+                 "-b", "/usr/lib/postgresql/15/bin/postgres", "-i", "c1", "-p", "http://127.0.0.1:1",
+                 "--runtime-dir", str(tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and flag in err and "\n" not in err, err
+    assert not pgdata.exists() and not (tmp_path / "run").exists()  # nothing touched
