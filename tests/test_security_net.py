@@ -316,3 +316,35 @@ def test_bad_network_and_timeout_flags_are_one_line_errors(tmp_path, capsys, fla
     err = capsys.readouterr().err.strip()
     assert code == 1 and flag in err and "\n" not in err, err
     assert not pgdata.exists() and not (tmp_path / "run").exists()  # nothing touched
+
+
+def _refused_without_reading(port: int, head: bytes) -> bytes:
+    """Send a head announcing 500 kB and none of it; the answer, read until the server closes."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head + b"Content-Length: 500000\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("live,status,ctype,want", [
+    (False, "running", "application/json", b"412"),  # not pull mode
+    (True, "configuration", "application/json", b"412"),  # another configuration in progress
+    (True, "running", "application/x-www-form-urlencoded", b"415"),
+])
+def test_no_body_is_read_before_the_mode_checks(tmp_path, live, status, ctype, want):
+    """Real gunicorn on 127.0.0.1 (launch http_address): refused at once, connection closed
+    rather than drained; nobody waits for the 500 kB."""
+    from tests.support.api_helpers import gunicorn
+    from tests.support.pgcluster import free_port
+    rt, port = str(tmp_path), free_port()
+    make_state(rt, status=status, launch=launch_settings(rt, http_port=port, http_address="127.0.0.1",
+                                                         live_config_allowed=live))
+    with gunicorn(rt):
+        t0 = time.monotonic()
+        out = _refused_without_reading(port, b"POST /configure HTTP/1.1\r\nHost: x\r\n"
+                                             b"Content-Type: " + ctype.encode() + b"\r\n")
+        assert out.startswith(b"HTTP/1.1 " + want), out[:200]
+        assert time.monotonic() - t0 < 5
