@@ -10,6 +10,7 @@ open pins, in the startup packet (source `client`, which outranks database and r
                                       last: it is never searched for functions or operators)
   role = none                         we act as the connstr's user, never as a role a database
                                       setting names
+  default_transaction_read_only = off a database owner cannot make our DDL fail
   lock_timeout, statement_timeout     per program: a blocked statement ends with an error
 
 Everything we name outside pg_catalog is schema-qualified (`public.health_check`, the
@@ -42,7 +43,8 @@ NO_LOG_SETTINGS = (
 
 def session_options(*, lock_timeout_ms: int | None = None, statement_timeout_ms: int | None = None) -> str:
     """The `options` value (postgres command-line switches) our sessions connect with."""
-    parts = [f"-c search_path={PINNED_SEARCH_PATH}", "-c role=none"]
+    parts = [f"-c search_path={PINNED_SEARCH_PATH}", "-c role=none", "-c default_transaction_read_only=off"]
+    # the timeouts are always ours (a database owner could set them to 1 ms or to forever)
     if lock_timeout_ms is not None:
         parts.append(f"-c lock_timeout={int(lock_timeout_ms)}")
     if statement_timeout_ms is not None:

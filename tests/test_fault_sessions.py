@@ -67,13 +67,17 @@ def compute():
             yield c
 
 
+# app's own database settings (below) apply to its own sessions too: the test's sessions undo them
+OWN_SESSION = session_options(statement_timeout_ms=0, lock_timeout_ms=0)
+
+
 def as_app(c: Compute, dbname: str = "postgres", password: str = APP_PASSWORD, **kw) -> psycopg.Connection:
-    return psycopg.connect(c.conninfo(dbname, user="app", password=password), **kw)
+    return psycopg.connect(c.conninfo(dbname, user="app", password=password), options=OWN_SESSION, **kw)
 
 
 def as_admin(c: Compute, dbname: str = "postgres") -> psycopg.Connection:
     # pinned like ours: this connection must not spring the traps it reads
-    return psycopg.connect(c.admin_conninfo(dbname), autocommit=True, options=session_options())
+    return psycopg.connect(c.admin_conninfo(dbname), autocommit=True, options=OWN_SESSION)
 
 
 def configure(c: Compute, spec: dict, timeout: float = 90) -> tuple[int, dict]:
@@ -92,7 +96,9 @@ def test_no_session_of_ours_runs_a_spec_role_code(compute):
         with as_app(c, db, autocommit=True) as app:
             app.execute(TRAPS)
             app.execute(sql.SQL("ALTER DATABASE {} SET search_path = public, pg_catalog").format(sql.Identifier(db)))
-            app.execute(sql.SQL("ALTER DATABASE {} SET role = 'app'").format(sql.Identifier(db)))
+            for setting in ("role = 'app'", "default_transaction_read_only = on", "statement_timeout = 1",
+                            "lock_timeout = 1"):  # act as app; fail our DDL; cancel our statements
+                app.execute(sql.SQL("ALTER DATABASE {} SET " + setting).format(sql.Identifier(db)))
     installed = time.time()
 
     # the monitor opens a new session (database settings apply to new sessions only) ...
@@ -119,10 +125,11 @@ def test_no_session_of_ours_runs_a_spec_role_code(compute):
     with as_admin(c) as admin:
         assert admin.execute("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = 'app'").fetchone() == (False,)
         # the traps are live: a superuser session that is not pinned springs them
-        with psycopg.connect(c.admin_conninfo(), autocommit=True) as unpinned:
-            assert unpinned.execute("SELECT current_user::text").fetchone() == ("app",)  # SET role by the owner
+        with psycopg.connect(c.admin_conninfo(), autocommit=True, options="-c statement_timeout=0") as unpinned:
+            assert unpinned.execute("SHOW role").fetchone() == ("app",)  # SET role by the owner
     with as_admin(c) as admin:
-        with psycopg.connect(c.admin_conninfo(), autocommit=True, options="-c role=none") as unpinned:
+        unpinned_options = "-c role=none -c statement_timeout=0 -c default_transaction_read_only=off"
+        with psycopg.connect(c.admin_conninfo(), autocommit=True, options=unpinned_options) as unpinned:
             unpinned.execute("SELECT now()")
         assert ("cloud_admin", "now()") in hits(c, "postgres")
         admin.execute("TRUNCATE public.trap_hits")
@@ -135,7 +142,7 @@ def _rfc3339(ts: float) -> str:
 def test_insights_redact_what_a_spec_role_typed(compute):
     c = compute
     literals = ["first-Secret-1", "second-Secret-2", "third-Secret-3", APP_PASSWORD]
-    with as_app(c, autocommit=True, options=session_options()) as app:
+    with as_app(c, autocommit=True) as app:
         app.execute(f"ALTER ROLE app PASSWORD '{literals[0]}'")
         app.execute(f"alter role app with encrypted password E'{literals[1]}'")
         app.execute(f"ALTER ROLE app PASSWORD $x${literals[2]}$x$")

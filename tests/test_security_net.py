@@ -93,7 +93,7 @@ def test_session_options_are_appended_after_the_connstr_own():
     params = session_params("postgresql://cloud_admin@127.0.0.1:5/postgres?options=-c%20search_path%3Dpublic",
                             lock_timeout_ms=1500)
     assert params["options"] == ("-c search_path=public -c search_path=pg_catalog,pg_temp -c role=none "
-                                 "-c lock_timeout=1500")
+                                 "-c default_transaction_read_only=off -c lock_timeout=1500")
     assert "statement_timeout" not in session_options()
 
 
