@@ -42,7 +42,8 @@ BEGIN
   END IF;
 END
 $guard$;
-INSERT INTO public.health_check VALUES (1, pg_catalog.now()) ON CONFLICT (id) DO UPDATE SET updated_at = pg_catalog.now();
+INSERT INTO public.health_check VALUES (1, pg_catalog.now())
+  ON CONFLICT (id) DO UPDATE SET updated_at = pg_catalog.now();
 """
 
 
