@@ -357,11 +357,17 @@ def test_check_writability_writes_in_one_round_trip(rt, pg, monkeypatch):
 
 
 def test_check_writability_reports_the_error(rt, pg):
-    readonly = pg.url() + "?options=-c%20default_transaction_read_only%3Don"
-    make_state(rt, launch=launch_settings(rt, connstr=readonly))
+    # (a connstr option default_transaction_read_only=on no longer counts: our sessions pin it
+    # off, so that a database owner cannot make our DDL fail; a real standby is still read-only)
+    with psycopg.connect(pg.conninfo(), autocommit=True) as su:
+        su.execute("DROP DATABASE IF EXISTS nopublic")
+        su.execute("CREATE DATABASE nopublic")
+    with psycopg.connect(pg.conninfo("nopublic"), autocommit=True) as su:
+        su.execute("DROP SCHEMA public")
+    make_state(rt, launch=launch_settings(rt, connstr=pg.url("nopublic")))
     r = client_for(rt).simulate_post("/check_writability")
     assert r.status_code == 500
-    assert "read-only transaction" in r.text
+    assert 'schema "public" does not exist' in r.text
 
 
 def test_check_writability_postgres_down(rt):
@@ -871,9 +877,11 @@ def test_worker_lets_gunicorn_reject_bare_lf_heads(tmp_path):
 
 
 def test_api_connections_have_a_statement_timeout(rt, pg):
-    readonly = pg.url() + "?options=-c%20default_transaction_read_only%3Don"
-    make_state(rt, launch=launch_settings(rt, connstr=readonly))
+    own = pg.url() + "?options=-c%20work_mem%3D7MB%20-c%20search_path%3Dpublic"
+    make_state(rt, launch=launch_settings(rt, connstr=own))
     with ApiContext(rt).pg_connect() as conn:
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "10s"
-        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"  # kept
+        assert conn.execute("SHOW work_mem").fetchone()[0] == "7MB"  # the connstr's own options: kept
+        assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog,pg_temp"  # except the pinned
+        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "off"
         assert conn.execute("SHOW application_name").fetchone()[0] == "compute_ctl:http"
