@@ -18,12 +18,21 @@ included) within IO_TIMEOUT; a body the app left unread is never drained for lon
 connections take the stock path. Used by compute/api/gunicorn_conf.py when the installed
 gunicorn has the hooks it relies on (gunicorn >= 23's deferral of connections to the poller),
 else plain gthread.
+
+Closing. gunicorn 27 closes a connection "gracefully" on the worker's main thread: half-close,
+then wait up to 2 s for the client to close its end. A client that never does stalls the
+accept loop and the poller for 2 s per connection: twenty of them took /healthz down for 30 s.
+Here the half-closed socket waits in the poller instead (LINGER seconds at most, draining what
+arrives so that unread bytes never turn the close into a reset), and the main thread moves on.
 """
 
 from __future__ import annotations
 
+import inspect
+import selectors
 import socket
 import time
+from collections import deque
 
 from gunicorn.workers import gthread
 
@@ -39,6 +48,8 @@ REQUEST_DEADLINE = 10.0  # head complete -> body read by the app
 IO_TIMEOUT = 10.0  # any one blocking send or receive of a pool thread
 DRAIN_DEADLINE = 0.1  # an unread body already in flight may be skipped; else close
 DRAIN_MAX_BYTES = 64 * 1024
+LINGER = 2.0  # a closed connection's socket waits this long (in the poller) for the client's FIN
+LINGER_MAX_BYTES = 64 * 1024
 
 
 class DeadlineSocket:
@@ -64,7 +75,71 @@ class DeadlineSocket:
         return getattr(self._sock, name)
 
 
+# gunicorn >= 27 calls finish_request(conn, fs) on the main thread and closes there; older ones
+# differ, and then keep their own.
+_FINISH_REQUEST_OF_27 = list(inspect.signature(gthread.ThreadWorker.finish_request).parameters)[1:] == ["conn", "fs"]
+
+
 class HeadFirstThreadWorker(gthread.ThreadWorker):
+    def _finish_request_lingering(self, conn, fs):
+        """As gunicorn's, except that a connection to close lingers in the poller, never on
+        this (the main) thread."""
+        try:
+            result = fs.result() if not fs.cancelled() else False
+        except Exception:  # noqa: BLE001 - gunicorn's own: close at once
+            result = None
+        if result is _DEFER or result:
+            return super().finish_request(conn, fs)
+        self.nr_conns -= 1
+        if result is None:
+            conn.close()
+        else:
+            self._linger(conn.sock)
+
+    def _linger(self, sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)  # our FIN: the answer is complete
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, self._on_lingering_readable)
+        except (OSError, ValueError, KeyError):
+            _close(sock)
+            return
+        lingering = self.__dict__.setdefault("cs_lingering", deque())
+        lingering.append((time.monotonic() + LINGER, sock, [0]))
+
+    def _on_lingering_readable(self, sock: socket.socket) -> None:
+        entry = next((e for e in self.cs_lingering if e[1] is sock), None)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if entry is not None:
+            entry[2][0] += len(data)
+        if not data or (entry is not None and entry[2][0] > LINGER_MAX_BYTES):
+            self._end_linger(sock)
+            if entry is not None:
+                self.cs_lingering.remove(entry)
+
+    def _end_linger(self, sock: socket.socket) -> None:
+        try:
+            self.poller.unregister(sock)
+        except (OSError, ValueError, KeyError):
+            pass
+        _close(sock)
+
+    def murder_pending(self):
+        """Also close lingering sockets whose time is up (called on every turn of the loop)."""
+        super().murder_pending()
+        lingering = self.__dict__.get("cs_lingering")
+        now = time.monotonic()
+        while lingering and lingering[0][0] <= now:
+            self._end_linger(lingering.popleft()[1])
+
+    if _FINISH_REQUEST_OF_27:
+        finish_request = _finish_request_lingering
+
     def handle(self, conn):
         if (self.cfg.is_ssl or conn.is_http2
                 or gthread.negotiation.prior_knowledge_allowed(self.cfg, conn.client)):
@@ -128,3 +203,10 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if conn.cs_head_since is not None and time.monotonic() - conn.cs_head_since > HEAD_DEADLINE:
             return False
         return _DEFER
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
