@@ -77,10 +77,15 @@ class DeadlineSocket:
 
 # gunicorn >= 27 calls finish_request(conn, fs) on the main thread and closes there; older ones
 # differ, and then keep their own.
-_FINISH_REQUEST_OF_27 = list(inspect.signature(gthread.ThreadWorker.finish_request).parameters)[1:] == ["conn", "fs"]
+_FINISH_REQUEST_OF_27 = (list(inspect.signature(gthread.ThreadWorker.finish_request).parameters)[1:]
+                         == ["conn", "fs"])
 
 
 class HeadFirstThreadWorker(gthread.ThreadWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cs_lingering: deque = deque()  # (deadline, socket, [bytes drained]), oldest first
+
     def _finish_request_lingering(self, conn, fs):
         """As gunicorn's, except that a connection to close lingers in the poller, never on
         this (the main) thread."""
@@ -104,8 +109,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         except (OSError, ValueError, KeyError):
             _close(sock)
             return
-        lingering = self.__dict__.setdefault("cs_lingering", deque())
-        lingering.append((time.monotonic() + LINGER, sock, [0]))
+        self.cs_lingering.append((time.monotonic() + LINGER, sock, [0]))
 
     def _on_lingering_readable(self, sock: socket.socket) -> None:
         entry = next((e for e in self.cs_lingering if e[1] is sock), None)
@@ -132,10 +136,9 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
     def murder_pending(self):
         """Also close lingering sockets whose time is up (called on every turn of the loop)."""
         super().murder_pending()
-        lingering = self.__dict__.get("cs_lingering")
         now = time.monotonic()
-        while lingering and lingering[0][0] <= now:
-            self._end_linger(lingering.popleft()[1])
+        while self.cs_lingering and self.cs_lingering[0][0] <= now:
+            self._end_linger(self.cs_lingering.popleft()[1])
 
     if _FINISH_REQUEST_OF_27:
         finish_request = _finish_request_lingering
