@@ -348,3 +348,28 @@ def test_no_body_is_read_before_the_mode_checks(tmp_path, live, status, ctype, w
                                              b"Content-Type: " + ctype.encode() + b"\r\n")
         assert out.startswith(b"HTTP/1.1 " + want), out[:200]
         assert time.monotonic() - t0 < 5
+
+
+def test_concurrent_first_writability_checks_all_succeed(tmp_path, pg):
+    """Concurrent CREATE TABLE IF NOT EXISTS race on the catalog (one fails with a unique
+    violation); the route tries again instead of answering 500."""
+    import threading
+    with psycopg.connect(pg.conninfo(), autocommit=True) as su:
+        su.execute("DROP DATABASE IF EXISTS race")
+        su.execute("CREATE DATABASE race")
+    rt = str(tmp_path)
+    make_state(rt, launch=launch_settings(rt, connstr=pg.url("race")))
+    barrier, answers = threading.Barrier(8), []
+
+    def check():
+        c = falcon.testing.TestClient(create_app(rt))
+        barrier.wait(10)
+        r = c.simulate_post("/check_writability")
+        answers.append((r.status_code, r.text))
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers == [(200, "true")] * 8

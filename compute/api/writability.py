@@ -15,6 +15,7 @@ import logging
 
 import falcon
 import psycopg
+from psycopg import errors as pgerrors
 
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import text
@@ -60,7 +61,12 @@ class CheckWritability:
             return
         try:
             with self.ctx.pg_connect() as conn:
-                conn.execute(WRITABILITY_QUERY, prepare=False)
+                try:
+                    conn.execute(WRITABILITY_QUERY, prepare=False)
+                except (pgerrors.UniqueViolation, pgerrors.DuplicateTable):
+                    # Two first calls at once: both CREATE TABLE IF NOT EXISTS, one loses the race
+                    # on the catalog (a known postgres behaviour). The table exists now: again.
+                    conn.execute(WRITABILITY_QUERY, prepare=False)
         except psycopg.Error as e:
             log.warning("check_writability failed: %s", e)
             text(resp, str(e).strip() or type(e).__name__, falcon.HTTP_500)
