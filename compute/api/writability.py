@@ -15,17 +15,19 @@ import logging
 
 import falcon
 import psycopg
-from psycopg import errors as pgerrors
 
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import text
 
 log = logging.getLogger("compute.api.writability")
 
-# Sent as ONE simple-protocol query string (three statements, one round trip, one implicit
-# transaction: a refusal rolls the CREATE back too). Nothing is written at start-up: only when
+# Sent as ONE simple-protocol query string (four statements, one round trip, one implicit
+# transaction: a refusal rolls the CREATE back too). The transaction-scoped advisory lock
+# serialises concurrent checks: two first CREATE TABLE IF NOT EXISTS at once would otherwise
+# race on the catalog and one fail ("type health_check already exists"). Nothing is written at start-up: only when
 # asked. Every name outside the table is pg_catalog-qualified. Fixed text: nothing interpolated.
 WRITABILITY_QUERY = """\
+SELECT pg_catalog.pg_advisory_xact_lock(1668246896, 1);
 CREATE TABLE IF NOT EXISTS public.health_check (id serial primary key, updated_at timestamptz default pg_catalog.now());
 DO $guard$
 DECLARE
@@ -61,12 +63,7 @@ class CheckWritability:
             return
         try:
             with self.ctx.pg_connect() as conn:
-                try:
-                    conn.execute(WRITABILITY_QUERY, prepare=False)
-                except (pgerrors.UniqueViolation, pgerrors.DuplicateTable):
-                    # Two first calls at once: both CREATE TABLE IF NOT EXISTS, one loses the race
-                    # on the catalog (a known postgres behaviour). The table exists now: again.
-                    conn.execute(WRITABILITY_QUERY, prepare=False)
+                conn.execute(WRITABILITY_QUERY, prepare=False)
         except psycopg.Error as e:
             log.warning("check_writability failed: %s", e)
             text(resp, str(e).strip() or type(e).__name__, falcon.HTTP_500)
