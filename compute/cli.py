@@ -9,6 +9,7 @@ the HTTP API answers `/status` from the first second.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -66,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--control-plane-uri",
                    help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
                         "(Authorization from env NEON_CONSOLE_JWT); enables POST /configure")
-    p.add_argument("--http-port", type=int, default=3080, help="HTTP API port on all interfaces (default 3080)")
+    p.add_argument("--http-port", type=int, default=3080, help="HTTP API port (default 3080)")
+    p.add_argument("--http-address", default="0.0.0.0",
+                   help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
+                        "e.g. 127.0.0.1 or the pod IP")
     p.add_argument("--runtime-dir", default=None,
                    help="rendered supervisord.conf, its control socket, the state file and logs "
                         "(default /run/compute-ctl as root, else /tmp/compute-ctl-$USER); never inside PGDATA")
@@ -83,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a failed start, keep serving the error on /status this long, then exit 1 (default 30)")
     p.add_argument("--monitor-interval", type=float, default=0.5,
                    help="activity monitor period in seconds (default 0.5)")
-    p.add_argument("--jwks", default=None, help="JWKS file: require a bearer JWT on mutating HTTP routes")
+    p.add_argument("--jwks", default=None,
+                   help="JWKS file: require a bearer JWT on the HTTP routes that change state or return "
+                        "database contents")
+    p.add_argument("--lock-timeout", type=float, default=10.0,
+                   help="seconds a statement applying the spec may wait for a lock (default 10; 0: forever)")
+    p.add_argument("--statement-timeout", type=float, default=300.0,
+                   help="seconds a statement applying the spec may run (default 300; 0: forever)")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="output format (default text)")
     p.add_argument("--version", action="version", version=f"compute-ctl {__version__}")
     return p
@@ -151,7 +161,28 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
         raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: not an executable")
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
+    for flag, value in (("--lock-timeout", args.lock_timeout), ("--statement-timeout", args.statement_timeout)):
+        if not (0 <= value <= 86400):  # NaN fails too
+            raise UsageError(f"{flag} must be 0..86400 seconds")
+    args.http_address = http_address(args.http_address)
     return raw, superuser
+
+
+def http_address(text: str) -> str:
+    """The --http-address as a normalised IP literal (v4 or v6, no brackets)."""
+    try:
+        return str(ipaddress.ip_address(text.strip().strip("[]")))
+    except ValueError:
+        raise UsageError(f"--http-address {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
+
+
+def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | None:
+    """The warning for an API that anyone on the network can drive, or None."""
+    if not pull_mode or jwks or ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
+            "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
+            "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
 
 
 def default_runtime_dir() -> str:
@@ -280,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     vm_informant = args.vm_informant if args.vm_informant and os.access(args.vm_informant, os.X_OK) else None
     launch = {
         "pgdata": pgdata, "connstr": args.connstr, "pgbin": pgbin, "pgbin_dir": resolve_pgbin_dir(pgbin),
-        "superuser": superuser, "http_port": args.http_port, "runtime_dir": runtime_dir,
+        "superuser": superuser, "http_port": args.http_port, "http_address": args.http_address,
+        "runtime_dir": runtime_dir, "lock_timeout": args.lock_timeout,
+        "statement_timeout": args.statement_timeout,
         "compute_id": args.compute_id, "control_plane_uri": args.control_plane_uri,
         "live_config_allowed": args.control_plane_uri is not None,
         "grace_seconds": args.grace_seconds, "monitor_interval": args.monitor_interval,
@@ -325,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     tree = Tree(runtime_dir)
     signal.signal(signal.SIGTERM, tree.terminate)
     signal.signal(signal.SIGINT, tree.terminate)
-    log.info("starting compute: PGDATA %s, HTTP port %d, runtime dir %s, user %s",
-             pgdata, args.http_port, runtime_dir, user.name)
+    log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
+             pgdata, args.http_address, args.http_port, runtime_dir, user.name)
+    warning = exposure_warning(args.http_address, launch["live_config_allowed"], args.jwks)
+    if warning:
+        log.warning("%s", warning)
     tree.start()
     tree.wait()
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start, supervisord

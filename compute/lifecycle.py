@@ -31,6 +31,7 @@ from . import localauth, modes, pgconf, replica, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .logs import setup_program_logging
+from .pgsession import session_params
 from .spec import ComputeSpec, SpecError, parse_spec
 from .state import StateStore, state_path
 from .supervision import rpc, shutdown_tree
@@ -273,7 +274,10 @@ class Driver:
             log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
             return
         from .reconcile import apply_spec
-        apply_spec(self.launch["connstr"], spec, superuser=self.superuser)
+        from .reconcile.connections import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
+        apply_spec(self.launch["connstr"], spec, superuser=self.superuser,
+                   lock_timeout=self.launch.get("lock_timeout", DEFAULT_LOCK_TIMEOUT),
+                   statement_timeout=self.launch.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT))
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
@@ -320,11 +324,12 @@ class Driver:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
             self.write_conf(spec)
-            with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
-                conn.execute("SELECT pg_reload_conf()")
+            with psycopg.connect(**session_params(self.launch["connstr"], statement_timeout_ms=10_000),
+                                 autocommit=True, connect_timeout=10) as conn:
+                conn.execute("SELECT pg_catalog.pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously
                 pending = [r[0] for r in conn.execute(
-                    "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name")]
+                    "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
             self.apply(spec)
             if pending:
                 log.warning("settings that take effect only after a restart: %s", ", ".join(pending))

@@ -27,6 +27,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from compute.logs import setup_program_logging
+from compute.pgsession import session_params
 from compute.procutil import die_with_parent
 from compute.state import StateStore, state_path
 
@@ -34,6 +35,7 @@ log = logging.getLogger("compute.monitor")
 
 APPLICATION_NAME = "compute_ctl:activity_monitor"
 DEFAULT_INTERVAL = 0.5
+STATEMENT_TIMEOUT_MS = 5_000
 # Statuses in which postgres is up (or about to be): before that there is nothing to watch, and
 # a connection attempt would only fill the postgres log with "the database system is starting up".
 WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration"})
@@ -43,9 +45,9 @@ WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration
 ACTIVITY_QUERY = """
 SELECT coalesce(bool_or(state <> 'idle'), false),
        extract(epoch FROM max(state_change) FILTER (WHERE state = 'idle'))::float8
-  FROM pg_stat_activity
+  FROM pg_catalog.pg_stat_activity
  WHERE backend_type = 'client backend'
-   AND pid <> pg_backend_pid()
+   AND pid <> pg_catalog.pg_backend_pid()
    AND usename IS DISTINCT FROM %s
 """
 
@@ -89,8 +91,9 @@ class ActivityMonitor:
 
     # -- one tick ---------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.connstr, autocommit=True, connect_timeout=2,
-                               application_name=APPLICATION_NAME)
+        # search_path and role pinned (compute/pgsession.py); a stuck query cannot stall the loop
+        return psycopg.connect(**session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS),
+                               autocommit=True, connect_timeout=2, application_name=APPLICATION_NAME)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -33,6 +33,8 @@ from tests.support.api_helpers import (TENANT, TIMELINE, fake_driver, gunicorn, 
 
 __all__ = ["pg"]  # the fixture
 
+JSON = {"Content-Type": "application/json"}
+
 RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
@@ -146,7 +148,7 @@ def test_body_over_1mib_is_413(client):
         assert r.status_code == 413, path
         assert "error" in r.json
     # exactly 1 MiB is read (and rejected as not JSON, not as too large)
-    assert client.simulate_post("/configure", body=b" " * MAX_BODY_BYTES).status_code == 400
+    assert client.simulate_post("/configure", body=b" " * MAX_BODY_BYTES, headers=JSON).status_code == 400
 
 
 # -- /configure ------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_body_over_1mib_is_413(client):
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"spec"', b"{}", b'{"spec": null}',
                                   b'{"spec": [1]}', b'{"spec": "x"}', b"\xff\xfe"])
 def test_configure_bad_request_is_400(client, body):
-    r = client.simulate_post("/configure", body=body)
+    r = client.simulate_post("/configure", body=body, headers=JSON)
     assert r.status_code == 400
     assert isinstance(r.json["error"], str)
 
@@ -358,11 +360,17 @@ def test_check_writability_writes_in_one_round_trip(rt, pg, monkeypatch):
 
 
 def test_check_writability_reports_the_error(rt, pg):
-    readonly = pg.url() + "?options=-c%20default_transaction_read_only%3Don"
-    make_state(rt, launch=launch_settings(rt, connstr=readonly))
+    # (a connstr option default_transaction_read_only=on no longer counts: our sessions pin it
+    # off, so that a database owner cannot make our DDL fail; a real standby is still read-only)
+    with psycopg.connect(pg.conninfo(), autocommit=True) as su:
+        su.execute("DROP DATABASE IF EXISTS nopublic")
+        su.execute("CREATE DATABASE nopublic")
+    with psycopg.connect(pg.conninfo("nopublic"), autocommit=True) as su:
+        su.execute("DROP SCHEMA public")
+    make_state(rt, launch=launch_settings(rt, connstr=pg.url("nopublic")))
     r = client_for(rt).simulate_post("/check_writability")
     assert r.status_code == 500
-    assert "read-only transaction" in r.text
+    assert 'schema "public" does not exist' in r.text
 
 
 def test_check_writability_postgres_down(rt):
@@ -552,6 +560,11 @@ def auth_client(rt, keys):
     return client_for(rt)
 
 
+def claims(**overrides) -> dict:
+    """Claims of a valid token for compute-1 (tokens must expire)."""
+    return {"compute_id": "compute-1", "exp": time.time() + 300, **overrides}
+
+
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
@@ -560,7 +573,7 @@ def test_auth_open_without_jwks(rt):
     make_state(rt, status="init")
     c = client_for(rt)
     assert c.simulate_post("/check_writability").status_code == 200
-    assert c.simulate_post("/configure", body=b"x").status_code == 400
+    assert c.simulate_post("/configure", body=b"x", headers=JSON).status_code == 412  # past auth: the status
 
 
 def test_auth_missing_or_malformed_token_is_401(auth_client):
@@ -575,9 +588,9 @@ def test_auth_missing_or_malformed_token_is_401(auth_client):
 
 def test_auth_valid_eddsa_and_rs256(auth_client, keys):
     ed, rs, _ = keys
-    for token in (jwt.encode({"compute_id": "compute-1"}, ed, algorithm="EdDSA", headers={"kid": "ed"}),
-                  jwt.encode({"compute_id": "compute-1"}, rs, algorithm="RS256", headers={"kid": "rs"}),
-                  jwt.encode({"compute_id": "compute-1", "exp": time.time() + 60}, ed, algorithm="EdDSA")):
+    for token in (jwt.encode(claims(), ed, algorithm="EdDSA", headers={"kid": "ed"}),
+                  jwt.encode(claims(), rs, algorithm="RS256", headers={"kid": "rs"}),
+                  jwt.encode(claims(exp=time.time() + 60, nbf=time.time() - 5), ed, algorithm="EdDSA")):
         r = auth_client.simulate_post("/check_writability", headers=bearer(token))
         assert r.status_code == 200, r.text  # status failed: the text answer, past auth
         assert r.text.startswith("invalid compute status")
@@ -585,9 +598,9 @@ def test_auth_valid_eddsa_and_rs256(auth_client, keys):
 
 def test_auth_wrong_compute_is_403(auth_client, keys):
     ed = keys[0]
-    for claims in ({"compute_id": "compute-2"}, {}, {"compute_id": None}):
-        r = auth_client.simulate_post("/check_writability", headers=bearer(jwt.encode(claims, ed, algorithm="EdDSA")))
-        assert r.status_code == 403, claims
+    for wrong in (claims(compute_id="compute-2"), {"exp": time.time() + 60}, claims(compute_id=None)):
+        r = auth_client.simulate_post("/check_writability", headers=bearer(jwt.encode(wrong, ed, algorithm="EdDSA")))
+        assert r.status_code == 403, wrong
         assert "error" in r.json
 
 
@@ -596,11 +609,11 @@ def test_auth_rejects_bad_signatures(auth_client, keys):
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     stranger = ed25519.Ed25519PrivateKey.generate()
     bad = [
-        jwt.encode({"compute_id": "compute-1"}, stranger, algorithm="EdDSA"),
-        jwt.encode({"compute_id": "compute-1"}, stranger, algorithm="EdDSA", headers={"kid": "ed"}),
-        jwt.encode({"compute_id": "compute-1", "exp": time.time() - 60}, keys[0], algorithm="EdDSA"),
-        jwt.encode({"compute_id": "compute-1"}, "s" * 32, algorithm="HS256"),
-        jwt.encode({"compute_id": "compute-1"}, keys[0], algorithm="EdDSA", headers={"kid": "unknown"}),
+        jwt.encode(claims(), stranger, algorithm="EdDSA"),
+        jwt.encode(claims(), stranger, algorithm="EdDSA", headers={"kid": "ed"}),
+        jwt.encode(claims(exp=time.time() - 60), keys[0], algorithm="EdDSA"),
+        jwt.encode(claims(), "s" * 32, algorithm="HS256"),
+        jwt.encode(claims(), keys[0], algorithm="EdDSA", headers={"kid": "unknown"}),
     ]
     # algorithm confusion: an HMAC token keyed with the published RSA public key
     pem = keys[1].public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
@@ -609,7 +622,7 @@ def test_auth_rejects_bad_signatures(auth_client, keys):
     b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")  # noqa: E731
     signing_input = b64(header) + b"." + b64(b'{"compute_id": "compute-1"}')
     bad.append((signing_input + b"." + b64(hmac.new(pem, signing_input, hashlib.sha256).digest())).decode())
-    ed_token = jwt.encode({"compute_id": "compute-1"}, keys[0], algorithm="EdDSA")
+    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
     head, payload, sig = ed_token.split(".")
     tampered = b64(b'{"compute_id": "compute-2"}').decode()
     bad.append(f"{head}.{tampered}.{sig}")  # tampered payload
@@ -618,8 +631,9 @@ def test_auth_rejects_bad_signatures(auth_client, keys):
 
 
 def test_auth_read_and_health_routes_stay_open(auth_client):
-    for path in ("/status", "/metrics.json", "/metrics", "/info", "/insights", "/healthz", "/readyz"):
+    for path in ("/status", "/metrics.json", "/metrics", "/info", "/healthz", "/readyz", "/openapi.yaml"):
         assert auth_client.simulate_get(path).status_code in (200, 503), path
+    assert auth_client.simulate_get("/insights").status_code == 401  # query texts: database contents
     assert auth_client.simulate_get("/configure").status_code == 405  # 405, not 401
     assert auth_client.simulate_get("/nope").status_code == 404
 
@@ -627,7 +641,7 @@ def test_auth_read_and_health_routes_stay_open(auth_client):
 def test_auth_configure_with_token(rt, keys):
     path = write_jwks(os.path.join(rt, "jwks.json"), keys[2])
     make_state(rt, launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
-    token = jwt.encode({"compute_id": "compute-1"}, keys[1], algorithm="RS256")
+    token = jwt.encode(claims(), keys[1], algorithm="RS256")
     c = client_for(rt)
     assert c.simulate_post("/configure", json={"spec": minimal_spec()}).status_code == 401
     with fake_driver(rt):
@@ -637,7 +651,7 @@ def test_auth_configure_with_token(rt, keys):
 
 def test_auth_unreadable_jwks_fails_closed(rt, keys):
     make_state(rt, launch=launch_settings(rt, jwks_path=os.path.join(rt, "missing.json")))
-    token = jwt.encode({"compute_id": "compute-1"}, keys[0], algorithm="EdDSA")
+    token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
     assert client_for(rt).simulate_post("/check_writability", headers=bearer(token)).status_code == 401
 
 
@@ -645,7 +659,7 @@ def test_auth_reloads_a_rotated_jwks(rt, keys):
     path = write_jwks(os.path.join(rt, "jwks.json"), {"keys": [keys[2]["keys"][1]]})  # RSA only
     make_state(rt, status="failed", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
     c = client_for(rt)
-    ed_token = jwt.encode({"compute_id": "compute-1"}, keys[0], algorithm="EdDSA")
+    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
     assert c.simulate_post("/check_writability", headers=bearer(ed_token)).status_code == 401
     write_jwks(path, keys[2])
     os.utime(path, (time.time() + 5, time.time() + 5))
@@ -720,12 +734,12 @@ def test_gunicorn_chunked_body_over_limit_is_413(tmp_path):
                 yield chunk
 
         conn.request("POST", "/configure", body=gen(), encode_chunked=True,
-                     headers={"Transfer-Encoding": "chunked"})
+                     headers={"Transfer-Encoding": "chunked", **JSON})
         resp = conn.getresponse()
         assert resp.status == 413
         assert "error" in json.loads(resp.read())
         conn.close()
-        status, _, _ = call(port, "POST", "/configure", b"x" * (MAX_BODY_BYTES + 10))
+        status, _, _ = call(port, "POST", "/configure", b"x" * (MAX_BODY_BYTES + 10), JSON)
         assert status == 413
 
 
@@ -832,7 +846,8 @@ def test_worker_pipelined_and_split_requests(tmp_path):
                 time.sleep(0.1)
             assert b'"num_cpus"' in _read_responses(s, 1)[0]
             body = json.dumps({"spec": []}).encode()
-            s.sendall(b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+            s.sendall(b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body))
             time.sleep(0.1)
             s.sendall(body)  # the body after the head, on a kept-alive connection
             assert _read_responses(s, 1)[0].startswith(b"HTTP/1.1 400")
@@ -887,9 +902,11 @@ def test_worker_lets_gunicorn_reject_bare_lf_heads(tmp_path):
 
 
 def test_api_connections_have_a_statement_timeout(rt, pg):
-    readonly = pg.url() + "?options=-c%20default_transaction_read_only%3Don"
-    make_state(rt, launch=launch_settings(rt, connstr=readonly))
+    own = pg.url() + "?options=-c%20work_mem%3D7MB%20-c%20search_path%3Dpublic"
+    make_state(rt, launch=launch_settings(rt, connstr=own))
     with ApiContext(rt).pg_connect() as conn:
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "10s"
-        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"  # kept
+        assert conn.execute("SHOW work_mem").fetchone()[0] == "7MB"  # the connstr's own options: kept
+        assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog,pg_temp"  # except the pinned
+        assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "off"
         assert conn.execute("SHOW application_name").fetchone()[0] == "compute_ctl:http"

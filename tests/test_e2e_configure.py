@@ -102,7 +102,8 @@ def test_configure_rules_and_failure():
         cp.spec = c.new_spec()
         with c:
             c.wait_status("running")
-            assert c.request("POST", "/configure", b"not json")[0] == 400
+            assert c.request("POST", "/configure", b"not json", {"Content-Type": "application/json"})[0] == 400
+            assert c.request("POST", "/configure", b"{}", {"Content-Type": "text/plain"})[0] == 415
             assert c.request("POST", "/configure", {"nospec": 1})[0] == 400
             bad = c.new_spec()
             bad["cluster"]["roles"][0]["name"] = "x" * 64

@@ -110,10 +110,11 @@ MALFORMED_API = [
     ("POST", "/configure", b'{"spec": {"format_version": 1.0}}', JSON, 412),
     ("POST", "/configure", b'{"spec": {"format_version": 1.0, "cluster": {"roles": [{"name": "pg_x"}]}}}', JSON, 412),
     ("POST", "/configure", b'{"spec": {"format_version": NaN}}', JSON, 412),
-    ("POST", "/configure", b'{"spec": {}}', {"Content-Type": "text/plain"}, 412),
-    ("POST", "/configure", b"spec=1", {"Content-Type": "application/x-www-form-urlencoded"}, 400),
-    ("POST", "/configure", b"--b\r\n\r\n--b--", {"Content-Type": "multipart/form-data; boundary=b"}, 400),
-    ("POST", "/configure", b'{"spec": {}}', {"Content-Type": "application/json; charset=utf-16"}, 412),
+    ("POST", "/configure", b'{"spec": {}}', {"Content-Type": "text/plain"}, 415),
+    ("POST", "/configure", b'{"spec": {}}', {}, 415),
+    ("POST", "/configure", b"spec=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+    ("POST", "/configure", b"--b\r\n\r\n--b--", {"Content-Type": "multipart/form-data; boundary=b"}, 415),
+    ("POST", "/configure", b'{"spec": {}}', {"Content-Type": "application/json; charset=utf-16"}, 415),
     ("POST", "/configure", b'{"spec": {}}', {"Content-Type": "\x7f\x01garbage"}, 400),  # gunicorn's
     ("POST", "/configure", b'{"spec": {}}', {"Content-Encoding": "gzip", **JSON}, 412),
     ("GET", "/configure", None, {}, 405),
@@ -129,7 +130,8 @@ MALFORMED_API = [
     ("GET", "/status", None, {"Accept": "application/xml", "Accept-Charset": "ebcdic"}, 200),
     ("OPTIONS", "/configure", None, {}, None),
     ("HEAD", "/status", None, {}, None),
-    ("POST", "/check_writability", b"\xff" * 1000, {"Content-Type": "application/octet-stream"}, 200),
+    ("POST", "/check_writability", b"\xff" * 1000, {"Content-Type": "application/octet-stream"}, 415),
+    ("POST", "/terminate", b"x=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
     ("POST", "/status", b"{}", JSON, 405),
 ]
 

@@ -239,7 +239,7 @@ def test_order_of_all_phases():
         'GRANT CREATE ON DATABASE "newdb" TO "web_access"',
         'ALTER SCHEMA public OWNER TO "new"',
         'GRANT CREATE ON SCHEMA public TO "web_access"',
-        'CREATE EXTENSION IF NOT EXISTS "pg_stat_statements"',
+        'CREATE EXTENSION IF NOT EXISTS "pg_stat_statements" SCHEMA public',
     ]
     drops = [st for _, st in p.statements() if st.closes]
     assert [st.closes for st in drops] == [("dropme",), ("olddb",)]
@@ -315,7 +315,7 @@ def test_pg_stat_statements_extension(libs, present, expected):
     ext = frozenset({"plpgsql", "pg_stat_statements"} if present else {"plpgsql"})
     s = spec(settings=[("shared_preload_libraries", libs)] if libs else [])
     p = plan(catalog(maint_ext=ext), s, superuser=SU)
-    assert texts(p) == (['CREATE EXTENSION IF NOT EXISTS "pg_stat_statements"'] if expected else [])
+    assert texts(p) == (['CREATE EXTENSION IF NOT EXISTS "pg_stat_statements" SCHEMA public'] if expected else [])
     if expected:
         assert p.steps[0].dbname == "postgres" and p.steps[0].phase == 2
 

@@ -11,7 +11,7 @@ from compute.api.auth import JwtAuth
 from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
-from compute.api.errors import BodyLimit, serialize_error
+from compute.api.errors import BodyLimit, JsonOnly, serialize_error
 from compute.api.health import Healthz, Readyz
 from compute.api.insights import Insights
 from compute.api.openapi_doc import OpenApiDocument
@@ -26,7 +26,7 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
     auth = JwtAuth(launch=lambda: ctx.launch)
 
-    app = falcon.App(middleware=[BodyLimit(), auth])
+    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
     app.set_error_serializer(serialize_error)
 
     app.add_route("/status", Status(ctx))

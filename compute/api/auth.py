@@ -1,13 +1,15 @@
-"""Optional JWT bearer auth for the mutating routes.
+"""Optional JWT bearer auth for every route that changes state or returns database contents.
 
 When `launch["jwks_path"]` names a JWKS file, /configure, /promote, /terminate, /check_writability,
-/dbs_and_roles and /database_schema (resources with `auth_required = True`) need `Authorization: Bearer <jwt>` signed by one of its
-keys: Ed25519 (`"kty": "OKP"`, alg EdDSA) or RSA (alg RS256). The algorithm is taken from the
-key, never from the token, so an RSA public key can not be abused as an HMAC secret. Health
-and read routes stay open.
+/insights, /dbs_and_roles and /database_schema (resources with `auth_required = True`) need
+`Authorization: Bearer <jwt>` signed by one of its keys: Ed25519 (`"kty": "OKP"`, alg EdDSA) or
+RSA (alg RS256). The algorithm is taken from the key, never from the token, so an RSA public key
+can not be abused as an HMAC secret. A token must carry `exp` (as Neon's compute_ctl requires):
+one without could never be revoked. /status, /metrics, /metrics.json, /info, /healthz, /readyz
+and /openapi.yaml stay open.
 
-401: missing, malformed, badly signed or expired token. 403: a valid token whose `compute_id`
-claim is not this compute's `launch["compute_id"]`.
+401: missing, malformed, badly signed, expired or exp-less token. 403: a valid token whose
+`compute_id` claim is not this compute's `launch["compute_id"]`.
 """
 
 from __future__ import annotations
@@ -123,10 +125,12 @@ class JwtAuth:
         for key in candidates:
             try:
                 claims = jwt.decode(token, key.key, algorithms=[key.alg],
-                                    options={"verify_aud": False})
+                                    options={"verify_aud": False, "require": ["exp"]})
                 break
             except jwt.ExpiredSignatureError as e:
                 raise _unauthorized(f"token expired: {e}") from None
+            except jwt.MissingRequiredClaimError:
+                raise _unauthorized("token has no 'exp' claim: tokens must expire") from None
             except jwt.InvalidTokenError as e:
                 last_error = e
         else:

@@ -1,8 +1,11 @@
 """POST /configure: hand a new spec to the lifecycle driver and wait for the outcome.
 
 The API's half of the protocol (the driver is the `lifecycle` program):
-  1. validate: 400 unless the body is a JSON object with a "spec" object; 412 when live
-     configuration is not allowed (not pull mode) or the spec is invalid;
+  1. validate, cheapest first and the body last (nothing is read for a request that will be
+     refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
+     when live configuration is not allowed (not pull mode) or the status is not empty/running;
+     then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
+     is invalid;
   2. one atomic transition {empty, running} -> configuration_pending carrying the spec and a
      new spec_generation: of concurrent requests exactly one wins, the others get 412;
   3. wake the driver (SIGUSR1 through supervisord; it also polls, so failures are ignored);
@@ -31,6 +34,7 @@ DEFAULT_TIMEOUT = 600.0
 
 class Configure:
     auth_required = True
+    json_body_required = True
 
     def __init__(self, ctx: ApiContext, *, timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL):
         self.ctx = ctx
@@ -38,6 +42,14 @@ class Configure:
         self.poll_interval = poll_interval
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        launch = self.ctx.launch
+        if not launch.get("live_config_allowed"):
+            raise falcon.HTTPPreconditionFailed(
+                description="live configuration is not allowed for this compute node")
+        status = self.ctx.store.get("status")
+        if status not in ("empty", "running"):  # a hint only: the transition below decides
+            raise falcon.HTTPPreconditionFailed(
+                description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         raw = read_body(req)
         try:
             body = json.loads(raw)
@@ -48,11 +60,6 @@ class Configure:
         if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
             raise falcon.HTTPBadRequest(description='request body must be a JSON object {"spec": {...}}')
         spec = body["spec"]
-
-        launch = self.ctx.launch
-        if not launch.get("live_config_allowed"):
-            raise falcon.HTTPPreconditionFailed(
-                description="live configuration is not allowed for this compute node")
         try:
             parse_spec(spec, superuser=launch.get("superuser") or self.ctx.superuser)
         except SpecError as e:

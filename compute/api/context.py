@@ -10,14 +10,14 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
-
 from compute.monitor import superuser_of
+from compute.pgsession import session_params
 from compute.state import StateStore, state_path
 
 HTTP_APPLICATION_NAME = "compute_ctl:http"
 # /insights and /check_writability must not hold a request thread forever on a stuck postgres.
 STATEMENT_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT_MS = 5_000
 
 STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time")
 
@@ -93,9 +93,9 @@ class ApiContext:
         never count as user activity, so the API's own queries cannot keep an idle compute awake."""
         params = self._conn_params
         if params is None:
-            params = conninfo_to_dict(self.connstr)
-            # added to the connstr's own options, if it has any
-            params["options"] = f"{params.get('options', '')} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+            # search_path and role pinned (compute/pgsession.py), bounded waits
+            params = session_params(self.connstr, lock_timeout_ms=LOCK_TIMEOUT_MS,
+                                    statement_timeout_ms=STATEMENT_TIMEOUT_MS)
             self._conn_params = params
         return psycopg.connect(**params, autocommit=True, connect_timeout=max(1, round(timeout)),
                                application_name=HTTP_APPLICATION_NAME)

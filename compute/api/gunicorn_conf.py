@@ -6,7 +6,7 @@
 gthread workers: a /configure blocks one thread of one worker while /status keeps being served
 by the others. Workers hold no state of their own (everything lives in the state file), so a
 worker that crashes or is recycled loses nothing. Overrides through the environment:
-COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_ACCESS_LOG=1.
+COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1.
 """
 
 import os
@@ -15,6 +15,11 @@ from gunicorn.glogging import Logger as _GunicornLogger
 
 from compute.procutil import die_with_parent
 from compute.state import StateStore, state_path
+
+
+def bind_address(host: str, port: int) -> str:
+    """host:port as gunicorn's bind wants it ([v6]:port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _launch() -> dict:
@@ -40,7 +45,7 @@ class QuietAccessLogger(_GunicornLogger):
 _launch_settings = _launch()
 _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 
-bind = [f"0.0.0.0:{int(_launch_settings.get('http_port') or 3080)}"]
+bind = [bind_address(_launch_settings.get("http_address") or "0.0.0.0", int(_launch_settings.get("http_port") or 3080))]
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
@@ -54,6 +59,10 @@ workers = int(os.environ.get("COMPUTE_API_WORKERS", "2"))
 # (compute/api/worker.py). COMPUTE_API_THREADS=4 trades that margin for the tail.
 threads = int(os.environ.get("COMPUTE_API_THREADS", "16"))
 keepalive = 5
+# Connections each worker holds at once (open, kept alive, or sending a head): a bound, so a
+# flood cannot exhaust file descriptors or memory; beyond it, new connections wait in the listen
+# backlog until one is closed (silent ones within `keepalive`, heads within 10 s: worker.py).
+worker_connections = int(os.environ.get("COMPUTE_API_CONNECTIONS", "256"))
 # Import the app once in the master and fork it: at start-up the workers would otherwise each
 # spend ~0.2 s of CPU importing it, on the 2 cores the lifecycle driver needs for the start.
 # Safe: the state store opens its SQLite connection per process after fork.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from compute.spec import ComputeSpec
 
 from .catalog import databases_to_inspect, snapshot, with_local_facts
-from .connections import Connections
+from .connections import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, Connections
 from .errors import ApplyError
 from .executor import execute
 from .planner import Plan, plan
@@ -28,7 +28,9 @@ class ApplyReport:
 
 
 def apply_spec(connstr: str, spec: ComputeSpec, *, superuser: str,
-               connections: Connections | None = None) -> ApplyReport:
+               connections: Connections | None = None,
+               lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+               statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT) -> ApplyReport:
     """Bring the cluster behind `connstr` (a superuser connstr) to `spec` (contract §5).
 
     Phase 1 (roles, databases) is planned from a cheap snapshot of the shared catalogs (a few
@@ -37,10 +39,13 @@ def apply_spec(connstr: str, spec: ComputeSpec, *, superuser: str,
     spec database, several databases at once), and phase 2 (role deletions, grants, schema
     public, extensions) is planned from that snapshot and executed. An unchanged spec costs one
     snapshot and runs nothing.
+    Every statement waits at most `lock_timeout` seconds for a lock and runs at most
+    `statement_timeout` seconds (None: no limit), so a spec role holding a lock we need fails
+    the apply with a clear error instead of blocking it.
     Raises PlanError (nothing ran), CatalogError or ApplyError.
     """
     started = time.monotonic()
-    conns = connections or Connections(connstr)
+    conns = connections or Connections(connstr, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
     count = 0
     notes: list[str] = []
     try:

@@ -18,16 +18,30 @@ from typing import Callable, Iterable, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from compute.pgsession import session_options
+
 APPLICATION_NAME = "compute_ctl:apply_spec"
+# A statement of ours that waits this long for a lock, or runs this long, fails the apply with a
+# clear error instead of hanging it (launch["lock_timeout"], launch["statement_timeout"]).
+DEFAULT_LOCK_TIMEOUT = 10.0
+DEFAULT_STATEMENT_TIMEOUT = 300.0
 T = TypeVar("T")
 
 
 class Connections:
-    def __init__(self, connstr: str, *, max_open: int = 8, connect_timeout: int = 10):
+    def __init__(self, connstr: str, *, max_open: int = 8, connect_timeout: int = 10,
+                 lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+                 statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT):
         self.connstr = connstr
         self.max_open = max(1, max_open)
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
         self._extra: dict[str, object] = {}
         params = conninfo_to_dict(connstr)
+        # Pinned search_path and role, bounded waits (compute/pgsession.py), after the connstr's
+        # own options so that they win.
+        ours = session_options(lock_timeout_ms=_ms(lock_timeout), statement_timeout_ms=_ms(statement_timeout))
+        self._extra["options"] = f"{params.get('options', '')} {ours}".strip()
         if "connect_timeout" not in params:
             self._extra["connect_timeout"] = connect_timeout
         if "application_name" not in params:
@@ -134,3 +148,8 @@ class Connections:
         with self._lock:
             self.opened += 1
         return conn
+
+
+def _ms(seconds: float | None) -> int | None:
+    """Seconds as a postgres timeout in ms (0: none); None: leave the server's setting."""
+    return None if seconds is None else max(0, round(seconds * 1000))

@@ -11,6 +11,11 @@ connections at once when the factory can open extra connections (`open_extra`).
 When a transactional batch fails, the transaction is rolled back and its statements are replayed
 one by one in a transaction that is rolled back too, only to name the failing statement in the
 error (its redacted text: never a password).
+
+A step whose statements carry password hashes runs in an explicit transaction that first turns
+off every way the server could log or record its text (compute.pgsession.NO_LOG_SETTINGS, SET
+LOCAL): log_statement=all set by the spec, a failing batch under log_min_error_statement, slow
+statement logging, pg_stat_statements. It costs one more round trip, only when roles change.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 import psycopg
 
+from compute.pgsession import NO_LOG_SETTINGS
+
 from .errors import ApplyError
 from .planner import Plan, Statement, Step
 
@@ -29,6 +36,13 @@ log = logging.getLogger("compute.reconcile")
 
 MAX_BATCH_BYTES = 1 << 20
 MAX_BATCH_STATEMENTS = 2000
+# SET LOCAL for a transaction whose statements must not reach the server log (fixed text).
+QUIET_SQL = "; ".join(f"SET LOCAL {name} = '{value}'" for name, value in NO_LOG_SETTINGS)
+# Why a statement was cancelled, for the error (SQLSTATE -> hint).
+TIMEOUT_HINTS = {
+    "55P03": "another session holds a lock this statement needs (lock timeout, --lock-timeout)",
+    "57014": "the statement ran into its time limit (statement timeout, --statement-timeout)",
+}
 
 
 def execute(conn_factory: Callable[[str], psycopg.Connection], plan: Plan, *, workers: int = 4) -> int:
@@ -147,15 +161,21 @@ def _batches(conn: psycopg.Connection, statements: tuple[Statement, ...]) -> lis
 
 def _run_transaction(conn: psycopg.Connection, step: Step) -> None:
     batches = _batches(conn, step.statements)
+    secret = any(st.carries_secret for st in step.statements)
     try:
-        if len(batches) == 1:
+        if len(batches) == 1 and not secret:
             conn.execute(batches[0])  # one simple query: one implicit transaction
         else:
             with conn.transaction():
+                if secret:
+                    conn.execute(QUIET_SQL)  # in force before the batch's text reaches the server
                 for batch in batches:
                     conn.execute(batch)
     except psycopg.Error as e:
-        culprit = _find_culprit(conn, step.statements) if len(step.statements) > 1 else step.statements[0]
+        if e.sqlstate in TIMEOUT_HINTS or len(step.statements) == 1:
+            culprit = step.statements[0] if len(step.statements) == 1 else None  # no replay: it would wait again
+        else:
+            culprit = _find_culprit(conn, step.statements, quiet=secret)
         raise _error(conn, step, culprit, e) from e
 
 
@@ -163,12 +183,15 @@ class _Found(Exception):
     pass
 
 
-def _find_culprit(conn: psycopg.Connection, statements: tuple[Statement, ...]) -> Statement | None:
+def _find_culprit(conn: psycopg.Connection, statements: tuple[Statement, ...], *,
+                  quiet: bool = False) -> Statement | None:
     if conn.closed or conn.broken:
         return None
     found: list[Statement] = []
     try:
         with conn.transaction():
+            if quiet:
+                conn.execute(QUIET_SQL)
             for st in statements:
                 try:
                     conn.execute(st.sql)
@@ -194,8 +217,9 @@ def _error(conn: psycopg.Connection, step: Step, st: Statement | None, e: psycop
         except Exception:  # noqa: BLE001 - rendering must not hide the real error
             text = st.render_redacted(None)
     where = f"in database {step.dbname!r} ({step.purpose})"
+    hint = f" ({TIMEOUT_HINTS[diag.sqlstate]})" if diag.sqlstate in TIMEOUT_HINTS else ""
     stmt = f" while running: {text}" if text else ""
-    return ApplyError(f"applying the spec failed {where}: {message}{detail}{stmt}",
+    return ApplyError(f"applying the spec failed {where}: {message}{hint}{detail}{stmt}",
                       dbname=step.dbname, statement=text, sqlstate=diag.sqlstate)
 
 

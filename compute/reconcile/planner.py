@@ -16,7 +16,7 @@
               in each spec database: ALTER SCHEMA public OWNER TO <db owner> when public is owned
               by cloud_admin, zenith_admin or the connstr superuser, and on PG >= 15 GRANT CREATE
               ON SCHEMA public TO web_access when that role exists;
-           5. extensions: CREATE EXTENSION IF NOT EXISTS pg_stat_statements in the maintenance db
+           5. extensions: CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public in the maintenance db
               when shared_preload_libraries lists it.
 
 Every statement is emitted only when the snapshot says it would change something, so
@@ -77,6 +77,11 @@ class Statement:
 
     def render_redacted(self, context=None) -> str:
         return self.redacted.as_string(context)
+
+    @property
+    def carries_secret(self) -> bool:
+        """True when the statement holds a password hash (its redacted form differs)."""
+        return self.redacted is not self.sql
 
 
 @dataclass(frozen=True)
@@ -447,7 +452,9 @@ def _plan_extensions(state: _State, spec: ComputeSpec) -> list[Step]:
     maint = state.dbs.get(state.maintenance_db)
     if maint is not None and maint.local is not None and PG_STAT_STATEMENTS in maint.local.extensions:
         return []
-    st = _st("CREATE EXTENSION IF NOT EXISTS {}", _ident(PG_STAT_STATEMENTS))
+    # In schema public, where an unpinned session would put it: our sessions pin search_path to
+    # pg_catalog (compute/pgsession.py), which no extension may be created in.
+    st = _st("CREATE EXTENSION IF NOT EXISTS {} SCHEMA public", _ident(PG_STAT_STATEMENTS))
     return [Step(state.maintenance_db, True, (st,), 2, "extensions")]
 
 

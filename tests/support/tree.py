@@ -103,6 +103,10 @@ class Compute:
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 
+    def admin_conninfo(self, dbname: str = "postgres") -> str:
+        """How a test connects as the compute's superuser (one place to change how)."""
+        return self.conninfo(dbname)
+
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
                "--http-port", str(self.http_port), "--runtime-dir", self.runtime_dir,
@@ -128,6 +132,8 @@ class Compute:
     def request(self, method: str, path: str, body: bytes | dict | None = None,
                 headers: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
+        if isinstance(body, dict):  # POST bodies must say they are JSON (415 otherwise)
+            headers = {"Content-Type": "application/json", **(headers or {})}
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
                                      method=method, headers=headers or {})
         try:
