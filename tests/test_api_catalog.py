@@ -3,6 +3,7 @@ state file), their guards, and auth under a JWKS."""
 
 from __future__ import annotations
 
+import time
 import falcon.testing
 import psycopg
 import pytest
@@ -105,8 +106,8 @@ def test_both_need_a_token_under_jwks(tmp_path, catalog):
     make_state(str(tmp_path), launch=launch_settings(str(tmp_path), connstr=catalog.url(), jwks_path=path,
                                                        pgbin_dir="/usr/lib/postgresql/15/bin"))
     c = falcon.testing.TestClient(create_app(str(tmp_path)))
-    good = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1"}, ed, algorithm="EdDSA")}
-    other = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other"}, ed, algorithm="EdDSA")}
+    good = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1", "exp": time.time() + 300}, ed, algorithm="EdDSA")}
+    other = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other", "exp": time.time() + 300}, ed, algorithm="EdDSA")}
     for path_, params in (("/dbs_and_roles", None), ("/database_schema", {"database": HOSTILE_DB})):
         assert c.simulate_get(path_, params=params).status_code == 401
         assert c.simulate_get(path_, params=params, headers={"Authorization": "Bearer x.y.z"}).status_code == 401

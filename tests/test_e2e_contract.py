@@ -148,7 +148,7 @@ def test_catalog_routes_through_gunicorn_streamed_and_guarded():
     c.args = ["--jwks", jwks_path]
     with c:
         c.wait_status("running")
-        token = jwt.encode({"sub": "control-plane"}, ed, algorithm="EdDSA")
+        token = jwt.encode({"sub": "control-plane", "exp": time.time() + 300}, ed, algorithm="EdDSA")
         auth = {"Authorization": f"Bearer {token}"}
         with psycopg.connect(c.admin_conninfo("appdb"), autocommit=True) as conn:
             for i in range(400):  # a schema of a few hundred KiB: more than one pipe's worth

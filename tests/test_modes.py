@@ -3,6 +3,7 @@ the spec, and the API's answers for read-only computes (/promote, /check_writabi
 
 from __future__ import annotations
 
+import time
 import json
 import os
 
@@ -266,12 +267,12 @@ def test_promote_needs_a_token_under_jwks(tmp_path):
                        launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
     c = client(rt)
     assert promote(c, {"spec": PRIMARY_SPEC}).status_code == 401
-    other = jwt.encode({"compute_id": "compute-2"}, ed, algorithm="EdDSA")
+    other = jwt.encode({"compute_id": "compute-2", "exp": time.time() + 300}, ed, algorithm="EdDSA")
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {other}"}).status_code == 403
     assert store.get("status") == "running"
     # With this compute's token the request gets past auth (and to the mode check).
     store.set(spec=PRIMARY_SPEC)
-    mine = jwt.encode({"compute_id": "compute-1"}, ed, algorithm="EdDSA")
+    mine = jwt.encode({"compute_id": "compute-1", "exp": time.time() + 300}, ed, algorithm="EdDSA")
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {mine}"}).status_code == 412
 
 

@@ -254,7 +254,7 @@ def test_catalog_routes_match_the_document(checker, pg, tmp_path):
     path = write_jwks(str(tmp_path / "jwks.json"), jwks)
     make_state(str(tmp_path / "auth"), launch=launch_settings(str(tmp_path / "auth"), jwks_path=path))
     c4 = falcon.testing.TestClient(create_app(str(tmp_path / "auth")))
-    wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other"}, ed, algorithm="EdDSA")}
+    wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other", "exp": time.time() + 300}, ed, algorithm="EdDSA")}
     for route in ("/dbs_and_roles", "/database_schema?database=postgres"):
         assert sim(checker, c4, "GET", route).status_code == 401
         assert sim(checker, c4, "GET", route, headers=wrong).status_code == 403

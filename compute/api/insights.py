@@ -66,8 +66,9 @@ class Insights:
         try:
             with self.ctx.pg_connect() as conn:
                 found = conn.execute(EXTENSION_SCHEMA_QUERY).fetchone()
-                if found is None:
-                    text(resp, NOT_INSTALLED)
+                if found is None:  # not installed
+                    resp.content_type = falcon.MEDIA_JSON
+                    resp.text = NO_STATEMENTS
                     return
                 query = INSIGHTS_QUERY.format(schema=sql.Identifier(found[0]))
                 rows = conn.execute(query, (self.ctx.superuser,)).fetchone()[0]
