@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activity monitor period in seconds (default 0.5)")
     p.add_argument("--jwks", default=None, help="JWKS file: require a bearer JWT on mutating HTTP routes")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--storage-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="fail a sync-safekeepers or basebackup attempt after this long without progress "
+                        "(connect, auth, or between chunks); attempts are retried (default 60)")
+    p.add_argument("--basebackup-compression", choices=("none", "gzip"), default="none",
+                   help="gzip: ask the pageserver for `basebackup ... --gzip` and inflate it as it "
+                        "arrives (pageservers since mid-2023; default none)")
     p.add_argument("--version", action="version", version=f"compute-ctl {__version__}")
     return p
 
@@ -136,6 +142,8 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
         raise UsageError("--http-port must be 1..65535")
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
+    if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
+        raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
     return raw, superuser
 
 
@@ -286,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "live_config_allowed": args.control_plane_uri is not None,
         "grace_seconds": args.grace_seconds, "monitor_interval": args.monitor_interval,
         "jwks_path": os.path.abspath(args.jwks) if args.jwks else None, "log_format": args.log_format,
-        "vm_informant": vm_informant,
+        "vm_informant": vm_informant, "storage_timeout": args.storage_timeout,
+        "basebackup_compression": None if args.basebackup_compression == "none" else args.basebackup_compression,
     }
     try:
         prepare_dirs(runtime_dir, pgdata, user)
