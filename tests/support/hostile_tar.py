@@ -67,3 +67,30 @@ def with_basebackup(base_tar: str, extra: list[Member], first: bool = False) -> 
     if first:
         return more + body + b"\0" * 1024
     return body + more + b"\0" * 1024
+
+
+def snapshot_tree(root: str, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Everything under root (not following links): type, mode, size, content, link target.
+    `skip`: top-level names left out (e.g. PGDATA itself, log files that grow)."""
+    import hashlib
+    import os
+    import stat as st
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            s = os.lstat(path)
+            extra: object = None
+            if st.S_ISLNK(s.st_mode):
+                extra = os.readlink(path)
+            elif st.S_ISREG(s.st_mode):
+                with open(path, "rb") as f:
+                    extra = hashlib.sha256(f.read()).hexdigest()
+            out[os.path.relpath(path, root)] = (st.S_IFMT(s.st_mode), st.S_IMODE(s.st_mode), s.st_size,
+                                                s.st_mtime_ns, s.st_nlink, extra)
+    return out
