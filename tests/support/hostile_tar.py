@@ -63,7 +63,7 @@ def with_basebackup(base_tar: str, extra: list[Member], first: bool = False) -> 
         last = tar.getmembers()[-1]
         cut = last.offset_data + ((last.size + 511) // 512) * 512
     body = base[:cut]
-    more = build_tar(extra, end=False)
+    more = build_tar(extra, tarfile.PAX_FORMAT if any(m.pax for m in extra) else tarfile.GNU_FORMAT, end=False)
     if first:
         return more + body + b"\0" * 1024
     return body + more + b"\0" * 1024

@@ -84,6 +84,15 @@ class Compute:
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 
+    def admin_conninfo(self, dbname: str = "postgres") -> str:
+        """The superuser's connection to this compute: the one place tests get it from."""
+        return self.conninfo(dbname)
+
+    def metrics(self) -> dict:
+        code, body = self.request("GET", "/metrics.json")
+        assert code == 200, body
+        return json.loads(body)
+
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
                "--http-port", str(self.http_port), "--runtime-dir", self.runtime_dir,
