@@ -139,10 +139,15 @@ def _fresh(dirpath: str) -> str:
 
 def client(connstr: str, dest: str, compression: str | None = None) -> None:
     """The measured child: only the basebackup (plus the imports it needs)."""
+    import resource
+
     from compute.storage import basebackup
     t = time.perf_counter()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     n = basebackup(connstr, TENANT, TIMELINE, "0/0", dest, None, compression=compression)
-    print(json.dumps({"bytes": n, "seconds": time.perf_counter() - t}))
+    ru2 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru2.ru_utime - ru.ru_utime + ru2.ru_stime - ru.ru_stime
+    print(json.dumps({"bytes": n, "seconds": time.perf_counter() - t, "cpu": cpu}))
 
 
 def compare(archive: str, pairs: int, workdir: str) -> dict:
@@ -163,9 +168,10 @@ def compare(archive: str, pairs: int, workdir: str) -> dict:
                     inner = json.loads(r["out"])
                     if inner["bytes"] != size:
                         raise RuntimeError("basebackup byte count mismatch")
-                    ours.append({"wall": r["seconds"], "inproc": inner["seconds"], "rss": r["maxrss_kib"]})
+                    ours.append({"wall": r["seconds"], "inproc": inner["seconds"], "rss": r["maxrss_kib"],
+                                 "cpu": inner["cpu"]})
                 else:
-                    stock.append({"wall": r["seconds"], "rss": r["maxrss_kib"]})
+                    stock.append({"wall": r["seconds"], "rss": r["maxrss_kib"], "cpu": r["cpu"]})
     shutil.rmtree(dest, ignore_errors=True)
     idle = _measure([sys.executable, "-c", "import compute.storage"])
     ratio = [s["wall"] / o["inproc"] for o, s in zip(ours, stock)]
@@ -180,6 +186,7 @@ def compare(archive: str, pairs: int, workdir: str) -> dict:
         "ratio": round(statistics.median(ratio), 2), "ratio_range": [round(min(ratio), 2), round(max(ratio), 2)],
         "ratio_wall": round(statistics.median(ratio_wall), 2),
         "ratio_wall_range": [round(min(ratio_wall), 2), round(max(ratio_wall), 2)],
+        "ours_cpu_s": med(o["cpu"] for o in ours), "stock_cpu_s": med(s["cpu"] for s in stock),
         "ours_all_s": [round(o["inproc"], 3) for o in ours], "stock_all_s": [round(s["wall"], 3) for s in stock],
         "ours_peak_rss_mib": round(max(o["rss"] for o in ours) / 1024, 1),
         "stock_peak_rss_mib": round(max(s["rss"] for s in stock) / 1024, 1),
@@ -232,6 +239,7 @@ def print_result(name: str, r: dict) -> None:
     print(f"  psql | tar -x    median {r['stock_s']:.3f} s   all {r['stock_all_s']}")
     print(f"  ratio stock/ours in-process {r['ratio']:.2f}x (range {r['ratio_range'][0]}-{r['ratio_range'][1]}), "
           f"wall {r['ratio_wall']:.2f}x (range {r['ratio_wall_range'][0]}-{r['ratio_wall_range'][1]})")
+    print(f"  CPU (user+sys) median: ours {r['ours_cpu_s']:.3f} s, psql + tar {r['stock_cpu_s']:.3f} s")
     print(f"  peak RSS: ours {r['ours_peak_rss_mib']} MiB (an interpreter importing compute.storage: "
           f"{r['interpreter_rss_mib']} MiB), psql|tar {r['stock_peak_rss_mib']} MiB")
 

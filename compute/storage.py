@@ -13,6 +13,7 @@ import os
 import re
 import select
 import subprocess
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _TAIL = 2048  # bytes of child output kept for error messages
 _INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
+_PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
+_STOP_CHECK = 0.2  # s: how often a blocked receiver looks whether the extractor gave up
 DEFAULT_TIMEOUT = 60.0  # --storage-timeout
 COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
@@ -216,7 +219,7 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
             # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
             with psycopg.connect(conninfo, autocommit=True) as conn:
                 try:
-                    total = _copy_out(conn.pgconn, query, sink, timeout, progress)
+                    total = _pipelined(conn.pgconn, query, sink, timeout, progress)
                 finally:
                     conn.close()  # never let psycopg cancel/drain a possibly huge stream
             if gunzip is not None:
@@ -237,16 +240,91 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     return total
 
 
+class _Stopped(Exception):
+    """The consumer gave up (its own error is the one reported)."""
+
+
+class _Channel:
+    """A FIFO bounded in bytes (messages can be of any size) that a stopped consumer unblocks."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._bytes = 0
+        self._limit = limit
+        self._cond = threading.Condition()
+        self.stopped = False
+
+    def put(self, item: Any) -> None:
+        size = len(item) if item is not None else 0
+        with self._cond:
+            while self._bytes and self._bytes + size > self._limit and not self.stopped:
+                self._cond.wait()
+            if self.stopped:
+                raise _Stopped()
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
+
+    def get(self) -> Any:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self._bytes -= len(item) if item is not None else 0
+            self._cond.notify_all()
+            return item
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def is_set(self) -> bool:  # the receiver's stop flag (threading.Event-like)
+        return self.stopped
+
+
+def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
+               progress: Callable[[int], None] | None) -> int:
+    """_copy_out in a receiver thread, sink (inflate + extract) in this one, at most
+    _PIPE_BYTES between them: receiving overlaps file creation and writes, as in
+    `psql | tar -x` (both sides release the GIL in their syscalls)."""
+    channel = _Channel(_PIPE_BYTES)
+    outcome: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            outcome["total"] = _copy_out(pgconn, query, channel.put, timeout, progress, channel)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            outcome["error"] = e
+        try:
+            channel.put(None)
+        except _Stopped:
+            pass
+
+    receiver = threading.Thread(target=receive, name="basebackup-receive", daemon=True)
+    receiver.start()
+    try:
+        while (chunk := channel.get()) is not None:
+            sink(chunk)
+    finally:
+        channel.stop()  # a failed sink: the receiver stops within _STOP_CHECK s
+        receiver.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["total"]
+
+
 def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
-              progress: Callable[[int], None] | None) -> int:
+              progress: Callable[[int], None] | None, stop: Any = None) -> int:
     """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
     to sink, straight from libpq's buffer. Non-blocking libpq calls + poll(): a server silent
     for `timeout` seconds fails the attempt. Reads to the end: an error after the archive raises."""
     fd = pgconn.socket
     pgconn.send_query(query.encode())
     while pgconn.flush():
-        _wait(fd, select.POLLOUT, timeout, "sending the query")
-    res = _next_result(pgconn, fd, timeout)
+        _wait(fd, select.POLLOUT, timeout, "sending the query", stop)
+    res = _next_result(pgconn, fd, timeout, stop)
     if res is None or res.status != pq.ExecStatus.COPY_OUT:
         raise _result_error(res, "the pageserver did not start a COPY")
     total = 0
@@ -262,32 +340,40 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
                     last = now
                     progress(total)
         elif nbytes == 0:
-            _wait(fd, select.POLLIN, timeout, f"after {total} bytes")
+            _wait(fd, select.POLLIN, timeout, f"after {total} bytes", stop)
             pgconn.consume_input()
         elif nbytes == -1:
             break
         else:
             raise StorageError(f"basebackup: connection lost after {total} bytes: "
                                f"{_conn_message(pgconn)}", retryable=True)
-    res = _next_result(pgconn, fd, timeout)
+    res = _next_result(pgconn, fd, timeout, stop)
     if res is None or res.status != pq.ExecStatus.COMMAND_OK:
         raise _result_error(res, "no command status after the COPY")
-    while _next_result(pgconn, fd, timeout) is not None:
+    while _next_result(pgconn, fd, timeout, stop) is not None:
         pass
     return total
 
 
-def _wait(fd: int, event: int, timeout: float, where: str) -> None:
+def _wait(fd: int, event: int, timeout: float, where: str, stop: Any = None) -> None:
+    """Until fd is ready; `timeout` s of silence fail the attempt; `stop` is checked meanwhile."""
     poller = select.poll()
     poller.register(fd, event)
-    if not poller.poll(timeout * 1000):
-        raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
-                           retryable=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
+                               retryable=True)
+        if poller.poll(min(left, _STOP_CHECK if stop is not None else left) * 1000):
+            return
+        if stop is not None and stop.is_set():
+            raise _Stopped()
 
 
-def _next_result(pgconn: Any, fd: int, timeout: float) -> Any:
+def _next_result(pgconn: Any, fd: int, timeout: float, stop: Any = None) -> Any:
     while pgconn.is_busy():
-        _wait(fd, select.POLLIN, timeout, "waiting for a result")
+        _wait(fd, select.POLLIN, timeout, "waiting for a result", stop)
         pgconn.consume_input()
     return pgconn.get_result()
 
