@@ -12,6 +12,7 @@ import math
 import os
 import re
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .procutil import die_with_parent
 from .tarextract import ArchiveError, TarExtractor
 
 log = logging.getLogger("compute.storage")
@@ -123,12 +125,17 @@ def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
                        f"stderr tail: {_truncate(err_tail)!r}", retryable=True)
 
 
+def _die_with_us() -> None:
+    die_with_parent(signal.SIGKILL)
+
+
 def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
     """Run argv; log each stderr line as it comes; kill it after `timeout` s without output.
     Returns rc (None when killed for silence), stdout (first 64 KiB), stderr tail."""
     try:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # SIGKILL with us: a lifecycle killed mid-sync must not leave the sync behind.
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=_die_with_us)
     except OSError as e:
         raise StorageError(f"cannot run {argv[0]}: {e}") from None
     assert proc.stdout is not None and proc.stderr is not None

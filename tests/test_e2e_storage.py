@@ -121,8 +121,22 @@ def test_sanitised_members_still_boot(bb_tar: str) -> None:
             assert stat.S_IMODE(os.stat(c.pgdata).st_mode) == 0o700
             assert stat.S_IMODE(os.stat(os.path.join(c.pgdata, "pg_suid")).st_mode) == 0o755
             assert stat.S_IMODE(os.stat(os.path.join(c.pgdata, "pg_dir")).st_mode) == 0o755
+            # Another OS user gets nothing of what the archive brought, whatever its modes said.
+            for rel in ("pg_suid", "global/pg_control", "pg_dir"):
+                res = subprocess.run(["runuser", "-u", "nobody", "--", "stat", os.path.join(c.pgdata, rel)],
+                                     capture_output=True, text=True)
+                assert res.returncode != 0 and "Permission denied" in res.stderr, (rel, res.stderr)
             with psycopg.connect(c.admin_conninfo()) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped is not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
 
 
 def prom_value(text: str, name: str, labels: str) -> float:
@@ -227,3 +241,23 @@ def test_bad_storage_flags_are_refused_before_anything(args: list[str], msg: str
         assert not os.path.exists(c.runtime_dir) and not os.path.exists(c.pgdata)
     finally:
         c.close()
+
+
+def test_lifecycle_killed_during_a_silent_sync_leaves_no_orphan(bb_tar: str) -> None:
+    """kill -9 of lifecycle while sync-safekeepers hangs: the sync dies with it, the restarted
+    lifecycle syncs again and the compute runs."""
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        c = neon_compute(ps.connstr, env={"FAKE_SK_STALL": "1"})
+        with c:
+            pattern = f"{c.pgbin} --sync-safekeepers"
+            deadline = time.monotonic() + 60
+            while not (pids := subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()):
+                assert time.monotonic() < deadline, c.output()[-3000:]
+                time.sleep(0.05)
+            lifecycle = int(c.supervisorctl("pid", "lifecycle").stdout.strip())
+            os.kill(lifecycle, 9)
+            deadline = time.monotonic() + 30
+            while any(alive(int(p)) for p in pids):
+                assert time.monotonic() < deadline, "the stalled sync outlived lifecycle"
+                time.sleep(0.05)
+            c.wait_status("running", timeout=90)
