@@ -211,6 +211,8 @@ class TarExtractor:
             raise ArchiveError(f"bad tar header at byte {at}: {e}") from None
         kind = info.type
         pending = self._pending
+        if info.size < 0:  # base-256 fields can be negative
+            raise ArchiveError(f"bad tar header at byte {at}: negative size")
         if kind in _EXTENDED:
             if info.size > MAX_EXT_HEADER:
                 raise ArchiveError(f"tar extended header at byte {at} is {info.size} bytes "
@@ -238,7 +240,8 @@ class TarExtractor:
             mode = safe_mode(info.mode, False)
             if mode != 0o600:
                 os.fchmod(fd, mode)
-            self._mtime = float(pending.get("mtime", info.mtime))  # type: ignore[arg-type]
+            mtime = float(pending.get("mtime", info.mtime))  # type: ignore[arg-type]
+            self._mtime = mtime if 0 <= mtime < 1 << 34 else 0.0  # no nan/inf/overflow for utime
             self._start_data(size)
         elif kind == tarfile.DIRTYPE:
             if info.size:

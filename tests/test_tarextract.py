@@ -178,6 +178,18 @@ def test_limits_on_headers_and_names(box: dict[str, str]) -> None:
         assert f.read() == b"ok"
 
 
+def test_negative_sizes_and_absurd_times(box: dict[str, str]) -> None:
+    header = bytearray(raw_header("neg", tarfile.REGTYPE, 0))
+    header[124:136] = b"\xff" * 12  # base-256 size -1
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    with TarExtractor(box["pgdata"]) as tx, pytest.raises(ArchiveError, match="negative size"):
+        tx.feed(bytes(header))
+    extract(build_tar([Member("inf", b"x", pax={"mtime": "inf"}), Member("nan", b"x", pax={"mtime": "nan"}),
+                       Member("big", b"x", pax={"mtime": "1" * 19})], tarfile.PAX_FORMAT), box["pgdata"])
+    assert os.stat(os.path.join(box["pgdata"], "inf")).st_mtime == 0
+
+
 def test_directory_descriptors_stay_bounded(box: dict[str, str]) -> None:
     members = [Member(f"d{i}/sub/f", b"x") for i in range(MAX_OPEN_DIRS * 3)]
     fds_before = len(os.listdir("/proc/self/fd"))
