@@ -261,3 +261,20 @@ def test_lifecycle_killed_during_a_silent_sync_leaves_no_orphan(bb_tar: str) -> 
                 assert time.monotonic() < deadline, "the stalled sync outlived lifecycle"
                 time.sleep(0.05)
             c.wait_status("running", timeout=90)
+
+
+def test_safekeepers_that_never_answer_fail_the_start_in_bounded_time(bb_tar: str) -> None:
+    """Always silent: 5 attempts of 2 s each plus 0.5+0.75+1.125+1.69 s of backoff, then failed."""
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        c = neon_compute(ps.connstr, "--storage-timeout", "2", env={"FAKE_SK_STALL": "100"})
+        with c:
+            t = time.monotonic()
+            st = c.wait_status("failed", timeout=120)
+            took = time.monotonic() - t
+            assert st["error"].startswith("sync-safekeepers failed after 5 attempt(s): sync-safekeepers: "
+                                          "no progress for 2 s (killed)"), st["error"]
+            assert 14 <= took < 60, took
+            assert c.metrics()["sync_safekeepers_retries"] == 4 and ps.sessions == []
+            assert c.wait_exit(30) == 1
+        out = subprocess.run(["pgrep", "-f", f"{c.pgbin} --sync-safekeepers"], capture_output=True, text=True)
+        assert out.stdout == ""
