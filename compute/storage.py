@@ -386,8 +386,7 @@ def _next_result(pgconn: Any, fd: int, timeout: float, stop: Any = None) -> Any:
 
 
 def _conn_message(pgconn: Any) -> str:
-    text = pgconn.error_message.decode("utf-8", "replace").strip()
-    return " ".join(text.split()) or "connection closed"
+    return _one_line(pgconn.error_message.decode("utf-8", "replace")) or "connection closed"
 
 
 def _result_error(res: Any, fallback: str) -> StorageError:
@@ -397,8 +396,14 @@ def _result_error(res: Any, fallback: str) -> StorageError:
     severity = (res.error_field(pq.DiagnosticField.SEVERITY) or b"ERROR").decode("utf-8", "replace")
     primary = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode("utf-8", "replace")
     text = f"{severity}: {primary} (SQLSTATE {sqlstate})" if primary else \
-        res.error_message.decode("utf-8", "replace").strip()
-    return StorageError(f"basebackup: {text}", retryable=_retryable_sqlstate(sqlstate))
+        res.error_message.decode("utf-8", "replace")
+    return StorageError(f"basebackup: {_one_line(text)}", retryable=_retryable_sqlstate(sqlstate))
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """What a (possibly hostile) server said, as one bounded line for logs and /status."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _retryable_sqlstate(sqlstate: str | None) -> bool:
@@ -463,8 +468,8 @@ def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -
 def _pg_error_text(e: psycopg.Error) -> str:
     diag = e.diag
     if diag.message_primary:
-        return f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})"
-    return " ".join(str(e).split())
+        return _one_line(f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})")
+    return _one_line(str(e))
 
 
 # ---------------------------------------------------------------- embedded default

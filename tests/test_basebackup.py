@@ -338,6 +338,16 @@ def test_error_after_archive_fails(bb_tar: str, pgdata: str) -> None:
     assert os.path.exists(os.path.join(pgdata, "neon.signal"))
 
 
+def test_server_error_text_is_one_bounded_line(bb_tar: str, pgdata: str) -> None:
+    """A pageserver's error message is shown on /status: newlines folded, length capped."""
+    with PageserverPeer(bb_tar, tenant_id=TENANT) as ps:
+        with pytest.raises(StorageError) as ei:
+            basebackup(ps.connstr, "0" * 32, TIMELINE, "0/0", pgdata, None)
+    assert "\n" not in str(ei.value)
+    from compute.storage import _one_line
+    assert _one_line("a\nb\r\n c") == "a b c" and len(_one_line("x" * 10_000)) == 503
+
+
 def test_unknown_tenant_fails(bb_tar: str, pgdata: str) -> None:
     with PageserverPeer(bb_tar, tenant_id=TENANT) as ps:
         with pytest.raises(StorageError, match=f"Tenant {'0' * 32} not found"):
