@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statement-timeout", type=float, default=300.0,
                    help="seconds a statement applying the spec may run (default 300; 0: forever)")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="output format (default text)")
+    p.add_argument("--storage-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="fail a sync-safekeepers or basebackup attempt after this long without progress "
+                        "(connect, auth, or between chunks); attempts are retried (default 60)")
+    p.add_argument("--basebackup-compression", choices=("none", "gzip"), default="none",
+                   help="gzip: ask the pageserver for `basebackup ... --gzip` and inflate it as it "
+                        "arrives (pageservers since mid-2023; default none)")
     p.add_argument("--version", action="version", version=f"compute-ctl {__version__}")
     return p
 
@@ -165,6 +171,8 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
         if not (0 <= value <= 86400):  # NaN fails too
             raise UsageError(f"{flag} must be 0..86400 seconds")
     args.http_address = http_address(args.http_address)
+    if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
+        raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
     return raw, superuser
 
 
@@ -321,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "vm_informant": vm_informant,
         "postgres_exporter": os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
         "postgres_exporter_port": args.postgres_exporter_port,
+        "vm_informant": vm_informant, "storage_timeout": args.storage_timeout,
+        "basebackup_compression": None if args.basebackup_compression == "none" else args.basebackup_compression,
     }
     try:
         prepare_dirs(runtime_dir, pgdata, user)

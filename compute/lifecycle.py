@@ -176,6 +176,7 @@ class Driver:
 
     def prepare_data(self, spec: ComputeSpec) -> None:
         empty_directory(self.pgdata)
+        self.store.record_metrics(sync_safekeepers_retries=0, basebackup_retries=0)
         st = spec.storage
         plan = modes.plan_start(spec)
         if plan.source == "clone":
@@ -197,10 +198,14 @@ class Driver:
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
             self.write_conf(spec)
+            timeout = float(self.launch.get("storage_timeout") or storage.DEFAULT_TIMEOUT)
             t = time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
-                lsn = storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token)
+                lsn = storage.with_retries(
+                    "sync-safekeepers", storage.SYNC_SAFEKEEPERS_RETRY,
+                    lambda: storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token, timeout=timeout),
+                    on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
                 log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
             else:
                 log.info("%s compute: no safekeeper sync; basebackup at %s", spec.mode,
@@ -216,8 +221,19 @@ class Driver:
                     log.info("basebackup: %d MiB received (%.1f MiB/s)", nbytes >> 20, rate)
                     last[:] = [now, nbytes]
 
-            nbytes = storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
-                                        self.pgdata, token, progress=progress, replica=plan.basebackup_replica)
+            def fresh_pgdata() -> None:
+                # A failed attempt may have extracted part of the archive: start over, empty.
+                empty_directory(self.pgdata)
+                self.write_conf(spec)
+
+            nbytes = storage.with_retries(
+                "basebackup", storage.BASEBACKUP_RETRY,
+                lambda: storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
+                                           self.pgdata, token, progress=progress, timeout=timeout,
+                                           compression=self.launch.get("basebackup_compression"),
+                                           replica=plan.basebackup_replica),
+                before_retry=fresh_pgdata,
+                on_retry=lambda n: self.store.record_metrics(basebackup_retries=n))
             bb_ms = ms_since(t)
             log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
             self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)

@@ -43,15 +43,13 @@ def write_postgresql_conf(pgdata: str, settings) -> None:
 def ensure_hba_line(pgdata: str) -> bool:
     """Append `host all all 0.0.0.0/0 md5` to pg_hba.conf when missing. True if appended."""
     path = os.path.join(pgdata, "pg_hba.conf")
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = ""
-    if any(" ".join(line.split()) == HBA_LINE for line in text.splitlines()):
-        return False
-    sep = "" if not text or text.endswith("\n") else "\n"
-    with open(path, "a") as f:
+    # O_NOFOLLOW: PGDATA came from the network; a symlink here must never be written through.
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+        if any(" ".join(line.split()) == HBA_LINE for line in text.splitlines()):
+            return False
+        sep = "" if not text or text.endswith("\n") else "\n"
         f.write(f"{sep}{HBA_LINE}\n")
     return True
 
@@ -89,8 +87,14 @@ def write_default_hba(pgdata: str, superuser: str, os_user: str | None = None, *
 
 
 def _atomic_write(path: str, text: str) -> None:
+    """Write a temporary file and rename it over `path`: a symlink at either name is replaced,
+    never followed (O_EXCL|O_NOFOLLOW after removing a stale temporary)."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)

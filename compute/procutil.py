@@ -36,10 +36,11 @@ def die_with_parent(sig: int = signal.SIGTERM, parent_env: str = SUPERVISORD_PID
     return ok
 
 
-def dies_with_us() -> None:
-    """preexec_fn for a child we run ourselves (pg_basebackup): it gets SIGTERM when we die.
-    No parent check: its parent is us, not the supervisord that die_with_parent expects."""
-    _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+def dies_with_us(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn for a child a program runs itself (pg_basebackup, --sync-safekeepers): it
+    gets `sig` when we die. No parent check: its parent is us, not the supervisord that
+    die_with_parent expects."""
+    _prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 def become_subreaper() -> bool:

@@ -1,145 +1,249 @@
 """Neon storage steps of the start-up: sync safekeepers, basebackup, and the initdb default.
 
-Pure I/O functions; the caller decides which user they run as (postgres and initdb refuse root).
+I/O functions for one attempt each, plus a pure retry policy and its thin executor
+(with_retries); the caller decides which user they run as (postgres and initdb refuse root).
 """
 
 from __future__ import annotations
 
 import collections
-import copy
-import io
 import logging
+import math
 import os
 import re
+import select
+import signal
 import subprocess
-import tarfile
 import threading
 import time
-from typing import Callable
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .environ import child_environment
+from .procutil import dies_with_us
+from .tarextract import ArchiveError, TarExtractor
 
 log = logging.getLogger("compute.storage")
 
-LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
+_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _TAIL = 2048  # bytes of child output kept for error messages
-_READ_CHUNK = 1 << 20  # tarfile buffer: big reads/writes, bounded memory
-_CONNECT_TIMEOUT = 10
-# Python >= 3.11.4 ships the PEP 706 filters; we use data_filter as an extra check when present.
-_DATA_FILTER = getattr(tarfile, "data_filter", None)
-# We vet members ourselves, so tell tarfile not to second-guess (3.14 would default to "data",
-# which drops directory modes).
-_EXTRACT_KW = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+_INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
+_PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
+_STOP_CHECK = 0.2  # s: how often a blocked receiver looks whether the extractor gave up
+DEFAULT_TIMEOUT = 60.0  # --storage-timeout
+COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
 
 class StorageError(Exception):
-    """A storage step failed; the message is safe to show (no secrets)."""
+    """A storage step failed; the message is safe to show (no secrets). `retryable`: a transient
+    cause (refused, reset, timed out, "try again later"), worth another attempt."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def _truncate(text: str, limit: int = _TAIL) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
+# ---------------------------------------------------------------- retries
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """attempt -> delay or give up (pure). Neon's compute_ctl: 0.5 s, x1.5."""
+    attempts: int
+    first_delay: float = 0.5
+    factor: float = 1.5
+
+    def delay_after(self, attempt: int) -> float | None:
+        """Seconds to wait after failed attempt `attempt` (1-based); None: give up."""
+        if attempt >= self.attempts:
+            return None
+        return self.first_delay * self.factor ** (attempt - 1)
+
+
+SYNC_SAFEKEEPERS_RETRY = RetryPolicy(attempts=5)
+BASEBACKUP_RETRY = RetryPolicy(attempts=10)
+
+T = TypeVar("T")
+
+
+def with_retries(what: str, policy: RetryPolicy, attempt: Callable[[], T], *,
+                 before_retry: Callable[[], None] | None = None,
+                 on_retry: Callable[[int], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `attempt` until it succeeds, fails for good, or the policy gives up. Every failure is
+    logged with its cause; on_retry(n) gets the number of retries so far (for the metrics)."""
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt()
+        except StorageError as e:
+            delay = policy.delay_after(n) if e.retryable else None
+            if delay is None:
+                if n == 1 and not e.retryable:
+                    raise
+                why = "gave up" if e.retryable else "not retryable"
+                log.error("%s attempt %d/%d failed (%s): %s", what, n, policy.attempts, why, e)
+                raise StorageError(f"{what} failed after {n} attempt(s): {e}") from None
+            log.warning("%s attempt %d/%d failed: %s; retrying in %.2f s", what, n, policy.attempts, e, delay)
+            if on_retry is not None:
+                on_retry(n)
+            if before_retry is not None:
+                before_retry()
+            sleep(delay)
+
+
 # ---------------------------------------------------------------- sync safekeepers
 
 def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
-                     retries: int = 3, backoff: float = 0.5) -> str:
-    """Run `<pgbin> --sync-safekeepers`; returns the LSN it prints. `retries` = attempts in total."""
+                     timeout: float = DEFAULT_TIMEOUT) -> str:
+    """One run of `<pgbin> --sync-safekeepers`; returns the LSN it prints. A run that prints
+    nothing (stdout or stderr) for `timeout` seconds is killed. Retries: with_retries()."""
     env = child_environment(os.environ)  # no control-plane token for a postgres binary
     env["PGDATA"] = pgdata  # the binary reads PGDATA; it is not given -D
     env.pop("NEON_AUTH_TOKEN", None)
     if auth_token:
         env["NEON_AUTH_TOKEN"] = auth_token  # env, not argv: argv is world-readable in /proc
-    attempts = max(1, retries)
-    failure = ""
-    for attempt in range(attempts):
-        if attempt:
-            delay = backoff * (2 ** (attempt - 1))
-            log.warning("sync-safekeepers attempt %d/%d failed (%s); retrying in %.1fs",
-                        attempt, attempts, failure, delay)
-            time.sleep(delay)
-        rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env)
-        lsn = out.strip()
-        if rc == 0 and LSN_RE.fullmatch(lsn):
-            log.info("sync-safekeepers returned LSN %s", lsn)
-            return lsn
+    rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env, timeout)
+    lsn = out.strip()
+    if rc == 0 and LSN_RE.fullmatch(lsn):
+        log.info("sync-safekeepers returned LSN %s", lsn)
+        return lsn
+    if rc is None:
+        why = f"no progress for {timeout:g} s (killed)"
+    else:
         why = f"exit code {rc}" if rc != 0 else "unexpected output (want one LSN)"
-        failure = f"{why}; stdout: {_truncate(out)!r}; stderr tail: {_truncate(err_tail)!r}"
-    raise StorageError(f"sync-safekeepers failed after {attempts} attempt(s): {failure}")
+    raise StorageError(f"sync-safekeepers: {why}; stdout: {_truncate(out)!r}; "
+                       f"stderr tail: {_truncate(err_tail)!r}", retryable=True)
 
 
-def _run_logged(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """Run argv; log each stderr line as it comes (the sync can take long); return rc, stdout, stderr tail."""
+def _die_with_us() -> None:
+    dies_with_us(signal.SIGKILL)
+
+
+def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+    """Run argv; log each stderr line as it comes; kill it after `timeout` s without output.
+    Returns rc (None when killed for silence), stdout (first 64 KiB), stderr tail."""
     try:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # SIGKILL with us: a lifecycle killed mid-sync must not leave the sync behind.
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=_die_with_us)
     except OSError as e:
         raise StorageError(f"cannot run {argv[0]}: {e}") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
     tail: collections.deque[str] = collections.deque()
     tail_len = 0
-
-    def pump_stderr() -> None:
-        nonlocal tail_len
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            log.info("sync-safekeepers: %s", line)
-            tail.append(line)
-            tail_len += len(line) + 1
-            while tail_len > _TAIL and len(tail) > 1:
-                tail_len -= len(tail.popleft()) + 1
-
-    pump = threading.Thread(target=pump_stderr, name="sync-sk-stderr", daemon=True)
-    pump.start()
-    assert proc.stdout is not None
-    out = proc.stdout.read(1 << 16).decode("utf-8", "replace")  # one LSN; bound it anyway
-    while proc.stdout.read(1 << 16):  # drain (discarding) so the child never blocks on a full pipe
-        pass
-    rc = proc.wait()
-    pump.join()
-    return rc, out, "\n".join(tail)
+    partial = b""
+    poller = select.poll()
+    fds = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    silent = False
+    try:
+        while fds:
+            events = poller.poll(timeout * 1000)
+            if not events:
+                silent = True
+                break
+            for fd, _ in events:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    poller.unregister(fd)
+                    del fds[fd]
+                elif fds[fd] == "out":
+                    if len(out) < 1 << 16:  # one LSN; bound it anyway
+                        out += chunk[:(1 << 16) - len(out)]
+                else:
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    if len(partial) > _TAIL:
+                        lines.append(partial)
+                        partial = b""
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace")
+                        log.info("sync-safekeepers: %s", line)
+                        tail.append(line)
+                        tail_len += len(line) + 1
+                        while tail_len > _TAIL and len(tail) > 1:
+                            tail_len -= len(tail.popleft()) + 1
+    finally:
+        if silent or fds:  # timed out, or we are being unwound: the child never outlives us
+            proc.kill()
+        rc = proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if partial:
+        line = partial.decode("utf-8", "replace")
+        log.info("sync-safekeepers: %s", line)
+        tail.append(line)
+    return (None if silent else rc), out.decode("utf-8", "replace"), "\n".join(tail)
 
 
 # ---------------------------------------------------------------- basebackup
 
-def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
-               auth_token: str | None, *, progress: Callable[[int], None] | None = None,
-               replica: bool = False) -> int:
-    """Stream `basebackup` from the pageserver (COPY OUT of one tar) into pgdata; returns bytes received.
-    `replica`: for a Static or Replica compute, as Neon asks (`--replica`)."""
+def basebackup_query(tenant_id: str, timeline_id: str, lsn: str, compression: str | None = None,
+                     replica: bool = False) -> str:
+    """The pageserver command (pure); every part validated, nothing interpolated unchecked.
+    `replica`: for a Static or Replica compute, as Neon asks (`--replica`, after `--gzip`)."""
     if not _ID_RE.fullmatch(tenant_id) or not _ID_RE.fullmatch(timeline_id):
         raise StorageError("tenant_id and timeline_id must be 32 lowercase hex digits")
     if not LSN_RE.fullmatch(lsn):
         raise StorageError(f"invalid LSN {lsn!r}")
+    if compression not in COMPRESSIONS:
+        raise StorageError(f"unknown basebackup compression {compression!r}")
     query = f"basebackup {tenant_id} {timeline_id}"
     hi, lo = lsn.split("/")
     if int(hi, 16) or int(lo, 16):
         query += f" {lsn}"  # 0/0 means "latest": the LSN is left out
+    if compression == "gzip":
+        query += " --gzip"
     if replica:
         query += " --replica"
-    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token)
+    return query
 
+
+def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
+               auth_token: str | None, *, progress: Callable[[int], None] | None = None,
+               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None) -> int:
+    """One attempt: stream `basebackup` (COPY OUT of one tar, gzipped with compression="gzip")
+    from the pageserver into pgdata, extracting as it arrives; returns the bytes received.
+    `timeout`: seconds without progress (connect, auth, between chunks) before giving up.
+    Retries: with_retries()."""
+    query = basebackup_query(tenant_id, timeline_id, lsn, compression)
+    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, timeout)
     os.makedirs(pgdata, mode=0o700, exist_ok=True)
     t0 = time.monotonic()
     try:
-        # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            # No params -> psycopg sends a simple Query message (PQsendQuery), as the pageserver needs.
-            with conn.cursor() as cur, cur.copy(query) as cp:
+        with TarExtractor(pgdata) as tx:
+            sink: Callable[[Any], None] = tx.feed
+            gunzip = _Gunzip(tx.feed) if compression == "gzip" else None
+            if gunzip is not None:
+                sink = gunzip.feed
+            # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
+            with psycopg.connect(conninfo, autocommit=True) as conn:
                 try:
-                    total = _extract_stream(cp, pgdata, progress)
-                except BaseException:
-                    # Close first so psycopg doesn't cancel and drain a possibly huge stream.
-                    conn.close()
-                    raise
+                    total = _pipelined(conn.pgconn, query, sink, timeout, progress)
+                finally:
+                    conn.close()  # never let psycopg cancel/drain a possibly huge stream
+            if gunzip is not None:
+                gunzip.finish()
+            tx.finish()  # the stream has ended (read past the archive): the archive must have too
+    except psycopg.errors.ConnectionTimeout:
+        raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s (connecting)",
+                           retryable=True) from None
     except psycopg.Error as e:
-        raise StorageError(f"basebackup failed: {_pg_error_text(e)}") from None
-    except tarfile.TarError as e:
-        raise StorageError(f"basebackup: bad tar archive: {e}") from None
+        raise StorageError(f"basebackup: {_pg_error_text(e)}", retryable=_retryable(e)) from None
+    except ArchiveError as e:
+        raise StorageError(f"basebackup: {e}") from None
     except OSError as e:
         raise StorageError(f"basebackup: cannot extract into {pgdata}: {e}") from None
     elapsed = time.monotonic() - t0
@@ -148,177 +252,229 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     return total
 
 
-def _pageserver_conninfo(connstr: str, auth_token: str | None) -> str:
+class _Stopped(Exception):
+    """The consumer gave up (its own error is the one reported)."""
+
+
+class _Channel:
+    """A FIFO bounded in bytes (messages can be of any size) that a stopped consumer unblocks."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._bytes = 0
+        self._limit = limit
+        self._cond = threading.Condition()
+        self.stopped = False
+
+    def put(self, item: Any) -> None:
+        size = len(item) if item is not None else 0
+        with self._cond:
+            while self._bytes and self._bytes + size > self._limit and not self.stopped:
+                self._cond.wait()
+            if self.stopped:
+                raise _Stopped()
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
+
+    def get(self) -> Any:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self._bytes -= len(item) if item is not None else 0
+            self._cond.notify_all()
+            return item
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def is_set(self) -> bool:  # the receiver's stop flag (threading.Event-like)
+        return self.stopped
+
+
+def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
+               progress: Callable[[int], None] | None) -> int:
+    """_copy_out in a receiver thread, sink (inflate + extract) in this one, at most
+    _PIPE_BYTES between them: receiving overlaps file creation and writes, as in
+    `psql | tar -x` (both sides release the GIL in their syscalls)."""
+    channel = _Channel(_PIPE_BYTES)
+    outcome: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            outcome["total"] = _copy_out(pgconn, query, channel.put, timeout, progress, channel)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            outcome["error"] = e
+        try:
+            channel.put(None)
+        except _Stopped:
+            pass
+
+    receiver = threading.Thread(target=receive, name="basebackup-receive", daemon=True)
+    receiver.start()
+    try:
+        while (chunk := channel.get()) is not None:
+            sink(chunk)
+    finally:
+        channel.stop()  # a failed sink: the receiver stops within _STOP_CHECK s
+        receiver.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["total"]
+
+
+def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
+              progress: Callable[[int], None] | None, stop: Any = None) -> int:
+    """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
+    to sink, straight from libpq's buffer. Non-blocking libpq calls + poll(): a server silent
+    for `timeout` seconds fails the attempt. Reads to the end: an error after the archive raises."""
+    fd = pgconn.socket
+    pgconn.send_query(query.encode())
+    while pgconn.flush():
+        _wait(fd, select.POLLOUT, timeout, "sending the query", stop)
+    res = _next_result(pgconn, fd, timeout, stop)
+    if res is None or res.status != pq.ExecStatus.COPY_OUT:
+        raise _result_error(res, "the pageserver did not start a COPY")
+    total = 0
+    last = time.monotonic()
+    while True:
+        nbytes, data = pgconn.get_copy_data(1)
+        if nbytes > 0:
+            total += nbytes
+            sink(data)
+            if progress is not None:
+                now = time.monotonic()
+                if now - last >= 1.0:
+                    last = now
+                    progress(total)
+        elif nbytes == 0:
+            _wait(fd, select.POLLIN, timeout, f"after {total} bytes", stop)
+            pgconn.consume_input()
+        elif nbytes == -1:
+            break
+        else:
+            raise StorageError(f"basebackup: connection lost after {total} bytes: "
+                               f"{_conn_message(pgconn)}", retryable=True)
+    res = _next_result(pgconn, fd, timeout, stop)
+    if res is None or res.status != pq.ExecStatus.COMMAND_OK:
+        raise _result_error(res, "no command status after the COPY")
+    while _next_result(pgconn, fd, timeout, stop) is not None:
+        pass
+    return total
+
+
+def _wait(fd: int, event: int, timeout: float, where: str, stop: Any = None) -> None:
+    """Until fd is ready; `timeout` s of silence fail the attempt; `stop` is checked meanwhile."""
+    poller = select.poll()
+    poller.register(fd, event)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
+                               retryable=True)
+        if poller.poll(min(left, _STOP_CHECK if stop is not None else left) * 1000):
+            return
+        if stop is not None and stop.is_set():
+            raise _Stopped()
+
+
+def _next_result(pgconn: Any, fd: int, timeout: float, stop: Any = None) -> Any:
+    while pgconn.is_busy():
+        _wait(fd, select.POLLIN, timeout, "waiting for a result", stop)
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+def _conn_message(pgconn: Any) -> str:
+    return _one_line(pgconn.error_message.decode("utf-8", "replace")) or "connection closed"
+
+
+def _result_error(res: Any, fallback: str) -> StorageError:
+    if res is None or res.status not in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.NONFATAL_ERROR):
+        return StorageError(f"basebackup: {fallback}")
+    sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode("ascii", "replace")
+    severity = (res.error_field(pq.DiagnosticField.SEVERITY) or b"ERROR").decode("utf-8", "replace")
+    primary = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode("utf-8", "replace")
+    text = f"{severity}: {primary} (SQLSTATE {sqlstate})" if primary else \
+        res.error_message.decode("utf-8", "replace")
+    return StorageError(f"basebackup: {_one_line(text)}", retryable=_retryable_sqlstate(sqlstate))
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """What a (possibly hostile) server said, as one bounded line for logs and /status."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _retryable_sqlstate(sqlstate: str | None) -> bool:
+    """No SQLSTATE: the transport failed (refused, reset, closed, timed out). Otherwise the
+    classes that mean "try again later": 08 connection exception, 53 insufficient resources,
+    57 operator intervention (e.g. 57P01 shutdown, 57P03 cannot connect now), 58 system error.
+    Anything else the server says (XX000, 28P01 bad password, ...) is an answer, not a hiccup."""
+    return not sqlstate or sqlstate[:2] in ("08", "53", "57", "58")
+
+
+def _retryable(e: psycopg.Error) -> bool:
+    return _retryable_sqlstate(e.diag.sqlstate if e.diag else None)
+
+
+class _Gunzip:
+    """Inflate a gzip stream as it arrives, never more than _INFLATE_CHUNK bytes per step (a
+    small input may inflate to gigabytes); concatenated gzip members are one stream."""
+
+    def __init__(self, sink: Callable[[Any], None]) -> None:
+        self._sink = sink
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._started = False
+
+    def feed(self, data: Any) -> None:
+        if not self._started:
+            self._started = bool(len(data))
+        while True:
+            try:
+                out = self._d.decompress(data, _INFLATE_CHUNK)
+            except zlib.error as e:
+                raise ArchiveError(f"bad gzip stream: {e}") from None
+            if out:
+                self._sink(out)
+            if self._d.eof:
+                data = self._d.unused_data
+                if not data:
+                    return
+                self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # the next gzip member
+            else:
+                data = self._d.unconsumed_tail
+                if not data and len(out) < _INFLATE_CHUNK:
+                    return
+
+    def finish(self) -> None:
+        if not self._started or not self._d.eof:
+            raise ArchiveError("gzip stream truncated")
+
+
+def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -> str:
     try:
         params = conninfo_to_dict(connstr)
     except psycopg.ProgrammingError:
         raise StorageError("invalid pageserver connection string") from None  # may hold a secret
-    extra: dict[str, object] = {}
+    extra: dict[str, object] = {"application_name": "compute_ctl"}
     if auth_token:
         extra["password"] = auth_token  # the storage token is the password; it overrides the connstr's
     if "connect_timeout" not in params:
-        extra["connect_timeout"] = _CONNECT_TIMEOUT
+        extra["connect_timeout"] = max(2, int(math.ceil(timeout)))  # libpq's minimum is 2 s
     return make_conninfo(connstr, **extra)
 
 
 def _pg_error_text(e: psycopg.Error) -> str:
     diag = e.diag
     if diag.message_primary:
-        return f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})"
-    return str(e).strip()
-
-
-class _CopyReader(io.RawIOBase):
-    """File-like view of the COPY OUT stream, for tarfile's stream mode ("r|")."""
-
-    def __init__(self, cp: psycopg.Copy, on_data: Callable[[int], None]) -> None:
-        super().__init__()
-        self._cp = cp
-        self._on_data = on_data
-        self._buf = memoryview(b"")
-        self.total = 0
-        self.eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> bool:
-        if not self._buf and not self.eof:
-            chunk = self._cp.read()  # one CopyData message; b"" after CopyDone/CommandComplete
-            if chunk:
-                self._buf = memoryview(chunk)
-                self.total += len(chunk)
-                self._on_data(self.total)
-            else:
-                self.eof = True
-        return bool(self._buf)
-
-    def read(self, size: int = -1) -> bytes:
-        if not self._fill():
-            return b""
-        n = len(self._buf) if size is None or size < 0 else min(size, len(self._buf))
-        data = bytes(self._buf[:n])
-        self._buf = self._buf[n:]
-        return data
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        if not self._fill():
-            return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def drain(self) -> int:
-        """Read the stream to its end (a server error after the archive raises here)."""
-        extra = len(self._buf)
-        self._buf = memoryview(b"")
-        while self._fill():
-            extra += len(self._buf)
-            self._buf = memoryview(b"")
-        return extra
-
-
-class _OwnTarFile(tarfile.TarFile):
-    """Files belong to whoever extracts them (the unprivileged user), never to the archive's uid."""
-
-    def chown(self, tarinfo, targetpath, numeric_owner):  # type: ignore[override]
-        pass
-
-
-def _extract_stream(cp: psycopg.Copy, pgdata: str, progress: Callable[[int], None] | None) -> int:
-    last = time.monotonic()
-
-    def on_data(total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if progress is not None and now - last >= 1.0:
-            last = now
-            progress(total)
-
-    reader = _CopyReader(cp, on_data)
-    end_seen = False
-
-    class _TarInfo(tarfile.TarInfo):
-        # tarfile treats a garbage or missing header after the first member as a silent end of
-        # archive; we note the real end-of-archive (zero) block to tell them apart.
-        @classmethod
-        def frombuf(cls, buf, encoding, errors):  # type: ignore[override]
-            nonlocal end_seen
-            try:
-                return super().frombuf(buf, encoding, errors)
-            except tarfile.EOFHeaderError:
-                end_seen = True
-                raise
-
-    dest = os.path.realpath(pgdata)
-    with _OwnTarFile.open(fileobj=reader, mode="r|", bufsize=_READ_CHUNK, tarinfo=_TarInfo,
-                          errorlevel=2) as tar:
-        tar.copybufsize = _READ_CHUNK
-        links_seen = False
-        while (member := tar.next()) is not None:
-            links_seen = links_seen or member.issym() or member.islnk()
-            tar.extract(_vet_member(member, dest, links_seen), dest, set_attrs=True, numeric_owner=True,
-                        **_EXTRACT_KW)
-            tar.members.clear()  # tarfile keeps every TarInfo; keep memory flat
-    if not end_seen:
-        raise StorageError(f"basebackup: tar archive truncated or corrupt near byte {tar.offset}")
-    reader.drain()
-    return reader.total
-
-
-def _vet_member(member: tarfile.TarInfo, dest: str, links_seen: bool = True) -> tarfile.TarInfo:
-    """Refuse anything that could write outside dest or create special files; sane modes.
-
-    Until the archive has had a link, everything under dest was created by us from plain files
-    and directories, so a lexical check of the name is exact; the realpath checks (a few
-    syscalls per path component, a fifth of the extraction time for a ~1,000-file data
-    directory) are only needed once a link could redirect a path."""
-    def refuse(why: str) -> StorageError:
-        return StorageError(f"basebackup: refusing tar member {member.name!r}: {why}")
-
-    if not links_seen:
-        name = member.name
-        norm = os.path.normpath(name) if name else ""
-        if not name or os.path.isabs(name):
-            raise refuse("absolute path")
-        if norm == ".." or norm.startswith("../") or (norm == "." and not member.isdir()):
-            raise refuse("outside the data directory")
-        if not (member.isreg() or member.isdir()):
-            raise refuse("special file")
-        return _sane_mode(member)
-
-    if _DATA_FILTER is not None:
-        try:
-            _DATA_FILTER(member, dest)  # check only; our own rules below decide the attributes
-        except tarfile.FilterError as e:
-            raise refuse(str(e)) from None
-    name = member.name
-    if not name or name.startswith("/") or os.path.isabs(name):
-        raise refuse("absolute path")
-    target = os.path.realpath(os.path.join(dest, name))
-    if os.path.commonpath([target, dest]) != dest or (target == dest and not member.isdir()):
-        raise refuse("outside the data directory")
-    if member.issym():
-        if os.path.isabs(member.linkname):
-            raise refuse("absolute symlink")
-        link_to = os.path.realpath(os.path.join(os.path.dirname(target), member.linkname))
-        if os.path.commonpath([link_to, dest]) != dest:
-            raise refuse("symlink outside the data directory")
-    elif member.islnk():
-        link_to = os.path.realpath(os.path.join(dest, member.linkname))
-        if os.path.commonpath([link_to, dest]) != dest:
-            raise refuse("hard link outside the data directory")
-    elif not (member.isreg() or member.isdir()):
-        raise refuse("special file")
-    return _sane_mode(member)
-
-
-def _sane_mode(member: tarfile.TarInfo) -> tarfile.TarInfo:
-    safe = copy.copy(member)
-    mode = member.mode & 0o755  # no setuid/setgid/sticky, no group/other write
-    safe.mode = mode | (0o700 if member.isdir() else 0o600)  # owner can always use it
-    return safe
+        return _one_line(f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})")
+    return _one_line(str(e))
 
 
 # ---------------------------------------------------------------- embedded default

@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterator
 import psycopg
 import pytest
 
-from compute import storage
-from compute.storage import StorageError, basebackup, initdb_default, sync_safekeepers
+from compute.storage import (BASEBACKUP_RETRY, SYNC_SAFEKEEPERS_RETRY, RetryPolicy, StorageError, basebackup,
+                             initdb_default, sync_safekeepers, with_retries)
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+from tests.support.hostile_tar import Member, build_tar, raw_header
 from tests.peers.sync_safekeepers import DEFAULT_LSN, write_fake_postgres
 from tests.support.pgcluster import PG_USER, PGBIN_DIR, Cluster, free_port, run_as_pg, scratch_dir
 
@@ -64,6 +65,27 @@ def run_demoted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if kind == "err":
         raise value
     return value
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _measured(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    import resource
+    before = max(_rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    try:
+        result: Any = fn(*args, **kwargs)
+    except StorageError as e:
+        result = str(e)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+
+
+def run_measured(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """fn's result (or its StorageError's message) and how much the peak RSS (KiB) of the
+    demoted child that ran it grew meanwhile (a fork of pytest: pytest's own RSS is the base)."""
+    return run_demoted(_measured, fn, *args, **kwargs)
 
 
 @pytest.fixture
@@ -128,12 +150,44 @@ def test_sync_safekeepers_logs_each_stderr_line(fake_pg: dict[str, str], monkeyp
     assert not any(TOKEN in r.getMessage() for r in caplog.records)
 
 
+FAST = RetryPolicy(attempts=3, first_delay=0.01, factor=1.5)
+
+
+def synced_with_retries(pgbin: str, pgdata: str, token: str | None, policy: RetryPolicy,
+                        timeout: float = 60) -> tuple[str, list[int]]:
+    retries: list[int] = []
+    lsn = with_retries("sync-safekeepers", policy,
+                       lambda: sync_safekeepers(pgbin, pgdata, token, timeout=timeout), on_retry=retries.append)
+    return lsn, retries
+
+
+def test_retry_policy_is_neons() -> None:
+    """0.5 s, x1.5; sync-safekeepers 5 attempts, basebackup 10 (Neon's compute_ctl)."""
+    assert [SYNC_SAFEKEEPERS_RETRY.delay_after(n) for n in range(1, 6)] == [0.5, 0.75, 1.125, 1.6875, None]
+    delays = [BASEBACKUP_RETRY.delay_after(n) for n in range(1, 11)]
+    assert delays[:3] == [0.5, 0.75, 1.125] and delays[-1] is None and delays[-2] == pytest.approx(0.5 * 1.5 ** 8)
+    assert RetryPolicy(attempts=1).delay_after(1) is None
+
+
+def test_with_retries_stops_at_a_permanent_failure() -> None:
+    calls: list[int] = []
+
+    def attempt() -> str:
+        calls.append(1)
+        raise StorageError("bad archive" if len(calls) == 2 else "refused", retryable=len(calls) != 2)
+    with pytest.raises(StorageError, match=r"^step failed after 2 attempt\(s\): bad archive$"):
+        with_retries("step", RetryPolicy(5, 0), attempt, sleep=lambda s: None)
+    assert len(calls) == 2
+    calls.clear()
+    with pytest.raises(StorageError, match=r"^refused$"):  # permanent at once: the cause alone
+        with_retries("step", RetryPolicy(5, 0), lambda: (_ for _ in ()).throw(StorageError("refused")))
+
+
 def test_sync_safekeepers_retries_then_succeeds(fake_pg: dict[str, str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SK_FAIL", "2")
-    lsn = run_demoted(sync_safekeepers, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN,
-                      retries=3, backoff=0.01)
-    assert lsn == DEFAULT_LSN
+    lsn, retries = run_demoted(synced_with_retries, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, FAST)
+    assert lsn == DEFAULT_LSN and retries == [1, 2]
     assert len(_records(fake_pg["record"])) == 3
 
 
@@ -141,8 +195,7 @@ def test_sync_safekeepers_persistent_failure_carries_output(fake_pg: dict[str, s
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SK_FAIL", "10")
     with pytest.raises(StorageError) as ei:
-        run_demoted(sync_safekeepers, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN,
-                    retries=3, backoff=0.01)
+        run_demoted(synced_with_retries, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, FAST)
     msg = str(ei.value)
     assert "after 3 attempt" in msg and "exit code 1" in msg
     assert "simulated failure 3/10" in msg
@@ -150,20 +203,37 @@ def test_sync_safekeepers_persistent_failure_carries_output(fake_pg: dict[str, s
     assert len(_records(fake_pg["record"])) == 3
 
 
+def test_sync_safekeepers_silent_is_killed_and_retried(fake_pg: dict[str, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Safekeepers that accept and go quiet: the run is killed after the timeout, then retried."""
+    monkeypatch.setenv("FAKE_SK_STALL", "1")
+    t = time.monotonic()
+    lsn, retries = run_demoted(synced_with_retries, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, FAST, 1.0)
+    assert lsn == DEFAULT_LSN and retries == [1]
+    assert time.monotonic() - t < 30  # not hung
+    with pytest.raises(StorageError, match=r"no progress for 1 s \(killed\).*will not answer"):
+        monkeypatch.setenv("FAKE_SK_STALL", "5")
+        os.unlink(fake_pg["record"] + ".count")
+        run_demoted(sync_safekeepers, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, timeout=1.0)
+    # The stalled children were killed, not orphaned.
+    out = subprocess.run(["pgrep", "-f", f"{fake_pg['pgbin']} --sync-safekeepers"], capture_output=True, text=True)
+    assert out.stdout == ""
+
+
 def test_sync_safekeepers_rejects_bad_output(fake_pg: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SK_LSN", "0/16B9188 0/1")
     with pytest.raises(StorageError, match="unexpected output.*0/16B9188 0/1"):
-        run_demoted(sync_safekeepers, fake_pg["pgbin"], fake_pg["pgdata"], None, retries=2, backoff=0)
+        run_demoted(sync_safekeepers, fake_pg["pgbin"], fake_pg["pgdata"], None)
 
 
 def test_stand_in_refuses_root_like_postgres(fake_pg: dict[str, str]) -> None:
     with pytest.raises(StorageError, match="root.*not permitted"):
-        sync_safekeepers(fake_pg["pgbin"], fake_pg["pgdata"], None, retries=1)
+        sync_safekeepers(fake_pg["pgbin"], fake_pg["pgdata"], None)
 
 
 def test_sync_safekeepers_missing_binary(scratch: str) -> None:
     with pytest.raises(StorageError, match="cannot run"):
-        sync_safekeepers(os.path.join(scratch, "nope"), scratch, None, retries=1)
+        sync_safekeepers(os.path.join(scratch, "nope"), scratch, None)
 
 
 def test_stand_in_execs_real_postgres_otherwise(fake_pg: dict[str, str]) -> None:
@@ -268,6 +338,16 @@ def test_error_after_archive_fails(bb_tar: str, pgdata: str) -> None:
     assert os.path.exists(os.path.join(pgdata, "neon.signal"))
 
 
+def test_server_error_text_is_one_bounded_line(bb_tar: str, pgdata: str) -> None:
+    """A pageserver's error message is shown on /status: newlines folded, length capped."""
+    with PageserverPeer(bb_tar, tenant_id=TENANT) as ps:
+        with pytest.raises(StorageError) as ei:
+            basebackup(ps.connstr, "0" * 32, TIMELINE, "0/0", pgdata, None)
+    assert "\n" not in str(ei.value)
+    from compute.storage import _one_line
+    assert _one_line("a\nb\r\n c") == "a b c" and len(_one_line("x" * 10_000)) == 503
+
+
 def test_unknown_tenant_fails(bb_tar: str, pgdata: str) -> None:
     with PageserverPeer(bb_tar, tenant_id=TENANT) as ps:
         with pytest.raises(StorageError, match=f"Tenant {'0' * 32} not found"):
@@ -290,74 +370,136 @@ def test_bad_ids_and_lsn_are_not_sent(bb_tar: str, pgdata: str, tenant: str, tim
 
 
 def test_unreachable_pageserver(pgdata: str) -> None:
-    with pytest.raises(StorageError, match="basebackup failed"):
+    with pytest.raises(StorageError, match="^basebackup: connection failed: .*Connection refused") as ei:
         basebackup(f"postgresql://no_user@127.0.0.1:{free_port()}", TENANT, TIMELINE, "0/0", pgdata, None)
+    assert ei.value.retryable
 
 
-def _tar_bytes(build: Callable[[tarfile.TarFile], None]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        build(tar)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes = b"x", **attrs: Any) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
-    info.mode = 0o600
-    for k, v in attrs.items():
-        setattr(info, k, v)
-    tar.addfile(info, io.BytesIO(data) if info.size else None)
-
-
-HOSTILE = {
-    "dotdot": lambda t: (_add(t, "PG_VERSION", b"15\n"), _add(t, "../escaped")),
-    "absolute": lambda t: _add(t, "/tmp/cs-absolute-escape"),
-    "symlink-out": lambda t: _add(t, "pg_evil", type=tarfile.SYMTYPE, linkname="../../.."),
-    "symlink-abs": lambda t: _add(t, "pg_evil", type=tarfile.SYMTYPE, linkname="/etc"),
-    "hardlink-out": lambda t: _add(t, "pg_evil", type=tarfile.LNKTYPE, linkname="../outside"),
-    "device": lambda t: _add(t, "pg_dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3),
-}
-
-
-@pytest.mark.parametrize("stdlib_filter", [True, False], ids=["data_filter", "fallback"])
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_tar_is_refused(case: str, stdlib_filter: bool, scratch: str, pgdata: str,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
-    if not stdlib_filter:  # as on Python < 3.11.4: our own checks alone must hold
-        monkeypatch.setattr(storage, "_DATA_FILTER", None)
-    path = os.path.join(scratch, "hostile.tar")
+def _serve_bytes(scratch: str, data: bytes, name: str = "archive.tar") -> str:
+    path = os.path.join(scratch, name)
     with open(path, "wb") as f:
-        f.write(_tar_bytes(HOSTILE[case]))
-    with open(os.path.join(scratch, "outside"), "w") as f:
-        f.write("keep")
-    with PageserverPeer(path) as ps:
-        with pytest.raises(StorageError, match="refusing tar member"):
-            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)  # as root: worst case
-    assert not os.path.exists(os.path.join(scratch, "escaped"))
-    assert not os.path.exists("/tmp/cs-absolute-escape")
-    assert not os.path.lexists(os.path.join(pgdata, "pg_evil"))
-    assert not os.path.lexists(os.path.join(pgdata, "pg_dev"))
+        f.write(data)
+    return path
 
 
-def test_links_inside_the_datadir_are_fine(scratch: str, pgdata: str) -> None:
-    def build(t: tarfile.TarFile) -> None:
-        _add(t, "base", type=tarfile.DIRTYPE, mode=0o700)
-        _add(t, "base/1", b"data")
-        _add(t, "pg_link", type=tarfile.SYMTYPE, linkname="base/1")
-    path = os.path.join(scratch, "ok.tar")
+def test_links_are_refused_even_inside_the_datadir(scratch: str, pgdata: str) -> None:
+    """A Neon basebackup has only directories and regular files: any link is refused."""
+    data = build_tar([Member("base", kind="dir"), Member("base/1", b"data"),
+                      Member("pg_link", kind="sym", linkname="base/1")])
+    with PageserverPeer(_serve_bytes(scratch, data)) as ps:
+        with pytest.raises(StorageError, match="refusing tar member 'pg_link': symbolic link"):
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
+    assert not os.path.lexists(os.path.join(pgdata, "pg_link"))
+
+
+def test_huge_header_is_refused_with_bounded_memory(scratch: str, pgdata: str) -> None:
+    """A pax header of 256 MiB (really sent) would be read whole by tarfile: we refuse it at its
+    512-byte header, and the extracting process never grows."""
+    path = os.path.join(scratch, "huge.tar")
     with open(path, "wb") as f:
-        f.write(_tar_bytes(build))
-    with PageserverPeer(path) as ps:
-        basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
-    with open(os.path.join(pgdata, "pg_link")) as f:
-        assert f.read() == "data"
+        f.write(raw_header("././@PaxHeader", tarfile.XHDTYPE, 256 << 20))
+        f.truncate(512 + (256 << 20))  # sparse: the peer really streams it
+    with PageserverPeer(path, chunk_size=1 << 20) as ps:
+        err, maxrss_kib = run_measured(basebackup, ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
+    assert "extended header at byte 0 is 268435456 bytes (the limit is 65536)" in err
+    assert maxrss_kib < 64 * 1024
+
+
+def test_stall_mid_archive_fails_within_the_timeout(bb_tar: str, pgdata: str) -> None:
+    with PageserverPeer(bb_tar, faults=["stall"]) as ps:
+        t = time.monotonic()
+        with pytest.raises(StorageError, match=r"no progress from the pageserver for 2 s \(after \d+ bytes\)") as ei:
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None, timeout=2)
+        took = time.monotonic() - t
+    assert ei.value.retryable and 2 <= took < 30
+
+
+def test_stall_at_connect_fails_within_the_timeout(bb_tar: str, pgdata: str) -> None:
+    with PageserverPeer(bb_tar, faults=["stall-auth"]) as ps:
+        t = time.monotonic()
+        with pytest.raises(StorageError, match=r"no progress from the pageserver for 2 s \(connecting\)") as ei:
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None, timeout=2)
+        took = time.monotonic() - t
+    assert ei.value.retryable and 1.5 <= took < 30
+
+
+def _fresh(pgdata: str) -> Callable[[], None]:
+    def empty() -> None:
+        for entry in os.listdir(pgdata):
+            path = os.path.join(pgdata, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    return empty
+
+
+def test_transient_failures_are_retried_from_an_empty_pgdata(bb_tar: str, pgdata: str) -> None:
+    """Refused at auth, closed, dropped and stalled mid-archive: each retried; a mid-archive
+    failure leaves files behind, which the next attempt must not find (it refuses duplicates)."""
+    faults = ["close", "fatal", "drop", "stall"]
+    retries: list[int] = []
+    with PageserverPeer(bb_tar, password=TOKEN, faults=faults) as ps:
+        n = with_retries("basebackup", RetryPolicy(10, 0.01),
+                         lambda: basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, TOKEN, timeout=2),
+                         before_retry=_fresh(pgdata), on_retry=retries.append)
+        assert [s.fault for s in ps.startups] == [*faults, None]
+    assert n == os.path.getsize(bb_tar) and retries == [1, 2, 3, 4]
+    assert os.path.exists(os.path.join(pgdata, "global", "pg_control"))
+
+
+def test_retries_are_exhausted_with_the_last_cause(pgdata: str) -> None:
+    port = free_port()  # nobody listens: connection refused every time
+    with pytest.raises(StorageError) as ei:
+        with_retries("basebackup", RetryPolicy(4, 0.01),
+                     lambda: basebackup(f"postgresql://no_user@127.0.0.1:{port}", TENANT, TIMELINE, "0/0", pgdata, None))
+    assert str(ei.value).startswith("basebackup failed after 4 attempt(s): basebackup: ")
+    assert "refused" in str(ei.value)
+
+
+def test_permanent_server_error_is_not_retried(bb_tar: str, pgdata: str) -> None:
+    with PageserverPeer(bb_tar, faults=["error"]) as ps:
+        with pytest.raises(StorageError, match=r"^basebackup: ERROR: simulated permanent failure \(SQLSTATE XX000\)$"):
+            with_retries("basebackup", RetryPolicy(10, 0.01),
+                         lambda: basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None))
+        assert len(ps.startups) == 1
+
+
+def test_gzip_basebackup(bb_tar: str, pgdata: str) -> None:
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        n = run_demoted(basebackup, ps.connstr, TENANT, TIMELINE, "0/16B9188", pgdata, TOKEN, compression="gzip")
+    s = ps.last
+    assert s.queries == [f"basebackup {TENANT} {TIMELINE} 0/16B9188 --gzip"]
+    assert n == s.wire_bytes < os.path.getsize(bb_tar) == s.bytes_sent  # compressed on the wire
+    with tarfile.open(bb_tar) as tar:
+        for m in tar:
+            if m.isreg():
+                with open(os.path.join(pgdata, m.name), "rb") as f, tar.extractfile(m) as want:
+                    assert f.read() == want.read(), m.name
+
+
+def test_gzip_to_an_old_pageserver_fails_clearly(bb_tar: str, pgdata: str) -> None:
+    with PageserverPeer(bb_tar, gzip=False) as ps:
+        with pytest.raises(StorageError, match="invalid LSN --gzip"):
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None, compression="gzip")
+
+
+def test_gzip_bomb_is_inflated_in_bounded_steps(scratch: str, pgdata: str) -> None:
+    """1 GiB of zeros in one file compresses to ~1 MiB; memory must not follow the output."""
+    path = os.path.join(scratch, "zeros.tar")
+    with open(path, "wb") as f:
+        f.write(raw_header("zeros", tarfile.REGTYPE, 1 << 30))
+        f.truncate(512 + (1 << 30) + 1024)
+    with PageserverPeer(path, chunk_size=1 << 20) as ps:
+        n, maxrss_kib = run_measured(basebackup, ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None,
+                                     compression="gzip")
+    assert isinstance(n, int) and n < 8 << 20
+    assert os.path.getsize(os.path.join(pgdata, "zeros")) == 1 << 30
+    assert maxrss_kib < 64 * 1024
 
 
 def test_truncated_archive_is_detected(bb_tar: str, pgdata: str) -> None:
     with tarfile.open(bb_tar) as tar:
         boundary = tar.getmembers()[5].offset  # a header boundary: tarfile alone would say "done"
     for cut in (boundary, boundary + 700):
+        _fresh(pgdata)()
         with PageserverPeer(bb_tar, truncate_at=cut) as ps:
             with pytest.raises(StorageError, match="truncated|unexpected end"):
                 basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
@@ -367,7 +509,7 @@ def test_progress_is_reported_about_once_a_second(scratch: str, pgdata: str) -> 
     payload = os.urandom(1 << 20) * 3
     path = os.path.join(scratch, "slow.tar")
     with open(path, "wb") as f:
-        f.write(_tar_bytes(lambda t: _add(t, "big", payload)))
+        f.write(build_tar([Member("big", payload)]))
     calls: list[tuple[float, int]] = []
     with PageserverPeer(path, chunk_size=64 * 1024, chunk_delay=0.05) as ps:  # ~2.5 s in all
         total = basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None,

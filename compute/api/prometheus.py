@@ -1,6 +1,6 @@
 """GET /metrics: Prometheus text exposition (version 0.0.4).
 
-From the state file: start-up phase durations, the status (one labeled gauge per status),
+From the state file: start-up phase durations, storage retries, the status (one labeled gauge per status),
 last activity, restarts counted by the exit watcher. From supervisord (XML-RPC, 2 s timeout):
 each program's state; when supervisord does not answer, `compute_supervisord_up 0` and the
 rest of the page is still served.
@@ -82,7 +82,12 @@ class PrometheusMetrics:
                     (({"phase": k[:-3]}, int(v) / 1000) for k, v in sorted(metrics.items()) if k.endswith("_ms")))
         page.family("compute_basebackup_bytes", "gauge", "Size of the basebackup received at start-up.",
                     [({}, int(metrics["basebackup_bytes"]))] if "basebackup_bytes" in metrics else [])
-        other = [(k, v) for k, v in sorted(metrics.items()) if not k.endswith("_ms") and k != "basebackup_bytes"]
+        retries = [(k[:-len("_retries")], v) for k, v in sorted(metrics.items()) if k.endswith("_retries")]
+        page.family("compute_storage_retries_total", "counter",
+                    "Failed attempts of a start-up storage step that were retried (sync_safekeepers, basebackup).",
+                    (({"step": k}, int(v)) for k, v in retries))
+        other = [(k, v) for k, v in sorted(metrics.items())
+                 if not k.endswith(("_ms", "_retries")) and k != "basebackup_bytes"]
         page.family("compute_startup_metric", "gauge", "Other start-up metrics, by name.",
                     (({"name": k}, int(v)) for k, v in other))
 

@@ -1,8 +1,12 @@
 """A pageserver peer speaking the Postgres wire protocol (v3), enough for compute start-up.
 
-It answers `basebackup <tenant> <timeline> [<lsn>] [--replica]` with COPY OUT of a tar file streamed from
-disk, like Neon's pageserver. Usable as a pytest helper (`with PageserverPeer(tar) as ps:`) or as
-a script: `python -m tests.peers.pageserver --port N --tar FILE [--password P] [--error-after-archive]`.
+It answers `basebackup <tenant> <timeline> [<lsn>] [--gzip] [--replica]` with COPY OUT of a tar file streamed
+from disk (gzipped on the fly for `--gzip`, as Neon's pageservers do since mid-2023; `gzip=False`
+answers like an older pageserver that does not know the flag; `--replica` is Neon's flag
+for a Static or Replica compute, recorded in the queries). Faults, one per session in order
+(`faults=["close", "fatal", "stall", ...]`, see FAULTS), make it refuse, drop or stall like a
+pageserver that is restarting or wedged. Usable as a pytest helper (`with PageserverPeer(tar) as ps:`)
+or as a script: `python -m tests.peers.pageserver --port N --tar FILE [--password P] [--fault F ...]`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import struct
 import tarfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 
 PROTOCOL_3 = 196608
@@ -28,6 +33,17 @@ GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+# What a session can be made to do instead of answering normally (consumed one per session that
+# sent a startup message, in order):
+FAULTS = {
+    "close": "close the connection right after the startup message (no reply)",
+    "fatal": "FATAL 57P03 'the database system is starting up' at authentication",
+    "stall-auth": "never answer the startup message",
+    "drop": "send half of the archive, then drop the connection",
+    "stall": "send half of the archive, then go silent (the connection stays open)",
+    "error": "ERROR XX000 instead of the COPY (a permanent answer)",
+}
 
 
 @dataclass
@@ -41,8 +57,10 @@ class Session:
     cancel_request: bool = False
     queries: list[str] = field(default_factory=list)
     other_messages: list[str] = field(default_factory=list)  # e.g. 'P' if a client used extended protocol
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # tar bytes (before gzip)
+    wire_bytes: int = 0  # CopyData payload bytes actually sent
     terminated: bool = False  # sent 'X'
+    fault: str | None = None  # the fault this session played
 
     @property
     def user(self) -> str | None:
@@ -76,10 +94,16 @@ class PageserverPeer:
     def __init__(self, tar_path: str, *, password: str | None = None, auth: str = "cleartext",
                  tenant_id: str | None = None, timeline_id: str | None = None,
                  error_after_archive: bool = False, truncate_at: int | None = None,
-                 chunk_size: int = 64 * 1024, chunk_delay: float = 0.0,
+                 chunk_size: int = 64 * 1024, chunk_delay: float = 0.0, gzip: bool = True,
+                 faults: list[str] | tuple[str, ...] = (),
                  host: str = "127.0.0.1", port: int = 0) -> None:
         if auth not in ("cleartext", "md5"):
             raise ValueError("auth must be 'cleartext' or 'md5'")
+        unknown = set(faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(FAULTS)}")
+        self.gzip = gzip  # knows `--gzip`
+        self.faults = list(faults)
         self.tar_path = tar_path
         self.password = password
         self.auth = auth
@@ -93,6 +117,7 @@ class PageserverPeer:
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.peer = self
+        self._closing = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -117,6 +142,7 @@ class PageserverPeer:
         return self
 
     def stop(self) -> None:
+        self._closing.set()  # stalled sessions return
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -132,6 +158,16 @@ class PageserverPeer:
     def _record(self, session: Session) -> None:
         with self._lock:
             self.sessions.append(session)
+
+    def _take_fault(self) -> str | None:
+        with self._lock:
+            return self.faults.pop(0) if self.faults else None
+
+    @property
+    def startups(self) -> list[Session]:
+        """Sessions that sent a startup message (one per connection attempt of a client)."""
+        with self._lock:
+            return [s for s in self.sessions if s.startup]
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -169,10 +205,33 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         try:
-            if self.startup() and self.authenticate():
+            if not self.startup():
+                return
+            fault = self.session.fault = self.peer._take_fault()
+            if fault == "close":
+                return
+            if fault == "stall-auth":
+                self.wait_for_close()
+                return
+            if fault == "fatal":
+                self.send(error_response("57P03", "the database system is starting up", "FATAL"))
+                return
+            if self.authenticate():
                 self.query_loop()
         except (_Closed, ConnectionError):
             pass
+
+    def wait_for_close(self) -> None:
+        """Go silent until the client gives up and closes (or the peer is closed)."""
+        self.sock.settimeout(0.2)
+        while not self.peer._closing.is_set():
+            try:
+                if not self.sock.recv(1 << 16):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
 
     # -- start-up: SSL/GSS negotiation refused, then StartupMessage
     def startup(self) -> bool:
@@ -251,11 +310,16 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def run_query(self, text: str) -> bytes:
         """Returns the final messages to send (before ReadyForQuery); streams COPY data itself."""
-        words = text.split()
-        # `--replica`: Neon's compute asks so for a Static or Replica compute (recorded in queries).
-        parts = [w for w in words if w != "--replica"]
-        if not parts or parts[0] != "basebackup" or len(parts) not in (3, 4) or words[:len(parts)] != parts:
+        parts = text.split()
+        flags = [p for p in parts if p.startswith("--")]
+        parts = [p for p in parts if not p.startswith("--")]
+        if not parts or parts[0] != "basebackup" or len(parts) not in (3, 4):
             return error_response("42601", f"unsupported command: {text[:100]}")
+        known = ("--gzip", "--replica") if self.peer.gzip else ("--replica",)
+        unknown = [f for f in flags if f not in known]
+        if unknown:
+            # what a pageserver that does not know the flag says: it takes it for the LSN
+            return error_response("XX000", f"invalid LSN {unknown[0]}")
         tenant, timeline = parts[1], parts[2]
         if not _HEX32.match(tenant) or not _HEX32.match(timeline):
             return error_response("XX000", "invalid tenant or timeline id")
@@ -265,26 +329,45 @@ class _Handler(socketserver.BaseRequestHandler):
             return error_response("XX000", f"Tenant {tenant} not found")
         if self.peer.timeline_id is not None and timeline != self.peer.timeline_id:
             return error_response("XX000", f"Timeline {tenant}/{timeline} was not found")
+        if self.session.fault == "error":
+            return error_response("XX000", "simulated permanent failure")
         self.send(_msg(b"H", struct.pack("!bH", 0, 0)))  # CopyOutResponse: text, 0 columns
-        self.stream_tar()
+        self.stream_tar(gzip="--gzip" in flags)
         if self.peer.error_after_archive:
             return error_response("XX000", "basebackup: simulated failure after the archive")
         return _msg(b"c") + _msg(b"C", _cstr("SELECT 1"))
 
-    def stream_tar(self) -> None:
+    def stream_tar(self, gzip: bool = False) -> None:
+        """Send the archive as CopyData messages; a drop/stall fault ends the session (_Closed)."""
         limit = self.peer.truncate_at
+        fault = self.session.fault
+        if fault in ("drop", "stall"):
+            half = os.path.getsize(self.peer.tar_path) // 2
+            limit = half if limit is None else min(limit, half)
+        packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if gzip else None
         with open(self.peer.tar_path, "rb") as f:
             while True:
                 size = self.peer.chunk_size
                 if limit is not None:
                     size = min(size, limit - self.session.bytes_sent)
-                chunk = f.read(size) if size > 0 else b""
-                if not chunk:
-                    return
-                self.send(struct.pack("!cI", b"d", len(chunk) + 4) + chunk)
-                self.session.bytes_sent += len(chunk)
+                raw = f.read(size) if size > 0 else b""
+                self.session.bytes_sent += len(raw)
+                data = raw
+                if packer is not None:
+                    data = packer.compress(raw) + (b"" if raw else packer.flush())
+                if data:
+                    self.send(struct.pack("!cI", b"d", len(data) + 4) + data)
+                    self.session.wire_bytes += len(data)
+                if not raw:
+                    break
                 if self.peer.chunk_delay:
                     time.sleep(self.peer.chunk_delay)  # a slow pageserver, for progress reporting
+        if fault == "drop":
+            self.sock.shutdown(socket.SHUT_RDWR)
+            raise _Closed()
+        if fault == "stall":
+            self.wait_for_close()
+            raise _Closed()
 
 
 # ---------------------------------------------------------------- fixture tar
@@ -337,10 +420,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tenant", help="only this tenant id exists")
     ap.add_argument("--timeline", help="only this timeline id exists")
     ap.add_argument("--error-after-archive", action="store_true")
+    ap.add_argument("--no-gzip", action="store_true", help="answer like a pageserver without --gzip")
+    ap.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS),
+                    help="one session's fault, in order (repeatable)")
     args = ap.parse_args(argv)
     peer = PageserverPeer(args.tar, password=args.password, auth=args.auth, tenant_id=args.tenant,
                           timeline_id=args.timeline, error_after_archive=args.error_after_archive,
-                          host=args.host, port=args.port)
+                          gzip=not args.no_gzip, faults=args.fault, host=args.host, port=args.port)
     print(f"pageserver peer listening on {args.host}:{peer.port}", flush=True)
     try:
         peer._server.serve_forever()

@@ -12,6 +12,9 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
   never written).
 * env FAKE_SK_FAIL=N: the first N invocations fail (exit 1, error on stderr); the count is kept in
   `<record>.count` (or `<PGDATA>/.fake_sk_count` without a record file).
+* env FAKE_SK_STALL=N: the first N invocations (counted with FAKE_SK_FAIL's counter, after
+  its failures) log one line, then hang silently until killed (safekeepers that accept and go
+  quiet).
 * any other invocation: exec the real postgres with the same arguments.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 REAL_PGBIN_DIR = "/usr/lib/postgresql/15/bin"
 REAL_POSTGRES = os.path.join(REAL_PGBIN_DIR, "postgres")
@@ -97,13 +101,18 @@ def sync_main(argv: list[str]) -> int:
                          "No such file or directory\n")
         return 2
     fail = int(os.environ.get("FAKE_SK_FAIL", "0") or 0)
-    if fail:
+    stall = int(os.environ.get("FAKE_SK_STALL", "0") or 0)
+    if fail or stall:
         count_file = f"{record}.count" if record else os.path.join(pgdata, ".fake_sk_count")
         n = _bump_count(count_file)
         if n < fail:
             _log("LOG", "connecting to safekeepers")
             _log("FATAL", f"failed to sync safekeepers: no quorum (simulated failure {n + 1}/{fail})")
             return 1
+        if n < fail + stall:
+            _log("LOG", "[WP] connecting to safekeepers (they will not answer)")
+            while True:
+                time.sleep(3600)
     _log("LOG", "[WP] connecting to safekeepers from neon.safekeepers")
     _log("LOG", "[WP] proposer connected to quorum (3) safekeepers, propTerm=2")
     lsn = os.environ.get("FAKE_SK_LSN", DEFAULT_LSN)

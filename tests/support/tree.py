@@ -104,8 +104,10 @@ class Compute:
                              connect_timeout=5, password=password)
 
     def admin_conninfo(self, dbname: str = "postgres") -> str:
-        """How a test connects as the compute's superuser (one place to change how)."""
-        return self.conninfo(dbname)
+    def metrics(self) -> dict:
+        code, body = self.request("GET", "/metrics.json")
+        assert code == 200, body
+        return json.loads(body)
 
     def command(self) -> list[str]:
         cmd = [COMPUTE_CTL, "-D", self.pgdata, "-C", self.connstr, "-b", self.pgbin,
