@@ -103,7 +103,6 @@ class Compute:
         return make_conninfo("", host="127.0.0.1", port=self.pg_port, dbname=dbname, user=user,
                              connect_timeout=5, password=password)
 
-    def admin_conninfo(self, dbname: str = "postgres") -> str:
     def metrics(self) -> dict:
         code, body = self.request("GET", "/metrics.json")
         assert code == 200, body
