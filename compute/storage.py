@@ -213,12 +213,12 @@ def basebackup_query(tenant_id: str, timeline_id: str, lsn: str, compression: st
 
 def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
                auth_token: str | None, *, progress: Callable[[int], None] | None = None,
-               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None) -> int:
+               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None, replica: bool = False) -> int:
     """One attempt: stream `basebackup` (COPY OUT of one tar, gzipped with compression="gzip")
     from the pageserver into pgdata, extracting as it arrives; returns the bytes received.
     `timeout`: seconds without progress (connect, auth, between chunks) before giving up.
     Retries: with_retries()."""
-    query = basebackup_query(tenant_id, timeline_id, lsn, compression)
+    query = basebackup_query(tenant_id, timeline_id, lsn, compression, replica)
     conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, timeout)
     os.makedirs(pgdata, mode=0o700, exist_ok=True)
     t0 = time.monotonic()

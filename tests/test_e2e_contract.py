@@ -107,7 +107,7 @@ def test_terminate_answers_the_primarys_lsn_and_exits_0(mode):
         with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
             conn.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
             before = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
-        code, body = c.request("POST", f"/terminate?mode={mode}", b"")
+        code, body = c.request("POST", f"/terminate?mode={mode}")
         assert code == 200, body
         answer = json.loads(body)
         assert answer["terminated"] is True and lsn_int(answer["lsn"]) >= lsn_int(before)
@@ -210,7 +210,7 @@ def test_terminate_on_the_neon_path_syncs_safekeepers_again():
         c.spec = with_neon_storage(c.new_spec(), ps.connstr, tenant, timeline, "127.0.0.1:5454", storage_token)
         with c:
             c.wait_status("running", timeout=90)
-            code, body = c.request("POST", "/terminate", b"")
+            code, body = c.request("POST", "/terminate")
             assert (code, json.loads(body)) == (200, {"terminated": True, "lsn": DEFAULT_LSN})
             assert c.wait_exit(30) == 0
             with open(record) as f:

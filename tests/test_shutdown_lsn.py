@@ -18,8 +18,8 @@ def test_lsn_source():
     assert lsn_source(plain, "fast") == CONTROLDATA
     assert lsn_source(plain, "immediate") == FLUSH_BEFORE_SIGNAL
     assert lsn_source(neon, "fast") == lsn_source(neon, "immediate") == SYNC_SAFEKEEPERS
-    assert lsn_source(parse_spec({**BASE, "mode": "Replica"}), "fast") is None
-    assert lsn_source(parse_spec({**BASE, "mode": {"Static": "0/16B3748"}}), "immediate") is None
+    assert lsn_source(parse_spec({**NEON, "mode": "Replica"}), "fast") is None
+    assert lsn_source(parse_spec({**NEON, "mode": {"Static": "0/16B3748"}}), "immediate") is None
 
 
 def test_controldata_only_a_clean_primary_shutdown_counts():

@@ -82,7 +82,9 @@ class Terminate:
     def _sync_safekeepers(self, spec) -> str | None:
         try:
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None  # as lifecycle
-            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"], token, retries=1)
+            timeout = float(self.ctx.launch.get("storage_timeout") or storage.DEFAULT_TIMEOUT)
+            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"], token,
+                                            timeout=timeout)
         except storage.StorageError as e:
             log.warning("sync-safekeepers after the shutdown failed: %s", e)
             return None
