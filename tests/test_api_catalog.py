@@ -4,6 +4,7 @@ state file), their guards, and auth under a JWKS."""
 from __future__ import annotations
 
 import time
+
 import falcon.testing
 import psycopg
 import pytest

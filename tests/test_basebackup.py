@@ -6,7 +6,6 @@ the real binaries would refuse root; extracted data dirs are started with real P
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

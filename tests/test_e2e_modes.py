@@ -33,7 +33,7 @@ from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.api_helpers import REPO
-from tests.support.pgcluster import free_port, run_as_pg, running_cluster, scratch_dir
+from tests.support.pgcluster import free_port, running_cluster, scratch_dir
 from tests.support.tree import Compute, with_neon_storage
 
 pytestmark = pytest.mark.e2e

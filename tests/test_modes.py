@@ -3,13 +3,12 @@ the spec, and the API's answers for read-only computes (/promote, /check_writabi
 
 from __future__ import annotations
 
-import time
 import json
 import os
+import time
 
 import falcon.testing
 import jwt
-import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 

@@ -15,14 +15,13 @@ The request blocks a single worker thread; other requests keep being served.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import falcon
 
 from compute.api.context import ApiContext, debug_status_name
-from compute.api.errors import json_body, read_body
+from compute.api.errors import json_body, read_body, spec_request
 from compute.supervision import rpc
 from compute.spec import SpecError, parse_spec
 
@@ -50,16 +49,7 @@ class Configure:
         if status not in ("empty", "running"):  # a hint only: the transition below decides
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
-        raw = read_body(req)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise falcon.HTTPBadRequest(description=f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise falcon.HTTPBadRequest(description="request body is nested too deeply") from None
-        if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
-            raise falcon.HTTPBadRequest(description='request body must be a JSON object {"spec": {...}}')
-        spec = body["spec"]
+        spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
         try:
             parse_spec(spec, superuser=launch.get("superuser") or self.ctx.superuser)
         except SpecError as e:

@@ -110,6 +110,20 @@ def read_body(req: falcon.Request) -> bytes:
     return data
 
 
+def spec_request(raw: bytes, shape: str) -> dict:
+    """A request body that must be a JSON object with a "spec" object (/configure, /promote);
+    400 naming the problem otherwise. `shape` is what the error says the body should be."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise falcon.HTTPBadRequest(description=f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise falcon.HTTPBadRequest(description="request body is nested too deeply") from None
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+        raise falcon.HTTPBadRequest(description=f"request body must be a JSON object {shape}")
+    return body
+
+
 def text(resp: falcon.Response, body: str, status: str | int = falcon.HTTP_200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_TEXT

@@ -15,7 +15,6 @@ plain PostgreSQL primary). Steps:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -24,7 +23,7 @@ import psycopg
 
 from compute import modes
 from compute.api.context import ApiContext, debug_status_name
-from compute.api.errors import json_body, read_body
+from compute.api.errors import json_body, read_body, spec_request
 from compute.replica import ReplicaError, promote, wait_for_replay
 from compute.spec import LSN, SpecError, parse_spec
 from compute.supervision import rpc
@@ -38,15 +37,7 @@ POLL_INTERVAL = 0.05
 
 def parse_request(raw: bytes, superuser: str | None) -> tuple[dict, str | None]:
     """(spec document, wal_flush_lsn) or falcon.HTTPBadRequest naming the problem."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise falcon.HTTPBadRequest(description=f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise falcon.HTTPBadRequest(description="request body is nested too deeply") from None
-    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
-        raise falcon.HTTPBadRequest(
-            description='request body must be a JSON object {"spec": {...}, "wal_flush_lsn": "<lsn>"}')
+    body = spec_request(raw, '{"spec": {...}, "wal_flush_lsn": "<lsn>"}')
     lsn = body.get("wal_flush_lsn")
     if lsn is not None and not (isinstance(lsn, str) and LSN.match(lsn)):
         raise falcon.HTTPBadRequest(description='wal_flush_lsn must be an LSN such as "0/16B9188"')
