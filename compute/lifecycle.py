@@ -30,6 +30,8 @@ from psycopg.conninfo import conninfo_to_dict
 from . import localauth, modes, pgconf, replica, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run, readiness,
+                             wants_reconfiguration)
 from .logs import setup_program_logging
 from .pgsession import session_params
 from .spec import ComputeSpec, SpecError, parse_spec
@@ -105,16 +107,31 @@ class Driver:
         return self.supervisor().getProcessInfo("postgres")["statename"]
 
     # -- entry ------------------------------------------------------------------------------
+    def view(self) -> DriverView:
+        """The snapshot the plan is made from (postgres' state asked only when it matters)."""
+        s = self.store.get_many(("status", "startup_done", "configuring_by"))
+        postgres_state = None
+        if not s["startup_done"] and s["status"] != "failed":
+            postgres_state = self.postgres_state()
+        return DriverView(status=s["status"], startup_done=bool(s["startup_done"]),
+                          postgres_state=postgres_state, configuring_by=s["configuring_by"])
+
     def run(self) -> None:
-        status = self.store.get("status")
-        if self.store.get("startup_done"):
-            self.resume_interrupted_reconfiguration()
-            self.serve()
-        elif status == "failed":
-            self.fail_later(self.store.get("error") or "start-up failed")
-        else:
+        self.execute(plan_run(self.view()))
+
+    def execute(self, steps: tuple[Step, ...]) -> None:
+        """Carry out the plan. A failing start-up step fails the compute (reported on /status
+        for the grace period, then exit 1) instead of crashing the driver."""
+        self.t_start = time.monotonic()
+        self.spec: ComputeSpec | None = None
+        for step in steps:
+            if self.stopping:
+                return
+            if step not in STARTUP_STEPS:
+                self.run_step(step)
+                continue
             try:
-                self.start()
+                self.run_step(step)
             except Exception as e:  # any failure of the start is reported, not crashed on
                 if self.stopping:
                     return
@@ -123,29 +140,45 @@ class Driver:
                 self.store.set(status="failed", error=msg, failed_at=time.time())
                 self.fail_later(msg)
                 return
+
+    def run_step(self, step: Step) -> None:
+        if step is Step.WAIT_FOR_SPEC:
+            self.spec = self.wait_for_spec()
+        elif step is Step.PREPARE_DATA:
+            self.prepare_data(self.spec)
+        elif step is Step.START_POSTGRES:
+            self.start_postgres()
+        elif step is Step.WAIT_READY:
+            self.wait_ready()
+        elif step is Step.END_STALE_SESSIONS:
+            if self.store.get("startup_done"):
+                log.warning("the previous driver died while applying a new spec: applying it again")
+            else:
+                log.info("postgres is already running (driver restarted): applying the spec again")
+            self.end_stale_apply_sessions()
+        elif step is Step.APPLY:
+            t = time.monotonic()
+            self.apply(self.spec)
+            self.store.record_metrics(config_ms=ms_since(t))
+        elif step is Step.MARK_RUNNING:
+            self.mark_running()
+        elif step is Step.REQUEUE_CONFIGURATION:
+            self.store.transition({"configuration"}, "configuration_pending")
+        elif step is Step.SERVE:
             self.serve()
+        elif step is Step.FAIL_LATER:
+            self.fail_later(self.store.get("error") or "start-up failed")
+        else:  # pragma: no cover - a step added to the plan without an executor
+            raise AssertionError(f"no executor for {step}")
 
     # -- start-up ---------------------------------------------------------------------------
-    def start(self) -> None:
-        t_start = time.monotonic()
-        spec = self.wait_for_spec()
+    def mark_running(self) -> None:
         started_at = self.store.get("start_time") or time.time()
-        resumed = self.postgres_state() in ("RUNNING", "STARTING")
-        if resumed:
-            log.info("postgres is already running (driver restarted): applying the spec again")
-        else:
-            self.prepare_data(spec)
-            self.start_postgres()
-        self.wait_ready()
-        if resumed:
-            self.end_stale_apply_sessions()
-        t = time.monotonic()
-        self.apply(spec)
-        config_ms = ms_since(t)
         total_ms = int((time.time() - started_at) * 1000)
-        self.store.record_metrics(config_ms=config_ms, total_startup_ms=total_ms)
+        self.store.record_metrics(total_startup_ms=total_ms)
         self.store.set(status="running", error=None, startup_done=True)
-        log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms, ms_since(t_start))
+        log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms,
+                 ms_since(getattr(self, "t_start", time.monotonic())))
 
     def wait_for_spec(self) -> ComputeSpec:
         """The spec from the state file; in pull mode fetched first, and if the control plane
@@ -268,17 +301,21 @@ class Driver:
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
-        deadline = time.monotonic() + READY_TIMEOUT
+        started = time.monotonic()
         next_check = 0.0
-        while postmaster_status(self.pgdata) != "ready":
+        while True:
             now = time.monotonic()
-            if now > deadline:
-                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+            state = None
             if now >= next_check:  # fail early if postgres died while starting
                 state = self.postgres_state()
-                if state not in ("RUNNING", "STARTING"):
-                    raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
                 next_check = now + 0.25
+            verdict = readiness(postmaster_status(self.pgdata), state, now - started, READY_TIMEOUT)
+            if verdict is Readiness.READY:
+                break
+            if verdict is Readiness.TIMED_OUT:
+                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+            if verdict is Readiness.DIED:
+                raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
             time.sleep(0.01)
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
@@ -298,7 +335,7 @@ class Driver:
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
         while not self.stopping:
-            if self.store.get("status") == "configuration_pending":
+            if wants_reconfiguration(self.store.get("status")):
                 self.reconfigure()
             self.wake.wait(POLL)
             self.wake.clear()
@@ -306,11 +343,9 @@ class Driver:
     def resume_interrupted_reconfiguration(self) -> None:
         """Status `configuration` at our start means the previous driver died applying a new
         spec (only the driver sets it, and it always leaves it): apply that spec again."""
-        if self.store.get("status") != "configuration":
-            return
-        log.warning("the previous driver died while applying a new spec: applying it again")
-        self.end_stale_apply_sessions()
-        self.store.transition({"configuration"}, "configuration_pending")
+        s = self.store.get_many(("status", "startup_done", "configuring_by"))
+        steps = plan_run(DriverView(status=s["status"], startup_done=True, configuring_by=s["configuring_by"]))
+        self.execute(tuple(step for step in steps if step is not Step.SERVE))
 
     def end_stale_apply_sessions(self) -> None:
         """End the sessions a killed driver left applying the spec. postgres only notices their
@@ -334,7 +369,7 @@ class Driver:
                      ", ".join(str(pid) for pid, _ in ended))
 
     def reconfigure(self) -> None:
-        if not self.store.transition({"configuration_pending"}, "configuration"):
+        if not self.store.transition({"configuration_pending"}, "configuration", configuring_by="driver"):
             return
         try:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
@@ -360,8 +395,7 @@ class Driver:
     def fail_later(self, msg: str) -> None:
         """Keep the API answering with the error for the grace period, then exit 1."""
         grace = float(self.launch.get("grace_seconds", 30))
-        failed_at = self.store.get("failed_at") or time.time()
-        remaining = failed_at + grace - time.time()
+        remaining = grace_remaining(self.store.get("failed_at"), grace, time.time())
         if remaining > 0:
             log.info("keeping the error on /status for %.0f s before exiting", remaining)
             self.wake.wait(remaining)

@@ -82,7 +82,8 @@ class Promote:
         on_neon = isinstance(current, dict) and parse_spec(current, superuser=self.ctx.superuser).storage is not None
         if lsn is None and on_neon:
             raise falcon.HTTPBadRequest(description="wal_flush_lsn is required to promote a replica of Neon storage")
-        if not store.transition({"running"}, "configuration"):
+        # marked, so a lifecycle driver restarted meanwhile leaves it to us (compute.lifecycle_plan)
+        if not store.transition({"running"}, "configuration", configuring_by="promote"):
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for promote request: {debug_status_name(store.get('status'))}")
 
