@@ -18,7 +18,7 @@ import threading
 import time
 import xmlrpc.client
 
-from . import exit_decision
+from . import exit_decision, settings
 from .listener import events
 from .procutil import die_with_parent
 from .logs import setup_program_logging
@@ -57,7 +57,7 @@ class ExitWatch:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.launch = self.store.get("launch") or {}
+        self.settings = settings.load(self.store)
 
     def on_event(self, eventname: str, payload: dict[str, str]) -> None:
         name = payload.get("processname", "")
@@ -88,7 +88,8 @@ class ExitWatch:
             return
         log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
                  info.get("statename"), info.get("exitstatus"), code)
-        log_core_dumps(self.launch.get("pgdata", ""), self.launch.get("pgbin", "postgres"))
+        if self.settings is not None:
+            log_core_dumps(self.settings.pgdata, self.settings.pgbin)
         self.store.set_once("exit_code", code)
         self.shutdown()
 

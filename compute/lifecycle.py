@@ -27,7 +27,7 @@ import time
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import localauth, modes, pgconf, replica, storage
+from . import localauth, modes, pgconf, replica, settings, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run, readiness,
@@ -93,9 +93,11 @@ class Driver:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.launch = self.store.get("launch")
-        self.pgdata = self.launch["pgdata"]
-        self.superuser = self.launch["superuser"]
+        self.settings = settings.load(self.store)
+        if self.settings is None:
+            raise RuntimeError("the state file has no settings: compute-ctl writes them before any program starts")
+        self.pgdata = self.settings.pgdata
+        self.superuser = self.settings.superuser
         self.wake = threading.Event()
         self.stopping = False
 
@@ -185,10 +187,10 @@ class Driver:
         has none, status `empty` until /configure brings one."""
         raw = self.store.get("spec")
         t0 = time.monotonic()
-        if raw is None and self.launch.get("control_plane_uri"):
+        if raw is None and self.settings.control_plane_uri:
             from .control_plane import control_plane_token, fetch_spec
-            raw = fetch_spec(self.launch["control_plane_uri"], self.launch["compute_id"],
-                             control_plane_token() or self.launch.get("console_jwt"))
+            raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
+                             control_plane_token() or self.settings.console_jwt)
             if raw is not None:
                 parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
                 self.store.set(spec=raw, spec_generation=1)
@@ -214,7 +216,7 @@ class Driver:
         plan = modes.plan_start(spec)
         if plan.source == "clone":
             t = time.monotonic()
-            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, modes.primary_conninfo(spec),
+            nbytes = replica.clone_primary(self.settings.pgbin_dir, self.pgdata, modes.primary_conninfo(spec),
                                            self.runtime_dir)
             pgconf.write_default_hba(self.pgdata, self.superuser, clone=True)
             self.write_conf(spec)
@@ -231,13 +233,13 @@ class Driver:
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
             self.write_conf(spec)
-            timeout = float(self.launch.get("storage_timeout") or storage.DEFAULT_TIMEOUT)
+            timeout = self.settings.storage_timeout
             t = time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
                 lsn = storage.with_retries(
                     "sync-safekeepers", storage.SYNC_SAFEKEEPERS_RETRY,
-                    lambda: storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token, timeout=timeout),
+                    lambda: storage.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout),
                     on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
                 log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
             else:
@@ -263,7 +265,7 @@ class Driver:
                 "basebackup", storage.BASEBACKUP_RETRY,
                 lambda: storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
                                            self.pgdata, token, progress=progress, timeout=timeout,
-                                           compression=self.launch.get("basebackup_compression"),
+                                           compression=self.settings.basebackup_compression,
                                            replica=plan.basebackup_replica),
                 before_retry=fresh_pgdata,
                 on_retry=lambda n: self.store.record_metrics(basebackup_retries=n))
@@ -287,7 +289,7 @@ class Driver:
         pwfile = os.path.join(self.runtime_dir, "initdb.pw")
         localauth.write_secret(pwfile, password + "\n")
         try:
-            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser, pwfile=pwfile)
+            storage.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile)
         finally:
             os.unlink(pwfile)
         pgconf.write_default_hba(self.pgdata, self.superuser)
@@ -327,10 +329,9 @@ class Driver:
             log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
             return
         from .reconcile import apply_spec
-        from .reconcile.connections import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
-        apply_spec(self.launch["connstr"], spec, superuser=self.superuser,
-                   lock_timeout=self.launch.get("lock_timeout", DEFAULT_LOCK_TIMEOUT),
-                   statement_timeout=self.launch.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT))
+        apply_spec(self.settings.connstr, spec, superuser=self.superuser,
+                   lock_timeout=self.settings.lock_timeout,
+                   statement_timeout=self.settings.statement_timeout)
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
@@ -351,9 +352,9 @@ class Driver:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
-        name = conninfo_to_dict(self.launch["connstr"]).get("application_name") or APPLY_APPLICATION_NAME
+        name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
         try:
-            with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
+            with psycopg.connect(self.settings.connstr, autocommit=True, connect_timeout=10) as conn:
                 # In the target list, not the WHERE clause: evaluated only for the rows found.
                 ended = conn.execute(
                     "SELECT pid, pg_catalog.pg_terminate_backend(pid, %s::pg_catalog.int8)"
@@ -375,7 +376,7 @@ class Driver:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
             self.write_conf(spec)
-            with psycopg.connect(**session_params(self.launch["connstr"], statement_timeout_ms=10_000),
+            with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
                                  autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_catalog.pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously
@@ -394,7 +395,7 @@ class Driver:
 
     def fail_later(self, msg: str) -> None:
         """Keep the API answering with the error for the grace period, then exit 1."""
-        grace = float(self.launch.get("grace_seconds", 30))
+        grace = self.settings.grace_seconds
         remaining = grace_remaining(self.store.get("failed_at"), grace, time.time())
         if remaining > 0:
             log.info("keeping the error on /status for %.0f s before exiting", remaining)

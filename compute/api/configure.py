@@ -42,8 +42,8 @@ class Configure:
         self.poll_interval = poll_interval
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        launch = self.ctx.launch
-        if not launch.get("live_config_allowed"):
+        settings = self.ctx.settings
+        if not (settings and settings.live_config_allowed):
             raise falcon.HTTPPreconditionFailed(
                 description="live configuration is not allowed for this compute node")
         status = self.ctx.store.get("status")
@@ -61,7 +61,7 @@ class Configure:
             raise falcon.HTTPBadRequest(description='request body must be a JSON object {"spec": {...}}')
         spec = body["spec"]
         try:
-            parse_spec(spec, superuser=launch.get("superuser") or self.ctx.superuser)
+            parse_spec(spec, superuser=(settings and settings.superuser) or self.ctx.superuser)
         except SpecError as e:
             raise falcon.HTTPPreconditionFailed(description=str(e)) from None
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:

@@ -72,8 +72,8 @@ class Promote:
         self.reconfigure_timeout = reconfigure_timeout
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        launch = self.ctx.launch
-        new_spec, lsn = parse_request(read_body(req), launch.get("superuser") or self.ctx.superuser)
+        settings = self.ctx.settings
+        new_spec, lsn = parse_request(read_body(req), (settings and settings.superuser) or self.ctx.superuser)
         store = self.ctx.store
         current = store.get("spec")
         mode = modes.mode_of(current)
