@@ -140,7 +140,8 @@ class HoldingDriver(threading.Thread):
             if self.store.get("status") == "configuration_pending":
                 self.pending_seen.set()
                 self.stop.wait(self.hold)
-                self.store.transition({"configuration_pending"}, "running")
+                if self.store.transition({"configuration_pending"}, "configuration"):  # as the driver does
+                    self.store.transition({"configuration"}, "running")
                 return
 
 

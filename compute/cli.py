@@ -30,6 +30,7 @@ from .pgconf import BEGIN_MARK
 from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
 from .procutil import COMPUTE_CTL_PID_ENV, become_subreaper
 from .reaper import stop_descendants
+from .settings import Settings, default
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
 from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-C", "--connstr", required=True,
                    help="superuser connection string to the local postgres, "
                         "e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
-    p.add_argument("-b", "--pgbin", default="postgres",
+    p.add_argument("-b", "--pgbin", default=default("pgbin"),
                    help="postgres binary (default: postgres from PATH); also runs --sync-safekeepers")
     p.add_argument("-s", "--spec", help="the spec as inline JSON")
     p.add_argument("-S", "--spec-path", help="the spec as a JSON file")
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--control-plane-uri",
                    help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
                         "(Authorization from env NEON_CONSOLE_JWT); enables POST /configure")
-    p.add_argument("--http-port", type=int, default=3080, help="HTTP API port (default 3080)")
-    p.add_argument("--http-address", default="0.0.0.0",
+    p.add_argument("--http-port", type=int, default=default("http_port"), help="HTTP API port (default 3080)")
+    p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
                         "e.g. 127.0.0.1 or the pod IP")
     p.add_argument("--runtime-dir", default=None,
@@ -83,19 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "supervised when given; connects as the superuser, no password")
     p.add_argument("--postgres-exporter-port", type=int, default=POSTGRES_EXPORTER_PORT,
                    help=f"port of the exporter's /metrics, all interfaces (default {POSTGRES_EXPORTER_PORT})")
-    p.add_argument("--grace-seconds", type=float, default=30.0,
+    p.add_argument("--grace-seconds", type=float, default=default("grace_seconds"),
                    help="after a failed start, keep serving the error on /status this long, then exit 1 (default 30)")
-    p.add_argument("--monitor-interval", type=float, default=0.5,
+    p.add_argument("--monitor-interval", type=float, default=default("monitor_interval"),
                    help="activity monitor period in seconds (default 0.5)")
     p.add_argument("--jwks", default=None,
                    help="JWKS file: require a bearer JWT on the HTTP routes that change state or return "
                         "database contents")
-    p.add_argument("--lock-timeout", type=float, default=10.0,
+    p.add_argument("--lock-timeout", type=float, default=default("lock_timeout"),
                    help="seconds a statement applying the spec may wait for a lock (default 10; 0: forever)")
-    p.add_argument("--statement-timeout", type=float, default=300.0,
+    p.add_argument("--statement-timeout", type=float, default=default("statement_timeout"),
                    help="seconds a statement applying the spec may run (default 300; 0: forever)")
-    p.add_argument("--log-format", choices=("text", "json"), default="text", help="output format (default text)")
-    p.add_argument("--storage-timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--log-format", choices=("text", "json"), default=default("log_format"), help="output format (default text)")
+    p.add_argument("--storage-timeout", type=float, default=default("storage_timeout"), metavar="SECONDS",
                    help="fail a sync-safekeepers or basebackup attempt after this long without progress "
                         "(connect, auth, or between chunks); attempts are retried (default 60)")
     p.add_argument("--basebackup-compression", choices=("none", "gzip"), default="none",
@@ -317,21 +318,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     vm_informant = args.vm_informant if args.vm_informant and os.access(args.vm_informant, os.X_OK) else None
-    launch = {
-        "pgdata": pgdata, "connstr": args.connstr, "pgbin": pgbin, "pgbin_dir": resolve_pgbin_dir(pgbin),
-        "superuser": superuser, "http_port": args.http_port, "http_address": args.http_address,
-        "runtime_dir": runtime_dir, "lock_timeout": args.lock_timeout,
-        "statement_timeout": args.statement_timeout,
-        "compute_id": args.compute_id, "control_plane_uri": args.control_plane_uri,
-        "live_config_allowed": args.control_plane_uri is not None,
-        "grace_seconds": args.grace_seconds, "monitor_interval": args.monitor_interval,
-        "jwks_path": os.path.abspath(args.jwks) if args.jwks else None, "log_format": args.log_format,
-        "vm_informant": vm_informant,
-        "postgres_exporter": os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
-        "postgres_exporter_port": args.postgres_exporter_port,
-        "vm_informant": vm_informant, "storage_timeout": args.storage_timeout,
-        "basebackup_compression": None if args.basebackup_compression == "none" else args.basebackup_compression,
-    }
+    settings = Settings(
+        pgdata=pgdata, connstr=args.connstr, pgbin=pgbin, pgbin_dir=resolve_pgbin_dir(pgbin),
+        superuser=superuser, http_port=args.http_port, http_address=args.http_address,
+        runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
+        statement_timeout=args.statement_timeout,
+        compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
+        live_config_allowed=args.control_plane_uri is not None,
+        grace_seconds=args.grace_seconds, monitor_interval=args.monitor_interval,
+        jwks_path=os.path.abspath(args.jwks) if args.jwks else None, log_format=args.log_format,
+        vm_informant=vm_informant,
+        postgres_exporter=os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
+        postgres_exporter_port=args.postgres_exporter_port, storage_timeout=args.storage_timeout,
+        basebackup_compression=None if args.basebackup_compression == "none" else args.basebackup_compression,
+    )
     try:
         prepare_dirs(runtime_dir, pgdata, user)
         user.demote()  # from here on nothing runs as root
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
             auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
             informant_connstr=informant_connstr,
-            postgres_exporter=launch["postgres_exporter"], postgres_exporter_port=args.postgres_exporter_port,
+            postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
             exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
             program_env=program_secrets(os.environ, (raw_spec or {}).get("storage_auth_token")))
         old = os.umask(0o077)  # the conf may carry the storage token
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         StateStore.create(state_path(runtime_dir), {
             # last_active starts at the start (as the original): a compute nobody ever connects
             # to must still look idle since then, not "never", to be suspended.
-            "launch": launch, "status": "init", "error": None, "start_time": started, "last_active": started,
+            "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
             "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {},
         })
     except (OSError, UsageError, ValueError) as e:
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, tree.terminate)
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
-    warning = exposure_warning(args.http_address, launch["live_config_allowed"], args.jwks)
+    warning = exposure_warning(args.http_address, settings.live_config_allowed, args.jwks)
     if warning:
         log.warning("%s", warning)
     tree.start()

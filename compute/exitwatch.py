@@ -18,6 +18,7 @@ import threading
 import time
 import xmlrpc.client
 
+from . import exit_decision, settings
 from .listener import events
 from .procutil import die_with_parent
 from .logs import setup_program_logging
@@ -37,10 +38,7 @@ POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS
 
 def postgres_exit_code(info: dict) -> int:
     """supervisord reports -1 for a process killed by a signal; the tree must still fail."""
-    status = info.get("exitstatus", 1)
-    if info.get("statename") == "FATAL":
-        return 1
-    return 1 if status < 0 else status
+    return exit_decision.postgres_exit_code(info.get("statename"), info.get("exitstatus", 1))
 
 
 def log_core_dumps(pgdata: str, pgbin: str) -> None:
@@ -59,7 +57,7 @@ class ExitWatch:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.launch = self.store.get("launch") or {}
+        self.settings = settings.load(self.store)
 
     def on_event(self, eventname: str, payload: dict[str, str]) -> None:
         name = payload.get("processname", "")
@@ -77,10 +75,12 @@ class ExitWatch:
             if e.faultCode == SHUTDOWN_STATE:
                 return  # supervisord is already taking the tree down (SIGTERM, /terminate)
             raise
-        code = postgres_exit_code(info)
-        if self.store.get("shutdown_requested"):
-            code = 0  # /terminate: a wanted stop (an immediate shutdown exits non-zero)
-        if not (self.store.get("startup_done") or self.store.get("shutdown_requested")):
+        flags = self.store.get_many(("startup_done", "shutdown_requested"))
+        decision = exit_decision.decide_postgres_exit(
+            info.get("statename"), info.get("exitstatus", 1),
+            startup_done=bool(flags["startup_done"]), shutdown_requested=bool(flags["shutdown_requested"]))
+        code = decision.code
+        if decision.action is exit_decision.ExitAction.RECORD_START_FAILURE:
             # A failed start: the driver reports it on /status for the grace period, then exits 1.
             log.warning("postgres exited during start-up (%s, exit status %s)",
                         info.get("statename"), info.get("exitstatus"))
@@ -88,7 +88,8 @@ class ExitWatch:
             return
         log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
                  info.get("statename"), info.get("exitstatus"), code)
-        log_core_dumps(self.launch.get("pgdata", ""), self.launch.get("pgbin", "postgres"))
+        if self.settings is not None:
+            log_core_dumps(self.settings.pgdata, self.settings.pgbin)
         self.store.set_once("exit_code", code)
         self.shutdown()
 
@@ -127,8 +128,8 @@ class ExitWatch:
         except (OSError, xmlrpc.client.Fault):
             return
         pg = infos.get("postgres")
-        if pg and pg["statename"] in ("EXITED", "FATAL") or (
-                pg and pg["statename"] == "STOPPED" and self.store.get("postgres_started")):
+        if pg and exit_decision.postgres_has_ended(pg["statename"],
+                                                   postgres_started=bool(self.store.get("postgres_started"))):
             self.postgres_ended("recovered")
         for name in RESTARTED_LATER:
             info = infos.get(name)

@@ -27,9 +27,11 @@ import time
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import localauth, modes, pgconf, replica, storage
+from . import localauth, modes, pgconf, replica, settings, storage
 from .procutil import die_with_parent
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run, readiness,
+                             wants_reconfiguration)
 from .logs import setup_program_logging
 from .pgsession import session_params
 from .spec import ComputeSpec, SpecError, parse_spec
@@ -91,9 +93,11 @@ class Driver:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.launch = self.store.get("launch")
-        self.pgdata = self.launch["pgdata"]
-        self.superuser = self.launch["superuser"]
+        self.settings = settings.load(self.store)
+        if self.settings is None:
+            raise RuntimeError("the state file has no settings: compute-ctl writes them before any program starts")
+        self.pgdata = self.settings.pgdata
+        self.superuser = self.settings.superuser
         self.wake = threading.Event()
         self.stopping = False
 
@@ -105,16 +109,31 @@ class Driver:
         return self.supervisor().getProcessInfo("postgres")["statename"]
 
     # -- entry ------------------------------------------------------------------------------
+    def view(self) -> DriverView:
+        """The snapshot the plan is made from (postgres' state asked only when it matters)."""
+        s = self.store.get_many(("status", "startup_done", "configuring_by"))
+        postgres_state = None
+        if not s["startup_done"] and s["status"] != "failed":
+            postgres_state = self.postgres_state()
+        return DriverView(status=s["status"], startup_done=bool(s["startup_done"]),
+                          postgres_state=postgres_state, configuring_by=s["configuring_by"])
+
     def run(self) -> None:
-        status = self.store.get("status")
-        if self.store.get("startup_done"):
-            self.resume_interrupted_reconfiguration()
-            self.serve()
-        elif status == "failed":
-            self.fail_later(self.store.get("error") or "start-up failed")
-        else:
+        self.execute(plan_run(self.view()))
+
+    def execute(self, steps: tuple[Step, ...]) -> None:
+        """Carry out the plan. A failing start-up step fails the compute (reported on /status
+        for the grace period, then exit 1) instead of crashing the driver."""
+        self.t_start = time.monotonic()
+        self.spec: ComputeSpec | None = None
+        for step in steps:
+            if self.stopping:
+                return
+            if step not in STARTUP_STEPS:
+                self.run_step(step)
+                continue
             try:
-                self.start()
+                self.run_step(step)
             except Exception as e:  # any failure of the start is reported, not crashed on
                 if self.stopping:
                     return
@@ -123,39 +142,55 @@ class Driver:
                 self.store.set(status="failed", error=msg, failed_at=time.time())
                 self.fail_later(msg)
                 return
+
+    def run_step(self, step: Step) -> None:
+        if step is Step.WAIT_FOR_SPEC:
+            self.spec = self.wait_for_spec()
+        elif step is Step.PREPARE_DATA:
+            self.prepare_data(self.spec)
+        elif step is Step.START_POSTGRES:
+            self.start_postgres()
+        elif step is Step.WAIT_READY:
+            self.wait_ready()
+        elif step is Step.END_STALE_SESSIONS:
+            if self.store.get("startup_done"):
+                log.warning("the previous driver died while applying a new spec: applying it again")
+            else:
+                log.info("postgres is already running (driver restarted): applying the spec again")
+            self.end_stale_apply_sessions()
+        elif step is Step.APPLY:
+            t = time.monotonic()
+            self.apply(self.spec)
+            self.store.record_metrics(config_ms=ms_since(t))
+        elif step is Step.MARK_RUNNING:
+            self.mark_running()
+        elif step is Step.REQUEUE_CONFIGURATION:
+            self.store.transition({"configuration"}, "configuration_pending")
+        elif step is Step.SERVE:
             self.serve()
+        elif step is Step.FAIL_LATER:
+            self.fail_later(self.store.get("error") or "start-up failed")
+        else:  # pragma: no cover - a step added to the plan without an executor
+            raise AssertionError(f"no executor for {step}")
 
     # -- start-up ---------------------------------------------------------------------------
-    def start(self) -> None:
-        t_start = time.monotonic()
-        spec = self.wait_for_spec()
+    def mark_running(self) -> None:
         started_at = self.store.get("start_time") or time.time()
-        resumed = self.postgres_state() in ("RUNNING", "STARTING")
-        if resumed:
-            log.info("postgres is already running (driver restarted): applying the spec again")
-        else:
-            self.prepare_data(spec)
-            self.start_postgres()
-        self.wait_ready()
-        if resumed:
-            self.end_stale_apply_sessions()
-        t = time.monotonic()
-        self.apply(spec)
-        config_ms = ms_since(t)
         total_ms = int((time.time() - started_at) * 1000)
-        self.store.record_metrics(config_ms=config_ms, total_startup_ms=total_ms)
+        self.store.record_metrics(total_startup_ms=total_ms)
         self.store.set(status="running", error=None, startup_done=True)
-        log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms, ms_since(t_start))
+        log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms,
+                 ms_since(getattr(self, "t_start", time.monotonic())))
 
     def wait_for_spec(self) -> ComputeSpec:
         """The spec from the state file; in pull mode fetched first, and if the control plane
         has none, status `empty` until /configure brings one."""
         raw = self.store.get("spec")
         t0 = time.monotonic()
-        if raw is None and self.launch.get("control_plane_uri"):
+        if raw is None and self.settings.control_plane_uri:
             from .control_plane import control_plane_token, fetch_spec
-            raw = fetch_spec(self.launch["control_plane_uri"], self.launch["compute_id"],
-                             control_plane_token() or self.launch.get("console_jwt"))
+            raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
+                             control_plane_token() or self.settings.console_jwt)
             if raw is not None:
                 parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
                 self.store.set(spec=raw, spec_generation=1)
@@ -181,7 +216,7 @@ class Driver:
         plan = modes.plan_start(spec)
         if plan.source == "clone":
             t = time.monotonic()
-            nbytes = replica.clone_primary(self.launch["pgbin_dir"], self.pgdata, modes.primary_conninfo(spec),
+            nbytes = replica.clone_primary(self.settings.pgbin_dir, self.pgdata, modes.primary_conninfo(spec),
                                            self.runtime_dir)
             pgconf.write_default_hba(self.pgdata, self.superuser, clone=True)
             self.write_conf(spec)
@@ -198,13 +233,13 @@ class Driver:
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
             # Written before the sync: --sync-safekeepers reads its settings from it.
             self.write_conf(spec)
-            timeout = float(self.launch.get("storage_timeout") or storage.DEFAULT_TIMEOUT)
+            timeout = self.settings.storage_timeout
             t = time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
                 lsn = storage.with_retries(
                     "sync-safekeepers", storage.SYNC_SAFEKEEPERS_RETRY,
-                    lambda: storage.sync_safekeepers(self.launch["pgbin"], self.pgdata, token, timeout=timeout),
+                    lambda: storage.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout),
                     on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
                 log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
             else:
@@ -230,7 +265,7 @@ class Driver:
                 "basebackup", storage.BASEBACKUP_RETRY,
                 lambda: storage.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
                                            self.pgdata, token, progress=progress, timeout=timeout,
-                                           compression=self.launch.get("basebackup_compression"),
+                                           compression=self.settings.basebackup_compression,
                                            replica=plan.basebackup_replica),
                 before_retry=fresh_pgdata,
                 on_retry=lambda n: self.store.record_metrics(basebackup_retries=n))
@@ -254,7 +289,7 @@ class Driver:
         pwfile = os.path.join(self.runtime_dir, "initdb.pw")
         localauth.write_secret(pwfile, password + "\n")
         try:
-            storage.initdb_default(self.launch["pgbin_dir"], self.pgdata, self.superuser, pwfile=pwfile)
+            storage.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile)
         finally:
             os.unlink(pwfile)
         pgconf.write_default_hba(self.pgdata, self.superuser)
@@ -268,17 +303,21 @@ class Driver:
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
-        deadline = time.monotonic() + READY_TIMEOUT
+        started = time.monotonic()
         next_check = 0.0
-        while postmaster_status(self.pgdata) != "ready":
+        while True:
             now = time.monotonic()
-            if now > deadline:
-                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+            state = None
             if now >= next_check:  # fail early if postgres died while starting
                 state = self.postgres_state()
-                if state not in ("RUNNING", "STARTING"):
-                    raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
                 next_check = now + 0.25
+            verdict = readiness(postmaster_status(self.pgdata), state, now - started, READY_TIMEOUT)
+            if verdict is Readiness.READY:
+                break
+            if verdict is Readiness.TIMED_OUT:
+                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+            if verdict is Readiness.DIED:
+                raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
             time.sleep(0.01)
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
@@ -290,15 +329,14 @@ class Driver:
             log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
             return
         from .reconcile import apply_spec
-        from .reconcile.connections import DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT
-        apply_spec(self.launch["connstr"], spec, superuser=self.superuser,
-                   lock_timeout=self.launch.get("lock_timeout", DEFAULT_LOCK_TIMEOUT),
-                   statement_timeout=self.launch.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT))
+        apply_spec(self.settings.connstr, spec, superuser=self.superuser,
+                   lock_timeout=self.settings.lock_timeout,
+                   statement_timeout=self.settings.statement_timeout)
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
         while not self.stopping:
-            if self.store.get("status") == "configuration_pending":
+            if wants_reconfiguration(self.store.get("status")):
                 self.reconfigure()
             self.wake.wait(POLL)
             self.wake.clear()
@@ -306,19 +344,17 @@ class Driver:
     def resume_interrupted_reconfiguration(self) -> None:
         """Status `configuration` at our start means the previous driver died applying a new
         spec (only the driver sets it, and it always leaves it): apply that spec again."""
-        if self.store.get("status") != "configuration":
-            return
-        log.warning("the previous driver died while applying a new spec: applying it again")
-        self.end_stale_apply_sessions()
-        self.store.transition({"configuration"}, "configuration_pending")
+        s = self.store.get_many(("status", "startup_done", "configuring_by"))
+        steps = plan_run(DriverView(status=s["status"], startup_done=True, configuring_by=s["configuring_by"]))
+        self.execute(tuple(step for step in steps if step is not Step.SERVE))
 
     def end_stale_apply_sessions(self) -> None:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
-        name = conninfo_to_dict(self.launch["connstr"]).get("application_name") or APPLY_APPLICATION_NAME
+        name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
         try:
-            with psycopg.connect(self.launch["connstr"], autocommit=True, connect_timeout=10) as conn:
+            with psycopg.connect(self.settings.connstr, autocommit=True, connect_timeout=10) as conn:
                 # In the target list, not the WHERE clause: evaluated only for the rows found.
                 ended = conn.execute(
                     "SELECT pid, pg_catalog.pg_terminate_backend(pid, %s::pg_catalog.int8)"
@@ -334,13 +370,13 @@ class Driver:
                      ", ".join(str(pid) for pid, _ in ended))
 
     def reconfigure(self) -> None:
-        if not self.store.transition({"configuration_pending"}, "configuration"):
+        if not self.store.transition({"configuration_pending"}, "configuration", configuring_by="driver"):
             return
         try:
             spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
             log.info("applying a new spec")
             self.write_conf(spec)
-            with psycopg.connect(**session_params(self.launch["connstr"], statement_timeout_ms=10_000),
+            with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
                                  autocommit=True, connect_timeout=10) as conn:
                 conn.execute("SELECT pg_catalog.pg_reload_conf()")
                 time.sleep(0.05)  # postmaster re-reads the file asynchronously
@@ -359,9 +395,8 @@ class Driver:
 
     def fail_later(self, msg: str) -> None:
         """Keep the API answering with the error for the grace period, then exit 1."""
-        grace = float(self.launch.get("grace_seconds", 30))
-        failed_at = self.store.get("failed_at") or time.time()
-        remaining = failed_at + grace - time.time()
+        grace = self.settings.grace_seconds
+        remaining = grace_remaining(self.store.get("failed_at"), grace, time.time())
         if remaining > 0:
             log.info("keeping the error on /status for %.0f s before exiting", remaining)
             self.wake.wait(remaining)

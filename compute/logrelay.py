@@ -8,6 +8,7 @@ import os
 from .listener import events
 from .procutil import die_with_parent
 from .logs import format_line
+from .settings import default, load as load_settings
 from .state import StateStore, state_path
 
 FIFO_NAME = "logs.fifo"
@@ -16,8 +17,8 @@ FIFO_NAME = "logs.fifo"
 def main() -> None:
     die_with_parent()
     runtime_dir = os.environ["COMPUTE_RUNTIME_DIR"]
-    launch = StateStore(state_path(runtime_dir)).get("launch") or {}
-    fmt = launch.get("log_format", "text")
+    found = load_settings(StateStore(state_path(runtime_dir)))
+    fmt = found.log_format if found else default("log_format")
     # O_RDWR: opening never blocks, and writes never fail while compute-ctl restarts reading.
     out = os.open(os.path.join(runtime_dir, FIFO_NAME), os.O_RDWR)
     partial: dict[tuple[str, str], bytes] = {}  # a chunk may end mid-line

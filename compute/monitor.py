@@ -1,6 +1,6 @@
 """The activity monitor (contract §6), run as the supervised program `monitor`.
 
-Every `launch["monitor_interval"]` seconds it runs one query on a persistent connection to the
+Every `monitor_interval` seconds (compute.settings) it runs one query on a persistent connection to the
 local postgres: the client backends other than its own and other than the superuser of the
 connstr. If any of them is not `idle` (`idle in transaction` counts as active) the last
 activity is now; otherwise it is the latest `state_change` among the idle ones. The shared
@@ -29,12 +29,13 @@ from psycopg.conninfo import conninfo_to_dict
 from compute.logs import setup_program_logging
 from compute.pgsession import session_params
 from compute.procutil import die_with_parent
+from compute.settings import Settings, default, load as load_settings
 from compute.state import StateStore, state_path
 
 log = logging.getLogger("compute.monitor")
 
 APPLICATION_NAME = "compute_ctl:activity_monitor"
-DEFAULT_INTERVAL = 0.5
+DEFAULT_INTERVAL = default("monitor_interval")
 STATEMENT_TIMEOUT_MS = 5_000
 # Statuses in which postgres is up (or about to be): before that there is nothing to watch, and
 # a connection attempt would only fill the postgres log with "the database system is starting up".
@@ -78,6 +79,7 @@ class ActivityMonitor:
         self._ever_connected = False
         self._in_outage = False
         self._last_written: float | None = None
+        self.ticks = 0  # ticks done: what a test waits on instead of a clock
 
     # -- signals ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -181,6 +183,7 @@ class ActivityMonitor:
             next_tick = time.monotonic()
             while not self.stop_event.is_set():
                 self.tick()
+                self.ticks += 1
                 next_tick += self.interval
                 delay = next_tick - time.monotonic()
                 if delay < 0:  # fell behind (slow connect): do not try to catch up in a burst
@@ -196,15 +199,15 @@ class ActivityMonitor:
             self._close()
 
 
-def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> dict | None:
+def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> Settings | None:
     while not stop.is_set():
         if os.path.exists(path):
             try:
-                launch = store.get("launch")
+                found = load_settings(store)
             except Exception:
-                launch = None
-            if launch:
-                return launch
+                found = None
+            if found:
+                return found
         stop.wait(0.5)
     return None
 
@@ -226,12 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != parent:
         return 0
     setup_program_logging()  # `LEVEL: message`; the logrelay adds time and program name
-    launch = _wait_for_launch(store, path, stop)
-    if launch is None:
+    found = _wait_for_launch(store, path, stop)
+    if found is None:
         return 0
 
-    monitor = ActivityMonitor(store, launch["connstr"],
-                              interval=launch.get("monitor_interval") or DEFAULT_INTERVAL)
+    monitor = ActivityMonitor(store, found.connstr, interval=found.monitor_interval)
     monitor.install_signal_handlers()
     monitor.run()
     log.info("stopped")

@@ -13,7 +13,9 @@ import urllib.parse
 
 from psycopg.conninfo import conninfo_to_dict
 
-DEFAULT_PORT = 9187  # the exporter's registered port
+from .settings import default as _default
+
+DEFAULT_PORT = _default("postgres_exporter_port")  # the exporter's registered port (9187)
 
 
 def exporter_dsn(connstr: str) -> str:

@@ -6,7 +6,7 @@ connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mo
 
 The data is a key/value table whose values are JSON. Keys in use:
   status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
-  metrics (object of integers), launch (the bootstrap's settings), postgres_exit (int),
+  metrics (object of integers), launch (the bootstrap's settings: compute.settings.Settings as JSON), postgres_exit (int),
   pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool)
 """
 
@@ -17,9 +17,66 @@ import os
 import sqlite3
 import threading
 import time
+from enum import Enum
 from typing import Any, Iterable
 
-STATUSES = ("empty", "configuration_pending", "init", "running", "configuration", "failed")
+
+class Status(str, Enum):
+    """The compute's status as /status reports it (Neon's ComputeStatus, snake_case)."""
+    EMPTY = "empty"
+    CONFIGURATION_PENDING = "configuration_pending"
+    INIT = "init"
+    RUNNING = "running"
+    CONFIGURATION = "configuration"
+    FAILED = "failed"
+
+
+STATUSES = tuple(s.value for s in Status)
+
+# Who moves the status where (the store refuses anything else):
+#   init -> empty                      driver: no spec, waiting for /configure
+#   init -> init                       driver: spec parsed (again, after a driver restart)
+#   empty -> configuration_pending     /configure brings the first spec
+#   configuration_pending -> init      driver: the start-up of an `empty` compute begins
+#   running -> configuration_pending   /configure of a running compute
+#   configuration_pending -> configuration   driver: applying it
+#   configuration -> configuration_pending  driver restarted mid-apply: apply again; /promote
+#   running -> configuration           /promote
+#   configuration -> running           applied (or a promote that changed nothing)
+#   init -> running                    start-up done
+#   init, empty, configuration_pending, configuration -> failed   start-up or apply failed
+# `failed` is final: the driver keeps it on /status for the grace period, then the tree exits.
+ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.INIT: frozenset({Status.INIT, Status.EMPTY, Status.RUNNING, Status.FAILED}),
+    Status.EMPTY: frozenset({Status.CONFIGURATION_PENDING, Status.FAILED}),
+    Status.CONFIGURATION_PENDING: frozenset({Status.INIT, Status.CONFIGURATION, Status.FAILED}),
+    Status.RUNNING: frozenset({Status.CONFIGURATION_PENDING, Status.CONFIGURATION}),
+    Status.CONFIGURATION: frozenset({Status.RUNNING, Status.CONFIGURATION_PENDING, Status.FAILED}),
+    Status.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_transition(current: Any, new: Any) -> Status:
+    """The new status, if moving to it from `current` is allowed; else IllegalTransition.
+    A store with no status yet (None) may take any."""
+    try:
+        target = Status(new)
+    except ValueError:
+        raise IllegalTransition(f"unknown status {new!r}") from None
+    if current is None:
+        return target
+    try:
+        source = Status(current)
+    except ValueError:
+        raise IllegalTransition(f"the stored status {current!r} is unknown") from None
+    if target not in ALLOWED_TRANSITIONS[source]:
+        raise IllegalTransition(f"status {source.value} cannot become {target.value}")
+    return target
+
 STATE_FILE = "state.db"
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
@@ -103,30 +160,43 @@ class StateStore:
             [(k, json.dumps(v)) for k, v in fields.items()],
         )
 
+    @staticmethod
+    def _current_status(conn: sqlite3.Connection) -> Any:
+        row = conn.execute("SELECT value FROM kv WHERE key = 'status'").fetchone()
+        return json.loads(row[0]) if row else None
+
     def set(self, **fields: Any) -> None:
-        if "status" in fields and fields["status"] not in STATUSES:
-            raise ValueError(f"unknown status {fields['status']!r}")
-        self._write(lambda conn: self._put(conn, fields))
+        """Set fields. A status among them must be an allowed move from the current one
+        (checked in the same transaction): else IllegalTransition and nothing is written."""
+        if "status" not in fields:
+            self._write(lambda conn: self._put(conn, fields))
+            return
+
+        def txn(conn: sqlite3.Connection) -> None:
+            target = check_transition(self._current_status(conn), fields["status"])
+            self._put(conn, {**fields, "status": target.value})
+
+        self._write(txn)
 
     def transition(self, allowed_from: Iterable[str] | None, status: str, *, bump: str | None = None,
                    **fields: Any) -> int | bool:
         """Set status (and fields) only if the current status is in `allowed_from` (None: any).
         Atomic, so of two concurrent /configure requests exactly one wins. With `bump`, that
-        integer key is incremented in the same transaction and its new value returned."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
-        allowed = None if allowed_from is None else set(allowed_from)
+        integer key is incremented in the same transaction and its new value returned.
+        A move the transitions table forbids raises IllegalTransition (a bug, not a race)."""
+        check_transition(None, status)
+        allowed = None if allowed_from is None else {Status(s).value for s in allowed_from}
 
         def txn(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT value FROM kv WHERE key = 'status'").fetchone()
-            current = json.loads(row[0]) if row else None
+            current = self._current_status(conn)
             if allowed is not None and current not in allowed:
                 return False
+            check_transition(current, status)
             extra = {}
             if bump:
                 row = conn.execute("SELECT value FROM kv WHERE key = ?", (bump,)).fetchone()
                 extra[bump] = int((json.loads(row[0]) if row else 0) or 0) + 1
-            self._put(conn, {**fields, **extra, "status": status})
+            self._put(conn, {**fields, **extra, "status": Status(status).value})
             return extra[bump] if bump else True
 
         return self._write(txn)

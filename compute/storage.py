@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .environ import child_environment
 from .procutil import dies_with_us
+from .settings import default
 from .tarextract import ArchiveError, TarExtractor
 
 log = logging.getLogger("compute.storage")
@@ -36,7 +37,7 @@ _TAIL = 2048  # bytes of child output kept for error messages
 _INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
 _PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
 _STOP_CHECK = 0.2  # s: how often a blocked receiver looks whether the extractor gave up
-DEFAULT_TIMEOUT = 60.0  # --storage-timeout
+DEFAULT_TIMEOUT = default("storage_timeout")  # --storage-timeout
 COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
 

@@ -860,12 +860,15 @@ def test_worker_slow_and_silent_clients_do_not_starve_status(tmp_path):
     req = b"GET /status HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 40 + b"\r\nConnection: close\r\n\r\n"
     results: list = []
     stop = threading.Event()
+    started = threading.Semaphore(0)
 
     def trickle():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
                 for i in range(len(req)):
                     s.send(req[i:i + 1])
+                    if i == 0:
+                        started.release()
                     if stop.wait(3.0 / len(req)):
                         return
                 results.append(s.recv(65536).split(b" ")[1])
@@ -877,7 +880,8 @@ def test_worker_slow_and_silent_clients_do_not_starve_status(tmp_path):
         threads = [threading.Thread(target=trickle) for _ in range(40)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        for _ in threads:  # every trickling client has started its request
+            assert started.acquire(timeout=30), "a trickling client could not start its request"
         latencies = []
         while any(t.is_alive() for t in threads):
             t0 = time.monotonic()

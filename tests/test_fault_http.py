@@ -229,8 +229,10 @@ def test_10_mib_bodies_get_413(compute, method, path):
     assert_status_fast(c)
 
 
-def slow_client(port: int, seconds: float, result: list, stop: threading.Event) -> None:
-    """Sends a request byte by byte over `seconds`, then reads the answer."""
+def slow_client(port: int, seconds: float, result: list, stop: threading.Event,
+                started: threading.Semaphore | None = None) -> None:
+    """Sends a request byte by byte over `seconds`, then reads the answer. `started` is
+    released once its first byte is sent."""
     req = b"GET /status HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 60 + b"\r\nConnection: close\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -238,7 +240,9 @@ def slow_client(port: int, seconds: float, result: list, stop: threading.Event) 
                 if stop.is_set():
                     return
                 s.send(req[i:i + 1])
-                time.sleep(seconds / len(req))
+                if i == 0 and started is not None:
+                    started.release()
+                time.sleep(seconds / len(req))  # pacing: the client is slow on purpose
             out = s.recv(65536)
             result.append(int(out.split(b" ", 2)[1]) if out.startswith(b"HTTP/") else None)
     except OSError as e:
@@ -248,11 +252,13 @@ def slow_client(port: int, seconds: float, result: list, stop: threading.Event) 
 def run_slow_clients(c: Compute, n: int, seconds: float) -> tuple[StatusPoller, list]:
     results: list = []
     stop = threading.Event()
-    threads = [threading.Thread(target=slow_client, args=(c.http_port, seconds, results, stop), daemon=True)
-               for _ in range(n)]
+    started = threading.Semaphore(0)
+    threads = [threading.Thread(target=slow_client, args=(c.http_port, seconds, results, stop, started),
+                                daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # every slow client has started its request
+    for _ in threads:  # every slow client has started its request
+        assert started.acquire(timeout=30), "a slow client could not start its request"
     try:
         with StatusPoller(c.http_port, period=0.05, timeout=1) as poller:
             time.sleep(seconds - 1)

@@ -76,3 +76,14 @@ def test_postgres_unreachable_still_resumes(tmp_path):
                        launch=launch_settings(rt, connstr="postgresql://cloud_admin@127.0.0.1:1/postgres"))
     Driver(rt).resume_interrupted_reconfiguration()
     assert store.get("status") == "configuration_pending"
+
+
+def test_a_promotion_in_progress_is_left_to_the_api(tmp_path, cluster, sessions):
+    """`configuration` held by /promote (marked `configuring_by`): a driver restarted meanwhile
+    neither re-queues the old spec nor ends any session; the API finishes the promotion."""
+    rt = str(tmp_path)
+    store = make_state(rt, status="configuration", startup_done=True, configuring_by="promote",
+                       launch=launch_settings(rt, connstr=cluster.url()))
+    Driver(rt).resume_interrupted_reconfiguration()
+    assert store.get("status") == "configuration"
+    assert all(alive(conn) for conn in sessions.values())

@@ -23,7 +23,8 @@ from openapi_spec_validator import validate as validate_spec
 from compute.api.app import create_app
 from compute.api.errors import MAX_BODY_BYTES
 from tests.support.api_helpers import (REPO, fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
-                                       make_state, minimal_spec, pg, short_runtime_dir, supervisord, write_jwks)
+                                       make_state, minimal_spec, pg, short_runtime_dir, stage_status, supervisord,
+                                       write_jwks)
 
 __all__ = ["pg"]
 
@@ -138,7 +139,7 @@ def test_responses_match_the_document(checker, pg, tmp_path):
     with fake_driver(rt, fail="boom"):
         assert sim(checker, c, "POST", "/configure", ok, hdr).status_code == 500
     assert sim(checker, c, "POST", "/configure", ok, hdr).status_code == 412  # status failed now
-    store.set(status="running")
+    stage_status(store, "running")  # `failed` is final for the programs
     for bad, status in ((b"nope", 400), (json.dumps({"spec": {"format_version": 9}}).encode(), 412),
                         (b"x" * (MAX_BODY_BYTES + 1), 413)):
         assert sim(checker, c, "POST", "/configure", bad, hdr).status_code == status
@@ -149,7 +150,8 @@ def test_responses_match_the_document(checker, pg, tmp_path):
         assert sim(checker, c, "POST", path, b"spec=x", form).status_code == 415
 
     # not running: the text answers and the 503 probe
-    store.set(status="init", last_active=None, start_time=None)
+    stage_status(store, "init")
+    store.set(last_active=None, start_time=None)
     assert sim(checker, c, "GET", "/status").json["last_active"] is None
     assert sim(checker, c, "GET", "/insights").headers["content-type"].startswith("text/plain")
     assert sim(checker, c, "POST", "/check_writability").headers["content-type"].startswith("text/plain")

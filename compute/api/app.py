@@ -24,7 +24,7 @@ from compute.api.writability import CheckWritability
 
 def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
-    auth = JwtAuth(launch=lambda: ctx.launch)
+    auth = JwtAuth(settings=lambda: ctx.settings)
 
     app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
     app.set_error_serializer(serialize_error)

@@ -1,6 +1,6 @@
 """Optional JWT bearer auth for every route that changes state or returns database contents.
 
-When `launch["jwks_path"]` names a JWKS file, /configure, /promote, /terminate, /check_writability,
+When the settings' `jwks_path` names a JWKS file, /configure, /promote, /terminate, /check_writability,
 /insights, /dbs_and_roles and /database_schema (resources with `auth_required = True`) need
 `Authorization: Bearer <jwt>` signed by one of its keys: Ed25519 (`"kty": "OKP"`, alg EdDSA) or
 RSA (alg RS256). The algorithm is taken from the key, never from the token, so an RSA public key
@@ -9,7 +9,7 @@ one without could never be revoked. /status, /metrics, /metrics.json, /info, /he
 and /openapi.yaml stay open.
 
 401: missing, malformed, badly signed, expired or exp-less token. 403: a valid token whose
-`compute_id` claim is not this compute's `launch["compute_id"]`.
+`compute_id` claim is not this compute's `compute_id` setting.
 """
 
 from __future__ import annotations
@@ -64,23 +64,25 @@ def load_jwks(path: str) -> list[_Key]:
 class JwtAuth:
     """Falcon middleware; a no-op when no JWKS is configured."""
 
-    def __init__(self, jwks_path: str | None = None, compute_id: str | None = None, *, launch=None):
-        """Either fixed settings, or `launch`: a callable returning the launch dict, read at
-        request time (so a late launch record can never leave auth silently off)."""
+    def __init__(self, jwks_path: str | None = None, compute_id: str | None = None, *, settings=None):
+        """Either fixed values, or `settings`: a callable returning the compute's Settings (or
+        None), read at request time (so a late record can never leave auth silently off)."""
         self._jwks_path = jwks_path
         self._compute_id = compute_id
-        self._launch = launch
+        self._settings = settings
         self._keys: list[_Key] = []
         self._mtime: float | None = None
         self._lock = threading.Lock()
 
     @property
     def jwks_path(self) -> str | None:
-        return self._launch().get("jwks_path") if self._launch else self._jwks_path
+        found = self._settings() if self._settings else None
+        return found.jwks_path if found else self._jwks_path
 
     @property
     def compute_id(self) -> str | None:
-        return self._launch().get("compute_id") if self._launch else self._compute_id
+        found = self._settings() if self._settings else None
+        return found.compute_id if found else self._compute_id
 
     @property
     def enabled(self) -> bool:
@@ -144,7 +146,7 @@ class JwtAuth:
             return
         if not hasattr(resource, f"on_{req.method.lower()}"):
             return  # let falcon answer 405 rather than 401
-        if self._launch is not None and not self._launch():
+        if self._settings is not None and self._settings() is None:
             raise falcon.HTTPServiceUnavailable(description="the compute has no launch settings yet")
         if not self.enabled:
             return

@@ -41,8 +41,8 @@ class Configure:
         self.poll_interval = poll_interval
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        launch = self.ctx.launch
-        if not launch.get("live_config_allowed"):
+        settings = self.ctx.settings
+        if not (settings and settings.live_config_allowed):
             raise falcon.HTTPPreconditionFailed(
                 description="live configuration is not allowed for this compute node")
         status = self.ctx.store.get("status")
@@ -51,7 +51,7 @@ class Configure:
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
         try:
-            parse_spec(spec, superuser=launch.get("superuser") or self.ctx.superuser)
+            parse_spec(spec, superuser=(settings and settings.superuser) or self.ctx.superuser)
         except SpecError as e:
             raise falcon.HTTPPreconditionFailed(description=str(e)) from None
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:

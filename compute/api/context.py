@@ -1,4 +1,4 @@
-"""What every resource needs: the state store, the launch settings, postgres connections."""
+"""What every resource needs: the state store, the compute's settings, postgres connections."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from compute.monitor import superuser_of
 from compute.pgsession import session_params
+from compute.settings import Settings, load as load_settings
 from compute.state import StateStore, state_path
 
 HTTP_APPLICATION_NAME = "compute_ctl:http"
@@ -54,27 +55,29 @@ class ApiContext:
         self.runtime_dir = runtime_dir
         self.state_path = state_path(runtime_dir)
         self.store = StateStore(self.state_path)
-        self._launch: dict[str, Any] | None = None
+        self._settings: Settings | None = None
         self._conn_params: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     @property
-    def launch(self) -> dict[str, Any]:
-        """The bootstrap's settings: written once before any program starts, so cached."""
-        launch = self._launch
-        if launch is None:
-            launch = self.store.get("launch") or {}
-            if launch:
-                self._launch = launch
-        return launch
+    def settings(self) -> Settings | None:
+        """The bootstrap's settings (None before it wrote them): written once before any
+        program starts, so cached once found."""
+        found = self._settings
+        if found is None:
+            found = self._settings = load_settings(self.store)
+        return found
 
     @property
     def connstr(self) -> str:
-        return self.launch["connstr"]
+        if self.settings is None:
+            raise KeyError("connstr")  # as before the record was typed: no settings, no postgres
+        return self.settings.connstr
 
     @property
     def superuser(self) -> str | None:
-        return superuser_of(self.launch.get("connstr", "")) or self.launch.get("superuser")
+        found = self.settings
+        return None if found is None else superuser_of(found.connstr) or found.superuser
 
     def status_body(self) -> dict[str, Any]:
         """The /status answer: one indexed read of the state file."""

@@ -14,6 +14,7 @@ import os
 from gunicorn.glogging import Logger as _GunicornLogger
 
 from compute.procutil import die_with_parent
+from compute.settings import Settings, default, load as load_settings
 from compute.state import StateStore, state_path
 
 
@@ -22,13 +23,13 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _launch() -> dict:
+def _launch() -> Settings | None:
     runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
     if not runtime_dir:
         raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
     store = StateStore(state_path(runtime_dir))
     try:
-        return store.get("launch") or {}
+        return load_settings(store)
     finally:
         store.close()  # do not carry an open SQLite handle into forked workers
 
@@ -45,7 +46,8 @@ class QuietAccessLogger(_GunicornLogger):
 _launch_settings = _launch()
 _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 
-bind = [bind_address(_launch_settings.get("http_address") or "0.0.0.0", int(_launch_settings.get("http_port") or 3080))]
+bind = [bind_address(_launch_settings.http_address if _launch_settings else default("http_address"),
+                     _launch_settings.http_port if _launch_settings else default("http_port"))]
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
@@ -75,7 +77,7 @@ errorlog = "-"
 loglevel = "info"
 logger_class = QuietAccessLogger
 # `LEVEL: message` on stderr like every supervised program: the logrelay listener adds the time
-# and the program name (text or JSON, launch["log_format"]) on the way to compute-ctl's stdout.
+# and the program name (text or JSON, the log_format setting) on the way to compute-ctl's stdout.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

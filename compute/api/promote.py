@@ -63,8 +63,8 @@ class Promote:
         self.reconfigure_timeout = reconfigure_timeout
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        launch = self.ctx.launch
-        new_spec, lsn = parse_request(read_body(req), launch.get("superuser") or self.ctx.superuser)
+        settings = self.ctx.settings
+        new_spec, lsn = parse_request(read_body(req), (settings and settings.superuser) or self.ctx.superuser)
         store = self.ctx.store
         current = store.get("spec")
         mode = modes.mode_of(current)
@@ -73,7 +73,8 @@ class Promote:
         on_neon = isinstance(current, dict) and parse_spec(current, superuser=self.ctx.superuser).storage is not None
         if lsn is None and on_neon:
             raise falcon.HTTPBadRequest(description="wal_flush_lsn is required to promote a replica of Neon storage")
-        if not store.transition({"running"}, "configuration"):
+        # marked, so a lifecycle driver restarted meanwhile leaves it to us (compute.lifecycle_plan)
+        if not store.transition({"running"}, "configuration", configuring_by="promote"):
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for promote request: {debug_status_name(store.get('status'))}")
 

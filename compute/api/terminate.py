@@ -55,7 +55,7 @@ class Terminate:
                 return
             log.info("postgres is down")
             if source == shutdown_lsn.CONTROLDATA:
-                lsn = shutdown_lsn.controldata_lsn(self.ctx.launch["pgbin_dir"], self.ctx.launch["pgdata"])
+                lsn = shutdown_lsn.controldata_lsn(self.ctx.settings.pgbin_dir, self.ctx.settings.pgdata)
             elif source == shutdown_lsn.SYNC_SAFEKEEPERS:
                 lsn = self._sync_safekeepers(spec)
             json_body(resp, {"terminated": True, "lsn": lsn})
@@ -82,8 +82,8 @@ class Terminate:
     def _sync_safekeepers(self, spec) -> str | None:
         try:
             token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None  # as lifecycle
-            timeout = float(self.ctx.launch.get("storage_timeout") or storage.DEFAULT_TIMEOUT)
-            return storage.sync_safekeepers(self.ctx.launch["pgbin"], self.ctx.launch["pgdata"], token,
+            timeout = self.ctx.settings.storage_timeout
+            return storage.sync_safekeepers(self.ctx.settings.pgbin, self.ctx.settings.pgdata, token,
                                             timeout=timeout)
         except storage.StorageError as e:
             log.warning("sync-safekeepers after the shutdown failed: %s", e)

@@ -19,12 +19,13 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from compute.pgsession import session_options
+from compute.settings import default
 
 APPLICATION_NAME = "compute_ctl:apply_spec"
 # A statement of ours that waits this long for a lock, or runs this long, fails the apply with a
-# clear error instead of hanging it (launch["lock_timeout"], launch["statement_timeout"]).
-DEFAULT_LOCK_TIMEOUT = 10.0
-DEFAULT_STATEMENT_TIMEOUT = 300.0
+# clear error instead of hanging it (the lock_timeout and statement_timeout settings).
+DEFAULT_LOCK_TIMEOUT = default("lock_timeout")
+DEFAULT_STATEMENT_TIMEOUT = default("statement_timeout")
 T = TypeVar("T")
 
 

@@ -70,6 +70,14 @@ def make_state(runtime_dir: str, *, status: str = "running", launch: dict | None
     return StateStore.create(state_path(runtime_dir), initial)
 
 
+def stage_status(store: StateStore, status: str) -> None:
+    """Put a test scene's status in place regardless of the transitions table (which the store
+    enforces for every program): written into the file as bytes, as nothing in compute/ can."""
+    import sqlite3
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE kv SET value = ? WHERE key = 'status'", (json.dumps(status),))
+
+
 def minimal_spec(**cluster_overrides: Any) -> dict[str, Any]:
     cluster = {
         "cluster_id": "c1", "name": "c1",

@@ -34,7 +34,10 @@ def main() -> int:
             store.set(**{f"{name}_set": n, f"{name}_blob": {"n": n, "pad": pad[: n % 3000]}})
             key = f"{name}_set"
         elif op == 1:
-            store.transition(None, "running" if n % 8 == 1 else "configuration", **{f"{name}_tr": n})
+            # compare-and-set along allowed moves only; the loser of a race still writes its key
+            target, sources = ("running", {"init", "configuration"}) if n % 8 == 1 else ("configuration", {"running"})
+            if not store.transition(sources, target, **{f"{name}_tr": n}):
+                store.set(**{f"{name}_tr": n})
             key = f"{name}_tr"
         elif op == 2:
             store.record_metrics(**{f"{name}_m": n})

@@ -1,0 +1,55 @@
+"""What the tree does when postgres has ended: a pure decision, no I/O.
+
+    decide_postgres_exit(statename, exitstatus, startup_done=..., shutdown_requested=...)
+        -> ExitDecision(code, action)
+
+`statename`/`exitstatus` are supervisord's getProcessInfo("postgres") fields. Actions:
+- SHUT_DOWN: record `code` as the tree's exit code (first writer wins) and stop the tree.
+- RECORD_START_FAILURE: postgres died while the compute was starting; only note `code`
+  (as `postgres_exit_code`): the lifecycle driver reports the failure on /status for the
+  grace period, then exits the tree with 1 itself.
+Callers: exitwatch (the eventlistener) today; an in-process handler may call it the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ExitAction(str, Enum):
+    SHUT_DOWN = "shut_down"
+    RECORD_START_FAILURE = "record_start_failure"
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    code: int
+    action: ExitAction
+
+
+def postgres_exit_code(statename: str | None, exitstatus: int | None) -> int:
+    """postgres' exit status as the tree's: supervisord reports -1 for a process killed by a
+    signal, and FATAL for one that never got going; the tree must fail in both."""
+    if statename == "FATAL":
+        return 1
+    status = 1 if exitstatus is None else int(exitstatus)
+    return 1 if status < 0 else status
+
+
+def decide_postgres_exit(statename: str | None, exitstatus: int | None, *, startup_done: bool,
+                         shutdown_requested: bool) -> ExitDecision:
+    code = postgres_exit_code(statename, exitstatus)
+    if shutdown_requested:
+        code = 0  # /terminate: a wanted stop (an immediate shutdown exits non-zero)
+    if not (startup_done or shutdown_requested):
+        return ExitDecision(code, ExitAction.RECORD_START_FAILURE)
+    return ExitDecision(code, ExitAction.SHUT_DOWN)
+
+
+def postgres_has_ended(statename: str | None, *, postgres_started: bool) -> bool:
+    """On a restart of the watcher: did postgres end while nobody listened? STOPPED counts only
+    once the driver has started it (before that it is merely not started yet)."""
+    if statename in ("EXITED", "FATAL"):
+        return True
+    return statename == "STOPPED" and postgres_started

@@ -1,0 +1,52 @@
+"""The tree's exit decision when postgres ends: every case, no processes (milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from compute.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
+                                   postgres_has_ended)
+
+SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
+
+
+@pytest.mark.parametrize("statename,exitstatus,code", [
+    ("EXITED", 0, 0),       # a clean fast shutdown (pg_ctl stop by hand)
+    ("EXITED", 2, 2),
+    ("EXITED", -1, 1),      # killed by a signal (kill -9 of the postmaster)
+    ("STOPPED", -1, 1),
+    ("FATAL", 0, 1),        # never got going: supervisord gave up
+    ("EXITED", None, 1),    # no status at all still fails the tree
+])
+def test_exit_code(statename, exitstatus, code):
+    assert postgres_exit_code(statename, exitstatus) == code
+
+
+@pytest.mark.parametrize("startup_done,shutdown_requested,statename,exitstatus,expected", [
+    # running compute: postgres' own code ends the tree
+    (True, False, "EXITED", 0, ExitDecision(0, SHUT)),
+    (True, False, "EXITED", -1, ExitDecision(1, SHUT)),
+    (True, False, "FATAL", 0, ExitDecision(1, SHUT)),
+    # /terminate: a wanted stop is exit 0, whatever postgres said (immediate shutdown)
+    (True, True, "EXITED", 3, ExitDecision(0, SHUT)),
+    (True, True, "EXITED", -1, ExitDecision(0, SHUT)),
+    # /terminate during start-up still shuts down
+    (False, True, "STOPPED", -1, ExitDecision(0, SHUT)),
+    # start-up not finished: the driver owns the failure (grace period, then exit 1)
+    (False, False, "EXITED", -1, ExitDecision(1, START)),
+    (False, False, "EXITED", 0, ExitDecision(0, START)),
+    (False, False, "FATAL", 0, ExitDecision(1, START)),
+])
+def test_decision_matrix(startup_done, shutdown_requested, statename, exitstatus, expected):
+    assert decide_postgres_exit(statename, exitstatus, startup_done=startup_done,
+                                shutdown_requested=shutdown_requested) == expected
+
+
+@pytest.mark.parametrize("statename,postgres_started,ended", [
+    ("EXITED", False, True), ("FATAL", False, True),
+    ("STOPPED", False, False),  # not started yet: the driver has not asked for it
+    ("STOPPED", True, True),
+    ("RUNNING", True, False), ("STARTING", True, False), ("BACKOFF", True, False), (None, True, False),
+])
+def test_recovery_sees_a_missed_end(statename, postgres_started, ended):
+    assert postgres_has_ended(statename, postgres_started=postgres_started) is ended

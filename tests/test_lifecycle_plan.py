@@ -1,0 +1,104 @@
+"""The lifecycle driver's restart/resume matrix, decided without processes (milliseconds): a
+driver killed at every step of its life, and what its successor then does. The executors are
+exercised against real postgres in test_lifecycle_resume.py and, kill -9 end to end, in the
+fault suite (test_fault_exit.py, test_fault_kill.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from compute.lifecycle_plan import (PROMOTE, STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run,
+                                    readiness, wants_reconfiguration)
+
+S = Step
+FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.SERVE)
+REUSE_POSTGRES = (S.WAIT_FOR_SPEC, S.WAIT_READY, S.END_STALE_SESSIONS, S.APPLY, S.MARK_RUNNING, S.SERVE)
+REAPPLY = (S.END_STALE_SESSIONS, S.REQUEUE_CONFIGURATION, S.SERVE)
+
+MATRIX = {
+    # first start: nothing happened yet
+    "fresh start": (DriverView("init", postgres_state="STOPPED"), FROM_SCRATCH),
+    # killed before the spec arrived (empty compute waiting for /configure)
+    "before spec, waiting for /configure": (DriverView("empty", postgres_state="STOPPED"), FROM_SCRATCH),
+    "spec handed over, not yet taken": (DriverView("configuration_pending", postgres_state="STOPPED"),
+                                        FROM_SCRATCH),
+    # killed during storage (sync-safekeepers, basebackup, initdb): PGDATA is emptied again
+    "during storage": (DriverView("init", postgres_state="STOPPED"), FROM_SCRATCH),
+    # supervisord gave up on postgres while the driver was away: start it again, from scratch
+    "postgres exited before ready": (DriverView("init", postgres_state="EXITED"), FROM_SCRATCH),
+    # postgres running but the start unfinished: keep postgres, apply again
+    "postgres starting": (DriverView("init", postgres_state="STARTING"), REUSE_POSTGRES),
+    "postgres running, apply unfinished": (DriverView("init", postgres_state="RUNNING"), REUSE_POSTGRES),
+    # failed start: finish the grace period, then exit 1
+    "failed start in grace period": (DriverView("failed", postgres_state="RUNNING"), (S.FAIL_LATER,)),
+    "failed start, postgres gone": (DriverView("failed", postgres_state="EXITED"), (S.FAIL_LATER,)),
+    # after the start: serve, re-applying a configuration a killed driver left half done
+    "running": (DriverView("running", startup_done=True), (S.SERVE,)),
+    "configuration pending": (DriverView("configuration_pending", startup_done=True), (S.SERVE,)),
+    "configuration in progress": (DriverView("configuration", startup_done=True, configuring_by="driver"),
+                                  REAPPLY),
+    "configuration in progress (older state file)": (DriverView("configuration", startup_done=True), REAPPLY),
+    # /promote holds `configuration` itself: the API finishes it, the new driver only serves
+    "promote in progress": (DriverView("configuration", startup_done=True, configuring_by=PROMOTE), (S.SERVE,)),
+    # a failed reconfiguration keeps the compute up with the error (no grace-period exit)
+    "reconfiguration failed": (DriverView("failed", startup_done=True), (S.SERVE,)),
+}
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_restart_resume_matrix(case):
+    view, expected = MATRIX[case]
+    assert plan_run(view) == expected
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_every_plan_is_well_formed(case):
+    plan = plan_run(MATRIX[case][0])
+    # postgres is started only on an emptied, freshly filled PGDATA, and never twice
+    if S.START_POSTGRES in plan:
+        assert plan.index(S.PREPARE_DATA) < plan.index(S.START_POSTGRES) < plan.index(S.WAIT_READY)
+        assert S.END_STALE_SESSIONS not in plan
+    # the spec is applied only once postgres is ready, and the compute marked running after it
+    if S.APPLY in plan:
+        assert plan.index(S.WAIT_FOR_SPEC) < plan.index(S.WAIT_READY) < plan.index(S.APPLY) \
+            < plan.index(S.MARK_RUNNING)
+    # a plan either ends serving or ends the tree
+    assert plan[-1] in (S.SERVE, S.FAIL_LATER)
+    assert len(set(plan)) == len(plan)
+
+
+def test_only_startup_steps_fail_the_start():
+    assert S.SERVE not in STARTUP_STEPS and S.FAIL_LATER not in STARTUP_STEPS
+    assert S.REQUEUE_CONFIGURATION not in STARTUP_STEPS
+    assert set(FROM_SCRATCH[:-1]) | set(REUSE_POSTGRES[:-1]) <= STARTUP_STEPS
+
+
+@pytest.mark.parametrize("status,wanted", [("configuration_pending", True), ("running", False),
+                                           ("configuration", False), ("failed", False), (None, False)])
+def test_serve_applies_only_handed_over_specs(status, wanted):
+    assert wants_reconfiguration(status) is wanted
+
+
+@pytest.mark.parametrize("failed_at,grace,now,left", [
+    (100.0, 30.0, 100.0, 30.0),   # just failed
+    (100.0, 30.0, 120.0, 10.0),   # a restarted driver finishes the rest only
+    (100.0, 30.0, 200.0, 0.0),    # already over: exit at once
+    (None, 30.0, 500.0, 30.0),    # no record of when: a full period from now
+    (100.0, 0.0, 100.0, 0.0),
+])
+def test_grace_period(failed_at, grace, now, left):
+    assert grace_remaining(failed_at, grace, now) == pytest.approx(left)
+
+
+@pytest.mark.parametrize("pm,state,elapsed,verdict", [
+    ("ready", "RUNNING", 0.1, Readiness.READY),
+    ("ready", None, 99.0, Readiness.READY),          # ready wins over a late look
+    ("starting", "STARTING", 1.0, Readiness.WAIT),
+    (None, None, 1.0, Readiness.WAIT),               # no postmaster.pid yet, not asked
+    ("starting", "EXITED", 1.0, Readiness.DIED),
+    (None, "FATAL", 1.0, Readiness.DIED),
+    (None, "BACKOFF", 1.0, Readiness.DIED),
+    ("starting", "RUNNING", 61.0, Readiness.TIMED_OUT),
+])
+def test_readiness(pm, state, elapsed, verdict):
+    assert readiness(pm, state, elapsed, 60.0) is verdict
