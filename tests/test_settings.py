@@ -17,8 +17,8 @@ REQUIRED = {"pgdata": "/data", "connstr": "postgresql://cloud_admin@127.0.0.1:54
 
 def test_round_trip_through_the_state_file(tmp_path):
     s = Settings(**REQUIRED, http_port=4000, jwks_path="/k.json", grace_seconds=1.5)
-    store = StateStore.create(str(tmp_path / "state.db"), {STATE_KEY: s.to_json(), "status": "init"})
-    assert load(StateStore(str(tmp_path / "state.db"))) == s
+    StateStore.create(str(tmp_path / "state.db"), {STATE_KEY: s.to_json(), "status": "init"})
+    assert load(StateStore(str(tmp_path / "state.db"))) == s  # a fresh store: read back from the file
 
 
 def test_no_record_yet_is_none(tmp_path):
