@@ -3,7 +3,8 @@ the runtime dir and the state file, renders supervisord.conf, runs supervisord, 
 tree's log lines to stdout and exits with postgres' exit code.
 
 The slow steps (PGDATA, storage, postgres) happen in the supervised `lifecycle` program, so
-the HTTP API answers `/status` from the first second.
+the HTTP API answers `/status` from the first second. The tree's log lines reach our stdout
+from supervisord directly (its in-process log relay), so compute-ctl flushes its own first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import xmlrpc.client
 from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
-from .logrelay import FIFO_NAME
 from .environ import program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
@@ -219,14 +219,11 @@ def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
 def prepare_runtime_files(runtime_dir: str) -> None:
     """As the compute user: root never creates or chowns anything the user could have planted."""
     os.makedirs(os.path.join(runtime_dir, "logs"), mode=0o700, exist_ok=True)
-    fifo = os.path.join(runtime_dir, FIFO_NAME)
-    if os.path.lexists(fifo):
-        os.unlink(fifo)
-    os.mkfifo(fifo, 0o600)
 
 
 class Tree:
-    """supervisord as our child, with signals forwarded and its log lines copied."""
+    """supervisord as our child, with signals forwarded. It writes the tree's log lines to the
+    stdout it inherits from us (its in-process log relay)."""
 
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
@@ -234,8 +231,6 @@ class Tree:
         self.terminating = False
 
     def start(self) -> None:
-        fifo = os.open(os.path.join(self.runtime_dir, FIFO_NAME), os.O_RDWR)
-        threading.Thread(target=self._copy_logs, args=(fifo,), daemon=True).start()
         conf = os.path.join(self.runtime_dir, CONF_NAME)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "compute.supervisord_main", "-n", "-c", conf],
@@ -263,15 +258,6 @@ class Tree:
                 except (OSError, xmlrpc.client.Error):
                     pass
             time.sleep(0.005)
-
-    @staticmethod
-    def _copy_logs(fd: int) -> None:
-        # os.write, not sys.stdout: no buffer lock to trip over at interpreter exit.
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return
-            os.write(1, chunk)
 
     def terminate(self, signum: int, _frame=None) -> None:
         if not self.terminating:
@@ -373,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(args.http_address, launch["live_config_allowed"], args.jwks)
     if warning:
         log.warning("%s", warning)
+    sys.stdout.flush()  # our lines before the tree's: supervisord writes to the same stdout
     tree.start()
     tree.wait()
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start, supervisord

@@ -9,6 +9,11 @@ once, so a crashed program is respawned within milliseconds. Idle cost: none.
 While it shuts down, a turn waits at most SHUTDOWN_TICK: supervisord stops one priority group
 per turn, and nobody may be left to poke its control socket (compute-ctl killed outright: our
 parent-death signal is what started the shutdown).
+
+The tree's event handlers run here, in-process (no eventlistener processes): exit decisions
+(compute/exitwatch.py) and the log relay (compute/logrelay.py) are subscribed to supervisor's
+event bus once supervisord has set it up, and their timers run on this loop: a turn waits at
+most until the next one is due.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import signal
 from supervisor import options, poller, supervisord
 from supervisor.states import SupervisorStates
 
+from .exitwatch import ExitWatch, Timers
+from .logrelay import LogRelay, setup_relay_logging
 from .procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
 
 SHUTDOWN_TICK = 0.05
+TIMERS = Timers()  # the in-process handlers' timers, run by PromptPoller
 
 
 class PromptPoller(poller.PollPoller):
@@ -40,7 +48,11 @@ class PromptPoller(poller.PollPoller):
             self.again, timeout = False, 0
         elif self.options.mood < SupervisorStates.RUNNING:
             timeout = min(timeout, SHUTDOWN_TICK)
+        due = TIMERS.next_in()
+        if due is not None:
+            timeout = min(timeout, due)
         readables, writables = super().poll(timeout)
+        TIMERS.run_due()
         if self._wake_r in readables:
             readables.remove(self._wake_r)
             try:
@@ -61,12 +73,31 @@ def _waitpid_then_turn_again(self):
     return pid, sts
 
 
+_runforever = supervisord.Supervisor.runforever
+
+
+def _runforever_with_handlers(self):
+    """Supervisor.run() clears the event bus just before this: subscribe now."""
+    install_handlers(self, os.environ["COMPUTE_RUNTIME_DIR"])
+    return _runforever(self)
+
+
+def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
+    watch = ExitWatch(supervisor, runtime_dir, TIMERS)
+    fmt = watch.launch.get("log_format", "text")
+    setup_relay_logging(fmt)
+    LogRelay(fmt).subscribe()
+    watch.subscribe()
+    return watch
+
+
 def main() -> None:
     # compute-ctl killed outright (even before this line): shut the tree down in order.
     die_with_parent(signal.SIGTERM, parent_env=COMPUTE_CTL_PID_ENV)
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again
+    supervisord.Supervisor.runforever = _runforever_with_handlers
     supervisord.main()
 
 

@@ -85,13 +85,34 @@ def test_kill_9_postmaster_fails_the_tree_fast(compute):
     assert time.monotonic() - t < 5
 
 
+def test_core_dump_is_reported_by_the_in_process_exitwatch(compute):
+    """postgres dies leaving a core file: supervisord's own exitwatch runs gdb on it (a child
+    whose end it polls), logs the backtrace through its own log relay, then stops the tree
+    with postgres' failure."""
+    compute.wait_status("running")
+    pm = compute.postmaster_pid()
+    core = os.path.join(compute.pgdata, f"core.{pm}")
+    with open(core, "wb") as f:
+        f.write(b"\x7fELF not a real core dump")
+    st = os.stat(compute.pgdata)
+    os.chown(core, st.st_uid, st.st_gid)
+    os.kill(pm, signal.SIGKILL)
+    assert compute.wait_exit(60) != 0
+    lines = compute.output().splitlines()
+    assert any("exitwatch" in ln and f"postgres left a core dump: {core}" in ln for ln in lines)
+    assert any("exitwatch" in ln and "backtrace:" in ln for ln in lines), lines[-20:]
+    down = next(i for i, ln in enumerate(lines) if "postgres is down" in ln)
+    assert down < next(i for i, ln in enumerate(lines) if "backtrace:" in ln)
+
+
 def test_supervisorctl_operations(compute):
     compute.wait_status("running")
     pm = compute.postmaster_pid()
     st = compute.supervisorctl("status")
     assert st.returncode == 0, st.stdout + st.stderr
-    for name in ("postgres", "lifecycle", "monitor", "api", "exitwatch", "logrelay"):
+    for name in ("postgres", "lifecycle", "monitor", "api"):
         assert name in st.stdout
+    assert "exitwatch" not in st.stdout and "logrelay" not in st.stdout  # in-process handlers
     assert compute.supervisorctl("restart", "monitor").returncode == 0
     assert compute.supervisorctl("restart", "api").returncode == 0
     compute.wait_status("running")
@@ -169,7 +190,7 @@ def test_sigkill_of_supervisord_leaves_no_orphans(compute):
     pids = [int(line.split("pid ")[1].split(",")[0])
             for line in compute.supervisorctl("status").stdout.splitlines() if "pid " in line]
     pm = compute.postmaster_pid()
-    assert pm in pids and len(pids) >= 6
+    assert pm in pids and len(pids) >= 4  # postgres, lifecycle, monitor, api
     with open(os.path.join(compute.runtime_dir, "supervisord.pid")) as f:
         os.kill(int(f.read()), signal.SIGKILL)
     assert compute.wait_exit(15) != 0

@@ -40,7 +40,7 @@ GONE_WITHIN = 5.0  # the issue's bound after a kill -9 of compute-ctl or supervi
 APP_PASSWORD = "apppass"  # tests/support/tree.py's spec role `app`
 APPLY_APP_NAME = "compute_ctl:apply_spec"
 MOMENTS = ["starting", "running", "configuring"]
-EXPECTED_ROLES = {"supervisord", "lifecycle", "monitor", "api master", "api worker", "exitwatch", "logrelay"}
+EXPECTED_ROLES = {"supervisord", "lifecycle", "monitor", "api master", "api worker"}
 
 
 def md5_password(role: str, password: str) -> str:

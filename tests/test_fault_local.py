@@ -284,7 +284,7 @@ def test_tokens_only_in_the_programs_that_use_them():
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:  # vm-informant and every API worker are up
                 roles = {role for role, _ in tree(c.proc.pid)}
-                if {"sleep", "api worker", "monitor", "exitwatch", "logrelay"} <= roles:
+                if {"sleep", "api worker", "monitor"} <= roles:
                     break
                 time.sleep(0.1)
             found = secrets_by_role(c)

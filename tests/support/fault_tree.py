@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 PROGRAM_MARKERS = {
     "lifecycle": "-m compute.lifecycle",
     "monitor": "-m compute.monitor",
-    "exitwatch": "-m compute.exitwatch",
-    "logrelay": "-m compute.logrelay",
     "api": "-m gunicorn",
 }
 
