@@ -73,7 +73,9 @@ class RelayHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_relay_logging(fmt: str) -> None:
-    root = logging.getLogger()
-    root.handlers[:] = [RelayHandler(fmt)]
-    root.setLevel(logging.INFO)
+def setup_relay_logging(fmt: str, logger: str = "compute.exitwatch") -> None:
+    """Only the in-process handlers' logger: compute-ctl's own records keep their handler."""
+    lg = logging.getLogger(logger)
+    lg.handlers[:] = [RelayHandler(fmt)]
+    lg.setLevel(logging.INFO)
+    lg.propagate = False

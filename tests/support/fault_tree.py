@@ -33,6 +33,7 @@ class Proc:
     state: str
     comm: str
     cmdline: str
+    pgrp: int = 0
 
 
 def read_proc(pid: int) -> Proc | None:
@@ -45,7 +46,7 @@ def read_proc(pid: int) -> Proc | None:
         return None
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     rest = stat[stat.rindex(")") + 2:].split()
-    return Proc(pid, int(rest[1]), rest[0], comm, cmdline)
+    return Proc(pid, int(rest[1]), rest[0], comm, cmdline, int(rest[2]))
 
 
 def proc_table() -> dict[int, Proc]:
@@ -105,7 +106,8 @@ def tree(compute_pid: int) -> list[tuple[str, Proc]]:
         return []
     procs = [root, *descendants(compute_pid, table)]
     postmaster = next((p.pid for p in procs if p.comm == "postgres" and "-D" in p.cmdline
-                       and table.get(p.ppid) is not None and "supervisord" in table[p.ppid].cmdline), None)
+                       and table.get(p.ppid) is not None
+                       and ("supervisord" in table[p.ppid].cmdline or table[p.ppid].pid == compute_pid)), None)
     return [(role_of(p, postmaster, table), p) for p in procs]
 
 
@@ -115,11 +117,14 @@ def supervisord_pid(runtime_dir: str) -> int:
 
 
 def program_child(supervisord: int, name: str, table: dict[int, Proc] | None = None) -> int | None:
-    """The pid of program `name` from /proc alone (a direct child of supervisord)."""
+    """The pid of program `name` from /proc alone: a direct child of supervisord that leads its
+    own process group (supervisord makes one per program). compute-ctl is supervisord and a
+    subreaper, so a killed api master's orphaned workers become its children too, in the dead
+    master's group."""
     marker = PROGRAM_MARKERS[name]
     table = table if table is not None else proc_table()
     for p in table.values():
-        if p.ppid == supervisord and marker in p.cmdline and p.state != "Z":
+        if p.ppid == supervisord and p.pgrp == p.pid and marker in p.cmdline and p.state != "Z":
             return p.pid
     return None
 
