@@ -20,12 +20,12 @@ import time
 from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
-from .environ import program_secrets, supervisord_environment
+from .environ import SECRET_VARS, program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
 from .pgconf import BEGIN_MARK
 from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
-from .procutil import become_subreaper
+from .procutil import become_subreaper, scrub_initial_environment
 from .reaper import stop_descendants
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         prepare_dirs(runtime_dir, pgdata, user)
+        # Our programs are forked from us (compute/warmfork.py) and would show our initial
+        # environment in /proc/PID/environ: the secrets go from it (lifecycle gets them from
+        # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
+        scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
         prepare_runtime_files(runtime_dir)
         if not os.access(sys.executable, os.X_OK):

@@ -27,6 +27,7 @@ import signal
 from supervisor import options, poller, supervisord
 from supervisor.states import SupervisorStates
 
+from . import warmfork
 from .exitwatch import ExitWatch, Timers
 from .logrelay import LogRelay, setup_relay_logging
 from .procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
@@ -91,6 +92,16 @@ def _get_signal_noting_stops(self):
     return sig
 
 
+_fork = options.ServerOptions.fork
+open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
+
+
+def _fork_without_open_stores(self):
+    for store in open_stores:
+        store.close()
+    return _fork(self)
+
+
 _runforever = supervisord.Supervisor.runforever
 
 
@@ -106,6 +117,7 @@ def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
     setup_relay_logging(fmt)
     LogRelay(fmt).subscribe()
     watch.subscribe()
+    open_stores.append(watch.store)
     return watch
 
 
@@ -114,6 +126,9 @@ def run(conf: str | None = None) -> int | None:
     signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, None if something else did
     (exitwatch after postgres exited)."""
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
+    warmfork.warm()
+    options.ServerOptions.execve = warmfork.execve
+    options.ServerOptions.fork = _fork_without_open_stores
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again
     options.ServerOptions.get_signal = _get_signal_noting_stops

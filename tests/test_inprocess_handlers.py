@@ -110,3 +110,14 @@ def test_core_dump_report_without_cores_goes_straight_on(tmp_path):
     done: list[bool] = []
     CoreDumpReport(str(tmp_path), "postgres", Timers(), lambda: done.append(True)).start()
     assert done == [True]
+
+
+def test_only_our_python_programs_are_forked():
+    from compute.warmfork import forked_module
+    py = "/venv/bin/python"
+    assert forked_module(py, [py, "-m", "compute.lifecycle"], python=py) == "compute.lifecycle"
+    assert forked_module(py, [py, "-m", "gunicorn", "-c", "x"], python=py) == "gunicorn"
+    assert forked_module(py, [py, "-m", "compute.exitwatch"], python=py) is None  # not a program
+    assert forked_module("/usr/bin/python3", ["/usr/bin/python3", "-m", "compute.monitor"], python=py) is None
+    assert forked_module("/usr/bin/setpriv", ["/usr/bin/setpriv", "--", "/pg/postgres"], python=py) is None
+    assert forked_module(py, [py, "-c", "compute.monitor"], python=py) is None

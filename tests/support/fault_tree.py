@@ -18,7 +18,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-# The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl).
+# The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl)
+# when exec'd, or, forked from compute-ctl's warm image (compute/warmfork.py: the command line is
+# compute-ctl's), by the process name (comm) the fork gives them: the program's name.
 PROGRAM_MARKERS = {
     "lifecycle": "-m compute.lifecycle",
     "monitor": "-m compute.monitor",
@@ -78,9 +80,22 @@ def alive(pid: int) -> bool:
     return p is not None and p.state != "Z"
 
 
+def program_of(p: Proc) -> str | None:
+    for name, marker in PROGRAM_MARKERS.items():
+        if marker in p.cmdline or p.comm == name:
+            return name
+    return None
+
+
 def role_of(p: Proc, postmaster: int | None, table: dict[int, Proc]) -> str:
     """What a process of the tree is: compute-ctl, supervisord, a program, a gunicorn worker,
     postgres (the postmaster or one of its children)."""
+    forked = program_of(p) if "compute-ctl" in p.cmdline else None
+    if forked == "api":
+        parent = table.get(p.ppid)
+        return "api worker" if parent is not None and program_of(parent) == "api" else "api master"
+    if forked:
+        return forked
     if "compute-ctl" in p.cmdline and "supervisord" not in p.cmdline:
         return "compute-ctl"
     if any(m in p.cmdline for m in ("supervisor.supervisord", "supervisord_main")) or p.cmdline.endswith("supervisord"):
@@ -124,7 +139,8 @@ def program_child(supervisord: int, name: str, table: dict[int, Proc] | None = N
     marker = PROGRAM_MARKERS[name]
     table = table if table is not None else proc_table()
     for p in table.values():
-        if p.ppid == supervisord and p.pgrp == p.pid and marker in p.cmdline and p.state != "Z":
+        if p.ppid == supervisord and p.pgrp == p.pid and (marker in p.cmdline or p.comm == name) \
+                and p.state != "Z":
             return p.pid
     return None
 
