@@ -196,8 +196,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         if m:
             row("monitor CPU, idle compute", f"{m['pct']:.2f} % over {m['wall_s']:.0f} s", "< 1 %", m["pct"] < 1)
         top = sorted(f["processes"], key=lambda p: -p["pss_kib"])
-        row("footprint (PSS, non-postgres)", f"{f['total_pss_mib']:.1f} MiB in {len(top)} processes", "<= 80 MiB",
-            f["total_pss_mib"] <= 80)
+        row("footprint (PSS, non-postgres)", f"{f['total_pss_mib']:.1f} MiB in {len(top)} processes", "<= 64 MiB",
+            f["total_pss_mib"] <= 64)
         row("  per process (MiB)", ", ".join(f"{p['role']} {p['pss_kib'] / 1024:.1f}" for p in top))
     elif f:
         skipped("footprint", f["error"])

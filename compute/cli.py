@@ -1,9 +1,11 @@
-"""`compute-ctl`: the bootstrap. Validates everything it can before touching anything, prepares
-the runtime dir and the state file, renders supervisord.conf, runs supervisord, relays the
-tree's log lines to stdout and exits with postgres' exit code.
+"""`compute-ctl`: the bootstrap, then supervisord itself. Validates everything it can before
+touching anything, prepares the runtime dir and the state file, renders supervisord.conf, then
+runs supervisord's loop in its own process (one PID, PID 1 in a container) and exits with
+postgres' exit code once every program has stopped.
 
 The slow steps (PGDATA, storage, postgres) happen in the supervised `lifecycle` program, so
-the HTTP API answers `/status` from the first second.
+the HTTP API answers `/status` from the first second. The tree's log lines reach stdout
+through supervisord's in-process log relay (compute/logrelay.py).
 """
 
 from __future__ import annotations
@@ -12,28 +14,24 @@ import argparse
 import ipaddress
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-import xmlrpc.client
 
 from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
-from .logrelay import FIFO_NAME
-from .environ import program_secrets, supervisord_environment
+from .environ import SECRET_VARS, program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
 from .pgconf import BEGIN_MARK
 from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
-from .procutil import COMPUTE_CTL_PID_ENV, become_subreaper
+from .procutil import become_subreaper, scrub_initial_environment
 from .reaper import stop_descendants
 from .settings import Settings, default
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
-from .supervision import CONF_NAME, render_supervisord_conf, rpc, shutdown_tree, socket_path
+from .supervision import CONF_NAME, render_supervisord_conf
+from .supervisord_main import run as run_supervisord
 from .users import effective_user
 
 log = logging.getLogger("compute.cli")
@@ -220,81 +218,6 @@ def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
 def prepare_runtime_files(runtime_dir: str) -> None:
     """As the compute user: root never creates or chowns anything the user could have planted."""
     os.makedirs(os.path.join(runtime_dir, "logs"), mode=0o700, exist_ok=True)
-    fifo = os.path.join(runtime_dir, FIFO_NAME)
-    if os.path.lexists(fifo):
-        os.unlink(fifo)
-    os.mkfifo(fifo, 0o600)
-
-
-class Tree:
-    """supervisord as our child, with signals forwarded and its log lines copied."""
-
-    def __init__(self, runtime_dir: str):
-        self.runtime_dir = runtime_dir
-        self.proc: subprocess.Popen | None = None
-        self.terminating = False
-
-    def start(self) -> None:
-        fifo = os.open(os.path.join(self.runtime_dir, FIFO_NAME), os.O_RDWR)
-        threading.Thread(target=self._copy_logs, args=(fifo,), daemon=True).start()
-        conf = os.path.join(self.runtime_dir, CONF_NAME)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "compute.supervisord_main", "-n", "-c", conf],
-            stdin=subprocess.DEVNULL,
-            # PYTHONSAFEPATH: `python -m` must not import from the working directory (a `compute/`
-            # or `gunicorn.py` there would shadow the installed package in every program).
-            # No secrets: each goes only to the program that needs it (compute/environ.py).
-            # COMPUTE_CTL_PID: supervisord checks that it is still our child once it has asked
-            # for a parent-death signal (we may die before it gets there).
-            env={**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": self.runtime_dir,
-                 "PYTHONSAFEPATH": "1", COMPUTE_CTL_PID_ENV: str(os.getpid())},
-            start_new_session=True,  # our signals reach supervisord only the way we forward them
-        )
-        threading.Thread(target=self._nudge, daemon=True).start()
-
-    def _nudge(self) -> None:
-        """supervisord starts its programs after its first 1 s poll() returns; a request on the
-        control socket ends that wait early (saves ~1 s of every start)."""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and self.proc and self.proc.poll() is None:
-            if os.path.exists(socket_path(self.runtime_dir)):
-                try:
-                    rpc(self.runtime_dir).supervisor.getState()
-                    return
-                except (OSError, xmlrpc.client.Error):
-                    pass
-            time.sleep(0.005)
-
-    @staticmethod
-    def _copy_logs(fd: int) -> None:
-        # os.write, not sys.stdout: no buffer lock to trip over at interpreter exit.
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return
-            os.write(1, chunk)
-
-    def terminate(self, signum: int, _frame=None) -> None:
-        if not self.terminating:
-            log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(signum).name)
-        already, self.terminating = self.terminating, True
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            if not already:
-                threading.Thread(target=shutdown_tree, args=(self.runtime_dir,), daemon=True).start()
-
-    def wait(self) -> int:
-        """Wait for supervisord, reaping whatever else is handed to us meanwhile: as PID 1 of a
-        container, or as a subreaper, orphans of the tree become our children."""
-        assert self.proc is not None
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                return self.proc.returncode or 0
-            if pid == self.proc.pid:
-                self.proc.returncode = os.waitstatus_to_exitcode(status)
-                return self.proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         prepare_dirs(runtime_dir, pgdata, user)
+        # Our programs are forked from us (compute/warmfork.py) and would show our initial
+        # environment in /proc/PID/environ: the secrets go from it (lifecycle gets them from
+        # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
+        scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
         prepare_runtime_files(runtime_dir)
         if not os.access(sys.executable, os.X_OK):
@@ -365,24 +292,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     become_subreaper()
-    tree = Tree(runtime_dir)
-    signal.signal(signal.SIGTERM, tree.terminate)
-    signal.signal(signal.SIGINT, tree.terminate)
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
     warning = exposure_warning(args.http_address, settings.live_config_allowed, args.jwks)
     if warning:
         log.warning("%s", warning)
-    tree.start()
-    tree.wait()
-    # Whatever the path (postgres exited, SIGTERM, /terminate, failed start, supervisord
-    # killed), nothing of the tree outlives us: as the subreaper we see all of it.
+    sys.stdout.flush()  # our lines before the tree's: the log relay writes to the same stdout
+    # From here on we are supervisord (one PID for the life of the compute): its loop runs in
+    # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
+    # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
+    # installed package in every program). No secrets: each goes only to the program that
+    # needs it (compute/environ.py, the conf's per-program environment).
+    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1"}
+    os.environ.clear()
+    os.environ.update(env)
+    stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
+    # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the
+    # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
     code = StateStore(state_path(runtime_dir)).get("exit_code")
-    if tree.terminating:
+    if stopped_by is not None:
         code = 0
     elif code is None:
-        log.error("supervisord exited unexpectedly")
+        log.error("supervisord stopped unexpectedly")
         code = EXIT_UNEXPECTED
     log.info("compute stopped: exit code %d", code)
     sys.stdout.flush()

@@ -1,29 +1,36 @@
-"""supervisord eventlistener: decides when the tree ends, and with which exit code.
+"""Exit decisions, as an in-process event handler inside supervisord (compute.supervisord_main
+subscribes it through supervisor's `events.subscribe`; no listener process, no RPC).
 
 - postgres EXITED / STOPPED / FATAL: look for core dumps in PGDATA (log a gdb backtrace of
-  each), record postgres' exit code as the tree's, then ask supervisord to shut down.
-  (supervisord itself always exits 0; compute-ctl exits with the recorded code.)
+  each, gdb running as a short-lived child whose end is polled), record postgres' exit code as
+  the tree's, then shut supervisord down. (compute-ctl exits with the recorded code.)
 - any other program EXITED: counted in `program_restarts` (served by /metrics).
 - vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
   restart it at once).
+
+Every handler runs on supervisord's loop: nothing here may block it. What must wait (a gdb run,
+a /terminate still writing its answer, a delayed restart) is a timer on `Timers`, which the
+loop's poller runs when due.
 """
 
 from __future__ import annotations
 
 import glob
+import heapq
+import itertools
 import logging
 import os
 import subprocess
-import threading
+import tempfile
 import time
-import xmlrpc.client
+from typing import Callable
+
+from supervisor import events
+from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
 
 from . import exit_decision, settings
-from .listener import events
-from .procutil import die_with_parent
-from .logs import setup_program_logging
+from .procutil import dies_with_us
 from .state import StateStore, state_path
-from .supervision import rpc, shutdown_tree
 
 log = logging.getLogger("compute.exitwatch")
 
@@ -32,8 +39,11 @@ POSTGRES_EXPORTER = "postgres-exporter"
 RESTARTED_LATER = (VM_INFORMANT, POSTGRES_EXPORTER)  # companions: never in a tight restart loop
 INFORMANT_RESTART_DELAY = 5.0
 TERMINATE_ANSWER_WAIT = 60.0
-SHUTDOWN_STATE = 6  # supervisor.xmlrpc.Faults.SHUTDOWN_STATE
+TERMINATE_POLL = 0.02
+GDB_TIMEOUT = 60.0
+GDB_POLL = 0.05
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
+STARTABLE = (ProcessStates.EXITED, ProcessStates.STOPPED, ProcessStates.FATAL, ProcessStates.BACKOFF)
 
 
 def postgres_exit_code(info: dict) -> int:
@@ -41,24 +51,114 @@ def postgres_exit_code(info: dict) -> int:
     return exit_decision.postgres_exit_code(info.get("statename"), info.get("exitstatus", 1))
 
 
-def log_core_dumps(pgdata: str, pgbin: str) -> None:
-    for core in sorted(glob.glob(os.path.join(pgdata, "core*"))):
+class Timers:
+    """Callbacks due at a monotonic time, run by supervisord's loop (supervisord_main's poller
+    shortens its wait to the next one). Single-threaded: no locks."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (self.clock() + delay, next(self._seq), fn))
+
+    def next_in(self) -> float | None:
+        """Seconds until the next timer is due (0 if overdue), None when there is none."""
+        return max(0.0, self._heap[0][0] - self.clock()) if self._heap else None
+
+    def run_due(self) -> None:
+        now = self.clock()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # a timer must never take supervisord down
+                log.exception("timer %r failed", fn)
+
+
+class CoreDumpReport:
+    """Logs a gdb backtrace of each core* file in PGDATA, one gdb child at a time, then calls
+    `then`. gdb's output goes to an unnamed file: nothing to drain while it runs."""
+
+    def __init__(self, pgdata: str, pgbin: str, timers: Timers, then: Callable[[], None]):
+        self.cores = sorted(glob.glob(os.path.join(pgdata, "core*"))) if pgdata else []
+        self.pgbin, self.timers, self.then = pgbin, timers, then
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        if not self.cores:
+            self.then()
+            return
+        core = self.cores.pop(0)
         log.error("postgres left a core dump: %s", core)
+        out = tempfile.TemporaryFile()
         try:
-            out = subprocess.run(["gdb", "--batch", "-q", "-ex", "bt", pgbin, core],
-                                 capture_output=True, text=True, timeout=60)
-            for line in (out.stdout + out.stderr).splitlines():
-                log.error("backtrace: %s", line)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            proc = subprocess.Popen(["gdb", "--batch", "-q", "-ex", "bt", self.pgbin, core],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=dies_with_us, close_fds=True)
+        except OSError as e:
+            out.close()
             log.error("could not get a backtrace of %s: %s", core, e)
+            self.timers.call_later(0, self._next)
+            return
+        self._poll(core, proc, out, time.monotonic() + GDB_TIMEOUT)
+
+    def _poll(self, core: str, proc: subprocess.Popen, out, deadline: float) -> None:
+        # supervisord's reap() may collect gdb first: Popen then sees ECHILD and reports 0.
+        if proc.poll() is None:
+            if time.monotonic() < deadline:
+                self.timers.call_later(GDB_POLL, lambda: self._poll(core, proc, out, deadline))
+                return
+            log.error("could not get a backtrace of %s: gdb timed out after %.0f s", core, GDB_TIMEOUT)
+            proc.kill()
+        with out:
+            out.seek(0)
+            for line in out.read().decode("utf-8", "replace").splitlines():
+                log.error("backtrace: %s", line)
+        self._next()
 
 
 class ExitWatch:
-    def __init__(self, runtime_dir: str):
+    def __init__(self, supervisord, runtime_dir: str, timers: Timers):
+        self.supervisord = supervisord
         self.runtime_dir = runtime_dir
+        self.timers = timers
         self.store = StateStore(state_path(runtime_dir))
         self.settings = settings.load(self.store)
 
+    # -- supervisord's side --------------------------------------------------------------
+    def subscribe(self) -> None:
+        events.subscribe(events.ProcessStateEvent, self.handle)
+
+    def handle(self, event) -> None:
+        """supervisord calls this synchronously from its own state changes: never raise."""
+        try:
+            self.on_event(events.getEventNameByType(type(event)),
+                          {"processname": event.process.config.name})
+        except Exception:  # we are the tree's exit path: never die on one bad event
+            log.exception("handling %s", type(event).__name__)
+
+    def _process(self, name: str):
+        group = self.supervisord.process_groups.get(name)
+        return group.processes.get(name) if group else None
+
+    def shutting_down(self) -> bool:
+        return self.supervisord.options.mood < SupervisorStates.RUNNING
+
+    def process_info(self, name: str) -> dict | None:
+        """What supervisorctl's getProcessInfo says; None once supervisord is shutting down
+        (SIGTERM, /terminate: it is already taking the tree down)."""
+        proc = self._process(name)
+        if proc is None or self.shutting_down():
+            return None
+        return {"statename": getProcessStateDescription(proc.get_state()),
+                "exitstatus": proc.exitstatus or 0}
+
+    # -- decisions -------------------------------------------------------------------------
     def on_event(self, eventname: str, payload: dict[str, str]) -> None:
         name = payload.get("processname", "")
         if name == "postgres" and eventname in POSTGRES_END_STATES:
@@ -69,12 +169,9 @@ class ExitWatch:
                 self.restart_later(name)
 
     def postgres_ended(self, eventname: str) -> None:
-        try:
-            info = rpc(self.runtime_dir).supervisor.getProcessInfo("postgres")
-        except xmlrpc.client.Fault as e:
-            if e.faultCode == SHUTDOWN_STATE:
-                return  # supervisord is already taking the tree down (SIGTERM, /terminate)
-            raise
+        info = self.process_info("postgres")
+        if info is None:
+            return  # supervisord is already taking the tree down (SIGTERM, /terminate)
         flags = self.store.get_many(("startup_done", "shutdown_requested"))
         decision = exit_decision.decide_postgres_exit(
             info.get("statename"), info.get("exitstatus", 1),
@@ -88,22 +185,25 @@ class ExitWatch:
             return
         log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
                  info.get("statename"), info.get("exitstatus"), code)
-        if self.settings is not None:
-            log_core_dumps(self.settings.pgdata, self.settings.pgbin)
-        self.store.set_once("exit_code", code)
-        self.shutdown()
 
-    def shutdown(self) -> None:
-        # In a thread: the event must be acknowledged, and supervisord stops us too.
-        threading.Thread(target=self._shutdown_after_terminate, daemon=True).start()
+        def stop() -> None:
+            self.store.set_once("exit_code", code)
+            self.shutdown()
+        pgdata, pgbin = (self.settings.pgdata, self.settings.pgbin) if self.settings else ("", "postgres")
+        CoreDumpReport(pgdata, pgbin,
+                       self.timers, stop).start()
 
-    def _shutdown_after_terminate(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
+    def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
         """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
         out before the api program is stopped."""
         deadline = time.monotonic() + timeout
-        while self.store.get("terminate_pending") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        shutdown_tree(self.runtime_dir)
+
+        def check() -> None:
+            if self.store.get("terminate_pending") and time.monotonic() < deadline:
+                self.timers.call_later(TERMINATE_POLL, check)
+            else:
+                self.supervisord.options.mood = SupervisorStates.SHUTDOWN
+        check()
 
     def count_exit(self, name: str) -> None:
         restarts = self.store.get("program_restarts") or {}
@@ -113,45 +213,8 @@ class ExitWatch:
 
     def restart_later(self, name: str, delay: float = INFORMANT_RESTART_DELAY) -> None:
         def start() -> None:
-            try:
-                rpc(self.runtime_dir).supervisor.startProcess(name, False)
-            except (OSError, xmlrpc.client.Fault) as e:
-                log.warning("could not restart %s: %s", name, e)
-        t = threading.Timer(delay, start)
-        t.daemon = True
-        t.start()
-
-    def recover(self) -> None:
-        """After our own restart: events missed while we were down must not be lost."""
-        try:
-            infos = {i["name"]: i for i in rpc(self.runtime_dir).supervisor.getAllProcessInfo()}
-        except (OSError, xmlrpc.client.Fault):
-            return
-        pg = infos.get("postgres")
-        if pg and exit_decision.postgres_has_ended(pg["statename"],
-                                                   postgres_started=bool(self.store.get("postgres_started"))):
-            self.postgres_ended("recovered")
-        for name in RESTARTED_LATER:
-            info = infos.get(name)
-            if info and info["statename"] in ("EXITED", "FATAL", "BACKOFF"):
-                self.restart_later(name)
-
-
-def main() -> None:
-    die_with_parent()
-    setup_program_logging()
-    watch = ExitWatch(os.environ["COMPUTE_RUNTIME_DIR"])
-    started = False
-    for headers, payload, _ in events():
-        if not started:  # the first READY is answered once supervisord is serving
-            started = True
-            threading.Thread(target=watch.recover, daemon=True).start()
-        try:
-            watch.on_event(headers["eventname"], payload)
-        except Exception:  # never die on one bad event: we are the tree's exit path
-            log.exception("handling %s", headers.get("eventname"))
-            time.sleep(0.1)
-
-
-if __name__ == "__main__":
-    main()
+            proc = self._process(name)
+            if proc is None or self.shutting_down() or proc.get_state() not in STARTABLE:
+                return  # gone, going down, or started meanwhile (supervisorctl start)
+            proc.spawn()
+        self.timers.call_later(delay, start)

@@ -46,3 +46,30 @@ def dies_with_us(sig: int = signal.SIGTERM) -> None:
 def become_subreaper() -> bool:
     """Orphans of our descendants are reparented to us instead of init."""
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def scrub_initial_environment(names) -> int:
+    """Overwrite the entries `NAME=value` of `names` in this process's initial environment
+    block (what /proc/PID/environ shows, for us and for every child forked from us) with NUL
+    bytes. os.environ is a copy made at start-up and stays as it is. Returns how many were
+    scrubbed. Call it while /proc/self is readable (before dropping root: a process that is
+    not dumpable has a /proc/self owned by root)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3 of proc(5)
+        env_start, env_end = int(fields[50 - 3]), int(fields[51 - 3])
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except (OSError, IndexError, ValueError):
+        return 0
+    wanted = {n.encode() + b"=" for n in names}
+    scrubbed, offset = 0, 0
+    for entry in block.split(b"\0"):
+        prefix = next((w for w in wanted if entry.startswith(w)), None)
+        if prefix is not None:
+            start = env_start + offset
+            if start + len(entry) <= env_end:
+                ctypes.memset(start, 0, len(entry))
+                scrubbed += 1
+        offset += len(entry) + 1
+    return scrubbed

@@ -1,4 +1,5 @@
-"""supervisord with prompt restarts: `python -m compute.supervisord_main -n -c CONF`.
+"""supervisord with prompt restarts, run by compute-ctl in its own process (`run(conf)`: one
+PID for the life of the compute), or standalone: `python -m compute.supervisord_main -n -c CONF`.
 
 supervisord 4.3's main loop is poll(timeout=1 s) -> transition() -> reap(). A SIGCHLD does not
 end the poll (PEP 475 retries it), and a program reaped at the end of one turn is respawned by
@@ -9,10 +10,16 @@ once, so a crashed program is respawned within milliseconds. Idle cost: none.
 While it shuts down, a turn waits at most SHUTDOWN_TICK: supervisord stops one priority group
 per turn, and nobody may be left to poke its control socket (compute-ctl killed outright: our
 parent-death signal is what started the shutdown).
+
+The tree's event handlers run here, in-process (no eventlistener processes): exit decisions
+(compute/exitwatch.py) and the log relay (compute/logrelay.py) are subscribed to supervisor's
+event bus once supervisord has set it up, and their timers run on this loop: a turn waits at
+most until the next one is due.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -20,15 +27,23 @@ import signal
 from supervisor import options, poller, supervisord
 from supervisor.states import SupervisorStates
 
+from . import settings, warmfork
+from .exitwatch import ExitWatch, Timers
+from .logrelay import LogRelay, setup_relay_logging
 from .procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
 
+log = logging.getLogger("compute.cli")
+
 SHUTDOWN_TICK = 0.05
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+stop_signals: list[int] = []  # what asked supervisord to stop, in order (an exit 0, not a failure)
+TIMERS = Timers()  # the in-process handlers' timers, run by PromptPoller
 
 
 class PromptPoller(poller.PollPoller):
     def initialize(self) -> None:
         super().initialize()
-        self.again = False
+        self.again = True  # the first turn starts the programs at once, not after a 1 s poll
         self._wake_r, wake_w = os.pipe()  # close-on-exec: children never see it
         os.set_blocking(self._wake_r, False)
         os.set_blocking(wake_w, False)
@@ -40,7 +55,11 @@ class PromptPoller(poller.PollPoller):
             self.again, timeout = False, 0
         elif self.options.mood < SupervisorStates.RUNNING:
             timeout = min(timeout, SHUTDOWN_TICK)
+        due = TIMERS.next_in()
+        if due is not None:
+            timeout = min(timeout, due)
         readables, writables = super().poll(timeout)
+        TIMERS.run_due()
         if self._wake_r in readables:
             readables.remove(self._wake_r)
             try:
@@ -61,13 +80,67 @@ def _waitpid_then_turn_again(self):
     return pid, sts
 
 
+_get_signal = options.ServerOptions.get_signal
+
+
+def _get_signal_noting_stops(self):
+    sig = _get_signal(self)
+    if sig in STOP_SIGNALS:
+        if not stop_signals:
+            log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(sig).name)
+        stop_signals.append(sig)
+    return sig
+
+
+_fork = options.ServerOptions.fork
+open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
+
+
+def _fork_without_open_stores(self):
+    for store in open_stores:
+        store.close()
+    return _fork(self)
+
+
+_runforever = supervisord.Supervisor.runforever
+
+
+def _runforever_with_handlers(self):
+    """Supervisor.run() clears the event bus just before this: subscribe now."""
+    install_handlers(self, os.environ["COMPUTE_RUNTIME_DIR"])
+    return _runforever(self)
+
+
+def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
+    watch = ExitWatch(supervisor, runtime_dir, TIMERS)
+    fmt = watch.settings.log_format if watch.settings else settings.default("log_format")
+    setup_relay_logging(fmt)
+    LogRelay(fmt).subscribe()
+    watch.subscribe()
+    open_stores.append(watch.store)
+    return watch
+
+
+def run(conf: str | None = None) -> int | None:
+    """supervisord's loop in this process, until it has stopped every program. Returns the
+    signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, None if something else did
+    (exitwatch after postgres exited)."""
+    os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
+    warmfork.warm()
+    options.ServerOptions.execve = warmfork.execve
+    options.ServerOptions.fork = _fork_without_open_stores
+    poller.Poller = PromptPoller
+    options.ServerOptions.waitpid = _waitpid_then_turn_again
+    options.ServerOptions.get_signal = _get_signal_noting_stops
+    supervisord.Supervisor.runforever = _runforever_with_handlers
+    supervisord.main(["-n", "-c", conf] if conf else None)
+    return stop_signals[0] if stop_signals else None
+
+
 def main() -> None:
     # compute-ctl killed outright (even before this line): shut the tree down in order.
     die_with_parent(signal.SIGTERM, parent_env=COMPUTE_CTL_PID_ENV)
-    os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
-    poller.Poller = PromptPoller
-    options.ServerOptions.waitpid = _waitpid_then_turn_again
-    supervisord.main()
+    run()
 
 
 if __name__ == "__main__":

@@ -85,13 +85,90 @@ def test_kill_9_postmaster_fails_the_tree_fast(compute):
     assert time.monotonic() - t < 5
 
 
+def test_core_dump_is_reported_by_the_in_process_exitwatch(compute):
+    """postgres dies leaving a core file: supervisord's own exitwatch runs gdb on it (a child
+    whose end it polls), logs the backtrace through its own log relay, then stops the tree
+    with postgres' failure."""
+    compute.wait_status("running")
+    pm = compute.postmaster_pid()
+    core = os.path.join(compute.pgdata, f"core.{pm}")
+    with open(core, "wb") as f:
+        f.write(b"\x7fELF not a real core dump")
+    st = os.stat(compute.pgdata)
+    os.chown(core, st.st_uid, st.st_gid)
+    os.kill(pm, signal.SIGKILL)
+    assert compute.wait_exit(60) != 0
+    lines = compute.output().splitlines()
+    assert any("exitwatch" in ln and f"postgres left a core dump: {core}" in ln for ln in lines)
+    assert any("exitwatch" in ln and "backtrace:" in ln for ln in lines), lines[-20:]
+    down = next(i for i, ln in enumerate(lines) if "postgres is down" in ln)
+    assert down < next(i for i, ln in enumerate(lines) if "backtrace:" in ln)
+
+
+def sig_caught(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+
+
+def test_python_programs_are_forked_from_compute_ctl_with_clean_hygiene(compute):
+    """lifecycle, monitor and the api master are compute-ctl's (= supervisord's) forks, not new
+    interpreters: compute-ctl's command line, the program's name as comm. They carry none of
+    supervisord's signal handlers, files or sockets; a killed one is forked again."""
+    compute.wait_status("running")
+    ctl = compute.proc.pid
+    with open(f"/proc/{ctl}/cmdline", "rb") as f:
+        ctl_cmdline = f.read()
+    kids = {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == ctl and comm in ("lifecycle", "monitor", "api"):
+            kids[comm] = pid
+            assert cmdline == ctl_cmdline  # no exec: the same image
+    assert set(kids) == {"lifecycle", "monitor", "api"}, kids
+    supervisord_only = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGCHLD - 1)) | (1 << (signal.SIGUSR2 - 1))
+    for name, pid in kids.items():
+        if name != "api":  # the gunicorn master catches HUP, CHLD and USR2 itself
+            assert sig_caught(pid) & supervisord_only == 0, name
+        targets = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+        assert not [t for t in targets if t.endswith(("supervisord.log", "supervisord.conf"))], (name, targets)
+    # supervisorctl sees them as usual, and a killed monitor is forked again
+    st = compute.supervisorctl("status").stdout
+    assert f"pid {kids['monitor']}," in st
+    os.kill(kids["monitor"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = compute.supervisorctl("status").stdout
+        line = next(ln for ln in st.splitlines() if ln.startswith("monitor"))
+        if "RUNNING" in line and f"pid {kids['monitor']}," not in line:
+            break
+        time.sleep(0.05)
+    new = int(line.split("pid ")[1].split(",")[0])
+    with open(f"/proc/{new}/cmdline", "rb") as f:
+        assert f.read() == ctl_cmdline
+    with open(f"/proc/{new}/comm") as f:
+        assert f.read().strip() == "monitor"
+
+
 def test_supervisorctl_operations(compute):
     compute.wait_status("running")
     pm = compute.postmaster_pid()
     st = compute.supervisorctl("status")
     assert st.returncode == 0, st.stdout + st.stderr
-    for name in ("postgres", "lifecycle", "monitor", "api", "exitwatch", "logrelay"):
+    for name in ("postgres", "lifecycle", "monitor", "api"):
         assert name in st.stdout
+    assert "exitwatch" not in st.stdout and "logrelay" not in st.stdout  # in-process handlers
     assert compute.supervisorctl("restart", "monitor").returncode == 0
     assert compute.supervisorctl("restart", "api").returncode == 0
     compute.wait_status("running")
@@ -169,7 +246,7 @@ def test_sigkill_of_supervisord_leaves_no_orphans(compute):
     pids = [int(line.split("pid ")[1].split(",")[0])
             for line in compute.supervisorctl("status").stdout.splitlines() if "pid " in line]
     pm = compute.postmaster_pid()
-    assert pm in pids and len(pids) >= 6
+    assert pm in pids and len(pids) >= 4  # postgres, lifecycle, monitor, api
     with open(os.path.join(compute.runtime_dir, "supervisord.pid")) as f:
         os.kill(int(f.read()), signal.SIGKILL)
     assert compute.wait_exit(15) != 0

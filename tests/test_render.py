@@ -102,8 +102,9 @@ def parse(text):
 
 def test_supervisord_conf_programs():
     cp = parse(render())
-    assert {"program:postgres", "program:lifecycle", "program:monitor", "program:api",
-            "eventlistener:exitwatch", "eventlistener:logrelay"} <= set(cp.sections())
+    assert {"program:postgres", "program:lifecycle", "program:monitor", "program:api"} <= set(cp.sections())
+    # exit decisions and the log relay run inside supervisord: no listener processes
+    assert not [s for s in cp.sections() if s.startswith("eventlistener:")]
     assert "program:vm-informant" not in cp.sections()
     pg = cp["program:postgres"]
     assert pg["autostart"] == "false" and pg["autorestart"] == "false" and pg["stopsignal"] == "INT"

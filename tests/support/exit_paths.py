@@ -2,9 +2,9 @@
 from /proc independently of the code under test, and whether its ports are still listened on.
 
 A process is recorded by (pid, start time), so a recycled pid is never mistaken for one of the
-tree's. supervisord runs in a session of its own, and everything it starts (and what those
-start) stays in that session even when re-parented to init: survivors are the recorded
-processes still alive plus any live member of that session.
+tree's. compute-ctl is supervisord, and supervisord puts every program in a process group of
+its own; what a program starts stays in that group even when re-parented to init: survivors
+are the recorded processes still alive plus any live member of those groups.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class Stat:
     pid: int
     ppid: int
     state: str
+    pgrp: int
     session: int
     start: int
     comm: str
@@ -36,7 +37,7 @@ def read_stat(pid: int) -> Stat | None:
         return None
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     rest = stat[stat.rindex(")") + 2:].split()  # rest[i] is field i + 3 of proc(5)
-    return Stat(pid, int(rest[1]), rest[0], int(rest[3]), int(rest[19]), comm)
+    return Stat(pid, int(rest[1]), rest[0], int(rest[2]), int(rest[3]), int(rest[19]), comm)
 
 
 def all_stats() -> list[Stat]:
@@ -53,11 +54,12 @@ class TreeRecord:
     def __init__(self, compute_pid: int):
         self.compute_pid = compute_pid
         self.members: dict[tuple[int, int], str] = {}  # (pid, start) -> role
-        self.sessions: set[int] = set()
+        self.groups: set[int] = set()  # the programs' process groups (not compute-ctl's own)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def record(self) -> "TreeRecord":
+        own = read_stat(self.compute_pid)
         for role, p in tree(self.compute_pid):
             if p.pid == self.compute_pid or not p.cmdline:
                 continue  # an exiting process has no command line left to name it by
@@ -65,8 +67,8 @@ class TreeRecord:
             if s is None:
                 continue
             self.members[(s.pid, s.start)] = role  # the latest: a fork is named after its exec
-            if role == "supervisord":
-                self.sessions.add(s.session)
+            if own is not None and s.pgrp != own.pgrp:
+                self.groups.add(s.pgrp)
         return self
 
     def roles(self) -> set[str]:
@@ -93,8 +95,8 @@ class TreeRecord:
             if s.state == "Z" or s.pid == self.compute_pid:
                 continue
             role = self.members.get((s.pid, s.start))
-            if role is None and s.session in self.sessions:
-                role = f"{s.comm} (in supervisord's session)"
+            if role is None and s.pgrp in self.groups:
+                role = f"{s.comm} (in a program's process group)"
             if role is not None:
                 left[s.pid] = f"{role} (pid {s.pid}, state {s.state}, parent {s.ppid})"
         return [left[p] for p in sorted(left)]
@@ -113,7 +115,7 @@ class TreeRecord:
         """Cleanup after a failed test: a regression must not leak into the rest of the run."""
         for s in all_stats():
             if s.state != "Z" and s.pid != self.compute_pid and (
-                    (s.pid, s.start) in self.members or s.session in self.sessions):
+                    (s.pid, s.start) in self.members or s.pgrp in self.groups):
                 try:
                     os.kill(s.pid, signal.SIGKILL)
                 except ProcessLookupError:

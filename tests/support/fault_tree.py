@@ -18,12 +18,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-# The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl).
+# The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl)
+# when exec'd, or, forked from compute-ctl's warm image (compute/warmfork.py: the command line is
+# compute-ctl's), by the process name (comm) the fork gives them: the program's name.
 PROGRAM_MARKERS = {
     "lifecycle": "-m compute.lifecycle",
     "monitor": "-m compute.monitor",
-    "exitwatch": "-m compute.exitwatch",
-    "logrelay": "-m compute.logrelay",
     "api": "-m gunicorn",
 }
 
@@ -35,6 +35,7 @@ class Proc:
     state: str
     comm: str
     cmdline: str
+    pgrp: int = 0
 
 
 def read_proc(pid: int) -> Proc | None:
@@ -47,7 +48,7 @@ def read_proc(pid: int) -> Proc | None:
         return None
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     rest = stat[stat.rindex(")") + 2:].split()
-    return Proc(pid, int(rest[1]), rest[0], comm, cmdline)
+    return Proc(pid, int(rest[1]), rest[0], comm, cmdline, int(rest[2]))
 
 
 def proc_table() -> dict[int, Proc]:
@@ -79,9 +80,22 @@ def alive(pid: int) -> bool:
     return p is not None and p.state != "Z"
 
 
+def program_of(p: Proc) -> str | None:
+    for name, marker in PROGRAM_MARKERS.items():
+        if marker in p.cmdline or p.comm == name:
+            return name
+    return None
+
+
 def role_of(p: Proc, postmaster: int | None, table: dict[int, Proc]) -> str:
     """What a process of the tree is: compute-ctl, supervisord, a program, a gunicorn worker,
     postgres (the postmaster or one of its children)."""
+    forked = program_of(p) if "compute-ctl" in p.cmdline else None
+    if forked == "api":
+        parent = table.get(p.ppid)
+        return "api worker" if parent is not None and program_of(parent) == "api" else "api master"
+    if forked:
+        return forked
     if "compute-ctl" in p.cmdline and "supervisord" not in p.cmdline:
         return "compute-ctl"
     if any(m in p.cmdline for m in ("supervisor.supervisord", "supervisord_main")) or p.cmdline.endswith("supervisord"):
@@ -107,7 +121,8 @@ def tree(compute_pid: int) -> list[tuple[str, Proc]]:
         return []
     procs = [root, *descendants(compute_pid, table)]
     postmaster = next((p.pid for p in procs if p.comm == "postgres" and "-D" in p.cmdline
-                       and table.get(p.ppid) is not None and "supervisord" in table[p.ppid].cmdline), None)
+                       and table.get(p.ppid) is not None
+                       and ("supervisord" in table[p.ppid].cmdline or table[p.ppid].pid == compute_pid)), None)
     return [(role_of(p, postmaster, table), p) for p in procs]
 
 
@@ -117,11 +132,15 @@ def supervisord_pid(runtime_dir: str) -> int:
 
 
 def program_child(supervisord: int, name: str, table: dict[int, Proc] | None = None) -> int | None:
-    """The pid of program `name` from /proc alone (a direct child of supervisord)."""
+    """The pid of program `name` from /proc alone: a direct child of supervisord that leads its
+    own process group (supervisord makes one per program). compute-ctl is supervisord and a
+    subreaper, so a killed api master's orphaned workers become its children too, in the dead
+    master's group."""
     marker = PROGRAM_MARKERS[name]
     table = table if table is not None else proc_table()
     for p in table.values():
-        if p.ppid == supervisord and marker in p.cmdline and p.state != "Z":
+        if p.ppid == supervisord and p.pgrp == p.pid and (marker in p.cmdline or p.comm == name) \
+                and p.state != "Z":
             return p.pid
     return None
 

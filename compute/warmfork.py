@@ -1,0 +1,136 @@
+"""Our Python programs are forked from compute-ctl's warm image, not exec'd.
+
+compute-ctl (which is supervisord) imports what lifecycle, monitor and the API need once,
+before the first spawn, and freezes those objects out of the garbage collector (`gc.freeze()`:
+a collection in a child would otherwise touch, and so copy, every shared page). supervisord
+forks as usual; in the child, `execve` (supervisor's `options.execve`, the seam) runs the
+program's `python -m MODULE` entry point (what its `__main__` block calls) in-process and leaves with `os._exit` instead of
+starting a new interpreter. Restarts fork again from the same warm parent. postgres, gdb,
+vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
+
+Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
+program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built
+for the program; default signal dispositions and no signal wakeup fd; fresh stdio objects (the
+parent's buffers are left behind, never flushed into the child's pipes); no logging handlers
+(each program sets its own); the process name (comm) set to the program's. The state file's
+SQLite handle is closed in the parent before every fork (supervisord_main), so a child opens
+its own. The programs arm their parent-death signal themselves (procutil.die_with_parent).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import io
+import logging
+import os
+import signal
+import sys
+import traceback
+
+# `python -m MODULE` -> (the name the child is shown as (comm, 15 bytes at most), what that
+# module's `__main__` block calls).
+FORKED = {"compute.lifecycle": ("lifecycle", "compute.lifecycle:main"),
+          "compute.monitor": ("monitor", "compute.monitor:main"),
+          "gunicorn": ("api", "gunicorn.app.wsgiapp:run")}
+# What the programs import, in the order the start needs them: the driver first.
+WARM_MODULES = ("compute.lifecycle", "compute.monitor", "compute.api.app", "gunicorn.app.wsgiapp",
+                "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker")
+PR_SET_NAME = 15
+RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
+                 signal.SIGUSR2, signal.SIGALRM)
+
+_kept_streams: list = []  # the parent's stdio objects: referenced, so never flushed or closed
+
+
+def forked_module(filename: str, argv: list[str], python: str = sys.executable) -> str | None:
+    """The module a program's command runs, when it is one we fork instead of exec."""
+    if filename != python or len(argv) < 3 or argv[1] != "-m":
+        return None
+    return argv[2] if argv[2] in FORKED else None
+
+
+def warm() -> None:
+    """Import once what the forked programs need, then keep it out of the collector's way."""
+    for name in WARM_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional piece (a gunicorn without our worker's hooks)
+            pass
+    gc.collect()
+    gc.freeze()
+
+
+def _fresh_stdio() -> None:
+    _kept_streams.append((sys.stdin, sys.stdout, sys.stderr))
+    # As PYTHONUNBUFFERED would make them: every line reaches supervisord as it is written.
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True, write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True, write_through=True)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+
+
+def _fresh_logging() -> None:
+    manager = logging.Logger.manager
+    for lg in [logging.getLogger(), *(x for x in manager.loggerDict.values() if isinstance(x, logging.Logger))]:
+        lg.handlers[:] = []
+        lg.propagate = True
+        lg.disabled = False
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _set_comm(name: str) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
+    """In supervisord's child: become the program and never return."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as a fresh interpreter has it
+        os.environ.clear()
+        os.environ.update(env)
+        _fresh_stdio()
+        _fresh_logging()
+        name, entry = FORKED[module]
+        _set_comm(name)
+        sys.argv = [name if module == "gunicorn" else argv[0], *argv[3:]]
+        mod, func = entry.split(":")
+        result = getattr(importlib.import_module(mod), func)()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def execve(options, filename: str, argv: list[str], env: dict[str, str]):
+    """supervisor's ServerOptions.execve, in the child supervisord just forked."""
+    module = forked_module(filename, argv)
+    if module is None:
+        return os.execve(filename, argv, env)
+    run_forked(module, argv, env)
