@@ -8,7 +8,7 @@
 - RECORD_START_FAILURE: postgres died while the compute was starting; only note `code`
   (as `postgres_exit_code`): the lifecycle driver reports the failure on /status for the
   grace period, then exits the tree with 1 itself.
-Callers: exitwatch (the eventlistener) today; an in-process handler may call it the same way.
+Caller: exitwatch, the in-process handler inside supervisord (compute/supervisord_main.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Log formats. Supervised Python programs write `LEVEL: message` lines to stderr; the
-logrelay listener adds the time and program name (text or JSON) on the way to compute-ctl's
-stdout, so every line of the tree has one shape whatever wrote it (postgres included)."""
+in-process log relay (compute/logrelay.py, inside supervisord) adds the time and program name
+(text or JSON) on the way to compute-ctl's stdout, so every line of the tree has one shape
+whatever wrote it (postgres included)."""
 
 from __future__ import annotations
 

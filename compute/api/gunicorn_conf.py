@@ -76,7 +76,7 @@ accesslog = "-" if _access_log else None
 errorlog = "-"
 loglevel = "info"
 logger_class = QuietAccessLogger
-# `LEVEL: message` on stderr like every supervised program: the logrelay listener adds the time
+# `LEVEL: message` on stderr like every supervised program: the in-process log relay adds the time
 # and the program name (text or JSON, the log_format setting) on the way to compute-ctl's stdout.
 logconfig_dict = {
     "version": 1,
