@@ -322,11 +322,9 @@ class Driver:
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
     def apply(self, spec: ComputeSpec) -> None:
-        if spec.skip_pg_catalog_updates:
-            log.info("skip_pg_catalog_updates: roles, databases and grants left as they are")
-            return
-        if not modes.runs_catalog_sql(spec):
-            log.info("%s compute: no catalog SQL (roles, databases and grants are the primary's)", spec.mode)
+        skipped = modes.no_catalog_sql_reason(spec)
+        if skipped:
+            log.info("%s", skipped)
             return
         from .reconcile import apply_spec
         apply_spec(self.settings.connstr, spec, superuser=self.superuser,

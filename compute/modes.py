@@ -63,8 +63,18 @@ def plan_start(spec: ComputeSpec) -> StartPlan:
     )
 
 
+def no_catalog_sql_reason(spec: ComputeSpec) -> str | None:
+    """Why the role/database/grant SQL is skipped for this spec (at start, on reconfigure and
+    in `compute-ctl plan`), or None when it runs."""
+    if spec.mode != PRIMARY:
+        return f"mode {spec.mode}: no catalog SQL (roles, databases and grants are the primary's)"
+    if spec.skip_pg_catalog_updates:
+        return "skip_pg_catalog_updates: no role, database or grant statement runs"
+    return None
+
+
 def runs_catalog_sql(spec: ComputeSpec) -> bool:
-    return spec.mode == PRIMARY
+    return no_catalog_sql_reason(spec) is None
 
 
 def conf_settings(spec: ComputeSpec, pgdata: str) -> tuple[GenericOption, ...]:

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .cli import UsageError, superuser_of
-from .modes import runs_catalog_sql
+from .modes import no_catalog_sql_reason
 from .reconcile import ReconcileError, dry_run, format_plan
 from .spec import SpecError, load_spec_file, parse_spec_text
 
@@ -25,11 +25,9 @@ def main(argv: list[str]) -> int:
         superuser = superuser_of(args.connstr)
         spec = (load_spec_file(args.spec_path, superuser=superuser) if args.spec_path
                 else parse_spec_text(args.spec, superuser=superuser))
-        if spec.skip_pg_catalog_updates:  # what a reconfiguration would run: nothing
-            print("-- skip_pg_catalog_updates: no role, database or grant statement would run")
-            return 0
-        if not runs_catalog_sql(spec):  # read-only modes: the catalog is the primary's
-            print(f"-- mode {spec.mode}: no catalog SQL (roles, databases and grants are the primary's)")
+        skipped = no_catalog_sql_reason(spec)
+        if skipped:  # what a reconfiguration would run: nothing
+            print(f"-- {skipped}")
             return 0
         print(format_plan(dry_run(args.connstr, spec, superuser=superuser)))
     except (UsageError, SpecError, ReconcileError) as e:
