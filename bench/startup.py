@@ -45,11 +45,26 @@ def spec_for(c: Compute, ps: PageserverPeer) -> dict:
     return with_neon_storage(c.new_spec(), ps.connstr, TENANT, TIMELINE, "127.0.0.1:5454", TOKEN)
 
 
+def timeline(trace_file: str, t0: float) -> list[tuple[float, str]]:
+    """The tree's marks (compute/trace.py) as ms since exec, first of each event only."""
+    from compute.trace import read
+    seen, out = set(), []
+    for t, _pid, event in read(trace_file):
+        if event not in seen:
+            seen.add(event)
+            out.append(((t - t0) * 1000, event))
+    return out
+
+
 def run_compute(tar: str) -> dict[str, float]:
     with PageserverPeer(tar, password=TOKEN) as ps:
         c = Compute()
         c.pgbin = write_fake_postgres(c.base)
         c.spec = spec_for(c, ps)
+        trace_file = os.path.join(c.base, "trace")
+        os.close(os.open(trace_file, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(trace_file, 0o666)  # the tree appends to it as the compute user
+        c.env["COMPUTE_TRACE"] = trace_file
         t0 = time.monotonic()
         c.start()
         first_status = None
@@ -64,6 +79,7 @@ def run_compute(tar: str) -> dict[str, float]:
                     raise RuntimeError(f"compute failed: {st}\n{c.output()[-3000:]}")
                 time.sleep(0.002)
             wall = (time.monotonic() - t0) * 1000
+            marks = timeline(trace_file, t0)
             metrics = json.loads(c.request("GET", "/metrics.json")[1])
             t1 = time.monotonic()
             c.signal()
@@ -74,6 +90,7 @@ def run_compute(tar: str) -> dict[str, float]:
     out = {k: float(metrics.get(k, 0)) for k in PHASES}
     out.update(total_startup_ms=float(metrics["total_startup_ms"]), wall_to_running_ms=wall, stop_ms=stop,
                first_status_ms=first_status or wall)
+    out["timeline"] = marks + [(first_status or wall, "bench: first /status 200"), (wall, "bench: /status running")]
     return out
 
 
@@ -158,6 +175,18 @@ def main() -> None:
         print(f"{label:<24}{a:>12.0f}{b:>10.0f}{ratio:>8}")
     print(f"{'SIGTERM -> exit':<24}{med(compute_runs, 'stop_ms'):>12.0f}")
     print(f"{'exec -> first /status':<24}{med(compute_runs, 'first_status_ms'):>12.0f}")
+    print_timeline(compute_runs)
+
+
+def print_timeline(runs: list[dict]) -> None:
+    """Each event's median ms since exec (and min-max), in time order."""
+    times: dict[str, list[float]] = {}
+    for r in runs:
+        for ms, event in r.get("timeline", []):
+            times.setdefault(event, []).append(ms)
+    print("# timeline, ms since exec: median (min-max)")
+    for event, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
+        print(f"  {statistics.median(ts):7.0f} ({min(ts):.0f}-{max(ts):.0f})  {event}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ through supervisord's in-process log relay (compute/logrelay.py).
 
 from __future__ import annotations
 
+from .trace import mark
+
+mark("compute-ctl: python started")
+
 import argparse
 import ipaddress
 import logging
@@ -20,6 +24,7 @@ import time
 from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
+from .api_socket import API_FD_ENV, BindError, bind_api_socket
 from .environ import SECRET_VARS, program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
@@ -225,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "plan":
         from .plan_cmd import main as plan_main
         return plan_main(argv[1:])
+    mark("compute-ctl: imported")
     args = build_parser().parse_args(argv)
     setup_bootstrap_logging(args.log_format)
     try:
@@ -236,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
         user = effective_user(args.user)
         check_dirs(runtime_dir, pgdata, user)
-    except (UsageError, SpecError, ValueError) as e:
+        # Bound now, as root (a port < 1024 works) and before anything is touched; held until
+        # we exit, served by the api program (compute/api_socket.py).
+        api_sock = bind_api_socket(args.http_address, args.http_port)
+    except (UsageError, SpecError, ValueError, BindError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
@@ -291,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
+    mark("compute-ctl: validated, rendered")
     become_subreaper()
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
@@ -303,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1"}
+    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1",
+           API_FD_ENV: str(api_sock.fileno())}
     os.environ.clear()
     os.environ.update(env)
     stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
+    api_sock.close()
     code = StateStore(state_path(runtime_dir)).get("exit_code")
     if stopped_by is not None:
         code = 0

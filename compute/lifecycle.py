@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import localauth, modes, pgconf, replica, settings, storage
 from .procutil import die_with_parent
+from .trace import mark
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run, readiness,
                              wants_reconfiguration)
@@ -144,6 +145,7 @@ class Driver:
                 return
 
     def run_step(self, step: Step) -> None:
+        mark(f"lifecycle: {step.name.lower()}")
         if step is Step.WAIT_FOR_SPEC:
             self.spec = self.wait_for_spec()
         elif step is Step.PREPARE_DATA:
@@ -179,6 +181,7 @@ class Driver:
         total_ms = int((time.time() - started_at) * 1000)
         self.store.record_metrics(total_startup_ms=total_ms)
         self.store.set(status="running", error=None, startup_done=True)
+        mark("lifecycle: running")
         log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms,
                  ms_since(getattr(self, "t_start", time.monotonic())))
 

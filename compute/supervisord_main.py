@@ -28,8 +28,10 @@ from supervisor import options, poller, supervisord
 from supervisor.states import SupervisorStates
 
 from . import settings, warmfork
+from .api_socket import inherited_fd
 from .exitwatch import ExitWatch, Timers
 from .logrelay import LogRelay, setup_relay_logging
+from .trace import mark
 from .procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
 
 log = logging.getLogger("compute.cli")
@@ -102,12 +104,32 @@ def _fork_without_open_stores(self):
     return _fork(self)
 
 
+_close_fd = options.ServerOptions.close_fd
+
+
+def _close_fd_but_api_socket(self, fd):
+    """supervisord closes fds 3.. in every child it forks: not the API socket. The child's
+    execve (warmfork) decides who keeps it: the api alone."""
+    if fd != inherited_fd():
+        _close_fd(self, fd)
+
+
+def _cleanup_fds_but_api_socket(self):
+    """supervisord's fd cleanup at a reload (SIGHUP), without the API socket."""
+    keep = inherited_fd()
+    if keep is None or not (5 <= keep < self.minfds):
+        return os.closerange(5, self.minfds)
+    os.closerange(5, keep)
+    os.closerange(keep + 1, self.minfds)
+
+
 _runforever = supervisord.Supervisor.runforever
 
 
 def _runforever_with_handlers(self):
     """Supervisor.run() clears the event bus just before this: subscribe now."""
     install_handlers(self, os.environ["COMPUTE_RUNTIME_DIR"])
+    mark("supervisord: loop")
     return _runforever(self)
 
 
@@ -126,9 +148,13 @@ def run(conf: str | None = None) -> int | None:
     signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, None if something else did
     (exitwatch after postgres exited)."""
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
+    mark("supervisord: warming")
     warmfork.warm()
+    mark("supervisord: warm")
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
+    options.ServerOptions.close_fd = _close_fd_but_api_socket
+    options.ServerOptions.cleanup_fds = _cleanup_fds_but_api_socket
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again
     options.ServerOptions.get_signal = _get_signal_noting_stops

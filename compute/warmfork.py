@@ -29,6 +29,9 @@ import signal
 import sys
 import traceback
 
+from .api_socket import inherited_fd, keeps_api_socket
+from .trace import mark
+
 # `python -m MODULE` -> (the name the child is shown as (comm, 15 bytes at most), what that
 # module's `__main__` block calls).
 FORKED = {"compute.lifecycle": ("lifecycle", "compute.lifecycle:main"),
@@ -104,6 +107,7 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
         _fresh_logging()
         name, entry = FORKED[module]
         _set_comm(name)
+        mark(f"{name}: forked")
         sys.argv = [name if module == "gunicorn" else argv[0], *argv[3:]]
         mod, func = entry.split(":")
         result = getattr(importlib.import_module(mod), func)()
@@ -131,6 +135,13 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
 def execve(options, filename: str, argv: list[str], env: dict[str, str]):
     """supervisor's ServerOptions.execve, in the child supervisord just forked."""
     module = forked_module(filename, argv)
+    api_fd = inherited_fd()
+    if api_fd is not None and not keeps_api_socket(module):
+        try:
+            os.close(api_fd)  # the API socket is the api's alone (compute/api_socket.py)
+        except OSError:
+            pass
     if module is None:
+        mark(f"exec: {os.path.basename(argv[argv.index('--') + 1] if '--' in argv[:-1] else filename)}")
         return os.execve(filename, argv, env)
     run_forked(module, argv, env)

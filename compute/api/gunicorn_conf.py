@@ -13,7 +13,9 @@ import os
 
 from gunicorn.glogging import Logger as _GunicornLogger
 
+from compute.api_socket import inherited_fd
 from compute.procutil import die_with_parent
+from compute.trace import mark
 from compute.settings import Settings, default, load as load_settings
 from compute.state import StateStore, state_path
 
@@ -46,8 +48,12 @@ class QuietAccessLogger(_GunicornLogger):
 _launch_settings = _launch()
 _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 
-bind = [bind_address(_launch_settings.http_address if _launch_settings else default("http_address"),
-                     _launch_settings.http_port if _launch_settings else default("http_port"))]
+# Under compute-ctl: the socket it bound and holds for the life of the tree (compute/api_socket.py),
+# so a restart never binds again. Standalone: bind the address ourselves.
+_api_fd = inherited_fd()
+bind = [f"fd://{_api_fd}"] if _api_fd is not None else [
+    bind_address(_launch_settings.http_address if _launch_settings else default("http_address"),
+                 _launch_settings.http_port if _launch_settings else default("http_port"))]
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
@@ -98,6 +104,14 @@ def on_starting(server):
     """In the master: if supervisord is killed outright, get SIGTERM (graceful stop) rather than
     survive as an orphan holding the port. Workers already exit when the master goes."""
     die_with_parent()
+
+
+def when_ready(server):
+    mark("api: master listening")
+
+
+def post_worker_init(worker):
+    mark("api: worker ready")
 
 
 # The status answers are tiny; reject absurd request lines and headers early.
