@@ -139,7 +139,10 @@ def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--api-kills", type=int, default=5, help="kill -9 of the api's master (and of a worker), each")
     args = ap.parse_args()
+    if args.api_kills:
+        print_api_kills(run_api_kills(args.api_kills))
     tar = make_basebackup_tar(os.path.join(scratch_dir("cs-bench-"), "basebackup.tar"))
     fake_pg = write_fake_postgres(scratch_dir("cs-bench-bin-"))
 
@@ -191,3 +194,69 @@ def print_timeline(runs: list[dict]) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- kill -9 of the api -> /status served again ---------------------------------------------------
+
+def _status_ok(port: int, timeout: float = 2.0) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _wait(pred, timeout: float, what: str, period: float = 0.002):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(period)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def run_api_kills(kills: int = 6) -> dict[str, list[float]]:
+    """Boot a tree (embedded default), then kill -9 the api's gunicorn master and one of its
+    workers, alternately. Per kill, ms from the kill to: the first 200 on /status to a fresh
+    connection made after the kill (`first_200`), and a 200 once the program is whole again
+    (a new master with its workers, or the replacement worker: `whole`)."""
+    from tests.support.fault_tree import program_child, supervisord_pid, tree
+    out: dict[str, list[float]] = {"master_first_200_ms": [], "master_whole_ms": [],
+                                   "worker_first_200_ms": [], "worker_whole_ms": []}
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        sup = supervisord_pid(c.runtime_dir)
+
+        def workers_of(master):
+            return {p.pid for _, p in tree(c.proc.pid) if p.ppid == master}
+
+        for i in range(2 * kills):
+            what = ("master", "worker")[i % 2]
+            master = _wait(lambda: (m := program_child(sup, "api")) and len(workers_of(m)) >= 2 and m, 10,
+                           "the api and its workers")
+            old_workers = workers_of(master)
+            _wait(lambda: _status_ok(c.http_port), 10, "/status")
+            time.sleep(0.3)  # settled: the workers idle in their pollers
+            victim = master if what == "master" else min(old_workers)
+            t0 = time.monotonic()
+            os.kill(victim, 9)
+            _wait(lambda: _status_ok(c.http_port), 10, "the first 200 after the kill")
+            out[f"{what}_first_200_ms"].append((time.monotonic() - t0) * 1000)
+            if what == "master":
+                whole = lambda: ((m := program_child(sup, "api")) and m != master and workers_of(m)
+                                 and _status_ok(c.http_port))
+            else:
+                whole = lambda: len(workers_of(master) - old_workers) >= 1 and _status_ok(c.http_port)
+            _wait(whole, 10, f"the api whole again after kill -9 of its {what}")
+            out[f"{what}_whole_ms"].append((time.monotonic() - t0) * 1000)
+    return out
+
+
+def print_api_kills(r: dict[str, list[float]]) -> None:
+    print("# kill -9 of the api -> /status 200 again, ms: median (min-max)")
+    for key, xs in r.items():
+        print(f"  {key:<22}{statistics.median(xs):8.0f} ({min(xs):.0f}-{max(xs):.0f})")

@@ -1,0 +1,205 @@
+"""The API's listening socket is bound by compute-ctl and inherited by the api alone
+(compute/api_socket.py): the api keeps serving across kill -9 of its master or a worker and
+across `supervisorctl restart api` (connections wait in the backlog, none is refused), no other
+program holds the socket, and a port in use is a one-line error that leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from compute.api_socket import BindError, bind_api_socket, inherited_fd, keeps_api_socket
+from tests.support.fault_tree import StatusPoller, alive, proc_table, program_child, supervisord_pid, tree
+from tests.support.pgcluster import free_port
+from tests.support.tree import Compute
+
+EXPORTER = "/usr/bin/prometheus-postgres-exporter"
+INFORMANT = """#!/bin/sh
+echo "vm-informant stand-in"
+exec sleep 600
+"""
+
+
+def wait_for(pred, timeout: float, what: str, period: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(period)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on `port` (/proc/net/tcp{,6})."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                    return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def holders(c: Compute, inode: str) -> dict[int, str]:
+    """pid -> role of every process of the tree with the socket `inode` open."""
+    out = {}
+    for role, p in tree(c.proc.pid):
+        try:
+            fds = os.listdir(f"/proc/{p.pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p.pid}/fd/{fd}") == f"socket:[{inode}]":
+                    out[p.pid] = role
+            except FileNotFoundError:
+                pass
+    return out
+
+
+# -- the pure parts ----------------------------------------------------------------------------
+
+def test_only_gunicorn_keeps_it():
+    assert keeps_api_socket("gunicorn")
+    assert not any(keeps_api_socket(m) for m in ("compute.lifecycle", "compute.monitor", None))
+
+
+def test_inherited_fd_reads_only_a_number():
+    assert inherited_fd({"COMPUTE_API_FD": "7"}) == 7
+    assert inherited_fd({}) is None
+    assert inherited_fd({"COMPUTE_API_FD": "-1"}) is None
+    assert inherited_fd({"COMPUTE_API_FD": "3; rm"}) is None
+
+
+def test_bind_is_close_on_exec_and_listening():
+    sock = bind_api_socket("127.0.0.1", 0)
+    try:
+        assert not sock.get_inheritable()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    finally:
+        sock.close()
+
+
+def test_bind_error_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BindError) as e:
+            bind_api_socket("127.0.0.1", port)
+    msg = str(e.value)
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and "in use" in msg.lower()
+
+
+# -- the tree ------------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+@pytest.mark.fault
+def test_api_serves_across_kill_9_of_master_and_worker():
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        sup = supervisord_pid(c.runtime_dir)
+
+        def workers_of(master):
+            return {p.pid for _, p in tree(c.proc.pid) if p.ppid == master and p.state != "Z"}
+
+        # A generous timeout: a request made while the api restarts waits in the backlog.
+        with StatusPoller(c.http_port, period=0.005, timeout=30) as poller:
+            for _ in range(3):
+                master = wait_for(lambda: (m := program_child(sup, "api")) and len(workers_of(m)) >= 2 and m,
+                                  20, "the api and its two workers")
+                old_workers = workers_of(master)
+                os.kill(master, signal.SIGKILL)
+                new = wait_for(lambda: (m := program_child(sup, "api")) and m != master and workers_of(m) and m,
+                               20, "a new api master with workers")
+                n = len(poller.samples)
+                wait_for(lambda: len(poller.samples) > n + 2, 20, "answers from the new api")
+                wait_for(lambda: not any(alive(p) for p in old_workers), 20, "the orphaned workers to go")
+
+                victim = min(workers_of(new))
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda: len(workers_of(new) - {victim}) >= 2, 20, "a replacement worker")
+                n = len(poller.samples)
+                wait_for(lambda: len(poller.samples) > n + 2, 20, "answers after the worker's replacement")
+        assert len(poller.samples) > 20
+        assert poller.failures() == [], [s.error for s in poller.failures()][:5]
+        assert all(b["status"] == "running" for b in poller.bodies())
+        # The port was never bound again: the same socket, still held by compute-ctl.
+        inode = listening_inode(c.http_port)
+        assert c.proc.pid in holders(c, inode)
+
+
+@pytest.mark.e2e
+def test_only_compute_ctl_and_the_api_hold_the_socket():
+    c = Compute()
+    c.spec = c.new_spec()
+    informant = os.path.join(c.base, "vm-informant")
+    with open(informant, "w") as f:
+        f.write(INFORMANT)
+    os.chmod(informant, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    c.args = ["--vm-informant", informant]
+    if os.access(EXPORTER, os.X_OK):
+        c.args += ["--postgres-exporter", EXPORTER, "--postgres-exporter-port", str(free_port())]
+    with c:
+        c.wait_status("running")
+        sup = supervisord_pid(c.runtime_dir)
+        wanted = {"monitor", "vm-informant"} | ({"postgres-exporter"} if os.access(EXPORTER, os.X_OK) else set())
+        wait_for(lambda: all(c.supervisorctl("pid", p).stdout.strip().isdigit()
+                             and c.supervisorctl("pid", p).stdout.strip() != "0" for p in wanted),
+                 20, f"{wanted} running")
+        inode = listening_inode(c.http_port)
+        held = holders(c, inode)
+        roles = set(held.values())
+        assert roles <= {"compute-ctl", "api master", "api worker"}, held
+        assert c.proc.pid in held and program_child(sup, "api") in held and "api worker" in roles
+        others = {role for role, p in tree(c.proc.pid) if p.pid not in held}
+        assert {"lifecycle", "monitor", "postgres"} <= others, others
+        # The exec'd helpers are children of supervisord too and hold nothing either.
+        for name in wanted - {"monitor"}:
+            pid = int(c.supervisorctl("pid", name).stdout.strip())
+            assert pid not in held and alive(pid), name
+
+        # `supervisorctl restart api` serves the same socket again, without a bind.
+        old = program_child(sup, "api")
+        with StatusPoller(c.http_port, period=0.005, timeout=30) as poller:
+            r = c.supervisorctl("restart", "api")
+            assert r.returncode == 0 and "api: started" in r.stdout, r.stdout + r.stderr
+            new = wait_for(lambda: (m := program_child(sup, "api")) and m != old and m, 20, "a new api master")
+            wait_for(lambda: any(p.ppid == new for _, p in tree(c.proc.pid)), 20, "its workers")
+            n = len(poller.samples)
+            wait_for(lambda: len(poller.samples) > n + 2, 20, "answers from the restarted api")
+        assert poller.failures() == [], [s.error for s in poller.failures()][:5]
+        assert listening_inode(c.http_port) == inode
+        assert new in holders(c, inode)
+
+
+@pytest.mark.e2e
+def test_port_in_use_is_a_clear_error_and_leaves_nothing():
+    c = Compute()
+    c.spec = c.new_spec()
+    try:
+        with socket.socket() as taken:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(("0.0.0.0", c.http_port))
+            taken.listen()
+            r = subprocess.run(c.command(), capture_output=True, text=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1, r.stderr
+        assert len(lines) == 1 and lines[0].startswith("compute-ctl: ") and str(c.http_port) in lines[0] \
+            and "in use" in lines[0].lower(), r.stderr
+        assert r.stdout == ""
+        # Nothing was touched or started: no runtime dir, no PGDATA, no process of ours left.
+        assert os.path.isdir(c.base)
+        assert not os.path.exists(c.runtime_dir) and not os.path.exists(c.pgdata)
+        assert not any(c.base in p.cmdline for p in proc_table().values())
+    finally:
+        c.close()
