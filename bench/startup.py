@@ -225,6 +225,8 @@ def run_api_kills(kills: int = 6) -> dict[str, list[float]]:
     from tests.support.fault_tree import program_child, supervisord_pid, tree
     out: dict[str, list[float]] = {"master_first_200_ms": [], "master_whole_ms": [],
                                    "worker_first_200_ms": [], "worker_whole_ms": []}
+    import random
+    rng = random.Random(kills)
     c = Compute()
     c.spec = c.new_spec()
     with c:
@@ -240,7 +242,7 @@ def run_api_kills(kills: int = 6) -> dict[str, list[float]]:
                            "the api and its workers")
             old_workers = workers_of(master)
             _wait(lambda: _status_ok(c.http_port), 10, "/status")
-            time.sleep(0.3)  # settled: the workers idle in their pollers
+            time.sleep(rng.uniform(0, 0.4))  # sometimes just booted, sometimes idle in their pollers
             victim = master if what == "master" else min(old_workers)
             t0 = time.monotonic()
             os.kill(victim, 9)

@@ -112,10 +112,13 @@ class Driver:
     # -- entry ------------------------------------------------------------------------------
     def view(self) -> DriverView:
         """The snapshot the plan is made from (postgres' state asked only when it matters)."""
-        s = self.store.get_many(("status", "startup_done", "configuring_by"))
+        s = self.store.get_many(("status", "startup_done", "configuring_by", "postgres_started"))
         postgres_state = None
         if not s["startup_done"] and s["status"] != "failed":
-            postgres_state = self.postgres_state()
+            # postgres is autostart=false and started only by a driver, after it set
+            # postgres_started: before that it is STOPPED without asking supervisord (whose
+            # loop is busy spawning the other programs at the first start).
+            postgres_state = self.postgres_state() if s["postgres_started"] else "STOPPED"
         return DriverView(status=s["status"], startup_done=bool(s["startup_done"]),
                           postgres_state=postgres_state, configuring_by=s["configuring_by"])
 
