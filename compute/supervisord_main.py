@@ -24,7 +24,7 @@ import os
 import select
 import signal
 
-from supervisor import options, poller, supervisord
+from supervisor import options, poller, process, supervisord
 from supervisor.states import SupervisorStates
 
 from . import settings, warmfork
@@ -104,6 +104,18 @@ def _fork_without_open_stores(self):
     return _fork(self)
 
 
+_spawn = process.Subprocess.spawn
+
+
+def _spawn_warm(self):
+    """The driver is forked from the early warm image; the modules the others need are imported
+    before the first of them is spawned, while the driver already runs on the other core."""
+    warmfork.warm_for(self.config.name)
+    if self.config.name not in warmfork.EARLY_PROGRAMS:
+        mark("supervisord: warm (all)")
+    return _spawn(self)
+
+
 _close_fd = options.ServerOptions.close_fd
 
 
@@ -149,10 +161,11 @@ def run(conf: str | None = None) -> int | None:
     (exitwatch after postgres exited)."""
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     mark("supervisord: warming")
-    warmfork.warm()
-    mark("supervisord: warm")
+    warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
+    mark("supervisord: warm (early)")
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
+    process.Subprocess.spawn = _spawn_warm
     options.ServerOptions.close_fd = _close_fd_but_api_socket
     options.ServerOptions.cleanup_fds = _cleanup_fds_but_api_socket
     poller.Poller = PromptPoller

@@ -54,6 +54,28 @@ def forked_module(filename: str, argv: list[str], python: str = sys.executable) 
     return argv[2] if argv[2] in FORKED else None
 
 
+# Forked from the first stage of the warm image, before the rest is imported: the driver, the
+# critical path of every start (it runs while compute-ctl warms what the others need).
+EARLY_PROGRAMS = {"lifecycle": ("compute.lifecycle",)}
+_fully_warm = False
+
+
+def warm_early() -> None:
+    """What the EARLY_PROGRAMS import, frozen like warm() does; the rest comes with warm_for."""
+    for modules in EARLY_PROGRAMS.values():
+        for name in modules:
+            importlib.import_module(name)
+    gc.freeze()
+
+
+def warm_for(program: str) -> None:
+    """Before supervisord spawns `program`: the whole warm image unless the early one is enough."""
+    global _fully_warm
+    if program not in EARLY_PROGRAMS and not _fully_warm:
+        warm()
+        _fully_warm = True
+
+
 def warm() -> None:
     """Import once what the forked programs need, then keep it out of the collector's way."""
     for name in WARM_MODULES:
