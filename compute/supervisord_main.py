@@ -119,16 +119,19 @@ def _spawn_warm(self):
 _close_fd = options.ServerOptions.close_fd
 
 
+_api_fd: int | None = None  # compute-ctl's API socket (compute/api_socket.py), set by run()
+
+
 def _close_fd_but_api_socket(self, fd):
     """supervisord closes fds 3.. in every child it forks: not the API socket. The child's
     execve (warmfork) decides who keeps it: the api alone."""
-    if fd != inherited_fd():
+    if fd != _api_fd:
         _close_fd(self, fd)
 
 
 def _cleanup_fds_but_api_socket(self):
     """supervisord's fd cleanup at a reload (SIGHUP), without the API socket."""
-    keep = inherited_fd()
+    keep = _api_fd
     if keep is None or not (5 <= keep < self.minfds):
         return os.closerange(5, self.minfds)
     os.closerange(5, keep)
@@ -159,6 +162,7 @@ def run(conf: str | None = None) -> int | None:
     """supervisord's loop in this process, until it has stopped every program. Returns the
     signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, None if something else did
     (exitwatch after postgres exited)."""
+    global _api_fd
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     mark("supervisord: warming")
     warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
@@ -166,6 +170,7 @@ def run(conf: str | None = None) -> int | None:
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
     process.Subprocess.spawn = _spawn_warm
+    _api_fd = inherited_fd()
     options.ServerOptions.close_fd = _close_fd_but_api_socket
     options.ServerOptions.cleanup_fds = _cleanup_fds_but_api_socket
     poller.Poller = PromptPoller

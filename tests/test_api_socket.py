@@ -20,6 +20,8 @@ from tests.support.pgcluster import free_port
 from tests.support.tree import Compute
 
 EXPORTER = "/usr/bin/prometheus-postgres-exporter"
+# How a request in flight in a process killed by SIGKILL ends for the client.
+CUT = {"IncompleteRead", "RemoteDisconnected", "ConnectionResetError", "BadStatusLine"}
 INFORMANT = """#!/bin/sh
 echo "vm-informant stand-in"
 exec sleep 600
@@ -131,7 +133,11 @@ def test_api_serves_across_kill_9_of_master_and_worker():
                 n = len(poller.samples)
                 wait_for(lambda: len(poller.samples) > n + 2, 20, "answers after the worker's replacement")
         assert len(poller.samples) > 20
-        assert poller.failures() == [], [s.error for s in poller.failures()][:5]
+        # Never refused (the socket stays open) nor timed out. kill -9 may cut the one request the
+        # killed process was answering (the poller has one in flight at a time).
+        failures = [s.error for s in poller.failures()]
+        assert all(e.split(":")[0] in CUT for e in failures), failures
+        assert len(failures) <= 2 * 3, failures
         assert all(b["status"] == "running" for b in poller.bodies())
         # The port was never bound again: the same socket, still held by compute-ctl.
         inode = listening_inode(c.http_port)

@@ -9,6 +9,7 @@ in production, where nobody is polling it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -218,7 +219,7 @@ class StatusPoller:
                 return Sample(t0, r.status == 200, time.monotonic() - t0, body)
         except urllib.error.HTTPError as e:
             return Sample(t0, False, time.monotonic() - t0, error=f"HTTP {e.code}")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:  # a cut answer too: never die
             return Sample(t0, False, time.monotonic() - t0, error=f"{type(e).__name__}: {e}")
 
     def _run(self) -> None:
