@@ -9,6 +9,9 @@ Baseline, by hand with stock tools: the same stand-in sync, `psql -c "basebackup
 from the same pageserver peer (the stock pipeline a person would type), the same
 postgresql.conf, `pg_ctl start -w`, and the same SQL through `psql -f`. Both sides' phases are
 printed, so the gap per phase is visible.
+The tree's own marks (COMPUTE_TRACE, compute/trace.py) are printed as a timeline since exec.
+Then the api: kill -9 of its gunicorn master, and of a worker, at random moments; per kill, ms
+to the first 200 on /status and to a 200 once the api is whole again (--api-kills N, 0: skip).
 Needs the installed tree (scripts/install.sh) and root (it runs postgres as the postgres user).
 """
 

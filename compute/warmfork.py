@@ -7,6 +7,9 @@ forks as usual; in the child, `execve` (supervisor's `options.execve`, the seam)
 program's `python -m MODULE` entry point (what its `__main__` block calls) in-process and leaves with `os._exit` instead of
 starting a new interpreter. Restarts fork again from the same warm parent. postgres, gdb,
 vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
+Two stages: the driver (the critical path of every start) is forked as soon as its own modules
+are imported (`warm_early`); the rest is imported just before the first other program is
+spawned (`warm_for`, from supervisord_main), while the driver already runs.
 
 Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
 program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built
