@@ -17,6 +17,7 @@ warmfork closes it in every forked program but the api (`keeps_api_socket`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 
@@ -42,6 +43,10 @@ def bind_api_socket(address: str, port: int) -> socket.socket:
         where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
         raise BindError(f"the HTTP API cannot listen on {where} (--http-address/--http-port): "
                         f"{e.strerror or e}") from None
+    if sock.fileno() <= 2:  # started with stdio closed: fds 0-2 become each child's pipes
+        fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+        sock.close()
+        sock = socket.socket(fileno=fd)
     return sock
 
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -87,6 +88,17 @@ def test_bind_is_close_on_exec_and_listening():
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     finally:
         sock.close()
+
+
+def test_bind_keeps_clear_of_stdio():
+    """compute-ctl started with stdin closed: the socket must not be fd 0, which supervisord
+    makes every child's stdin pipe."""
+    script = ("import os, socket; os.close(0); from compute.api_socket import bind_api_socket; "
+              "s = bind_api_socket('127.0.0.1', 0); assert s.fileno() > 2, s.fileno(); "
+              "assert not s.get_inheritable() and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN); "
+              "print('ok')")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_bind_error_is_one_line():
