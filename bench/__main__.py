@@ -116,7 +116,7 @@ def run_startup(quick: bool) -> dict:
             "first_status_all": [round(r["first_status_ms"]) for r in compute],
             "api_kills": {k: {"median": round(statistics.median(v), 1), "max": round(max(v), 1), "all": [round(x) for x in v]}
                           for k, v in kills.items()},
-            "compute": {k: med(compute, k) for k in keys}, "baseline": {k: med(base, k) for k in keys},
+            "compute": {k: med(compute, k) for k in keys}, "baseline": {k: med(base, k) for k in keys if k in base[0]},
             "compute_wall_all": [round(r["wall_to_running_ms"]) for r in compute],
             "baseline_all": [round(r["total_startup_ms"]) for r in base]}
 
