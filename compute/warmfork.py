@@ -62,14 +62,11 @@ def warm_modules(jwks: bool) -> tuple[str, ...]:
 def jwks_configured(runtime_dir: str | None) -> bool:
     """Whether the bootstrap's settings name a JWKS (the store is closed again: SQLite is
     opened in each program after fork)."""
-    if not runtime_dir:
-        return False
     from .settings import load
     from .state import StateStore, state_path
-    try:
-        store = StateStore(state_path(runtime_dir))
-    except Exception:  # noqa: BLE001 - no store (a standalone supervisord): no JWKS known
-        return False
+    if not runtime_dir or not os.path.exists(state_path(runtime_dir)):
+        return False  # no store (a standalone supervisord): no JWKS known; do not create one
+    store = StateStore(state_path(runtime_dir))
     try:
         found = load(store)
     except Exception:  # noqa: BLE001 - the programs report a bad store themselves
@@ -88,47 +85,8 @@ def warm(jwks: bool | None = None) -> None:
             importlib.import_module(name)
         except ImportError:  # an optional piece (a gunicorn without our worker's hooks)
             pass
-    if os.environ.get("CS_FP_NOCOLLECT") != "1":
-        gc.collect()
+    gc.collect()
     gc.freeze()
-    if os.environ.get("CS_FP_FILL") == "1":
-        fill_pool_holes()
-
-
-_fillers: list = []  # kept for the life of the process: never freed, never touched again
-
-
-def _pool_holes() -> dict[int, int]:
-    """{block size: free blocks in partly used pools} from CPython's allocator statistics."""
-    import tempfile
-    with tempfile.TemporaryFile() as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        text = tmp.read().decode("ascii", "replace")
-    holes = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 5 and all(p.isdigit() for p in parts):
-            holes[int(parts[1])] = int(parts[4])
-    return holes
-
-
-def fill_pool_holes() -> None:
-    """Fill the free blocks of the warm image's partly used pymalloc pools with objects that
-    live forever: a child's allocations then go to fresh pools instead of writing into (and so
-    copying) the shared pages."""
-    for size, free in _pool_holes().items():
-        n = size - 33  # a bytes object of length n asks pymalloc for 33 + n bytes
-        if n < 1:
-            continue
-        _fillers.extend(bytes(n) for _ in range(free))
 
 
 def _fresh_stdio() -> None:
