@@ -112,3 +112,22 @@ def test_a_tree_with_jwks_has_pyjwt_in_its_warm_image_and_verifies_tokens():
             assert c.request("GET", "/dbs_and_roles", headers={"Authorization": f"Bearer {token}"})[0] == 200
         assert c.request("GET", "/status")[0] == 200  # open routes stay open
         assert all(_maps_hold(pid, CRYPTO_EXTENSION) for pid in workers)
+
+
+def test_the_api_master_freezes_its_objects_before_forking_a_worker(tmp_path, monkeypatch):
+    """What the master made after its own fork (the app, the config) is out of the workers'
+    collections (gunicorn's pre_fork hook): a full collection in a worker never copies it."""
+    import gc
+    import importlib
+
+    StateStore.create(state_path(str(tmp_path)), {"launch": _settings(tmp_path, None).to_json()})
+    monkeypatch.setenv("COMPUTE_RUNTIME_DIR", str(tmp_path))
+    conf = importlib.import_module("compute.api.gunicorn_conf")
+    made_by_the_master = [{"route": i} for i in range(1000)]
+    try:
+        before = gc.get_freeze_count()
+        conf.pre_fork(None, None)
+        assert gc.get_freeze_count() >= before + len(made_by_the_master)
+        assert not any(o is made_by_the_master for o in gc.get_objects())  # no collection walks it
+    finally:
+        gc.unfreeze()
