@@ -131,3 +131,17 @@ def test_the_api_master_freezes_its_objects_before_forking_a_worker(tmp_path, mo
         assert not any(o is made_by_the_master for o in gc.get_objects())  # no collection walks it
     finally:
         gc.unfreeze()
+
+
+def test_bench_footprint_summary_and_own_process_figures():
+    from bench.footprint import private_kib, summary, threads
+
+    runs = [{"total_pss_mib": v, "total_private_mib": v / 2,
+             "after_load": {"total_pss_mib": v + 10, "total_private_mib": v / 2 + 5}} for v in (84.5, 84.1, 90.0)]
+    s = summary(runs)
+    assert s["runs"] == 3
+    assert s["idle_pss_mib"] == {"median": 84.5, "min": 84.1, "max": 90.0}
+    assert s["after_load_pss_mib"] == {"median": 94.5, "min": 94.1, "max": 100.0}
+    assert "after_load_pss_mib" not in summary([{"total_pss_mib": 1.0, "total_private_mib": 0.5}])
+    assert private_kib(os.getpid()) > 0 and threads(os.getpid()) >= 1
+    assert private_kib(2 ** 22 + 1) is None  # no such process (above pid_max)
