@@ -2,7 +2,7 @@
 
 Parts (in the order they run, quietest first):
   footprint   PSS of every non-postgres process of a booted tree; the idle monitor's CPU over
-              30 s of the same tree (bench/footprint.py)
+              30 s of the same tree; the PSS again after 10 s of API load (bench/footprint.py)
   api         GET /status req/s and p99, p99 while a POST /configure is in flight, monitor CPU
               with a session idle in transaction (bench/api.py; skipped with a note if missing)
   startup     compute-ctl exec -> running vs the same work by hand, same run; exec -> first
@@ -61,7 +61,7 @@ def machine() -> dict:
 
 def run_footprint(quick: bool) -> dict:
     from bench.footprint import measure
-    return measure(settle=3.0, monitor_seconds=10.0 if quick else 30.0)
+    return measure(settle=3.0, monitor_seconds=10.0 if quick else 30.0, after_load=5.0 if quick else 10.0)
 
 
 def run_api(quick: bool) -> dict:
@@ -213,6 +213,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         row("footprint (PSS, non-postgres)", f"{f['total_pss_mib']:.1f} MiB in {len(top)} processes", "<= 64 MiB",
             f["total_pss_mib"] <= 64)
         row("  per process (MiB)", ", ".join(f"{p['role']} {p['pss_kib'] / 1024:.1f}" for p in top))
+        a = f.get("after_load")
+        if a:  # a compute in production is not idle-from-boot: its API threads exist by then
+            row(f"footprint after {a['load_seconds']:g} s of API load", f"{a['total_pss_mib']:.1f} MiB", "",
+                None)
     elif f:
         skipped("footprint", f["error"])
 

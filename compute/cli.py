@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
 from .api_socket import API_FD_ENV, BindError, bind_api_socket
+from .exit_decision import tree_exit_code
 from .environ import SECRET_VARS, program_secrets, supervisord_environment
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
@@ -36,7 +37,7 @@ from .settings import Settings, default
 from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
 from .state import StateStore, state_path
 from .supervision import CONF_NAME, render_supervisord_conf
-from .supervisord_main import run as run_supervisord
+from .supervisord_main import STOP_BY_RPC, run as run_supervisord
 from .users import effective_user
 
 log = logging.getLogger("compute.cli")
@@ -322,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
     api_sock.close()
-    code = StateStore(state_path(runtime_dir)).get("exit_code")
-    if stopped_by is not None:
-        code = 0
-    elif code is None:
+    code = tree_exit_code(StateStore(state_path(runtime_dir)).get("exit_code"),
+                          stopped_by_signal=stopped_by not in (None, STOP_BY_RPC),
+                          stopped_by_rpc=stopped_by == STOP_BY_RPC)
+    if code is None:
         log.error("supervisord stopped unexpectedly")
         code = EXIT_UNEXPECTED
     log.info("compute stopped: exit code %d", code)

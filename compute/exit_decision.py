@@ -53,3 +53,15 @@ def postgres_has_ended(statename: str | None, *, postgres_started: bool) -> bool
     if statename in ("EXITED", "FATAL"):
         return True
     return statename == "STOPPED" and postgres_started
+
+
+def tree_exit_code(recorded: int | None, *, stopped_by_signal: bool, stopped_by_rpc: bool) -> int | None:
+    """compute-ctl's own exit code once supervisord has stopped. None: nobody decided (an
+    unexpected stop, the caller fails). A stop signal is a wanted stop: 0. The XML-RPC shutdown
+    is also how the driver ends a failed start, after recording its code, so it only means 0
+    when no code was recorded (the operator's `supervisorctl shutdown`)."""
+    if stopped_by_signal:
+        return 0
+    if stopped_by_rpc and recorded is None:
+        return 0
+    return recorded

@@ -24,8 +24,9 @@ import os
 import select
 import signal
 
-from supervisor import options, poller, process, supervisord
+from supervisor import options, poller, process, rpcinterface, supervisord
 from supervisor.states import SupervisorStates
+from supervisor.xmlrpc import Faults, RPCError
 
 from . import settings, warmfork
 from .api_socket import inherited_fd
@@ -38,7 +39,10 @@ log = logging.getLogger("compute.cli")
 
 SHUTDOWN_TICK = 0.05
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-stop_signals: list[int] = []  # what asked supervisord to stop, in order (an exit 0, not a failure)
+# What asked supervisord to stop, in order: a signal, or the operator's `supervisorctl shutdown`
+# (STOP_BY_RPC). Either is a wanted stop: the tree exits 0, not as a failure.
+stop_signals: list[int] = []
+STOP_BY_RPC = 0
 TIMERS = Timers()  # the in-process handlers' timers, run by PromptPoller
 
 
@@ -87,11 +91,38 @@ _get_signal = options.ServerOptions.get_signal
 
 def _get_signal_noting_stops(self):
     sig = _get_signal(self)
+    if sig == signal.SIGHUP:
+        # supervisord would restart every program in place, postgres included: a compute only
+        # ever starts fresh (new PGDATA, new basebackup), so a reload has nothing right to do.
+        log.warning("received SIGHUP: ignored (a compute does not reload or restart in place; "
+                    "/configure changes the spec, SIGTERM stops the compute)")
+        return None
     if sig in STOP_SIGNALS:
         if not stop_signals:
             log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(sig).name)
         stop_signals.append(sig)
     return sig
+
+
+class ComputeRPCInterface(rpcinterface.SupervisorNamespaceRPCInterface):
+    """supervisor's own RPC namespace, minus the in-place restart (`supervisorctl reload`): for
+    the same reason as SIGHUP above. Loaded from supervisord.conf's [rpcinterface:supervisor]."""
+
+    def restart(self):
+        self._update("restart")
+        raise RPCError(Faults.FAILED, "compute-ctl does not restart in place: stop the compute "
+                                      "(supervisorctl shutdown, SIGTERM) and start a new one")
+
+    def shutdown(self):
+        result = super().shutdown()  # refuses (SHUTDOWN_STATE) when already stopping
+        if not stop_signals:
+            log.info("supervisorctl shutdown: fast shutdown of postgres, then the tree")
+        stop_signals.append(STOP_BY_RPC)
+        return result
+
+
+def make_rpcinterface(supervisord_) -> ComputeRPCInterface:
+    return ComputeRPCInterface(supervisord_)
 
 
 _fork = options.ServerOptions.fork
@@ -160,8 +191,8 @@ def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
 
 def run(conf: str | None = None) -> int | None:
     """supervisord's loop in this process, until it has stopped every program. Returns the
-    signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, None if something else did
-    (exitwatch after postgres exited)."""
+    signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, or STOP_BY_RPC for `supervisorctl
+    shutdown`; None if something else did (exitwatch after postgres exited)."""
     global _api_fd
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     mark("supervisord: warming")

@@ -43,7 +43,10 @@ FORKED = {"compute.lifecycle": ("lifecycle", "compute.lifecycle:main"),
 # What the programs import, in the order the start needs them: the driver first.
 WARM_MODULES = ("compute.lifecycle", "compute.monitor", "compute.api.app", "gunicorn.app.wsgiapp",
                 "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker")
+# With --jwks only: PyJWT + cryptography (~8 MiB, see compute/api/auth.py _jwt).
+JWT_MODULES = ("jwt", "jwt.algorithms")
 PR_SET_NAME = 15
+TRACE_ENV = "COMPUTE_WARMFORK_TRACE"  # a directory: see _trace_imports_after_fork
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
                  signal.SIGUSR2, signal.SIGALRM)
 
@@ -79,9 +82,33 @@ def warm_for(program: str) -> None:
         _fully_warm = True
 
 
-def warm() -> None:
+def warm_modules(jwks: bool) -> tuple[str, ...]:
+    """What the warm image imports: PyJWT only for a compute that verifies tokens."""
+    return WARM_MODULES + (JWT_MODULES if jwks else ())
+
+
+def jwks_configured(runtime_dir: str | None) -> bool:
+    """Whether the bootstrap's settings name a JWKS (the store is closed again: SQLite is
+    opened in each program after fork)."""
+    from .settings import load
+    from .state import StateStore, state_path
+    if not runtime_dir or not os.path.exists(state_path(runtime_dir)):
+        return False  # no store (a standalone supervisord): no JWKS known; do not create one
+    store = StateStore(state_path(runtime_dir))
+    try:
+        found = load(store)
+    except Exception:  # noqa: BLE001 - the programs report a bad store themselves
+        found = None
+    finally:
+        store.close()
+    return bool(found and found.jwks_path)
+
+
+def warm(jwks: bool | None = None) -> None:
     """Import once what the forked programs need, then keep it out of the collector's way."""
-    for name in WARM_MODULES:
+    if jwks is None:
+        jwks = jwks_configured(os.environ.get("COMPUTE_RUNTIME_DIR"))
+    for name in warm_modules(jwks):
         try:
             importlib.import_module(name)
         except ImportError:  # an optional piece (a gunicorn without our worker's hooks)
@@ -117,10 +144,27 @@ def _set_comm(name: str) -> None:
         pass
 
 
+def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
+    """Debugging the footprint: what this program imports after fork (private memory in every
+    process that needs it) is written to TRACE_DIR/NAME-PID.txt a few seconds after the fork."""
+    import threading
+    at_fork = set(sys.modules)
+
+    def dump() -> None:
+        with open(os.path.join(trace_dir, f"{name}-{os.getpid()}.txt"), "w") as f:
+            f.write("".join(f"{m}\n" for m in sorted(set(sys.modules) - at_fork)))
+
+    t = threading.Timer(5.0, dump)
+    t.daemon = True
+    t.start()
+    os.register_at_fork(after_in_child=lambda: _trace_imports_after_fork(trace_dir, name + "-child"))
+
+
 def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
     """In supervisord's child: become the program and never return."""
     code = 1
     try:
+        trace_dir = os.environ.get(TRACE_ENV)  # compute-ctl's own environment, not the program's
         signal.set_wakeup_fd(-1)
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -133,6 +177,8 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
         name, entry = FORKED[module]
         _set_comm(name)
         mark(f"{name}: forked")
+        if trace_dir:
+            _trace_imports_after_fork(trace_dir, name)
         sys.argv = [name if module == "gunicorn" else argv[0], *argv[3:]]
         mod, func = entry.split(":")
         result = getattr(importlib.import_module(mod), func)()

@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from tests.support.fault_tree import tree
 from tests.support.tree import COMPUTE_CTL, Compute
 
 pytestmark = pytest.mark.e2e
@@ -193,6 +194,35 @@ def test_supervisorctl_operations(compute):
     compute.supervisorctl("stop", "postgres")
     assert compute.wait_exit(15) == 0
     assert not alive(pm)
+
+
+def test_sighup_and_reload_never_restart_the_compute_in_place(compute):
+    """supervisord would restart every program on SIGHUP or `supervisorctl reload`, postgres
+    included (and, in-process, crash on its closed wakeup pipe). A compute only starts fresh: both
+    are refused with a message, and nothing restarts. SIGUSR2 still reopens the logs.
+    `supervisorctl shutdown` stops the compute like SIGTERM: exit 0, no descendant left."""
+    compute.wait_status("running")
+    pm = compute.postmaster_pid()
+    before = {r: p.pid for r, p in tree(compute.proc.pid) if r != "postgres"}
+    compute.signal(signal.SIGHUP)
+    reload = compute.supervisorctl("reload")
+    assert reload.returncode != 0 and "does not restart in place" in reload.stdout, reload.stdout
+    compute.signal(signal.SIGUSR2)
+    # both are handled by the time a later supervisorctl call is answered (one loop)
+    deadline = time.monotonic() + 30
+    while "received SIGHUP: ignored" not in compute.output():
+        assert time.monotonic() < deadline, compute.output()[-3000:]
+        time.sleep(0.05)
+    assert compute.supervisorctl("status").returncode == 0
+    assert compute.status()["status"] == "running"
+    assert compute.proc.poll() is None and compute.postmaster_pid() == pm and alive(pm)
+    assert {r: p.pid for r, p in tree(compute.proc.pid) if r != "postgres"} == before
+    assert "Traceback" not in compute.output()
+
+    descendants = [p.pid for _, p in tree(compute.proc.pid)]
+    compute.supervisorctl("shutdown")
+    assert compute.wait_exit(30) == 0, compute.output()[-3000:]
+    assert not [pid for pid in descendants if alive(pid)]
 
 
 def test_failed_start_reports_error_then_exits_1():

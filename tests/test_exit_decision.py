@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compute.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
-                                   postgres_has_ended)
+                                   postgres_has_ended, tree_exit_code)
 
 SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
 
@@ -50,3 +50,16 @@ def test_decision_matrix(startup_done, shutdown_requested, statename, exitstatus
 ])
 def test_recovery_sees_a_missed_end(statename, postgres_started, ended):
     assert postgres_has_ended(statename, postgres_started=postgres_started) is ended
+
+
+@pytest.mark.parametrize("recorded,by_signal,by_rpc,expected", [
+    (None, True, False, 0),    # SIGTERM: a wanted stop
+    (3, True, False, 0),       # SIGTERM wins over a recorded code (as before)
+    (None, False, True, 0),    # the operator's supervisorctl shutdown
+    (1, False, True, 1),       # the driver's shutdown after a failed start keeps its code
+    (0, False, False, 0),      # postgres exited 0 (exitwatch recorded it)
+    (2, False, False, 2),
+    (None, False, False, None),  # nobody decided: unexpected
+])
+def test_tree_exit_code(recorded, by_signal, by_rpc, expected):
+    assert tree_exit_code(recorded, stopped_by_signal=by_signal, stopped_by_rpc=by_rpc) == expected

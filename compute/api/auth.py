@@ -23,10 +23,19 @@ from typing import Any
 
 import falcon
 
-try:
-    import jwt
-except ImportError:  # PyJWT[crypto] is a dependency; without it only auth is unavailable
-    jwt = None
+
+def _jwt():
+    """PyJWT, imported when a JWKS is first used, never before: with cryptography it is ~8 MiB
+    (its Rust extension alone 7 MiB of private pages in compute-ctl) that a compute without
+    --jwks never needs. With --jwks the warm image imports it before any program is forked
+    (compute/warmfork.py), so this costs nothing then. None when not installed (PyJWT[crypto]
+    is a dependency; without it only auth is unavailable)."""
+    try:
+        import jwt
+    except ImportError:
+        return None
+    return jwt
+
 
 log = logging.getLogger("compute.api.auth")
 
@@ -41,6 +50,7 @@ class _Key:
 
 
 def load_jwks(path: str) -> list[_Key]:
+    jwt = _jwt()
     with open(path, "rb") as f:
         doc = json.load(f)
     keys: list[_Key] = []
@@ -114,6 +124,7 @@ class JwtAuth:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise _unauthorized("expected 'Authorization: Bearer <token>'")
+        jwt = _jwt()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as e:
@@ -150,7 +161,7 @@ class JwtAuth:
             raise falcon.HTTPServiceUnavailable(description="the compute has no launch settings yet")
         if not self.enabled:
             return
-        if jwt is None:
+        if _jwt() is None:
             raise falcon.HTTPInternalServerError(description="a JWKS is configured but PyJWT is not installed")
         req.context.claims = self.verify(req.get_header("Authorization"))
 

@@ -9,6 +9,7 @@ worker that crashes or is recycled loses nothing. Overrides through the environm
 COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1.
 """
 
+import gc
 import os
 
 from gunicorn.glogging import Logger as _GunicornLogger
@@ -112,6 +113,14 @@ def when_ready(server):
 
 def post_worker_init(worker):
     mark("api: worker ready")
+
+
+def pre_fork(server, worker):
+    """In the master, before each worker is forked: what the master made after its own fork
+    (the app, this config, gunicorn's logging) joins the warm image's frozen objects, so the
+    workers' full collections never walk (and so copy) those pages: -2 MiB PSS for the tree
+    after 10 s of API load at 2 workers (python -m bench.footprint --after-load 10)."""
+    gc.freeze()
 
 
 # The status answers are tiny; reject absurd request lines and headers early.
