@@ -65,3 +65,13 @@ def tree_exit_code(recorded: int | None, *, stopped_by_signal: bool, stopped_by_
     if stopped_by_rpc and recorded is None:
         return 0
     return recorded
+
+
+HANDS_OVER = "lifecycle"  # the one program that exits 0 on purpose (lifecycle_plan: hand over)
+
+
+def counts_as_restart(program: str, exitstatus: int | None) -> bool:
+    """Whether an EXITED program is a restart worth counting (`program_restarts`, /metrics):
+    every exit but the driver's hand-over to a fresh driver (exit 0). A driver that fails
+    exits non-zero; one stopped by supervisord is STOPPED, not EXITED."""
+    return not (program == HANDS_OVER and exitstatus == 0)

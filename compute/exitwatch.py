@@ -4,7 +4,8 @@ subscribes it through supervisor's `events.subscribe`; no listener process, no R
 - postgres EXITED / STOPPED / FATAL: look for core dumps in PGDATA (log a gdb backtrace of
   each, gdb running as a short-lived child whose end is polled), record postgres' exit code as
   the tree's, then shut supervisord down. (compute-ctl exits with the recorded code.)
-- any other program EXITED: counted in `program_restarts` (served by /metrics).
+- any other program EXITED: counted in `program_restarts` (served by /metrics), but for the
+  driver's hand-over to a fresh driver (exit 0: compute/lifecycle_plan.py).
 - vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
   restart it at once).
 
@@ -164,7 +165,9 @@ class ExitWatch:
         if name == "postgres" and eventname in POSTGRES_END_STATES:
             self.postgres_ended(eventname)
         elif eventname == "PROCESS_STATE_EXITED":
-            self.count_exit(name)
+            proc = self._process(name)
+            if exit_decision.counts_as_restart(name, proc.exitstatus if proc is not None else None):
+                self.count_exit(name)
             if name in RESTARTED_LATER:
                 self.restart_later(name)
 

@@ -173,6 +173,10 @@ class Driver:
             self.store.transition({"configuration"}, "configuration_pending")
         elif step is Step.SERVE:
             self.serve()
+        elif step is Step.HAND_OVER:
+            # supervisord forks a fresh driver at once (autorestart, startsecs=0): lifecycle_plan.
+            log.info("handing over to a fresh driver (pid %d exits)", os.getpid())
+            raise SystemExit(0)
         elif step is Step.FAIL_LATER:
             self.fail_later(self.store.get("error") or "start-up failed")
         else:  # pragma: no cover - a step added to the plan without an executor
@@ -339,9 +343,11 @@ class Driver:
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
+        """Until a reconfiguration has been applied (then the plan hands over) or we are stopped."""
         while not self.stopping:
             if wants_reconfiguration(self.store.get("status")):
                 self.reconfigure()
+                return
             self.wake.wait(POLL)
             self.wake.clear()
 
@@ -350,7 +356,7 @@ class Driver:
         spec (only the driver sets it, and it always leaves it): apply that spec again."""
         s = self.store.get_many(("status", "startup_done", "configuring_by"))
         steps = plan_run(DriverView(status=s["status"], startup_done=True, configuring_by=s["configuring_by"]))
-        self.execute(tuple(step for step in steps if step is not Step.SERVE))
+        self.execute(tuple(step for step in steps if step not in (Step.SERVE, Step.HAND_OVER)))
 
     def end_stale_apply_sessions(self) -> None:
         """End the sessions a killed driver left applying the spec. postgres only notices their

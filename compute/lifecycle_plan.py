@@ -8,14 +8,20 @@ reads a `DriverView` and follows `plan_run(view)`:
 |------------------------------------------------------|----------------------------------------|
 | nothing started (waiting for a spec, or in storage:  | wait for spec, prepare data (PGDATA    |
 |   sync-safekeepers / basebackup / initdb)            |   emptied first), start postgres, wait |
-|                                                      |   ready, apply, mark running, serve    |
+|                                                      |   ready, apply, mark running, hand over|
 | postgres RUNNING/STARTING, start-up not finished     | wait for spec, wait ready, end the     |
 |                                                      |   dead driver's sessions, apply, mark  |
-|                                                      |   running, serve                       |
+|                                                      |   running, hand over                   |
 | status `failed` (start-up failed, grace period)      | fail later (rest of the grace period)  |
 | start-up done, status `configuration` (by driver)    | end its sessions, requeue, serve       |
 | start-up done, status `configuration` (by /promote)  | serve (the API finishes the promotion) |
 | start-up done, anything else                         | serve                                  |
+
+Hand over: a driver that has done the start-up (basebackup, tar extraction, the catalog SQL)
+exits 0 and supervisord forks a fresh one from the warm image, which plans `serve`. The start-up
+wrote to (copied) much of the shared image it ran: ~5 MiB of private memory that a driver idle
+for the compute's whole life would otherwise keep (python -m bench.footprint). The same after
+each reconfiguration served (`serve` returns after applying one).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ class Step(str, Enum):
     APPLY = "apply"                          # the spec's catalog SQL (idempotent)
     MARK_RUNNING = "mark_running"            # status running, startup_done
     REQUEUE_CONFIGURATION = "requeue_configuration"  # configuration -> configuration_pending
-    SERVE = "serve"                          # apply reconfigurations until stopped
+    SERVE = "serve"                          # wait for a reconfiguration, apply it, return
+    HAND_OVER = "hand_over"                  # exit 0: supervisord forks a fresh driver
     FAIL_LATER = "fail_later"                # keep the error for the grace period, exit 1
 
 
@@ -51,7 +58,7 @@ class DriverView:
 
 START_STEPS = (Step.PREPARE_DATA, Step.START_POSTGRES, Step.WAIT_READY)
 RESUME_STEPS = (Step.WAIT_READY, Step.END_STALE_SESSIONS)
-FINISH_STEPS = (Step.APPLY, Step.MARK_RUNNING, Step.SERVE)
+FINISH_STEPS = (Step.APPLY, Step.MARK_RUNNING, Step.HAND_OVER)
 # The steps whose failure fails the start-up (status `failed`, then FAIL_LATER).
 STARTUP_STEPS = frozenset({Step.WAIT_FOR_SPEC, *START_STEPS, *RESUME_STEPS, Step.APPLY, Step.MARK_RUNNING})
 
@@ -61,8 +68,8 @@ def plan_run(view: DriverView) -> tuple[Step, ...]:
         if view.status == "configuration" and view.configuring_by != PROMOTE:
             # Only the driver (or /promote, marked) sets `configuration`, and the driver always
             # leaves it: its predecessor died applying a spec. Apply it again.
-            return (Step.END_STALE_SESSIONS, Step.REQUEUE_CONFIGURATION, Step.SERVE)
-        return (Step.SERVE,)
+            return (Step.END_STALE_SESSIONS, Step.REQUEUE_CONFIGURATION, Step.SERVE, Step.HAND_OVER)
+        return (Step.SERVE, Step.HAND_OVER)
     if view.status == "failed":
         return (Step.FAIL_LATER,)
     if view.postgres_state in POSTGRES_UP:

@@ -2,14 +2,17 @@
 through POST /configure on a booted tree."""
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import os
+import time
 
 import psycopg
 import pytest
 
 from tests.peers.control_plane import ControlPlanePeer
+from compute.state import StateStore, state_path
 from tests.support.tree import Compute
 
 pytestmark = pytest.mark.e2e
@@ -178,3 +181,35 @@ def test_plan_prints_without_running():
         unchanged = subprocess.run([COMPUTE_CTL, "plan", "-C", c.admin_connstr, "-S", os.path.join(c.base, "spec.json")],
                                    capture_output=True, text=True, timeout=60)
         assert unchanged.returncode == 0 and "nothing to do" in unchanged.stdout
+
+
+def test_driver_hands_over_after_the_start_and_after_each_reconfiguration():
+    """The driver that did the start-up exits 0 and supervisord forks a fresh one (its memory
+    goes with it: compute/lifecycle_plan.py); the same after each reconfiguration it applies.
+    Not a restart: program_restarts stays empty. postgres is untouched."""
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)  # live configuration: pull mode
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running")
+            pm = c.postmaster_pid()
+            first = c.wait_handed_over()
+            spec = copy.deepcopy(cp.spec)
+            spec["cluster"]["roles"].append({"name": "handover", "encrypted_password": None, "options": None})
+            code, body = configure(c, spec)
+            assert code == 200 and body["status"] == "running", body
+            assert "handover" in roles_and_dbs(c)[0]
+            deadline = time.monotonic() + 30
+            while c.output().count("handing over to a fresh driver") < 2:
+                assert time.monotonic() < deadline, c.output()[-3000:]
+                time.sleep(0.05)
+            second = c.wait_handed_over()
+            assert second != first
+            # the fresh driver serves: the next reconfiguration is applied by it
+            spec["cluster"]["roles"].append({"name": "handover2", "encrypted_password": None, "options": None})
+            code, body = configure(c, spec)
+            assert code == 200 and "handover2" in roles_and_dbs(c)[0], body
+            store = StateStore(state_path(c.runtime_dir))
+            assert "lifecycle" not in (store.get("program_restarts") or {})
+            assert c.postmaster_pid() == pm
+            assert "Traceback" not in c.output()

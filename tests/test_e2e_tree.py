@@ -116,6 +116,7 @@ def test_python_programs_are_forked_from_compute_ctl_with_clean_hygiene(compute)
     interpreters: compute-ctl's command line, the program's name as comm. They carry none of
     supervisord's signal handlers, files or sockets; a killed one is forked again."""
     compute.wait_status("running")
+    compute.wait_handed_over()
     ctl = compute.proc.pid
     with open(f"/proc/{ctl}/cmdline", "rb") as f:
         ctl_cmdline = f.read()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compute.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
-                                   postgres_has_ended, tree_exit_code)
+                                   postgres_has_ended, tree_exit_code, counts_as_restart)
 
 SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
 
@@ -63,3 +63,16 @@ def test_recovery_sees_a_missed_end(statename, postgres_started, ended):
 ])
 def test_tree_exit_code(recorded, by_signal, by_rpc, expected):
     assert tree_exit_code(recorded, stopped_by_signal=by_signal, stopped_by_rpc=by_rpc) == expected
+
+
+@pytest.mark.parametrize("program,exitstatus,counted", [
+    ("lifecycle", 0, False),   # the hand-over to a fresh driver
+    ("lifecycle", 1, True),    # a crashed driver
+    ("lifecycle", -1, True),   # kill -9
+    ("lifecycle", None, True),
+    ("monitor", 0, True),      # nobody else exits 0 on purpose
+    ("api", 0, True),
+    ("monitor", 1, True),
+])
+def test_counts_as_restart(program, exitstatus, counted):
+    assert counts_as_restart(program, exitstatus) is counted

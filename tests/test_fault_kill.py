@@ -72,6 +72,7 @@ def compute():
 def test_kill_9_program_repeatedly(compute, program):
     c = compute
     st0 = c.wait_status("running")
+    c.wait_handed_over()  # kill the serving driver, not the one handing over
     pm, pm_started = c.postmaster_pid(), postmaster_start_time(c)
     sup = supervisord_pid(c.runtime_dir)
     rng = random.Random(program)
@@ -201,6 +202,7 @@ def test_sigkill_of_supervisord_leaves_nothing_behind(compute):
     lacked one until issue 6)."""
     c = compute
     c.wait_status("running")
+    c.wait_handed_over()  # the driver that ran the start-up hands over to a fresh one
     assert supervisord_pid(c.runtime_dir) == c.proc.pid  # compute-ctl is supervisord
     pids = tree_pids(c)
     roles = set(pids.values())

@@ -11,9 +11,9 @@ from compute.lifecycle_plan import (PROMOTE, STARTUP_STEPS, DriverView, Readines
                                     readiness, wants_reconfiguration)
 
 S = Step
-FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.SERVE)
-REUSE_POSTGRES = (S.WAIT_FOR_SPEC, S.WAIT_READY, S.END_STALE_SESSIONS, S.APPLY, S.MARK_RUNNING, S.SERVE)
-REAPPLY = (S.END_STALE_SESSIONS, S.REQUEUE_CONFIGURATION, S.SERVE)
+FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
+REUSE_POSTGRES = (S.WAIT_FOR_SPEC, S.WAIT_READY, S.END_STALE_SESSIONS, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
+REAPPLY = (S.END_STALE_SESSIONS, S.REQUEUE_CONFIGURATION, S.SERVE, S.HAND_OVER)
 
 MATRIX = {
     # first start: nothing happened yet
@@ -33,15 +33,15 @@ MATRIX = {
     "failed start in grace period": (DriverView("failed", postgres_state="RUNNING"), (S.FAIL_LATER,)),
     "failed start, postgres gone": (DriverView("failed", postgres_state="EXITED"), (S.FAIL_LATER,)),
     # after the start: serve, re-applying a configuration a killed driver left half done
-    "running": (DriverView("running", startup_done=True), (S.SERVE,)),
-    "configuration pending": (DriverView("configuration_pending", startup_done=True), (S.SERVE,)),
+    "running": (DriverView("running", startup_done=True), (S.SERVE, S.HAND_OVER)),
+    "configuration pending": (DriverView("configuration_pending", startup_done=True), (S.SERVE, S.HAND_OVER)),
     "configuration in progress": (DriverView("configuration", startup_done=True, configuring_by="driver"),
                                   REAPPLY),
     "configuration in progress (older state file)": (DriverView("configuration", startup_done=True), REAPPLY),
     # /promote holds `configuration` itself: the API finishes it, the new driver only serves
-    "promote in progress": (DriverView("configuration", startup_done=True, configuring_by=PROMOTE), (S.SERVE,)),
+    "promote in progress": (DriverView("configuration", startup_done=True, configuring_by=PROMOTE), (S.SERVE, S.HAND_OVER)),
     # a failed reconfiguration keeps the compute up with the error (no grace-period exit)
-    "reconfiguration failed": (DriverView("failed", startup_done=True), (S.SERVE,)),
+    "reconfiguration failed": (DriverView("failed", startup_done=True), (S.SERVE, S.HAND_OVER)),
 }
 
 
@@ -62,8 +62,8 @@ def test_every_plan_is_well_formed(case):
     if S.APPLY in plan:
         assert plan.index(S.WAIT_FOR_SPEC) < plan.index(S.WAIT_READY) < plan.index(S.APPLY) \
             < plan.index(S.MARK_RUNNING)
-    # a plan either ends serving or ends the tree
-    assert plan[-1] in (S.SERVE, S.FAIL_LATER)
+    # a plan either hands over to a fresh driver or ends the tree
+    assert plan[-1] in (S.HAND_OVER, S.FAIL_LATER)
     assert len(set(plan)) == len(plan)
 
 

@@ -8,6 +8,7 @@ real gunicorn and real HTTP on loopback.
 from __future__ import annotations
 
 import copy
+import re
 import json
 import os
 import shutil
@@ -164,6 +165,22 @@ class Compute:
         raise AssertionError(f"status never became {wanted}; last {last}\n{self.output()[-6000:]}")
 
     # -- process ----------------------------------------------------------------------------
+    def wait_handed_over(self, timeout: float = 30) -> int:
+        """After `running`: the driver that did the start-up hands over to a fresh one
+        (compute/lifecycle_plan.py), and again after each reconfiguration. Waits for the driver
+        after the latest hand-over; returns its pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            handed = re.findall(r"handing over to a fresh driver \(pid (\d+) exits\)", self.output())
+            if handed:
+                res = self.supervisorctl("pid", "lifecycle")
+                pid = int(res.stdout.strip()) if res.stdout.strip().isdigit() else 0
+                if pid and pid != int(handed[-1]):
+                    return pid
+            if time.monotonic() > deadline:
+                raise AssertionError("the driver did not hand over:\n" + self.output()[-3000:])
+            time.sleep(0.05)
+
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
         try:
