@@ -6,7 +6,8 @@
 gthread workers: a /configure blocks one thread of one worker while /status keeps being served
 by the others. Workers hold no state of their own (everything lives in the state file), so a
 worker that crashes or is recycled loses nothing. Overrides through the environment:
-COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1.
+COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1,
+COMPUTE_API_FAST_PATH=0 (every request to the thread pool: compute/api/fastpath.py).
 """
 
 import os

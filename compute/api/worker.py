@@ -1,10 +1,21 @@
-"""gunicorn's gthread worker, except that a request head is read without holding a thread.
+"""gunicorn's gthread worker, except that a request head is read without holding a thread, and
+that GET /status, /healthz, /metrics.json and /info are answered by the poller itself.
+
+Fast path (compute/api/fastpath.py says which requests): when the poller has a complete head
+of such a request, it runs gunicorn's own request handling and the falcon app right there, the
+answer going to a buffer, then sends it with the socket non-blocking; what the client does not
+take at once waits in the poller (IO_TIMEOUT at most) before the next request of that connection
+is looked at. Everything else (and a request the poller could not answer: a busy state file, a
+malformed head) goes to the pool, in order: a connection is in one place at a time. 16 threads
+contending for one GIL made each /status wait in the pool's queue and for the GIL; here it
+costs neither, and it is answered while every pool thread is blocked.
 
 The stock worker hands a connection to a pool thread as soon as its first byte arrives, and the
 thread then reads the rest of the request with a blocking socket and no deadline: a few dozen
 clients sending their request a byte now and then occupy every thread and /status starves.
-Here a pool thread only takes what is already there (one non-blocking recv), keeps it with the
-connection and gives the connection back to the worker's poller until the head is complete
+Here the poller (or, for connections the pool hands back, a pool thread) only takes what is
+already there (one non-blocking recv), keeps it with the connection and waits in the poller
+until the head is complete
 (an empty line); only then does the stock code parse and serve the request, from the bytes
 already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
 poller closes a connection that stays silent for `keepalive` seconds.
