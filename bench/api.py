@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--monitor-seconds", type=float, default=30)
     ap.add_argument("--workers", help="COMPUTE_API_WORKERS for gunicorn (default: gunicorn_conf's)")
     ap.add_argument("--threads", help="COMPUTE_API_THREADS for gunicorn (default: gunicorn_conf's)")
+    ap.add_argument("--fast-path", choices=("on", "off"),
+                    help="COMPUTE_API_FAST_PATH: answer /status & co on the worker's poller (default: on)")
+    ap.add_argument("--switch-interval", help="COMPUTE_API_SWITCH_INTERVAL (seconds) for the API worker")
     ap.add_argument("--skip-monitor", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = ap.parse_args(argv)
@@ -258,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         extra_env["COMPUTE_API_WORKERS"] = args.workers
     if args.threads:
         extra_env["COMPUTE_API_THREADS"] = args.threads
+    if args.fast_path:
+        extra_env["COMPUTE_API_FAST_PATH"] = "1" if args.fast_path == "on" else "0"
+    if args.switch_interval:
+        extra_env["COMPUTE_API_SWITCH_INTERVAL"] = args.switch_interval
 
     runtime_dir = tempfile.mkdtemp(prefix="cs-bench-", dir="/tmp")
     figures: dict = {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()[0],

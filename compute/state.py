@@ -82,6 +82,17 @@ STATE_FILE = "state.db"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
 
 
+BUSY_TIMEOUT_MS = 10_000
+_thread_busy_timeout = threading.local()
+
+
+def bound_busy_wait(ms: int) -> None:
+    """Connections opened by the calling thread from now on wait at most `ms` for a lock held
+    by another process (then sqlite3.OperationalError): for a thread that must never stall,
+    the API worker's poller (compute/api/fastpath.py). Others keep BUSY_TIMEOUT_MS."""
+    _thread_busy_timeout.ms = int(ms)
+
+
 class StateStore:
     """A handle on the state file. Safe to share between threads of one process (one
     connection per thread); reopened automatically in a forked child."""
@@ -94,8 +105,9 @@ class StateStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 10000")
+            busy_ms = int(getattr(_thread_busy_timeout, "ms", BUSY_TIMEOUT_MS))
+            conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import traceback
+
 import falcon
 
 from compute.api.auth import JwtAuth
@@ -12,6 +15,7 @@ from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
 from compute.api.errors import BodyLimit, JsonOnly, serialize_error
+from compute.api.fastpath import RetryInPool, answering_inline
 from compute.api.health import Healthz, Readyz
 from compute.api.insights import Insights
 from compute.api.openapi_doc import OpenApiDocument
@@ -28,6 +32,7 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
 
     app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
     app.set_error_serializer(serialize_error)
+    app.add_error_handler(sqlite3.OperationalError, state_file_error)
 
     app.add_route("/status", Status(ctx))
     app.add_route("/metrics.json", MetricsJson(ctx))
@@ -44,3 +49,13 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app.add_route("/database_schema", DatabaseSchema(ctx))
     app.add_route("/openapi.yaml", OpenApiDocument())
     return app
+
+
+def state_file_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    """A state file SQLite could not read (busy past the timeout, I/O error). Inline, on the
+    worker's poller (compute/api/fastpath.py): retry the request in a pool thread, which waits
+    longer. Elsewhere exactly what falcon does with any unexpected error: log it, 500."""
+    if answering_inline():
+        raise RetryInPool() from ex
+    req.log_error(traceback.format_exc())
+    raise falcon.HTTPInternalServerError()

@@ -6,7 +6,8 @@
 gthread workers: a /configure blocks one thread of one worker while /status keeps being served
 by the others. Workers hold no state of their own (everything lives in the state file), so a
 worker that crashes or is recycled loses nothing. Overrides through the environment:
-COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1.
+COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS (per worker), COMPUTE_API_ACCESS_LOG=1,
+COMPUTE_API_FAST_PATH=0 (every request to the thread pool: compute/api/fastpath.py).
 """
 
 import gc
@@ -59,13 +60,20 @@ try:  # gthread that reads request heads in its poller, not in a pool thread (se
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
     worker_class = "gthread"
+# 2 workers x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
+# python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), medians [range] of 3
+# interleaved runs, req/s / p50 / p99 idle, p99 during a /configure:
+#   2 x 16 fast path: 9,060 [8,069-9,453] / 6.9 / 15.6 [12.1-17.1] ms, 13.4 [11.1-13.5] ms
+#   2 x 16 pool only: 7,043 / 7.9 / 36.5 [30.6-42.9] ms (2 x 4 pool only: 32.5 ms)
+#   1 x 16 fast path: 5,611 / 11.0 / 52.5 [42.9-54.2] ms, 45.4 [18.1-137.3] ms
+#   1 x 16 pool only: 1,303 / 47.7 / 72.8 ms (16 threads convoying on one GIL)
+# One worker would save ~13 MiB, but one thread then carries every /status on one core the load
+# generator shares: any stall of it delays all 64 connections, and p99 misses 20 ms.
 workers = int(os.environ.get("COMPUTE_API_WORKERS", "2"))
-# 16 threads per worker. /status is CPU-bound under one GIL per worker, so fewer threads give a
-# better synthetic tail (python -m bench.api, 64 keep-alive connections, 2 quiet cores: p99
-# ~23 ms with 4 threads, ~31-37 ms with 16, same ~7,500 req/s), but threads are what absorbs
-# requests that block: /configure, /terminate, /insights and /check_writability on a stuck
-# postgres (10 s statement timeout), bodies sent slowly. Request heads no longer hold a thread
-# (compute/api/worker.py). COMPUTE_API_THREADS=4 trades that margin for the tail.
+# 16 threads per worker: threads are what absorbs requests that block: /configure, /terminate,
+# /insights and /check_writability on a stuck postgres (10 s statement timeout), bodies sent
+# slowly. Request heads do not hold a thread, and /status & co never reach the pool (worker.py),
+# so their number no longer costs /status its tail. COMPUTE_API_FAST_PATH=0: everything to the pool.
 threads = int(os.environ.get("COMPUTE_API_THREADS", "16"))
 keepalive = 5
 # Connections each worker holds at once (open, kept alive, or sending a head): a bound, so a

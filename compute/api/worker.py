@@ -1,10 +1,21 @@
-"""gunicorn's gthread worker, except that a request head is read without holding a thread.
+"""gunicorn's gthread worker, except that a request head is read without holding a thread, and
+that GET /status, /healthz, /metrics.json and /info are answered by the poller itself.
+
+Fast path (compute/api/fastpath.py says which requests): when the poller has a complete head
+of such a request, it runs gunicorn's own request handling and the falcon app right there, the
+answer going to a buffer, then sends it with the socket non-blocking; what the client does not
+take at once waits in the poller (IO_TIMEOUT at most) before the next request of that connection
+is looked at. Everything else (and a request the poller could not answer: a busy state file, a
+malformed head) goes to the pool, in order: a connection is in one place at a time. 16 threads
+contending for one GIL made each /status wait in the pool's queue and for the GIL; here it
+costs neither, and it is answered while every pool thread is blocked.
 
 The stock worker hands a connection to a pool thread as soon as its first byte arrives, and the
 thread then reads the rest of the request with a blocking socket and no deadline: a few dozen
 clients sending their request a byte now and then occupy every thread and /status starves.
-Here a pool thread only takes what is already there (one non-blocking recv), keeps it with the
-connection and gives the connection back to the worker's poller until the head is complete
+Here the poller (or, for connections the pool hands back, a pool thread) only takes what is
+already there (one non-blocking recv), keeps it with the connection and waits in the poller
+until the head is complete
 (an empty line); only then does the stock code parse and serve the request, from the bytes
 already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
 poller closes a connection that stays silent for `keepalive` seconds.
@@ -28,13 +39,22 @@ arrives so that unread bytes never turn the close into a reset), and the main th
 
 from __future__ import annotations
 
+import errno
+import gc
 import inspect
+import os
 import selectors
 import socket
+import sys
 import time
 from collections import deque
+from functools import partial
 
+from gunicorn import http
 from gunicorn.workers import gthread
+
+from compute.api import fastpath
+from compute.state import bound_busy_wait
 
 _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
 
@@ -81,10 +101,232 @@ _FINISH_REQUEST_OF_27 = (list(inspect.signature(gthread.ThreadWorker.finish_requ
                          == ["conn", "fs"])
 
 
+def fast_path_enabled(environ=os.environ) -> bool:
+    """COMPUTE_API_FAST_PATH=0 sends every request to the pool (the A/B switch of bench.api)."""
+    return environ.get("COMPUTE_API_FAST_PATH", "1") != "0"
+
+
+class _CapturingSocket:
+    """What gunicorn's response writes to when a request is answered inline: the bytes are
+    kept, and the poller sends them without ever blocking."""
+
+    def __init__(self):
+        self.out = bytearray()
+
+    def sendall(self, data) -> None:
+        self.out += data
+
+    def send(self, data) -> int:
+        self.out += data
+        return len(data)
+
+    def recv(self, *_args) -> bytes:  # never reached: inline requests have no body
+        raise BlockingIOError("an inline request does not read its socket")
+
+    def shutdown(self, _how) -> None:
+        pass
+
+    def settimeout(self, _t) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _InlineConn:
+    """The three attributes of a connection that gunicorn's handle_request uses."""
+
+    def __init__(self, sock, client, server):
+        self.sock, self.client, self.server = sock, client, server
+
+
 class HeadFirstThreadWorker(gthread.ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cs_lingering: deque = deque()  # (deadline, socket, [bytes drained]), oldest first
+        self.cs_fast_path = fast_path_enabled()
+        self.cs_writing: deque = deque()  # (deadline, conn): inline answers the client is slow to take
+
+    def init_process(self):
+        # What the worker was forked with (the app, gunicorn's objects) lives as long as the
+        # worker: out of the collector (no collection first: that would write to every shared
+        # page), so that a full collection neither walks it nor copies its pages.
+        gc.freeze()
+        bound_busy_wait(fastpath.INLINE_BUSY_TIMEOUT_MS)  # this (the poller) thread's state file reads
+        interval = os.environ.get("COMPUTE_API_SWITCH_INTERVAL")
+        if interval:
+            sys.setswitchinterval(float(interval))
+        super().init_process()
+
+    # -- the poller: read heads, answer inline routes, hand the rest to the pool -------------
+    # A connection the poller keeps (waiting for bytes, or answered inline and kept alive) stays
+    # registered with the selector from one request to the next (only its callback changes: no
+    # system call); it is unregistered whenever it leaves the poller (pool, close, linger).
+    def accept(self, listener):
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname())
+        self._on_readable(conn)
+
+    def on_client_socket_readable(self, conn, client):
+        self.keepalived_conns.remove(conn)
+        self._on_readable(conn)
+
+    def on_pending_socket_readable(self, conn, client):
+        self.pending_conns.remove(conn)
+        conn.data_ready = True
+        self._on_readable(conn)
+
+    def _watch(self, conn, events, callback) -> None:
+        try:
+            self.poller.modify(conn.sock, events, callback)  # same events: no system call
+        except KeyError:
+            self.poller.register(conn.sock, events, callback)
+
+    def _unwatch(self, conn) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _to_pool(self, conn) -> None:
+        self._unwatch(conn)
+        self.enqueue_req(conn)
+
+    def _drop(self, conn, linger: bool = False) -> None:
+        self._unwatch(conn)
+        self.nr_conns -= 1
+        if linger:
+            self._linger(conn.sock)
+        else:
+            conn.close()
+
+    def _on_readable(self, conn) -> None:
+        """On the poller thread: take what the client sent (one non-blocking recv); a complete
+        head is answered here if its route allows (fastpath.py), else by a pool thread."""
+        if (not self.cs_fast_path or self.cfg.is_ssl or conn.is_http2
+                or gthread.negotiation.prior_knowledge_allowed(self.cfg, conn.client)
+                or (conn.parser is not None and conn.parser.unreader.buf.getbuffer().nbytes)):
+            self._to_pool(conn)  # handle() in a pool thread, as without the fast path
+            return
+        try:
+            verdict = self._read_head(conn)
+        except Exception:  # noqa: BLE001 - never let one connection take the poller down
+            self.log.exception("reading a request head")
+            verdict = False
+        if verdict is _DEFER:
+            self._wait_readable(conn)
+        elif verdict is False:
+            self._drop(conn)
+        elif getattr(conn, "cs_inline", False):
+            self._serve_inline(conn)
+        else:
+            self._to_pool(conn)
+
+    def _wait_readable(self, conn) -> None:
+        """Back to the poller until the client sends more (as gunicorn's finish_request does for
+        a deferred connection)."""
+        if not self.alive:
+            self._drop(conn)
+            return
+        _nonblocking(conn.sock)
+        conn.timeout = time.monotonic() + self.cfg.keepalive
+        self.pending_conns.append(conn)
+        self._watch(conn, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn))
+
+    def _serve_inline(self, conn) -> None:
+        """Answer the request whose head the parser holds, on this thread, through the same
+        gunicorn request handling and falcon app as a pool thread would; then send the answer
+        without blocking. Whatever cannot be done here goes to the pool, in order."""
+        req = None
+        try:
+            _nonblocking(conn.sock)  # should the parser ever want more bytes: no wait here
+            req = next(conn.parser)  # from the bytes held: a complete head, no body
+        except (StopIteration, http.errors.NoMoreData):
+            self._drop(conn)
+            return
+        except Exception as e:  # noqa: BLE001 - a malformed request: the pool answers the error
+            self._unwatch(conn)
+            self._submit(conn, self._answer_error, conn, req, e)
+            return
+        capture = _CapturingSocket()
+        try:
+            with fastpath.inline():
+                keepalive = gthread.ThreadWorker.handle_request(self, req, _InlineConn(capture, conn.client, conn.server))
+        except fastpath.RetryInPool:
+            self._unwatch(conn)
+            self._submit(conn, self._handle_parsed, conn, req)
+            return
+        except StopIteration:  # the app failed after the head was sent: send what there is, close
+            keepalive = False
+        except Exception as e:  # noqa: BLE001 - nothing sent yet: the pool answers the error
+            self._unwatch(conn)
+            self._submit(conn, self._answer_error, conn, req, e)
+            return
+        if keepalive:
+            conn.parser.mesg = None  # fully read (no body): nothing for the parser to drain
+        self._send_inline(conn, memoryview(bytes(capture.out)), keepalive)
+
+    def _send_inline(self, conn, data: memoryview, keepalive: bool) -> None:
+        try:
+            sent = conn.sock.send(data) if data else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        if sent < len(data):  # the client is not reading: wait for it in the poller, bounded
+            self.cs_writing.append((time.monotonic() + IO_TIMEOUT, conn))
+            self._watch(conn, selectors.EVENT_WRITE, partial(self._on_writable, conn, data[sent:], keepalive))
+            return
+        self._after_inline(conn, keepalive)
+
+    def _on_writable(self, conn, data: memoryview, keepalive: bool, _sock) -> None:
+        entry = next((e for e in self.cs_writing if e[1] is conn), None)
+        if entry is not None:
+            self.cs_writing.remove(entry)
+        self._send_inline(conn, data, keepalive)
+
+    def _after_inline(self, conn, keepalive: bool) -> None:
+        if not keepalive or not self.alive:
+            self._drop(conn, linger=True)
+        elif conn.parser.unreader.buf.getbuffer().nbytes:
+            self._to_pool(conn)  # a pipelined request already here: the pool, in order
+        else:  # kept alive: back to waiting, as gunicorn's finish_request does
+            conn.set_timeout()
+            self.keepalived_conns.append(conn)
+            self._watch(conn, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+
+    def _submit(self, conn, fn, *args) -> None:
+        fs = self.tpool.submit(fn, *args)
+        fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+
+    def _handle_parsed(self, conn, req):
+        """In a pool thread: a request parsed by the poller (it could not be answered there)."""
+        try:
+            conn.sock.setblocking(True)
+            return self._keepalive_after(conn, self.handle_request(req, conn))
+        except (OSError, StopIteration, http.errors.NoMoreData):
+            return False
+        except Exception as e:  # noqa: BLE001 - as gunicorn's handle()
+            self.handle_error(req, conn.sock, conn.client, e)
+            return False
+
+    def _answer_error(self, conn, req, exc):
+        """In a pool thread: the error answer gunicorn's handle() gives (400 for a malformed
+        request, 500 otherwise); the connection is then closed."""
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(IO_TIMEOUT)
+            self.handle_error(req, conn.sock, conn.client, exc)
+        except OSError:
+            pass
+        return False
 
     def _finish_request_lingering(self, conn, fs):
         """As gunicorn's, except that a connection to close lingers in the poller, never on
@@ -139,6 +381,8 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         now = time.monotonic()
         while self.cs_lingering and self.cs_lingering[0][0] <= now:
             self._end_linger(self.cs_lingering.popleft()[1])
+        while self.cs_writing and self.cs_writing[0][0] <= now:  # never took its answer
+            self._drop(self.cs_writing.popleft()[1])
 
     if _FINISH_REQUEST_OF_27:
         finish_request = _finish_request_lingering
@@ -181,7 +425,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             head = conn.cs_head = bytearray()
             conn.cs_head_since = None
         try:
-            conn.sock.setblocking(False)
+            _nonblocking(conn.sock)
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             data = None
@@ -195,6 +439,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             start = max(0, len(head) - 2)
             head += data
             if any(head.find(end, start) >= 0 for end in HEAD_ENDS) or len(head) > MAX_BUFFERED_HEAD:
+                conn.cs_inline = fastpath.inline_candidate(bytes(head))
                 conn.init()  # blocking socket and parser, as the stock path makes them
                 unreader = conn.parser.unreader
                 if hasattr(unreader, "sock"):  # the rest of this request within REQUEST_DEADLINE
@@ -206,6 +451,11 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if conn.cs_head_since is not None and time.monotonic() - conn.cs_head_since > HEAD_DEADLINE:
             return False
         return _DEFER
+
+
+def _nonblocking(sock: socket.socket) -> None:
+    if sock.gettimeout() != 0.0:  # Python's own record: no system call when already so
+        sock.setblocking(False)
 
 
 def _close(sock: socket.socket) -> None:

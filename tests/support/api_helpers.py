@@ -150,7 +150,9 @@ def gunicorn(runtime_dir: str, *, env: dict[str, str] | None = None, stderr_path
              ) -> Iterator[subprocess.Popen]:
     """Run exactly the lead's supervisord command line on the state file of `runtime_dir`."""
     full_env = dict(os.environ, COMPUTE_RUNTIME_DIR=runtime_dir, PYTHONPATH=REPO, **(env or {}))
-    port = StateStore(state_path(runtime_dir)).get("launch")["http_port"]
+    store = StateStore(state_path(runtime_dir))
+    port = store.get("launch")["http_port"]
+    store.close()  # hold no handle on the state file while the server runs
     err = open(stderr_path or os.path.join(runtime_dir, "gunicorn.log"), "ab")
     proc = subprocess.Popen(GUNICORN_ARGV, cwd=REPO, env=full_env, stdout=err, stderr=err)
     try:

@@ -1,0 +1,281 @@
+"""The API worker's fast path (compute/api/fastpath.py, compute/api/worker.py): GET /status,
+/healthz, /metrics.json and /info answered on the poller thread. Real gunicorn on loopback,
+raw sockets."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from compute.api.fastpath import inline_candidate
+from compute.state import state_path
+from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
+                                       make_state, minimal_spec, write_jwks)
+from tests.support.pgcluster import free_port
+
+ON, OFF = {"COMPUTE_API_FAST_PATH": "1"}, {"COMPUTE_API_FAST_PATH": "0"}
+
+
+# -- which requests qualify (pure) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("head,expected", [
+    (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", True),
+    (b"GET /metrics.json?x=1 HTTP/1.0\r\nHost: x\r\n\r\n", True),
+    (b"GET /info HTTP/1.1\r\nHost: x\r\n\r\nPOST /configure HTTP/1.1\r\n", True),  # the first one counts
+    (b"GET /status HTTP/1.1\r\nHost: x\r\n", False),  # incomplete
+    (b"HEAD /status HTTP/1.1\r\n\r\n", False),
+    (b"POST /status HTTP/1.1\r\n\r\n", False),
+    (b"GET /readyz HTTP/1.1\r\n\r\n", False),  # postgres
+    (b"GET /metrics HTTP/1.1\r\n\r\n", False),  # supervisord
+    (b"GET /configure HTTP/1.1\r\n\r\n", False),
+    (b"GET /status/ HTTP/1.1\r\n\r\n", False),
+    (b"GET /%73tatus HTTP/1.1\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\nContent-Length: 0\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\nContent-Length : 5\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\r\nNo colon here\r\n\r\n", False),
+    (b"GET /status HTTP/1.1\nHost: x\r\n\r\n", False),  # bare LF
+    (b"GET /status HTTP/2.0\r\n\r\n", False),
+    (b"GET  /status HTTP/1.1\r\n\r\n", False),
+    (b"\r\nGET /status HTTP/1.1\r\n\r\n", False),
+])
+def test_inline_candidates(head, expected):
+    assert inline_candidate(head) is expected
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` (one or more requests, the last with Connection: close), read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def without_date(raw: bytes) -> bytes:
+    return re.sub(rb"\r\nDate: [^\r]*", b"", raw)
+
+
+def responses(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in a stream of Content-Length-framed responses."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        out.append((int(head.split(b" ")[1]), rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+def wait_for(predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+REQUESTS = [
+    b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /status?verbose=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /metrics.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /info HTTP/1.0\r\n\r\n",
+    b"GET /info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer not-a-token\r\nConnection: close\r\n\r\n",
+    b"GET /status HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"HEAD /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /status HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET /status HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"p" * 9000 + b"\r\nConnection: close\r\n\r\n",
+    b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+    b"Connection: close\r\n\r\n{}",
+    b"POST /check_writability HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("with_jwks", [False, True], ids=["open", "jwks"])
+def test_inline_answers_are_byte_identical_to_the_pool(tmp_path, with_jwks):
+    """Same state file, gunicorn with and without the fast path: every answer the same bytes
+    (but the Date header), the routes with auth included."""
+    rt = str(tmp_path)
+    port = free_port()
+    jwks = write_jwks(str(tmp_path / "jwks.json"), jwks_keys()[2]) if with_jwks else None
+    make_state(rt, launch=launch_settings(rt, http_port=port, jwks_path=jwks), start_time=1_700_000_000.5,
+               metrics={"basebackup_ms": 12, "config_ms": 3})
+    answers = {}
+    for mode, env in (("inline", ON), ("pool", OFF)):
+        with gunicorn(rt, env={**env, "COMPUTE_API_WORKERS": "1"}):
+            answers[mode] = [without_date(exchange(port, r)) for r in REQUESTS]
+    for request, inline, pool in zip(REQUESTS, answers["inline"], answers["pool"]):
+        assert inline == pool, request
+    statuses = [a.split(b" ", 2)[1] for a in answers["inline"]]
+    assert statuses == [b"200"] * 7 + [b"404", b"405", b"405", b"400", b"431"] + (
+        [b"401", b"401"] if with_jwks else [b"400", b"500"])  # no postgres behind /check_writability
+    assert json.loads(responses(answers["inline"][0])[0][1])["start_time"] == "2023-11-14T22:13:20.500Z"
+
+
+def test_pipelined_fast_and_slow_requests_are_answered_in_order(tmp_path):
+    """One connection: inline routes, a /configure that blocks a pool thread for a second,
+    an error, inline routes again: every answer, in the order asked."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt)
+    body = json.dumps({"spec": minimal_spec()}).encode()
+    pipeline = (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body) +
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /metrics.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1"}), fake_driver(rt, hold=1.0):
+        got = responses(exchange(port, pipeline, timeout=30))
+        # and again with the slow one first, in pieces
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+            time.sleep(0.2)
+            s.sendall(b"lthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        again = responses(raw)
+    assert [st for st, _ in got] == [200, 200, 200, 200, 404, 200]
+    assert b'"tenant"' in got[0][1] and b'"num_cpus"' in got[1][1]
+    assert json.loads(got[2][1])["status"] == "running"  # /configure's own answer
+    assert got[3][1] == b'{"alive": true}' and b'"basebackup_ms"' in got[5][1]
+    assert [st for st, _ in again] == [200, 200, 200]
+    assert json.loads(again[0][1])["status"] == "running" and b'"tenant"' in again[1][1]
+    assert again[2][1] == b'{"alive": true}'
+
+
+def test_a_client_slow_to_read_its_answer_blocks_no_one(tmp_path):
+    """A /status answer far larger than the socket buffers (an 8 MiB error text), to a client
+    that does not read it: the poller sends what fits and goes on serving others; the client
+    later gets the whole answer, and its connection is still usable."""
+    rt = str(tmp_path)
+    error = "e" * (8 * 1024 * 1024)
+    _, port = gunicorn_state(rt, status="failed", error=error)
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "1"}):
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: no autotuning
+        slow.settimeout(30)
+        slow.connect(("127.0.0.1", port))
+        slow.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: slow.recv(1, socket.MSG_PEEK), what="the first bytes of the answer")
+        latencies = []
+        for _ in range(20):  # others, inline and through the single pool thread
+            for request in (b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+                            b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n"):
+                t0 = time.monotonic()
+                assert exchange(port, request, timeout=5).startswith(b"HTTP/1.1 200")
+                latencies.append(time.monotonic() - t0)
+        assert max(latencies) < 2.0, max(latencies)
+        raw = b""
+        while len(raw) < len(error) or not raw.endswith(b"}"):
+            raw += slow.recv(1 << 20)
+        (status, body), = responses(raw)
+        assert status == 200 and json.loads(body)["error"] == error
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        rest = b""
+        while chunk := slow.recv(65536):
+            rest += chunk
+        assert responses(rest) == [(200, b'{"alive": true}')]
+        slow.close()
+
+
+def _slow_body(port: int, release: threading.Event, results: list) -> None:
+    """A POST whose body never comes until `release`: holds a pool thread (10 s at most)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 20\r\nConnection: close\r\n\r\n{")
+            release.wait(8)
+            s.sendall(b" " * 19)
+            results.append(s.recv(65536).split(b" ")[1])
+    except OSError as e:
+        results.append(repr(e))
+
+
+def _times_out(port: int, path: bytes) -> bool:
+    """Whether a GET of `path` (a route served by the pool) goes unanswered for a second."""
+    try:
+        exchange(port, b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % path, timeout=1)
+    except socket.timeout:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["inline", "pool-only"])
+def test_status_while_every_pool_thread_is_blocked(tmp_path, fast_path):
+    """Both threads of the only worker hold a request whose body does not come: /status & co
+    are still answered inline; a pool route waits (and, without the fast path, /status too)."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt)
+    release, results = threading.Event(), []
+    env = {**(ON if fast_path else OFF), "COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}
+    with gunicorn(rt, env=env):
+        holders = [threading.Thread(target=_slow_body, args=(port, release, results)) for _ in range(2)]
+        for t in holders:
+            t.start()
+        try:
+            wait_for(lambda: _times_out(port, b"/openapi.yaml"), what="both pool threads to be taken")
+            answered = []
+            for path in (b"/status", b"/healthz", b"/metrics.json", b"/info"):
+                try:
+                    answered.append(exchange(port, b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % path,
+                                             timeout=1).split(b" ")[1])
+                except socket.timeout:
+                    answered.append(b"timeout")
+        finally:
+            release.set()
+            for t in holders:
+                t.join()
+    if fast_path:
+        assert answered == [b"200"] * 4
+    else:
+        assert answered == [b"timeout"] * 4
+    assert sorted(results) == [b"400", b"400"]  # {"spec"...} never came: a bad request, answered
+
+
+def test_a_locked_state_file_sends_the_request_to_the_pool_not_a_500(tmp_path):
+    """Another process holds the state file exclusively: the inline read gives up after its
+    short busy timeout, the poller goes on (/healthz), and a pool thread answers the /status
+    once the lock is gone."""
+    rt = str(tmp_path)
+    store, port = gunicorn_state(rt)
+    store.close()  # the locker must be the only one with the file open
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1"}):
+        locker = sqlite3.connect(state_path(rt), isolation_level=None)
+        locker.execute("PRAGMA locking_mode = EXCLUSIVE")
+        locker.execute("BEGIN EXCLUSIVE")
+        locker.execute("COMMIT")  # the lock stays: exclusive locking mode
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            raw=exchange(port, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=30)))
+        t.start()
+        try:
+            time.sleep(0.5)  # the /status is now waiting in a pool thread
+            assert t.is_alive()
+            assert exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", timeout=2) \
+                .startswith(b"HTTP/1.1 200")
+        finally:
+            locker.close()
+        t.join(30)
+    (status, body), = responses(result["raw"])
+    assert status == 200 and json.loads(body)["status"] == "running"
