@@ -279,3 +279,51 @@ def test_a_locked_state_file_sends_the_request_to_the_pool_not_a_500(tmp_path):
         t.join(30)
     (status, body), = responses(result["raw"])
     assert status == 200 and json.loads(body)["status"] == "running"
+
+
+# -- attacks through the fast path (raw sockets, no token) -----------------------------------------
+
+def _read_responses(s: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """Read exactly `count` Content-Length-framed responses from `s` (it may stay open)."""
+    raw = b""
+    while True:
+        rest, complete = raw, 0
+        while b"\r\n\r\n" in rest:
+            head, _, rest = rest.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+            if len(rest) < length:
+                break
+            rest, complete = rest[length:], complete + 1
+        if complete >= count:
+            return responses(raw)
+        chunk = s.recv(65536)
+        if not chunk:
+            return responses(raw)
+        raw += chunk
+
+
+@pytest.mark.parametrize("first", [b"/healthz", b"/openapi.yaml"], ids=["inline-first", "pool-first"])
+def test_a_partial_head_pipelined_behind_a_request_holds_no_pool_thread(tmp_path, first):
+    """A complete request and, in the same packet, the first bytes of the next head: the rest
+    of that head is awaited in the poller like any head, not by a pool thread reading it with
+    a blocking socket (REQUEST_DEADLINE, 10 s). Two such clients per pool of two threads used
+    to hold the pool for those 10 s, over and over."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt)
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        try:
+            for s in holders:
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\nGET /openapi.yaml HTTP/1.1\r\nHo" % first)
+            for s in holders:  # the first request of each is answered, the second is pending
+                assert [st for st, _ in _read_responses(s, 1)] == [200]
+            # a pool route is answered while all three heads are still incomplete
+            assert exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                            timeout=5).startswith(b"HTTP/1.1 200")
+            for s in holders:  # and the held bytes were kept, in order
+                s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+                (status, body), = _read_responses(s, 1)
+                assert status == 200 and body.startswith(b"openapi:"), body[:40]
+        finally:
+            for s in holders:
+                s.close()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import gc
 import inspect
+import io
 import os
 import selectors
 import socket
@@ -296,7 +297,10 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if not keepalive or not self.alive:
             self._drop(conn, linger=True)
         elif conn.parser.unreader.buf.getbuffer().nbytes:
-            self._to_pool(conn)  # a pipelined request already here: the pool, in order
+            if _hold_partial_head(conn):  # the next head, incomplete: wait for the rest here
+                self._wait_readable(conn)
+            else:
+                self._to_pool(conn)  # a pipelined request already here: the pool, in order
         else:  # kept alive: back to waiting, as gunicorn's finish_request does
             conn.set_timeout()
             self.keepalived_conns.append(conn)
@@ -393,6 +397,8 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             return super().handle(conn)
         parser = conn.parser
         if parser is not None and parser.unreader.buf.getbuffer().nbytes:
+            if _hold_partial_head(conn):
+                return _DEFER  # the rest of the next head is awaited in the poller
             if isinstance(getattr(parser.unreader, "sock", None), DeadlineSocket):
                 parser.unreader.sock.deadline = time.monotonic() + REQUEST_DEADLINE
             return super().handle(conn)  # pipelined bytes already held: the stock path
@@ -451,6 +457,21 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if conn.cs_head_since is not None and time.monotonic() - conn.cs_head_since > HEAD_DEADLINE:
             return False
         return _DEFER
+
+
+def _hold_partial_head(conn) -> bool:
+    """The parser holds the start of a pipelined next request but not its whole head: give
+    those bytes back to the head collector (conn.cs_head, _read_head), so that the rest is
+    awaited in the poller like any head, never by a pool thread reading with a blocking socket
+    (a complete request followed by a byte of the next one held a thread for REQUEST_DEADLINE).
+    True if so; a complete head (or more than MAX_BUFFERED_HEAD) stays for the parser."""
+    held = conn.parser.unreader.buf.getvalue()
+    if not held or len(held) > MAX_BUFFERED_HEAD or any(end in held for end in HEAD_ENDS):
+        return False
+    conn.parser.unreader.buf = io.BytesIO()
+    conn.cs_head = bytearray(held)
+    conn.cs_head_since = time.monotonic()  # HEAD_DEADLINE from now
+    return True
 
 
 def _nonblocking(sock: socket.socket) -> None:
