@@ -17,7 +17,8 @@ Here the poller (or, for connections the pool hands back, a pool thread) only ta
 already there (one non-blocking recv), keeps it with the connection and waits in the poller
 until the head is complete
 (an empty line); only then does the stock code parse and serve the request, from the bytes
-already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
+already read. The same goes for the start of a next head that came pipelined behind a request
+(_hold_partial_head): it goes back to the poller, not to a thread that would wait for the rest. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
 poller closes a connection that stays silent for `keepalive` seconds.
 
 Bodies are read by a thread, and only when the app asks (after auth and mode checks; bounded at
