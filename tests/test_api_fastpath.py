@@ -442,3 +442,35 @@ def test_clients_resetting_mid_answer_leak_no_connection_slot(tmp_path):
         for path in (b"/healthz", b"/openapi.yaml", b"/healthz"):
             assert exchange(port, b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % path,
                             timeout=30).startswith(b"HTTP/1.1 200")
+
+
+def test_pipelined_inline_requests_a_client_does_not_read_hold_no_pool_thread(tmp_path):
+    """Clients that pipeline many /status (large answers here: a long error text) and do not
+    read them: the answers after the first are given inline too, one at a time, so they wait
+    in the poller rather than in a pool thread blocked on a send (IO_TIMEOUT, 10 s, each);
+    the pool still answers; and each client later gets every answer, in order."""
+    rt = str(tmp_path)
+    error = "e" * (256 * 1024)
+    _, port = gunicorn_state(rt, status="failed", error=error)
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        clients = []
+        try:
+            for _ in range(4):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(30)
+                s.connect(("127.0.0.1", port))
+                s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 10 + b"GET /healthz HTTP/1.1\r\n\r\n")
+                clients.append(s)
+            for s in clients:
+                wait_for(lambda: s.recv(1, socket.MSG_PEEK), what="the first bytes of an answer")
+            assert exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                            timeout=5).startswith(b"HTTP/1.1 200")
+            for s in clients:
+                got = _read_responses(s, 11)
+                assert [st for st, _ in got] == [200] * 11
+                assert all(json.loads(body)["error"] == error for _, body in got[:10])
+                assert got[10][1] == b'{"alive": true}'
+        finally:
+            for s in clients:
+                s.close()

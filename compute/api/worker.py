@@ -300,6 +300,11 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         elif conn.parser.unreader.buf.getbuffer().nbytes:
             if _hold_partial_head(conn):  # the next head, incomplete: wait for the rest here
                 self._wait_readable(conn)
+            elif fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
+                # Inline too, on a later turn of the loop (others go first; no recursion): a
+                # client pipelining requests it does not read must not block a pool thread.
+                self._unwatch(conn)
+                self.method_queue.defer(self._serve_inline, conn)
             else:
                 self._to_pool(conn)  # a pipelined request already here: the pool, in order
         else:  # kept alive: back to waiting, as gunicorn's finish_request does
