@@ -6,7 +6,8 @@ of such a request, it runs gunicorn's own request handling and the falcon app ri
 answer going to a buffer, then sends it with the socket non-blocking; what the client does not
 take at once waits in the poller (IO_TIMEOUT at most) before the next request of that connection
 is looked at. Everything else (and a request the poller could not answer: a busy state file, a
-malformed head) goes to the pool, in order: a connection is in one place at a time. 16 threads
+malformed head) goes to the pool, in order: a connection is in one place at a time. An inline
+request pipelined behind an inline one is answered inline too, on a later turn of the loop. 16 threads
 contending for one GIL made each /status wait in the pool's queue and for the GIL; here it
 costs neither, and it is answered while every pool thread is blocked.
 
