@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import sqlite3
+import struct
 import threading
 import time
 
@@ -279,3 +280,197 @@ def test_a_locked_state_file_sends_the_request_to_the_pool_not_a_500(tmp_path):
         t.join(30)
     (status, body), = responses(result["raw"])
     assert status == 200 and json.loads(body)["status"] == "running"
+
+
+# -- attacks through the fast path (raw sockets, no token) -----------------------------------------
+
+def _read_responses(s: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """Read exactly `count` Content-Length-framed responses from `s` (it may stay open)."""
+    raw = b""
+    while True:
+        rest, complete = raw, 0
+        while b"\r\n\r\n" in rest:
+            head, _, rest = rest.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+            if len(rest) < length:
+                break
+            rest, complete = rest[length:], complete + 1
+        if complete >= count:
+            return responses(raw)
+        chunk = s.recv(65536)
+        if not chunk:
+            return responses(raw)
+        raw += chunk
+
+
+@pytest.mark.parametrize("first", [b"/healthz", b"/openapi.yaml"], ids=["inline-first", "pool-first"])
+def test_a_partial_head_pipelined_behind_a_request_holds_no_pool_thread(tmp_path, first):
+    """A complete request and, in the same packet, the first bytes of the next head: the rest
+    of that head is awaited in the poller like any head, not by a pool thread reading it with
+    a blocking socket (REQUEST_DEADLINE, 10 s). Two such clients per pool of two threads used
+    to hold the pool for those 10 s, over and over."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt)
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        holders = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        try:
+            for s in holders:
+                s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\nGET /openapi.yaml HTTP/1.1\r\nHo" % first)
+            for s in holders:  # the first request of each is answered, the second is pending
+                assert [st for st, _ in _read_responses(s, 1)] == [200]
+            # a pool route is answered while all three heads are still incomplete
+            assert exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                            timeout=5).startswith(b"HTTP/1.1 200")
+            for s in holders:  # and the held bytes were kept, in order
+                s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+                (status, body), = _read_responses(s, 1)
+                assert status == 200 and body.startswith(b"openapi:"), body[:40]
+        finally:
+            for s in holders:
+                s.close()
+
+
+def _attack(port: int, data: bytes) -> bytes:
+    """Send `data`, half-close (no more requests), read everything until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return without_date(out)
+
+
+def _statuses(raw: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw)]
+
+
+_H = b"Host: x\r\n"
+# (attack, the statuses of what must come back): framing tricks around the inline routes. The
+# fast path decides only where a request runs: every answer must be the pool's, byte for byte.
+ATTACKS = [
+    (b"GET http://x/status HTTP/1.1\r\n" + _H + b"\r\n", [200]),  # absolute form: the pool
+    (b"GET /%73tatus HTTP/1.1\r\n\r\n", [200]),
+    (b"GET //status HTTP/1.1\r\n\r\n", [200]),
+    (b"get /status HTTP/1.1\r\n\r\n", [400]),
+    (b"GET /status\r\n\r\n", [400]),  # HTTP/0.9-style line
+    (b"GET /status HTTP/1.0\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n", [200]),  # 1.0: closes after one
+    (b"GET /status HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /healthz HTTP/1.0\r\n\r\n", [200, 200]),
+    (b"GET /status HTTP/1.1\r\nconnection: CLOSE\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n", [200]),
+    (b"GET /status HTTP/1.1\r\nX: a\r\n Content-Length: 5\r\n\r\nhello", [400]),  # obs-fold
+    (b"GET /status HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhello", [400]),
+    (b"GET /status HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", [400]),
+    (b"GET /status HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n19\r\nGET /healthz HTTP/1.1\r\n\r\n"
+     b"\r\n0\r\n\r\nGET /info HTTP/1.1\r\n\r\n", [200, 200]),  # the chunk is a body, not a request
+    (b"GET /status HTTP/1.1\r\nHost: x\n\r\nGET /healthz HTTP/1.1\r\n\r\n", [400]),  # bare LF
+    (b"GET /status HTTP/1.1\r\nHost: x\rContent-Length: 5\r\n\r\nhello", [400]),  # bare CR
+    (b"GET /status HTTP/1.1\r\nContent-Length\x00: 5\r\n\r\nhelloGET /info HTTP/1.1\r\n\r\n", [400]),
+    (b"GET /status HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", [431]),
+    (b"GET /status HTTP/1.1\r\nX: " + b"a" * 8188 + b"\r\n\r\n", [431]),
+    (b"GET /status HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\nContent-Length: 30\r\n\r\n"
+     b"GET /healthz HTTP/1.1\r\n\r\nGET /info HTTP/1.1\r\n\r\n", [200, 200, 400]),  # a body hides one
+    (b"GET /healthz HTTP/1.1\r\n\r\nPOST /status HTTP/1.1\r\nContent-Length: 23\r\n\r\n"
+     b"GET /healthz HTTP/1.1\r\n\r\nGET /info HTTP/1.1\r\n\r\n", [200, 405, 200]),
+    (b"GET /healthz HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\nContent-Length : 5\r\n\r\n"
+     b"helloGET /info HTTP/1.1\r\n\r\n", [200, 400]),
+    (b"GET /status HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", [100, 200]),
+    (b"GET /status HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n" * 20, [200] * 40),
+]
+
+
+def test_framing_attacks_get_the_pools_answers(tmp_path):
+    """Smuggling and desync attempts around the inline routes, each in one packet: with and
+    without the fast path the same bytes come back (but Date), and the expected requests (no
+    more: none hidden in a body or behind a close) are answered."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt)
+    answers = {}
+    for mode, env in (("inline", ON), ("pool", OFF)):
+        with gunicorn(rt, env={**env, "COMPUTE_API_WORKERS": "1"}):
+            answers[mode] = [_attack(port, data) for data, _ in ATTACKS]
+    for (data, expected), inline, pool in zip(ATTACKS, answers["inline"], answers["pool"]):
+        assert inline == pool, data[:80]
+        assert _statuses(inline) == expected, data[:80]
+
+
+AUTH_SMUGGLING = [
+    (b"GET /status HTTP/1.1\r\n\r\nGET /dbs_and_roles HTTP/1.1\r\n\r\n", [200, 401]),
+    (b"GET /healthz HTTP/1.1\r\n\r\nPOST /terminate HTTP/1.1\r\nContent-Length: 0\r\n\r\n", [200, 401]),
+    (b"GET /info HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /insights HTTP/1.1\r\n\r\n",
+     [200, 401]),
+    (b"GET /metrics.json HTTP/1.1\r\nAuthorization: Bearer a.b.c\r\n\r\n"
+     b"POST /configure HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", [200, 401]),
+    (b"GET http://x/database_schema?database=postgres HTTP/1.1\r\n\r\n", [401]),
+    (b"GET /status/../dbs_and_roles HTTP/1.1\r\n\r\n", [404]),
+    (b"GET /status?/dbs_and_roles HTTP/1.1\r\n\r\nPOST /promote HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+     [200, 401]),
+    (b"GET /status HTTP/1.1\r\n\r\nPOST /check_writability HTTP/1.1\r\n\r\n", [200, 401]),
+]
+
+
+def test_with_jwks_every_route_behind_an_inline_one_still_needs_a_token(tmp_path):
+    """With --jwks, routes that need a token pipelined behind (or disguised as) inline ones,
+    without a valid token: 401 every time, and nothing stopped or configured."""
+    rt = str(tmp_path)
+    port = free_port()
+    jwks = write_jwks(str(tmp_path / "jwks.json"), jwks_keys()[2])
+    store = make_state(rt, launch=launch_settings(rt, http_port=port, jwks_path=jwks))
+    store.close()
+    with gunicorn(rt, env={**ON, "COMPUTE_API_WORKERS": "1"}):
+        for data, expected in AUTH_SMUGGLING:
+            assert _statuses(_attack(port, data)) == expected, data[:80]
+        status = json.loads(responses(exchange(port, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n"))[0][1])
+    assert status["status"] == "running"
+
+
+def test_clients_resetting_mid_answer_leak_no_connection_slot(tmp_path):
+    """More clients than the worker has connection slots each reset their connection (RST)
+    while an inline answer (1 MiB) or a pipelined pool one is on its way: every slot is given
+    back, so the worker still accepts and answers."""
+    rt = str(tmp_path)
+    _, port = gunicorn_state(rt, status="failed", error="e" * (1 << 20))
+    env = {"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2", "COMPUTE_API_CONNECTIONS": "8"}
+    with gunicorn(rt, env=env):
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /status HTTP/1.1\r\n\r\n" + (b"GET /openapi.yaml HTTP/1.1\r\n\r\n" if i % 2 else b""))
+            if i % 4 < 2:
+                s.recv(100)  # the answer is on its way
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        for path in (b"/healthz", b"/openapi.yaml", b"/healthz"):
+            assert exchange(port, b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n" % path,
+                            timeout=30).startswith(b"HTTP/1.1 200")
+
+
+def test_pipelined_inline_requests_a_client_does_not_read_hold_no_pool_thread(tmp_path):
+    """Clients that pipeline many /status (large answers here: a long error text) and do not
+    read them: the answers after the first are given inline too, one at a time, so they wait
+    in the poller rather than in a pool thread blocked on a send (IO_TIMEOUT, 10 s, each);
+    the pool still answers; and each client later gets every answer, in order."""
+    rt = str(tmp_path)
+    error = "e" * (256 * 1024)
+    _, port = gunicorn_state(rt, status="failed", error=error)
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        clients = []
+        try:
+            for _ in range(4):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(30)
+                s.connect(("127.0.0.1", port))
+                s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 10 + b"GET /healthz HTTP/1.1\r\n\r\n")
+                clients.append(s)
+            for s in clients:
+                wait_for(lambda: s.recv(1, socket.MSG_PEEK), what="the first bytes of an answer")
+            assert exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                            timeout=5).startswith(b"HTTP/1.1 200")
+            for s in clients:
+                got = _read_responses(s, 11)
+                assert [st for st, _ in got] == [200] * 11
+                assert all(json.loads(body)["error"] == error for _, body in got[:10])
+                assert got[10][1] == b'{"alive": true}'
+        finally:
+            for s in clients:
+                s.close()

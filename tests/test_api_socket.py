@@ -221,3 +221,52 @@ def test_port_in_use_is_a_clear_error_and_leaves_nothing():
         assert not any(c.base in p.cmdline for p in proc_table().values())
     finally:
         c.close()
+
+
+def holders_anywhere(inode: str) -> set[int]:
+    """Every process on the machine (not only the tree's) with the socket `inode` open."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    out.add(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.e2e
+def test_restart_api_under_load_refuses_and_cuts_nothing():
+    """Eight clients asking /status back to back (new connection each time, the fast path)
+    while the api is restarted twice: every request answered (none refused, none cut), and
+    no process anywhere on the machine but compute-ctl and the api holds the socket."""
+    from contextlib import ExitStack
+
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        sup = supervisord_pid(c.runtime_dir)
+        inode = listening_inode(c.http_port)
+        with ExitStack() as stack:
+            pollers = [stack.enter_context(StatusPoller(c.http_port, period=0.0, timeout=30)) for _ in range(8)]
+            for _ in range(2):
+                old = wait_for(lambda: program_child(sup, "api"), 20, "the api")
+                r = c.supervisorctl("restart", "api")
+                assert r.returncode == 0 and "api: started" in r.stdout, r.stdout + r.stderr
+                new = wait_for(lambda: (m := program_child(sup, "api")) and m != old and m, 20, "a new api master")
+                wait_for(lambda: any(p.ppid == new for _, p in tree(c.proc.pid)), 20, "its workers")
+                counts = [len(p.samples) for p in pollers]
+                wait_for(lambda: all(len(p.samples) > n + 2 for p, n in zip(pollers, counts)), 30,
+                         "answers from the restarted api to every client")
+        samples = [s for p in pollers for s in p.samples]
+        failures = [s.error for p in pollers for s in p.failures()]
+        assert len(samples) > 100 and failures == [], (len(samples), failures[:5])
+        held = holders_anywhere(inode)
+        tree_roles = {p.pid: role for role, p in tree(c.proc.pid)}
+        assert {tree_roles.get(pid) for pid in held} <= {"compute-ctl", "api master", "api worker"}, held

@@ -6,7 +6,8 @@ of such a request, it runs gunicorn's own request handling and the falcon app ri
 answer going to a buffer, then sends it with the socket non-blocking; what the client does not
 take at once waits in the poller (IO_TIMEOUT at most) before the next request of that connection
 is looked at. Everything else (and a request the poller could not answer: a busy state file, a
-malformed head) goes to the pool, in order: a connection is in one place at a time. 16 threads
+malformed head) goes to the pool, in order: a connection is in one place at a time. An inline
+request pipelined behind an inline one is answered inline too, on a later turn of the loop. 16 threads
 contending for one GIL made each /status wait in the pool's queue and for the GIL; here it
 costs neither, and it is answered while every pool thread is blocked.
 
@@ -17,7 +18,8 @@ Here the poller (or, for connections the pool hands back, a pool thread) only ta
 already there (one non-blocking recv), keeps it with the connection and waits in the poller
 until the head is complete
 (an empty line); only then does the stock code parse and serve the request, from the bytes
-already read. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
+already read. The same goes for the start of a next head that came pipelined behind a request
+(_hold_partial_head): it goes back to the poller, not to a thread that would wait for the rest. A head must be complete within HEAD_DEADLINE seconds of its first byte, and the
 poller closes a connection that stays silent for `keepalive` seconds.
 
 Bodies are read by a thread, and only when the app asks (after auth and mode checks; bounded at
@@ -42,6 +44,7 @@ from __future__ import annotations
 import errno
 import gc
 import inspect
+import io
 import os
 import selectors
 import socket
@@ -296,7 +299,15 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if not keepalive or not self.alive:
             self._drop(conn, linger=True)
         elif conn.parser.unreader.buf.getbuffer().nbytes:
-            self._to_pool(conn)  # a pipelined request already here: the pool, in order
+            if _hold_partial_head(conn):  # the next head, incomplete: wait for the rest here
+                self._wait_readable(conn)
+            elif fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
+                # Inline too, on a later turn of the loop (others go first; no recursion): a
+                # client pipelining requests it does not read must not block a pool thread.
+                self._unwatch(conn)
+                self.method_queue.defer(self._serve_inline, conn)
+            else:
+                self._to_pool(conn)  # a pipelined request already here: the pool, in order
         else:  # kept alive: back to waiting, as gunicorn's finish_request does
             conn.set_timeout()
             self.keepalived_conns.append(conn)
@@ -393,6 +404,8 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             return super().handle(conn)
         parser = conn.parser
         if parser is not None and parser.unreader.buf.getbuffer().nbytes:
+            if _hold_partial_head(conn):
+                return _DEFER  # the rest of the next head is awaited in the poller
             if isinstance(getattr(parser.unreader, "sock", None), DeadlineSocket):
                 parser.unreader.sock.deadline = time.monotonic() + REQUEST_DEADLINE
             return super().handle(conn)  # pipelined bytes already held: the stock path
@@ -451,6 +464,21 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if conn.cs_head_since is not None and time.monotonic() - conn.cs_head_since > HEAD_DEADLINE:
             return False
         return _DEFER
+
+
+def _hold_partial_head(conn) -> bool:
+    """The parser holds the start of a pipelined next request but not its whole head: give
+    those bytes back to the head collector (conn.cs_head, _read_head), so that the rest is
+    awaited in the poller like any head, never by a pool thread reading with a blocking socket
+    (a complete request followed by a byte of the next one held a thread for REQUEST_DEADLINE).
+    True if so; a complete head (or more than MAX_BUFFERED_HEAD) stays for the parser."""
+    held = conn.parser.unreader.buf.getvalue()
+    if not held or len(held) > MAX_BUFFERED_HEAD or any(end in held for end in HEAD_ENDS):
+        return False
+    conn.parser.unreader.buf = io.BytesIO()
+    conn.cs_head = bytearray(held)
+    conn.cs_head_since = time.monotonic()  # HEAD_DEADLINE from now
+    return True
 
 
 def _nonblocking(sock: socket.socket) -> None:
