@@ -169,6 +169,7 @@ def test_only_compute_ctl_and_the_api_hold_the_socket():
         c.args += ["--postgres-exporter", EXPORTER, "--postgres-exporter-port", str(free_port())]
     with c:
         c.wait_status("running")
+        c.wait_handed_over()  # lifecycle is between two drivers for a moment after running
         sup = supervisord_pid(c.runtime_dir)
         wanted = {"monitor", "vm-informant"} | ({"postgres-exporter"} if os.access(EXPORTER, os.X_OK) else set())
         wait_for(lambda: all(c.supervisorctl("pid", p).stdout.strip().isdigit()

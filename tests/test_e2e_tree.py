@@ -203,6 +203,7 @@ def test_sighup_and_reload_never_restart_the_compute_in_place(compute):
     are refused with a message, and nothing restarts. SIGUSR2 still reopens the logs.
     `supervisorctl shutdown` stops the compute like SIGTERM: exit 0, no descendant left."""
     compute.wait_status("running")
+    compute.wait_handed_over()  # the start-up driver's own, expected exit
     pm = compute.postmaster_pid()
     before = {r: p.pid for r, p in tree(compute.proc.pid) if r != "postgres"}
     compute.signal(signal.SIGHUP)

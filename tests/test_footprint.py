@@ -80,6 +80,7 @@ def test_a_tree_without_jwks_never_loads_cryptography():
     c.spec = c.new_spec()
     with c:
         c.wait_status("running")
+        c.wait_handed_over()
         code, _ = c.request("GET", "/dbs_and_roles")  # an auth_required route: open without --jwks
         assert code == 200
         procs = [(role, p.pid) for role, p in tree(c.proc.pid) if role != "postgres"]
