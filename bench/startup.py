@@ -29,6 +29,7 @@ from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
 from tests.support.tree import Compute, with_neon_storage
+from tests.support.waiting import status_answers, wait_for
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 TOKEN = "bench-token"
@@ -201,25 +202,6 @@ if __name__ == "__main__":
 
 # -- kill -9 of the api -> /status served again ---------------------------------------------------
 
-def _status_ok(port: int, timeout: float = 2.0) -> bool:
-    import urllib.request
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _wait(pred, timeout: float, what: str, period: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(period)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def run_api_kills(kills: int = 6) -> dict[str, list[float]]:
     """Boot a tree (embedded default), then kill -9 the api's gunicorn master and one of its
     workers, alternately. Per kill, ms from the kill to: the first 200 on /status to a fresh
@@ -241,22 +223,22 @@ def run_api_kills(kills: int = 6) -> dict[str, list[float]]:
 
         for i in range(2 * kills):
             what = ("master", "worker")[i % 2]
-            master = _wait(lambda: (m := program_child(sup, "api")) and len(workers_of(m)) >= 2 and m, 10,
-                           "the api and its workers")
+            master = wait_for(lambda: (m := program_child(sup, "api")) and len(workers_of(m)) >= 2 and m, 10,
+                              "the api and its workers", period=0.002)
             old_workers = workers_of(master)
-            _wait(lambda: _status_ok(c.http_port), 10, "/status")
+            wait_for(lambda: status_answers(c.http_port), 10, "/status", period=0.002)
             time.sleep(rng.uniform(0, 0.4))  # sometimes just booted, sometimes idle in their pollers
             victim = master if what == "master" else min(old_workers)
             t0 = time.monotonic()
             os.kill(victim, 9)
-            _wait(lambda: _status_ok(c.http_port), 10, "the first 200 after the kill")
+            wait_for(lambda: status_answers(c.http_port), 10, "the first 200 after the kill", period=0.002)
             out[f"{what}_first_200_ms"].append((time.monotonic() - t0) * 1000)
             if what == "master":
                 whole = lambda: ((m := program_child(sup, "api")) and m != master and workers_of(m)
-                                 and _status_ok(c.http_port))
+                                 and status_answers(c.http_port))
             else:
-                whole = lambda: len(workers_of(master) - old_workers) >= 1 and _status_ok(c.http_port)
-            _wait(whole, 10, f"the api whole again after kill -9 of its {what}")
+                whole = lambda: len(workers_of(master) - old_workers) >= 1 and status_answers(c.http_port)
+            wait_for(whole, 10, f"the api whole again after kill -9 of its {what}", period=0.002)
             out[f"{what}_whole_ms"].append((time.monotonic() - t0) * 1000)
     return out
 

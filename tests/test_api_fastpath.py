@@ -19,6 +19,7 @@ from compute.state import state_path
 from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
                                        make_state, minimal_spec, write_jwks)
 from tests.support.pgcluster import free_port
+from tests.support.waiting import wait_for
 
 ON, OFF = {"COMPUTE_API_FAST_PATH": "1"}, {"COMPUTE_API_FAST_PATH": "0"}
 
@@ -78,16 +79,6 @@ def responses(raw: bytes) -> list[tuple[int, bytes]]:
         out.append((int(head.split(b" ")[1]), rest[:length]))
         raw = rest[length:]
     return out
-
-
-def wait_for(predicate, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 REQUESTS = [

@@ -11,7 +11,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from compute.api_socket import BindError, bind_api_socket, inherited_fd, keeps_a
 from tests.support.fault_tree import StatusPoller, alive, proc_table, program_child, supervisord_pid, tree
 from tests.support.pgcluster import free_port
 from tests.support.tree import Compute
+from tests.support.waiting import wait_for
 
 EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 # How a request in flight in a process killed by SIGKILL ends for the client.
@@ -27,16 +27,6 @@ INFORMANT = """#!/bin/sh
 echo "vm-informant stand-in"
 exec sleep 600
 """
-
-
-def wait_for(pred, timeout: float, what: str, period: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def listening_inode(port: int) -> str:

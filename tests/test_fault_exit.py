@@ -33,6 +33,7 @@ from tests.peers.control_plane import ControlPlanePeer
 from tests.support.exit_paths import TreeRecord, listening
 from tests.support.fault_tree import program_child, supervisord_pid, tree
 from tests.support.tree import Compute
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -45,17 +46,6 @@ EXPECTED_ROLES = {"lifecycle", "monitor", "api master", "api worker"}
 
 def md5_password(role: str, password: str) -> str:
     return hashlib.md5((password + role).encode()).hexdigest()
-
-
-def wait_for(pred, timeout: float, what: str, period: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(period)
 
 
 def configure(c: Compute, spec: dict, timeout: float = 120) -> tuple[int, dict | None]:

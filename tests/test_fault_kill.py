@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import time
-import urllib.request
 
 import psycopg
 import pytest
@@ -27,6 +26,7 @@ from compute.supervision import rpc
 from tests.support.fault_tree import (StatusPoller, alive, kill_leftovers, program_child, read_proc,
                                       supervisord_pid, tree)
 from tests.support.tree import Compute
+from tests.support.waiting import status_answers, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -40,24 +40,6 @@ MEASURED: dict[str, list[float]] = {}
 def postmaster_start_time(c: Compute):
     with psycopg.connect(c.conninfo()) as conn:
         return conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
-
-
-def status_answers(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def wait_for(pred, timeout: float, what: str, period: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
