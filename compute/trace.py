@@ -19,7 +19,9 @@ def mark(event: str) -> None:
         return
     line = f"{time.monotonic():.6f} {os.getpid()} {event}\n".encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        # Never through a symlink: compute-ctl writes this as root, and the file may sit in a
+        # directory other users can write to (/tmp).
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return
     try:

@@ -151,7 +151,10 @@ def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
     at_fork = set(sys.modules)
 
     def dump() -> None:
-        with open(os.path.join(trace_dir, f"{name}-{os.getpid()}.txt"), "w") as f:
+        # A new file of ours only: never through a symlink, never over an existing file.
+        fd = os.open(os.path.join(trace_dir, f"{name}-{os.getpid()}.txt"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write("".join(f"{m}\n" for m in sorted(set(sys.modules) - at_fork)))
 
     t = threading.Timer(5.0, dump)
