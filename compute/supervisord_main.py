@@ -160,15 +160,6 @@ def _close_fd_but_api_socket(self, fd):
         _close_fd(self, fd)
 
 
-def _cleanup_fds_but_api_socket(self):
-    """supervisord's fd cleanup at a reload (SIGHUP), without the API socket."""
-    keep = _api_fd
-    if keep is None or not (5 <= keep < self.minfds):
-        return os.closerange(5, self.minfds)
-    os.closerange(5, keep)
-    os.closerange(keep + 1, self.minfds)
-
-
 _runforever = supervisord.Supervisor.runforever
 
 
@@ -203,7 +194,6 @@ def run(conf: str | None = None) -> int | None:
     process.Subprocess.spawn = _spawn_warm
     _api_fd = inherited_fd()
     options.ServerOptions.close_fd = _close_fd_but_api_socket
-    options.ServerOptions.cleanup_fds = _cleanup_fds_but_api_socket
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again
     options.ServerOptions.get_signal = _get_signal_noting_stops
