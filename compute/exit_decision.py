@@ -47,6 +47,14 @@ def decide_postgres_exit(statename: str | None, exitstatus: int | None, *, start
     return ExitDecision(code, ExitAction.SHUT_DOWN)
 
 
+def terminate_without_postgres(status: str | None) -> int:
+    """The tree's exit code when /terminate finds no postgres that ever ran (an `empty` compute
+    waiting for its spec, or a start-up stuck before postgres): no postgres will end, so nothing
+    else ends the tree. 0, a wanted stop; 1 when the start had already failed (what the driver
+    would exit with after its grace period)."""
+    return 1 if status == "failed" else 0
+
+
 def postgres_has_ended(statename: str | None, *, postgres_started: bool) -> bool:
     """On a restart of the watcher: did postgres end while nobody listened? STOPPED counts only
     once the driver has started it (before that it is merely not started yet)."""

@@ -196,6 +196,13 @@ class ExitWatch:
         CoreDumpReport(pgdata, pgbin,
                        self.timers, stop).start()
 
+    def terminate_without_postgres(self) -> None:
+        """/terminate found no postgres that ever ran: end the tree once its answer is out."""
+        code = exit_decision.terminate_without_postgres(self.store.get("status"))
+        log.info("terminate requested and postgres never ran: stopping the compute with exit code %d", code)
+        self.store.set_once("exit_code", code)
+        self.shutdown()
+
     def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
         """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
         out before the api program is stopped."""

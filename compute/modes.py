@@ -73,6 +73,24 @@ def no_catalog_sql_reason(spec: ComputeSpec) -> str | None:
     return None
 
 
+def _mode_name(spec: ComputeSpec) -> str:
+    return f"Static at {spec.static_lsn}" if spec.mode == STATIC else spec.mode
+
+
+def live_mode_change_refused(running: ComputeSpec, new: ComputeSpec) -> str | None:
+    """Why POST /configure may not hand `new` to a compute started from `running`, or None.
+    The mode (and a Static compute's LSN) is fixed by how PGDATA was made at start (a primary's
+    or a replica's basebackup, standby.signal, the recovery target): a reconfiguration would
+    only rewrite the conf and leave postgres as it is. A Replica becomes a Primary through
+    POST /promote; anything else is a new compute."""
+    if (running.mode, running.static_lsn) == (new.mode, new.static_lsn):
+        return None
+    how = ("use POST /promote" if (running.mode, new.mode) == (REPLICA, PRIMARY)
+           else "start a new compute with it")
+    return (f"the mode cannot change on a running compute: it runs as {_mode_name(running)}, the spec "
+            f"asks for {_mode_name(new)} ({how})")
+
+
 def runs_catalog_sql(spec: ComputeSpec) -> bool:
     return no_catalog_sql_reason(spec) is None
 

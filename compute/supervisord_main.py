@@ -121,6 +121,17 @@ class ComputeRPCInterface(rpcinterface.SupervisorNamespaceRPCInterface):
         return result
 
 
+    def stopAfterTerminate(self):
+        """For the api's /terminate when postgres never ran (nothing else would end the tree):
+        stop the tree once the answer is out, with exit_decision.terminate_without_postgres'
+        code. Reachable, like `shutdown`, only through the control socket."""
+        self._update("stopAfterTerminate")
+        if _watch is None:
+            raise RPCError(Faults.FAILED, "the exit watcher is not running yet")
+        _watch.terminate_without_postgres()
+        return True
+
+
 def make_rpcinterface(supervisord_) -> ComputeRPCInterface:
     return ComputeRPCInterface(supervisord_)
 
@@ -170,8 +181,12 @@ def _runforever_with_handlers(self):
     return _runforever(self)
 
 
+_watch: ExitWatch | None = None  # for ComputeRPCInterface.stopAfterTerminate
+
+
 def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
-    watch = ExitWatch(supervisor, runtime_dir, TIMERS)
+    global _watch
+    watch = _watch = ExitWatch(supervisor, runtime_dir, TIMERS)
     fmt = watch.settings.log_format if watch.settings else settings.default("log_format")
     setup_relay_logging(fmt)
     LogRelay(fmt).subscribe()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compute.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
-                                   postgres_has_ended, tree_exit_code, counts_as_restart)
+                                   postgres_has_ended, tree_exit_code, counts_as_restart,
+                                   terminate_without_postgres)
 
 SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
 
@@ -76,3 +77,9 @@ def test_tree_exit_code(recorded, by_signal, by_rpc, expected):
 ])
 def test_counts_as_restart(program, exitstatus, counted):
     assert counts_as_restart(program, exitstatus) is counted
+
+
+@pytest.mark.parametrize("status,code", [("empty", 0), ("init", 0), ("configuration_pending", 0), ("failed", 1),
+                                         (None, 0)])
+def test_terminate_without_postgres(status, code):
+    assert terminate_without_postgres(status) == code

@@ -209,8 +209,10 @@ def test_sigterm_leaves_nothing_behind(moment):
 
 # -- /terminate ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("moment", ["running", "configuring"])
+@pytest.mark.parametrize("moment", ["starting", "running", "configuring"])
 def test_terminate_leaves_nothing_behind(moment):
+    """starting: postgres has not run yet (initdb does), so no postgres exit ends the tree:
+    /terminate asks supervisord to, after its answer."""
     with Scene(moment) as s:
         answers = []
         code, elapsed = stopped_at_exit(
@@ -218,6 +220,31 @@ def test_terminate_leaves_nothing_behind(moment):
         print(f"\n/terminate ({moment}): compute-ctl exited {code} after {elapsed:.2f} s")
         assert answers[0][0] == 200 and json.loads(answers[0][1])["terminated"] is True
         assert code == 0
+
+
+def test_terminate_of_an_empty_compute_ends_it():
+    """No spec yet, postgres never ran: /terminate answers (no LSN: no WAL was written), then
+    the whole tree ends with 0 and leaves nothing behind (it used to keep running)."""
+    with contextlib.ExitStack() as stack:
+        cp = stack.enter_context(ControlPlanePeer(None, answer_status="empty"))
+        c = Compute()
+        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
+        stack.callback(c.close)
+        c.start()
+        rec = TreeRecord(c.proc.pid).keep_recording()
+        stack.callback(rec.kill_survivors)
+        stack.callback(rec.stop)
+        c.wait_status("empty")
+        rec.record()
+        assert {"lifecycle", "api master", "api worker"} <= rec.roles(), rec.roles()
+        code, body = c.request("POST", "/terminate", timeout=30)
+        assert (code, json.loads(body)) == (200, {"terminated": True, "lsn": None})
+        assert c.wait_exit(30) == 0
+        rec.stop()
+        assert rec.survivors() == [], f"left behind after /terminate of an empty compute: {rec.survivors()}"
+        assert_ports_free(c)
+        assert "postgres never ran" in c.output()
 
 
 # -- postgres exits --------------------------------------------------------------------------

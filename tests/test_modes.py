@@ -290,3 +290,34 @@ def test_plan_of_a_read_only_spec_is_no_sql(capsys):
     # port 1: nothing listens, so the answer cannot come from a catalog
     rc = main(["-C", "postgresql://cloud_admin@127.0.0.1:1/postgres", "-s", json.dumps(neon_spec("Replica"))])
     assert rc == 0 and capsys.readouterr().out.startswith("-- mode Replica: no catalog SQL")
+
+
+# -- a live reconfiguration keeps the mode -----------------------------------------------------
+
+@pytest.mark.parametrize("running,new,refused,hint", [
+    ("Primary", "Primary", False, None),
+    ("Replica", "Replica", False, None),
+    ({"Static": "1/A0"}, {"Static": "1/A0"}, False, None),
+    ("Replica", "Primary", True, "/promote"),
+    ("Primary", "Replica", True, "new compute"),
+    ("Primary", {"Static": "1/A0"}, True, "new compute"),
+    ({"Static": "1/A0"}, {"Static": "1/B0"}, True, "Static at 1/B0"),
+    ({"Static": "1/A0"}, "Replica", True, "new compute"),
+])
+def test_live_mode_change_refused(running, new, refused, hint):
+    reason = modes.live_mode_change_refused(parse_spec(neon_spec(running)), parse_spec(neon_spec(new)))
+    assert (reason is not None) == refused, reason
+    if refused:
+        assert "mode cannot change" in reason and hint in reason
+
+
+@pytest.mark.parametrize("running,new", [("Replica", "Primary"), ("Primary", {"Static": "1/A0"})])
+def test_configure_refuses_a_mode_change_and_changes_nothing(tmp_path, running, new):
+    rt = str(tmp_path)
+    store = make_state(rt, status="running", spec=neon_spec(running), spec_generation=1,
+                       launch=launch_settings(rt, live_config_allowed=True))
+    r = falcon.testing.TestClient(create_app(rt)).simulate_post("/configure", json={"spec": neon_spec(new)})
+    assert r.status_code == 412, r.text
+    assert "mode cannot change" in r.json["error"]
+    assert store.get_many(("status", "spec_generation")) == {"status": "running", "spec_generation": 1}
+    assert store.get("spec")["mode"] == running

@@ -5,7 +5,7 @@ The API's half of the protocol (the driver is the `lifecycle` program):
      refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
      when live configuration is not allowed (not pull mode) or the status is not empty/running;
      then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
-     is invalid;
+     is invalid or would change a running compute's mode (compute/modes.py);
   2. one atomic transition {empty, running} -> configuration_pending carrying the spec and a
      new spec_generation: of concurrent requests exactly one wins, the others get 412;
   3. wake the driver (SIGUSR1 through supervisord; it also polls, so failures are ignored);
@@ -20,6 +20,7 @@ import time
 
 import falcon
 
+from compute import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
 from compute.supervision import rpc
@@ -50,8 +51,9 @@ class Configure:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
+        superuser = (settings and settings.superuser) or self.ctx.superuser
         try:
-            parse_spec(spec, superuser=(settings and settings.superuser) or self.ctx.superuser)
+            new = parse_spec(spec, superuser=superuser)
         except SpecError as e:
             raise falcon.HTTPPreconditionFailed(description=str(e)) from None
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
@@ -60,6 +62,8 @@ class Configure:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid spec: {type(e).__name__}: {str(e)[:200]}") from None
 
+        if status == "running":
+            self._refuse_a_mode_change(new, superuser)
         store = self.ctx.store
         generation = store.transition({"empty", "running"}, "configuration_pending",
                                       bump="spec_generation", spec=spec, error=None)
@@ -85,6 +89,16 @@ class Configure:
                                           f"(status {s['status']})"}, falcon.HTTP_500)
                 return
             time.sleep(self.poll_interval)
+
+    def _refuse_a_mode_change(self, new, superuser: str) -> None:
+        raw = self.ctx.store.get("spec")
+        try:
+            running = parse_spec(raw, superuser=superuser) if raw is not None else None
+        except SpecError:
+            running = None  # not what the compute runs with: nothing to compare to
+        reason = running and modes.live_mode_change_refused(running, new)
+        if reason:
+            raise falcon.HTTPPreconditionFailed(description=reason)
 
     def _wake_driver(self) -> None:
         try:

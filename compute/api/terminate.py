@@ -7,6 +7,8 @@ immediate: SIGQUIT (immediate shutdown: no checkpoint, crash recovery on a next 
 
 `shutdown_requested` tells the exit watcher that postgres going away is wanted: it then takes
 the whole tree down with exit status 0, once this request has its answer (`terminate_pending`).
+When postgres never ran (an `empty` compute, or a start-up before postgres), no postgres will
+end: supervisord is asked (`stopAfterTerminate`) to stop the tree after the answer, `lsn` null.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ class Terminate:
         self.ctx.store.set(shutdown_requested=True, terminate_pending=True)
         try:
             log.info("terminate requested (%s): stopping postgres", mode)
-            error = self._stop_postgres(mode)
+            error, never_ran = self._stop_postgres(mode)
+            if not error and never_ran:
+                # No postgres will end, so the exit watcher would never stop the tree: it is
+                # asked to, once this answer is out. No WAL was written: no LSN.
+                error = self._stop_tree_after_answer()
+                lsn = source = None
             if error:
                 json_body(resp, {"error": error}, falcon.HTTP_500)
                 return
@@ -89,19 +96,32 @@ class Terminate:
             log.warning("sync-safekeepers after the shutdown failed: %s", e)
             return None
 
-    def _stop_postgres(self, mode: str) -> str | None:
-        """None once postgres is down; else what went wrong."""
+    def _stop_postgres(self, mode: str) -> tuple[str | None, bool]:
+        """(None, never_ran) once postgres is down; else (what went wrong, False). never_ran:
+        postgres was not running and had never been started (supervisord's `start` is 0)."""
         # No socket timeout: stopping blocks until supervisord reports postgres stopped.
         supervisor = rpc(self.ctx.runtime_dir, timeout=None).supervisor
         try:
             if mode == "immediate" and self._quit(supervisor):
-                return None
+                return None, False
             supervisor.stopProcess("postgres", True)
         except xmlrpc.client.Fault as e:
             if e.faultCode != NOT_RUNNING:
-                return f"supervisord refused to stop postgres: {e.faultString}"
+                return f"supervisord refused to stop postgres: {e.faultString}", False
+            try:
+                return None, supervisor.getProcessInfo("postgres")["start"] == 0
+            except (OSError, xmlrpc.client.Error) as e:
+                return f"cannot reach supervisord: {e}", False
         except (OSError, xmlrpc.client.ProtocolError) as e:
-            return f"cannot reach supervisord: {e}"
+            return f"cannot reach supervisord: {e}", False
+        return None, False
+
+    def _stop_tree_after_answer(self) -> str | None:
+        try:
+            rpc(self.ctx.runtime_dir).supervisor.stopAfterTerminate()
+        except (OSError, xmlrpc.client.Error) as e:
+            return f"postgres never ran, and supervisord could not be asked to stop the compute: {e}"
+        log.info("postgres never ran: the compute stops once this answer is out")
         return None
 
     @staticmethod
