@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import selectors
 import socket
 import sqlite3
 import struct
@@ -465,3 +466,74 @@ def test_pipelined_inline_requests_a_client_does_not_read_hold_no_pool_thread(tm
         finally:
             for s in clients:
                 s.close()
+
+
+# -- accepting: every waiting connection per turn ---------------------------------------------------
+
+@pytest.fixture
+def bare_worker():
+    """The worker class itself (not forked by gunicorn) around a real listening socket: its
+    poller, method queue and pool set up as init_process() does, no loop running, so a test
+    can call one of its callbacks and look at what it did."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from compute.api.worker import HeadFirstThreadWorker
+
+    made = []
+
+    def make(connections: int):
+        cfg = Config()
+        cfg.set("worker_connections", connections)
+        cfg.set("threads", 2)
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        listener.setblocking(False)
+        worker = HeadFirstThreadWorker(0, 0, [listener], None, 30, cfg, Logger(cfg))
+        worker.tpool = worker.get_thread_pool()
+        worker.poller = selectors.DefaultSelector()
+        worker.method_queue.init()
+        made.append((worker, listener))
+        return worker, listener
+
+    yield make
+    for worker, listener in made:
+        for conn in list(worker.pending_conns):
+            conn.close()
+        worker.tpool.shutdown(wait=False)
+        worker.poller.close()
+        worker.method_queue.close()
+        worker.tmp.close()
+        listener.close()
+
+
+def test_one_readiness_of_the_listener_accepts_every_waiting_connection(bare_worker):
+    """20 clients connected at once (no request yet): one call of the listener's callback
+    takes all of them from the backlog and leaves each waiting for its head in the poller.
+    gunicorn's own accept() takes one per turn of the loop, so under load (a turn answers every
+    ready connection) the last of a burst of 64 waited 0.3-0.4 s for its first answer."""
+    worker, listener = bare_worker(connections=256)
+    clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(20)]
+    try:
+        worker.accept(listener)
+        assert worker.nr_conns == 20
+        assert len(worker.pending_conns) == 20  # each waits for its head in the poller
+        assert len(worker.poller.get_map()) == 20  # the listener is not registered here (no loop)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_accepting_a_burst_stops_at_the_connection_bound(bare_worker):
+    """The worker's connection bound (COMPUTE_API_CONNECTIONS) still holds within one burst:
+    beyond it connections stay in the kernel's backlog, and are taken once slots are free."""
+    worker, listener = bare_worker(connections=8)
+    clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(12)]
+    try:
+        worker.accept(listener)
+        assert worker.nr_conns == 8
+        worker.nr_conns = 4  # four connections ended
+        worker.accept(listener)
+        assert worker.nr_conns == 8 and len(worker.pending_conns) == 12
+    finally:
+        for c in clients:
+            c.close()
