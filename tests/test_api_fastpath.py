@@ -16,7 +16,7 @@ import time
 import pytest
 
 from compute.api.fastpath import inline_candidate
-from compute.state import state_path
+from compute.state import StateStore, state_path
 from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
                                        make_state, minimal_spec, write_jwks)
 from tests.support.pgcluster import free_port
@@ -537,3 +537,93 @@ def test_accepting_a_burst_stops_at_the_connection_bound(bare_worker):
     finally:
         for c in clients:
             c.close()
+
+
+# -- pool answers sent by the poller ---------------------------------------------------------------
+
+def _configure_answer(port: int, timeout: float) -> int | str:
+    body = json.dumps({"spec": minimal_spec()}).encode()
+    try:
+        raw = exchange(port, b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body), timeout=timeout)
+    except socket.timeout:
+        return "timeout"
+    return int(raw.split(b" ")[1])
+
+
+@pytest.mark.parametrize("poller_sends", [True, False], ids=["poller-sends", "threads-send"])
+def test_clients_not_reading_pool_answers_hold_no_pool_thread(tmp_path, poller_sends):
+    """More clients than the worker has pool threads each pipeline requests that the pool
+    answers (GET /status with a Content-Length: not inline) with a 200 KiB answer (a long
+    error text), 8 MB in all each, and read nothing. A pool thread's answer goes to the poller
+    with its connection and waits there for the client, so the threads stay free: /configure
+    and another pool route keep being answered, and each client later gets its answers, in
+    order. With COMPUTE_API_POLLER_SENDS=0 (threads send, as gunicorn does) the same clients
+    hold both threads in blocked sends (10 s each): the attack is real."""
+    rt = str(tmp_path)
+    error = "e" * (200 * 1024)
+    _, port = gunicorn_state(rt, status="running")
+    env = {"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2",
+           "COMPUTE_API_POLLER_SENDS": "1" if poller_sends else "0"}
+    request = b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    pipelined = 40
+    with gunicorn(rt, env=env), fake_driver(rt, hold=0.05):
+        clients = []
+        try:
+            store = StateStore(state_path(rt))
+            store.set(error=error)  # the /status answers are large; the status stays running
+            store.close()
+            for _ in range(4):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+                s.settimeout(60)
+                s.connect(("127.0.0.1", port))
+                s.sendall(request * pipelined)
+                clients.append(s)
+            for s in clients:
+                wait_for(lambda: s.recv(1, socket.MSG_PEEK), what="the first bytes of an answer")
+            if not poller_sends:
+                wait_for(lambda: _times_out(port, b"/openapi.yaml"), what="both pool threads blocked in a send")
+                return
+            answers = []
+            for _ in range(10):  # a few seconds of the attack: the threads never get stuck
+                answers.append(_configure_answer(port, timeout=5))
+                answers.append(int(exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                                            timeout=5).split(b" ")[1]))
+            assert answers == [200] * 20
+            got: dict = {}
+
+            def read(i: int, s: socket.socket) -> None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                got[i] = _read_responses(s, 10)
+
+            readers = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(clients)]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(60)
+            for i in range(len(clients)):
+                assert [st for st, _ in got[i][:10]] == [200] * 10, got[i][:3]
+                # whole /status bodies, in order (a /configure clears the error: later ones are short)
+                assert all(json.loads(body)["tenant"] for _, body in got[i][:10])
+                assert json.loads(got[i][0][1])["error"] == error
+        finally:
+            for s in clients:
+                s.close()
+
+
+def test_a_pool_answer_beyond_the_kept_size_is_still_sent_whole(tmp_path):
+    """A pool answer larger than POOL_ANSWER_MAX (a 2 MiB error text on /status, answered by
+    the pool with the fast path off) goes out on the socket from the thread as before, to a
+    client reading slowly: whole, in order, and the connection is still usable."""
+    rt = str(tmp_path)
+    error = "e" * (2 * 1024 * 1024)
+    _, port = gunicorn_state(rt, status="failed", error=error)
+    with gunicorn(rt, env={**OFF, "COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\nGET /openapi.yaml HTTP/1.1\r\nHost: x\r\n\r\n"
+                      b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = _read_responses(s, 3)
+    assert [st for st, _ in got] == [200, 200, 200]
+    assert json.loads(got[0][1])["error"] == error
+    assert got[1][1].startswith(b"openapi:") and got[2][1] == b'{"alive": true}'

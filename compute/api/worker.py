@@ -74,6 +74,7 @@ DRAIN_MAX_BYTES = 64 * 1024
 LINGER = 2.0  # a closed connection's socket waits this long (in the poller) for the client's FIN
 LINGER_MAX_BYTES = 64 * 1024
 ACCEPT_BATCH = 64  # connections taken from the backlog per readiness of the listener
+POOL_ANSWER_MAX = 256 * 1024  # a pool thread's answer up to this size is sent by the poller
 
 
 class DeadlineSocket:
@@ -137,6 +138,58 @@ class _CapturingSocket:
         pass
 
 
+class _SpillingSocket:
+    """What a pool thread's answer is written to: kept, for the poller to send without
+    blocking (a client that does not read its answer then holds no thread); beyond
+    POOL_ANSWER_MAX, what was kept and the rest go out on the socket itself, blocking
+    (IO_TIMEOUT per send) as the stock worker does. A close before the answer was handed over
+    is the poller's to do, after it sent what was kept."""
+
+    def __init__(self, sock: socket.socket, max_bytes: int = POOL_ANSWER_MAX):
+        self.sock, self.max_bytes = sock, max_bytes
+        self.out = bytearray()
+        self.spilled = False
+
+    def sendall(self, data) -> None:
+        if self.spilled:
+            self.sock.sendall(data)
+            return
+        self.out += data
+        if len(self.out) > self.max_bytes:
+            self.spilled = True
+            kept, self.out = bytes(self.out), bytearray()
+            self.sock.sendall(kept)
+
+    def send(self, data) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        kept, self.out = bytes(self.out), bytearray()
+        return kept
+
+    # gunicorn's close_graceful() after an app error mid-answer: shutdown, drain, close.
+    def shutdown(self, how) -> None:
+        if self.spilled:
+            self.sock.shutdown(how)
+
+    def recv(self, *args) -> bytes:
+        return self.sock.recv(*args) if self.spilled else b""
+
+    def settimeout(self, t) -> None:
+        if self.spilled:
+            self.sock.settimeout(t)
+
+    def close(self) -> None:
+        pass  # the connection's owner closes it
+
+    def fileno(self) -> int:  # sendfile() would write around what was kept: send that first
+        if not self.spilled:
+            self.spilled = True
+            self.sock.sendall(self.take())
+        return self.sock.fileno()
+
+
 class _InlineConn:
     """The three attributes of a connection that gunicorn's handle_request uses."""
 
@@ -149,7 +202,9 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         super().__init__(*args, **kwargs)
         self.cs_lingering: deque = deque()  # (deadline, socket, [bytes drained]), oldest first
         self.cs_fast_path = fast_path_enabled()
-        self.cs_writing: deque = deque()  # (deadline, conn): inline answers the client is slow to take
+        self.cs_writing: deque = deque()  # (deadline, conn): answers the client is slow to take
+        # Pool threads' answers sent by the poller (needs our finish_request, gunicorn >= 27's).
+        self.cs_poller_sends = _FINISH_REQUEST_OF_27 and os.environ.get("COMPUTE_API_POLLER_SENDS", "1") != "0"
 
     def init_process(self):
         # What the worker was forked with (the app, gunicorn's objects) lives as long as the
@@ -282,6 +337,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         self._send_inline(conn, memoryview(bytes(capture.out)), keepalive)
 
     def _send_inline(self, conn, data: memoryview, keepalive: bool) -> None:
+        _nonblocking(conn.sock)  # a connection back from the pool is blocking
         try:
             sent = conn.sock.send(data) if data else 0
         except (BlockingIOError, InterruptedError):
@@ -307,7 +363,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         elif conn.parser.unreader.buf.getbuffer().nbytes:
             if _hold_partial_head(conn):  # the next head, incomplete: wait for the rest here
                 self._wait_readable(conn)
-            elif fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
+            elif self.cs_fast_path and fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
                 # Inline too, on a later turn of the loop (others go first; no recursion): a
                 # client pipelining requests it does not read must not block a pool thread.
                 self._unwatch(conn)
@@ -352,6 +408,12 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             result = fs.result() if not fs.cancelled() else False
         except Exception:  # noqa: BLE001 - gunicorn's own: close at once
             result = None
+        out = conn.__dict__.pop("cs_out", None)
+        if out and result is not None and result is not _DEFER:
+            # A pool thread's answer (handle_request): sent here without blocking, then the
+            # connection is kept alive, or lingers and closes, as after an inline answer.
+            self._send_inline(conn, memoryview(out), bool(result))
+            return
         if result is _DEFER or result:
             return super().finish_request(conn, fs)
         self.nr_conns -= 1
@@ -424,7 +486,16 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         # Blocking from here on, but never without a bound: the parser reads through a
         # DeadlineSocket, and sends (a client that does not read its answer) time out.
         conn.sock.settimeout(IO_TIMEOUT)
-        return super().handle_request(req, conn)
+        if not self.cs_poller_sends or self.cfg.is_ssl:
+            return super().handle_request(req, conn)
+        # The answer is kept and handed to the poller with the connection (finish_request):
+        # N clients that do not read their answers hold no pool thread (they did, IO_TIMEOUT
+        # per send each), so /configure and the other pool routes are not kept waiting.
+        out = _SpillingSocket(conn.sock)
+        try:
+            return super().handle_request(req, _InlineConn(out, conn.client, conn.server))
+        finally:
+            conn.cs_out = out.take()
 
     def _keepalive_after(self, conn, keepalive):
         """Keep a connection alive only if what is left of its body is already here: a client
