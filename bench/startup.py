@@ -196,9 +196,6 @@ def print_timeline(runs: list[dict]) -> None:
         print(f"  {statistics.median(ts):7.0f} ({min(ts):.0f}-{max(ts):.0f})  {event}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # -- kill -9 of the api -> /status served again ---------------------------------------------------
 
@@ -247,3 +244,7 @@ def print_api_kills(r: dict[str, list[float]]) -> None:
     print("# kill -9 of the api -> /status 200 again, ms: median (min-max)")
     for key, xs in r.items():
         print(f"  {key:<22}{statistics.median(xs):8.0f} ({min(xs):.0f}-{max(xs):.0f})")
+
+
+if __name__ == "__main__":
+    main()
