@@ -32,6 +32,12 @@ connections take the stock path. Used by compute/api/gunicorn_conf.py when the i
 gunicorn has the hooks it relies on (gunicorn >= 23's deferral of connections to the poller),
 else plain gthread.
 
+Accepting. The listener's callback takes every connection waiting in the backlog (gunicorn's
+takes one per turn of the loop; under load a burst of new connections then waited a turn, ~10 ms,
+each). Pool answers. A pool thread's answer (up to POOL_ANSWER_MAX) is kept and handed back
+with the connection; the poller sends it as it sends an inline one, so a client that does not
+read its answers holds no thread (COMPUTE_API_POLLER_SENDS=0: threads send, as gunicorn's do).
+
 Closing. gunicorn 27 closes a connection "gracefully" on the worker's main thread: half-close,
 then wait up to 2 s for the client to close its end. A client that never does stalls the
 accept loop and the poller for 2 s per connection: twenty of them took /healthz down for 30 s.
