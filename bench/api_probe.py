@@ -11,7 +11,13 @@ optionally while a POST /configure is held in flight, and prints distributions:
   - dispatch wall vs CPU per turn: wall above CPU is time off-CPU inside the turn (waiting for
     the GIL held by a pool thread, or preempted);
   - run-queue delay per turn: the preempted part;
-  - the turns longer than --stall-ms, with their breakdown.
+  - the turns longer than --stall-ms, with their breakdown;
+  - server_delay_ms: per request, from the kernel's receive timestamp of its bytes
+    (SO_TIMESTAMPNS) to its answer being sent: the server's share of wrk's latency;
+  - threads_*: CPU and run-queue seconds of every thread of wrk, ksoftirqd and python during
+    each load (who took the CPU, who waited for it).
+--env NAME=VALUE passes settings to gunicorn (PROBE_YIELD_EVERY=N: sched_yield() every N
+events, an experiment); PROBE_WRK_SCRIPT=FILE.lua runs wrk with that script.
 
 Not a goal figure (the probe costs a few us per turn); it explains bench.api's figures.
 """
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configure", action="store_true", help="then the same load while a POST /configure is held in flight")
     ap.add_argument("--stall-ms", type=float, default=15)
     ap.add_argument("--wrk-threads", type=int, default=2)
-    ap.add_argument("--wrk-cpus", help="taskset -c CPUS for wrk (e.g. 1), and the other CPUs... no: only wrk")
+    ap.add_argument("--wrk-cpus", help="run wrk under taskset -c CPUS (e.g. 1)")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for gunicorn")
     args = ap.parse_args(argv)
 
