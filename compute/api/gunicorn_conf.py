@@ -61,7 +61,7 @@ try:  # gthread that reads request heads in its poller, not in a pool thread (se
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
     worker_class = "gthread"
 # 1 worker x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
-# Each worker costs ~12 MiB PSS (6 private); one is enough since the poller accepts every
+# Each worker costs ~6 MiB PSS (its private pages); one is enough since the poller accepts every
 # waiting connection per turn (before, a burst of new connections waited one ~10 ms turn each:
 # wrk's p99 at 1 worker was 35-90 ms from its own connection ramp-up, the server's 15 ms).
 # python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), 5 interleaved pairs,
@@ -70,7 +70,7 @@ except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
 #   2 x 16: 10,778 [10,388-11,254] / 5.9 / 11.8 [9.7-19.8] ms, 12.1 [11.4-34.8] ms
 # One thread carries every /status: its cost (~170 us each on this VM) times the connections
 # in flight is the latency (64 x 170 us = 11 ms); COMPUTE_API_WORKERS=2 doubles the throughput
-# for a compute that must serve many more concurrent clients (each worker: +12 MiB PSS).
+# for a compute that must serve many more concurrent clients (each worker: +6 MiB PSS).
 workers = int(os.environ.get("COMPUTE_API_WORKERS", "1"))
 # 16 threads per worker: threads are what absorbs requests that block: /configure, /terminate,
 # /insights and /check_writability on a stuck postgres (10 s statement timeout), bodies sent
