@@ -51,7 +51,7 @@ _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 class ProbeWorker(HeadFirstThreadWorker):
-    """Also: the server-side delay of every inline request, from the moment its bytes reached
+    """Also: the server-side delay of every inline request (pool requests are not counted), from the moment its bytes reached
     the socket (the kernel's receive timestamp, SO_TIMESTAMPNS) to the moment its answer was
     sent: what the load generator's latency is, minus the network and the generator itself."""
 
@@ -76,6 +76,10 @@ class ProbeWorker(HeadFirstThreadWorker):
             self._probe["delay"].append(time.time() - arrival)
             conn.probe_arrival = None
         return super()._send_inline(conn, data, keepalive)
+
+    def handle_request(self, req, conn):
+        conn.probe_arrival = None  # a pool request (a /configure held for seconds): not counted
+        return super().handle_request(req, conn)
 
     def run(self):
         self._probe = {k: array.array("d") for k in
