@@ -746,7 +746,7 @@ def test_gunicorn_chunked_body_over_limit_is_413(tmp_path):
 def test_gunicorn_worker_crash_loses_no_state(tmp_path):
     rt = str(tmp_path)
     store, port = gunicorn_state(rt, status="running", last_active=1795600800.5)
-    with gunicorn(rt) as master:
+    with gunicorn(rt, env={"COMPUTE_API_WORKERS": "2"}) as master:
         before = json.loads(call(port, "GET", "/status")[2])
         deadline = time.monotonic() + 10
         while True:  # both workers forked (the first may answer before the second exists)

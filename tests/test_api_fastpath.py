@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import selectors
 import socket
 import sqlite3
 import struct
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from compute.api.fastpath import inline_candidate
-from compute.state import state_path
+from compute.state import StateStore, state_path
 from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
                                        make_state, minimal_spec, write_jwks)
 from tests.support.pgcluster import free_port
@@ -465,3 +466,164 @@ def test_pipelined_inline_requests_a_client_does_not_read_hold_no_pool_thread(tm
         finally:
             for s in clients:
                 s.close()
+
+
+# -- accepting: every waiting connection per turn ---------------------------------------------------
+
+@pytest.fixture
+def bare_worker():
+    """The worker class itself (not forked by gunicorn) around a real listening socket: its
+    poller, method queue and pool set up as init_process() does, no loop running, so a test
+    can call one of its callbacks and look at what it did."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from compute.api.worker import HeadFirstThreadWorker
+
+    made = []
+
+    def make(connections: int):
+        cfg = Config()
+        cfg.set("worker_connections", connections)
+        cfg.set("threads", 2)
+        listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        listener.setblocking(False)
+        worker = HeadFirstThreadWorker(0, 0, [listener], None, 30, cfg, Logger(cfg))
+        worker.tpool = worker.get_thread_pool()
+        worker.poller = selectors.DefaultSelector()
+        worker.method_queue.init()
+        made.append((worker, listener))
+        return worker, listener
+
+    yield make
+    for worker, listener in made:
+        for conn in list(worker.pending_conns):
+            conn.close()
+        worker.tpool.shutdown(wait=False)
+        worker.poller.close()
+        worker.method_queue.close()
+        worker.tmp.close()
+        listener.close()
+
+
+def test_one_readiness_of_the_listener_accepts_every_waiting_connection(bare_worker):
+    """20 clients connected at once (no request yet): one call of the listener's callback
+    takes all of them from the backlog and leaves each waiting for its head in the poller.
+    gunicorn's own accept() takes one per turn of the loop, so under load (a turn answers every
+    ready connection) the last of a burst of 64 waited 0.3-0.4 s for its first answer."""
+    worker, listener = bare_worker(connections=256)
+    clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(20)]
+    try:
+        worker.accept(listener)
+        assert worker.nr_conns == 20
+        assert len(worker.pending_conns) == 20  # each waits for its head in the poller
+        assert len(worker.poller.get_map()) == 20  # the listener is not registered here (no loop)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_accepting_a_burst_stops_at_the_connection_bound(bare_worker):
+    """The worker's connection bound (COMPUTE_API_CONNECTIONS) still holds within one burst:
+    beyond it connections stay in the kernel's backlog, and are taken once slots are free."""
+    worker, listener = bare_worker(connections=8)
+    clients = [socket.create_connection(listener.getsockname(), timeout=10) for _ in range(12)]
+    try:
+        worker.accept(listener)
+        assert worker.nr_conns == 8
+        worker.nr_conns = 4  # four connections ended
+        worker.accept(listener)
+        assert worker.nr_conns == 8 and len(worker.pending_conns) == 12
+    finally:
+        for c in clients:
+            c.close()
+
+
+# -- pool answers sent by the poller ---------------------------------------------------------------
+
+def _configure_answer(port: int, timeout: float) -> int | str:
+    body = json.dumps({"spec": minimal_spec()}).encode()
+    try:
+        raw = exchange(port, b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body), timeout=timeout)
+    except socket.timeout:
+        return "timeout"
+    return int(raw.split(b" ")[1])
+
+
+@pytest.mark.parametrize("poller_sends", [True, False], ids=["poller-sends", "threads-send"])
+def test_clients_not_reading_pool_answers_hold_no_pool_thread(tmp_path, poller_sends):
+    """More clients than the worker has pool threads each pipeline requests that the pool
+    answers (GET /status with a Content-Length: not inline) with a 200 KiB answer (a long
+    error text), 8 MB in all each, and read nothing. A pool thread's answer goes to the poller
+    with its connection and waits there for the client, so the threads stay free: /configure
+    and another pool route keep being answered, and each client later gets its answers, in
+    order. With COMPUTE_API_POLLER_SENDS=0 (threads send, as gunicorn does) the same clients
+    hold both threads in blocked sends (10 s each): the attack is real."""
+    rt = str(tmp_path)
+    error = "e" * (200 * 1024)
+    _, port = gunicorn_state(rt, status="running")
+    env = {"COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2",
+           "COMPUTE_API_POLLER_SENDS": "1" if poller_sends else "0"}
+    request = b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    pipelined = 40
+    with gunicorn(rt, env=env), fake_driver(rt, hold=0.05):
+        clients = []
+        try:
+            store = StateStore(state_path(rt))
+            store.set(error=error)  # the /status answers are large; the status stays running
+            store.close()
+            for _ in range(4):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+                s.settimeout(60)
+                s.connect(("127.0.0.1", port))
+                s.sendall(request * pipelined)
+                clients.append(s)
+            for s in clients:
+                wait_for(lambda: s.recv(1, socket.MSG_PEEK), what="the first bytes of an answer")
+            if not poller_sends:
+                wait_for(lambda: _times_out(port, b"/openapi.yaml"), what="both pool threads blocked in a send")
+                return
+            answers = []
+            for _ in range(10):  # a few seconds of the attack: the threads never get stuck
+                answers.append(_configure_answer(port, timeout=5))
+                answers.append(int(exchange(port, b"GET /openapi.yaml HTTP/1.1\r\nConnection: close\r\n\r\n",
+                                            timeout=5).split(b" ")[1]))
+            assert answers == [200] * 20
+            got: dict = {}
+
+            def read(i: int, s: socket.socket) -> None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                got[i] = _read_responses(s, 10)
+
+            readers = [threading.Thread(target=read, args=(i, s)) for i, s in enumerate(clients)]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(60)
+            for i in range(len(clients)):
+                assert [st for st, _ in got[i][:10]] == [200] * 10, got[i][:3]
+                # whole /status bodies, in order (a /configure clears the error: later ones are short)
+                assert all(json.loads(body)["tenant"] for _, body in got[i][:10])
+                assert json.loads(got[i][0][1])["error"] == error
+        finally:
+            for s in clients:
+                s.close()
+
+
+def test_a_pool_answer_beyond_the_kept_size_is_still_sent_whole(tmp_path):
+    """A pool answer larger than POOL_ANSWER_MAX (a 2 MiB error text on /status, answered by
+    the pool with the fast path off) goes out on the socket from the thread as before, to a
+    client reading slowly: whole, in order, and the connection is still usable."""
+    rt = str(tmp_path)
+    error = "e" * (2 * 1024 * 1024)
+    _, port = gunicorn_state(rt, status="failed", error=error)
+    with gunicorn(rt, env={**OFF, "COMPUTE_API_WORKERS": "1", "COMPUTE_API_THREADS": "2"}):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\nGET /openapi.yaml HTTP/1.1\r\nHost: x\r\n\r\n"
+                      b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = _read_responses(s, 3)
+    assert [st for st, _ in got] == [200, 200, 200]
+    assert json.loads(got[0][1])["error"] == error
+    assert got[1][1].startswith(b"openapi:") and got[2][1] == b'{"alive": true}'

@@ -119,8 +119,8 @@ def test_api_serves_across_kill_9_of_master_and_worker():
         # A generous timeout: a request made while the api restarts waits in the backlog.
         with StatusPoller(c.http_port, period=0.005, timeout=30) as poller:
             for _ in range(3):
-                master = wait_for(lambda: (m := program_child(sup, "api")) and len(workers_of(m)) >= 2 and m,
-                                  20, "the api and its two workers")
+                master = wait_for(lambda: (m := program_child(sup, "api")) and workers_of(m) and m,
+                                  20, "the api and its worker(s)")
                 old_workers = workers_of(master)
                 os.kill(master, signal.SIGKILL)
                 new = wait_for(lambda: (m := program_child(sup, "api")) and m != master and workers_of(m) and m,
@@ -131,7 +131,7 @@ def test_api_serves_across_kill_9_of_master_and_worker():
 
                 victim = min(workers_of(new))
                 os.kill(victim, signal.SIGKILL)
-                wait_for(lambda: len(workers_of(new) - {victim}) >= 2, 20, "a replacement worker")
+                wait_for(lambda: workers_of(new) - {victim}, 20, "a replacement worker")
                 n = len(poller.samples)
                 wait_for(lambda: len(poller.samples) > n + 2, 20, "answers after the worker's replacement")
         assert len(poller.samples) > 20

@@ -216,7 +216,7 @@ class Hostile:
 
 def test_dozens_of_hostile_connections_do_not_starve_the_probes(open_compute):
     c = open_compute
-    # more slow bodies than the API has threads (2 workers x 16): only 4 per worker are read
+    # more slow bodies than the API has threads (1 worker x 16 by default): only 4 per worker are read
     kinds = {"slowloris": 15, "slow_body": 40, "unread_body": 10, "unread_form": 10, "silent": 10}
     hostile = [Hostile(kind, c.http_port) for kind, n in kinds.items() for _ in range(n)]
     stop = threading.Event()

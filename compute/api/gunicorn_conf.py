@@ -60,16 +60,18 @@ try:  # gthread that reads request heads in its poller, not in a pool thread (se
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
     worker_class = "gthread"
-# 2 workers x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
-# python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), medians [range] of 3
-# interleaved runs, req/s / p50 / p99 idle, p99 during a /configure:
-#   2 x 16 fast path: 9,060 [8,069-9,453] / 6.9 / 15.6 [12.1-17.1] ms, 13.4 [11.1-13.5] ms
-#   2 x 16 pool only: 7,043 / 7.9 / 36.5 [30.6-42.9] ms (2 x 4 pool only: 32.5 ms)
-#   1 x 16 fast path: 5,611 / 11.0 / 52.5 [42.9-54.2] ms, 45.4 [18.1-137.3] ms
-#   1 x 16 pool only: 1,303 / 47.7 / 72.8 ms (16 threads convoying on one GIL)
-# One worker would save ~13 MiB, but one thread then carries every /status on one core the load
-# generator shares: any stall of it delays all 64 connections, and p99 misses 20 ms.
-workers = int(os.environ.get("COMPUTE_API_WORKERS", "2"))
+# 1 worker x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
+# Each worker costs ~6 MiB PSS (its private pages); one is enough since the poller accepts every
+# waiting connection per turn (before, a burst of new connections waited one ~10 ms turn each:
+# wrk's p99 at 1 worker was 35-90 ms from its own connection ramp-up, the server's 15 ms).
+# python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), 5 interleaved pairs,
+# medians [range], req/s / p50 / p99 idle, p99 during a /configure:
+#   1 x 16: 6,050 [5,209-6,161] / 10.3 / 14.0 [13.6-16.1] ms, 14.8 [13.5-17.7] ms
+#   2 x 16: 10,778 [10,388-11,254] / 5.9 / 11.8 [9.7-19.8] ms, 12.1 [11.4-34.8] ms
+# One thread carries every /status: its cost (~170 us each on this VM) times the connections
+# in flight is the latency (64 x 170 us = 11 ms); COMPUTE_API_WORKERS=2 doubles the throughput
+# for a compute that must serve many more concurrent clients (each worker: +6 MiB PSS).
+workers = int(os.environ.get("COMPUTE_API_WORKERS", "1"))
 # 16 threads per worker: threads are what absorbs requests that block: /configure, /terminate,
 # /insights and /check_writability on a stuck postgres (10 s statement timeout), bodies sent
 # slowly. Request heads do not hold a thread, and /status & co never reach the pool (worker.py),

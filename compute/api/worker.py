@@ -32,6 +32,12 @@ connections take the stock path. Used by compute/api/gunicorn_conf.py when the i
 gunicorn has the hooks it relies on (gunicorn >= 23's deferral of connections to the poller),
 else plain gthread.
 
+Accepting. The listener's callback takes every connection waiting in the backlog (gunicorn's
+takes one per turn of the loop; under load a burst of new connections then waited a turn, ~10 ms,
+each). Pool answers. A pool thread's answer (up to POOL_ANSWER_MAX) is kept and handed back
+with the connection; the poller sends it as it sends an inline one, so a client that does not
+read its answers holds no thread (COMPUTE_API_POLLER_SENDS=0: threads send, as gunicorn's do).
+
 Closing. gunicorn 27 closes a connection "gracefully" on the worker's main thread: half-close,
 then wait up to 2 s for the client to close its end. A client that never does stalls the
 accept loop and the poller for 2 s per connection: twenty of them took /healthz down for 30 s.
@@ -73,6 +79,8 @@ DRAIN_DEADLINE = 0.1  # an unread body already in flight may be skipped; else cl
 DRAIN_MAX_BYTES = 64 * 1024
 LINGER = 2.0  # a closed connection's socket waits this long (in the poller) for the client's FIN
 LINGER_MAX_BYTES = 64 * 1024
+ACCEPT_BATCH = 64  # connections taken from the backlog per readiness of the listener
+POOL_ANSWER_MAX = 256 * 1024  # a pool thread's answer up to this size is sent by the poller
 
 
 class DeadlineSocket:
@@ -136,6 +144,58 @@ class _CapturingSocket:
         pass
 
 
+class _SpillingSocket:
+    """What a pool thread's answer is written to: kept, for the poller to send without
+    blocking (a client that does not read its answer then holds no thread); beyond
+    POOL_ANSWER_MAX, what was kept and the rest go out on the socket itself, blocking
+    (IO_TIMEOUT per send) as the stock worker does. A close before the answer was handed over
+    is the poller's to do, after it sent what was kept."""
+
+    def __init__(self, sock: socket.socket, max_bytes: int = POOL_ANSWER_MAX):
+        self.sock, self.max_bytes = sock, max_bytes
+        self.out = bytearray()
+        self.spilled = False
+
+    def sendall(self, data) -> None:
+        if self.spilled:
+            self.sock.sendall(data)
+            return
+        self.out += data
+        if len(self.out) > self.max_bytes:
+            self.spilled = True
+            kept, self.out = bytes(self.out), bytearray()
+            self.sock.sendall(kept)
+
+    def send(self, data) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        kept, self.out = bytes(self.out), bytearray()
+        return kept
+
+    # gunicorn's close_graceful() after an app error mid-answer: shutdown, drain, close.
+    def shutdown(self, how) -> None:
+        if self.spilled:
+            self.sock.shutdown(how)
+
+    def recv(self, *args) -> bytes:
+        return self.sock.recv(*args) if self.spilled else b""
+
+    def settimeout(self, t) -> None:
+        if self.spilled:
+            self.sock.settimeout(t)
+
+    def close(self) -> None:
+        pass  # the connection's owner closes it
+
+    def fileno(self) -> int:  # sendfile() would write around what was kept: send that first
+        if not self.spilled:
+            self.spilled = True
+            self.sock.sendall(self.take())
+        return self.sock.fileno()
+
+
 class _InlineConn:
     """The three attributes of a connection that gunicorn's handle_request uses."""
 
@@ -148,7 +208,9 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         super().__init__(*args, **kwargs)
         self.cs_lingering: deque = deque()  # (deadline, socket, [bytes drained]), oldest first
         self.cs_fast_path = fast_path_enabled()
-        self.cs_writing: deque = deque()  # (deadline, conn): inline answers the client is slow to take
+        self.cs_writing: deque = deque()  # (deadline, conn): answers the client is slow to take
+        # Pool threads' answers sent by the poller (needs our finish_request, gunicorn >= 27's).
+        self.cs_poller_sends = _FINISH_REQUEST_OF_27 and os.environ.get("COMPUTE_API_POLLER_SENDS", "1") != "0"
 
     def init_process(self):
         # What the worker was forked with (the app, gunicorn's objects) lives as long as the
@@ -166,15 +228,20 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
     # registered with the selector from one request to the next (only its callback changes: no
     # system call); it is unregistered whenever it leaves the poller (pool, close, linger).
     def accept(self, listener):
-        try:
-            client_sock, client_addr = listener.accept()
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self.nr_conns += 1
-        conn = gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname())
-        self._on_readable(conn)
+        """Every connection waiting in the backlog (up to ACCEPT_BATCH and the worker's
+        connection bound), not one per turn of the loop as gunicorn does: under load a turn
+        serves every ready connection (64 of them: ~10 ms), so a burst of N new connections
+        waited N turns for their first answer (0.3-0.4 s for the last of 64, python -m
+        bench.api_probe)."""
+        for _ in range(max(1, min(ACCEPT_BATCH, self.worker_connections - self.nr_conns))):
+            try:
+                client_sock, client_addr = listener.accept()
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    raise
+                return
+            self.nr_conns += 1
+            self._on_readable(gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname()))
 
     def on_client_socket_readable(self, conn, client):
         self.keepalived_conns.remove(conn)
@@ -276,6 +343,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         self._send_inline(conn, memoryview(bytes(capture.out)), keepalive)
 
     def _send_inline(self, conn, data: memoryview, keepalive: bool) -> None:
+        _nonblocking(conn.sock)  # a connection back from the pool is blocking
         try:
             sent = conn.sock.send(data) if data else 0
         except (BlockingIOError, InterruptedError):
@@ -301,7 +369,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         elif conn.parser.unreader.buf.getbuffer().nbytes:
             if _hold_partial_head(conn):  # the next head, incomplete: wait for the rest here
                 self._wait_readable(conn)
-            elif fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
+            elif self.cs_fast_path and fastpath.inline_candidate(conn.parser.unreader.buf.getvalue()):
                 # Inline too, on a later turn of the loop (others go first; no recursion): a
                 # client pipelining requests it does not read must not block a pool thread.
                 self._unwatch(conn)
@@ -346,6 +414,12 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             result = fs.result() if not fs.cancelled() else False
         except Exception:  # noqa: BLE001 - gunicorn's own: close at once
             result = None
+        out = conn.__dict__.pop("cs_out", None)
+        if out and result is not None and result is not _DEFER:
+            # A pool thread's answer (handle_request): sent here without blocking, then the
+            # connection is kept alive, or lingers and closes, as after an inline answer.
+            self._send_inline(conn, memoryview(out), bool(result))
+            return
         if result is _DEFER or result:
             return super().finish_request(conn, fs)
         self.nr_conns -= 1
@@ -418,7 +492,16 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         # Blocking from here on, but never without a bound: the parser reads through a
         # DeadlineSocket, and sends (a client that does not read its answer) time out.
         conn.sock.settimeout(IO_TIMEOUT)
-        return super().handle_request(req, conn)
+        if not self.cs_poller_sends or self.cfg.is_ssl:
+            return super().handle_request(req, conn)
+        # The answer is kept and handed to the poller with the connection (finish_request):
+        # N clients that do not read their answers hold no pool thread (they did, IO_TIMEOUT
+        # per send each), so /configure and the other pool routes are not kept waiting.
+        out = _SpillingSocket(conn.sock)
+        try:
+            return super().handle_request(req, _InlineConn(out, conn.client, conn.server))
+        finally:
+            conn.cs_out = out.take()
 
     def _keepalive_after(self, conn, keepalive):
         """Keep a connection alive only if what is left of its body is already here: a client
