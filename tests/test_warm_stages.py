@@ -26,3 +26,32 @@ def test_any_other_program_gets_the_whole_image(first):
     script = SCRIPT.replace('warmfork.warm_for("api")', f'warmfork.warm_for("{first}")')
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+HYGIENE = """
+import logging, os, sys
+from compute import warmfork
+from compute.logrelay import setup_relay_logging
+logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))
+setup_relay_logging("text")  # compute-ctl's in-process handlers' logger, before the first spawn
+quiet = logging.getLogger("some.library")
+quiet.disabled = True
+warmfork.warm_for("lifecycle")
+pid = os.fork()
+if pid == 0:
+    warmfork._fresh_logging()
+    loggers = [logging.getLogger(), logging.getLogger("compute.exitwatch"), quiet]
+    ok = all(not lg.handlers and lg.propagate and not lg.disabled for lg in loggers)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "a forked program kept the parent's logging set-up"
+assert logging.getLogger("compute.exitwatch").handlers, "the parent's own set-up is untouched"
+print("ok")
+"""
+
+
+def test_a_forked_program_starts_without_the_parents_logging():
+    """The child resets only the loggers the parent had configured when it warmed (walking all
+    of them in the child copied their pages): those, and the root logger, must be fresh."""
+    r = subprocess.run([sys.executable, "-c", HYGIENE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
