@@ -92,7 +92,7 @@ def test_our_sessions_are_not_encrypted_on_loopback(tls_pg):
             assert _ssl_of(admin, "ours") == [False]
         with Connections(tls_pg.url()) as conns:
             conns(None).execute("SELECT 1")
-            assert _ssl_of(admin, APPLY) == [False]
+            assert set(_ssl_of(admin, APPLY)) == {False}
         # the server does offer TLS: libpq's default would have used it
         with psycopg.connect(tls_pg.conninfo(), application_name="stock", autocommit=True):
             assert _ssl_of(admin, "stock") == [True]
@@ -105,7 +105,7 @@ def test_an_sslmode_in_the_connstr_is_respected(tls_pg):
             assert _ssl_of(admin, "asked") == [True]
         with Connections(url) as conns:
             conns(None).execute("SELECT 1")
-            assert _ssl_of(admin, APPLY) == [True]
+            assert set(_ssl_of(admin, APPLY)) == {True}
 
 
 # -- the monitor's socket ----------------------------------------------------------------------
