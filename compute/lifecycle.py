@@ -426,9 +426,9 @@ def wait_for_work(runtime_dir: str) -> bool:
 
     The driver forked after each hand-over spends the compute's life waiting for a /configure.
     Loading the settings, planning and polling the state file every POLL touched (so copied)
-    the warm image into it: 4.8 MiB private, 3.2 MiB now (python -m bench.footprint). So it only asks for three state
-    keys (_has_work), and sleeps in sigtimedwait until SIGUSR1 (blocked first, so a signal sent
-    before we sleep is not lost) or SIGTERM. An interrupted reconfiguration (status
+    the warm image into it (4.8 MiB private; 3.1 MiB now, python -m bench.footprint). So it
+    only asks for three state keys (_has_work), and sleeps in sigtimedwait until SIGUSR1
+    (blocked first, so a signal sent before we sleep is not lost) or SIGTERM. An interrupted reconfiguration (status
     `configuration`) or a waiting one is work: found by the same first look, at once."""
     signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
     path = state_path(runtime_dir)

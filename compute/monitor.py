@@ -101,7 +101,7 @@ class ActivityMonitor:
     def _connect(self) -> psycopg.Connection:
         # search_path and role pinned (compute/pgsession.py); a stuck query cannot stall the loop
         params = session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS)
-        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (2.9 MiB, pgsession.py).
+        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (-3.7 MiB PSS, pgsession.py).
         sock = socket_params(params, read_postmaster_pid(self.pgdata), _os_user()) if self.pgdata else None
         if sock is not None:
             try:

@@ -48,7 +48,9 @@ class Connections:
         if "application_name" not in params:
             self._extra["application_name"] = APPLICATION_NAME
         # no TLS to our own local server unless the connstr asks (pgsession.local_sslmode)
-        self._extra.update({k: v for k, v in local_sslmode(params).items() if k == "sslmode" and k not in params})
+        sslmode = local_sslmode(params).get("sslmode")
+        if sslmode and "sslmode" not in params:
+            self._extra["sslmode"] = sslmode
         self._maint: psycopg.Connection | None = None
         self._others: OrderedDict[str, psycopg.Connection] = OrderedDict()
         self._lock = threading.Lock()
