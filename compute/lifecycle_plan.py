@@ -78,6 +78,14 @@ def plan_run(view: DriverView) -> tuple[Step, ...]:
     return (Step.WAIT_FOR_SPEC, *START_STEPS, *FINISH_STEPS)
 
 
+def idle(view: DriverView) -> bool:
+    """Whether a starting driver has nothing to do until it is woken: the start-up is done, the
+    plan is only to serve, and no reconfiguration waits. Such a driver (the one forked after
+    every hand-over) waits for SIGUSR1 before it loads anything (compute.lifecycle: each
+    object it touches is a page copied from the warm image)."""
+    return plan_run(view) == (Step.SERVE, Step.HAND_OVER) and not wants_reconfiguration(view.status)
+
+
 def wants_reconfiguration(status: str | None) -> bool:
     """In SERVE: a /configure (or /promote) has handed over a spec to apply."""
     return status == "configuration_pending"

@@ -15,10 +15,28 @@ open pins, in the startup packet (source `client`, which outranks database and r
 
 Everything we name outside pg_catalog is schema-qualified (`public.health_check`, the
 pg_stat_statements view in its extension's schema).
+
+TLS: postgres is our own, on this host, so a session to a loopback address or a unix socket
+asks for no TLS (`sslmode=disable`) unless the connstr (or PGSSLMODE) names an sslmode: libpq's
+default `prefer` encrypts every session with a server that offers TLS (ssl=on), for bytes that
+never leave the host. (With ssl=off, as our postgresql.conf has it, this measured no memory
+difference: the monitor's OpenSSL pages came from SCRAM, below.) Our sessions stay on TCP: the
+connstr's host, port and authentication (pg_hba's `host` lines) keep meaning what they say.
+
+The monitor's session lasts the compute's life, so it goes further: it uses postgres' unix
+socket when the connstr names this host (`socket_params`). Over TCP the embedded default
+authenticates with SCRAM, and libpq computes SCRAM with OpenSSL, whose initialisation left
+2.6 MiB of libcrypto pages (plus 0.3 MiB of heap) in the monitor alone, sslmode=disable or not;
+peer authentication on the socket runs no OpenSSL at all. The socket is the one the running
+postmaster names in postmaster.pid, and `requirepeer` makes libpq refuse a server that does not
+run as our own OS user (a socket planted in a shared directory while postgres is down). If the
+socket cannot be used (pg_hba has no `local` line for us, no socket directory), the connstr is.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
@@ -52,9 +70,58 @@ def session_options(*, lock_timeout_ms: int | None = None, statement_timeout_ms:
     return " ".join(parts)
 
 
+def is_local_host(host: str | None) -> bool:
+    """Whether every host a libpq `host` value names is this machine: none (libpq's default
+    unix socket), a socket directory, localhost, or a loopback address."""
+    if not host:
+        return True
+    for h in host.split(","):
+        h = h.strip()
+        if not h or h.startswith("/") or h.startswith("@") or h == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(h).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def local_sslmode(params: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """`params` (connect() keywords) with sslmode=disable added when they name none, PGSSLMODE
+    is unset and the server is on this host (see the module docstring: no OpenSSL in our
+    processes for a loopback session). An sslmode the operator names is always kept."""
+    env = os.environ if environ is None else environ
+    if "sslmode" in params or env.get("PGSSLMODE"):
+        return params
+    # libpq connects to hostaddr when given (host then only names the server for auth)
+    where = params.get("hostaddr") or env.get("PGHOSTADDR") or params.get("host") or env.get("PGHOST")
+    return {**params, "sslmode": "disable"} if is_local_host(where) else params
+
+
+def socket_params(params: dict[str, Any], postmaster_pid: str | None, os_user: str) -> dict[str, Any] | None:
+    """`params` redirected to the unix socket of the postmaster whose postmaster.pid text is
+    given (line 4: port, line 5: first socket directory), or None when they name another host,
+    or the postmaster listens on no socket. Only ever for a server running as `os_user`."""
+    where = params.get("hostaddr") or params.get("host") or os.environ.get("PGHOST")
+    lines = (postmaster_pid or "").splitlines()
+    if len(lines) < 5 or not is_local_host(where) or not lines[4].startswith("/") or not lines[3].isdigit():
+        return None
+    out = {k: v for k, v in params.items() if k not in ("hostaddr", "sslmode")}
+    return {**out, "host": lines[4], "port": lines[3], "requirepeer": os_user}
+
+
+def read_postmaster_pid(pgdata: str) -> str | None:
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid"), encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def session_params(connstr: str, **timeouts: int | None) -> dict[str, Any]:
     """The connstr as connect() keywords, our pinned options appended to its own (later -c
-    switches win, so a connstr cannot unpin them)."""
+    switches win, so a connstr cannot unpin them), without TLS to a local server unless asked."""
     params: dict[str, Any] = conninfo_to_dict(connstr)
     params["options"] = f"{params.get('options', '')} {session_options(**timeouts)}".strip()
-    return params
+    return local_sslmode(params)

@@ -146,3 +146,39 @@ def test_bench_footprint_summary_and_own_process_figures():
     assert "after_load_pss_mib" not in summary([{"total_pss_mib": 1.0, "total_private_mib": 0.5}])
     assert private_kib(os.getpid()) > 0 and threads(os.getpid()) >= 1
     assert private_kib(2 ** 22 + 1) is None  # no such process (above pid_max)
+
+
+def _holds_open(pid: int, suffix: str) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)).endswith(suffix):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+@pytest.mark.e2e
+def test_an_idle_tree_keeps_its_programs_light():
+    """The monitor's session is on the unix socket (peer: no SCRAM, no OpenSSL in it); the
+    driver after the hand-over sleeps with nothing open (its look at the state file is made in
+    a short-lived child)."""
+    import psycopg
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        driver = c.wait_handed_over()
+        with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while True:
+                rows = conn.execute("SELECT client_addr IS NULL FROM pg_stat_activity"
+                                    " WHERE application_name = 'compute_ctl:activity_monitor'").fetchall()
+                if rows or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert rows == [(True,)], rows
+        assert not _holds_open(driver, "state.db")
+        # it still wakes for a /configure: tests/test_e2e_configure.py (pull mode), after each
+        # hand-over, and tests/test_fault_kill.py -k lifecycle (an interrupted one is resumed)

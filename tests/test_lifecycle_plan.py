@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from compute.lifecycle_plan import (PROMOTE, STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, plan_run,
-                                    readiness, wants_reconfiguration)
+from compute.lifecycle_plan import (PROMOTE, STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, idle,
+                                    plan_run, readiness, wants_reconfiguration)
 
 S = Step
 FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
@@ -102,3 +102,17 @@ def test_grace_period(failed_at, grace, now, left):
 ])
 def test_readiness(pm, state, elapsed, verdict):
     assert readiness(pm, state, elapsed, 60.0) is verdict
+
+
+IDLE = {"running", "promote in progress", "reconfiguration failed"}
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_a_driver_idles_only_when_it_would_only_serve_with_nothing_waiting(case):
+    """The driver forked after a hand-over sleeps until SIGUSR1 (compute/lifecycle.py
+    wait_for_work) only in these states: a waiting or interrupted reconfiguration, and every
+    start-up state, are work at once."""
+    view, _ = MATRIX[case]
+    # postgres' state is not asked by the idle check: it must not matter
+    assert idle(DriverView(view.status, view.startup_done, None, view.configuring_by)) is (case in IDLE)
+    assert idle(view) is (case in IDLE)

@@ -87,3 +87,23 @@ def test_a_promotion_in_progress_is_left_to_the_api(tmp_path, cluster, sessions)
     Driver(rt).resume_interrupted_reconfiguration()
     assert store.get("status") == "configuration"
     assert all(alive(conn) for conn in sessions.values())
+
+
+def test_the_idle_drivers_look_at_the_state_file(tmp_path):
+    """wait_for_work's look (in a short-lived child after a hand-over): work for a waiting or
+    interrupted reconfiguration, none for a running compute, and work for a state file it
+    cannot read (the driver proper then reports what is wrong)."""
+    from compute.lifecycle import _has_work, _has_work_child
+    from compute.state import StateStore, state_path
+    path = state_path(str(tmp_path))
+    store = StateStore.create(path, {"status": "running", "startup_done": True})
+    for look in (_has_work, _has_work_child):
+        assert look(path) is False
+    store.set(status="configuration_pending")
+    assert _has_work_child(path) is True
+    store.set(status="configuration", configuring_by="driver")
+    assert _has_work_child(path) is True
+    store.close()
+    with open(path, "r+b") as f:
+        f.write(b"garbage" * 1000)
+    assert _has_work_child(path) is True

@@ -1,6 +1,7 @@
 """The warm image in two stages (compute/warmfork.py): the driver is forked from the first
 (its own modules only), everything else waits for the whole image."""
 
+import json
 import subprocess
 import sys
 
@@ -26,3 +27,72 @@ def test_any_other_program_gets_the_whole_image(first):
     script = SCRIPT.replace('warmfork.warm_for("api")', f'warmfork.warm_for("{first}")')
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+HYGIENE = """
+import logging, os, sys
+from compute import warmfork
+from compute.logrelay import setup_relay_logging
+logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))
+setup_relay_logging("text")  # compute-ctl's in-process handlers' logger, before the first spawn
+quiet = logging.getLogger("some.library")
+quiet.disabled = True
+warmfork.warm_for("lifecycle")
+pid = os.fork()
+if pid == 0:
+    warmfork._fresh_logging()
+    loggers = [logging.getLogger(), logging.getLogger("compute.exitwatch"), quiet]
+    ok = all(not lg.handlers and lg.propagate and not lg.disabled for lg in loggers)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "a forked program kept the parent's logging set-up"
+assert logging.getLogger("compute.exitwatch").handlers, "the parent's own set-up is untouched"
+print("ok")
+"""
+
+
+def test_a_forked_program_starts_without_the_parents_logging():
+    """The child resets only the loggers the parent had configured when it warmed (walking all
+    of them in the child copied their pages): those, and the root logger, must be fresh."""
+    r = subprocess.run([sys.executable, "-c", HYGIENE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+RELEASE = """
+import json, psycopg
+from compute import warmfork
+
+def rollup():
+    # Rss of the process, and the copied (relocated) pages inside the libraries' mappings
+    out, library = {"Rss": 0, "Anonymous": 0}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                library = len(fields) > 5 and ".so" in fields[5]
+            elif fields[0] == "Rss:":
+                out["Rss"] += int(fields[1])
+            elif fields[0] == "Anonymous:" and library:
+                out["Anonymous"] += int(fields[1])
+    return out
+
+before = rollup()
+released = warmfork.release_loader_pages()
+after = rollup()
+# libpq (and OpenSSL) still work: their code is mapped back from the page cache
+try:
+    psycopg.connect("host=/nonexistent-socket-dir connect_timeout=1")
+except psycopg.OperationalError as e:
+    error = str(e)
+print(json.dumps({"released": released, "rss_before": before["Rss"], "rss_after": after["Rss"],
+                  "anon_before": before["Anonymous"], "anon_after": after["Anonymous"], "error": error}))
+"""
+
+
+def test_compute_ctl_unmaps_the_loaders_pages_and_keeps_working():
+    r = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["released"] > 0 and out["rss_after"] < out["rss_before"]
+    assert out["anon_after"] == out["anon_before"], "no copied (relocated) library page was dropped"
+    assert "nonexistent-socket-dir" in out["error"]

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from compute.pgsession import session_options
+from compute.pgsession import local_sslmode, session_options
 from compute.settings import default
 
 APPLICATION_NAME = "compute_ctl:apply_spec"
@@ -47,6 +47,10 @@ class Connections:
             self._extra["connect_timeout"] = connect_timeout
         if "application_name" not in params:
             self._extra["application_name"] = APPLICATION_NAME
+        # no TLS to our own local server unless the connstr asks (pgsession.local_sslmode)
+        sslmode = local_sslmode(params).get("sslmode")
+        if sslmode and "sslmode" not in params:
+            self._extra["sslmode"] = sslmode
         self._maint: psycopg.Connection | None = None
         self._others: OrderedDict[str, psycopg.Connection] = OrderedDict()
         self._lock = threading.Lock()
