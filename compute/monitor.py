@@ -23,8 +23,11 @@ import threading
 import time
 from typing import Any
 
+import select
+
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from compute.logs import setup_program_logging
 from compute.pgsession import read_postmaster_pid, session_params, socket_params
@@ -39,6 +42,8 @@ DEFAULT_INTERVAL = default("monitor_interval")
 STATEMENT_TIMEOUT_MS = 5_000
 # Statuses in which postgres is up (or about to be): before that there is nothing to watch, and
 # a connection attempt would only fill the postgres log with "the database system is starting up".
+CONNECT_TIMEOUT = 2  # seconds
+QUERY_TIMEOUT = STATEMENT_TIMEOUT_MS / 1000 + 1  # the server ends it first (statement_timeout)
 WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration"})
 
 # NULL state (a backend that has not reported yet) counts neither way; 'idle in transaction',
@@ -49,12 +54,86 @@ SELECT coalesce(bool_or(state <> 'idle'), false),
   FROM pg_catalog.pg_stat_activity
  WHERE backend_type = 'client backend'
    AND pid <> pg_catalog.pg_backend_pid()
-   AND usename IS DISTINCT FROM %s
+   AND usename IS DISTINCT FROM $1
 """
+
+
+ACTIVITY_QUERY_BYTES = ACTIVITY_QUERY.encode()
 
 
 class _Stop(Exception):
     """Raised from the signal handler to cut a blocking connect/query short."""
+
+
+class SessionError(Exception):
+    """What libpq reported: the connection failed or was lost, or the query failed."""
+
+
+def _message(pgconn: pq.abc.PGconn, fallback: str) -> str:
+    return pgconn.error_message.decode("utf-8", "replace").strip() or fallback
+
+
+def _wait(fileno: int, write: bool, deadline: float) -> None:
+    """Until the socket is ready. select() is interrupted by a signal whose handler raises
+    (_Stop on SIGTERM): a stuck connect or query never delays a stop."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise SessionError("timed out")
+    ready = select.select([], [fileno], [], remaining) if write else select.select([fileno], [], [], remaining)
+    if not any(ready):
+        raise SessionError("timed out")
+
+
+class LibpqSession:
+    """One libpq connection driven through psycopg's thin libpq wrapper (psycopg.pq), not a
+    psycopg Connection. The monitor runs one query every tick for the life of the compute;
+    psycopg's Python layers (connection generators, adapters, cursors, row makers) ran for it
+    copied ~2 MiB of the warm image into the monitor (python -m bench.footprint). Non-blocking
+    libpq calls with select(), so SIGTERM still cuts a connect or a query short; every query
+    runs outside a transaction (libpq's default: what autocommit=True gave)."""
+
+    def __init__(self, params: dict[str, Any], connect_timeout: float, query_timeout: float):
+        self.query_timeout = query_timeout
+        deadline = time.monotonic() + connect_timeout
+        self.pgconn = pq.PGconn.connect_start(make_conninfo(**params).encode())
+        try:
+            while True:
+                status = self.pgconn.connect_poll()
+                if status == pq.PollingStatus.OK:
+                    break
+                if status == pq.PollingStatus.FAILED:
+                    raise SessionError(_message(self.pgconn, "connection failed"))
+                _wait(self.pgconn.socket, status == pq.PollingStatus.WRITING, deadline)
+            self.pgconn.nonblocking = 1
+        except BaseException:
+            self.close()
+            raise
+
+    def query_row(self, query: bytes, params: list[bytes | None]) -> tuple[bytes | None, ...]:
+        """The single row `query` returns, its values as libpq's text."""
+        pgconn = self.pgconn
+        deadline = time.monotonic() + self.query_timeout
+        pgconn.send_query_params(query, params)
+        while pgconn.flush():
+            _wait(pgconn.socket, True, deadline)
+        result = None
+        while True:
+            while pgconn.is_busy():
+                _wait(pgconn.socket, False, deadline)
+                pgconn.consume_input()
+            res = pgconn.get_result()
+            if res is None:
+                break
+            result = res if result is None or result.status == pq.ExecStatus.TUPLES_OK else result
+        if result is None or pgconn.status != pq.ConnStatus.OK:
+            raise SessionError(_message(pgconn, "connection lost"))
+        if result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
+            message = result.error_message.decode("utf-8", "replace").strip()
+            raise SessionError(message or f"unexpected answer ({pq.ExecStatus(result.status).name}, {result.ntuples} rows)")
+        return tuple(result.get_value(0, i) for i in range(result.nfields))
+
+    def close(self) -> None:
+        self.pgconn.finish()
 
 
 def _os_user() -> str:
@@ -80,7 +159,7 @@ class ActivityMonitor:
         self.superuser = superuser if superuser is not None else superuser_of(connstr)
         self.clock = clock
         self.stop_event = threading.Event()
-        self._conn: psycopg.Connection | None = None
+        self._conn: LibpqSession | None = None
         self._interruptible = False
         self._ever_connected = False
         self._in_outage = False
@@ -98,17 +177,18 @@ class ActivityMonitor:
             raise _Stop()
 
     # -- one tick ---------------------------------------------------------------------------
-    def _connect(self) -> psycopg.Connection:
+    def _connect(self) -> LibpqSession:
         # search_path and role pinned (compute/pgsession.py); a stuck query cannot stall the loop
-        params = session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS)
+        params = {**session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS),
+                  "connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
         # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (-3.7 MiB PSS, pgsession.py).
         sock = socket_params(params, read_postmaster_pid(self.pgdata), _os_user()) if self.pgdata else None
         if sock is not None:
             try:
-                return psycopg.connect(**sock, autocommit=True, connect_timeout=2, application_name=APPLICATION_NAME)
-            except psycopg.OperationalError as e:
-                log.debug("unix socket refused, using the connstr: %s", str(e).strip())
-        return psycopg.connect(**params, autocommit=True, connect_timeout=2, application_name=APPLICATION_NAME)
+                return LibpqSession(sock, CONNECT_TIMEOUT, QUERY_TIMEOUT)
+            except (SessionError, psycopg.Error) as e:
+                log.debug("unix socket refused, using the connstr: %s", e)
+        return LibpqSession(params, CONNECT_TIMEOUT, QUERY_TIMEOUT)
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -132,10 +212,10 @@ class ActivityMonitor:
             try:
                 self._interruptible = True
                 self._conn = self._connect()
-            except psycopg.Error as e:
+            except (SessionError, psycopg.Error) as e:  # psycopg.pq raises OperationalError too
                 self._interruptible = False
                 if self._ever_connected and not self._in_outage:
-                    log.warning("postgres unreachable, retrying quietly: %s", str(e).strip())
+                    log.warning("postgres unreachable, retrying quietly: %s", e)
                     self._in_outage = True
                 return None
             finally:
@@ -147,19 +227,20 @@ class ActivityMonitor:
             self._ever_connected, self._in_outage = True, False
         try:
             self._interruptible = True
-            any_active, last_idle = self._conn.execute(ACTIVITY_QUERY, (self.superuser,)).fetchone()
-        except psycopg.Error as e:
+            any_active, last_idle = self._conn.query_row(
+                ACTIVITY_QUERY_BYTES, [None if self.superuser is None else self.superuser.encode()])
+        except (SessionError, psycopg.Error) as e:
             self._interruptible = False
             self._close()
             if not self._in_outage:
-                log.warning("lost the postgres connection, retrying quietly: %s", str(e).strip())
+                log.warning("lost the postgres connection, retrying quietly: %s", e)
                 self._in_outage = True
             return None
         finally:
             self._interruptible = False
-        if any_active:
+        if any_active == b"t":
             return self.clock()
-        return last_idle
+        return None if last_idle is None else float(last_idle)
 
     def record(self, ts: float | None) -> bool:
         """Advance the shared last_active to `ts` if that moves it forward. True if written."""

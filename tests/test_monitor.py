@@ -13,9 +13,10 @@ import time
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 import pytest
 
-from compute.monitor import APPLICATION_NAME, ActivityMonitor, superuser_of
+from compute.monitor import APPLICATION_NAME, ActivityMonitor, LibpqSession, SessionError, superuser_of
 from compute.state import StateStore
 from tests.support.api_helpers import REPO, launch_settings, make_state, pg
 from tests.support.pgcluster import free_port, running_cluster
@@ -377,3 +378,34 @@ def test_program_exits_when_its_parent_dies(tmp_path):
         parent.kill()
         if not _gone(monitor):
             os.kill(monitor, signal.SIGKILL)
+
+
+# -- the monitor's libpq session ----------------------------------------------------------------
+
+def test_libpq_session_answers_one_row_as_text(pg):
+    s = LibpqSession(conninfo_to_dict(pg.url()), 2, 5)
+    try:
+        assert s.query_row(b"SELECT $1::text, NULL, 1.5::float8, true", [b"x"]) == (b"x", None, b"1.5", b"t")
+        assert s.query_row(b"SELECT 1", []) == (b"1",)  # the session stays usable
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("query,error", [
+    (b"SELECT 1/0", "division by zero"),
+    (b"SELECT 1 UNION ALL SELECT 2", "2 rows"),
+    (b"SELECT pg_sleep(3)", "timed out"),
+])
+def test_libpq_session_errors_are_session_errors(pg, query, error):
+    s = LibpqSession(conninfo_to_dict(pg.url()), 2, 1)
+    try:
+        with pytest.raises(SessionError, match=error):
+            s.query_row(query, [])
+    finally:
+        s.close()
+
+
+def test_libpq_session_connect_failure_is_a_session_error():
+    port = free_port()  # nobody listens
+    with pytest.raises(SessionError, match="refused|failed"):
+        LibpqSession({"host": "127.0.0.1", "port": str(port), "dbname": "postgres"}, 2, 1)

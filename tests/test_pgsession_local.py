@@ -151,7 +151,7 @@ def test_the_monitor_never_talks_to_a_socket_another_user_planted(tmp_path):
             try:
                 conn = monitor._connect()
                 # it is the real postgres, over TCP
-                assert conn.execute("SELECT inet_client_addr() IS NOT NULL").fetchone()[0]
+                assert conn.query_row(b"SELECT inet_client_addr() IS NOT NULL", []) == (b"t",)
                 conn.close()
             finally:
                 monitor._close()
@@ -178,7 +178,7 @@ def test_the_monitor_uses_the_postmasters_socket_when_it_runs_as_the_servers_use
             store = StateStore.create({rt!r} + "/state.db", {{"status": "running"}})
             m = ActivityMonitor(store, {pg.url()!r}, pgdata={pgdata!r})
             c = m._connect()
-            print(c.execute("SELECT inet_client_addr() IS NULL").fetchone()[0])
+            print(c.query_row(b"SELECT inet_client_addr() IS NULL", []) == (b"t",))
         """)
         out = run_as_pg([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=rt)
         assert out.returncode == 0, out.stderr
