@@ -90,11 +90,12 @@ def classify(data: bytes) -> bytes | str:
     return m.group(1)
 
 
-def http_answer(body: str, now: float | None = None) -> bytes:
-    """A complete `200 OK` answer with a JSON body, closing the connection."""
+def http_answer(body: str, version: str = "HTTP/1.1", now: float | None = None) -> bytes:
+    """A complete `200 OK` answer with a JSON body, closing the connection; in the request's
+    HTTP version, as gunicorn answers."""
     data = body.encode()
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
-    return (f"HTTP/1.1 200 OK\r\nDate: {date}\r\nConnection: close\r\n"
+    return (f"{version} 200 OK\r\nDate: {date}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
 
 
@@ -264,15 +265,16 @@ class EarlyResponder:
         if body is None:
             conn.held = True  # the state file could not be read now: the api will answer
             return
-        try:
-            conn.sock.recv(len(data))  # exactly the head we looked at: nothing is left unread
-            conn.sock.send(http_answer(body))
-        except OSError:
-            pass
-        self._drop(conn)
         self.answered += 1
         if self.answered == 1:
             mark("compute-ctl: responder first answer")
+        try:
+            conn.sock.recv(len(data))  # exactly the head we looked at: nothing is left unread
+            version = "HTTP/1.0" if data[:data.find(b"\r\n")].endswith(b" HTTP/1.0") else "HTTP/1.1"
+            conn.sock.send(http_answer(body, version))
+        except OSError:
+            pass
+        self._drop(conn)
 
     def _body(self, route: bytes) -> str | None:
         if route == b"/healthz":
