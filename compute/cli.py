@@ -146,22 +146,17 @@ def superuser_of(connstr: str) -> str:
     return user
 
 
-def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
-    """Everything that can be checked before anything is touched (the HTTP flags already are:
-    validate_http). Returns (raw spec, superuser)."""
-    from .spec import decode_spec_text, parse_spec, read_spec_file
+def validate_flags(args: argparse.Namespace) -> None:
+    """The flags on their own (standard library only): checked before the API socket is bound,
+    so a bad flag never binds, answers or touches anything."""
     sources = [x for x in (args.spec, args.spec_path) if x is not None]
     pull = args.compute_id is not None or args.control_plane_uri is not None
     if pull and (args.compute_id is None or args.control_plane_uri is None):
         raise UsageError("-i/--compute-id and -p/--control-plane-uri go together")
     if len(sources) + pull != 1:
         raise UsageError("give exactly one spec source: -s JSON, -S FILE, or -i ID with -p URI")
-    superuser = superuser_of(args.connstr)
-    raw = None
-    if not pull:
-        text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
-        raw = decode_spec_text(text)
-        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
+    if not (0 < args.http_port < 65536):
+        raise UsageError("--http-port must be 1..65535")
     if not (0 < args.postgres_exporter_port < 65536) or (
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
         raise UsageError("--postgres-exporter-port must be 1..65535 and differ from --http-port")
@@ -172,16 +167,23 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     for flag, value in (("--lock-timeout", args.lock_timeout), ("--statement-timeout", args.statement_timeout)):
         if not (0 <= value <= 86400):  # NaN fails too
             raise UsageError(f"{flag} must be 0..86400 seconds")
+    args.http_address = http_address(args.http_address)
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
+
+
+def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """What needs psycopg: the connection string and the spec (after validate_flags, and after
+    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
+    spec, superuser)."""
+    from .spec import decode_spec_text, parse_spec, read_spec_file
+    superuser = superuser_of(args.connstr)
+    raw = None
+    if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
+        text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
+        raw = decode_spec_text(text)
+        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
     return raw, superuser
-
-
-def validate_http(args: argparse.Namespace) -> None:
-    """The flags the API socket needs, checked before it is bound (the rest: validate)."""
-    if not (0 < args.http_port < 65536):
-        raise UsageError("--http-port must be 1..65535")
-    args.http_address = http_address(args.http_address)
 
 
 def spec_identity(raw: dict | None, superuser: str) -> dict:
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_bootstrap_logging(args.log_format)
     try:
-        validate_http(args)
+        validate_flags(args)
         # Bound now, as root (a port < 1024 works) and before anything is touched; held until
         # we exit, served by the api program (compute/api_socket.py).
         api_sock = bind_api_socket(args.http_address, args.http_port)
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     # /status & co. answered from here on (the state we know: `init`), while we import,
     # validate and start the tree; the api takes over the rest (compute/early_responder.py).
-    # It may answer `init` for a compute that then exits 1 on a bad flag or spec: never more.
+    # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
+    # path or user: checked next, each a one-line error): never more than that.
     responder = EarlyResponder(api_sock, started=started).start()
     try:
         return bootstrap(args, api_sock, responder, started)

@@ -387,3 +387,21 @@ def _same_bodies(rig: Rig) -> None:
             ours = read_to_eof(early)
             assert ours.split(b"\r\n", 1)[0] == head.split(b"\r\n", 1)[0], (ours, api)  # "HTTP/1.x 200 OK"
             assert body_of(ours) == api_body, request
+
+
+@pytest.mark.parametrize("flag,value", [("--lock-timeout", "-1"), ("--postgres-exporter", "/nonexistent"),
+                                        ("--http-address", "localhost"), ("--storage-timeout", "0")])
+def test_a_bad_flag_fails_before_the_bind(tmp_path, capsys, flag, value):
+    """Flags are checked before the API socket is bound (and so before anything answers): with
+    the port taken, the error is still the flag's."""
+    from compute.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["-D", str(tmp_path / "pg"), "-C", "postgresql://cloud_admin@127.0.0.1:1/postgres",
+                     "-s", '{"format_version": 1.0, "cluster": {}}', "--runtime-dir", str(tmp_path / "run"),
+                     "--http-address", "127.0.0.1", "--http-port", str(port), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and flag in err and "\n" not in err and "cannot listen" not in err, err
+    assert threading.active_count() == 1  # no responder thread was started
