@@ -225,6 +225,10 @@ class EarlyResponder:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break  # an api worker took it, or nothing left
+            except OSError as e:  # out of descriptors, say: leave the rest to the backlog
+                log.warning("early responder: accept failed (%s): the api answers the rest", e)
+                self._set_accepting(False)
+                return
             sock.setblocking(False)
             conn = self._conns[sock.fileno()] = _Conn(sock)
             # Edge-triggered: woken once per arrival of bytes, never again for bytes left unread.
