@@ -300,9 +300,9 @@ def test_the_worker_gives_up_on_a_responder_that_does_not_answer(tmp_path):
 
 
 def test_a_fork_never_inherits_the_responders_state_file_handle(rig):
-    """Forks while the responder reads the state file as fast as it can: each child opens and
-    reads the state file itself (a lock or SQLite handle inherited mid-read would hang or
-    break it)."""
+    """Forks while the responder reads the state file as fast as it can: each child closes its
+    descriptors (as supervisord does), then opens, writes and reads the state file itself (an
+    SQLite lock or handle inherited from the responder would hang or break that)."""
     store = make_state(rig.dir, status="init")
     store.close()
     rig.responder.state_ready(state_path(rig.dir))
@@ -321,7 +321,11 @@ def test_a_fork_never_inherits_the_responders_state_file_handle(rig):
             if pid == 0:
                 code = 1
                 try:
-                    code = 0 if StateStore(state_path(rig.dir)).get("status") == "init" else 1
+                    os.closerange(3, 1024)  # as supervisord does in every child
+                    store = StateStore(state_path(rig.dir))
+                    store.set(last_active=float(len(str(pid))))  # a write, as every program does
+                    code = 0 if store.get("status") == "init" and store.integrity_ok() else 1
+                    store.close()
                 finally:
                     os._exit(code)
             done: list[int] = []
