@@ -261,7 +261,7 @@ def test_stop_closes_what_it_holds_and_the_hand_over_socket(rig):
 def test_the_hand_over_socket_is_private(rig):
     path = handover_path(rig.dir)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    held = rig.connect(b"POST /configure HTTP/1.1\r\n\r\n")
+    rig.connect(b"POST /configure HTTP/1.1\r\n\r\n")
     wait_for(lambda: len(rig.responder._conns) == 1, 10, "held")
     r = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-c",
                         f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r})"],
@@ -273,7 +273,7 @@ def test_the_hand_over_socket_is_private(rig):
 def test_another_uid_is_refused_even_where_it_can_reach_the_socket(rig):
     """With the directory and socket opened up (a mistake), the peer's uid still decides:
     nobody gets no descriptor, and the worker after it gets them all."""
-    held = rig.connect(b"POST /configure HTTP/1.1\r\n\r\n")
+    rig.connect(b"POST /configure HTTP/1.1\r\n\r\n")
     wait_for(lambda: len(rig.responder._conns) == 1, 10, "held")
     os.chmod(rig.dir, 0o755)
     os.chmod(handover_path(rig.dir), 0o777)
@@ -361,8 +361,6 @@ def test_the_same_bodies_as_the_api_for_the_same_state_file():
     """The responder and a real gunicorn (the api's own command line) on one state file: for
     every request the responder answers, the api answers 200 with the same body bytes. (No
     hand-over socket here: the api's worker would take the responder's connections.)"""
-    from tests.support.api_helpers import gunicorn, launch_settings
-    from tests.support.pgcluster import free_port
     rig = Rig(handover=False)
     try:
         _same_bodies(rig)
