@@ -6,6 +6,12 @@ postgres' exit code once every program has stopped.
 The slow steps (PGDATA, storage, postgres) happen in the supervised `lifecycle` program, so
 the HTTP API answers `/status` from the first second. The tree's log lines reach stdout
 through supervisord's in-process log relay (compute/logrelay.py).
+
+Before anything heavy is imported (psycopg, supervisor, falcon, gunicorn: see `python -X
+importtime`), compute-ctl parses its flags, binds the API socket and starts the early
+responder (compute/early_responder.py), which answers /status & co. until the api serves.
+So this module imports only the standard library and light modules of ours at its top; the
+rest is imported where it is used (bootstrap() and the validators), after the responder runs.
 """
 
 from __future__ import annotations
@@ -21,28 +27,18 @@ import os
 import sys
 import time
 
-from psycopg.conninfo import conninfo_to_dict
-
 from . import __version__
+from .api_handover import handover_path
 from .api_socket import API_FD_ENV, BindError, bind_api_socket
-from .exit_decision import tree_exit_code
-from .environ import SECRET_VARS, program_secrets, supervisord_environment
+from .early_responder import EarlyResponder
 from .logs import setup_bootstrap_logging
 from .paths import Policy, secure_dir
-from .pgconf import BEGIN_MARK
-from .postgres_exporter import DEFAULT_PORT as POSTGRES_EXPORTER_PORT, exporter_dsn
-from .procutil import become_subreaper, scrub_initial_environment
-from .reaper import stop_descendants
 from .settings import Settings, default
-from .spec import SpecError, decode_spec_text, parse_spec, read_spec_file
-from .state import StateStore, state_path
-from .supervision import CONF_NAME, render_supervisord_conf
-from .supervisord_main import STOP_BY_RPC, run as run_supervisord
-from .users import effective_user
 
 log = logging.getLogger("compute.cli")
 
 DEFAULT_VM_INFORMANT = "/bin/vm-informant"
+POSTGRES_EXPORTER_PORT = default("postgres_exporter_port")
 EXIT_UNEXPECTED = 1
 
 
@@ -139,6 +135,7 @@ def resolve_pgbin_dir(pgbin: str) -> str:
 
 
 def superuser_of(connstr: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
     try:
         params = conninfo_to_dict(connstr)
     except Exception as e:
@@ -149,20 +146,15 @@ def superuser_of(connstr: str) -> str:
     return user
 
 
-def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
-    """Everything that can be checked before anything is touched. Returns (raw spec, superuser)."""
+def validate_flags(args: argparse.Namespace) -> None:
+    """The flags on their own (standard library only): checked before the API socket is bound,
+    so a bad flag never binds, answers or touches anything."""
     sources = [x for x in (args.spec, args.spec_path) if x is not None]
     pull = args.compute_id is not None or args.control_plane_uri is not None
     if pull and (args.compute_id is None or args.control_plane_uri is None):
         raise UsageError("-i/--compute-id and -p/--control-plane-uri go together")
     if len(sources) + pull != 1:
         raise UsageError("give exactly one spec source: -s JSON, -S FILE, or -i ID with -p URI")
-    superuser = superuser_of(args.connstr)
-    raw = None
-    if not pull:
-        text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
-        raw = decode_spec_text(text)
-        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
     if not (0 < args.postgres_exporter_port < 65536) or (
@@ -178,7 +170,28 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     args.http_address = http_address(args.http_address)
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
+
+
+def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """What needs psycopg: the connection string and the spec (after validate_flags, and after
+    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
+    spec, superuser)."""
+    from .spec import decode_spec_text, parse_spec, read_spec_file
+    superuser = superuser_of(args.connstr)
+    raw = None
+    if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
+        text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
+        raw = decode_spec_text(text)
+        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
     return raw, superuser
+
+
+def spec_identity(raw: dict | None, superuser: str) -> dict:
+    """The tenant and timeline a validated spec names (None without storage or spec): /status
+    shows them from the start, as the original does."""
+    from .spec import parse_spec
+    spec = parse_spec(raw, superuser=superuser) if raw is not None else None
+    return {"tenant": spec.tenant_id if spec else None, "timeline": spec.timeline_id if spec else None}
 
 
 def http_address(text: str) -> str:
@@ -206,6 +219,7 @@ def default_runtime_dir() -> str:
 
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
     """Refuse (PathError) a PGDATA or runtime dir we must not take over; changes nothing."""
+    from .pgconf import BEGIN_MARK
     policy = Policy.for_process(user.uid)
     secure_dir(runtime_dir, policy, what="--runtime-dir", uid=user.uid, gid=user.gid, dry_run=True)
     secure_dir(pgdata, policy, what="--pgdata", uid=user.uid, gid=user.gid,
@@ -216,6 +230,7 @@ def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
     """The two directories, 0700 and the user's, reached without following anyone's symlink
     (compute/paths.py). PGDATA is emptied by the driver (as the user), not here. Everything
     inside the runtime dir is made after dropping root (prepare_runtime_files)."""
+    from .pgconf import BEGIN_MARK
     policy = Policy.for_process(user.uid)
     secure_dir(runtime_dir, policy, what="--runtime-dir", uid=user.uid, gid=user.gid)
     secure_dir(pgdata, policy, what="--pgdata", uid=user.uid, gid=user.gid, pgdata_marker=BEGIN_MARK)
@@ -235,7 +250,41 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_bootstrap_logging(args.log_format)
     try:
+        validate_flags(args)
+        # Bound now, as root (a port < 1024 works) and before anything is touched; held until
+        # we exit, served by the api program (compute/api_socket.py).
+        api_sock = bind_api_socket(args.http_address, args.http_port)
+    except (UsageError, BindError) as e:
+        print(f"compute-ctl: {e}", file=sys.stderr)
+        return 1
+    started = time.time()
+    # /status & co. answered from here on (the state we know: `init`), while we import,
+    # validate and start the tree; the api takes over the rest (compute/early_responder.py).
+    # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
+    # path or user: checked next, each a one-line error): never more than that.
+    responder = EarlyResponder(api_sock, started=started).start()
+    try:
+        return bootstrap(args, api_sock, responder, started)
+    finally:
+        responder.stop()  # bounded; on every way out
+
+
+def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float) -> int:
+    """Everything after the bind: validate, prepare, render, drop root, become supervisord."""
+    from .environ import SECRET_VARS, program_secrets, supervisord_environment
+    from .exit_decision import tree_exit_code
+    from .postgres_exporter import exporter_dsn
+    from .procutil import become_subreaper, scrub_initial_environment
+    from .reaper import stop_descendants
+    from .spec import SpecError
+    from .state import StateStore, state_path
+    from .supervision import CONF_NAME, render_supervisord_conf
+    from .supervisord_main import STOP_BY_RPC, run as run_supervisord
+    from .users import effective_user
+    try:
         raw_spec, superuser = validate(args)
+        identity = spec_identity(raw_spec, superuser)
+        responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
         pgdata = _check_path("--pgdata", args.pgdata)
         runtime_dir = _check_path("--runtime-dir", args.runtime_dir or default_runtime_dir())
@@ -243,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
         user = effective_user(args.user)
         check_dirs(runtime_dir, pgdata, user)
-        # Bound now, as root (a port < 1024 works) and before anything is touched; held until
-        # we exit, served by the api program (compute/api_socket.py).
-        api_sock = bind_api_socket(args.http_address, args.http_port)
-    except (UsageError, SpecError, ValueError, BindError) as e:
+    except (UsageError, SpecError, ValueError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
@@ -273,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
         prepare_runtime_files(runtime_dir)
+        responder.offer_handover(handover_path(runtime_dir))  # as the user: 0600, ours
         if not os.access(sys.executable, os.X_OK):
             raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
                              "compute-supervisor where that user can read it (scripts/install.sh)")
@@ -290,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(conf)
         finally:
             os.umask(old)
-        started = time.time()
         StateStore.create(state_path(runtime_dir), {
             # last_active starts at the start (as the original): a compute nobody ever connects
-            # to must still look idle since then, not "never", to be suspended.
+            # to must still look idle since then, not "never", to be suspended. `started` and
+            # the spec's tenant/timeline are what the early responder has answered so far.
             "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
-            "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {},
+            "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {}, **identity,
         })
+        responder.state_ready(state_path(runtime_dir))
     except (OSError, UsageError, ValueError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
@@ -319,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.clear()
     os.environ.update(env)
     stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
+    responder.stop()  # if the api never took over: the tree is down, nothing is answered any more
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)

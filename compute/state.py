@@ -112,6 +112,10 @@ class StateStore:
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (opened if need be); any thread may close() it."""
+        return self._conn()
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

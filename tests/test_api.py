@@ -21,9 +21,9 @@ import pytest
 
 from compute.api import auth as auth_mod
 from compute.api.app import create_app
-from compute.api.context import ApiContext, parse_rfc3339, rfc3339
+from compute.api.bodies import parse_rfc3339, physical_cores, rfc3339
+from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
-from compute.api.status import physical_cores
 from compute.supervision import rpc
 from compute.api.writability import WRITABILITY_QUERY
 from compute.state import StateStore, state_path

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import calendar
-import functools
 import os
 import threading
-import time
 from typing import Any
 
 import psycopg
+from compute.api.bodies import STATUS_KEYS, status_body
 from compute.monitor import superuser_of
 from compute.pgsession import session_params
 from compute.settings import Settings, load as load_settings
@@ -19,29 +17,6 @@ HTTP_APPLICATION_NAME = "compute_ctl:http"
 # /insights and /check_writability must not hold a request thread forever on a stuck postgres.
 STATEMENT_TIMEOUT_MS = 10_000
 LOCK_TIMEOUT_MS = 5_000
-
-STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time")
-
-
-def rfc3339(ts: float | None) -> str | None:
-    """Epoch seconds as an RFC 3339 UTC string with milliseconds: 2026-11-25T10:00:00.123Z."""
-    if ts is None:
-        return None
-    secs, millis = divmod(int(float(ts) * 1000), 1000)
-    return f"{_second(secs)}.{millis:03d}Z"
-
-
-@functools.lru_cache(maxsize=256)
-def _second(secs: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-
-
-def parse_rfc3339(text: str) -> float:
-    """The inverse of rfc3339() (tests and tools)."""
-    main, _, frac = text.rstrip("Z").partition(".")
-    secs = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
-    return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
-
 
 def debug_status_name(status: str | None) -> str:
     """How the original printed a status in its text messages (Rust `{:?}`): ConfigurationPending."""
@@ -81,15 +56,7 @@ class ApiContext:
 
     def status_body(self) -> dict[str, Any]:
         """The /status answer: one indexed read of the state file."""
-        s = self.store.get_many(STATUS_KEYS)
-        return {
-            "tenant": s["tenant"],
-            "timeline": s["timeline"],
-            "status": s["status"],
-            "last_active": rfc3339(s["last_active"]),
-            "error": s["error"],
-            "start_time": rfc3339(s["start_time"]),
-        }
+        return status_body(self.store.get_many(STATUS_KEYS))
 
     def pg_connect(self, timeout: float = 3) -> psycopg.Connection:
         """A fresh superuser connection (autocommit, statement timeout). The superuser's sessions

@@ -15,6 +15,7 @@ import time
 import falcon
 import psycopg
 
+from compute.api.bodies import HEALTHZ
 from compute.api.context import ApiContext
 from compute.api.errors import json_body
 
@@ -26,7 +27,7 @@ class Healthz:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        json_body(resp, {"alive": True})
+        json_body(resp, HEALTHZ)
 
 
 class Readyz:

@@ -63,6 +63,7 @@ from gunicorn import http
 from gunicorn.workers import gthread
 
 from compute.api import fastpath
+from compute.api_handover import take_held
 from compute.state import bound_busy_wait
 
 _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
@@ -222,6 +223,16 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         if interval:
             sys.setswitchinterval(float(interval))
         super().init_process()
+
+    def run(self):
+        """gthread's loop, after taking over the connections compute-ctl's early responder
+        accepted and holds (compute/api_handover.py, at most TAKE_TIMEOUT): served as if this
+        worker had accepted them, before its first accept. [] for all but the first worker."""
+        server = self.sockets[0].getsockname() if self.sockets else None
+        for sock, client in take_held(os.environ.get("COMPUTE_RUNTIME_DIR")):
+            self.nr_conns += 1
+            self._on_readable(gthread.TConn(self.cfg, sock, client, server))
+        super().run()
 
     # -- the poller: read heads, answer inline routes, hand the rest to the pool -------------
     # A connection the poller keeps (waiting for bytes, or answered inline and kept alive) stays

@@ -1,0 +1,90 @@
+"""The bodies of the read-only answers (/status, /metrics.json, /info, /healthz), built from
+what the state file holds. Standard library only (no falcon, no psycopg): compute-ctl's early
+responder (compute/early_responder.py) imports this before anything heavy, and the API's
+resources (compute/api/status.py, health.py, context.py) build the same bytes from it.
+
+`encode(body)` is how both serialise: json.dumps, as falcon sends `resp.text`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import functools
+import json
+import os
+import time
+from typing import Any, Mapping
+
+# The state keys /status reads (one indexed read of the state file).
+STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time")
+# The original's four, always present; later additions are passed through as recorded.
+BASE_METRICS = ("sync_safekeepers_ms", "basebackup_ms", "config_ms", "total_startup_ms")
+HEALTHZ = {"alive": True}
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Epoch seconds as an RFC 3339 UTC string with milliseconds: 2026-11-25T10:00:00.123Z."""
+    if ts is None:
+        return None
+    secs, millis = divmod(int(float(ts) * 1000), 1000)
+    return f"{_second(secs)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)
+def _second(secs: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+
+
+def parse_rfc3339(text: str) -> float:
+    """The inverse of rfc3339() (tests and tools)."""
+    main, _, frac = text.rstrip("Z").partition(".")
+    secs = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
+    return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+def status_body(values: Mapping[str, Any]) -> dict[str, Any]:
+    """GET /status from the STATUS_KEYS of the state file (a missing key reads as None)."""
+    return {
+        "tenant": values.get("tenant"),
+        "timeline": values.get("timeline"),
+        "status": values.get("status"),
+        "last_active": rfc3339(values.get("last_active")),
+        "error": values.get("error"),
+        "start_time": rfc3339(values.get("start_time")),
+    }
+
+
+def metrics_body(recorded: Mapping[str, Any] | None) -> dict[str, int]:
+    """GET /metrics.json from the state file's `metrics`: the start-up metrics, integers."""
+    body = {k: 0 for k in BASE_METRICS}
+    body.update({k: int(v) for k, v in (recorded or {}).items()})
+    return body
+
+
+def physical_cores(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """Unique (physical id, core id) pairs of /proc/cpuinfo; os.cpu_count() when it has none."""
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open(cpuinfo) as f:
+            blocks = f.read().split("\n\n")
+    except OSError:
+        blocks = []
+    for block in blocks:
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "physical id" in fields and "core id" in fields:
+            cores.add((fields["physical id"], fields["core id"]))
+    return len(cores) or os.cpu_count() or 1
+
+
+def info_body(cores: int | None = None) -> dict[str, int]:
+    """GET /info: {"num_cpus": <physical cores>}."""
+    return {"num_cpus": physical_cores() if cores is None else cores}
+
+
+def encode(body: Any) -> str:
+    """The answer's text, as every route of ours serialises it."""
+    return json.dumps(body)
