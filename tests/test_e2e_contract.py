@@ -13,7 +13,7 @@ import jwt
 import psycopg
 import pytest
 
-from compute.api.context import parse_rfc3339
+from compute.api.bodies import parse_rfc3339
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.api_helpers import jwks_keys, write_jwks
 from tests.support.tree import Compute
