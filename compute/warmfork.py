@@ -41,10 +41,10 @@ FORKED = {"compute.lifecycle": ("lifecycle", "compute.lifecycle:main"),
           "compute.monitor": ("monitor", "compute.monitor:main"),
           "gunicorn": ("api", "gunicorn.app.wsgiapp:run")}
 # What the programs import, in the order the start needs them: the driver first.
-# gunicorn.glogging (with logging.config, logging.handlers, pickle, socketserver) is what the
-# api master imported after fork: imported there, its objects landed in (copied) pages of ours.
+# compute.api.gunicorn_log is the api's gunicorn logger: imported after fork, its objects would
+# land in (copied) pages of ours (gunicorn's own glogging is not imported at all: see that module).
 WARM_MODULES = ("compute.lifecycle", "compute.monitor", "compute.api.app", "gunicorn.app.wsgiapp",
-                "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker", "gunicorn.glogging")
+                "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker", "compute.api.gunicorn_log")
 # With --jwks only: PyJWT + cryptography (~8 MiB, see compute/api/auth.py _jwt).
 JWT_MODULES = ("jwt", "jwt.algorithms")
 PR_SET_NAME = 15

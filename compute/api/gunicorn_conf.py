@@ -13,7 +13,6 @@ COMPUTE_API_FAST_PATH=0 (every request to the thread pool: compute/api/fastpath.
 import gc
 import os
 
-from gunicorn.glogging import Logger as _GunicornLogger
 
 from compute.api_socket import inherited_fd
 from compute.procutil import die_with_parent
@@ -36,15 +35,6 @@ def _launch() -> Settings | None:
         return load_settings(store)
     finally:
         store.close()  # do not carry an open SQLite handle into forked workers
-
-
-class QuietAccessLogger(_GunicornLogger):
-    """gunicorn prepares the access-log fields of every request as soon as a logconfig_dict is
-    set, even with no access log: a few percent of the CPU of a /status. Skip that."""
-
-    def access(self, resp, req, environ, request_time):
-        if self.cfg.accesslog:
-            super().access(resp, req, environ, request_time)
 
 
 _launch_settings = _launch()
@@ -92,20 +82,27 @@ proc_name = "compute_ctl:api"
 accesslog = "-" if _access_log else None
 errorlog = "-"
 loglevel = "info"
-logger_class = QuietAccessLogger
-# `LEVEL: message` on stderr like every supervised program: the in-process log relay adds the time
-# and the program name (text or JSON, the log_format setting) on the way to compute-ctl's stdout.
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(levelname)s: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"}},
-    "root": {"level": "INFO", "handlers": ["stderr"]},
-    "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["stderr"] if _access_log else [], "propagate": False},
-    },
-}
+if _access_log:
+    # gunicorn's own Logger, for its access-log format: `LEVEL: message` on stderr like every
+    # supervised program (the in-process log relay adds the time and the program name).
+    from gunicorn.glogging import Logger
+    logger_class = Logger
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(levelname)s: %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"}},
+        "root": {"level": "INFO", "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        },
+    }
+else:
+    # The same lines without gunicorn.glogging's imports, and no access-log fields prepared per
+    # request (a few percent of a /status): compute/api/gunicorn_log.py.
+    from compute.api.gunicorn_log import StderrLogger
+    logger_class = StderrLogger
 # gunicorn >= 24 opens a control socket under $HOME by default: shared between instances, and
 # nothing here uses it.
 control_socket_disable = True
