@@ -148,6 +148,47 @@ def test_bench_footprint_summary_and_own_process_figures():
     assert private_kib(2 ** 22 + 1) is None  # no such process (above pid_max)
 
 
+def test_bench_cow_tells_a_childs_own_writes_from_pages_written_back():
+    """A real fork: the child rewrites one half of an inherited buffer with new bytes and the
+    other half with the bytes it had; bench.cow counts the first as its own (unique), the
+    second as the same bytes as its parent's (=ctl), and the untouched parent's as shared."""
+    from bench.cow import PAGE, classify, origins
+
+    assert classify(b"a", None, []) == "ctl-none"
+    assert classify(b"a", b"a", [b"b"]) == "=ctl"
+    assert classify(b"a", b"b", [None, b"a"]) == "=other-child"
+    assert classify(b"a", b"b", [b"c"]) == "unique"
+
+    pages = 256  # 1 MiB: its own mmap (above malloc's threshold), an [anon] mapping
+    buf = bytearray(b"x" * (pages * PAGE))
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            half = pages // 2 * PAGE
+            for off in range(0, half, PAGE):
+                buf[off] = ord("y")
+            for off in range(half, len(buf), PAGE):
+                buf[off] = buf[off]  # a write of the same byte: copied all the same
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        tallies = {role: t for (role, _), t in origins([("compute-ctl", os.getpid()), ("child", pid)]).items()}
+    finally:
+        os.write(done_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+    child = tallies["child"]
+    assert child["[anon] unique"] >= pages // 2
+    assert child["[anon] =ctl"] >= pages // 2
+    assert tallies["compute-ctl"]["shared"] > 0
+
+
 def _holds_open(pid: int, suffix: str) -> bool:
     fd_dir = f"/proc/{pid}/fd"
     for fd in os.listdir(fd_dir):
