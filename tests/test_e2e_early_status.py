@@ -26,7 +26,7 @@ from tests.support.api_helpers import jwks_keys, write_jwks
 from tests.support.fault_tree import alive, proc_table
 from tests.support.pgcluster import PG_USER, scratch_dir
 from tests.support.tree import Compute
-from tests.support.waiting import wait_for
+from tests.support.waiting import nothing_sent, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -98,18 +98,6 @@ def from_responder(answer: bytes) -> bool:
     """compute-ctl's answers carry no Server header (gunicorn's do)."""
     _code, headers, _body = split(answer)
     return "server" not in headers
-
-
-def nothing_sent(s: socket.socket) -> bool:
-    timeout = s.gettimeout()
-    s.setblocking(False)
-    try:
-        s.recv(1, socket.MSG_PEEK)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        s.settimeout(timeout)
 
 
 def api_state(c: Compute) -> str | None:

@@ -23,7 +23,7 @@ from compute.api_socket import bind_api_socket
 from compute.early_responder import HOLD, MAX_HEAD, MORE, EarlyResponder, classify
 from compute.state import StateStore, state_path
 from tests.support.api_helpers import TENANT, TIMELINE, make_state
-from tests.support.waiting import wait_for
+from tests.support.waiting import nothing_sent, wait_for
 
 STARTED = 1795600800.25
 
@@ -138,19 +138,6 @@ def body_of(answer: bytes) -> bytes:
     assert b"\r\nConnection: close\r\n" in head and b"\r\nContent-Type: application/json\r\n" in head
     assert f"\r\nContent-Length: {len(body)}".encode() in head
     return body
-
-
-def nothing_sent(s: socket.socket) -> bool:
-    """No byte has come back on `s` (and it is not closed)."""
-    timeout = s.gettimeout()
-    s.setblocking(False)
-    try:
-        s.recv(1, socket.MSG_PEEK)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        s.settimeout(timeout)
 
 
 def test_before_the_state_file_it_answers_what_compute_ctl_knows(rig):

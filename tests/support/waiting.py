@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 
@@ -25,3 +26,16 @@ def status_answers(port: int, timeout: float = 1.0) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def nothing_sent(s: socket.socket) -> bool:
+    """No byte has come back on `s` (and it is not closed)."""
+    timeout = s.gettimeout()
+    s.setblocking(False)
+    try:
+        s.recv(1, socket.MSG_PEEK)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        s.settimeout(timeout)
