@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import selectors
 import socket
 import sqlite3
@@ -537,6 +538,38 @@ def test_accepting_a_burst_stops_at_the_connection_bound(bare_worker):
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_stopping_worker_accepts_nothing_more_and_keeps_fresh_connections(bare_worker):
+    """Once the worker is told to stop (alive False, gunicorn's SIGTERM handler), what waits in
+    the backlog is left to the next worker, and a connection it already accepted whose first
+    request is not all there yet still waits for it (gunicorn's graceful loop answers it): it
+    was closed without an answer, a cut request during `supervisorctl restart api`. An idle
+    kept-alive connection is still closed."""
+    worker, listener = bare_worker(connections=8)
+    early = socket.create_connection(listener.getsockname(), timeout=10)
+    try:
+        early.sendall(b"GET /status HTTP/1.1\r\n")  # half a head
+        wait_for(lambda: select.select([listener], [], [], 0)[0], 10, "the connection in the backlog")
+        worker.accept(listener)
+        assert worker.nr_conns == 1 and len(worker.pending_conns) == 1
+        fresh = worker.pending_conns[0]
+        worker.alive = False
+        late = socket.create_connection(listener.getsockname(), timeout=10)
+        try:
+            worker.accept(listener)
+            assert worker.nr_conns == 1  # left in the backlog
+            worker.pending_conns.remove(fresh)
+            worker._wait_readable(fresh)  # noqa: SLF001 - the poller's callback, called as it would
+            assert list(worker.pending_conns) == [fresh] and worker.nr_conns == 1
+            fresh.cs_fresh = False  # as after its first answer: now an idle kept-alive connection
+            worker.pending_conns.remove(fresh)
+            worker._wait_readable(fresh)  # noqa: SLF001
+            assert not worker.pending_conns and worker.nr_conns == 0
+        finally:
+            late.close()
+    finally:
+        early.close()
 
 
 # -- pool answers sent by the poller ---------------------------------------------------------------

@@ -245,6 +245,8 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         waited N turns for their first answer (0.3-0.4 s for the last of 64, python -m
         bench.api_probe)."""
         for _ in range(max(1, min(ACCEPT_BATCH, self.worker_connections - self.nr_conns))):
+            if not self.alive:
+                return  # stopping: what is still in the backlog is the next worker's
             try:
                 client_sock, client_addr = listener.accept()
             except OSError as e:
@@ -252,7 +254,9 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
                     raise
                 return
             self.nr_conns += 1
-            self._on_readable(gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname()))
+            conn = gthread.TConn(self.cfg, client_sock, client_addr, listener.getsockname())
+            conn.cs_fresh = True  # no request yet: see _wait_readable
+            self._on_readable(conn)
 
     def on_client_socket_readable(self, conn, client):
         self.keepalived_conns.remove(conn)
@@ -276,6 +280,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             pass
 
     def _to_pool(self, conn) -> None:
+        conn.cs_fresh = False
         self._unwatch(conn)
         self.enqueue_req(conn)
 
@@ -312,9 +317,12 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
     def _wait_readable(self, conn) -> None:
         """Back to the poller until the client sends more (as gunicorn's finish_request does for
         a deferred connection)."""
-        if not self.alive:
-            self._drop(conn)
+        if not self.alive and not getattr(conn, "cs_fresh", False):
+            self._drop(conn)  # an idle kept-alive connection: a client retries on another
             return
+        # A connection accepted just before the stop whose first request is not all here yet
+        # still gets its answer: gunicorn's graceful loop serves it until graceful_timeout
+        # (dropped, the client saw its new connection closed without an answer).
         _nonblocking(conn.sock)
         conn.timeout = time.monotonic() + self.cfg.keepalive
         self.pending_conns.append(conn)
@@ -324,6 +332,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         """Answer the request whose head the parser holds, on this thread, through the same
         gunicorn request handling and falcon app as a pool thread would; then send the answer
         without blocking. Whatever cannot be done here goes to the pool, in order."""
+        conn.cs_fresh = False
         req = None
         try:
             _nonblocking(conn.sock)  # should the parser ever want more bytes: no wait here
