@@ -175,22 +175,20 @@ def validate_flags(args: argparse.Namespace) -> None:
 def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     """What needs psycopg: the connection string and the spec (after validate_flags, and after
     the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
-    spec, superuser)."""
+    spec, parsed spec, superuser); the driver parses the raw one again from the state file."""
     from .spec import decode_spec_text, parse_spec, read_spec_file
     superuser = superuser_of(args.connstr)
-    raw = None
+    raw = spec = None
     if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
         raw = decode_spec_text(text)
-        parse_spec(raw, superuser=superuser)  # validated; the driver parses it again from the state file
-    return raw, superuser
+        spec = parse_spec(raw, superuser=superuser)
+    return raw, spec, superuser
 
 
-def spec_identity(raw: dict | None, superuser: str) -> dict:
+def spec_identity(spec) -> dict:
     """The tenant and timeline a validated spec names (None without storage or spec): /status
     shows them from the start, as the original does."""
-    from .spec import parse_spec
-    spec = parse_spec(raw, superuser=superuser) if raw is not None else None
     return {"tenant": spec.tenant_id if spec else None, "timeline": spec.timeline_id if spec else None}
 
 
@@ -282,8 +280,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from .supervisord_main import STOP_BY_RPC, run as run_supervisord
     from .users import effective_user
     try:
-        raw_spec, superuser = validate(args)
-        identity = spec_identity(raw_spec, superuser)
+        raw_spec, spec, superuser = validate(args)
+        identity = spec_identity(spec)
         responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
         pgdata = _check_path("--pgdata", args.pgdata)

@@ -40,21 +40,24 @@ def listening_inode(port: int) -> str:
     raise AssertionError(f"nothing listens on port {port}")
 
 
+def holds(pid: int, inode: str) -> bool:
+    """Whether process `pid` has the socket `inode` open (False once it is gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def holders(c: Compute, inode: str) -> dict[int, str]:
     """pid -> role of every process of the tree with the socket `inode` open."""
-    out = {}
-    for role, p in tree(c.proc.pid):
-        try:
-            fds = os.listdir(f"/proc/{p.pid}/fd")
-        except FileNotFoundError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{p.pid}/fd/{fd}") == f"socket:[{inode}]":
-                    out[p.pid] = role
-            except FileNotFoundError:
-                pass
-    return out
+    return {p.pid: role for role, p in tree(c.proc.pid) if holds(p.pid, inode)}
 
 
 # -- the pure parts ----------------------------------------------------------------------------
@@ -216,19 +219,7 @@ def test_port_in_use_is_a_clear_error_and_leaves_nothing():
 
 def holders_anywhere(inode: str) -> set[int]:
     """Every process on the machine (not only the tree's) with the socket `inode` open."""
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
-                    out.add(int(pid))
-            except OSError:
-                pass
-    return out
+    return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if holds(int(pid), inode)}
 
 
 @pytest.mark.e2e

@@ -15,7 +15,7 @@ import pytest
 
 from compute.api.bodies import parse_rfc3339
 from tests.peers.control_plane import ControlPlanePeer
-from tests.support.api_helpers import jwks_keys, write_jwks
+from tests.support.api_helpers import jwks_keys
 from tests.support.tree import Compute
 
 pytestmark = pytest.mark.e2e
@@ -143,9 +143,7 @@ def test_catalog_routes_through_gunicorn_streamed_and_guarded():
     ed, _, jwks = jwks_keys()
     c = Compute()
     c.spec = c.new_spec()
-    jwks_path = write_jwks(os.path.join(c.base, "jwks.json"), jwks)
-    os.chmod(jwks_path, 0o644)
-    c.args = ["--jwks", jwks_path]
+    c.use_jwks(jwks)
     with c:
         c.wait_status("running")
         token = jwt.encode({"sub": "control-plane", "exp": time.time() + 300}, ed, algorithm="EdDSA")

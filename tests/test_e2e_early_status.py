@@ -22,7 +22,7 @@ from compute.api import bodies
 from compute.api_handover import HELLO, handover_path
 from compute.state import StateStore, state_path
 from compute.supervision import template_dir
-from tests.support.api_helpers import jwks_keys, write_jwks
+from tests.support.api_helpers import jwks_keys
 from tests.support.fault_tree import alive, proc_table
 from tests.support.pgcluster import PG_USER, scratch_dir
 from tests.support.tree import Compute
@@ -235,8 +235,7 @@ def test_what_arrives_early_gets_the_apis_own_answer_later():
 
 def test_with_jwks_only_the_open_routes_are_answered_early():
     c = compute_with_api_held_back()
-    c.args += ["--jwks", write_jwks(os.path.join(c.base, "jwks.json"), jwks_keys()[2])]
-    os.chmod(os.path.join(c.base, "jwks.json"), 0o644)
+    c.use_jwks(jwks_keys()[2])
     with c:
         first = wait_for(lambda: _try_get(c.http_port, "/status"), 30, "a first /status")
         assert from_responder(first) and split(first)[0] == 200

@@ -15,7 +15,7 @@ import pytest
 from compute.settings import Settings
 from compute.state import StateStore, state_path
 from compute.warmfork import JWT_MODULES, WARM_MODULES, jwks_configured, warm_modules
-from tests.support.api_helpers import jwks_keys, write_jwks
+from tests.support.api_helpers import jwks_keys
 from tests.support.fault_tree import tree
 from tests.support.tree import Compute
 
@@ -93,9 +93,7 @@ def test_a_tree_with_jwks_has_pyjwt_in_its_warm_image_and_verifies_tokens():
     ed, rs, jwks = jwks_keys()
     c = Compute()
     c.spec = c.new_spec()
-    jwks_path = write_jwks(os.path.join(c.base, "jwks.json"), jwks)
-    os.chmod(jwks_path, 0o644)
-    c.args = ["--jwks", jwks_path]
+    c.use_jwks(jwks)
     with c:
         c.wait_status("running")
         # Imported before the first fork: shared by every program, not loaded per worker.

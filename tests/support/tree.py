@@ -73,6 +73,15 @@ class Compute:
         self.out_path = os.path.join(self.base, "compute-ctl.out")
         self.proc: subprocess.Popen | None = None
 
+    def use_jwks(self, jwks: dict) -> str:
+        """--jwks with `jwks` written to a file the compute user can read; its path."""
+        path = os.path.join(self.base, "jwks.json")
+        with open(path, "w") as f:
+            json.dump(jwks, f)
+        os.chmod(path, 0o644)
+        self.args += ["--jwks", path]
+        return path
+
     def new_spec(self, **extra_settings: str) -> dict:
         return base_spec(self.pg_port, self.base, **extra_settings)
 
