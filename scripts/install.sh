@@ -8,6 +8,11 @@
 #   WITH_TESTS=1   also install the test dependencies (prometheus-postgres-exporter among them)
 #   WITH_POSTGRES_EXPORTER=1   also install Debian's prometheus-postgres-exporter (the image's build arg)
 #   PIP_CERT       CA bundle for pip (a proxy's), optional
+#   SKIP_IF_CURRENT=1   leave the venv alone when it already holds these sources (and the test
+#                  dependencies when WITH_TESTS=1): scripts/test --fast
+#
+# The venv records a hash of the sources it got (share/compute-supervisor/installed-sources.sha256):
+# the tests that run the installed copy refuse a stale one (tests/support/installed.py).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COMPUTE_VENV:-/opt/compute-supervisor/venv}"
@@ -21,6 +26,16 @@ fi
 [ -n "${PIP_CERT:-}" ] || unset PIP_CERT
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# sha256 of `sha256sum` of every installed source file, in byte order of the paths; the same as
+# tests/support/installed.py's source_hash (keep the two in step).
+source_hash() {
+  (cd "$1" && {
+    for f in pyproject.toml docs/openapi.yaml; do if [ -f "$f" ]; then printf '%s\0' "$f"; fi; done
+    find compute supervisor -name __pycache__ -prune -o -type f ! -name '*.pyc' -print0
+  } | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+}
+stamp="$venv/share/compute-supervisor/installed-sources.sha256"
 
 missing=()
 for p in "${packages[@]}"; do
@@ -37,6 +52,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 id postgres >/dev/null 2>&1 || sudo_ useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 
+if [ "${SKIP_IF_CURRENT:-0}" = 1 ] && [ -x "$venv/bin/python" ] \
+    && [ "$(cat "$stamp" 2>/dev/null)" = "$(source_hash "$repo")" ] \
+    && { [ "${WITH_TESTS:-0}" != 1 ] || "$venv/bin/python" -c "import pytest, hypothesis, xdist, openapi_core" 2>/dev/null; }; then
+  echo "install.sh: $venv is current"
+  exit 0
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   sudo_ mkdir -p "$(dirname "$venv")"
   sudo_ /usr/bin/python3 -m venv "$venv"
@@ -51,5 +73,6 @@ trap 'rm -rf "$build"' EXIT
 (cd "$repo" && tar --exclude=.git --exclude='*.egg-info' --exclude=build -cf - .) | tar -xf - -C "$build"
 sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps "$build"
 sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check "$build$extra"
+source_hash "$build" | sudo_ tee "$stamp" >/dev/null
 sudo_ chmod -R a+rX "$(dirname "$venv")"
 echo "install.sh: compute-ctl installed in $venv"

@@ -1,15 +1,95 @@
+"""Test tiers, one folder each; the folder is the tier's marker (`pytest -m unit`, ...):
+
+  unit/         pure: no process, no postgres, no gunicorn, no supervisord; seconds in all
+  integration/  real postgres, gunicorn or supervisord, or pieces of the tree in-process
+  e2e/          boots the whole tree (compute-ctl, installed: scripts/install.sh)
+  fault/        fault injection, mostly on a booted tree
+
+Every tier but unit runs programs whose code may come from the installed copy: a run that
+selects any of them refuses an installed copy older than the checkout (scripts/test installs
+first). Fixtures used by more than one file live here.
+"""
+
+from __future__ import annotations
+
 import os
+import shutil
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.support.tree import COMPUTE_CTL
+from tests.peers.pageserver import make_basebackup_tar
+from tests.support.installed import stale_reason
+from tests.support.pgcluster import PG_USER, scratch_dir
+from tests.support.tree import VENV, Compute, booted_compute
+
+TIERS = ("unit", "integration", "e2e", "fault")
+TESTS = Path(__file__).parent
 
 
+def tier_of(path: Path) -> str | None:
+    try:
+        top = path.relative_to(TESTS).parts[0]
+    except ValueError:
+        return None
+    return top if top in TIERS else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """End-to-end tests need the installed tree (scripts/install.sh; scripts/test does it)."""
-    if os.access(COMPUTE_CTL, os.X_OK):
-        return
-    skip = pytest.mark.skip(reason=f"{COMPUTE_CTL} not installed: run ./scripts/test")
     for item in items:
-        if "e2e" in item.keywords:
-            item.add_marker(skip)
+        tier = tier_of(Path(item.path))
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in the folder of its tier: "
+                                    + ", ".join(f"tests/{t}/" for t in TIERS))
+        item.add_marker(tier)
+
+
+def pytest_sessionstart(session):
+    """Before any test (and before xdist starts its workers): unless the run is the unit tier
+    alone, the installed copy must be the checkout's."""
+    config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller checked
+        return
+    unit = TESTS / "unit"
+    only_unit = config.option.markexpr == "unit" or all(
+        Path(arg.split("::")[0]).resolve().is_relative_to(unit) for arg in config.args)
+    if not only_unit and (reason := stale_reason(VENV)):
+        pytest.exit(reason, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+# -- shared fixtures ----------------------------------------------------------------------------
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    """A fresh directory owned by the postgres user (see scratch_dir), removed afterwards."""
+    path = scratch_dir("cs-scratch-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pgdata(scratch: str) -> str:
+    """An empty PGDATA (0700, the postgres user's) in `scratch`."""
+    path = os.path.join(scratch, "pgdata")
+    os.mkdir(path, 0o700)
+    PG_USER.chown(path)
+    return path
+
+
+@pytest.fixture
+def compute() -> Iterator[Compute]:
+    """A booted tree on the embedded default (tests/support/tree.py); a module that needs another
+    tree defines its own `compute`."""
+    with booted_compute() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def bb_tar() -> Iterator[str]:
+    """A pageserver-shaped basebackup tar of a fresh PG15 data dir (initdb), built once per
+    process; tests serve it or copy it, never change it."""
+    base = scratch_dir("cs-bbtar-")
+    yield make_basebackup_tar(os.path.join(base, "basebackup.tar"))
+    shutil.rmtree(base, ignore_errors=True)

@@ -204,6 +204,49 @@ def write_jwks(path: str, jwks: dict) -> str:
     return path
 
 
+# -- the app in-process, and plain HTTP to a real server -------------------------------------
+
+@pytest.fixture
+def rt(tmp_path) -> str:
+    """A runtime dir: pytest's tmp_path as a str."""
+    return str(tmp_path)
+
+
+@pytest.fixture
+def keys():
+    return jwks_keys()
+
+
+def client_for(runtime_dir: str):
+    """A falcon TestClient on the app of `runtime_dir` (its state file)."""
+    import falcon.testing
+    from compute.api.app import create_app
+    return falcon.testing.TestClient(create_app(runtime_dir))
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 30) -> tuple[int, dict, bytes]:
+    """One request on a fresh connection to 127.0.0.1:port: (status, lower-case headers, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        samples[name] = float(value)
+    return samples
+
+
 # -- a shared postgres ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Watching a booted tree end (tests/test_fault_exit.py): which of its processes are left, read
+"""Watching a booted tree end (tests/fault/test_fault_exit.py): which of its processes are left, read
 from /proc independently of the code under test, and whether its ports are still listened on.
 
 A process is recorded by (pid, start time), so a recycled pid is never mistaken for one of the

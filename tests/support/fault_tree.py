@@ -1,4 +1,4 @@
-"""Helpers for the fault-injection tests (tests/test_fault_*.py) and bench/footprint.py: the
+"""Helpers for the fault-injection tests (tests/fault/, tests/e2e/) and bench/footprint.py: the
 process tree of a booted `Compute` read from /proc, a /status poller that runs while things are
 being killed, and per-process memory (PSS).
 
@@ -255,3 +255,37 @@ class StatusPoller:
 
     def bodies(self) -> list[dict]:
         return [s.body for s in self.samples if s.ok and s.body is not None]
+
+
+# -- who holds a listening socket -------------------------------------------------------------
+
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on `port` (/proc/net/tcp{,6})."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                    return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def holds(pid: int, inode: str) -> bool:
+    """Whether process `pid` has the socket `inode` open (False once it is gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def holders(c, inode: str) -> dict[int, str]:
+    """pid -> role of every process of the tree of `c` (a tests.support.tree.Compute) that has
+    the socket `inode` open."""
+    return {p.pid: role for role, p in tree(c.proc.pid) if holds(p.pid, inode)}

@@ -1,4 +1,4 @@
-"""A state-file writer for tests/test_fault_state.py, killed with SIGKILL mid-write.
+"""A state-file writer for tests/fault/test_fault_state.py, killed with SIGKILL mid-write.
 
     python -m tests.support.fault_writer STATE_DB NAME FIRST
 

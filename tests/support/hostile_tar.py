@@ -4,8 +4,16 @@ tarfile's header encoder: tarfile's high-level API refuses or normalises some of
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import tarfile
 from dataclasses import dataclass, field
+from typing import Iterator
+
+import pytest
+
+from compute.tarextract import TarExtractor
+from tests.support.pgcluster import scratch_dir
 
 KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
          "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
@@ -73,7 +81,6 @@ def snapshot_tree(root: str, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Everything under root (not following links): type, mode, size, content, link target.
     `skip`: top-level names left out (e.g. PGDATA itself, log files that grow)."""
     import hashlib
-    import os
     import stat as st
 
     out: dict[str, tuple] = {}
@@ -94,3 +101,26 @@ def snapshot_tree(root: str, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
             out[os.path.relpath(path, root)] = (st.S_IFMT(s.st_mode), st.S_IMODE(s.st_mode), s.st_size,
                                                 s.st_mtime_ns, s.st_nlink, extra)
     return out
+
+
+# -- extracting into a box ---------------------------------------------------------------------
+
+@pytest.fixture
+def box() -> Iterator[dict[str, str]]:
+    """A scratch dir holding PGDATA and a victim dir next to it (what an escape would change)."""
+    base = scratch_dir("cs-tx-")
+    pgdata, victim = os.path.join(base, "pgdata"), os.path.join(base, "victim")
+    os.mkdir(pgdata, 0o700)
+    os.mkdir(victim, 0o755)
+    with open(os.path.join(victim, "keep"), "w") as f:
+        f.write("keep")
+    yield {"base": base, "pgdata": pgdata, "victim": victim}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def extract(data: bytes, dest: str, chunk: int = 1 << 16) -> TarExtractor:
+    with TarExtractor(dest) as tx:
+        for i in range(0, len(data), chunk):
+            tx.feed(data[i:i + chunk])
+        tx.finish()
+    return tx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,10 +18,32 @@ PGBIN_DIR = os.environ.get("PGBIN_DIR", "/usr/lib/postgresql/15/bin")
 PG_USER = effective_user(os.environ.get("COMPUTE_TEST_USER", "postgres"))
 
 
+# free_port's ports: below the kernel's ephemeral range (32768-60999 here), which hands ports to
+# every outgoing connection, so none can take a port between free_port() and the server's bind;
+# each pytest-xdist worker draws from a slice of its own, so parallel workers never pick the same.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 10000, 2500, 8
+_port_rng = random.Random()
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody listens on now, not handed out by this process lately."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = PORT_BASE + (int(worker) % PORT_SLICES if worker.isdigit() else 0) * PORT_SLICE
+    if len(_ports_given) > PORT_SLICE // 2:
+        _ports_given.clear()
+    for _ in range(1000):
+        port = _port_rng.randrange(low, low + PORT_SLICE)
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_SLICE - 1}")
 
 
 def scratch_dir(prefix: str = "cs-") -> str:

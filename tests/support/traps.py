@@ -1,6 +1,7 @@
 """Objects a spec role that owns a database can create to catch a superuser session: each
 records `current_user` in `public.trap_hits` when it runs with superuser rights (or as another
-role than the session's). Used by tests/test_security_net.py and tests/test_fault_sessions.py.
+role than the session's). Used by tests/integration/test_security_net.py and
+tests/fault/test_fault_sessions.py.
 """
 
 TRAPS = """

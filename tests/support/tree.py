@@ -17,7 +17,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from .pgcluster import PGBIN_DIR, free_port, scratch_dir
 
@@ -227,6 +229,15 @@ class Compute:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextmanager
+def booted_compute() -> Iterator[Compute]:
+    """A tree started on the embedded default (initdb, base_spec), stopped afterwards."""
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        yield c
 
 
 def spec_copy(spec: dict) -> dict:

@@ -1,0 +1,212 @@
+"""End to end: pull mode (-i/-p) against a control-plane peer, and live reconfiguration
+through POST /configure on a booted tree."""
+
+import concurrent.futures
+import copy
+import hashlib
+import json
+import os
+import time
+
+import psycopg
+
+from tests.peers.control_plane import ControlPlanePeer
+from compute.state import StateStore, state_path
+from tests.support.tree import Compute
+
+JWT = "console-jwt-value"
+
+
+def md5_hash(name, password):
+    return hashlib.md5((password + name).encode()).hexdigest()
+
+
+def pull_compute(cp: ControlPlanePeer, compute_id: str = "compute-1") -> Compute:
+    c = Compute()
+    c.args = ["-i", compute_id, "-p", cp.url]
+    c.env = {"NEON_CONSOLE_JWT": JWT}
+    return c
+
+
+def configure(c: Compute, spec: dict, timeout: float = 60):
+    code, body = c.request("POST", "/configure", {"spec": spec}, {"Content-Type": "application/json"}, timeout)
+    return code, json.loads(body) if body else None
+
+
+def roles_and_dbs(c: Compute):
+    with psycopg.connect(c.conninfo()) as conn:
+        roles = {r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' "
+                                            "AND rolname <> current_user")}
+        dbs = dict(conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname "
+                                "NOT IN ('postgres', 'template0', 'template1')").fetchall())
+    return roles, dbs
+
+
+def test_pull_mode_fetches_the_spec():
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running")
+            req = cp.requests[0]
+            assert req.path == "/management/api/v2/computes/compute-1/spec"
+            assert req.headers.get("Authorization") == JWT
+            assert JWT not in c.output()
+
+
+def test_empty_start_then_configure_then_reconfigure():
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        with c:
+            assert c.wait_status("empty")["status"] == "empty"
+            assert not os.path.exists(os.path.join(c.pgdata, "PG_VERSION"))
+
+            spec = c.new_spec()
+            code, body = configure(c, spec)
+            assert code == 200, body
+            assert body["status"] == "running"
+            assert roles_and_dbs(c) == ({"app"}, {"appdb": "app"})
+
+            # Reconfigure: a new role owning tables, a renamed database, a password change.
+            spec2 = c.new_spec()
+            spec2["cluster"]["roles"].append({"name": "Owner \"X\"", "encrypted_password":
+                                              md5_hash('Owner "X"', "pw2"), "options": None})
+            spec2["cluster"]["roles"][0]["encrypted_password"] = md5_hash("app", "newpass")
+            spec2["cluster"]["databases"] = [{"name": "appdb2", "owner": "Owner \"X\"", "options": None}]
+            spec2["delta_operations"] = [{"action": "rename_db", "name": "appdb", "new_name": "appdb2"}]
+            code, body = configure(c, spec2)
+            assert code == 200, body
+            assert roles_and_dbs(c) == ({"app", 'Owner "X"'}, {"appdb2": 'Owner "X"'})
+            with psycopg.connect(c.conninfo("appdb2", "app", "newpass")) as conn:
+                conn.execute("SELECT 1")
+            with psycopg.connect(c.conninfo("appdb2", 'Owner "X"', "pw2")) as conn:
+                conn.execute("CREATE TABLE owned (id int)")
+                conn.commit()
+
+            # Delete the role that owns a table: its objects go to the database owner first.
+            spec3 = c.new_spec()
+            spec3["cluster"]["roles"][0]["encrypted_password"] = md5_hash("app", "newpass")
+            spec3["cluster"]["databases"] = [{"name": "appdb2", "owner": "app", "options": None}]
+            spec3["delta_operations"] = [{"action": "delete_role", "name": 'Owner "X"'}]
+            code, body = configure(c, spec3)
+            assert code == 200, body
+            assert roles_and_dbs(c) == ({"app"}, {"appdb2": "app"})
+            with psycopg.connect(c.conninfo("appdb2")) as conn:
+                assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'owned'").fetchone() \
+                    == ("app",)
+
+
+def test_configure_rules_and_failure():
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running")
+            assert c.request("POST", "/configure", b"not json", {"Content-Type": "application/json"})[0] == 400
+            assert c.request("POST", "/configure", b"{}", {"Content-Type": "text/plain"})[0] == 415
+            assert c.request("POST", "/configure", {"nospec": 1})[0] == 400
+            bad = c.new_spec()
+            bad["cluster"]["roles"][0]["name"] = "x" * 64
+            code, body = configure(c, bad)
+            assert code == 412 and "cluster.roles[0].name" in body["error"]
+            assert c.status()["status"] == "running"
+
+            # A restart-only setting is reported, not ignored.
+            spec = c.new_spec(**{"max_connections": "123"})
+            code, body = configure(c, spec)
+            assert code == 200, body
+            assert "only after a restart: max_connections" in c.output()
+            metrics = c.request("GET", "/metrics")[1].decode()
+            assert "compute_pending_restart_settings 1" in metrics
+
+            # Two concurrent /configure: exactly one proceeds. With the driver stopped the first
+            # stays pending, so the second surely overlaps it.
+            assert c.supervisorctl("stop", "lifecycle").returncode == 0
+            with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                first = ex.submit(configure, c, c.new_spec())
+                c.wait_status("configuration_pending", timeout=10)
+                code, body = configure(c, c.new_spec())
+                assert code == 412 and "ConfigurationPending" in body["error"]
+                assert c.supervisorctl("start", "lifecycle").returncode == 0
+                assert first.result(timeout=60)[0] == 200
+
+            # A spec postgres rejects: status failed with the error, the API still answers.
+            broken = c.new_spec()
+            broken["cluster"]["databases"].append(
+                {"name": "bad", "owner": "app", "options": [{"name": "encoding", "value": "NOPE", "vartype": "string"}]})
+            code, body = configure(c, broken)
+            assert code == 500 and body["error"]
+            st = c.status()
+            assert st["status"] == "failed" and st["error"] == body["error"]
+            assert c.request("GET", "/healthz")[0] == 200
+            assert c.request("GET", "/readyz")[0] == 503
+            # Failed is final for configuration (§7): 412 until restarted.
+            assert configure(c, c.new_spec())[0] == 412
+
+
+def test_configure_refused_without_pull_mode():
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        code, body = configure(c, c.new_spec())
+        assert code == 412 and "not allowed" in body["error"]
+
+
+def test_plan_prints_without_running():
+    import subprocess
+
+    from tests.support.tree import COMPUTE_CTL
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        spec = c.new_spec()
+        spec["cluster"]["roles"].append({"name": "new;role", "encrypted_password": md5_hash("new;role", "s3cret"),
+                                         "options": None})
+        spec["cluster"]["roles"][0]["encrypted_password"] = md5_hash("app", "changed")
+        path = os.path.join(c.base, "next.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        out = subprocess.run([COMPUTE_CTL, "plan", "-C", c.admin_connstr, "-S", path],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert 'CREATE ROLE "new;role"' in out.stdout and 'ALTER ROLE "app"' in out.stdout
+        assert "[redacted]" in out.stdout and md5_hash("app", "changed") not in out.stdout
+        assert roles_and_dbs(c)[0] == {"app"}  # nothing ran
+
+        unchanged = subprocess.run([COMPUTE_CTL, "plan", "-C", c.admin_connstr, "-S", os.path.join(c.base, "spec.json")],
+                                   capture_output=True, text=True, timeout=60)
+        assert unchanged.returncode == 0 and "nothing to do" in unchanged.stdout
+
+
+def test_driver_hands_over_after_the_start_and_after_each_reconfiguration():
+    """The driver that did the start-up exits 0 and supervisord forks a fresh one (its memory
+    goes with it: compute/lifecycle_plan.py); the same after each reconfiguration it applies.
+    Not a restart: program_restarts stays empty. postgres is untouched."""
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)  # live configuration: pull mode
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running")
+            pm = c.postmaster_pid()
+            first = c.wait_handed_over()
+            spec = copy.deepcopy(cp.spec)
+            spec["cluster"]["roles"].append({"name": "handover", "encrypted_password": None, "options": None})
+            code, body = configure(c, spec)
+            assert code == 200 and body["status"] == "running", body
+            assert "handover" in roles_and_dbs(c)[0]
+            deadline = time.monotonic() + 30
+            while c.output().count("handing over to a fresh driver") < 2:
+                assert time.monotonic() < deadline, c.output()[-3000:]
+                time.sleep(0.05)
+            second = c.wait_handed_over()
+            assert second != first
+            # the fresh driver serves: the next reconfiguration is applied by it
+            spec["cluster"]["roles"].append({"name": "handover2", "encrypted_password": None, "options": None})
+            code, body = configure(c, spec)
+            assert code == 200 and "handover2" in roles_and_dbs(c)[0], body
+            store = StateStore(state_path(c.runtime_dir))
+            assert "lifecycle" not in (store.get("program_restarts") or {})
+            assert c.postmaster_pid() == pm
+            assert "Traceback" not in c.output()

@@ -1,0 +1,86 @@
+"""What compute-ctl does with whatever of the tree outlives supervisord (compute/reaper.py), and
+the parent checks that close the window before a parent-death signal is armed
+(compute/procutil.py). The e2e side: tests/fault/test_fault_exit.py.
+
+This file: with real processes; the pure decisions: tests/unit/test_reaper.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from tests.support.api_helpers import REPO
+
+
+STOP_SCRIPT = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    from compute.procutil import become_subreaper
+    from compute.reaper import Escalation, proc_table, descendants, stop_descendants
+    assert become_subreaper()
+    py = sys.executable
+    # One that ignores SIGTERM (needs the SIGKILL), one polite child, and an orphan: a grandchild
+    # whose parent exits at once, so that it is re-parented to us.
+    stubborn = subprocess.Popen([py, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+                                stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen(["sleep", "600"])
+    orphan = int(subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+                                capture_output=True, text=True).stdout)
+    assert stubborn.stdout.readline() == "ready\\n"
+    before = [p.pid for p in descendants(proc_table(), os.getpid())]
+    t0 = time.monotonic()
+    left = stop_descendants(escalation=Escalation(term_after=0.2, quit_postmaster_after=0.5,
+                                                  kill_after=1.0), give_up_after=20)
+    print(json.dumps({"before": before, "orphan": orphan, "left": [p.pid for p in left],
+                      "elapsed": time.monotonic() - t0,
+                      "after": [p.pid for p in descendants(proc_table(), os.getpid())]}))
+""")
+
+
+def test_stop_descendants_signals_escalates_and_reaps():
+    proc = subprocess.Popen([sys.executable, "-c", STOP_SCRIPT], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a regression must not leave its children running
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["orphan"] in result["before"] and len(result["before"]) >= 3
+    assert result["left"] == [] and result["after"] == []  # none alive, none a zombie
+    assert result["elapsed"] >= 1.0  # the stubborn one took the SIGKILL
+    assert "outlived supervisord: SIGTERM" in out.stderr and "SIGKILL" in out.stderr
+
+
+def run_module(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, **env})
+
+
+def test_a_program_whose_supervisord_is_already_gone_stops_at_once():
+    code = "from compute.procutil import die_with_parent; die_with_parent(); print('still here')"
+    gone = run_module(code, {"COMPUTE_SUPERVISORD_PID": "1"})  # not our parent: it died, we were adopted
+    assert gone.returncode == -signal.SIGTERM and "still here" not in gone.stdout
+    ours = run_module(code, {"COMPUTE_SUPERVISORD_PID": str(os.getpid())})
+    assert ours.returncode == 0 and ours.stdout == "still here\n"
+
+
+def test_supervisord_whose_compute_ctl_is_already_gone_stops_before_starting_anything(tmp_path):
+    code = "import sys; sys.argv[1:] = ['-n', '-c', sys.argv[-1]]; from compute.supervisord_main import main; main()"
+    conf = str(tmp_path / "missing.conf")
+    gone = subprocess.run([sys.executable, "-c", code, conf], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "COMPUTE_CTL_PID": "1"})
+    assert gone.returncode == -signal.SIGTERM, gone.stderr
+    # With its real parent it goes on (and stops on the missing config, an ordinary error).
+    ours = subprocess.run([sys.executable, "-c", code, conf], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "COMPUTE_CTL_PID": str(os.getpid())})
+    assert ours.returncode not in (0, -signal.SIGTERM) and "missing.conf" in ours.stdout + ours.stderr

@@ -1,0 +1,487 @@
+"""The HTTP API: route shapes (falcon TestClient on a real state file), postgres-backed routes
+against a real PG15, auth, supervisord interplay, and the real gunicorn command.
+
+This file: the app in-process (falcon TestClient, fake driver, no process); real postgres,
+supervisord and gunicorn: tests/integration/test_api.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+
+import falcon
+import falcon.testing
+import jwt
+import pytest
+
+from compute.api import auth as auth_mod
+from compute.api import health
+from compute.api.app import create_app
+from compute.api.bodies import parse_rfc3339, physical_cores, rfc3339
+from compute.api.context import ApiContext
+from compute.api.errors import MAX_BODY_BYTES
+from compute.state import StateStore, state_path
+from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, keys, launch_settings,
+                                       make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir,
+                                       write_jwks)
+
+__all__ = ["keys", "rt"]  # the fixtures
+
+JSON = {"Content-Type": "application/json"}
+
+RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+@pytest.fixture
+def client(rt):
+    make_state(rt)
+    return client_for(rt)
+
+
+def test_rfc3339_formatting():
+    assert rfc3339(None) is None
+    assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1795600800.1234) == "2026-11-25T10:00:00.123Z"
+    assert rfc3339(1795600800.9999) == "2026-11-25T10:00:00.999Z"  # truncated, never rounded up
+    assert parse_rfc3339(rfc3339(1795600800.5)) == 1795600800.5
+
+
+def test_status_shape(rt):
+    make_state(rt, status="running", start_time=1795600800.25, last_active=1795600900.5)
+    r = client_for(rt).simulate_get("/status")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json == {"tenant": TENANT, "timeline": TIMELINE, "status": "running",
+                      "last_active": "2026-11-25T10:01:40.500Z", "error": None,
+                      "start_time": "2026-11-25T10:00:00.250Z"}
+
+
+def test_status_unknowns_are_null(rt):
+    make_state(rt, status="empty", start_time=None, last_active=None, tenant=None, timeline=None)
+    assert client_for(rt).simulate_get("/status").json == {
+        "tenant": None, "timeline": None, "status": "empty", "last_active": None, "error": None, "start_time": None}
+
+
+def test_status_follows_the_state_file(rt):
+    store = make_state(rt, status="init")
+    c = client_for(rt)
+    assert c.simulate_get("/status").json["status"] == "init"
+    store.set(status="failed", error="sync safekeepers: exit 1")
+    body = c.simulate_get("/status").json
+    assert (body["status"], body["error"]) == ("failed", "sync safekeepers: exit 1")
+    assert RFC3339_MS.match(body["start_time"])
+
+
+def test_metrics_json(rt):
+    make_state(rt, metrics={})
+    c = client_for(rt)
+    assert c.simulate_get("/metrics.json").json == {
+        "sync_safekeepers_ms": 0, "basebackup_ms": 0, "config_ms": 0, "total_startup_ms": 0}
+    StateStore(state_path(rt)).record_metrics(sync_safekeepers_ms=12, basebackup_ms=340, config_ms=56,
+                                              total_startup_ms=500, wait_for_spec_ms=7, basebackup_bytes=123456)
+    body = c.simulate_get("/metrics.json").json
+    assert body == {"sync_safekeepers_ms": 12, "basebackup_ms": 340, "config_ms": 56, "total_startup_ms": 500,
+                    "wait_for_spec_ms": 7, "basebackup_bytes": 123456}
+    assert all(type(v) is int for v in body.values())
+
+
+def test_info_counts_physical_cores(client):
+    assert client.simulate_get("/info").json == {"num_cpus": physical_cores()}
+
+
+def test_physical_cores_parsing(tmp_path):
+    ht = tmp_path / "cpuinfo"
+    blocks = []
+    for cpu, (phys, core) in enumerate([(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 0)]):
+        blocks.append(f"processor\t: {cpu}\nmodel name\t: X\nphysical id\t: {phys}\ncore id\t\t: {core}\n")
+    ht.write_text("\n".join(blocks))
+    assert physical_cores(str(ht)) == 3
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50\n\nprocessor\t: 1\nBogoMIPS\t: 50\n")
+    assert physical_cores(str(arm)) == os.cpu_count()
+    assert physical_cores(str(tmp_path / "missing")) == os.cpu_count()
+
+
+def test_unknown_route_is_json_404(client):
+    for accept in ("application/json", "text/plain", "*/*", "application/xml"):
+        r = client.simulate_get("/nope", headers={"Accept": accept})
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "application/json"
+        assert "error" in r.json
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/status"), ("GET", "/configure"), ("DELETE", "/info"),
+                                         ("GET", "/check_writability"), ("GET", "/terminate"),
+                                         ("POST", "/metrics"), ("PUT", "/insights")])
+def test_wrong_method_is_405(client, method, path):
+    r = client.simulate_request(method, path)
+    assert r.status_code == 405
+    assert "allow" in r.headers
+    assert "error" in r.json
+
+
+def test_body_over_1mib_is_413(client):
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    for path in ("/configure", "/check_writability", "/terminate"):
+        r = client.simulate_post(path, body=big)
+        assert r.status_code == 413, path
+        assert "error" in r.json
+    # exactly 1 MiB is read (and rejected as not JSON, not as too large)
+    assert client.simulate_post("/configure", body=b" " * MAX_BODY_BYTES, headers=JSON).status_code == 400
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"spec"', b"{}", b'{"spec": null}',
+                                  b'{"spec": [1]}', b'{"spec": "x"}', b"\xff\xfe"])
+def test_configure_bad_request_is_400(client, body):
+    r = client.simulate_post("/configure", body=body, headers=JSON)
+    assert r.status_code == 400
+    assert isinstance(r.json["error"], str)
+
+
+def test_configure_not_allowed_without_pull_mode(rt):
+    make_state(rt, launch=launch_settings(rt, live_config_allowed=False))
+    r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 412
+    assert "not allowed" in r.json["error"]
+    assert StateStore(state_path(rt)).get("status") == "running"
+
+
+def test_configure_invalid_spec_is_412(client, rt):
+    spec = minimal_spec()
+    spec["format_version"] = 2.0
+    r = client.simulate_post("/configure", json={"spec": spec})
+    assert r.status_code == 412
+    assert "format_version" in r.json["error"]
+    assert StateStore(state_path(rt)).get_many(["status", "spec_generation"]) == {"status": "running",
+                                                                                   "spec_generation": 0}
+
+
+@pytest.mark.parametrize("status", ["init", "configuration_pending", "configuration", "failed"])
+def test_configure_in_wrong_status_is_412(rt, status):
+    make_state(rt, status=status)
+    r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 412
+    assert "invalid compute status" in r.json["error"]
+    assert StateStore(state_path(rt)).get("status") == status
+
+
+@pytest.mark.parametrize("start", ["empty", "running"])
+def test_configure_hands_the_spec_to_the_driver_and_waits(rt, start):
+    make_state(rt, status=start, spec_generation=3)
+    spec = minimal_spec()
+    with fake_driver(rt, hold=0.3) as driver:
+        t0 = time.monotonic()
+        r = client_for(rt).simulate_post("/configure", json={"spec": spec})
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.json["status"] == "running"
+    assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time"}
+    assert elapsed >= 0.3
+    assert driver.applied == [spec]
+    store = StateStore(state_path(rt))
+    assert store.get("spec") == spec
+    assert store.get("spec_generation") == 4
+
+
+def test_configure_failure_is_500_with_the_error(rt):
+    make_state(rt, status="running")
+    with fake_driver(rt, fail="role alice: permission denied"):
+        r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 500
+    assert r.json == {"error": "role alice: permission denied"}
+
+
+def test_configure_clears_an_old_error(rt):
+    make_state(rt, status="running", error="stale")
+    with fake_driver(rt):
+        r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 200 and r.json["error"] is None
+
+
+def test_concurrent_configure_has_exactly_one_winner(rt):
+    make_state(rt, status="running")
+    app = create_app(rt)
+    results: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def call():
+        c = falcon.testing.TestClient(app)
+        barrier.wait()
+        results.append(c.simulate_post("/configure", json={"spec": minimal_spec()}).status_code)
+
+    with fake_driver(rt, hold=0.5) as driver:
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sorted(results) == [200, 412, 412, 412, 412, 412]
+    assert len(driver.applied) == 1
+    assert StateStore(state_path(rt)).get("spec_generation") == 1
+
+
+def test_configure_timeout(rt):
+    from compute.api.configure import Configure
+    make_state(rt, status="running")
+    ctx = ApiContext(rt)
+    app = falcon.App()
+    app.add_route("/configure", Configure(ctx, timeout=0.3))
+    r = falcon.testing.TestClient(app).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 500
+    assert "timed out" in r.json["error"]
+
+
+@pytest.mark.parametrize("status", ["empty", "init", "configuration_pending", "failed"])
+def test_insights_when_not_running_is_text(rt, status):
+    make_state(rt, status=status)
+    r = client_for(rt).simulate_get("/insights")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    expected = {"empty": "Empty", "init": "Init", "configuration_pending": "ConfigurationPending",
+                "failed": "Failed"}[status]
+    assert r.text == f"compute is not running, current status: {expected}"
+
+
+@pytest.mark.parametrize("status", ["empty", "init", "configuration", "failed"])
+def test_check_writability_when_not_running_is_text(rt, status):
+    make_state(rt, status=status)
+    r = client_for(rt).simulate_post("/check_writability")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert r.text.startswith("invalid compute status for check_writability request: ")
+
+
+def test_check_writability_postgres_down(rt):
+    make_state(rt)  # connstr points at port 1
+    r = client_for(rt).simulate_post("/check_writability")
+    assert r.status_code == 500
+    assert "connection" in r.text.lower()
+
+
+def test_healthz_never_touches_postgres(rt, monkeypatch):
+    make_state(rt, status="failed")
+    monkeypatch.setattr(ApiContext, "pg_connect", lambda *a, **k: pytest.fail("healthz touched postgres"))
+    r = client_for(rt).simulate_get("/healthz")
+    assert (r.status_code, r.json) == (200, {"alive": True})
+
+
+def test_readyz_postgres_down_and_cache(rt, monkeypatch):
+    make_state(rt, status="running")  # nothing listens on port 1
+    connects = []
+    real = ApiContext.pg_connect
+
+    def counting(self, timeout=3):
+        connects.append(timeout)
+        return real(self, timeout)
+
+    class Later:
+        """`time` as compute.api.health sees it, `skew` seconds on: the cache expires, no sleep."""
+        skew = 0.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return time.monotonic() + self.skew
+
+    clock = Later()
+    monkeypatch.setattr(ApiContext, "pg_connect", counting)
+    monkeypatch.setattr(health, "time", clock)
+    c = client_for(rt)
+    for _ in range(20):
+        r = c.simulate_get("/readyz")
+        assert r.status_code == 503
+        assert "does not accept connections" in r.json["reason"]
+    assert connects == [1]  # cached for about a second, connect timeout 1 s
+    clock.skew = health.CACHE_SECONDS
+    c.simulate_get("/readyz")
+    assert len(connects) == 2
+
+
+def test_prometheus_without_supervisord(rt):
+    now = time.time()
+    store = make_state(rt, status="running", start_time=now - 100, last_active=now - 30,
+                       program_restarts={"postgres": 2, "monitor": 1}, pending_restart=["shared_buffers"])
+    store.record_metrics(sync_safekeepers_ms=1500, basebackup_ms=250, basebackup_bytes=4096, config_ms=3,
+                         total_startup_ms=2000)
+    r = client_for(rt).simulate_get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    s = parse_prometheus(r.text)
+    assert s['compute_status{status="running"}'] == 1
+    assert s['compute_status{status="empty"}'] == 0
+    assert s['compute_startup_phase_seconds{phase="sync_safekeepers"}'] == 1.5
+    assert s['compute_startup_phase_seconds{phase="total_startup"}'] == 2.0
+    assert s["compute_basebackup_bytes"] == 4096
+    assert 29 <= s["compute_seconds_since_last_active"] <= 35
+    assert s['compute_program_restarts_total{program="postgres"}'] == 2
+    assert s["compute_pending_restart_settings"] == 1
+    assert s["compute_supervisord_up"] == 0
+    assert "# TYPE compute_program_restarts_total counter" in r.text
+
+
+def test_prometheus_survives_a_wedged_supervisord():
+    rt = short_runtime_dir()
+    from compute.supervision import socket_path
+    wedged = socket.socket(socket.AF_UNIX)  # listens, never answers
+    try:
+        wedged.bind(socket_path(rt))
+        wedged.listen(16)
+        make_state(rt)
+        t0 = time.monotonic()
+        r = client_for(rt).simulate_get("/metrics")
+        assert r.status_code == 200
+        assert time.monotonic() - t0 < 4
+        assert parse_prometheus(r.text)["compute_supervisord_up"] == 0
+    finally:
+        wedged.close()
+        shutil.rmtree(rt, ignore_errors=True)
+
+
+def test_prometheus_label_escaping(rt):
+    make_state(rt, program_restarts={'we"ird\\name\n': 1})
+    assert 'compute_program_restarts_total{program="we\\"ird\\\\name\\n"} 1' in \
+        client_for(rt).simulate_get("/metrics").text
+
+
+@pytest.mark.parametrize("mode", ["smart", "FAST", "immediate;rm", "fast&mode=immediate"])
+def test_terminate_unknown_mode_is_400_and_changes_nothing(rt, mode):
+    store = make_state(rt)
+    r = client_for(rt).simulate_post("/terminate", query_string=f"mode={mode}")
+    assert r.status_code == 400 and "mode" in r.json["error"]
+    assert store.get("shutdown_requested") is False
+
+
+def test_terminate_without_supervisord_is_500(rt):
+    store = make_state(rt)
+    r = client_for(rt).simulate_post("/terminate")
+    assert r.status_code == 500
+    assert "supervisord" in r.json["error"]
+    assert store.get("shutdown_requested") is True
+
+
+@pytest.fixture
+def auth_client(rt, keys):
+    path = write_jwks(os.path.join(rt, "jwks.json"), keys[2])
+    make_state(rt, status="failed", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
+    return client_for(rt)
+
+
+def claims(**overrides) -> dict:
+    """Claims of a valid token for compute-1 (tokens must expire)."""
+    return {"compute_id": "compute-1", "exp": time.time() + 300, **overrides}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_auth_open_without_jwks(rt):
+    make_state(rt, status="init")
+    c = client_for(rt)
+    assert c.simulate_post("/check_writability").status_code == 200
+    assert c.simulate_post("/configure", body=b"x", headers=JSON).status_code == 412  # past auth: the status
+
+
+def test_auth_missing_or_malformed_token_is_401(auth_client):
+    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"},
+                    bearer("not.a.jwt"), bearer("abc")):
+        for path in ("/check_writability", "/configure", "/terminate"):
+            r = auth_client.simulate_post(path, headers=headers)
+            assert r.status_code == 401, (headers, path)
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert "error" in r.json
+
+
+def test_auth_valid_eddsa_and_rs256(auth_client, keys):
+    ed, rs, _ = keys
+    for token in (jwt.encode(claims(), ed, algorithm="EdDSA", headers={"kid": "ed"}),
+                  jwt.encode(claims(), rs, algorithm="RS256", headers={"kid": "rs"}),
+                  jwt.encode(claims(exp=time.time() + 60, nbf=time.time() - 5), ed, algorithm="EdDSA")):
+        r = auth_client.simulate_post("/check_writability", headers=bearer(token))
+        assert r.status_code == 200, r.text  # status failed: the text answer, past auth
+        assert r.text.startswith("invalid compute status")
+
+
+def test_auth_wrong_compute_is_403(auth_client, keys):
+    ed = keys[0]
+    for wrong in (claims(compute_id="compute-2"), {"exp": time.time() + 60}, claims(compute_id=None)):
+        r = auth_client.simulate_post("/check_writability", headers=bearer(jwt.encode(wrong, ed, algorithm="EdDSA")))
+        assert r.status_code == 403, wrong
+        assert "error" in r.json
+
+
+def test_auth_rejects_bad_signatures(auth_client, keys):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    stranger = ed25519.Ed25519PrivateKey.generate()
+    bad = [
+        jwt.encode(claims(), stranger, algorithm="EdDSA"),
+        jwt.encode(claims(), stranger, algorithm="EdDSA", headers={"kid": "ed"}),
+        jwt.encode(claims(exp=time.time() - 60), keys[0], algorithm="EdDSA"),
+        jwt.encode(claims(), "s" * 32, algorithm="HS256"),
+        jwt.encode(claims(), keys[0], algorithm="EdDSA", headers={"kid": "unknown"}),
+    ]
+    # algorithm confusion: an HMAC token keyed with the published RSA public key
+    pem = keys[1].public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    header = json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rs"}).encode()
+    import base64, hashlib, hmac
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")  # noqa: E731
+    signing_input = b64(header) + b"." + b64(b'{"compute_id": "compute-1"}')
+    bad.append((signing_input + b"." + b64(hmac.new(pem, signing_input, hashlib.sha256).digest())).decode())
+    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
+    head, payload, sig = ed_token.split(".")
+    tampered = b64(b'{"compute_id": "compute-2"}').decode()
+    bad.append(f"{head}.{tampered}.{sig}")  # tampered payload
+    for token in bad:
+        assert auth_client.simulate_post("/check_writability", headers=bearer(token)).status_code == 401, token
+
+
+def test_auth_read_and_health_routes_stay_open(auth_client):
+    for path in ("/status", "/metrics.json", "/metrics", "/info", "/healthz", "/readyz", "/openapi.yaml"):
+        assert auth_client.simulate_get(path).status_code in (200, 503), path
+    assert auth_client.simulate_get("/insights").status_code == 401  # query texts: database contents
+    assert auth_client.simulate_get("/configure").status_code == 405  # 405, not 401
+    assert auth_client.simulate_get("/nope").status_code == 404
+
+
+def test_auth_configure_with_token(rt, keys):
+    path = write_jwks(os.path.join(rt, "jwks.json"), keys[2])
+    make_state(rt, launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
+    token = jwt.encode(claims(), keys[1], algorithm="RS256")
+    c = client_for(rt)
+    assert c.simulate_post("/configure", json={"spec": minimal_spec()}).status_code == 401
+    with fake_driver(rt):
+        r = c.simulate_post("/configure", json={"spec": minimal_spec()}, headers=bearer(token))
+    assert r.status_code == 200
+
+
+def test_auth_unreadable_jwks_fails_closed(rt, keys):
+    make_state(rt, launch=launch_settings(rt, jwks_path=os.path.join(rt, "missing.json")))
+    token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
+    assert client_for(rt).simulate_post("/check_writability", headers=bearer(token)).status_code == 401
+
+
+def test_auth_reloads_a_rotated_jwks(rt, keys):
+    path = write_jwks(os.path.join(rt, "jwks.json"), {"keys": [keys[2]["keys"][1]]})  # RSA only
+    make_state(rt, status="failed", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
+    c = client_for(rt)
+    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
+    assert c.simulate_post("/check_writability", headers=bearer(ed_token)).status_code == 401
+    write_jwks(path, keys[2])
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert c.simulate_post("/check_writability", headers=bearer(ed_token)).status_code == 200
+
+
+def test_load_jwks_skips_unsupported_keys(tmp_path, keys):
+    doc = {"keys": [{"kty": "oct", "k": "c2VjcmV0"},
+                    {"kty": "OKP", "crv": "X25519", "x": keys[2]["keys"][0]["x"]},
+                    {"kty": "RSA", "alg": "RS512", "n": keys[2]["keys"][1]["n"], "e": "AQAB"},
+                    keys[2]["keys"][0]]}
+    loaded = auth_mod.load_jwks(write_jwks(str(tmp_path / "j.json"), doc))
+    assert [(k.kid, k.alg) for k in loaded] == [("ed", "EdDSA")]
