@@ -26,6 +26,11 @@ from tests.support.tree import VENV, Compute, booted_compute
 
 TIERS = ("unit", "integration", "e2e", "fault")
 TESTS = Path(__file__).parent
+# Under `--dist loadgroup` (scripts/test) a file's tests stay together on one worker (its module
+# fixtures are set up once), except these long files of independent tests, spread over the
+# workers test by test: the longest of them would otherwise bound the whole run.
+SPREAD = {"e2e/test_e2e_storage.py", "e2e/test_e2e_tree.py", "fault/test_fault_exit.py",
+          "integration/test_basebackup.py"}
 
 
 def tier_of(path: Path) -> str | None:
@@ -44,6 +49,10 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: a test lives in the folder of its tier: "
                                     + ", ".join(f"tests/{t}/" for t in TIERS))
         item.add_marker(tier)
+        if config.getoption("dist", None) == "loadgroup":
+            path = Path(item.path).relative_to(TESTS).as_posix()
+            if path not in SPREAD:
+                item.add_marker(pytest.mark.xdist_group(path))
 
 
 def pytest_sessionstart(session):

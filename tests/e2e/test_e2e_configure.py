@@ -13,6 +13,7 @@ import psycopg
 from tests.peers.control_plane import ControlPlanePeer
 from compute.state import StateStore, state_path
 from tests.support.tree import Compute
+from tests.support.waiting import wait_for
 
 JWT = "console-jwt-value"
 
@@ -115,7 +116,9 @@ def test_configure_rules_and_failure():
             spec = c.new_spec(**{"max_connections": "123"})
             code, body = configure(c, spec)
             assert code == 200, body
-            assert "only after a restart: max_connections" in c.output()
+            # the driver's warning reaches compute-ctl's stdout through the log relay
+            wait_for(lambda: "only after a restart: max_connections" in c.output(), 10,
+                     "the restart-only warning in the output")
             metrics = c.request("GET", "/metrics")[1].decode()
             assert "compute_pending_restart_settings 1" in metrics
 

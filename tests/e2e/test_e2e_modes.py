@@ -21,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -68,7 +69,13 @@ def assert_read_only(c: Compute) -> None:
 
 
 def assert_no_catalog_sql(c: Compute) -> None:
-    out = c.output()
+    # postgres' lines reach compute-ctl's stdout through the log relay: once a statement run now
+    # is there, so is every line logged before it.
+    marker = f"cs-marker-{uuid.uuid4().hex}"
+    with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f"SELECT '{marker}'")
+    out = wait_for(lambda: marker in (o := c.output()) and o, 30,
+                   "the marker statement in the output (log_statement=all not in effect?)")
     logged = [line for line in out.splitlines() if LOGGED_SQL.search(line)]
     assert logged, "log_statement=all is not in effect: the check below would prove nothing"
     assert [line for line in logged if CATALOG_SQL.search(line)] == []

@@ -18,6 +18,7 @@ import pytest
 
 from compute.monitor import (APPLICATION_NAME, CONNECT_TIMEOUT, ActivityMonitor, LibpqSession, SessionError,
                              superuser_of)
+from compute.procutil import SUPERVISORD_PID_ENV
 from compute.state import StateStore
 from tests.support.api_helpers import REPO, launch_settings, make_state, pg
 from tests.support.pgcluster import free_port, running_cluster
@@ -40,10 +41,10 @@ def app_user(pg):
 
 def wait_no_other_sessions(cluster, timeout: float = 5.0) -> None:
     """Sessions closed by a previous test may linger a moment in pg_stat_activity."""
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+             "AND pid <> pg_backend_pid()")
     with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
-        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                                      "AND pid <> pg_backend_pid()").fetchone()[0] == 0,
-                 timeout, "other sessions to go away", 0.05)
+        wait_for(lambda: conn.execute(query).fetchone()[0] == 0, timeout, "other sessions to go away", 0.05)
 
 
 @pytest.fixture
@@ -358,9 +359,13 @@ def test_program_exits_when_its_parent_dies(tmp_path):
     rt = str(tmp_path)
     make_state(rt, status="init")
     env = dict(os.environ, COMPUTE_RUNTIME_DIR=rt, PYTHONPATH=REPO)
+    # The parent names itself in the environment, as supervisord does: a parent gone before the
+    # monitor armed its parent-death signal is noticed too (compute/procutil.py die_with_parent).
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); "
-                               "print(p.pid, flush=True); time.sleep(600)", sys.executable, "-m", "compute.monitor"],
+        [sys.executable, "-c", "import os, subprocess, sys, time; os.environ[sys.argv[1]] = str(os.getpid()); "
+                               "p = subprocess.Popen(sys.argv[2:]); print(p.pid, flush=True); "
+                               "time.sleep(600)",
+         SUPERVISORD_PID_ENV, sys.executable, "-m", "compute.monitor"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     monitor = int(parent.stdout.readline())
     try:
