@@ -32,7 +32,7 @@ from .api_handover import handover_path
 from .api_socket import API_FD_ENV, BindError, bind_api_socket
 from .early_responder import EarlyResponder
 from .logs import setup_bootstrap_logging
-from .paths import Policy, secure_dir
+from .paths import Policy, default_runtime_dir, secure_dir
 from .settings import Settings, default
 
 log = logging.getLogger("compute.cli")
@@ -134,16 +134,13 @@ def resolve_pgbin_dir(pgbin: str) -> str:
     return os.path.dirname(pgbin)
 
 
-def superuser_of(connstr: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict
+def require_superuser(connstr: str) -> str:
+    """The superuser -C names (compute/pgsession.py: named_superuser); UsageError otherwise."""
+    from .pgsession import named_superuser  # psycopg: not before the bind
     try:
-        params = conninfo_to_dict(connstr)
-    except Exception as e:
-        raise UsageError(f"--connstr: not a valid connection string ({e})") from None
-    user = params.get("user")
-    if not user:
-        raise UsageError("--connstr must name the superuser, e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
-    return user
+        return named_superuser(connstr)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def validate_flags(args: argparse.Namespace) -> None:
@@ -177,7 +174,7 @@ def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
     spec, parsed spec, superuser); the driver parses the raw one again from the state file."""
     from .spec import decode_spec_text, parse_spec, read_spec_file
-    superuser = superuser_of(args.connstr)
+    superuser = require_superuser(args.connstr)
     raw = spec = None
     if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
@@ -207,12 +204,6 @@ def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | N
     return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
             "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
             "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
-
-
-def default_runtime_dir() -> str:
-    if os.getuid() == 0:
-        return "/run/compute-ctl"
-    return f"/tmp/compute-ctl-{os.environ.get('USER') or os.getuid()}"
 
 
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:

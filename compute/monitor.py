@@ -30,7 +30,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from compute.logs import setup_program_logging
-from compute.pgsession import read_postmaster_pid, session_params, socket_params
+from compute.pgsession import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.procutil import die_with_parent
 from compute.settings import Settings, default, load as load_settings
 from compute.state import StateStore, state_path
@@ -139,14 +139,6 @@ class LibpqSession:
 def _os_user() -> str:
     import pwd
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def superuser_of(connstr: str) -> str | None:
-    """The user named in a libpq connection string or URL (None if it names none)."""
-    try:
-        return conninfo_to_dict(connstr).get("user") or None
-    except psycopg.ProgrammingError:
-        return None
 
 
 class ActivityMonitor:

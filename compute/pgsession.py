@@ -59,6 +59,28 @@ NO_LOG_SETTINGS = (
 )
 
 
+def superuser_of(connstr: str) -> str | None:
+    """The user a libpq connection string or URL names (None if it names none); ValueError,
+    saying why, if it is not a connection string. Every program's one reading of the -C user."""
+    try:
+        params = conninfo_to_dict(connstr)
+    except Exception as e:  # psycopg.ProgrammingError: its message names the problem, not a secret
+        raise ValueError(f"not a valid connection string ({e})") from None
+    return params.get("user") or None
+
+
+def named_superuser(connstr: str) -> str:
+    """The -C/--connstr flag's check (compute-ctl and `compute-ctl plan`): the superuser it
+    names; ValueError with the message for the command line otherwise."""
+    try:
+        user = superuser_of(connstr)
+    except ValueError as e:
+        raise ValueError(f"--connstr: {e}") from None
+    if not user:
+        raise ValueError("--connstr must name the superuser, e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
+    return user
+
+
 def session_options(*, lock_timeout_ms: int | None = None, statement_timeout_ms: int | None = None) -> str:
     """The `options` value (postgres command-line switches) our sessions connect with."""
     parts = [f"-c search_path={PINNED_SEARCH_PATH}", "-c role=none", "-c default_transaction_read_only=off"]
