@@ -1,7 +1,6 @@
 """Neon storage steps of the start-up: sync safekeepers, basebackup, and the initdb default.
 
-I/O functions for one attempt each, plus a pure retry policy and its thin executor
-(with_retries); the caller decides which user they run as (postgres and initdb refuse root).
+I/O functions for one attempt each, plus their retries (with_retries, on compute/retry.py); the caller decides which user they run as (postgres and initdb refuse root).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import subprocess
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import psycopg
@@ -26,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .environ import child_environment
 from .procutil import dies_with_us
+from .retry import RetryFailed, RetryPolicy, retry
 from .settings import default
 from .tarextract import ArchiveError, TarExtractor
 
@@ -56,20 +55,6 @@ def _truncate(text: str, limit: int = _TAIL) -> str:
 
 # ---------------------------------------------------------------- retries
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """attempt -> delay or give up (pure). Neon's compute_ctl: 0.5 s, x1.5."""
-    attempts: int
-    first_delay: float = 0.5
-    factor: float = 1.5
-
-    def delay_after(self, attempt: int) -> float | None:
-        """Seconds to wait after failed attempt `attempt` (1-based); None: give up."""
-        if attempt >= self.attempts:
-            return None
-        return self.first_delay * self.factor ** (attempt - 1)
-
-
 SYNC_SAFEKEEPERS_RETRY = RetryPolicy(attempts=5)
 BASEBACKUP_RETRY = RetryPolicy(attempts=10)
 
@@ -80,27 +65,25 @@ def with_retries(what: str, policy: RetryPolicy, attempt: Callable[[], T], *,
                  before_retry: Callable[[], None] | None = None,
                  on_retry: Callable[[int], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `attempt` until it succeeds, fails for good, or the policy gives up. Every failure is
-    logged with its cause; on_retry(n) gets the number of retries so far (for the metrics)."""
-    n = 0
-    while True:
-        n += 1
-        try:
-            return attempt()
-        except StorageError as e:
-            delay = policy.delay_after(n) if e.retryable else None
-            if delay is None:
-                if n == 1 and not e.retryable:
-                    raise
-                why = "gave up" if e.retryable else "not retryable"
-                log.error("%s attempt %d/%d failed (%s): %s", what, n, policy.attempts, why, e)
-                raise StorageError(f"{what} failed after {n} attempt(s): {e}") from None
-            log.warning("%s attempt %d/%d failed: %s; retrying in %.2f s", what, n, policy.attempts, e, delay)
-            if on_retry is not None:
-                on_retry(n)
-            if before_retry is not None:
-                before_retry()
-            sleep(delay)
+    """Run `attempt` until it succeeds, fails for good, or the policy gives up (compute/retry.py).
+    Every failure is logged with its cause; on_retry(n) gets the number of retries so far (for
+    the metrics)."""
+    def retrying(n: int, e: BaseException, delay: float) -> None:
+        log.warning("%s attempt %d/%d failed: %s; retrying in %.2f s", what, n, policy.attempts, e, delay)
+        if on_retry is not None:
+            on_retry(n)
+        if before_retry is not None:
+            before_retry()
+    try:
+        return retry(policy, attempt, catch=(StorageError,), retryable=lambda e: e.retryable,
+                     on_retry=retrying, sleep=sleep)
+    except RetryFailed as failed:
+        e, n = failed.error, failed.attempts
+        if n == 1 and not failed.gave_up:
+            raise e from None
+        why = "gave up" if failed.gave_up else "not retryable"
+        log.error("%s attempt %d/%d failed (%s): %s", what, n, policy.attempts, why, e)
+        raise StorageError(f"{what} failed after {n} attempt(s): {e}") from None
 
 
 # ---------------------------------------------------------------- sync safekeepers
