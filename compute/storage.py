@@ -22,6 +22,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import libpq
 from .environ import child_environment
 from .procutil import dies_with_us
 from .retry import RetryFailed, RetryPolicy, retry
@@ -35,7 +36,6 @@ _ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _TAIL = 2048  # bytes of child output kept for error messages
 _INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
 _PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
-_STOP_CHECK = 0.2  # s: how often a blocked receiver looks whether the extractor gave up
 DEFAULT_TIMEOUT = default("storage_timeout")  # --storage-timeout
 COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
@@ -236,8 +236,7 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     return total
 
 
-class _Stopped(Exception):
-    """The consumer gave up (its own error is the one reported)."""
+_Stopped = libpq.Stopped  # the consumer gave up (its own error is the one reported)
 
 
 class _Channel:
@@ -304,7 +303,7 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
         while (chunk := channel.get()) is not None:
             sink(chunk)
     finally:
-        channel.stop()  # a failed sink: the receiver stops within _STOP_CHECK s
+        channel.stop()  # a failed sink: the receiver stops within libpq.STOP_CHECK s
         receiver.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -314,13 +313,19 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
 def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
               progress: Callable[[int], None] | None, stop: Any = None) -> int:
     """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
-    to sink, straight from libpq's buffer. Non-blocking libpq calls + poll(): a server silent
-    for `timeout` seconds fails the attempt. Reads to the end: an error after the archive raises."""
-    fd = pgconn.socket
-    pgconn.send_query(query.encode())
-    while pgconn.flush():
-        _wait(fd, select.POLLOUT, timeout, "sending the query", stop)
-    res = _next_result(pgconn, fd, timeout, stop)
+    to sink, straight from libpq's buffer, on the non-blocking driver (compute/libpq.py): a
+    server silent for `timeout` seconds fails the attempt. Reads to the end: an error after the
+    archive raises."""
+    waiter = libpq.Waiter(timeout, silence=True, stop=stop)
+
+    def silent(where: str) -> StorageError:
+        return StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
+                            retryable=True)
+    try:
+        libpq.send(pgconn, query.encode(), None, waiter)
+    except libpq.Timeout:
+        raise silent("sending the query") from None
+    res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COPY_OUT:
         raise _result_error(res, "the pageserver did not start a COPY")
     total = 0
@@ -336,46 +341,33 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
                     last = now
                     progress(total)
         elif nbytes == 0:
-            _wait(fd, select.POLLIN, timeout, f"after {total} bytes", stop)
+            try:
+                waiter.wait(pgconn.socket, False)
+            except libpq.Timeout:
+                raise silent(f"after {total} bytes") from None
             pgconn.consume_input()
         elif nbytes == -1:
             break
         else:
             raise StorageError(f"basebackup: connection lost after {total} bytes: "
                                f"{_conn_message(pgconn)}", retryable=True)
-    res = _next_result(pgconn, fd, timeout, stop)
+    res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COMMAND_OK:
         raise _result_error(res, "no command status after the COPY")
-    while _next_result(pgconn, fd, timeout, stop) is not None:
+    while _next_result(pgconn, waiter, silent) is not None:
         pass
     return total
 
 
-def _wait(fd: int, event: int, timeout: float, where: str, stop: Any = None) -> None:
-    """Until fd is ready; `timeout` s of silence fail the attempt; `stop` is checked meanwhile."""
-    poller = select.poll()
-    poller.register(fd, event)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
-                               retryable=True)
-        if poller.poll(min(left, _STOP_CHECK if stop is not None else left) * 1000):
-            return
-        if stop is not None and stop.is_set():
-            raise _Stopped()
-
-
-def _next_result(pgconn: Any, fd: int, timeout: float, stop: Any = None) -> Any:
-    while pgconn.is_busy():
-        _wait(fd, select.POLLIN, timeout, "waiting for a result", stop)
-        pgconn.consume_input()
-    return pgconn.get_result()
+def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str], StorageError]) -> Any:
+    try:
+        return libpq.next_result(pgconn, waiter)
+    except libpq.Timeout:
+        raise silent("waiting for a result") from None
 
 
 def _conn_message(pgconn: Any) -> str:
-    return _one_line(pgconn.error_message.decode("utf-8", "replace")) or "connection closed"
+    return _one_line(libpq.error_message(pgconn, "")) or "connection closed"
 
 
 def _result_error(res: Any, fallback: str) -> StorageError:
