@@ -46,15 +46,44 @@ class UsageError(Exception):
     pass
 
 
+# Every environment variable compute-ctl reads (itself, or its programs from the environment
+# it passes on), as --help lists them. Set by compute-ctl for its programs, not read from the
+# operator: COMPUTE_RUNTIME_DIR, COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE.
+ENVIRONMENT = (
+    ("NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT",
+     "pull mode: the Authorization sent to the control plane (the first that is set)"),
+    ("NEON_AUTH_TOKEN", "the storage token when the spec has no storage_auth_token"),
+    ("PATH", "finds postgres (-b), initdb, pg_basebackup"),
+    ("USER", "the default --runtime-dir when not root"),
+    ("PGHOST, PGSSLMODE, ...", "libpq's own variables, for the -C connstr"),
+    ("COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS",
+     "the api's gunicorn workers (1), threads (16), connections (256)"),
+    ("COMPUTE_API_ACCESS_LOG", "1: the api logs every request"),
+    ("COMPUTE_API_FAST_PATH, COMPUTE_API_POLLER_SENDS", "0: turns that api worker path off"),
+    ("COMPUTE_API_SWITCH_INTERVAL", "the api worker's sys.setswitchinterval"),
+    ("COMPUTE_TEMPLATE_DIR", "supervisord.conf's templates (default: the installed ones)"),
+    ("COMPUTE_TRACE, COMPUTE_WARMFORK_TRACE", "benchmarks: start-up timeline file, imports-after-fork dir"),
+)
+
+
+def _epilog() -> str:
+    import textwrap
+    text = ("Exactly one spec source: -s, -S, or -i with -p. Operators: supervisorctl -c "
+            "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR -S SPEC` "
+            "prints the SQL a reconfiguration would run, without running it.")
+    lines = [*textwrap.wrap(text, 78), "", "environment variables:"]
+    for names, meaning in ENVIRONMENT:
+        lines += ["  " + names, *textwrap.wrap(meaning, 74, initial_indent="      ", subsequent_indent="      ")]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compute-ctl",
-        description="Start a Postgres compute node from a spec, as a supervisord-managed process "
+        description="Start a Postgres compute node from a spec, as a supervisord-managed process\n"
                     "tree (Neon compute_ctl compatible). Exits with postgres' exit code.",
-        epilog="Exactly one spec source: -s, -S, or -i with -p. "
-               "Operators: supervisorctl -c RUNTIME_DIR/supervisord.conf status. "
-               "Sub-command: `compute-ctl plan -C CONNSTR -S SPEC` prints the SQL a "
-               "reconfiguration would run, without running it.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's list keeps its lines
     )
     p.add_argument("-D", "--pgdata", required=True, help="data directory; emptied at every start")
     p.add_argument("-C", "--connstr", required=True,
@@ -67,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--compute-id", help="pull mode: this compute's id at the control plane")
     p.add_argument("-p", "--control-plane-uri",
                    help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
-                        "(Authorization from env NEON_CONSOLE_JWT); enables POST /configure")
+                        "(Authorization from env NEON_CONTROL_PLANE_TOKEN or NEON_CONSOLE_JWT); enables POST /configure")
     p.add_argument("--http-port", type=int, default=default("http_port"), help="HTTP API port (default 3080)")
     p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
