@@ -26,8 +26,8 @@ handle in use by this one (a child opening the state file then hangs). So the re
 the state file only while it holds `_state_lock`, and every os.fork first takes that lock and
 closes the responder's connection (register_at_fork): no fork happens while the responder is
 inside SQLite or has the file open; it opens it again on its next answer (kept open between
-answers otherwise: opening it costs ~0.5 ms, reading ~20 us). Its sockets are close-on-exec and closed by
-supervisord in every child (only the API socket is kept, for the api). The thread is a daemon
+answers otherwise: opening it costs much more than a read). Its sockets are close-on-exec and
+closed by supervisord in every child (only the API socket is kept, for the api). The thread is a daemon
 and stop() is bounded: it never holds up compute-ctl's exit.
 """
 

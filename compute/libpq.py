@@ -4,7 +4,7 @@ poll(), for the monitor's session (compute/monitor.py) and the basebackup's COPY
 
 Not a psycopg Connection: the monitor runs one query every tick for the life of the compute,
 and psycopg's Python layers (connection generators, adapters, cursors, row makers) copied
-~2 MiB of the warm image into it (docs/performance.md). Non-blocking calls: a signal whose
+much of the warm image into it (docs/performance.md, "Figures behind the code"). Non-blocking calls: a signal whose
 handler raises (the monitor's SIGTERM) cuts a connect or a query short, a silent server fails
 an attempt after a bounded wait, and a stop flag (the basebackup's extractor gave up) is seen
 while waiting. Every query runs outside a transaction (libpq's default).
