@@ -46,35 +46,40 @@ class UsageError(Exception):
     pass
 
 
-# Every environment variable compute-ctl reads (itself, or its programs from the environment
-# it passes on), as --help lists them. Set by compute-ctl for its programs, not read from the
-# operator: COMPUTE_RUNTIME_DIR, COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE.
-ENVIRONMENT = (
-    ("NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT",
-     "pull mode: the Authorization sent to the control plane (the first that is set)"),
-    ("NEON_AUTH_TOKEN", "the storage token when the spec has no storage_auth_token"),
-    ("PATH", "finds postgres (-b), initdb, pg_basebackup"),
-    ("USER", "the default --runtime-dir when not root"),
-    ("PGHOST, PGSSLMODE, ...", "libpq's own variables, for the -C connstr"),
-    ("COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS",
-     "the api's gunicorn workers (1), threads (16), connections (256)"),
-    ("COMPUTE_API_ACCESS_LOG", "1: the api logs every request"),
-    ("COMPUTE_API_FAST_PATH, COMPUTE_API_POLLER_SENDS", "0: turns that api worker path off"),
-    ("COMPUTE_API_SWITCH_INTERVAL", "the api worker's sys.setswitchinterval"),
-    ("COMPUTE_TEMPLATE_DIR", "supervisord.conf's templates (default: the installed ones)"),
-    ("COMPUTE_TRACE, COMPUTE_WARMFORK_TRACE", "benchmarks: start-up timeline file, imports-after-fork dir"),
+# Every environment variable compute-ctl reads (itself, or its programs from the environment it
+# passes on), as --help lists them (tests/test_cli_help.py checks the list against the code).
+# Set by compute-ctl for its programs, not read from the operator: COMPUTE_RUNTIME_DIR,
+# COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE. Written out: no textwrap before the bind.
+EPILOG = (
+    "Exactly one spec source: -s, -S, or -i with -p. Operators: supervisorctl -c\n"
+    "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
+    "-S SPEC` prints the SQL a reconfiguration would run, without running it.\n"
+    "\n"
+    "environment variables:\n"
+    "  NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT\n"
+    "      pull mode: the Authorization sent to the control plane (the first\n"
+    "      that is set)\n"
+    "  NEON_AUTH_TOKEN\n"
+    "      the storage token when the spec has no storage_auth_token\n"
+    "  PATH\n"
+    "      finds postgres (-b), initdb, pg_basebackup\n"
+    "  USER\n"
+    "      the default --runtime-dir when not root\n"
+    "  PGHOST, PGSSLMODE, ...\n"
+    "      libpq's own variables, for the -C connstr\n"
+    "  COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS\n"
+    "      the api's gunicorn workers (1), threads (16), connections (256)\n"
+    "  COMPUTE_API_ACCESS_LOG\n"
+    "      1: the api logs every request\n"
+    "  COMPUTE_API_FAST_PATH, COMPUTE_API_POLLER_SENDS\n"
+    "      0: turns that api worker path off\n"
+    "  COMPUTE_API_SWITCH_INTERVAL\n"
+    "      the api worker's sys.setswitchinterval\n"
+    "  COMPUTE_TEMPLATE_DIR\n"
+    "      supervisord.conf's templates (default: the installed ones)\n"
+    "  COMPUTE_TRACE, COMPUTE_WARMFORK_TRACE\n"
+    "      benchmarks: start-up timeline file, imports-after-fork dir"
 )
-
-
-def _epilog() -> str:
-    import textwrap
-    text = ("Exactly one spec source: -s, -S, or -i with -p. Operators: supervisorctl -c "
-            "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR -S SPEC` "
-            "prints the SQL a reconfiguration would run, without running it.")
-    lines = [*textwrap.wrap(text, 78), "", "environment variables:"]
-    for names, meaning in ENVIRONMENT:
-        lines += ["  " + names, *textwrap.wrap(meaning, 74, initial_indent="      ", subsequent_indent="      ")]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compute-ctl",
         description="Start a Postgres compute node from a spec, as a supervisord-managed process\n"
                     "tree (Neon compute_ctl compatible). Exits with postgres' exit code.",
-        epilog=_epilog(),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's list keeps its lines
     )
     p.add_argument("-D", "--pgdata", required=True, help="data directory; emptied at every start")

@@ -1,6 +1,8 @@
 """Neon storage steps of the start-up: sync safekeepers, basebackup, and the initdb default.
 
-I/O functions for one attempt each, plus their retries (with_retries, on compute/retry.py); the caller decides which user they run as (postgres and initdb refuse root).
+I/O functions for one attempt each, plus their retries (with_retries, on compute/retry.py);
+the caller decides which user they run as (postgres and initdb refuse root). The basebackup's
+COPY stream runs on the one non-blocking libpq driver (compute/libpq.py).
 """
 
 from __future__ import annotations

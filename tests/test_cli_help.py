@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from compute.cli import ENVIRONMENT, build_parser
+from compute.cli import build_parser
 from tests.support.api_helpers import REPO
 
 # Set by compute-ctl (or supervisord) for the programs: never the operator's to give.
@@ -32,11 +32,11 @@ def names_read_by_the_code() -> set[str]:
 
 def test_help_names_every_environment_variable_read():
     text = build_parser().format_help()
-    named = {n for names, _ in ENVIRONMENT for n in re.findall(r"[A-Z][A-Z0-9_]{2,}", names)}
+    listed = text.split("environment variables:\n", 1)[1]
+    named = {n for line in listed.splitlines() if line.startswith("  ") and not line.startswith("   ")
+             for n in re.findall(r"[A-Z][A-Z0-9_]{2,}", line)}
     read = names_read_by_the_code()
     assert {"NEON_CONSOLE_JWT", "NEON_CONTROL_PLANE_TOKEN", "NEON_AUTH_TOKEN", "COMPUTE_API_WORKERS",
             "COMPUTE_TRACE"} <= read  # the scan finds what it should
     missing = {n for n in read - named - SET_FOR_THE_PROGRAMS if not LIBPQ.match(n)}
     assert missing == set(), f"--help does not name {sorted(missing)}"
-    for n in named:
-        assert n in text
