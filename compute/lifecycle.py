@@ -393,8 +393,8 @@ class Driver:
             self.write_conf(spec)
             with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
                                  autocommit=True, connect_timeout=10) as conn:
-                conn.execute("SELECT pg_catalog.pg_reload_conf()")
-                time.sleep(0.05)  # postmaster re-reads the file asynchronously
+                if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
+                    log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
                 pending = [r[0] for r in conn.execute(
                     "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
             self.apply(spec)

@@ -19,8 +19,8 @@ reads a `DriverView` and follows `plan_run(view)`:
 
 Hand over: a driver that has done the start-up (basebackup, tar extraction, the catalog SQL)
 exits 0 and supervisord forks a fresh one from the warm image, which plans `serve`. The start-up
-wrote to (copied) much of the shared image it ran: ~5 MiB of private memory that a driver idle
-for the compute's whole life would otherwise keep (python -m bench.footprint). The same after
+wrote to (copied) much of the shared image it ran: private memory that a driver idle for the
+compute's whole life would otherwise keep (docs/performance.md, "Figures behind the code"). The same after
 each reconfiguration served (`serve` returns after applying one).
 """
 

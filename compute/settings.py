@@ -69,7 +69,7 @@ class Settings:
 
 
 # Resolved once, at import: in the warm image every forked program shares (resolving the string
-# annotations in each program copied 0.35 MiB more of the image into it, python -m bench.footprint).
+# annotations in each program copied more of the image into it).
 _HINTS = typing.get_type_hints(Settings)
 
 

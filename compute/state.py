@@ -6,7 +6,7 @@ connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mo
 
 The data is a key/value table whose values are JSON. Keys in use:
   status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
-  metrics (object of integers), launch (the bootstrap's settings: compute.settings.Settings as JSON), postgres_exit (int),
+  metrics (object of integers), launch (the bootstrap's settings: compute.settings.Settings as JSON), postgres_exit_code (int),
   pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool)
 """
 

@@ -47,3 +47,38 @@ def test_hba_line_appended_once(dirs) -> None:
     assert pgconf.ensure_hba_line(pgdata) is True
     assert pgconf.ensure_hba_line(pgdata) is False
     assert open(os.path.join(pgdata, "pg_hba.conf")).read() == f"local all all trust\n{pgconf.HBA_LINE}\n"
+
+
+def test_reload_and_wait_returns_once_the_session_sees_the_new_files() -> None:
+    """No fixed sleep after the reload: once reload_and_wait returns True, pending_restart in the
+    same session already names a restart-only setting just written (and is empty before)."""
+    import psycopg
+
+    from tests.support.pgcluster import running_cluster
+    with running_cluster() as cluster, psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
+        pending = "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart"
+        assert conn.execute(pending).fetchall() == []
+        with open(os.path.join(cluster.datadir, "postgresql.conf"), "a") as f:
+            f.write("max_connections = 42\n")  # only at a restart: pending_restart once re-read
+        for _ in range(3):  # every reload, not only the first
+            assert pgconf.reload_and_wait(conn, timeout=30)
+            assert conn.execute(pending).fetchall() == [("max_connections",)]
+
+
+def test_reload_and_wait_is_bounded() -> None:
+    """A session that never re-reads the files (pg_conf_load_time never moves): False at the bound."""
+    class Stuck:
+        def __init__(self):
+            self.sql = []
+
+        def execute(self, sql, params=None):
+            self.sql.append(sql)
+            return self
+
+        def fetchone(self):
+            return (False,) if "> %s" in self.sql[-1] else ("2026-01-01 00:00:00+00",)
+    now = [0.0]
+    conn = Stuck()
+    assert pgconf.reload_and_wait(conn, timeout=1, poll=0.25, clock=lambda: now[0],
+                                  sleep=lambda d: now.__setitem__(0, now[0] + d)) is False
+    assert conn.sql[1] == "SELECT pg_catalog.pg_reload_conf()" and now[0] == 1.0

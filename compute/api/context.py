@@ -8,8 +8,7 @@ from typing import Any
 
 import psycopg
 from compute.api.bodies import STATUS_KEYS, status_body
-from compute.monitor import superuser_of
-from compute.pgsession import session_params
+from compute.pgsession import session_params, superuser_of
 from compute.settings import Settings, load as load_settings
 from compute.state import StateStore, state_path
 

@@ -51,16 +51,10 @@ try:  # gthread that reads request heads in its poller, not in a pool thread (se
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
     worker_class = "gthread"
 # 1 worker x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
-# Each worker costs ~6 MiB PSS (its private pages); one is enough since the poller accepts every
-# waiting connection per turn (before, a burst of new connections waited one ~10 ms turn each:
-# wrk's p99 at 1 worker was 35-90 ms from its own connection ramp-up, the server's 15 ms).
-# python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), 5 interleaved pairs,
-# medians [range], req/s / p50 / p99 idle, p99 during a /configure:
-#   1 x 16: 6,050 [5,209-6,161] / 10.3 / 14.0 [13.6-16.1] ms, 14.8 [13.5-17.7] ms
-#   2 x 16: 10,778 [10,388-11,254] / 5.9 / 11.8 [9.7-19.8] ms, 12.1 [11.4-34.8] ms
-# One thread carries every /status: its cost (~170 us each on this VM) times the connections
-# in flight is the latency (64 x 170 us = 11 ms); COMPUTE_API_WORKERS=2 doubles the throughput
-# for a compute that must serve many more concurrent clients (each worker: +6 MiB PSS).
+# Every worker costs its private pages; one is enough since the poller accepts every waiting
+# connection per turn. One thread carries every /status, so the latency grows with the
+# connections in flight; COMPUTE_API_WORKERS=2 doubles the throughput for a compute that must
+# serve many more concurrent clients (the figures: docs/performance.md, "Figures behind the code").
 workers = int(os.environ.get("COMPUTE_API_WORKERS", "1"))
 # 16 threads per worker: threads are what absorbs requests that block: /configure, /terminate,
 # /insights and /check_writability on a stuck postgres (10 s statement timeout), bodies sent
@@ -125,8 +119,7 @@ def post_worker_init(worker):
 def pre_fork(server, worker):
     """In the master, before each worker is forked: what the master made after its own fork
     (the app, this config, gunicorn's logging) joins the warm image's frozen objects, so the
-    workers' full collections never walk (and so copy) those pages: -2 MiB PSS for the tree
-    after 10 s of API load at 2 workers (python -m bench.footprint --after-load 10)."""
+    workers' full collections never walk (and so copy) those pages (the saving: docs/performance.md, "Figures behind the code")."""
     gc.freeze()
 
 
