@@ -78,11 +78,14 @@ def test_postgres_unreachable_still_resumes(tmp_path):
     assert store.get("status") == "configuration_pending"
 
 
-def test_a_promotion_in_progress_is_left_to_the_api(tmp_path, cluster, sessions):
-    """`configuration` held by /promote (marked `configuring_by`): a driver restarted meanwhile
-    neither re-queues the old spec nor ends any session; the API finishes the promotion."""
+@pytest.mark.parametrize("phase", ["requested", "started"])
+def test_a_promotion_in_progress_is_left_to_the_promote_step(tmp_path, cluster, sessions, phase):
+    """`configuration` held by /promote (its `promotion` record under way): a driver restarted
+    meanwhile neither re-queues the old spec nor ends any session; its PROMOTE step (which
+    finds out how far its predecessor got) finishes the promotion."""
     rt = str(tmp_path)
-    store = make_state(rt, status="configuration", startup_done=True, configuring_by="promote",
+    store = make_state(rt, status="configuration", startup_done=True,
+                       promotion={"id": 1, "spec": None, "wal_flush_lsn": None, "phase": phase},
                        launch=launch_settings(rt, connstr=cluster.url()))
     Driver(rt).resume_interrupted_reconfiguration()
     assert store.get("status") == "configuration"
@@ -101,8 +104,12 @@ def test_the_idle_drivers_look_at_the_state_file(tmp_path):
         assert look(path) is False
     store.set(status="configuration_pending")
     assert _has_work_child(path) is True
-    store.set(status="configuration", configuring_by="driver")
+    store.set(status="configuration")
     assert _has_work_child(path) is True
+    store.set(status="running", terminate={"id": 1, "mode": "fast", "by": "driver", "phase": "requested"})
+    assert _has_work_child(path) is True  # a /terminate for the driver
+    store.set(terminate={"id": 1, "mode": "fast", "by": "tree", "phase": "requested"})
+    assert _has_work_child(path) is False  # the API stops the tree: nothing for the driver
     store.close()
     with open(path, "r+b") as f:
         f.write(b"garbage" * 1000)

@@ -132,6 +132,44 @@ def fake_driver(runtime_dir: str, **kwargs: Any) -> Iterator[FakeDriver]:
         driver.close()
 
 
+class RequestDriver(threading.Thread):
+    """The real lifecycle driver's half of /promote and /terminate (compute.lifecycle.Driver
+    carries out what compute.driver_requests submits), in a thread: for the API tests that run
+    no driver program. Configure requests too, unless `configure=False` (FakeDriver's job)."""
+
+    def __init__(self, runtime_dir: str, *, configure: bool = True):
+        super().__init__(daemon=True)
+        from compute.lifecycle import Driver
+        self.driver = Driver(runtime_dir)
+        self.configure = configure
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from compute.lifecycle_plan import Step, pending_request
+        while not self.stop.wait(0.02):
+            step = pending_request(self.driver.request_view())
+            if step is Step.TERMINATE:
+                self.driver.terminate()
+            elif step is Step.PROMOTE:
+                self.driver.promote()
+            elif step is Step.RECONFIGURE and self.configure:
+                self.driver.reconfigure()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(30)
+
+
+@contextmanager
+def request_driver(runtime_dir: str, **kwargs: Any) -> Iterator[RequestDriver]:
+    driver = RequestDriver(runtime_dir, **kwargs)
+    driver.start()
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
