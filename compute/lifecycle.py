@@ -39,7 +39,7 @@ from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, concurr
                              pending_request, plan_run, readiness)
 from .logs import setup_program_logging
 from .pgsession import local_sslmode, session_params
-from .spec import ComputeSpec, SpecError, parse_spec
+from .spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 from .state import StateStore, state_path
 from .supervision import rpc, shutdown_tree
 from .driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
@@ -76,8 +76,8 @@ def describe(e: Exception) -> str:
     """Our own errors say what went wrong in one line; anything else also says what it is."""
     from .control_plane import ControlPlaneError
     from .reconcile import ReconcileError
-    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError,
-                      replica.ReplicaError)):
+    if isinstance(e, (StartupError, storage.StorageError, SpecError, StoredSpecError, ReconcileError,
+                      ControlPlaneError, replica.ReplicaError)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -254,27 +254,26 @@ class Driver:
     def wait_for_spec(self) -> ComputeSpec:
         """The spec from the state file; in pull mode fetched first, and if the control plane
         has none, status `empty` until /configure brings one."""
-        raw = self.store.get("spec")
+        spec = load_stored(self.store)
         t0 = time.monotonic()
-        if raw is None and self.settings.control_plane_uri:
+        if spec is None and self.settings.control_plane_uri:
             from .control_plane import control_plane_token, fetch_spec
             raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
                              control_plane_token() or self.settings.console_jwt)
             if raw is not None:
-                parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
-                self.store.set(spec=raw, spec_generation=1)
-        if raw is None:
+                spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
+                self.store.set(spec=to_document(spec), spec_generation=1)
+        if spec is None:
             if self.store.transition({"init"}, "empty"):
                 log.info("no spec yet: waiting for POST /configure")
             while self.store.get("status") != "configuration_pending":
                 self.wake.wait(POLL)
                 self.wake.clear()
-            raw = self.store.get("spec")
+            spec = load_stored(self.store)
             # Neon's rule: the start of an `empty` compute is when its spec arrives, so
             # total_startup_ms (and /status start_time) do not count the wait.
             self.store.set(start_time=time.time())
         self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
-        spec = parse_spec(raw, superuser=self.superuser)
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
         return spec
 
@@ -464,7 +463,7 @@ class Driver:
         if not self.store.transition({"configuration_pending"}, "configuration"):
             return
         try:
-            spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
+            spec = load_stored(self.store)
             log.info("applying a new spec")
             self.write_conf(spec)
             with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
@@ -561,12 +560,10 @@ class Driver:
             driver_requests.finish_terminate(self.store, t, lsn=lsn, error=error)
 
     def stored_spec(self) -> ComputeSpec | None:
-        raw = self.store.get("spec")
-        if raw is None:
-            return None
         try:
-            return parse_spec(raw, superuser=self.superuser)
-        except SpecError:
+            return load_stored(self.store)
+        except StoredSpecError as e:
+            log.error("%s", e)
             return None
 
     def flush_lsn(self) -> str | None:

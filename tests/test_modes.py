@@ -17,7 +17,7 @@ from compute.api.app import create_app
 from compute.spec import SpecError, parse_spec
 from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
 from tests.support.api_helpers import (TENANT, TIMELINE, jwks_keys, launch_settings, make_state, minimal_spec, pg,
-                                       request_driver, write_jwks)
+                                       request_driver, stored, write_jwks)
 from tests.support.pgcluster import scratch_dir
 
 __all__ = ["pg"]
@@ -271,7 +271,7 @@ def test_promote_needs_a_token_under_jwks(tmp_path):
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {other}"}).status_code == 403
     assert store.get("status") == "running"
     # With this compute's token the request gets past auth (and to the mode check).
-    store.set(spec=PRIMARY_SPEC)
+    store.set(spec=stored(PRIMARY_SPEC))
     mine = jwt.encode({"compute_id": "compute-1", "exp": time.time() + 300}, ed, algorithm="EdDSA")
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {mine}"}).status_code == 412
 

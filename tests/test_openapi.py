@@ -24,7 +24,7 @@ from compute.api.app import create_app
 from compute.api.errors import MAX_BODY_BYTES
 from tests.support.api_helpers import (REPO, fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
                                        make_state, minimal_spec, pg, request_driver, short_runtime_dir, stage_status,
-                                       supervisord, write_jwks)
+                                       stored, supervisord, write_jwks)
 
 __all__ = ["pg"]
 
@@ -274,10 +274,10 @@ def test_promote_responses_match_the_document(checker, pg, tmp_path):
     assert sim(checker, c, "POST", "/promote", b"x" * (MAX_BODY_BYTES + 1), hdr).status_code == 413
     with request_driver(rt):  # the driver promotes (compute/driver_requests.py)
         assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 500  # pg is not in recovery
-    store.set(spec=minimal_spec())
+    store.set(spec=stored(minimal_spec()))
     assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 412
     # read-only: the text answer of /check_writability
-    store.set(spec=replica_spec)
+    store.set(spec=stored(replica_spec))
     assert sim(checker, c, "POST", "/check_writability").status_code == 500
 
 

@@ -22,7 +22,7 @@ import falcon
 from compute import driver_requests, modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.spec import SpecError, parse_spec
+from compute.spec import SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.configure")
 
@@ -63,7 +63,7 @@ class Configure:
         if status == "running":
             self._refuse_a_mode_change(new, superuser)
         store = self.ctx.store
-        generation = driver_requests.submit_configure(store, spec)
+        generation = driver_requests.submit_configure(store, to_document(new))
         if not generation:
             status = store.get("status")
             raise falcon.HTTPPreconditionFailed(
@@ -82,11 +82,11 @@ class Configure:
             json_body(resp, {"error": outcome[1]}, falcon.HTTP_500)
 
     def _refuse_a_mode_change(self, new, superuser: str) -> None:
-        raw = self.ctx.store.get("spec")
         try:
-            running = parse_spec(raw, superuser=superuser) if raw is not None else None
-        except SpecError:
-            running = None  # not what the compute runs with: nothing to compare to
+            running = load_stored(self.ctx.store)
+        except StoredSpecError as e:
+            log.error("%s", e)
+            running = None  # nothing to compare to
         reason = running and modes.live_mode_change_refused(running, new)
         if reason:
             raise falcon.HTTPPreconditionFailed(description=reason)

@@ -25,7 +25,7 @@ import falcon
 from compute import driver_requests, modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.spec import LSN, SpecError, parse_spec
+from compute.spec import LSN, ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.promote")
 
@@ -34,8 +34,8 @@ PROMOTE_TIMEOUT = LSN_WAIT_TIMEOUT + 120.0  # the replay wait, pg_promote() (60 
 RECONFIGURE_TIMEOUT = 600.0  # as /configure
 
 
-def parse_request(raw: bytes, superuser: str | None) -> tuple[dict, str | None]:
-    """(spec document, wal_flush_lsn) or falcon.HTTPBadRequest naming the problem."""
+def parse_request(raw: bytes, superuser: str | None) -> tuple[ComputeSpec, str | None]:
+    """(spec, wal_flush_lsn) or falcon.HTTPBadRequest naming the problem."""
     body = spec_request(raw, '{"spec": {...}, "wal_flush_lsn": "<lsn>"}')
     lsn = body.get("wal_flush_lsn")
     if lsn is not None and not (isinstance(lsn, str) and LSN.match(lsn)):
@@ -48,7 +48,7 @@ def parse_request(raw: bytes, superuser: str | None) -> tuple[dict, str | None]:
         raise falcon.HTTPBadRequest(description=f"invalid spec: {type(e).__name__}") from None
     if spec.mode != modes.PRIMARY:
         raise falcon.HTTPBadRequest(description=f"invalid spec: mode: a promoted compute is Primary, not {spec.mode}")
-    return body["spec"], lsn
+    return spec, lsn
 
 
 class Promote:
@@ -65,14 +65,16 @@ class Promote:
         settings = self.ctx.settings
         new_spec, lsn = parse_request(read_body(req), (settings and settings.superuser) or self.ctx.superuser)
         store = self.ctx.store
-        current = store.get("spec")
-        mode = modes.mode_of(current)
+        try:
+            current = load_stored(store)
+        except StoredSpecError as e:
+            raise falcon.HTTPInternalServerError(description=str(e)) from None
+        mode = current.mode if current else modes.PRIMARY
         if mode != modes.REPLICA:
             raise falcon.HTTPPreconditionFailed(description=f'compute mode "{mode.lower()}" is not replica')
-        on_neon = isinstance(current, dict) and parse_spec(current, superuser=self.ctx.superuser).storage is not None
-        if lsn is None and on_neon:
+        if lsn is None and current.storage is not None:
             raise falcon.HTTPBadRequest(description="wal_flush_lsn is required to promote a replica of Neon storage")
-        request = driver_requests.submit_promote(store, new_spec, lsn)
+        request = driver_requests.submit_promote(store, to_document(new_spec), lsn)
         if request is None:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for promote request: {debug_status_name(store.get('status'))}")

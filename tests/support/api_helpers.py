@@ -48,9 +48,23 @@ def launch_settings(runtime_dir: str, connstr: str = "postgresql://cloud_admin@1
     return launch
 
 
+def stored(spec: Any) -> Any:
+    """A spec document as the programs store it (compute/spec.py to_document: validated, then
+    written back); a document that does not validate is kept as it is (a damaged state file)."""
+    from compute.spec import SpecError, parse_spec, to_document
+    if spec is None:
+        return None
+    try:
+        return to_document(parse_spec(spec, superuser="cloud_admin"))
+    except SpecError:
+        return spec
+
+
 def make_state(runtime_dir: str, *, status: str = "running", launch: dict | None = None,
                **fields: Any) -> StateStore:
     os.makedirs(runtime_dir, exist_ok=True)
+    if "spec" in fields:
+        fields["spec"] = stored(fields["spec"])
     initial = {
         "launch": launch or launch_settings(runtime_dir),
         "status": status,
