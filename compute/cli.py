@@ -276,7 +276,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from .procutil import become_subreaper, scrub_initial_environment
     from .reaper import stop_descendants
     from .spec import SpecError
-    from .state import StateStore, state_path
+    from .state import RUNTIME_DIR_ENV, StateStore, state_path
     from .supervision import CONF_NAME, render_supervisord_conf
     from .supervisord_main import STOP_BY_RPC, run as run_supervisord
     from .users import effective_user
@@ -361,7 +361,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1",
+    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
            API_FD_ENV: str(api_sock.fileno())}
     os.environ.clear()
     os.environ.update(env)

@@ -40,7 +40,7 @@ from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, concurr
 from .logs import setup_program_logging
 from .pgsession import local_sslmode, session_params
 from .spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
-from .state import StateStore, state_path
+from .state import StateStore, runtime_dir_from_env, state_path
 from .supervision import rpc, shutdown_tree
 from .driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
@@ -115,9 +115,7 @@ class Driver:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.settings = settings.load(self.store)
-        if self.settings is None:
-            raise RuntimeError("the state file has no settings: compute-ctl writes them before any program starts")
+        self.settings = settings.require(self.store)
         self.pgdata = self.settings.pgdata
         self.superuser = self.settings.superuser
         self.wake = threading.Event()
@@ -692,7 +690,7 @@ def _has_work_child(path: str) -> bool:
 def main() -> None:
     die_with_parent()
     setup_program_logging()
-    runtime_dir = os.environ["COMPUTE_RUNTIME_DIR"]
+    runtime_dir = runtime_dir_from_env()
     if not wait_for_work(runtime_dir):
         return
     driver = Driver(runtime_dir)

@@ -277,5 +277,19 @@ def state_path(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, STATE_FILE)
 
 
+# compute-ctl hands the runtime dir (where the state file is) to supervisord and every program
+# in this one variable; everything else a program needs is in the state file (`launch`).
+RUNTIME_DIR_ENV = "COMPUTE_RUNTIME_DIR"
+
+
+def runtime_dir_from_env(environ=None, *, required: bool = True) -> str | None:
+    """The runtime dir compute-ctl gave this program; the one place the variable is read.
+    `required`: a RuntimeError naming it when it is not set (else None)."""
+    value = (os.environ if environ is None else environ).get(RUNTIME_DIR_ENV) or None
+    if value is None and required:
+        raise RuntimeError(f"{RUNTIME_DIR_ENV} is not set")
+    return value
+
+
 def now() -> float:
     return time.time()

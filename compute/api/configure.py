@@ -41,7 +41,7 @@ class Configure:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         settings = self.ctx.settings
-        if not (settings and settings.live_config_allowed):
+        if not settings.live_config_allowed:
             raise falcon.HTTPPreconditionFailed(
                 description="live configuration is not allowed for this compute node")
         status = self.ctx.store.get("status")
@@ -49,7 +49,7 @@ class Configure:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
-        superuser = (settings and settings.superuser) or self.ctx.superuser
+        superuser = settings.superuser or self.ctx.superuser
         try:
             new = parse_spec(spec, superuser=superuser)
         except SpecError as e:

@@ -63,7 +63,7 @@ class Promote:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         settings = self.ctx.settings
-        new_spec, lsn = parse_request(read_body(req), (settings and settings.superuser) or self.ctx.superuser)
+        new_spec, lsn = parse_request(read_body(req), settings.superuser or self.ctx.superuser)
         store = self.ctx.store
         try:
             current = load_stored(store)
