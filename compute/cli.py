@@ -205,16 +205,17 @@ def validate_flags(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     """What needs psycopg: the connection string and the spec (after validate_flags, and after
-    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
-    spec, parsed spec, superuser); the driver parses the raw one again from the state file."""
-    from .spec import decode_spec_text, parse_spec, read_spec_file
+    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (stored
+    document, parsed spec, superuser): the document is the parsed spec written back
+    (spec.to_document), which every program reads typed without parsing it again."""
+    from .spec import parse_spec_text, read_spec_file, to_document
     superuser = require_superuser(args.connstr)
-    raw = spec = None
+    doc = spec = None
     if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
-        raw = decode_spec_text(text)
-        spec = parse_spec(raw, superuser=superuser)
-    return raw, spec, superuser
+        spec = parse_spec_text(text, superuser=superuser)
+        doc = to_document(spec)
+    return doc, spec, superuser
 
 
 def spec_identity(spec) -> dict:
@@ -300,12 +301,12 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from .procutil import become_subreaper, scrub_initial_environment
     from .reaper import stop_descendants
     from .spec import SpecError
-    from .state import StateStore, state_path
+    from .state import RUNTIME_DIR_ENV, StateStore, state_path
     from .supervision import CONF_NAME, render_supervisord_conf
     from .supervisord_main import STOP_BY_RPC, run as run_supervisord
     from .users import effective_user
     try:
-        raw_spec, spec, superuser = validate(args)
+        spec_doc, spec, superuser = validate(args)
         identity = spec_identity(spec)
         responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
@@ -349,11 +350,11 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         informant_connstr = f"dbname=postgres user={superuser} sslmode=disable"
         conf = render_supervisord_conf(
             runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
-            auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
+            auth_token=spec.storage_auth_token if spec else None, vm_informant=vm_informant,
             informant_connstr=informant_connstr,
             postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
             exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
-            program_env=program_secrets(os.environ, (raw_spec or {}).get("storage_auth_token")))
+            program_env=program_secrets(os.environ, spec.storage_auth_token if spec else None))
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
             with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:
@@ -365,7 +366,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             # to must still look idle since then, not "never", to be suspended. `started` and
             # the spec's tenant/timeline are what the early responder has answered so far.
             "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
-            "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {}, **identity,
+            "spec": spec_doc, "spec_generation": 1 if spec_doc else 0, "metrics": {}, **identity,
         })
         responder.state_ready(state_path(runtime_dir))
     except (OSError, UsageError, ValueError) as e:
@@ -385,7 +386,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1",
+    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
            API_FD_ENV: str(api_sock.fileno())}
     os.environ.clear()
     os.environ.update(env)

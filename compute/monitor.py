@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -29,8 +30,8 @@ from compute.libpq import LibpqSession, SessionError
 from compute.logs import setup_program_logging
 from compute.pgsession import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.procutil import die_with_parent
-from compute.settings import Settings, default, load as load_settings
-from compute.state import StateStore, state_path
+from compute.settings import Settings, default, require as require_settings
+from compute.state import StateStore, runtime_dir_from_env, state_path
 
 log = logging.getLogger("compute.monitor")
 
@@ -212,20 +213,20 @@ class ActivityMonitor:
 
 
 def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> Settings | None:
+    """Run on its own, the monitor may start before the state file exists: it waits for the
+    file; from then on the settings are there (compute/settings.py `require`)."""
     while not stop.is_set():
         if os.path.exists(path):
             try:
-                found = load_settings(store)
-            except Exception:
-                found = None
-            if found:
-                return found
+                return require_settings(store)
+            except sqlite3.OperationalError:
+                pass  # being created: not a database yet
         stop.wait(0.5)
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
+    runtime_dir = runtime_dir_from_env(required=False)
     if not runtime_dir:
         print("compute.monitor: COMPUTE_RUNTIME_DIR is not set", file=sys.stderr)
         return 2

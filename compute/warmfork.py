@@ -184,7 +184,8 @@ def jwks_configured(runtime_dir: str | None) -> bool:
 def warm(jwks: bool | None = None) -> None:
     """Import once what the forked programs need, then keep it out of the collector's way."""
     if jwks is None:
-        jwks = jwks_configured(os.environ.get("COMPUTE_RUNTIME_DIR"))
+        from .state import runtime_dir_from_env
+        jwks = jwks_configured(runtime_dir_from_env(required=False))
     for name in warm_modules(jwks):
         try:
             importlib.import_module(name)

@@ -26,10 +26,11 @@ from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
 from compute.supervision import rpc
 from compute.api.writability import WRITABILITY_QUERY
+from compute.spec import from_stored, parse_spec
 from compute.state import StateStore, state_path
 from tests.support.api_helpers import (TENANT, TIMELINE, fake_driver, gunicorn, gunicorn_state, jwks_keys,
-                                       launch_settings, make_state, minimal_spec, pg, short_runtime_dir,
-                                       supervisord, write_jwks)
+                                       launch_settings, make_state, minimal_spec, pg, request_driver,
+                                       short_runtime_dir, supervisord, write_jwks)
 
 __all__ = ["pg"]  # the fixture
 
@@ -200,9 +201,10 @@ def test_configure_hands_the_spec_to_the_driver_and_waits(rt, start):
     assert r.json["status"] == "running"
     assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time"}
     assert elapsed >= 0.3
-    assert driver.applied == [spec]
+    # the spec sent, stored as the programs read it (typed, without parsing it again)
+    assert [from_stored(doc) for doc in driver.applied] == [parse_spec(spec)]
     store = StateStore(state_path(rt))
-    assert store.get("spec") == spec
+    assert from_stored(store.get("spec")) == parse_spec(spec)
     assert store.get("spec_generation") == 4
 
 
@@ -503,8 +505,8 @@ def test_prometheus_label_escaping(rt):
 def test_terminate_stops_postgres_through_supervisord():
     rt = short_runtime_dir()
     try:
-        store = make_state(rt)
-        with supervisord(rt):
+        store = make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
+        with supervisord(rt), request_driver(rt):  # the driver stops postgres
             r = client_for(rt).simulate_post("/terminate")
             assert (r.status_code, r.json) == (200, {"terminated": True, "lsn": None})  # no spec: no LSN
             assert store.get("shutdown_requested") is True
@@ -519,8 +521,8 @@ def test_terminate_stops_postgres_through_supervisord():
 def test_terminate_immediate_sends_sigquit():
     rt = short_runtime_dir()
     try:
-        store = make_state(rt)
-        with supervisord(rt):
+        store = make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
+        with supervisord(rt), request_driver(rt):  # the driver stops postgres
             r = client_for(rt).simulate_post("/terminate", params={"mode": "immediate"})
             assert (r.status_code, r.json) == (200, {"terminated": True, "lsn": None})
             assert rpc(rt).supervisor.getProcessInfo("postgres")["statename"] == "EXITED"

@@ -17,8 +17,8 @@ import os
 from compute.api_socket import inherited_fd
 from compute.procutil import die_with_parent
 from compute.trace import mark
-from compute.settings import Settings, default, load as load_settings
-from compute.state import StateStore, state_path
+from compute.settings import Settings, require as require_settings
+from compute.state import StateStore, runtime_dir_from_env, state_path
 
 
 def bind_address(host: str, port: int) -> str:
@@ -26,13 +26,11 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _launch() -> Settings | None:
-    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
-    if not runtime_dir:
-        raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
+def _launch() -> Settings:
+    runtime_dir = runtime_dir_from_env()
     store = StateStore(state_path(runtime_dir))
     try:
-        return load_settings(store)
+        return require_settings(store)
     finally:
         store.close()  # do not carry an open SQLite handle into forked workers
 
@@ -44,8 +42,7 @@ _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 # so a restart never binds again. Standalone: bind the address ourselves.
 _api_fd = inherited_fd()
 bind = [f"fd://{_api_fd}"] if _api_fd is not None else [
-    bind_address(_launch_settings.http_address if _launch_settings else default("http_address"),
-                 _launch_settings.http_port if _launch_settings else default("http_port"))]
+    bind_address(_launch_settings.http_address, _launch_settings.http_port)]
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs

@@ -64,7 +64,7 @@ from gunicorn.workers import gthread
 
 from compute.api import fastpath
 from compute.api_handover import take_held
-from compute.state import bound_busy_wait
+from compute.state import bound_busy_wait, runtime_dir_from_env
 
 _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
 
@@ -229,7 +229,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         accepted and holds (compute/api_handover.py, at most TAKE_TIMEOUT): served as if this
         worker had accepted them, before its first accept. [] for all but the first worker."""
         server = self.sockets[0].getsockname() if self.sockets else None
-        for sock, client in take_held(os.environ.get("COMPUTE_RUNTIME_DIR")):
+        for sock, client in take_held(runtime_dir_from_env(required=False)):
             self.nr_conns += 1
             self._on_readable(gthread.TConn(self.cfg, sock, client, server))
         super().run()
