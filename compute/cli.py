@@ -32,7 +32,7 @@ from .api_handover import handover_path
 from .api_socket import API_FD_ENV, BindError, bind_api_socket
 from .early_responder import EarlyResponder
 from .logs import setup_bootstrap_logging
-from .paths import Policy, secure_dir
+from .paths import Policy, default_runtime_dir, secure_dir
 from .settings import Settings, default
 
 log = logging.getLogger("compute.cli")
@@ -46,15 +46,49 @@ class UsageError(Exception):
     pass
 
 
+# Every environment variable compute-ctl reads (itself, or its programs from the environment it
+# passes on), as --help lists them (tests/test_cli_help.py checks the list against the code).
+# Set by compute-ctl for its programs, not read from the operator: COMPUTE_RUNTIME_DIR,
+# COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE. Written out: no textwrap before the bind.
+EPILOG = (
+    "Exactly one spec source: -s, -S, or -i with -p. Operators: supervisorctl -c\n"
+    "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
+    "-S SPEC` prints the SQL a reconfiguration would run, without running it.\n"
+    "\n"
+    "environment variables:\n"
+    "  NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT\n"
+    "      pull mode: the Authorization sent to the control plane (the first\n"
+    "      that is set)\n"
+    "  NEON_AUTH_TOKEN\n"
+    "      the storage token when the spec has no storage_auth_token\n"
+    "  PATH\n"
+    "      finds postgres (-b), initdb, pg_basebackup\n"
+    "  USER\n"
+    "      the default --runtime-dir when not root\n"
+    "  PGHOST, PGSSLMODE, ...\n"
+    "      libpq's own variables, for the -C connstr\n"
+    "  COMPUTE_API_WORKERS, COMPUTE_API_THREADS, COMPUTE_API_CONNECTIONS\n"
+    "      the api's gunicorn workers (1), threads (16), connections (256)\n"
+    "  COMPUTE_API_ACCESS_LOG\n"
+    "      1: the api logs every request\n"
+    "  COMPUTE_API_FAST_PATH, COMPUTE_API_POLLER_SENDS\n"
+    "      0: turns that api worker path off\n"
+    "  COMPUTE_API_SWITCH_INTERVAL\n"
+    "      the api worker's sys.setswitchinterval\n"
+    "  COMPUTE_TEMPLATE_DIR\n"
+    "      supervisord.conf's templates (default: the installed ones)\n"
+    "  COMPUTE_TRACE, COMPUTE_WARMFORK_TRACE\n"
+    "      benchmarks: start-up timeline file, imports-after-fork dir"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compute-ctl",
-        description="Start a Postgres compute node from a spec, as a supervisord-managed process "
+        description="Start a Postgres compute node from a spec, as a supervisord-managed process\n"
                     "tree (Neon compute_ctl compatible). Exits with postgres' exit code.",
-        epilog="Exactly one spec source: -s, -S, or -i with -p. "
-               "Operators: supervisorctl -c RUNTIME_DIR/supervisord.conf status. "
-               "Sub-command: `compute-ctl plan -C CONNSTR -S SPEC` prints the SQL a "
-               "reconfiguration would run, without running it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's list keeps its lines
     )
     p.add_argument("-D", "--pgdata", required=True, help="data directory; emptied at every start")
     p.add_argument("-C", "--connstr", required=True,
@@ -67,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--compute-id", help="pull mode: this compute's id at the control plane")
     p.add_argument("-p", "--control-plane-uri",
                    help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
-                        "(Authorization from env NEON_CONSOLE_JWT); enables POST /configure")
+                        "(Authorization from env NEON_CONTROL_PLANE_TOKEN or NEON_CONSOLE_JWT); enables POST /configure")
     p.add_argument("--http-port", type=int, default=default("http_port"), help="HTTP API port (default 3080)")
     p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
@@ -134,16 +168,13 @@ def resolve_pgbin_dir(pgbin: str) -> str:
     return os.path.dirname(pgbin)
 
 
-def superuser_of(connstr: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict
+def require_superuser(connstr: str) -> str:
+    """The superuser -C names (compute/pgsession.py: named_superuser); UsageError otherwise."""
+    from .pgsession import named_superuser  # psycopg: not before the bind
     try:
-        params = conninfo_to_dict(connstr)
-    except Exception as e:
-        raise UsageError(f"--connstr: not a valid connection string ({e})") from None
-    user = params.get("user")
-    if not user:
-        raise UsageError("--connstr must name the superuser, e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
-    return user
+        return named_superuser(connstr)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def validate_flags(args: argparse.Namespace) -> None:
@@ -174,16 +205,17 @@ def validate_flags(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
     """What needs psycopg: the connection string and the spec (after validate_flags, and after
-    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (raw
-    spec, parsed spec, superuser); the driver parses the raw one again from the state file."""
-    from .spec import decode_spec_text, parse_spec, read_spec_file
-    superuser = superuser_of(args.connstr)
-    raw = spec = None
+    the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (stored
+    document, parsed spec, superuser): the document is the parsed spec written back
+    (spec.to_document), which every program reads typed without parsing it again."""
+    from .spec import parse_spec_text, read_spec_file, to_document
+    superuser = require_superuser(args.connstr)
+    doc = spec = None
     if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
-        raw = decode_spec_text(text)
-        spec = parse_spec(raw, superuser=superuser)
-    return raw, spec, superuser
+        spec = parse_spec_text(text, superuser=superuser)
+        doc = to_document(spec)
+    return doc, spec, superuser
 
 
 def spec_identity(spec) -> dict:
@@ -207,12 +239,6 @@ def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | N
     return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
             "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
             "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
-
-
-def default_runtime_dir() -> str:
-    if os.getuid() == 0:
-        return "/run/compute-ctl"
-    return f"/tmp/compute-ctl-{os.environ.get('USER') or os.getuid()}"
 
 
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
@@ -275,12 +301,12 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from .procutil import become_subreaper, scrub_initial_environment
     from .reaper import stop_descendants
     from .spec import SpecError
-    from .state import StateStore, state_path
+    from .state import RUNTIME_DIR_ENV, StateStore, state_path
     from .supervision import CONF_NAME, render_supervisord_conf
     from .supervisord_main import STOP_BY_RPC, run as run_supervisord
     from .users import effective_user
     try:
-        raw_spec, spec, superuser = validate(args)
+        spec_doc, spec, superuser = validate(args)
         identity = spec_identity(spec)
         responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
@@ -324,11 +350,11 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         informant_connstr = f"dbname=postgres user={superuser} sslmode=disable"
         conf = render_supervisord_conf(
             runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
-            auth_token=(raw_spec or {}).get("storage_auth_token"), vm_informant=vm_informant,
+            auth_token=spec.storage_auth_token if spec else None, vm_informant=vm_informant,
             informant_connstr=informant_connstr,
             postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
             exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
-            program_env=program_secrets(os.environ, (raw_spec or {}).get("storage_auth_token")))
+            program_env=program_secrets(os.environ, spec.storage_auth_token if spec else None))
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
             with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:
@@ -340,7 +366,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             # to must still look idle since then, not "never", to be suspended. `started` and
             # the spec's tenant/timeline are what the early responder has answered so far.
             "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
-            "spec": raw_spec, "spec_generation": 1 if raw_spec else 0, "metrics": {}, **identity,
+            "spec": spec_doc, "spec_generation": 1 if spec_doc else 0, "metrics": {}, **identity,
         })
         responder.state_ready(state_path(runtime_dir))
     except (OSError, UsageError, ValueError) as e:
@@ -360,7 +386,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), "COMPUTE_RUNTIME_DIR": runtime_dir, "PYTHONSAFEPATH": "1",
+    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
            API_FD_ENV: str(api_sock.fileno())}
     os.environ.clear()
     os.environ.update(env)

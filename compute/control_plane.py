@@ -9,8 +9,8 @@ The token comes from NEON_CONTROL_PLANE_TOKEN (compute_ctl from April 2023 on) o
 NEON_CONSOLE_JWT (before). With a `status`, "empty" means no spec yet whatever `spec` holds, and
 "attached" with no spec is an error; without one, `spec` alone decides (as before).
 
-Network errors, 502 and 503 are retried with exponential backoff (as the original: those are
-the control plane's passing faults); any other non-200 answer, or a body that is not such an
+Network errors, 502 and 503 are retried with exponential backoff (compute/retry.py; as the
+original: those are the control plane's passing faults); any other non-200 answer, or a body that is not such an
 object, raises ControlPlaneError. The token never appears in an error message or a log line.
 Redirects are not followed (they would carry the token elsewhere).
 """
@@ -22,11 +22,12 @@ import json
 import logging
 import os
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from .retry import RetryFailed, RetryPolicy, retry
 
 log = logging.getLogger("compute.control_plane")
 
@@ -78,26 +79,27 @@ def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, atte
     headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
     if jwt:
         headers["Authorization"] = jwt
-    attempts = max(1, attempts)
-    last = ""
-    for attempt in range(1, attempts + 1):
+    policy = RetryPolicy(attempts=max(1, attempts), first_delay=backoff, factor=2)
+
+    def attempt() -> dict | None:
         try:
             status, body = _get(url, headers, timeout)
         except _Retryable as e:
-            last = _scrub(str(e), jwt)
-        else:
-            if status == 200:
-                return _parse(body, url, jwt)
-            if status in RETRIED_STATUSES:
-                last = f"HTTP {status}{_excerpt(body, jwt)}"
-            else:
-                raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
-        if attempt < attempts:
-            delay = backoff * (2 ** (attempt - 1))
-            log.warning("fetching the spec from %s failed (attempt %d/%d): %s; retrying in %.2fs",
-                        url, attempt, attempts, last, delay)
-            time.sleep(delay)
-    raise ControlPlaneError(f"cannot fetch the spec from {url} after {attempts} attempt(s): {last}")
+            raise _Retryable(_scrub(str(e), jwt)) from None
+        if status == 200:
+            return _parse(body, url, jwt)
+        if status in RETRIED_STATUSES:
+            raise _Retryable(f"HTTP {status}{_excerpt(body, jwt)}")
+        raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
+
+    def retrying(n: int, e: BaseException, delay: float) -> None:
+        log.warning("fetching the spec from %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                    url, n, policy.attempts, e, delay)
+    try:
+        return retry(policy, attempt, catch=(_Retryable,), on_retry=retrying)
+    except RetryFailed as failed:
+        raise ControlPlaneError(f"cannot fetch the spec from {url} after {failed.attempts} attempt(s): "
+                                f"{failed.error}") from None
 
 
 class _Retryable(Exception):

@@ -13,9 +13,10 @@ the bind and before any heavy import; it answers:
 
 Everything else it neither answers nor reads: it looks at what arrived with MSG_PEEK and
 keeps the connection ("held"): any other route or method, a body, bytes pipelined after the
-head, an incomplete or oversized head, anything outside a strict grammar (classify()). When an
-api worker starts it takes the held connections over (compute/api_handover.py) and the client
-gets the api's real answer, later. At MAX_HELD held connections the responder stops accepting:
+head, an incomplete or oversized head, anything outside the strict grammar it shares with the
+api's fast path (classify(), compute/api/fastpath.py plain_get). When an api worker starts it
+takes the held connections over (compute/api_handover.py) and the client gets the api's real
+answer, later. At MAX_HELD held connections the responder stops accepting:
 the kernel's backlog queues, as it would with no responder at all.
 
 Threads and processes. The thread runs in compute-ctl while it demotes itself (setuid applies
@@ -25,8 +26,8 @@ handle in use by this one (a child opening the state file then hangs). So the re
 the state file only while it holds `_state_lock`, and every os.fork first takes that lock and
 closes the responder's connection (register_at_fork): no fork happens while the responder is
 inside SQLite or has the file open; it opens it again on its next answer (kept open between
-answers otherwise: opening it costs ~0.5 ms, reading ~20 us). Its sockets are close-on-exec and closed by
-supervisord in every child (only the API socket is kept, for the api). The thread is a daemon
+answers otherwise: opening it costs much more than a read). Its sockets are close-on-exec and
+closed by supervisord in every child (only the API socket is kept, for the api). The thread is a daemon
 and stop() is bounded: it never holds up compute-ctl's exit.
 """
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import select
 import socket
 import threading
@@ -42,54 +42,31 @@ import time
 from typing import Any
 
 from .api import bodies
-from .api.fastpath import INLINE_ROUTES
+from .api.fastpath import MAX_HEAD, plain_get
 from .api_handover import MAX_HELD, listen, read_hello, send_held
 from .state import StateStore, bound_busy_wait
 from .trace import mark
 
 log = logging.getLogger("compute.cli")
 
-MAX_HEAD = 8192  # a longer head is the api's business (gunicorn's limit_request_line is 8190)
-MAX_HEADER_LINES = 100  # gunicorn's limit_request_fields
 STATE_BUSY_TIMEOUT_MS = 50  # never stall a fork (it waits for _state_lock) on a busy state file
 
 # classify(): wait for more bytes, or leave the connection to the api.
 MORE = "more"
 HOLD = "hold"
 
-_REQUEST_LINE = re.compile(rb"GET (/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)? "
-                           rb"HTTP/1\.[01]\Z")
-_HEADER_LINE = re.compile(rb"([A-Za-z0-9-]+):[ \t]*([\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?)?[ \t]*\Z")
-# Headers that mean a body, an interim answer, a protocol switch, or a scheme/forwarding
-# policy gunicorn applies (and may refuse): never answered here.
-_NOT_PLAIN = (b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"http2-settings",
-              b"forwarded", b"x-forwarded-")
-
 
 def classify(data: bytes) -> bytes | str:
     """What to do with the bytes a new connection has sent so far (peeked, unread): the route
-    to answer (exactly one complete, plain GET of a fast-path route, nothing after it), MORE
-    (an incomplete head that fits MAX_HEAD) or HOLD (the api's: everything else). Stricter
-    than the api's own parser on purpose: a request it would refuse is never answered here."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    to answer (exactly one complete plain GET of a fast-path route in the api's own grammar,
+    compute/api/fastpath.py plain_get, nothing after it), MORE (an incomplete head that fits
+    MAX_HEAD) or HOLD (the api's: everything else)."""
+    if data.find(b"\r\n\r\n") < 0:
         return MORE if len(data) <= MAX_HEAD else HOLD
-    if end + 4 != len(data) or len(data) > MAX_HEAD:
-        return HOLD  # pipelined bytes or a body behind the head; or too long
-    lines = data[:end].split(b"\r\n")
-    m = _REQUEST_LINE.match(lines[0])
-    if m is None or m.group(1) not in INLINE_ROUTES or len(lines) - 1 > MAX_HEADER_LINES:
-        return HOLD
-    seen = set()
-    for line in lines[1:]:
-        h = _HEADER_LINE.match(line)
-        if h is None:
-            return HOLD
-        name = h.group(1).lower()
-        if name in seen or name.startswith(_NOT_PLAIN):
-            return HOLD  # a repeated field (gunicorn refuses some), or not plain
-        seen.add(name)
-    return m.group(1)
+    request = plain_get(data)
+    if request is None or request.length != len(data):
+        return HOLD  # not plain; or pipelined bytes or a body behind the head
+    return request.route
 
 
 def http_answer(body: str, version: str = "HTTP/1.1", now: float | None = None) -> bytes:
@@ -289,8 +266,7 @@ class EarlyResponder:
             mark("compute-ctl: responder first answer")
         try:
             conn.sock.recv(len(data))  # exactly the head we looked at: nothing is left unread
-            version = "HTTP/1.0" if data[:data.find(b"\r\n")].endswith(b" HTTP/1.0") else "HTTP/1.1"
-            conn.sock.send(http_answer(body, version))
+            conn.sock.send(http_answer(body, plain_get(data).version.decode()))
         except OSError:
             pass
         self._drop(conn)

@@ -129,7 +129,7 @@ class ExitWatch:
         self.runtime_dir = runtime_dir
         self.timers = timers
         self.store = StateStore(state_path(runtime_dir))
-        self.settings = settings.load(self.store)
+        self.settings = settings.require(self.store)
 
     # -- supervisord's side --------------------------------------------------------------
     def subscribe(self) -> None:
@@ -192,9 +192,7 @@ class ExitWatch:
         def stop() -> None:
             self.store.set_once("exit_code", code)
             self.shutdown()
-        pgdata, pgbin = (self.settings.pgdata, self.settings.pgbin) if self.settings else ("", "postgres")
-        CoreDumpReport(pgdata, pgbin,
-                       self.timers, stop).start()
+        CoreDumpReport(self.settings.pgdata, self.settings.pgbin, self.timers, stop).start()
 
     def terminate_without_postgres(self) -> None:
         """/terminate found no postgres that ever ran: end the tree once its answer is out."""

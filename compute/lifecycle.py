@@ -2,8 +2,9 @@
 
 Start-up (§4): wait for a spec if there is none, prepare PGDATA (fresh every start), get the
 data (sync safekeepers + basebackup, or initdb for the embedded default), have supervisord
-start postgres, wait until it is ready, apply the spec. Then it stays up to apply live
-reconfigurations (/configure sets status `configuration_pending` and sends us SIGUSR1).
+start postgres, wait until it is ready, apply the spec. Then it carries out the API's requests
+(compute/driver_requests.py: /configure, /promote, /terminate; the API submits one into the
+state file and sends us SIGUSR1): it is the one process that changes postgres or storage.
 
 It may be killed and restarted at any moment (supervisord restarts it), so it decides what to do
 from the state file and supervisord's view of postgres, never from memory:
@@ -12,7 +13,9 @@ from the state file and supervisord's view of postgres, never from memory:
   (applying is idempotent);
 - start finished: serve reconfigurations; one that was being applied when the previous driver
   died (status `configuration`) is applied again, after ending that driver's sessions;
-- start failed: finish the grace period, then take the tree down with exit code 1.
+- start failed: finish the grace period, then take the tree down with exit code 1;
+- a /promote or /terminate under way: carry it out again (each record says how far it got).
+A /terminate is carried out at once by a thread of its own, beside whatever step is running.
 """
 
 from __future__ import annotations
@@ -23,21 +26,23 @@ import shutil
 import signal
 import threading
 import time
+import xmlrpc.client
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import localauth, modes, pgconf, replica, settings, storage, warmfork
+from . import driver_requests, localauth, modes, pgconf, replica, settings, shutdown_lsn, storage, warmfork
 from .procutil import die_with_parent
 from .trace import mark
 from .reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
-from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, idle, plan_run,
-                             readiness, wants_reconfiguration)
+from .lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, concurrent_step, grace_remaining, idle,
+                             pending_request, plan_run, readiness)
 from .logs import setup_program_logging
 from .pgsession import local_sslmode, session_params
-from .spec import ComputeSpec, SpecError, parse_spec
-from .state import StateStore, state_path
+from .spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
+from .state import StateStore, runtime_dir_from_env, state_path
 from .supervision import rpc, shutdown_tree
+from .driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
 log = logging.getLogger("compute.lifecycle")
 
@@ -46,9 +51,21 @@ LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.paths recognises PGD
 POLL = 0.5
 STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
 # An idle driver is woken by the API's SIGUSR1; this look at the state file only covers a
-# signal the API could not send (it ignores that failure: configure.py _wake_driver).
+# signal the API could not send (it ignores that failure: driver_requests.wake_driver).
 IDLE_RECHECK = 5.0
 WAKE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+VIEW_KEYS = ("status", "startup_done", "promotion", "terminate")
+LSN_WAIT_TIMEOUT = 30.0  # /promote: Neon gives up after 20 one-second retries
+PROMOTE_APPLICATION_NAME = "compute_ctl:promote"
+# The driver's own sessions for /promote and /terminate: bounded, as the API's were.
+REQUEST_STATEMENT_TIMEOUT_MS = 10_000
+REQUEST_LOCK_TIMEOUT_MS = 5_000
+NOT_RUNNING = 70  # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want
+IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
+
+
+class Terminating(Exception):
+    """The start-up ends here: a /terminate came before postgres was started."""
 
 
 class StartupError(Exception):
@@ -59,8 +76,8 @@ def describe(e: Exception) -> str:
     """Our own errors say what went wrong in one line; anything else also says what it is."""
     from .control_plane import ControlPlaneError
     from .reconcile import ReconcileError
-    if isinstance(e, (StartupError, storage.StorageError, SpecError, ReconcileError, ControlPlaneError,
-                      replica.ReplicaError)):
+    if isinstance(e, (StartupError, storage.StorageError, SpecError, StoredSpecError, ReconcileError,
+                      ControlPlaneError, replica.ReplicaError)):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -98,12 +115,12 @@ class Driver:
     def __init__(self, runtime_dir: str):
         self.runtime_dir = runtime_dir
         self.store = StateStore(state_path(runtime_dir))
-        self.settings = settings.load(self.store)
-        if self.settings is None:
-            raise RuntimeError("the state file has no settings: compute-ctl writes them before any program starts")
+        self.settings = settings.require(self.store)
         self.pgdata = self.settings.pgdata
         self.superuser = self.settings.superuser
         self.wake = threading.Event()
+        self.requests_wake = threading.Event()  # the thread that runs a /terminate at once
+        self.terminate_lock = threading.Lock()
         self.stopping = False
 
     # -- supervisord ------------------------------------------------------------------------
@@ -116,18 +133,38 @@ class Driver:
     # -- entry ------------------------------------------------------------------------------
     def view(self) -> DriverView:
         """The snapshot the plan is made from (postgres' state asked only when it matters)."""
-        s = self.store.get_many(("status", "startup_done", "configuring_by", "postgres_started"))
+        s = self.store.get_many((*VIEW_KEYS, "postgres_started"))
         postgres_state = None
-        if not s["startup_done"] and s["status"] != "failed":
+        if not s["startup_done"] and s["status"] != "failed" and s["terminate"] is None:
             # postgres is autostart=false and started only by a driver, after it set
             # postgres_started: before that it is STOPPED without asking supervisord (whose
             # loop is busy spawning the other programs at the first start).
             postgres_state = self.postgres_state() if s["postgres_started"] else "STOPPED"
-        return DriverView(status=s["status"], startup_done=bool(s["startup_done"]),
-                          postgres_state=postgres_state, configuring_by=s["configuring_by"])
+        return view_of(s, postgres_state)
+
+    def request_view(self) -> DriverView:
+        return view_of(self.store.get_many(VIEW_KEYS))
 
     def run(self) -> None:
-        self.execute(plan_run(self.view()))
+        steps = plan_run(self.view())
+        if Step.TERMINATE not in steps:
+            threading.Thread(target=self.watch_requests, name="requests", daemon=True).start()
+        self.execute(steps)
+
+    def watch_requests(self) -> None:
+        """Beside the plan: a /terminate is carried out at once, whatever step is in progress
+        (a basebackup, the catalog SQL, a reconfiguration)."""
+        # Signals go to the main thread only: one delivered to this thread would not interrupt
+        # the main thread's blocking call (initdb's pipes), and SIGTERM would wait for its end.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+        while not self.stopping:
+            self.requests_wake.wait(POLL)
+            self.requests_wake.clear()
+            try:
+                if concurrent_step(self.request_view()) is Step.TERMINATE:
+                    self.terminate()
+            except Exception:  # the plan goes on; a restarted driver would resume the terminate
+                log.exception("carrying out /terminate")
 
     def execute(self, steps: tuple[Step, ...]) -> None:
         """Carry out the plan. A failing start-up step fails the compute (reported on /status
@@ -142,6 +179,10 @@ class Driver:
                 continue
             try:
                 self.run_step(step)
+            except Terminating:
+                log.info("terminate requested before postgres started: the start-up ends here")
+                self.wait_for_stop()
+                return
             except Exception as e:  # any failure of the start is reported, not crashed on
                 if self.stopping:
                     return
@@ -175,9 +216,21 @@ class Driver:
             self.mark_running()
         elif step is Step.REQUEUE_CONFIGURATION:
             self.store.transition({"configuration"}, "configuration_pending")
+        elif step is Step.PROMOTE:
+            self.promote()
+        elif step is Step.TERMINATE:
+            self.terminate()
+        elif step is Step.WAIT_FOR_STOP:
+            self.wait_for_stop()
         elif step is Step.SERVE:
             self.serve()
         elif step is Step.HAND_OVER:
+            with self.terminate_lock:  # not in the middle of the request thread's /terminate
+                terminating = self.request_view().termination is not None
+            if terminating:  # (one that comes after this look is resumed by the next driver)
+                self.terminate()  # a no-op once answered, or for the tree's
+                self.wait_for_stop()
+                return
             # supervisord forks a fresh driver at once (autorestart, startsecs=0): lifecycle_plan.
             log.info("handing over to a fresh driver (pid %d exits)", os.getpid())
             raise SystemExit(0)
@@ -199,27 +252,26 @@ class Driver:
     def wait_for_spec(self) -> ComputeSpec:
         """The spec from the state file; in pull mode fetched first, and if the control plane
         has none, status `empty` until /configure brings one."""
-        raw = self.store.get("spec")
+        spec = load_stored(self.store)
         t0 = time.monotonic()
-        if raw is None and self.settings.control_plane_uri:
+        if spec is None and self.settings.control_plane_uri:
             from .control_plane import control_plane_token, fetch_spec
             raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
                              control_plane_token() or self.settings.console_jwt)
             if raw is not None:
-                parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
-                self.store.set(spec=raw, spec_generation=1)
-        if raw is None:
+                spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
+                self.store.set(spec=to_document(spec), spec_generation=1)
+        if spec is None:
             if self.store.transition({"init"}, "empty"):
                 log.info("no spec yet: waiting for POST /configure")
             while self.store.get("status") != "configuration_pending":
                 self.wake.wait(POLL)
                 self.wake.clear()
-            raw = self.store.get("spec")
+            spec = load_stored(self.store)
             # Neon's rule: the start of an `empty` compute is when its spec arrives, so
             # total_startup_ms (and /status start_time) do not count the wait.
             self.store.set(start_time=time.time())
         self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
-        spec = parse_spec(raw, superuser=self.superuser)
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
         return spec
 
@@ -243,8 +295,7 @@ class Driver:
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
         else:
-            # The spec's token, else one given in the environment (a Kubernetes Secret).
-            token = spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
+            token = self.storage_token(spec)
             # Written before the sync: --sync-safekeepers reads its settings from it.
             self.write_conf(spec)
             timeout = self.settings.storage_timeout
@@ -312,7 +363,10 @@ class Driver:
 
     def start_postgres(self) -> None:
         self.t_postgres = time.monotonic()
-        self.store.set(postgres_started=True)
+        # In one transaction with the check: a /terminate that found postgres never started
+        # stops the tree itself (driver_requests), so postgres must then never start.
+        if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
+            raise Terminating()
         self.supervisor().startProcess("postgres", False)
 
     def wait_ready(self) -> None:
@@ -349,18 +403,37 @@ class Driver:
     def serve(self) -> None:
         """Until a reconfiguration has been applied (then the plan hands over) or we are stopped."""
         while not self.stopping:
-            if wants_reconfiguration(self.store.get("status")):
-                self.reconfigure()
+            if self.handle_pending() in (Step.RECONFIGURE, Step.TERMINATE, Step.WAIT_FOR_STOP):
                 return
             self.wake.wait(POLL)
             self.wake.clear()
 
+    def handle_pending(self) -> Step | None:
+        """One look at the state file: carry out the request waiting there, if any; which."""
+        step = pending_request(self.request_view())
+        if step is Step.TERMINATE:
+            self.terminate()
+            self.wait_for_stop()
+        elif step is Step.WAIT_FOR_STOP:
+            self.wait_for_stop()
+        elif step is Step.PROMOTE:
+            self.promote()
+        elif step is Step.RECONFIGURE:
+            self.reconfigure()
+        return step
+
+    def wait_for_stop(self) -> None:
+        """The tree is being stopped (a /terminate): start nothing more, wait for SIGTERM."""
+        while not self.stopping:
+            self.wake.wait(POLL)
+            self.wake.clear()
+
     def resume_interrupted_reconfiguration(self) -> None:
-        """Status `configuration` at our start means the previous driver died applying a new
-        spec (only the driver sets it, and it always leaves it): apply that spec again."""
-        s = self.store.get_many(("status", "startup_done", "configuring_by"))
-        steps = plan_run(DriverView(status=s["status"], startup_done=True, configuring_by=s["configuring_by"]))
-        self.execute(tuple(step for step in steps if step not in (Step.SERVE, Step.HAND_OVER)))
+        """Status `configuration` at our start, with no promotion under way, means the previous
+        driver died applying a new spec (the driver always leaves it): apply that spec again."""
+        view = self.request_view()
+        steps = plan_run(DriverView(status=view.status, startup_done=True, promotion=view.promotion))
+        self.execute(tuple(step for step in steps if step not in (Step.SERVE, Step.HAND_OVER, Step.PROMOTE)))
 
     def end_stale_apply_sessions(self) -> None:
         """End the sessions a killed driver left applying the spec. postgres only notices their
@@ -385,16 +458,16 @@ class Driver:
                      ", ".join(str(pid) for pid, _ in ended))
 
     def reconfigure(self) -> None:
-        if not self.store.transition({"configuration_pending"}, "configuration", configuring_by="driver"):
+        if not self.store.transition({"configuration_pending"}, "configuration"):
             return
         try:
-            spec = parse_spec(self.store.get("spec"), superuser=self.superuser)
+            spec = load_stored(self.store)
             log.info("applying a new spec")
             self.write_conf(spec)
             with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
                                  autocommit=True, connect_timeout=10) as conn:
-                conn.execute("SELECT pg_catalog.pg_reload_conf()")
-                time.sleep(0.05)  # postmaster re-reads the file asynchronously
+                if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
+                    log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
                 pending = [r[0] for r in conn.execute(
                     "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
             self.apply(spec)
@@ -407,6 +480,145 @@ class Driver:
             msg = describe(e)
             log.error("reconfiguration failed: %s", msg)
             self.store.set(status="failed", error=msg)
+
+    # -- requests of the API (compute/driver_requests.py) ---------------------------------------
+    def request_session(self) -> psycopg.Connection:
+        return psycopg.connect(**session_params(self.settings.connstr, lock_timeout_ms=REQUEST_LOCK_TIMEOUT_MS,
+                                                statement_timeout_ms=REQUEST_STATEMENT_TIMEOUT_MS),
+                               autocommit=True, connect_timeout=10, application_name=PROMOTE_APPLICATION_NAME)
+
+    def promote(self) -> None:
+        """/promote: wait for replay up to the LSN, pg_promote(), then hand the new spec over as
+        a reconfiguration (SERVE applies it). A failure leaves the replica it was, `running`.
+        Resumable: a promotion STARTED whose postgres is out of recovery was done by the dead
+        driver."""
+        p = Promotion.from_json(self.store.get("promotion"))
+        if p is None or not p.pending:
+            return
+        log.info("promoting this replica (wal_flush_lsn %s)", p.wal_flush_lsn or "not given")
+        t0 = time.monotonic()
+        try:
+            with self.request_session() as conn:
+                in_recovery = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()[0]
+                if p.phase == STARTED and not in_recovery:
+                    log.info("the previous driver promoted postgres already")
+                    t1 = t2 = time.monotonic()
+                else:
+                    replica.wait_for_replay(conn, p.wal_flush_lsn, LSN_WAIT_TIMEOUT)
+                    t1 = time.monotonic()
+                    self.store.set(promotion={**p.to_json(), "phase": STARTED})
+                    replica.promote(conn)
+                    t2 = time.monotonic()
+        except Exception as e:  # any failure: still the replica it was
+            msg = str(e).strip() if isinstance(e, (replica.ReplicaError, psycopg.Error, ValueError)) else describe(e)
+            msg = msg or type(e).__name__
+            log.error("promotion failed: %s", msg)
+            self.store.transition({"configuration"}, "running",
+                                  promotion={**p.to_json(), "phase": FAILED, "error": msg})
+            return
+        log.info("postgres promoted; applying the spec as a primary")
+
+        def hand_over(v):
+            done = {**p.to_json(), "phase": DONE, "lsn_wait_ms": int((t1 - t0) * 1000),
+                    "pg_promote_ms": int((t2 - t1) * 1000), "promoted_at": time.time()}
+            if v["status"] != "configuration":
+                return {"promotion": {**done, "phase": FAILED,
+                                      "error": f"status changed during promotion: {v['status']}"}}
+            generation = int(v["spec_generation"] or 0) + 1
+            return {"status": "configuration_pending", "spec": p.spec, "spec_generation": generation,
+                    "error": None, "promotion": {**done, "generation": generation}}
+
+        self.store.update(("status", "spec_generation"), hand_over)
+
+    def terminate(self) -> None:
+        """/terminate: stop postgres (fast: SIGINT through supervisord; immediate: SIGQUIT),
+        then find the LSN (compute/shutdown_lsn.py) and answer. Resumable: the flush LSN an
+        immediate shutdown needs is recorded before the signal (STARTED)."""
+        with self.terminate_lock:
+            t = Termination.from_json(self.store.get("terminate"))
+            if t is None or t.by != driver_requests.DRIVER or t.phase == DONE:
+                return
+            log.info("terminate requested (%s): stopping postgres", t.mode)
+            spec = self.stored_spec()
+            source = shutdown_lsn.lsn_source(spec, t.mode)
+            if t.phase != STARTED:
+                flush = self.flush_lsn() if source == shutdown_lsn.FLUSH_BEFORE_SIGNAL else None
+                t = Termination(**{**t.to_json(), "phase": STARTED, "flush_lsn": flush})
+                self.store.set(terminate=t.to_json())
+            error, never_ran = self.stop_postgres(t.mode)
+            lsn = None
+            if error is None and not never_ran:
+                log.info("postgres is down")
+                if source == shutdown_lsn.FLUSH_BEFORE_SIGNAL:
+                    lsn = t.flush_lsn
+                elif source == shutdown_lsn.CONTROLDATA:
+                    lsn = shutdown_lsn.controldata_lsn(self.settings.pgbin_dir, self.pgdata)
+                elif source == shutdown_lsn.SYNC_SAFEKEEPERS:
+                    lsn = self.sync_safekeepers_after_stop(spec)
+            driver_requests.finish_terminate(self.store, t, lsn=lsn, error=error)
+
+    def stored_spec(self) -> ComputeSpec | None:
+        try:
+            return load_stored(self.store)
+        except StoredSpecError as e:
+            log.error("%s", e)
+            return None
+
+    def flush_lsn(self) -> str | None:
+        try:
+            with self.request_session() as conn:
+                return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]
+        except psycopg.Error as e:
+            log.warning("cannot read the WAL flush LSN before the immediate shutdown: %s", e)
+            return None
+
+    def sync_safekeepers_after_stop(self, spec: ComputeSpec) -> str | None:
+        try:
+            return storage.sync_safekeepers(self.settings.pgbin, self.pgdata, self.storage_token(spec),
+                                            timeout=self.settings.storage_timeout)
+        except storage.StorageError as e:
+            log.warning("sync-safekeepers after the shutdown failed: %s", e)
+            return None
+
+    @staticmethod
+    def storage_token(spec: ComputeSpec) -> str | None:
+        """The spec's token, else one given in the environment (a Kubernetes Secret): only the
+        driver and postgres get it (compute/environ.py)."""
+        return spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
+
+    def stop_postgres(self, mode: str) -> tuple[str | None, bool]:
+        """(None, never_ran) once postgres is down; else (what went wrong, False)."""
+        # No socket timeout: stopping blocks until supervisord reports postgres stopped.
+        supervisor = rpc(self.runtime_dir, timeout=None).supervisor
+        try:
+            if mode == "immediate" and self.quit_postgres(supervisor):
+                return None, False
+            supervisor.stopProcess("postgres", True)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != NOT_RUNNING:
+                return f"supervisord refused to stop postgres: {e.faultString}", False
+            try:
+                if supervisor.getProcessInfo("postgres")["start"] == 0:
+                    # A driver died between `postgres_started` and asking supervisord: no
+                    # postgres will end, so the tree is stopped after the answer, as the API does.
+                    return driver_requests.stop_tree_after_answer(self.runtime_dir), True
+            except (OSError, xmlrpc.client.Error) as e:
+                return f"cannot reach supervisord: {e}", False
+        except (OSError, xmlrpc.client.ProtocolError) as e:
+            return f"cannot reach supervisord: {e}", False
+        return None, False
+
+    @staticmethod
+    def quit_postgres(supervisor) -> bool:
+        """SIGQUIT (immediate shutdown); True once postgres has exited."""
+        supervisor.signalProcess("postgres", "QUIT")
+        deadline = time.monotonic() + IMMEDIATE_WAIT
+        while time.monotonic() < deadline:
+            if supervisor.getProcessInfo("postgres")["statename"] not in ("RUNNING", "STARTING", "STOPPING"):
+                return True
+            time.sleep(0.05)
+        log.warning("postgres still up %.0f s after SIGQUIT: stopping it the regular way", IMMEDIATE_WAIT)
+        return False
 
     def fail_later(self, msg: str) -> None:
         """Keep the API answering with the error for the grace period, then exit 1."""
@@ -442,14 +654,21 @@ def wait_for_work(runtime_dir: str) -> bool:
     return True
 
 
+def view_of(s: dict, postgres_state: str | None = None) -> DriverView:
+    """The plan's view of the state keys VIEW_KEYS (and postgres' supervisord state)."""
+    promotion = s["promotion"]
+    return DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state=postgres_state,
+                      promotion=promotion.get("phase") if isinstance(promotion, dict) else None,
+                      termination=termination_phase(s["terminate"]))
+
+
 def _has_work(path: str) -> bool:
     store = StateStore(path)
     try:
-        s = store.get_many(("status", "startup_done", "configuring_by"))
+        s = store.get_many(VIEW_KEYS)
     finally:
         store.close()
-    return not idle(DriverView(status=s["status"], startup_done=bool(s["startup_done"]),
-                               configuring_by=s["configuring_by"]))
+    return not idle(view_of(s))
 
 
 def _has_work_child(path: str) -> bool:
@@ -471,15 +690,21 @@ def _has_work_child(path: str) -> bool:
 def main() -> None:
     die_with_parent()
     setup_program_logging()
-    runtime_dir = os.environ["COMPUTE_RUNTIME_DIR"]
+    runtime_dir = runtime_dir_from_env()
     if not wait_for_work(runtime_dir):
         return
     driver = Driver(runtime_dir)
-    signal.signal(signal.SIGUSR1, lambda *_: driver.wake.set())
+
+    def on_usr1(*_):
+        driver.wake.set()
+        driver.requests_wake.set()
+
+    signal.signal(signal.SIGUSR1, on_usr1)
 
     def on_term(*_):
         driver.stopping = True
         driver.wake.set()
+        driver.requests_wake.set()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -13,14 +13,21 @@ reads a `DriverView` and follows `plan_run(view)`:
 |                                                      |   dead driver's sessions, apply, mark  |
 |                                                      |   running, hand over                   |
 | status `failed` (start-up failed, grace period)      | fail later (rest of the grace period)  |
-| start-up done, status `configuration` (by driver)    | end its sessions, requeue, serve       |
-| start-up done, status `configuration` (by /promote)  | serve (the API finishes the promotion) |
+| start-up done, status `configuration`, a promotion   | promote (again: it finds out how far   |
+|   requested or begun                                 |   the dead driver got), serve          |
+| start-up done, status `configuration`, no promotion  | end its sessions, requeue, serve       |
 | start-up done, anything else                         | serve                                  |
+| a /terminate for the driver, not yet answered        | terminate (again), wait to be stopped  |
+| a /terminate answered, or one the API carries out    | wait to be stopped (postgres is never  |
+|   (postgres never ran: compute/driver_requests.py)   |   started again)                       |
+
+A /terminate that arrives while a plan runs does not wait for it: `concurrent_step` says the
+driver runs it at once, beside the step in progress (a basebackup, the catalog SQL).
 
 Hand over: a driver that has done the start-up (basebackup, tar extraction, the catalog SQL)
 exits 0 and supervisord forks a fresh one from the warm image, which plans `serve`. The start-up
-wrote to (copied) much of the shared image it ran: ~5 MiB of private memory that a driver idle
-for the compute's whole life would otherwise keep (python -m bench.footprint). The same after
+wrote to (copied) much of the shared image it ran: private memory that a driver idle for the
+compute's whole life would otherwise keep (docs/performance.md, "Figures behind the code"). The same after
 each reconfiguration served (`serve` returns after applying one).
 """
 
@@ -30,7 +37,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 POSTGRES_UP = ("RUNNING", "STARTING")  # supervisord states in which postgres is ours to reuse
-PROMOTE = "promote"  # `configuring_by` while /promote holds status `configuration`
+# Phases of the driver's requests (compute/driver_requests.py, the records' `phase`).
+REQUESTED, STARTED = "requested", "started"
+UNDER_WAY = (REQUESTED, STARTED)
 
 
 class Step(str, Enum):
@@ -42,7 +51,11 @@ class Step(str, Enum):
     APPLY = "apply"                          # the spec's catalog SQL (idempotent)
     MARK_RUNNING = "mark_running"            # status running, startup_done
     REQUEUE_CONFIGURATION = "requeue_configuration"  # configuration -> configuration_pending
+    PROMOTE = "promote"                      # wait for replay, pg_promote(), hand the spec over
+    TERMINATE = "terminate"                  # stop postgres, find the LSN, answer
+    WAIT_FOR_STOP = "wait_for_stop"          # the tree is being stopped: do nothing more
     SERVE = "serve"                          # wait for a reconfiguration, apply it, return
+    RECONFIGURE = "reconfigure"              # in SERVE: apply the spec /configure handed over
     HAND_OVER = "hand_over"                  # exit 0: supervisord forks a fresh driver
     FAIL_LATER = "fail_later"                # keep the error for the grace period, exit 1
 
@@ -53,7 +66,8 @@ class DriverView:
     status: str | None
     startup_done: bool = False
     postgres_state: str | None = None
-    configuring_by: str | None = None
+    promotion: str | None = None    # the `promotion` record's phase
+    termination: str | None = None  # driver_requests.termination_phase: a phase, "tree" or None
 
 
 START_STEPS = (Step.PREPARE_DATA, Step.START_POSTGRES, Step.WAIT_READY)
@@ -64,10 +78,16 @@ STARTUP_STEPS = frozenset({Step.WAIT_FOR_SPEC, *START_STEPS, *RESUME_STEPS, Step
 
 
 def plan_run(view: DriverView) -> tuple[Step, ...]:
+    if view.termination in UNDER_WAY:
+        return (Step.TERMINATE, Step.WAIT_FOR_STOP)
+    if view.termination is not None:
+        return (Step.WAIT_FOR_STOP,)
     if view.startup_done:
-        if view.status == "configuration" and view.configuring_by != PROMOTE:
-            # Only the driver (or /promote, marked) sets `configuration`, and the driver always
-            # leaves it: its predecessor died applying a spec. Apply it again.
+        if view.status == "configuration":
+            if view.promotion in UNDER_WAY:
+                # /promote claimed the compute, or the previous driver died promoting it.
+                return (Step.PROMOTE, Step.SERVE, Step.HAND_OVER)
+            # The driver always leaves `configuration`: its predecessor died applying a spec.
             return (Step.END_STALE_SESSIONS, Step.REQUEUE_CONFIGURATION, Step.SERVE, Step.HAND_OVER)
         return (Step.SERVE, Step.HAND_OVER)
     if view.status == "failed":
@@ -78,12 +98,33 @@ def plan_run(view: DriverView) -> tuple[Step, ...]:
     return (Step.WAIT_FOR_SPEC, *START_STEPS, *FINISH_STEPS)
 
 
+def concurrent_step(view: DriverView) -> Step | None:
+    """A request that must not wait for the plan in progress: a /terminate for the driver."""
+    return Step.TERMINATE if view.termination in UNDER_WAY else None
+
+
+def pending_request(view: DriverView) -> Step | None:
+    """In SERVE: the request to carry out now, if any (a terminate first)."""
+    if view.termination in UNDER_WAY:
+        return Step.TERMINATE
+    if view.termination is not None:
+        return Step.WAIT_FOR_STOP
+    if view.status == "configuration" and view.promotion in UNDER_WAY:
+        return Step.PROMOTE
+    if wants_reconfiguration(view.status):
+        return Step.RECONFIGURE
+    return None
+
+
 def idle(view: DriverView) -> bool:
     """Whether a starting driver has nothing to do until it is woken: the start-up is done, the
-    plan is only to serve, and no reconfiguration waits. Such a driver (the one forked after
-    every hand-over) waits for SIGUSR1 before it loads anything (compute.lifecycle: each
-    object it touches is a page copied from the warm image)."""
-    return plan_run(view) == (Step.SERVE, Step.HAND_OVER) and not wants_reconfiguration(view.status)
+    plan is only to serve, and no reconfiguration waits (or the tree is being stopped). Such a
+    driver (the one forked after every hand-over) waits for SIGUSR1 before it loads anything
+    (compute.lifecycle: each object it touches is a page copied from the warm image)."""
+    plan = plan_run(view)
+    if plan == (Step.WAIT_FOR_STOP,):
+        return True
+    return plan == (Step.SERVE, Step.HAND_OVER) and not wants_reconfiguration(view.status)
 
 
 def wants_reconfiguration(status: str | None) -> bool:

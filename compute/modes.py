@@ -174,10 +174,3 @@ def lsn_int(lsn: str) -> int:
     hi, lo = lsn.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
 
-
-def mode_of(raw_spec: object) -> str:
-    """The mode of a stored (already validated) spec document, without parsing it all again."""
-    mode = raw_spec.get("mode") if isinstance(raw_spec, dict) else None
-    if isinstance(mode, dict):
-        return STATIC
-    return mode if mode in (PRIMARY, REPLICA) else PRIMARY

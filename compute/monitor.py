@@ -18,22 +18,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
 from typing import Any
 
-import select
-
 import psycopg
-from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from compute.libpq import LibpqSession, SessionError
 from compute.logs import setup_program_logging
-from compute.pgsession import read_postmaster_pid, session_params, socket_params
+from compute.pgsession import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.procutil import die_with_parent
-from compute.settings import Settings, default, load as load_settings
-from compute.state import StateStore, state_path
+from compute.settings import Settings, default, require as require_settings
+from compute.state import StateStore, runtime_dir_from_env, state_path
 
 log = logging.getLogger("compute.monitor")
 
@@ -65,88 +63,9 @@ class _Stop(Exception):
     """Raised from the signal handler to cut a blocking connect/query short."""
 
 
-class SessionError(Exception):
-    """What libpq reported: the connection failed or was lost, or the query failed."""
-
-
-def _message(pgconn: pq.abc.PGconn, fallback: str) -> str:
-    return pgconn.error_message.decode("utf-8", "replace").strip() or fallback
-
-
-def _wait(fileno: int, write: bool, deadline: float) -> None:
-    """Until the socket is ready. select() is interrupted by a signal whose handler raises
-    (_Stop on SIGTERM): a stuck connect or query never delays a stop."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise SessionError("timed out")
-    ready = select.select([], [fileno], [], remaining) if write else select.select([fileno], [], [], remaining)
-    if not any(ready):
-        raise SessionError("timed out")
-
-
-class LibpqSession:
-    """One libpq connection driven through psycopg's thin libpq wrapper (psycopg.pq), not a
-    psycopg Connection. The monitor runs one query every tick for the life of the compute;
-    psycopg's Python layers (connection generators, adapters, cursors, row makers) ran for it
-    copied ~2 MiB of the warm image into the monitor (python -m bench.footprint). Non-blocking
-    libpq calls with select(), so SIGTERM still cuts a connect or a query short; every query
-    runs outside a transaction (libpq's default: what autocommit=True gave)."""
-
-    def __init__(self, params: dict[str, Any], connect_timeout: float, query_timeout: float):
-        self.query_timeout = query_timeout
-        deadline = time.monotonic() + connect_timeout
-        self.pgconn = pq.PGconn.connect_start(make_conninfo(**params).encode())
-        try:
-            while True:
-                status = self.pgconn.connect_poll()
-                if status == pq.PollingStatus.OK:
-                    break
-                if status == pq.PollingStatus.FAILED:
-                    raise SessionError(_message(self.pgconn, "connection failed"))
-                _wait(self.pgconn.socket, status == pq.PollingStatus.WRITING, deadline)
-            self.pgconn.nonblocking = 1
-        except BaseException:
-            self.close()
-            raise
-
-    def query_row(self, query: bytes, params: list[bytes | None]) -> tuple[bytes | None, ...]:
-        """The single row `query` returns, its values as libpq's text."""
-        pgconn = self.pgconn
-        deadline = time.monotonic() + self.query_timeout
-        pgconn.send_query_params(query, params)
-        while pgconn.flush():
-            _wait(pgconn.socket, True, deadline)
-        result = None
-        while True:
-            while pgconn.is_busy():
-                _wait(pgconn.socket, False, deadline)
-                pgconn.consume_input()
-            res = pgconn.get_result()
-            if res is None:
-                break
-            result = res if result is None or result.status == pq.ExecStatus.TUPLES_OK else result
-        if result is None or pgconn.status != pq.ConnStatus.OK:
-            raise SessionError(_message(pgconn, "connection lost"))
-        if result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
-            message = result.error_message.decode("utf-8", "replace").strip()
-            raise SessionError(message or f"unexpected answer ({pq.ExecStatus(result.status).name}, {result.ntuples} rows)")
-        return tuple(result.get_value(0, i) for i in range(result.nfields))
-
-    def close(self) -> None:
-        self.pgconn.finish()
-
-
 def _os_user() -> str:
     import pwd
     return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def superuser_of(connstr: str) -> str | None:
-    """The user named in a libpq connection string or URL (None if it names none)."""
-    try:
-        return conninfo_to_dict(connstr).get("user") or None
-    except psycopg.ProgrammingError:
-        return None
 
 
 class ActivityMonitor:
@@ -181,7 +100,7 @@ class ActivityMonitor:
         # search_path and role pinned (compute/pgsession.py); a stuck query cannot stall the loop
         params = {**session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS),
                   "connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
-        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (-3.7 MiB PSS, pgsession.py).
+        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (pgsession.py).
         sock = socket_params(params, read_postmaster_pid(self.pgdata), _os_user()) if self.pgdata else None
         if sock is not None:
             try:
@@ -294,20 +213,20 @@ class ActivityMonitor:
 
 
 def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> Settings | None:
+    """Run on its own, the monitor may start before the state file exists: it waits for the
+    file; from then on the settings are there (compute/settings.py `require`)."""
     while not stop.is_set():
         if os.path.exists(path):
             try:
-                found = load_settings(store)
-            except Exception:
-                found = None
-            if found:
-                return found
+                return require_settings(store)
+            except sqlite3.OperationalError:
+                pass  # being created: not a database yet
         stop.wait(0.5)
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
+    runtime_dir = runtime_dir_from_env(required=False)
     if not runtime_dir:
         print("compute.monitor: COMPUTE_RUNTIME_DIR is not set", file=sys.stderr)
         return 2

@@ -24,6 +24,13 @@ MAX_SYMLINKS = 40  # as the kernel's limit for one lookup
 PGDATA_MARKERS = ("PG_VERSION",)
 
 
+def default_runtime_dir() -> str:
+    """--runtime-dir's default (compute-ctl and `compute-ctl plan`)."""
+    if os.getuid() == 0:
+        return "/run/compute-ctl"
+    return f"/tmp/compute-ctl-{os.environ.get('USER') or os.getuid()}"
+
+
 class PathError(ValueError):
     """A path we refuse to use; one line naming the path and why."""
 

@@ -1,8 +1,11 @@
-"""Rendering postgresql.conf and pg_hba.conf from the spec (pure, plus two tiny writers)."""
+"""Rendering postgresql.conf and pg_hba.conf from the spec (pure, plus two tiny writers), and
+the reload that makes postgres read them."""
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any, Callable
 
 from .localauth import IDENT_MAP, hba_name, render_ident
 from .spec import BARE_VALUE, GenericOption, conf_bare_value_ok
@@ -33,6 +36,28 @@ def setting_line(opt: GenericOption) -> str:
 def render_postgresql_conf(settings: tuple[GenericOption, ...] | list[GenericOption]) -> str:
     lines = [BEGIN_MARK, *(setting_line(o) for o in settings), END_MARK]
     return "\n".join(lines) + "\n"
+
+
+RELOAD_WAIT = 5.0  # s: how long a reload may take to reach our session before we go on without it
+RELOAD_POLL = 0.01
+
+
+def reload_and_wait(conn: Any, *, timeout: float = RELOAD_WAIT, poll: float = RELOAD_POLL,
+                    clock: Callable[[], float] = time.monotonic,
+                    sleep: Callable[[float], None] = time.sleep) -> bool:
+    """pg_reload_conf() on `conn` (autocommit), then wait until this session itself has re-read
+    the configuration files: its pg_conf_load_time() moves past the one read before the reload
+    (the postmaster signals every backend, ours included, asynchronously). Only then do the
+    session's pg_settings (pending_restart) describe the new files. False if that did not happen
+    within `timeout` seconds."""
+    before = conn.execute("SELECT pg_catalog.pg_conf_load_time()").fetchone()[0]
+    conn.execute("SELECT pg_catalog.pg_reload_conf()")
+    deadline = clock() + timeout
+    while not conn.execute("SELECT pg_catalog.pg_conf_load_time() > %s", (before,)).fetchone()[0]:
+        if clock() >= deadline:
+            return False
+        sleep(poll)
+    return True
 
 
 def write_postgresql_conf(pgdata: str, settings) -> None:

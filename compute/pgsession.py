@@ -19,15 +19,15 @@ pg_stat_statements view in its extension's schema).
 TLS: postgres is our own, on this host, so a session to a loopback address or a unix socket
 asks for no TLS (`sslmode=disable`) unless the connstr (or PGSSLMODE) names an sslmode: libpq's
 default `prefer` encrypts every session with a server that offers TLS (ssl=on), for bytes that
-never leave the host. (With ssl=off, as our postgresql.conf has it, this measured no memory
+never leave the host. (With ssl=off, as our postgresql.conf has it, this makes no memory
 difference: the monitor's OpenSSL pages came from SCRAM, below.) Our sessions stay on TCP: the
 connstr's host, port and authentication (pg_hba's `host` lines) keep meaning what they say.
 
 The monitor's session lasts the compute's life, so it goes further: it uses postgres' unix
 socket when the connstr names this host (`socket_params`). Over TCP the embedded default
 authenticates with SCRAM, and libpq computes SCRAM with OpenSSL, whose initialisation left
-2.6 MiB of libcrypto pages (plus 0.3 MiB of heap) in the monitor alone, sslmode=disable or not;
-peer authentication on the socket runs no OpenSSL at all. The socket is the one the running
+libcrypto's pages in the monitor for its whole life, sslmode=disable or not (docs/performance.md,
+"Figures behind the code"); peer authentication on the socket runs no OpenSSL at all. The socket is the one the running
 postmaster names in postmaster.pid, and `requirepeer` makes libpq refuse a server that does not
 run as our own OS user (a socket planted in a shared directory while postgres is down). If the
 socket cannot be used (pg_hba has no `local` line for us, no socket directory), the connstr is.
@@ -57,6 +57,28 @@ NO_LOG_SETTINGS = (
     ("debug_print_plan", "off"),
     ("pg_stat_statements.track", "none"),
 )
+
+
+def superuser_of(connstr: str) -> str | None:
+    """The user a libpq connection string or URL names (None if it names none); ValueError,
+    saying why, if it is not a connection string. Every program's one reading of the -C user."""
+    try:
+        params = conninfo_to_dict(connstr)
+    except Exception as e:  # psycopg.ProgrammingError: its message names the problem, not a secret
+        raise ValueError(f"not a valid connection string ({e})") from None
+    return params.get("user") or None
+
+
+def named_superuser(connstr: str) -> str:
+    """The -C/--connstr flag's check (compute-ctl and `compute-ctl plan`): the superuser it
+    names; ValueError with the message for the command line otherwise."""
+    try:
+        user = superuser_of(connstr)
+    except ValueError as e:
+        raise ValueError(f"--connstr: {e}") from None
+    if not user:
+        raise ValueError("--connstr must name the superuser, e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
+    return user
 
 
 def session_options(*, lock_timeout_ms: int | None = None, statement_timeout_ms: int | None = None) -> str:

@@ -18,9 +18,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 log = logging.getLogger("compute.reaper")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Proc:
     state: str  # the one-letter state of /proc/PID/stat; "Z": dead, waiting to be reaped
     start: int  # start time in clock ticks since boot: (pid, start) names one process, ever
     comm: str = ""
+    pgrp: int = 0
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def due_signals(table: Mapping[int, Proc], root: int, postmaster: int | None, el
 # -- the thin layer that reads /proc, signals and reaps ---------------------------------------
 
 def read_proc(pid: int) -> Proc | None:
+    """/proc/PID/stat as a Proc; None if the process is gone (the tests read the tree with it too)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode("utf-8", "replace")
@@ -88,14 +93,16 @@ def read_proc(pid: int) -> Proc | None:
         return None
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     rest = stat[stat.rindex(")") + 2:].split()  # rest[0] is field 3 (state) of proc(5)
-    return Proc(pid=pid, ppid=int(rest[1]), state=rest[0], start=int(rest[19]), comm=comm)
+    return Proc(pid=pid, ppid=int(rest[1]), state=rest[0], start=int(rest[19]), comm=comm,
+                pgrp=int(rest[2]), session=int(rest[3]))
 
 
-def proc_table() -> dict[int, Proc]:
+def proc_table(read: Callable[[int], T | None] = read_proc) -> dict[int, T]:
+    """pid -> read(pid) for every process in /proc (those gone meanwhile left out)."""
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            p = read_proc(int(name))
+            p = read(int(name))
             if p is not None:
                 table[p.pid] = p
     return table

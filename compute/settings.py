@@ -2,7 +2,12 @@
 builds it from its flags) into the state file, and read by every program through `load`.
 
 Its defaults are the flags' defaults (cli.py reads them from here) and the only ones: a
-program never supplies its own fallback. Stored under the state key `launch` as a JSON
+program never supplies its own fallback.
+
+The one rule for "no settings": compute-ctl creates the state file with them, before it starts
+any program, so every program reads them with `require`, and a state file without them is a
+bug said loudly (SettingsMissing), never a default, a 503 or a wait. (The monitor, which can
+also run on its own, waits for the state file to exist; then the same rule.) Stored under the state key `launch` as a JSON
 object of the fields below (`to_json` / `from_json`); a stored object with an unknown key or a
 value of the wrong type is refused with a one-line SettingsError.
 """
@@ -69,7 +74,7 @@ class Settings:
 
 
 # Resolved once, at import: in the warm image every forked program shares (resolving the string
-# annotations in each program copied 0.35 MiB more of the image into it, python -m bench.footprint).
+# annotations in each program copied more of the image into it).
 _HINTS = typing.get_type_hints(Settings)
 
 
@@ -100,3 +105,16 @@ def load(store) -> Optional[Settings]:
     """The settings in a state store, or None when the bootstrap has not written them yet."""
     raw = store.get(STATE_KEY)
     return None if raw is None else Settings.from_json(raw)
+
+
+class SettingsMissing(SettingsError):
+    pass
+
+
+def require(store) -> Settings:
+    """The settings, which compute-ctl writes before it starts any program (the rule above)."""
+    found = load(store)
+    if found is None:
+        raise SettingsMissing(f"the state file has no settings (`{STATE_KEY}`): compute-ctl writes them "
+                              "before it starts any program")
+    return found

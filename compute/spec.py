@@ -219,6 +219,88 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     return spec
 
 
+# -- the stored form ----------------------------------------------------------------------
+#
+# The spec is validated once, where it comes in (compute-ctl's file or inline spec, the pull
+# answer, the /configure and /promote bodies). What goes into the state file is the typed spec
+# written back as a document (`to_document`: canonical, only what the typed spec holds, storage
+# as top-level fields), and every process reads it back with `from_stored`, which builds the
+# typed spec without validating it again. `parse_spec(to_document(s)) == s` (tests/test_spec.py).
+
+class StoredSpecError(ValueError):
+    """The state file's spec is not one this version wrote (a bug, or a damaged file)."""
+
+
+def to_document(spec: ComputeSpec) -> dict[str, Any]:
+    def option(o: GenericOption) -> dict[str, Any]:
+        return {"name": o.name, "value": o.value, "vartype": o.vartype}
+
+    c = spec.cluster
+    doc: dict[str, Any] = {
+        "format_version": spec.format_version,
+        "operation_uuid": spec.operation_uuid,
+        "mode": {"Static": spec.static_lsn} if spec.mode == "Static" else spec.mode,
+        "skip_pg_catalog_updates": spec.skip_pg_catalog_updates,
+        "cluster": {
+            "cluster_id": c.cluster_id, "name": c.name, "state": c.state,
+            "roles": [{"name": r.name, "encrypted_password": r.encrypted_password,
+                       "options": [option(o) for o in r.options]} for r in c.roles],
+            "databases": [{"name": d.name, "owner": d.owner, "options": [option(o) for o in d.options]}
+                          for d in c.databases],
+            "settings": [option(o) for o in c.settings],
+        },
+        "delta_operations": [{"action": d.action, "name": d.name, "new_name": d.new_name}
+                             for d in spec.delta_operations],
+    }
+    if spec.storage_auth_token is not None:
+        doc["storage_auth_token"] = spec.storage_auth_token
+    if spec.storage is not None:
+        doc.update(pageserver_connstring=spec.storage.pageserver_connstring, tenant_id=spec.storage.tenant_id,
+                   timeline_id=spec.storage.timeline_id, safekeeper_connstrings=list(spec.storage.safekeepers))
+    return doc
+
+
+def from_stored(doc: Any) -> ComputeSpec:
+    """The typed spec of a document `to_document` wrote (no validation: it was validated before
+    it was stored); StoredSpecError, one line, for anything else."""
+    try:
+        def options(raw: list) -> tuple[GenericOption, ...]:
+            return tuple(GenericOption(o["name"], o["value"], o["vartype"]) for o in raw)
+
+        c = doc["cluster"]
+        mode = doc["mode"]
+        storage = None
+        if "pageserver_connstring" in doc:
+            storage = NeonStorage(doc["pageserver_connstring"], doc["tenant_id"], doc["timeline_id"],
+                                  tuple(doc["safekeeper_connstrings"]))
+        return ComputeSpec(
+            format_version=float(doc["format_version"]),
+            cluster=Cluster(cluster_id=c["cluster_id"], name=c["name"], state=c["state"],
+                            roles=tuple(Role(r["name"], r["encrypted_password"], options(r["options"]))
+                                        for r in c["roles"]),
+                            databases=tuple(Database(d["name"], d["owner"], options(d["options"]))
+                                            for d in c["databases"]),
+                            settings=options(c["settings"])),
+            delta_operations=tuple(DeltaOp(d["action"], d["name"], d["new_name"]) for d in doc["delta_operations"]),
+            operation_uuid=doc["operation_uuid"],
+            storage_auth_token=doc.get("storage_auth_token"),
+            storage=storage,
+            mode="Static" if isinstance(mode, dict) else mode,
+            static_lsn=mode["Static"] if isinstance(mode, dict) else None,
+            skip_pg_catalog_updates=bool(doc["skip_pg_catalog_updates"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoredSpecError(f"the state file's spec cannot be read ({type(e).__name__}: {e}): "
+                              "it was not written by this version of compute-ctl") from None
+
+
+def load_stored(store) -> ComputeSpec | None:
+    """The compute's current spec from a state store (None: no spec yet), typed. The one way
+    any program reads it."""
+    raw = store.get("spec")
+    return None if raw is None else from_stored(raw)
+
+
 # -- pieces -----------------------------------------------------------------------------
 
 class _Obj:

@@ -6,8 +6,9 @@ connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mo
 
 The data is a key/value table whose values are JSON. Keys in use:
   status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
-  metrics (object of integers), launch (the bootstrap's settings: compute.settings.Settings as JSON), postgres_exit (int),
-  pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool)
+  metrics (object of integers), launch (the bootstrap's settings: compute.settings.Settings as JSON), postgres_exit_code (int),
+  pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool),
+  promotion, terminate (the driver's requests: compute/driver_requests.py)
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ STATUSES = tuple(s.value for s in Status)
 #   configuration_pending -> init      driver: the start-up of an `empty` compute begins
 #   running -> configuration_pending   /configure of a running compute
 #   configuration_pending -> configuration   driver: applying it
-#   configuration -> configuration_pending  driver restarted mid-apply: apply again; /promote
-#   running -> configuration           /promote
-#   configuration -> running           applied (or a promote that changed nothing)
+#   configuration -> configuration_pending  driver restarted mid-apply: apply again; the driver
+#                                      hands a promoted compute's spec over
+#   running -> configuration           /promote claims the compute
+#   configuration -> running           applied (or a promotion that failed: still the replica)
 #   init -> running                    start-up done
 #   init, empty, configuration_pending, configuration -> failed   start-up or apply failed
 # `failed` is final: the driver keeps it on /status for the grace period, then the tree exits.
@@ -217,6 +219,25 @@ class StateStore:
 
         return self._write(txn)
 
+    def update(self, keys: Iterable[str], decide) -> dict[str, Any] | None:
+        """Read `keys`, write what `decide(values)` returns (a dict of fields, or None: write
+        nothing), in one transaction: a read-decide-write no other process can interleave. A
+        status among the fields is checked against the transitions table. Returns the fields."""
+        keys = list(keys)
+
+        def txn(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            marks = ",".join("?" * len(keys))
+            rows = conn.execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
+            found = {k: json.loads(v) for k, v in rows}
+            fields = decide({k: found.get(k) for k in keys})
+            if fields:
+                if "status" in fields:
+                    fields = {**fields, "status": check_transition(self._current_status(conn), fields["status"]).value}
+                self._put(conn, fields)
+            return fields
+
+        return self._write(txn)
+
     def advance_last_active(self, ts: float) -> bool:
         """Move last_active forward to `ts`; never backwards. True if it changed."""
         def txn(conn: sqlite3.Connection) -> bool:
@@ -254,6 +275,20 @@ class StateStore:
 
 def state_path(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, STATE_FILE)
+
+
+# compute-ctl hands the runtime dir (where the state file is) to supervisord and every program
+# in this one variable; everything else a program needs is in the state file (`launch`).
+RUNTIME_DIR_ENV = "COMPUTE_RUNTIME_DIR"
+
+
+def runtime_dir_from_env(environ=None, *, required: bool = True) -> str | None:
+    """The runtime dir compute-ctl gave this program; the one place the variable is read.
+    `required`: a RuntimeError naming it when it is not set (else None)."""
+    value = (os.environ if environ is None else environ).get(RUNTIME_DIR_ENV) or None
+    if value is None and required:
+        raise RuntimeError(f"{RUNTIME_DIR_ENV} is not set")
+    return value
 
 
 def now() -> float:

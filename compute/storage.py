@@ -1,7 +1,8 @@
 """Neon storage steps of the start-up: sync safekeepers, basebackup, and the initdb default.
 
-I/O functions for one attempt each, plus a pure retry policy and its thin executor
-(with_retries); the caller decides which user they run as (postgres and initdb refuse root).
+I/O functions for one attempt each, plus their retries (with_retries, on compute/retry.py);
+the caller decides which user they run as (postgres and initdb refuse root). The basebackup's
+COPY stream runs on the one non-blocking libpq driver (compute/libpq.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import subprocess
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import libpq
 from .environ import child_environment
 from .procutil import dies_with_us
+from .retry import RetryFailed, RetryPolicy, retry
 from .settings import default
 from .tarextract import ArchiveError, TarExtractor
 
@@ -36,7 +38,6 @@ _ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _TAIL = 2048  # bytes of child output kept for error messages
 _INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
 _PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
-_STOP_CHECK = 0.2  # s: how often a blocked receiver looks whether the extractor gave up
 DEFAULT_TIMEOUT = default("storage_timeout")  # --storage-timeout
 COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
@@ -56,20 +57,6 @@ def _truncate(text: str, limit: int = _TAIL) -> str:
 
 # ---------------------------------------------------------------- retries
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """attempt -> delay or give up (pure). Neon's compute_ctl: 0.5 s, x1.5."""
-    attempts: int
-    first_delay: float = 0.5
-    factor: float = 1.5
-
-    def delay_after(self, attempt: int) -> float | None:
-        """Seconds to wait after failed attempt `attempt` (1-based); None: give up."""
-        if attempt >= self.attempts:
-            return None
-        return self.first_delay * self.factor ** (attempt - 1)
-
-
 SYNC_SAFEKEEPERS_RETRY = RetryPolicy(attempts=5)
 BASEBACKUP_RETRY = RetryPolicy(attempts=10)
 
@@ -80,27 +67,25 @@ def with_retries(what: str, policy: RetryPolicy, attempt: Callable[[], T], *,
                  before_retry: Callable[[], None] | None = None,
                  on_retry: Callable[[int], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `attempt` until it succeeds, fails for good, or the policy gives up. Every failure is
-    logged with its cause; on_retry(n) gets the number of retries so far (for the metrics)."""
-    n = 0
-    while True:
-        n += 1
-        try:
-            return attempt()
-        except StorageError as e:
-            delay = policy.delay_after(n) if e.retryable else None
-            if delay is None:
-                if n == 1 and not e.retryable:
-                    raise
-                why = "gave up" if e.retryable else "not retryable"
-                log.error("%s attempt %d/%d failed (%s): %s", what, n, policy.attempts, why, e)
-                raise StorageError(f"{what} failed after {n} attempt(s): {e}") from None
-            log.warning("%s attempt %d/%d failed: %s; retrying in %.2f s", what, n, policy.attempts, e, delay)
-            if on_retry is not None:
-                on_retry(n)
-            if before_retry is not None:
-                before_retry()
-            sleep(delay)
+    """Run `attempt` until it succeeds, fails for good, or the policy gives up (compute/retry.py).
+    Every failure is logged with its cause; on_retry(n) gets the number of retries so far (for
+    the metrics)."""
+    def retrying(n: int, e: BaseException, delay: float) -> None:
+        log.warning("%s attempt %d/%d failed: %s; retrying in %.2f s", what, n, policy.attempts, e, delay)
+        if on_retry is not None:
+            on_retry(n)
+        if before_retry is not None:
+            before_retry()
+    try:
+        return retry(policy, attempt, catch=(StorageError,), retryable=lambda e: e.retryable,
+                     on_retry=retrying, sleep=sleep)
+    except RetryFailed as failed:
+        e, n = failed.error, failed.attempts
+        if n == 1 and not failed.gave_up:
+            raise e from None
+        why = "gave up" if failed.gave_up else "not retryable"
+        log.error("%s attempt %d/%d failed (%s): %s", what, n, policy.attempts, why, e)
+        raise StorageError(f"{what} failed after {n} attempt(s): {e}") from None
 
 
 # ---------------------------------------------------------------- sync safekeepers
@@ -253,8 +238,7 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     return total
 
 
-class _Stopped(Exception):
-    """The consumer gave up (its own error is the one reported)."""
+_Stopped = libpq.Stopped  # the consumer gave up (its own error is the one reported)
 
 
 class _Channel:
@@ -321,7 +305,7 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
         while (chunk := channel.get()) is not None:
             sink(chunk)
     finally:
-        channel.stop()  # a failed sink: the receiver stops within _STOP_CHECK s
+        channel.stop()  # a failed sink: the receiver stops within libpq.STOP_CHECK s
         receiver.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -331,13 +315,19 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
 def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
               progress: Callable[[int], None] | None, stop: Any = None) -> int:
     """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
-    to sink, straight from libpq's buffer. Non-blocking libpq calls + poll(): a server silent
-    for `timeout` seconds fails the attempt. Reads to the end: an error after the archive raises."""
-    fd = pgconn.socket
-    pgconn.send_query(query.encode())
-    while pgconn.flush():
-        _wait(fd, select.POLLOUT, timeout, "sending the query", stop)
-    res = _next_result(pgconn, fd, timeout, stop)
+    to sink, straight from libpq's buffer, on the non-blocking driver (compute/libpq.py): a
+    server silent for `timeout` seconds fails the attempt. Reads to the end: an error after the
+    archive raises."""
+    waiter = libpq.Waiter(timeout, silence=True, stop=stop)
+
+    def silent(where: str) -> StorageError:
+        return StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
+                            retryable=True)
+    try:
+        libpq.send(pgconn, query.encode(), None, waiter)
+    except libpq.Timeout:
+        raise silent("sending the query") from None
+    res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COPY_OUT:
         raise _result_error(res, "the pageserver did not start a COPY")
     total = 0
@@ -353,46 +343,33 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
                     last = now
                     progress(total)
         elif nbytes == 0:
-            _wait(fd, select.POLLIN, timeout, f"after {total} bytes", stop)
+            try:
+                waiter.wait(pgconn.socket, False)
+            except libpq.Timeout:
+                raise silent(f"after {total} bytes") from None
             pgconn.consume_input()
         elif nbytes == -1:
             break
         else:
             raise StorageError(f"basebackup: connection lost after {total} bytes: "
                                f"{_conn_message(pgconn)}", retryable=True)
-    res = _next_result(pgconn, fd, timeout, stop)
+    res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COMMAND_OK:
         raise _result_error(res, "no command status after the COPY")
-    while _next_result(pgconn, fd, timeout, stop) is not None:
+    while _next_result(pgconn, waiter, silent) is not None:
         pass
     return total
 
 
-def _wait(fd: int, event: int, timeout: float, where: str, stop: Any = None) -> None:
-    """Until fd is ready; `timeout` s of silence fail the attempt; `stop` is checked meanwhile."""
-    poller = select.poll()
-    poller.register(fd, event)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
-                               retryable=True)
-        if poller.poll(min(left, _STOP_CHECK if stop is not None else left) * 1000):
-            return
-        if stop is not None and stop.is_set():
-            raise _Stopped()
-
-
-def _next_result(pgconn: Any, fd: int, timeout: float, stop: Any = None) -> Any:
-    while pgconn.is_busy():
-        _wait(fd, select.POLLIN, timeout, "waiting for a result", stop)
-        pgconn.consume_input()
-    return pgconn.get_result()
+def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str], StorageError]) -> Any:
+    try:
+        return libpq.next_result(pgconn, waiter)
+    except libpq.Timeout:
+        raise silent("waiting for a result") from None
 
 
 def _conn_message(pgconn: Any) -> str:
-    return _one_line(pgconn.error_message.decode("utf-8", "replace")) or "connection closed"
+    return _one_line(libpq.error_message(pgconn, "")) or "connection closed"
 
 
 def _result_error(res: Any, fallback: str) -> StorageError:

@@ -32,6 +32,7 @@ from . import settings, warmfork
 from .api_socket import inherited_fd
 from .exitwatch import ExitWatch, Timers
 from .logrelay import LogRelay, setup_relay_logging
+from .state import runtime_dir_from_env
 from .trace import mark
 from .procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
 
@@ -176,7 +177,7 @@ _runforever = supervisord.Supervisor.runforever
 
 def _runforever_with_handlers(self):
     """Supervisor.run() clears the event bus just before this: subscribe now."""
-    install_handlers(self, os.environ["COMPUTE_RUNTIME_DIR"])
+    install_handlers(self, runtime_dir_from_env())
     mark("supervisord: loop")
     return _runforever(self)
 

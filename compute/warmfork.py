@@ -45,7 +45,7 @@ FORKED = {"compute.lifecycle": ("lifecycle", "compute.lifecycle:main"),
 # land in (copied) pages of ours (gunicorn's own glogging is not imported at all: see that module).
 WARM_MODULES = ("compute.lifecycle", "compute.monitor", "compute.api.app", "gunicorn.app.wsgiapp",
                 "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker", "compute.api.gunicorn_log")
-# With --jwks only: PyJWT + cryptography (~8 MiB, see compute/api/auth.py _jwt).
+# With --jwks only: PyJWT + cryptography (large: see compute/api/auth.py _jwt).
 JWT_MODULES = ("jwt", "jwt.algorithms")
 PR_SET_NAME = 15
 TRACE_ENV = "COMPUTE_WARMFORK_TRACE"  # a directory: see _trace_imports_after_fork
@@ -93,9 +93,8 @@ def warm_for(program: str) -> None:
         # start-up's hand-over, when the tree is up and idle.
         mark(f"supervisord: {release_loader_pages()} KiB of loader pages unmapped")
         # What the early responder's thread and the start-up freed (its malloc arena, the
-        # state file's page cache): with the trim in each forked program below, -0.3 to -0.5 MiB
-        # over the tree (bench.footprint, 2 interleaved pairs). A page stays resident while any
-        # process of the tree still maps it, so both sides must give it back.
+        # state file's page cache), with the trim in each forked program below. A page stays
+        # resident while any process of the tree still maps it, so both sides must give it back.
         _trim_malloc()
         _loader_pages_released = True
     _note_configured_loggers()
@@ -110,7 +109,8 @@ def release_loader_pages() -> int:
     file holds (no page copied on write: `Anonymous: 0`). The dynamic loader read the symbol and
     relocation tables of libpq's libcrypto, libssl, krb5, ldap... and ran their constructors
     here, and no program forked from us touches those pages again (fork does not copy the page
-    tables of file mappings): 3.5 MiB of PSS in compute-ctl alone (python -m bench.footprint).
+    tables of file mappings): their PSS in compute-ctl is saved (docs/performance.md, "Figures
+    behind the code").
     Pages the programs map stay theirs; a page compute-ctl needs again is mapped back from the
     page cache on its next access (a minor fault). MADV_PAGEOUT would evict only the pages
     nobody maps, but the kernel honours it only for files we could write; /proc/self/pagemap
@@ -184,7 +184,8 @@ def jwks_configured(runtime_dir: str | None) -> bool:
 def warm(jwks: bool | None = None) -> None:
     """Import once what the forked programs need, then keep it out of the collector's way."""
     if jwks is None:
-        jwks = jwks_configured(os.environ.get("COMPUTE_RUNTIME_DIR"))
+        from .state import runtime_dir_from_env
+        jwks = jwks_configured(runtime_dir_from_env(required=False))
     for name in warm_modules(jwks):
         try:
             importlib.import_module(name)
@@ -197,8 +198,7 @@ def warm(jwks: bool | None = None) -> None:
 
 def _trim_malloc() -> None:
     """Give back the heap pages the imports freed (temporary objects of the import machinery,
-    what gc.collect() just freed): 0.9 MiB less anonymous memory in the image (measured on
-    the warm image alone)."""
+    what gc.collect() just freed): less anonymous memory in the image every program shares."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -207,7 +207,7 @@ def _trim_malloc() -> None:
 
 def _set_environ(env: dict[str, str]) -> None:
     """os.environ becomes `env`, changing only what differs: clear() + update() replaced every
-    entry, which copied 0.4 MiB of the warm image into each forked program."""
+    entry, which copied part of the warm image into each forked program."""
     for name in [name for name in os.environ if name not in env]:
         del os.environ[name]
     for name, value in env.items():
@@ -228,7 +228,7 @@ def _fresh_stdio() -> None:
 
 def _fresh_logging() -> None:
     # Only the loggers the parent had configured (noted before the fork): walking all of them
-    # here touched, so copied, each one's pages: 0.45 MiB in every forked program.
+    # here touched, so copied, each one's pages in every forked program.
     for lg in [logging.getLogger(), *_configured_loggers]:
         lg.handlers[:] = []
         lg.propagate = True

@@ -25,8 +25,8 @@ import falcon
 
 
 def _jwt():
-    """PyJWT, imported when a JWKS is first used, never before: with cryptography it is ~8 MiB
-    (its Rust extension alone 7 MiB of private pages in compute-ctl) that a compute without
+    """PyJWT, imported when a JWKS is first used, never before: with cryptography (a large Rust
+    extension: docs/performance.md, "Figures behind the code") it is memory a compute without
     --jwks never needs. With --jwks the warm image imports it before any program is forked
     (compute/warmfork.py), so this costs nothing then. None when not installed (PyJWT[crypto]
     is a dependency; without it only auth is unavailable)."""
@@ -157,8 +157,6 @@ class JwtAuth:
             return
         if not hasattr(resource, f"on_{req.method.lower()}"):
             return  # let falcon answer 405 rather than 401
-        if self._settings is not None and self._settings() is None:
-            raise falcon.HTTPServiceUnavailable(description="the compute has no launch settings yet")
         if not self.enabled:
             return
         if _jwt() is None:

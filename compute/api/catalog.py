@@ -110,7 +110,7 @@ class DatabaseSchema:
             return
         if not exists:
             raise falcon.HTTPNotFound(description="database does not exist")
-        pg_dump = os.path.join((self.ctx.settings and self.ctx.settings.pgbin_dir) or "", "pg_dump")
+        pg_dump = os.path.join(self.ctx.settings.pgbin_dir or "", "pg_dump")
         try:
             proc = subprocess.Popen([pg_dump, "--schema-only"], env=pg_dump_env(self.ctx.connstr, dbname),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -6,25 +6,23 @@ The API's half of the protocol (the driver is the `lifecycle` program):
      when live configuration is not allowed (not pull mode) or the status is not empty/running;
      then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
      is invalid or would change a running compute's mode (compute/modes.py);
-  2. one atomic transition {empty, running} -> configuration_pending carrying the spec and a
-     new spec_generation: of concurrent requests exactly one wins, the others get 412;
-  3. wake the driver (SIGUSR1 through supervisord; it also polls, so failures are ignored);
-  4. poll the state file until `running` (200, the /status body) or `failed` (500 {"error"}).
+  2. submit, wake, wait (compute/driver_requests.py): one atomic transition {empty, running} ->
+     configuration_pending carrying the spec and a new spec_generation (of concurrent requests
+     exactly one wins, the others get 412), then the driver's answer: `running` (200, the
+     /status body) or `failed` (500 {"error"}).
 The request blocks a single worker thread; other requests keep being served.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import falcon
 
-from compute import modes
+from compute import driver_requests, modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.supervision import rpc
-from compute.spec import SpecError, parse_spec
+from compute.spec import SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.configure")
 
@@ -43,7 +41,7 @@ class Configure:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         settings = self.ctx.settings
-        if not (settings and settings.live_config_allowed):
+        if not settings.live_config_allowed:
             raise falcon.HTTPPreconditionFailed(
                 description="live configuration is not allowed for this compute node")
         status = self.ctx.store.get("status")
@@ -51,7 +49,7 @@ class Configure:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
-        superuser = (settings and settings.superuser) or self.ctx.superuser
+        superuser = settings.superuser or self.ctx.superuser
         try:
             new = parse_spec(spec, superuser=superuser)
         except SpecError as e:
@@ -65,43 +63,30 @@ class Configure:
         if status == "running":
             self._refuse_a_mode_change(new, superuser)
         store = self.ctx.store
-        generation = store.transition({"empty", "running"}, "configuration_pending",
-                                      bump="spec_generation", spec=spec, error=None)
+        generation = driver_requests.submit_configure(store, to_document(new))
         if not generation:
             status = store.get("status")
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid compute status for configuration request: {debug_status_name(status)}")
         log.info("new spec (generation %d) handed to the driver", generation)
-        self._wake_driver()
-
-        deadline = time.monotonic() + self.timeout
-        while True:
-            s = store.get_many(("status", "spec_generation", "error"))
-            # A later generation means ours was applied and another /configure came after it.
-            if s["status"] == "running" or (s["spec_generation"] or 0) > generation:
-                json_body(resp, self.ctx.status_body())
-                return
-            if s["status"] == "failed":
-                json_body(resp, {"error": s["error"] or "configuration failed"}, falcon.HTTP_500)
-                return
-            if time.monotonic() >= deadline:
-                json_body(resp, {"error": f"timed out after {self.timeout:.0f} s waiting for the configuration "
-                                          f"(status {s['status']})"}, falcon.HTTP_500)
-                return
-            time.sleep(self.poll_interval)
+        driver_requests.wake_driver(self.ctx.runtime_dir)
+        outcome, last = driver_requests.wait_for(
+            store, driver_requests.CONFIGURE_KEYS, lambda v: driver_requests.configure_outcome(v, generation),
+            self.timeout, self.poll_interval)
+        if outcome is None:
+            json_body(resp, {"error": f"timed out after {self.timeout:.0f} s waiting for the configuration "
+                                      f"(status {last['status']})"}, falcon.HTTP_500)
+        elif outcome[0]:
+            json_body(resp, self.ctx.status_body())
+        else:
+            json_body(resp, {"error": outcome[1]}, falcon.HTTP_500)
 
     def _refuse_a_mode_change(self, new, superuser: str) -> None:
-        raw = self.ctx.store.get("spec")
         try:
-            running = parse_spec(raw, superuser=superuser) if raw is not None else None
-        except SpecError:
-            running = None  # not what the compute runs with: nothing to compare to
+            running = load_stored(self.ctx.store)
+        except StoredSpecError as e:
+            log.error("%s", e)
+            running = None  # nothing to compare to
         reason = running and modes.live_mode_change_refused(running, new)
         if reason:
             raise falcon.HTTPPreconditionFailed(description=reason)
-
-    def _wake_driver(self) -> None:
-        try:
-            rpc(self.ctx.runtime_dir, timeout=2).supervisor.signalProcess("lifecycle", "USR1")
-        except Exception as e:  # the driver polls the state anyway
-            log.debug("could not signal the lifecycle driver: %s", e)

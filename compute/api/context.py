@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 import psycopg
 from compute.api.bodies import STATUS_KEYS, status_body
-from compute.monitor import superuser_of
-from compute.pgsession import session_params
-from compute.settings import Settings, load as load_settings
-from compute.state import StateStore, state_path
+from compute.pgsession import session_params, superuser_of
+from compute.settings import Settings, require as require_settings
+from compute.state import StateStore, runtime_dir_from_env, state_path
 
 HTTP_APPLICATION_NAME = "compute_ctl:http"
 # /insights and /check_writability must not hold a request thread forever on a stuck postgres.
@@ -35,24 +33,21 @@ class ApiContext:
         self._lock = threading.Lock()
 
     @property
-    def settings(self) -> Settings | None:
-        """The bootstrap's settings (None before it wrote them): written once before any
-        program starts, so cached once found."""
+    def settings(self) -> Settings:
+        """The bootstrap's settings: written once before any program starts (compute/settings.py
+        `require`), so read once."""
         found = self._settings
         if found is None:
-            found = self._settings = load_settings(self.store)
+            found = self._settings = require_settings(self.store)
         return found
 
     @property
     def connstr(self) -> str:
-        if self.settings is None:
-            raise KeyError("connstr")  # as before the record was typed: no settings, no postgres
         return self.settings.connstr
 
     @property
-    def superuser(self) -> str | None:
-        found = self.settings
-        return None if found is None else superuser_of(found.connstr) or found.superuser
+    def superuser(self) -> str:
+        return superuser_of(self.settings.connstr) or self.settings.superuser
 
     def status_body(self) -> dict[str, Any]:
         """The /status answer: one indexed read of the state file."""
@@ -71,8 +66,4 @@ class ApiContext:
                                application_name=HTTP_APPLICATION_NAME)
 
 
-def runtime_dir_from_env() -> str:
-    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
-    if not runtime_dir:
-        raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
-    return runtime_dir
+__all__ = ["ApiContext", "debug_status_name", "runtime_dir_from_env"]

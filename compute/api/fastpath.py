@@ -2,7 +2,8 @@
 
 A request qualifies when answering it can never wait on anything but a local SQLite read of
 the state file (WAL mode: readers do not wait for writers): GET /status, /metrics.json, /info
-and /healthz, with no body (no Content-Length, Transfer-Encoding, Expect or Upgrade header).
+and /healthz, with no body (no Content-Length, Transfer-Encoding, Expect or Upgrade header),
+in the strict grammar of plain_get() (also compute-ctl's early responder's).
 Not /readyz (a postgres connection), /metrics (supervisord's XML-RPC), nor anything with a body
 or auth. The answer still comes from the falcon app (the same routing, middleware and errors);
 only the thread differs, so the classification decides where a request runs, never what it
@@ -16,14 +17,55 @@ which waits as long as it takes (the store's normal timeout).
 
 from __future__ import annotations
 
+import re
 import threading
+from typing import NamedTuple
 
 INLINE_ROUTES = frozenset({b"/status", b"/metrics.json", b"/info", b"/healthz"})
 INLINE_BUSY_TIMEOUT_MS = 50
-# Headers that mean a body, a protocol switch or an interim answer: the pool's business.
-_NOT_INLINE_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
-                                 b"http2-settings"})
-_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+MAX_HEAD = 8192  # a longer head is the pool's business (gunicorn's limit_request_line is 8190)
+MAX_HEADER_LINES = 100  # gunicorn's limit_request_fields
+
+# The one grammar of a plain request head, for the worker's fast path and compute-ctl's early
+# responder (compute/early_responder.py). Stricter than gunicorn's parser on purpose: a request
+# it would refuse, or treat specially, never matches.
+_REQUEST_LINE = re.compile(rb"GET (/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)? "
+                           rb"(HTTP/1\.[01])\Z")
+_HEADER_LINE = re.compile(rb"([A-Za-z0-9-]+):[ \t]*([\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?)?[ \t]*\Z")
+# Headers that mean a body, an interim answer, a protocol switch, or a scheme/forwarding
+# policy gunicorn applies (and may refuse).
+_NOT_PLAIN = (b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"http2-settings",
+              b"forwarded", b"x-forwarded-")
+
+
+class PlainGet(NamedTuple):
+    route: bytes  # one of INLINE_ROUTES
+    version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
+    length: int  # bytes of the head, its empty line included
+
+
+def plain_get(data: bytes) -> PlainGet | None:
+    """The first request head in `data` if it is complete and plainly a GET of an inline route:
+    no body, nothing unusual (one grammar, _REQUEST_LINE and _HEADER_LINE; no repeated field,
+    no header of _NOT_PLAIN, at most MAX_HEAD bytes and MAX_HEADER_LINES fields). None otherwise.
+    Pure; what follows the head is the caller's business."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > MAX_HEAD:
+        return None
+    lines = data[:end].split(b"\r\n")
+    m = _REQUEST_LINE.match(lines[0])
+    if m is None or m.group(1) not in INLINE_ROUTES or len(lines) - 1 > MAX_HEADER_LINES:
+        return None
+    seen = set()
+    for line in lines[1:]:
+        h = _HEADER_LINE.match(line)
+        if h is None:
+            return None
+        name = h.group(1).lower()
+        if name in seen or name.startswith(_NOT_PLAIN):
+            return None  # a repeated field (gunicorn refuses some), or not plain
+        seen.add(name)
+    return PlainGet(m.group(1), m.group(3), end + 4)
 
 
 class RetryInPool(Exception):
@@ -50,21 +92,6 @@ class inline:
 
 def inline_candidate(head: bytes) -> bool:
     """Whether the first request in `head` (complete up to its empty line) can be answered on
-    the poller thread. Conservative: False for anything that is not plainly a GET of an inline
-    route without a body."""
-    end = head.find(b"\r\n\r\n")
-    if end < 0:
-        return False
-    lines = head[:end].split(b"\r\n")
-    if any(b"\n" in line or b"\r" in line for line in lines):
-        return False  # bare CR or LF: let the pool's parser reject it
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or parts[2] not in _VERSIONS:
-        return False
-    if parts[1].partition(b"?")[0] not in INLINE_ROUTES:
-        return False
-    for line in lines[1:]:
-        name, sep, _ = line.partition(b":")
-        if not sep or name.strip().lower() in _NOT_INLINE_HEADERS:
-            return False
-    return True
+    the poller thread: plain_get() says it is plainly a GET of an inline route without a body.
+    Anything else goes to the pool, whose parser decides."""
+    return plain_get(head) is not None

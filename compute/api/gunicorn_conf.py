@@ -17,8 +17,8 @@ import os
 from compute.api_socket import inherited_fd
 from compute.procutil import die_with_parent
 from compute.trace import mark
-from compute.settings import Settings, default, load as load_settings
-from compute.state import StateStore, state_path
+from compute.settings import Settings, require as require_settings
+from compute.state import StateStore, runtime_dir_from_env, state_path
 
 
 def bind_address(host: str, port: int) -> str:
@@ -26,13 +26,11 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _launch() -> Settings | None:
-    runtime_dir = os.environ.get("COMPUTE_RUNTIME_DIR")
-    if not runtime_dir:
-        raise RuntimeError("COMPUTE_RUNTIME_DIR is not set")
+def _launch() -> Settings:
+    runtime_dir = runtime_dir_from_env()
     store = StateStore(state_path(runtime_dir))
     try:
-        return load_settings(store)
+        return require_settings(store)
     finally:
         store.close()  # do not carry an open SQLite handle into forked workers
 
@@ -44,23 +42,16 @@ _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 # so a restart never binds again. Standalone: bind the address ourselves.
 _api_fd = inherited_fd()
 bind = [f"fd://{_api_fd}"] if _api_fd is not None else [
-    bind_address(_launch_settings.http_address if _launch_settings else default("http_address"),
-                 _launch_settings.http_port if _launch_settings else default("http_port"))]
+    bind_address(_launch_settings.http_address, _launch_settings.http_port)]
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
     worker_class = "gthread"
 # 1 worker x 16 threads, with the fast path (worker.py: /status & co answered on the poller).
-# Each worker costs ~6 MiB PSS (its private pages); one is enough since the poller accepts every
-# waiting connection per turn (before, a burst of new connections waited one ~10 ms turn each:
-# wrk's p99 at 1 worker was 35-90 ms from its own connection ramp-up, the server's 15 ms).
-# python -m bench.api (wrk, 64 keep-alive connections, 2 shared cores), 5 interleaved pairs,
-# medians [range], req/s / p50 / p99 idle, p99 during a /configure:
-#   1 x 16: 6,050 [5,209-6,161] / 10.3 / 14.0 [13.6-16.1] ms, 14.8 [13.5-17.7] ms
-#   2 x 16: 10,778 [10,388-11,254] / 5.9 / 11.8 [9.7-19.8] ms, 12.1 [11.4-34.8] ms
-# One thread carries every /status: its cost (~170 us each on this VM) times the connections
-# in flight is the latency (64 x 170 us = 11 ms); COMPUTE_API_WORKERS=2 doubles the throughput
-# for a compute that must serve many more concurrent clients (each worker: +6 MiB PSS).
+# Every worker costs its private pages; one is enough since the poller accepts every waiting
+# connection per turn. One thread carries every /status, so the latency grows with the
+# connections in flight; COMPUTE_API_WORKERS=2 doubles the throughput for a compute that must
+# serve many more concurrent clients (the figures: docs/performance.md, "Figures behind the code").
 workers = int(os.environ.get("COMPUTE_API_WORKERS", "1"))
 # 16 threads per worker: threads are what absorbs requests that block: /configure, /terminate,
 # /insights and /check_writability on a stuck postgres (10 s statement timeout), bodies sent
@@ -125,8 +116,7 @@ def post_worker_init(worker):
 def pre_fork(server, worker):
     """In the master, before each worker is forked: what the master made after its own fork
     (the app, this config, gunicorn's logging) joins the warm image's frozen objects, so the
-    workers' full collections never walk (and so copy) those pages: -2 MiB PSS for the tree
-    after 10 s of API load at 2 workers (python -m bench.footprint --after-load 10)."""
+    workers' full collections never walk (and so copy) those pages (the saving: docs/performance.md, "Figures behind the code")."""
     gc.freeze()
 
 

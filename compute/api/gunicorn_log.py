@@ -3,8 +3,8 @@ message` on stderr, like every program of the tree (the in-process log relay add
 the program name), and no access log.
 
 Not gunicorn.glogging.Logger: that module imports logging.config, logging.handlers, pickle and
-socketserver for what we do not use (dictConfig, syslog, statsd, log files): 0.8 MiB of the
-warm image every compute carries (python -m bench.footprint). gunicorn_conf still uses
+socketserver for what we do not use (dictConfig, syslog, statsd, log files), in the warm image
+every compute carries (docs/performance.md, "Figures behind the code"). gunicorn_conf still uses
 gunicorn's Logger when COMPUTE_API_ACCESS_LOG asks for an access log.
 """
 

@@ -33,7 +33,7 @@ gunicorn has the hooks it relies on (gunicorn >= 23's deferral of connections to
 else plain gthread.
 
 Accepting. The listener's callback takes every connection waiting in the backlog (gunicorn's
-takes one per turn of the loop; under load a burst of new connections then waited a turn, ~10 ms,
+takes one per turn of the loop; under load a burst of new connections then waited a turn
 each). Pool answers. A pool thread's answer (up to POOL_ANSWER_MAX) is kept and handed back
 with the connection; the poller sends it as it sends an inline one, so a client that does not
 read its answers holds no thread (COMPUTE_API_POLLER_SENDS=0: threads send, as gunicorn's do).
@@ -64,7 +64,7 @@ from gunicorn.workers import gthread
 
 from compute.api import fastpath
 from compute.api_handover import take_held
-from compute.state import bound_busy_wait
+from compute.state import bound_busy_wait, runtime_dir_from_env
 
 _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
 
@@ -229,7 +229,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
         accepted and holds (compute/api_handover.py, at most TAKE_TIMEOUT): served as if this
         worker had accepted them, before its first accept. [] for all but the first worker."""
         server = self.sockets[0].getsockname() if self.sockets else None
-        for sock, client in take_held(os.environ.get("COMPUTE_RUNTIME_DIR")):
+        for sock, client in take_held(runtime_dir_from_env(required=False)):
             self.nr_conns += 1
             self._on_readable(gthread.TConn(self.cfg, sock, client, server))
         super().run()
@@ -241,9 +241,8 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
     def accept(self, listener):
         """Every connection waiting in the backlog (up to ACCEPT_BATCH and the worker's
         connection bound), not one per turn of the loop as gunicorn does: under load a turn
-        serves every ready connection (64 of them: ~10 ms), so a burst of N new connections
-        waited N turns for their first answer (0.3-0.4 s for the last of 64, python -m
-        bench.api_probe)."""
+        serves every ready connection, so a burst of N new connections waited N turns for their
+        first answer (docs/performance.md, "Figures behind the code")."""
         for _ in range(max(1, min(ACCEPT_BATCH, self.worker_connections - self.nr_conns))):
             if not self.alive:
                 return  # stopping: what is still in the backlog is the next worker's

@@ -19,6 +19,7 @@ import psycopg
 from compute import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import text
+from compute.spec import StoredSpecError, load_stored
 
 log = logging.getLogger("compute.api.writability")
 
@@ -62,7 +63,12 @@ class CheckWritability:
         if status != "running":
             text(resp, f"invalid compute status for check_writability request: {debug_status_name(status)}")
             return
-        mode = modes.mode_of(self.ctx.store.get("spec"))
+        try:
+            current = load_stored(self.ctx.store)
+        except StoredSpecError as e:
+            text(resp, str(e), falcon.HTTP_500)
+            return
+        mode = current.mode if current else modes.PRIMARY
         if mode != modes.PRIMARY:
             # A hot standby refuses every write; say so instead of sending one (Neon's answer is
             # the same 500, with postgres' "read-only transaction" error).

@@ -183,6 +183,35 @@ def test_plan_prints_without_running():
         assert unchanged.returncode == 0 and "nothing to do" in unchanged.stdout
 
 
+def test_plan_finds_the_superuser_passfile_in_the_runtime_dir():
+    """The README's `compute-ctl plan -C CONNSTR -S SPEC.json` as written (the compute's own -C,
+    no PGPASSFILE) on the embedded default: the password comes from the runtime dir's passfile,
+    as for the compute's programs (--runtime-dir: the same flag and default as compute-ctl's)."""
+    import subprocess
+
+    from tests.support.tree import COMPUTE_CTL
+    c = Compute()
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running")
+        spec = c.new_spec()
+        spec["cluster"]["roles"].append({"name": "planned", "encrypted_password": None, "options": None})
+        path = os.path.join(c.base, "next.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        out = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", path, "--runtime-dir", c.runtime_dir],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert 'CREATE ROLE "planned"' in out.stdout
+        assert roles_and_dbs(c)[0] == {"app"}  # nothing ran
+        # Without the runtime dir's passfile the same command cannot authenticate: it is what is used.
+        elsewhere = os.path.join(c.base, "no-such-runtime-dir")
+        refused = subprocess.run([COMPUTE_CTL, "plan", "-C", c.connstr, "-S", path, "--runtime-dir", elsewhere],
+                                 capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode != 0 and 'CREATE ROLE "planned"' not in refused.stdout
+
+
 def test_driver_hands_over_after_the_start_and_after_each_reconfiguration():
     """The driver that did the start-up exits 0 and supervisord forks a fresh one (its memory
     goes with it: compute/lifecycle_plan.py); the same after each reconfiguration it applies.

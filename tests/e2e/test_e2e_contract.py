@@ -211,3 +211,32 @@ def test_terminate_on_the_neon_path_syncs_safekeepers_again():
                 calls = json.load(f)
             assert len(calls) == 2 and all(call["token_matches"] for call in calls)
             assert storage_token not in c.output()
+
+
+def test_terminate_sync_gets_a_storage_token_given_only_in_the_environment():
+    """The storage token from the environment alone (NEON_AUTH_TOKEN, a Kubernetes Secret): only
+    the lifecycle driver and postgres have it (compute/environ.py), and the driver runs
+    /terminate's sync-safekeepers, so that sync authenticates like the start's (it once ran in
+    the API process, without the token)."""
+    from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+    from tests.peers.sync_safekeepers import DEFAULT_LSN, write_fake_postgres
+    from tests.support.pgcluster import scratch_dir
+    from tests.support.tree import with_neon_storage
+    tenant, timeline, storage_token = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9", "env.tok"
+    tar = make_basebackup_tar(os.path.join(scratch_dir("cs-bb-"), "basebackup.tar"))
+    with PageserverPeer(tar, password=storage_token, tenant_id=tenant, timeline_id=timeline) as ps:
+        c = Compute()
+        c.pgbin = write_fake_postgres(c.base)
+        record = os.path.join(c.base, "sync.json")
+        c.env = {"FAKE_SK_RECORD": record, "FAKE_SK_EXPECT_TOKEN": storage_token, "NEON_AUTH_TOKEN": storage_token}
+        c.spec = with_neon_storage(c.new_spec(), ps.connstr, tenant, timeline, "127.0.0.1:5454", None)
+        with c:
+            c.wait_status("running", timeout=90)
+            code, body = c.request("POST", "/terminate")
+            assert (code, json.loads(body)) == (200, {"terminated": True, "lsn": DEFAULT_LSN})
+            assert c.wait_exit(30) == 0
+            with open(record) as f:
+                calls = json.load(f)
+            assert len(calls) == 2, calls
+            assert [call["token_matches"] for call in calls] == [True, True]  # the start's, /terminate's
+            assert storage_token not in c.output()

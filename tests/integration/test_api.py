@@ -24,8 +24,8 @@ from compute.supervision import rpc
 from compute.api.writability import WRITABILITY_QUERY
 from compute.state import StateStore, state_path
 from tests.support.api_helpers import (call, client_for, fake_driver, gunicorn, gunicorn_state, launch_settings,
-                                       make_state, minimal_spec, parse_prometheus, pg, rt, short_runtime_dir,
-                                       supervisord)
+                                       make_state, minimal_spec, parse_prometheus, pg, request_driver, rt,
+                                       short_runtime_dir, supervisord)
 from tests.support.waiting import wait_for
 
 __all__ = ["pg", "rt"]  # the fixtures
@@ -162,8 +162,8 @@ def test_prometheus_with_supervisord():
 def test_terminate_stops_postgres_through_supervisord():
     rt = short_runtime_dir()
     try:
-        store = make_state(rt)
-        with supervisord(rt):
+        store = make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
+        with supervisord(rt), request_driver(rt):  # the driver stops postgres
             r = client_for(rt).simulate_post("/terminate")
             assert (r.status_code, r.json) == (200, {"terminated": True, "lsn": None})  # no spec: no LSN
             assert store.get("shutdown_requested") is True
@@ -178,8 +178,8 @@ def test_terminate_stops_postgres_through_supervisord():
 def test_terminate_immediate_sends_sigquit():
     rt = short_runtime_dir()
     try:
-        store = make_state(rt)
-        with supervisord(rt):
+        store = make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
+        with supervisord(rt), request_driver(rt):  # the driver stops postgres
             r = client_for(rt).simulate_post("/terminate", params={"mode": "immediate"})
             assert (r.status_code, r.json) == (200, {"terminated": True, "lsn": None})
             assert rpc(rt).supervisor.getProcessInfo("postgres")["statename"] == "EXITED"

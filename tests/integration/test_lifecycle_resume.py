@@ -78,11 +78,14 @@ def test_postgres_unreachable_still_resumes(tmp_path):
     assert store.get("status") == "configuration_pending"
 
 
-def test_a_promotion_in_progress_is_left_to_the_api(tmp_path, cluster, sessions):
-    """`configuration` held by /promote (marked `configuring_by`): a driver restarted meanwhile
-    neither re-queues the old spec nor ends any session; the API finishes the promotion."""
+@pytest.mark.parametrize("phase", ["requested", "started"])
+def test_a_promotion_in_progress_is_left_to_the_promote_step(tmp_path, cluster, sessions, phase):
+    """`configuration` held by /promote (its `promotion` record under way): a driver restarted
+    meanwhile neither re-queues the old spec nor ends any session; its PROMOTE step (which
+    finds out how far its predecessor got) finishes the promotion."""
     rt = str(tmp_path)
-    store = make_state(rt, status="configuration", startup_done=True, configuring_by="promote",
+    store = make_state(rt, status="configuration", startup_done=True,
+                       promotion={"id": 1, "spec": None, "wal_flush_lsn": None, "phase": phase},
                        launch=launch_settings(rt, connstr=cluster.url()))
     Driver(rt).resume_interrupted_reconfiguration()
     assert store.get("status") == "configuration"
@@ -101,9 +104,60 @@ def test_the_idle_drivers_look_at_the_state_file(tmp_path):
         assert look(path) is False
     store.set(status="configuration_pending")
     assert _has_work_child(path) is True
-    store.set(status="configuration", configuring_by="driver")
+    store.set(status="configuration")
     assert _has_work_child(path) is True
+    store.set(status="running", terminate={"id": 1, "mode": "fast", "by": "driver", "phase": "requested"})
+    assert _has_work_child(path) is True  # a /terminate for the driver
+    store.set(terminate={"id": 1, "mode": "fast", "by": "tree", "phase": "requested"})
+    assert _has_work_child(path) is False  # the API stops the tree: nothing for the driver
     store.close()
     with open(path, "r+b") as f:
         f.write(b"garbage" * 1000)
     assert _has_work_child(path) is True
+
+
+def test_a_promotion_the_dead_driver_began_is_finished(tmp_path, cluster):
+    """Killed after pg_promote() (record STARTED, postgres out of recovery): the next driver's
+    PROMOTE step finds the work done and hands the new spec over; a promotion only REQUESTED
+    on a postgres that is not in recovery fails cleanly instead (nothing to promote)."""
+    from compute import driver_requests as dr
+    from compute.spec import from_stored, parse_spec, to_document
+    from tests.support.api_helpers import minimal_spec
+    rt = str(tmp_path)
+    new = to_document(parse_spec(minimal_spec()))
+    for phase, status, outcome in (("started", "configuration_pending", dr.DONE), ("requested", "running", dr.FAILED)):
+        store = make_state(rt, status="configuration", startup_done=True, spec_generation=4,
+                           promotion={"id": 1, "spec": new, "wal_flush_lsn": None, "phase": phase},
+                           launch=launch_settings(rt, connstr=cluster.url()))
+        Driver(rt).promote()
+        p = dr.Promotion.from_json(store.get("promotion"))
+        assert (store.get("status"), p.phase) == (status, outcome), p.error
+        if outcome == dr.DONE:
+            assert p.generation == store.get("spec_generation") == 5 and from_stored(store.get("spec")) == from_stored(new)
+        else:
+            assert p.error == "postgres is not in recovery: nothing to promote"
+        store.close()
+
+
+def test_a_terminate_the_dead_driver_began_is_answered_with_the_lsn_it_recorded(tmp_path):
+    """Killed after the immediate shutdown's signal (record STARTED, the flush LSN read before
+    it): the next driver stops nothing more (postgres is gone) and answers that LSN."""
+    from compute import driver_requests as dr
+    from compute.spec import parse_spec, to_document
+    from tests.support.api_helpers import short_runtime_dir, supervisord
+    import shutil
+    rt = short_runtime_dir()
+    try:
+        primary = {"format_version": 1.0, "cluster": {"roles": [], "databases": [], "settings": []}}
+        store = make_state(rt, postgres_started=True, spec=primary,
+                           terminate={"id": 1, "mode": "immediate", "by": "driver", "phase": "started",
+                                      "flush_lsn": "0/16B3748"})
+        assert store.get("spec") == to_document(parse_spec(primary))
+        with supervisord(rt):
+            from compute.supervision import rpc
+            rpc(rt).supervisor.stopProcess("postgres")  # what the dead driver had done
+            Driver(rt).terminate()
+        t = dr.Termination.from_json(store.get("terminate"))
+        assert (t.phase, t.answer()) == (dr.DONE, (200, {"terminated": True, "lsn": "0/16B3748"}))
+    finally:
+        shutil.rmtree(rt, ignore_errors=True)

@@ -8,7 +8,7 @@ import os
 
 from compute import storage
 from tests.peers.pageserver import PageserverPeer
-from tests.support.api_helpers import TENANT, TIMELINE, client_for, launch_settings, make_state, pg
+from tests.support.api_helpers import TENANT, TIMELINE, client_for, launch_settings, make_state, pg, request_driver
 from tests.support.pgcluster import scratch_dir
 
 __all__ = ['pg']  # the fixture
@@ -46,7 +46,8 @@ def test_promote_failure_leaves_the_replica_running(tmp_path, pg):
     stays what it was, and the answer is Neon's failed state."""
     rt = str(tmp_path)
     store = make_state(rt, spec=plain_spec(primary_conninfo=CONNINFO), launch=launch_settings(rt, connstr=pg.url()))
-    r = promote(client_for(rt), {"spec": PRIMARY_SPEC, "wal_flush_lsn": "0/1"})
+    with request_driver(rt):  # the driver promotes (compute/driver_requests.py)
+        r = promote(client_for(rt), {"spec": PRIMARY_SPEC, "wal_flush_lsn": "0/1"})
     assert r.status_code == 500
     assert r.json == {"status": "failed", "error": "postgres is not in recovery: nothing to promote"}
     assert store.get("status") == "running" and store.get("spec")["mode"] == "Replica"

@@ -16,8 +16,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 import pytest
 
-from compute.monitor import (APPLICATION_NAME, CONNECT_TIMEOUT, ActivityMonitor, LibpqSession, SessionError,
-                             superuser_of)
+from compute.monitor import APPLICATION_NAME, CONNECT_TIMEOUT, ActivityMonitor, LibpqSession, SessionError
+from compute.pgsession import superuser_of
 from compute.procutil import SUPERVISORD_PID_ENV
 from compute.state import StateStore
 from tests.support.api_helpers import REPO, launch_settings, make_state, pg

@@ -24,8 +24,8 @@ from openapi_spec_validator import validate as validate_spec
 from compute.api.app import create_app
 from compute.api.errors import MAX_BODY_BYTES
 from tests.support.api_helpers import (REPO, fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
-                                       make_state, minimal_spec, pg, short_runtime_dir, stage_status, supervisord,
-                                       write_jwks)
+                                       make_state, minimal_spec, pg, request_driver, short_runtime_dir, stage_status,
+                                       stored, supervisord, write_jwks)
 
 __all__ = ["pg"]
 
@@ -193,8 +193,8 @@ def test_auth_responses_match_the_document(checker, tmp_path):
 def test_terminate_response_matches_the_document(checker):
     rt = short_runtime_dir()
     try:
-        make_state(rt)
-        with supervisord(rt):
+        make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
+        with supervisord(rt), request_driver(rt):
             c = falcon.testing.TestClient(create_app(rt))
             assert sim(checker, c, "POST", "/terminate").status_code == 200
     finally:
@@ -223,10 +223,10 @@ def test_real_http_responses_match_the_document(openapi, tmp_path):
 def test_terminate_modes_match_the_document(checker):
     rt = short_runtime_dir()
     try:
-        make_state(rt)
+        make_state(rt, postgres_started=True)  # as the driver sets it before starting postgres
         c = falcon.testing.TestClient(create_app(rt))
         assert sim(checker, c, "POST", "/terminate?mode=nope").status_code == 400
-        with supervisord(rt):
+        with supervisord(rt), request_driver(rt):
             r = sim(checker, c, "POST", "/terminate?mode=immediate")
             assert r.status_code == 200 and r.json["lsn"] is None
     finally:
@@ -282,11 +282,12 @@ def test_promote_responses_match_the_document(checker, pg, tmp_path):
     assert sim(checker, c, "POST", "/promote", b"nope", hdr).status_code == 400
     assert sim(checker, c, "POST", "/promote", b"spec=x", {"Content-Type": "application/x-www-form-urlencoded"}).status_code == 415
     assert sim(checker, c, "POST", "/promote", b"x" * (MAX_BODY_BYTES + 1), hdr).status_code == 413
-    assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 500  # pg is not in recovery
-    store.set(spec=minimal_spec())
+    with request_driver(rt):  # the driver promotes (compute/driver_requests.py)
+        assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 500  # pg is not in recovery
+    store.set(spec=stored(minimal_spec()))
     assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 412
     # read-only: the text answer of /check_writability
-    store.set(spec=replica_spec)
+    store.set(spec=stored(replica_spec))
     assert sim(checker, c, "POST", "/check_writability").status_code == 500
 
 

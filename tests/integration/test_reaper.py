@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+from compute.reaper import descendants
 from tests.support.api_helpers import REPO
 
 
@@ -84,3 +85,23 @@ def test_supervisord_whose_compute_ctl_is_already_gone_stops_before_starting_any
     ours = subprocess.run([sys.executable, "-c", code, conf], cwd=REPO, capture_output=True, text=True,
                           timeout=30, env={**os.environ, "COMPUTE_CTL_PID": str(os.getpid())})
     assert ours.returncode not in (0, -signal.SIGTERM) and "missing.conf" in ours.stdout + ours.stderr
+
+
+def test_the_proc_reader_reads_this_process_and_its_group():
+    """read_proc / proc_table: the one /proc reader, the reaper's and the tests' (tests/support)."""
+    from compute.reaper import proc_table, read_proc
+    me = read_proc(os.getpid())
+    assert me is not None and me.ppid == os.getppid() and me.state in "RS"
+    assert me.pgrp == os.getpgrp() and me.session == os.getsid(0) and me.start > 0
+    table = proc_table()
+    assert (table[os.getpid()].start, table[os.getpid()].comm) == (me.start, me.comm)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        kids = [p.pid for p in descendants(proc_table(), os.getpid())]
+        assert child.pid in kids
+        only_child = proc_table(lambda pid: read_proc(pid) if pid == child.pid else None)  # read: any reader
+        assert list(only_child) == [child.pid] and only_child[child.pid].ppid == os.getpid()
+    finally:
+        child.stdin.close()
+        child.wait()
+    assert read_proc(child.pid) is None

@@ -48,9 +48,23 @@ def launch_settings(runtime_dir: str, connstr: str = "postgresql://cloud_admin@1
     return launch
 
 
+def stored(spec: Any) -> Any:
+    """A spec document as the programs store it (compute/spec.py to_document: validated, then
+    written back); a document that does not validate is kept as it is (a damaged state file)."""
+    from compute.spec import SpecError, parse_spec, to_document
+    if spec is None:
+        return None
+    try:
+        return to_document(parse_spec(spec, superuser="cloud_admin"))
+    except SpecError:
+        return spec
+
+
 def make_state(runtime_dir: str, *, status: str = "running", launch: dict | None = None,
                **fields: Any) -> StateStore:
     os.makedirs(runtime_dir, exist_ok=True)
+    if "spec" in fields:
+        fields["spec"] = stored(fields["spec"])
     initial = {
         "launch": launch or launch_settings(runtime_dir),
         "status": status,
@@ -125,6 +139,44 @@ class FakeDriver(threading.Thread):
 @contextmanager
 def fake_driver(runtime_dir: str, **kwargs: Any) -> Iterator[FakeDriver]:
     driver = FakeDriver(runtime_dir, **kwargs)
+    driver.start()
+    try:
+        yield driver
+    finally:
+        driver.close()
+
+
+class RequestDriver(threading.Thread):
+    """The real lifecycle driver's half of /promote and /terminate (compute.lifecycle.Driver
+    carries out what compute.driver_requests submits), in a thread: for the API tests that run
+    no driver program. Configure requests too, unless `configure=False` (FakeDriver's job)."""
+
+    def __init__(self, runtime_dir: str, *, configure: bool = True):
+        super().__init__(daemon=True)
+        from compute.lifecycle import Driver
+        self.driver = Driver(runtime_dir)
+        self.configure = configure
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from compute.lifecycle_plan import Step, pending_request
+        while not self.stop.wait(0.02):
+            step = pending_request(self.driver.request_view())
+            if step is Step.TERMINATE:
+                self.driver.terminate()
+            elif step is Step.PROMOTE:
+                self.driver.promote()
+            elif step is Step.RECONFIGURE and self.configure:
+                self.driver.reconfigure()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(30)
+
+
+@contextmanager
+def request_driver(runtime_dir: str, **kwargs: Any) -> Iterator[RequestDriver]:
+    driver = RequestDriver(runtime_dir, **kwargs)
     driver.start()
     try:
         yield driver

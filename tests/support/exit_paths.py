@@ -1,5 +1,7 @@
 """Watching a booted tree end (tests/fault/test_fault_exit.py): which of its processes are left, read
-from /proc independently of the code under test, and whether its ports are still listened on.
+from /proc (with the product's parser, compute/reaper.py read_proc, tested on its own in
+tests/integration/test_reaper.py; the decisions are made here, independently of the reaper's), and
+whether its ports are still listened on.
 
 A process is recorded by (pid, start time), so a recycled pid is never mistaken for one of the
 tree's. compute-ctl is supervisord, and supervisord puts every program in a process group of
@@ -13,39 +15,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-
+from compute.reaper import proc_table, read_proc
 from tests.support.fault_tree import tree
-
-
-@dataclass(frozen=True)
-class Stat:
-    pid: int
-    ppid: int
-    state: str
-    pgrp: int
-    session: int
-    start: int
-    comm: str
-
-
-def read_stat(pid: int) -> Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    rest = stat[stat.rindex(")") + 2:].split()  # rest[i] is field i + 3 of proc(5)
-    return Stat(pid, int(rest[1]), rest[0], int(rest[2]), int(rest[3]), int(rest[19]), comm)
-
-
-def all_stats() -> list[Stat]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (s := read_stat(int(name))) is not None:
-            out.append(s)
-    return out
 
 
 class TreeRecord:
@@ -59,11 +30,11 @@ class TreeRecord:
         self._thread: threading.Thread | None = None
 
     def record(self) -> "TreeRecord":
-        own = read_stat(self.compute_pid)
+        own = read_proc(self.compute_pid)
         for role, p in tree(self.compute_pid):
             if p.pid == self.compute_pid or not p.cmdline:
                 continue  # an exiting process has no command line left to name it by
-            s = read_stat(p.pid)
+            s = read_proc(p.pid)
             if s is None:
                 continue
             self.members[(s.pid, s.start)] = role  # the latest: a fork is named after its exec
@@ -91,7 +62,7 @@ class TreeRecord:
     def survivors(self) -> list[str]:
         """'role (pid N, state S, parent P)' for each live process of the tree."""
         left = {}
-        for s in all_stats():
+        for s in proc_table().values():
             if s.state == "Z" or s.pid == self.compute_pid:
                 continue
             role = self.members.get((s.pid, s.start))
@@ -113,7 +84,7 @@ class TreeRecord:
 
     def kill_survivors(self) -> None:
         """Cleanup after a failed test: a regression must not leak into the rest of the run."""
-        for s in all_stats():
+        for s in proc_table().values():
             if s.state != "Z" and s.pid != self.compute_pid and (
                     (s.pid, s.start) in self.members or s.pgrp in self.groups):
                 try:

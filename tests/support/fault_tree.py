@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from compute import reaper
+
 # The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl)
 # when exec'd, or, forked from compute-ctl's warm image (compute/warmfork.py: the command line is
 # compute-ctl's), by the process name (comm) the fork gives them: the program's name.
@@ -40,40 +42,25 @@ class Proc:
 
 
 def read_proc(pid: int) -> Proc | None:
+    """The product's reading of /proc/PID/stat (compute/reaper.py), plus the command line."""
+    p = reaper.read_proc(pid)
+    if p is None:
+        return None
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\x00", b" ").decode("utf-8", "replace").strip()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    rest = stat[stat.rindex(")") + 2:].split()
-    return Proc(pid, int(rest[1]), rest[0], comm, cmdline, int(rest[2]))
+    return Proc(p.pid, p.ppid, p.state, p.comm, cmdline, p.pgrp)
 
 
 def proc_table() -> dict[int, Proc]:
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            p = read_proc(int(name))
-            if p is not None:
-                table[p.pid] = p
-    return table
+    return reaper.proc_table(read_proc)
 
 
 def descendants(root: int, table: dict[int, Proc] | None = None) -> list[Proc]:
     """Every live process under `root` (not `root` itself), parents before children."""
-    table = table if table is not None else proc_table()
-    children: dict[int, list[Proc]] = {}
-    for p in table.values():
-        children.setdefault(p.ppid, []).append(p)
-    out, todo = [], [root]
-    while todo:
-        for child in sorted(children.get(todo.pop(0), []), key=lambda p: p.pid):
-            out.append(child)
-            todo.append(child.pid)
-    return out
+    return reaper.descendants(table if table is not None else proc_table(), root)
 
 
 def alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ from compute.api.app import create_app
 from compute.api.bodies import parse_rfc3339, physical_cores, rfc3339
 from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
+from compute.spec import from_stored, parse_spec
 from compute.state import StateStore, state_path
 from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, keys, launch_settings,
                                        make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir,
@@ -182,9 +183,10 @@ def test_configure_hands_the_spec_to_the_driver_and_waits(rt, start):
     assert r.json["status"] == "running"
     assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time"}
     assert elapsed >= 0.3
-    assert driver.applied == [spec]
+    # the spec sent, stored as the programs read it (typed, without parsing it again)
+    assert [from_stored(doc) for doc in driver.applied] == [parse_spec(spec)]
     store = StateStore(state_path(rt))
-    assert store.get("spec") == spec
+    assert from_stored(store.get("spec")) == parse_spec(spec)
     assert store.get("spec_generation") == 4
 
 

@@ -144,3 +144,20 @@ def test_a_stopping_worker_accepts_nothing_more_and_keeps_fresh_connections(bare
             late.close()
     finally:
         early.close()
+
+
+def test_one_grammar_for_the_fast_path_and_the_early_responder():
+    """compute-ctl's early responder answers exactly the heads plain_get() accepts with nothing
+    behind them; the worker's fast path takes the same heads (what follows is its parser's)."""
+    from compute.api.fastpath import MAX_HEAD, plain_get
+    from compute.early_responder import HOLD, classify
+    head = b"GET /metrics.json?a=1 HTTP/1.0\r\nHost: x\r\n\r\n"
+    assert plain_get(head) == (b"/metrics.json", b"HTTP/1.0", len(head))
+    assert classify(head) == b"/metrics.json" and inline_candidate(head)
+    assert plain_get(head + b"GET /status HTTP/1.1\r\n\r\n").length == len(head)
+    assert classify(head + b"x") == HOLD and inline_candidate(head + b"x")  # pipelined: the worker's parser
+    for odd in (b"GET /status HTTP/1.1\r\nX-Forwarded-Proto: https\r\n\r\n",
+                b"GET /status HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+                b"GET /status HTTP/1.1\r\nX: \x80\r\n\r\n",
+                b"GET /status HTTP/1.1\r\nX-Big: " + b"x" * MAX_HEAD + b"\r\n\r\n"):
+        assert plain_get(odd) is None and classify(odd) == HOLD and not inline_candidate(odd)

@@ -74,3 +74,24 @@ def test_both_metrics_endpoints_are_scraped():
     from compute.cli import build_parser
     parsed = build_parser().parse_args(args)
     assert parsed.postgres_exporter_port == exporter_port
+
+
+def test_the_docs_give_the_probes_of_the_manifest():
+    """docs/api.md's probes are the manifest's (port aside); docs/operations.md's table names the
+    same route for each."""
+    import re
+    c = container()
+    with open(os.path.join(ROOT, "docs", "api.md")) as f:
+        api = f.read()
+    block = re.search(r"## Kubernetes probes\n\n```yaml\n(.*?)```", api, re.S).group(1)
+    documented = yaml.safe_load(block)
+    probes = ("startupProbe", "livenessProbe", "readinessProbe")
+    for probe in probes:
+        want = {k: v for k, v in c[probe].items()}
+        want["httpGet"] = {**want["httpGet"], "port": 3080}
+        assert documented[probe] == want, probe
+    with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+        ops = f.read()
+    for probe in probes:
+        row = re.search(rf"^\| {probe} \| `GET (\S+)` \|", ops, re.M)
+        assert row is not None and row.group(1) == c[probe]["httpGet"]["path"], probe

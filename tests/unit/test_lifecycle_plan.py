@@ -5,15 +5,19 @@ fault suite (test_fault_exit.py, test_fault_kill.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from compute.lifecycle_plan import (PROMOTE, STARTUP_STEPS, DriverView, Readiness, Step, grace_remaining, idle,
-                                    plan_run, readiness, wants_reconfiguration)
+from compute.lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, concurrent_step, grace_remaining,
+                                    idle, pending_request, plan_run, readiness, wants_reconfiguration)
 
 S = Step
 FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
 REUSE_POSTGRES = (S.WAIT_FOR_SPEC, S.WAIT_READY, S.END_STALE_SESSIONS, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
 REAPPLY = (S.END_STALE_SESSIONS, S.REQUEUE_CONFIGURATION, S.SERVE, S.HAND_OVER)
+PROMOTE = (S.PROMOTE, S.SERVE, S.HAND_OVER)
+TERMINATE = (S.TERMINATE, S.WAIT_FOR_STOP)
 
 MATRIX = {
     # first start: nothing happened yet
@@ -35,11 +39,28 @@ MATRIX = {
     # after the start: serve, re-applying a configuration a killed driver left half done
     "running": (DriverView("running", startup_done=True), (S.SERVE, S.HAND_OVER)),
     "configuration pending": (DriverView("configuration_pending", startup_done=True), (S.SERVE, S.HAND_OVER)),
-    "configuration in progress": (DriverView("configuration", startup_done=True, configuring_by="driver"),
-                                  REAPPLY),
-    "configuration in progress (older state file)": (DriverView("configuration", startup_done=True), REAPPLY),
-    # /promote holds `configuration` itself: the API finishes it, the new driver only serves
-    "promote in progress": (DriverView("configuration", startup_done=True, configuring_by=PROMOTE), (S.SERVE, S.HAND_OVER)),
+    "configuration in progress": (DriverView("configuration", startup_done=True), REAPPLY),
+    # an earlier promotion's record (answered) does not make a re-apply a promotion
+    "configuration in progress after a promotion": (DriverView("configuration", startup_done=True,
+                                                               promotion="done"), REAPPLY),
+    "configuration in progress after a failed promotion": (DriverView("configuration", startup_done=True,
+                                                                      promotion="failed"), REAPPLY),
+    # /promote claimed the compute (`configuration` + its request): the driver promotes; one
+    # killed in the middle of it promotes again (it finds out how far its predecessor got)
+    "promote requested": (DriverView("configuration", startup_done=True, promotion="requested"), PROMOTE),
+    "promote in progress": (DriverView("configuration", startup_done=True, promotion="started"), PROMOTE),
+    # /terminate for the driver: carried out first, whatever else was going on, then nothing more
+    "terminate requested, running": (DriverView("running", startup_done=True, termination="requested"), TERMINATE),
+    "terminate requested, configuring": (DriverView("configuration", startup_done=True, promotion="started",
+                                                    termination="requested"), TERMINATE),
+    "terminate requested during start-up": (DriverView("init", termination="requested"), TERMINATE),
+    "terminate in progress": (DriverView("running", startup_done=True, termination="started"), TERMINATE),
+    "terminate in progress, failed start": (DriverView("failed", termination="started"), TERMINATE),
+    # answered, or one the API carries out (postgres never ran): never start anything again
+    "terminated": (DriverView("running", startup_done=True, termination="done"), (S.WAIT_FOR_STOP,)),
+    "terminate by the tree, empty": (DriverView("empty", postgres_state="STOPPED", termination="tree"),
+                                     (S.WAIT_FOR_STOP,)),
+    "terminate by the tree, during storage": (DriverView("init", termination="tree"), (S.WAIT_FOR_STOP,)),
     # a failed reconfiguration keeps the compute up with the error (no grace-period exit)
     "reconfiguration failed": (DriverView("failed", startup_done=True), (S.SERVE, S.HAND_OVER)),
 }
@@ -62,8 +83,11 @@ def test_every_plan_is_well_formed(case):
     if S.APPLY in plan:
         assert plan.index(S.WAIT_FOR_SPEC) < plan.index(S.WAIT_READY) < plan.index(S.APPLY) \
             < plan.index(S.MARK_RUNNING)
-    # a plan either hands over to a fresh driver or ends the tree
-    assert plan[-1] in (S.HAND_OVER, S.FAIL_LATER)
+    # a plan either hands over to a fresh driver, ends the tree, or waits for the tree to end
+    assert plan[-1] in (S.HAND_OVER, S.FAIL_LATER, S.WAIT_FOR_STOP)
+    # a terminate comes before anything else, and nothing starts postgres after one
+    if view_terminating(MATRIX[case][0]):
+        assert S.START_POSTGRES not in plan and S.APPLY not in plan and S.PROMOTE not in plan
     assert len(set(plan)) == len(plan)
 
 
@@ -104,7 +128,34 @@ def test_readiness(pm, state, elapsed, verdict):
     assert readiness(pm, state, elapsed, 60.0) is verdict
 
 
-IDLE = {"running", "promote in progress", "reconfiguration failed"}
+def view_terminating(view: DriverView) -> bool:
+    return view.termination is not None
+
+
+def test_a_terminate_runs_beside_any_plan_in_progress():
+    """concurrent_step: the driver's request thread carries out a /terminate at once (during a
+    basebackup, the catalog SQL, a reconfiguration); the API's own (postgres never ran) is not
+    the driver's to run."""
+    for case, (view, _) in MATRIX.items():
+        expected = S.TERMINATE if view.termination in ("requested", "started") else None
+        assert concurrent_step(view) is expected, case
+
+
+@pytest.mark.parametrize("view,step", [
+    (DriverView("running", startup_done=True), None),
+    (DriverView("configuration_pending", startup_done=True), S.RECONFIGURE),
+    (DriverView("configuration", startup_done=True, promotion="requested"), S.PROMOTE),
+    (DriverView("configuration", startup_done=True, promotion="done"), None),  # being applied by us
+    (DriverView("running", startup_done=True, promotion="failed"), None),
+    (DriverView("configuration_pending", startup_done=True, termination="requested"), S.TERMINATE),
+    (DriverView("running", startup_done=True, termination="done"), S.WAIT_FOR_STOP),
+])
+def test_serve_carries_out_the_waiting_request(view, step):
+    assert pending_request(view) is step
+
+
+IDLE = {"running", "reconfiguration failed", "terminated", "terminate by the tree, empty",
+        "terminate by the tree, during storage"}
 
 
 @pytest.mark.parametrize("case", list(MATRIX))
@@ -114,5 +165,5 @@ def test_a_driver_idles_only_when_it_would_only_serve_with_nothing_waiting(case)
     start-up state, are work at once."""
     view, _ = MATRIX[case]
     # postgres' state is not asked by the idle check: it must not matter
-    assert idle(DriverView(view.status, view.startup_done, None, view.configuring_by)) is (case in IDLE)
+    assert idle(dataclasses.replace(view, postgres_state=None)) is (case in IDLE)
     assert idle(view) is (case in IDLE)

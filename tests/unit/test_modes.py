@@ -19,7 +19,7 @@ from compute import modes, replica
 from compute.api.app import create_app
 from compute.spec import SpecError, parse_spec
 from tests.support.api_helpers import (TENANT, TIMELINE, jwks_keys, launch_settings, make_state,
-                                       minimal_spec, write_jwks)
+                                       minimal_spec, stored, write_jwks)
 
 CONNINFO = "host=10.0.0.5 port=5432 user=replicator password=hunter2-secret application_name=r1"
 
@@ -118,14 +118,11 @@ def test_the_replication_password_goes_to_the_passfile(conninfo):
     assert "hunter2" not in settings_of(mixed)["Primary_ConnInfo"]
 
 
-def test_lsn_order_and_mode_of():
+def test_lsn_order():
     assert modes.lsn_int("0/16B9188") < modes.lsn_int("0/16B9189") < modes.lsn_int("1/0")
     assert modes.lsn_int("FFFFFFFF/FFFFFFFF") == 2**64 - 1
     with pytest.raises(ValueError):
         modes.lsn_int("0/xyz")
-    assert [modes.mode_of(x) for x in (None, {}, {"mode": "Replica"}, {"mode": {"Static": "0/1"}},
-                                       {"mode": "Primary"}, "junk")] == \
-        ["Primary", "Primary", "Replica", "Static", "Primary", "Primary"]
 
 
 def test_invalid_primary_conninfo_in_any_mode():
@@ -237,7 +234,7 @@ def test_promote_needs_a_token_under_jwks(tmp_path):
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {other}"}).status_code == 403
     assert store.get("status") == "running"
     # With this compute's token the request gets past auth (and to the mode check).
-    store.set(spec=PRIMARY_SPEC)
+    store.set(spec=stored(PRIMARY_SPEC))
     mine = jwt.encode({"compute_id": "compute-1", "exp": time.time() + 300}, ed, algorithm="EdDSA")
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {mine}"}).status_code == 412
 

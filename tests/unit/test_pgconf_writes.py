@@ -1,4 +1,6 @@
-"""Files compute-ctl writes into PGDATA after the basebackup never follow a symlink."""
+"""Files compute-ctl writes into PGDATA after the basebackup never follow a symlink.
+
+This file: no process; reload_and_wait against a real postgres: tests/integration/test_pgconf_writes.py."""
 
 from __future__ import annotations
 
@@ -47,3 +49,22 @@ def test_hba_line_appended_once(dirs) -> None:
     assert pgconf.ensure_hba_line(pgdata) is True
     assert pgconf.ensure_hba_line(pgdata) is False
     assert open(os.path.join(pgdata, "pg_hba.conf")).read() == f"local all all trust\n{pgconf.HBA_LINE}\n"
+
+
+def test_reload_and_wait_is_bounded() -> None:
+    """A session that never re-reads the files (pg_conf_load_time never moves): False at the bound."""
+    class Stuck:
+        def __init__(self):
+            self.sql = []
+
+        def execute(self, sql, params=None):
+            self.sql.append(sql)
+            return self
+
+        def fetchone(self):
+            return (False,) if "> %s" in self.sql[-1] else ("2026-01-01 00:00:00+00",)
+    now = [0.0]
+    conn = Stuck()
+    assert pgconf.reload_and_wait(conn, timeout=1, poll=0.25, clock=lambda: now[0],
+                                  sleep=lambda d: now.__setitem__(0, now[0] + d)) is False
+    assert conn.sql[1] == "SELECT pg_catalog.pg_reload_conf()" and now[0] == 1.0

@@ -8,7 +8,22 @@ from __future__ import annotations
 
 import pytest
 
-from compute.pgsession import is_local_host, local_sslmode, session_params, socket_params
+from compute.pgsession import (is_local_host, local_sslmode, named_superuser, session_params, socket_params,
+                               superuser_of)
+
+
+def test_one_reading_of_the_superuser_for_every_program():
+    """superuser_of: the monitor's and the api's (None when none is named); named_superuser:
+    the -C flag's check of compute-ctl and `compute-ctl plan`, on top of it."""
+    assert superuser_of("host=localhost user=zenith_admin") == "zenith_admin"
+    assert superuser_of("postgresql://127.0.0.1/postgres") is None
+    with pytest.raises(ValueError, match=r"^not a valid connection string"):
+        superuser_of("host=localhost user")
+    assert named_superuser("postgresql://cloud_admin@127.0.0.1:55432/postgres") == "cloud_admin"
+    with pytest.raises(ValueError, match=r"^--connstr must name the superuser"):
+        named_superuser("postgresql://127.0.0.1/postgres")
+    with pytest.raises(ValueError, match=r"^--connstr: not a valid connection string"):
+        named_superuser("host=localhost user")
 
 
 @pytest.mark.parametrize("host", [None, "", "/run/postgresql", "@abstract", "localhost", "127.0.0.1",

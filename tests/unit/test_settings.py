@@ -91,3 +91,29 @@ def test_settings_module_imports_nothing_of_the_compute():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
         a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not relative and not any(m and m.startswith("compute") for m in imported), imported
+
+
+def test_require_is_the_one_rule_for_no_settings(tmp_path):
+    """compute-ctl writes the settings before it starts any program: every program reads them
+    with `require`, and a state file without them is said loudly, never defaulted."""
+    from compute.settings import SettingsMissing, require
+    store = StateStore.create(str(tmp_path / "state.db"), {"status": "init"})
+    with pytest.raises(SettingsMissing, match="no settings .*before it starts any program"):
+        require(store)
+    s = Settings(**REQUIRED)
+    store.set(**{STATE_KEY: s.to_json()})
+    assert require(store) == s
+
+
+def test_every_program_reads_the_settings_through_the_one_rule(tmp_path):
+    """The driver, the exit watcher and the api fail loudly on a state file without settings."""
+    from compute.api.context import ApiContext
+    from compute.lifecycle import Driver
+    from compute.settings import SettingsMissing
+    from compute.state import state_path
+    rt = str(tmp_path)
+    StateStore.create(state_path(rt), {"status": "init"})
+    with pytest.raises(SettingsMissing):
+        Driver(rt)
+    with pytest.raises(SettingsMissing):
+        ApiContext(rt).settings
