@@ -78,8 +78,8 @@ def run_api(quick: bool) -> dict:
 
 def run_startup(quick: bool) -> dict:
     from bench.startup import run_api_kills, run_baseline, run_compute
-    from compute.pgconf import render_postgresql_conf
-    from compute.spec import parse_spec
+    from compute.postgres.conf import render_postgresql_conf
+    from compute.model.spec import parse_spec
     from tests.peers.pageserver import make_basebackup_tar
     from tests.peers.sync_safekeepers import write_fake_postgres
     from tests.support.pgcluster import scratch_dir

@@ -5,7 +5,7 @@ file, then measures:
   1. GET /status throughput and p50/p99 latency with 64 concurrent keep-alive connections;
   2. GET /status p99 while a POST /configure is in flight (a simulated driver holds
      configuration_pending for a few seconds, then reports running);
-  3. the CPU use of a running `python -m compute.monitor` over 30 s (utime+stime from
+  3. the CPU use of a running `python -m compute.programs.monitor` over 30 s (utime+stime from
      /proc/<pid>/stat), with a user session idle in transaction (worst case: it writes every tick).
 
 The load generator is `wrk` when installed (C, little CPU), otherwise a Python one (threads +
@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import GUNICORN_ARGV, REPO, launch_settings, make_state, minimal_spec, wait_port
 from tests.support.pgcluster import free_port, running_cluster
 
@@ -219,7 +219,7 @@ def configure_bench(runtime_dir: str, port: int, connections: int, seconds: floa
 
 def monitor_bench(runtime_dir: str, cluster, seconds: float) -> dict:
     env = dict(os.environ, COMPUTE_RUNTIME_DIR=runtime_dir, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "compute.monitor"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "compute.programs.monitor"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with psycopg.connect(cluster.conninfo(user="bench_user")) as user:

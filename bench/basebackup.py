@@ -144,7 +144,7 @@ def client(connstr: str, dest: str, compression: str | None = None) -> None:
     """The measured child: only the basebackup (plus the imports it needs)."""
     import resource
 
-    from compute.storage import basebackup
+    from compute.storage.basebackup import basebackup
     t = time.perf_counter()
     ru = resource.getrusage(resource.RUSAGE_SELF)
     n = basebackup(connstr, TENANT, TIMELINE, "0/0", dest, None, compression=compression)
@@ -176,7 +176,7 @@ def compare(archive: str, pairs: int, workdir: str) -> dict:
                 else:
                     stock.append({"wall": r["seconds"], "rss": r["maxrss_kib"], "cpu": r["cpu"]})
     shutil.rmtree(dest, ignore_errors=True)
-    idle = _measure([sys.executable, "-c", "import compute.storage"])
+    idle = _measure([sys.executable, "-c", "import compute.storage.basebackup"])
     ratio = [s["wall"] / o["inproc"] for o, s in zip(ours, stock)]
     ratio_wall = [s["wall"] / o["wall"] for o, s in zip(ours, stock)]
 
@@ -217,8 +217,8 @@ def breakdown(archive: str, workdir: str, runs: int = 5) -> dict:
     """Where our time goes, each part alone, in this process, the peer in another (medians of `runs`)."""
     import psycopg
 
-    from compute.storage import _copy_out, basebackup
-    from compute.tarextract import TarExtractor
+    from compute.storage.basebackup import _copy_out, basebackup
+    from compute.storage.tarextract import TarExtractor
     dest = os.path.join(workdir, "x")
     parts: dict[str, list[float]] = {"receive only": [], "extract from memory": [], "basebackup()": [],
                                      "tar -xf FILE": []}

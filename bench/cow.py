@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0, help="seconds of idle after the hand-over")
     args = ap.parse_args()
     compute = Compute(env={})
-    compute.spec = compute.new_spec()
+    compute.model.spec = compute.new_spec()
     with compute:
         compute.wait_status("running", timeout=120)
         compute.wait_handed_over()

@@ -13,7 +13,7 @@ import hashlib
 import sys
 
 from compute.reconcile import apply_spec
-from compute.spec import parse_spec
+from compute.model.spec import parse_spec
 from tests.support.pgcluster import running_cluster
 
 SUPERUSER = "cloud_admin"

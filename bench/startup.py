@@ -9,7 +9,7 @@ Baseline, by hand with stock tools: the same stand-in sync, `psql -c "basebackup
 from the same pageserver peer (the stock pipeline a person would type), the same
 postgresql.conf, `pg_ctl start -w`, and the same SQL through `psql -f`. Both sides' phases are
 printed, so the gap per phase is visible.
-The tree's own marks (COMPUTE_TRACE, compute/trace.py) are printed as a timeline since exec.
+The tree's own marks (COMPUTE_TRACE, compute/base/trace.py) are printed as a timeline since exec.
 Then the api: kill -9 of its gunicorn master, and of a worker, at random moments; per kill, ms
 to the first 200 on /status and to a 200 once the api is whole again (--api-kills N, 0: skip).
 Needs the installed tree (scripts/install.sh) and root (it runs postgres as the postgres user).
@@ -50,8 +50,8 @@ def spec_for(c: Compute, ps: PageserverPeer) -> dict:
 
 
 def timeline(trace_file: str, t0: float) -> list[tuple[float, str]]:
-    """The tree's marks (compute/trace.py) as ms since exec, first of each event only."""
-    from compute.trace import read
+    """The tree's marks (compute/base/trace.py) as ms since exec, first of each event only."""
+    from compute.base.trace import read
     seen, out = set(), []
     for t, _pid, event in read(trace_file):
         if event not in seen:
@@ -151,8 +151,8 @@ def main() -> None:
     fake_pg = write_fake_postgres(scratch_dir("cs-bench-bin-"))
 
     # The same settings for the baseline as the compute renders.
-    from compute.pgconf import render_postgresql_conf
-    from compute.spec import parse_spec
+    from compute.postgres.conf import render_postgresql_conf
+    from compute.model.spec import parse_spec
     probe = Compute()
     spec = parse_spec(probe.new_spec())
     probe.close()

@@ -28,7 +28,7 @@ def _jwt():
     """PyJWT, imported when a JWKS is first used, never before: with cryptography (a large Rust
     extension: docs/performance.md, "Figures behind the code") it is memory a compute without
     --jwks never needs. With --jwks the warm image imports it before any program is forked
-    (compute/warmfork.py), so this costs nothing then. None when not installed (PyJWT[crypto]
+    (compute/tree/warmfork.py), so this costs nothing then. None when not installed (PyJWT[crypto]
     is a dependency; without it only auth is unavailable)."""
     try:
         import jwt

@@ -1,6 +1,6 @@
 """The bodies of the read-only answers (/status, /metrics.json, /info, /healthz), built from
 what the state file holds. Standard library only (no falcon, no psycopg): compute-ctl's early
-responder (compute/early_responder.py) imports this before anything heavy, and the API's
+responder (compute/boot/early_responder.py) imports this before anything heavy, and the API's
 resources (compute/api/status.py, health.py, context.py) build the same bytes from it.
 
 `encode(body)` is how both serialise: json.dumps, as falcon sends `resp.text`.

@@ -68,7 +68,7 @@ def pg_dump_env(connstr: str, dbname: str) -> dict[str, str]:
         if params.get(key):
             env[var] = str(params[key])
     # The superuser's password on the embedded default: the passfile our programs are given
-    # (compute/localauth.py), never the password itself.
+    # (compute/postgres/localauth.py), never the password itself.
     if "PGPASSFILE" not in env and os.environ.get("PGPASSFILE"):
         env["PGPASSFILE"] = os.environ["PGPASSFILE"]
     return env

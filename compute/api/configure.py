@@ -5,8 +5,8 @@ The API's half of the protocol (the driver is the `lifecycle` program):
      refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
      when live configuration is not allowed (not pull mode) or the status is not empty/running;
      then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
-     is invalid or would change a running compute's mode (compute/modes.py);
-  2. submit, wake, wait (compute/driver_requests.py): one atomic transition {empty, running} ->
+     is invalid or would change a running compute's mode (compute/model/modes.py);
+  2. submit, wake, wait (compute/shared/driver_requests.py): one atomic transition {empty, running} ->
      configuration_pending carrying the spec and a new spec_generation (of concurrent requests
      exactly one wins, the others get 412), then the driver's answer: `running` (200, the
      /status body) or `failed` (500 {"error"}).
@@ -19,10 +19,11 @@ import logging
 
 import falcon
 
-from compute import driver_requests, modes
+from compute.shared import driver_requests
+from compute.model import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.spec import SpecError, StoredSpecError, load_stored, parse_spec, to_document
+from compute.model.spec import SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.configure")
 

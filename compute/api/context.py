@@ -7,9 +7,9 @@ from typing import Any
 
 import psycopg
 from compute.api.bodies import STATUS_KEYS, status_body
-from compute.pgsession import session_params, superuser_of
-from compute.settings import Settings, require as require_settings
-from compute.state import StateStore, runtime_dir_from_env, state_path
+from compute.postgres.sessions import session_params, superuser_of
+from compute.model.launch import LaunchSettings, require as require_settings
+from compute.shared.state import StateStore, runtime_dir_from_env, state_path
 
 HTTP_APPLICATION_NAME = "compute_ctl:http"
 # /insights and /check_writability must not hold a request thread forever on a stuck postgres.
@@ -28,13 +28,13 @@ class ApiContext:
         self.runtime_dir = runtime_dir
         self.state_path = state_path(runtime_dir)
         self.store = StateStore(self.state_path)
-        self._settings: Settings | None = None
+        self._settings: LaunchSettings | None = None
         self._conn_params: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     @property
-    def settings(self) -> Settings:
-        """The bootstrap's settings: written once before any program starts (compute/settings.py
+    def settings(self) -> LaunchSettings:
+        """The bootstrap's settings: written once before any program starts (compute/model/launch.py
         `require`), so read once."""
         found = self._settings
         if found is None:
@@ -58,7 +58,7 @@ class ApiContext:
         never count as user activity, so the API's own queries cannot keep an idle compute awake."""
         params = self._conn_params
         if params is None:
-            # search_path and role pinned (compute/pgsession.py), bounded waits
+            # search_path and role pinned (compute/postgres/sessions.py), bounded waits
             params = session_params(self.connstr, lock_timeout_ms=LOCK_TIMEOUT_MS,
                                     statement_timeout_ms=STATEMENT_TIMEOUT_MS)
             self._conn_params = params

@@ -27,7 +27,7 @@ MAX_HEAD = 8192  # a longer head is the pool's business (gunicorn's limit_reques
 MAX_HEADER_LINES = 100  # gunicorn's limit_request_fields
 
 # The one grammar of a plain request head, for the worker's fast path and compute-ctl's early
-# responder (compute/early_responder.py). Stricter than gunicorn's parser on purpose: a request
+# responder (compute/boot/early_responder.py). Stricter than gunicorn's parser on purpose: a request
 # it would refuse, or treat specially, never matches.
 _REQUEST_LINE = re.compile(rb"GET (/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)? "
                            rb"(HTTP/1\.[01])\Z")

@@ -14,11 +14,11 @@ import gc
 import os
 
 
-from compute.api_socket import inherited_fd
-from compute.procutil import die_with_parent
-from compute.trace import mark
-from compute.settings import Settings, require as require_settings
-from compute.state import StateStore, runtime_dir_from_env, state_path
+from compute.api.listener import inherited_fd
+from compute.base.procutil import die_with_parent
+from compute.base.trace import mark
+from compute.model.launch import LaunchSettings, require as require_settings
+from compute.shared.state import StateStore, runtime_dir_from_env, state_path
 
 
 def bind_address(host: str, port: int) -> str:
@@ -26,7 +26,7 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _launch() -> Settings:
+def _launch() -> LaunchSettings:
     runtime_dir = runtime_dir_from_env()
     store = StateStore(state_path(runtime_dir))
     try:
@@ -38,7 +38,7 @@ def _launch() -> Settings:
 _launch_settings = _launch()
 _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 
-# Under compute-ctl: the socket it bound and holds for the life of the tree (compute/api_socket.py),
+# Under compute-ctl: the socket it bound and holds for the life of the tree (compute/api/listener.py),
 # so a restart never binds again. Standalone: bind the address ourselves.
 _api_fd = inherited_fd()
 bind = [f"fd://{_api_fd}"] if _api_fd is not None else [

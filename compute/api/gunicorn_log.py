@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from compute.logs import setup_program_logging
+from compute.base.logs import setup_program_logging
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}

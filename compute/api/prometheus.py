@@ -15,8 +15,8 @@ from typing import Any, Iterable
 import falcon
 
 from compute.api.context import ApiContext
-from compute.supervision import rpc
-from compute.state import STATUSES
+from compute.shared.supervisor_rpc import rpc
+from compute.shared.state import STATUSES
 
 log = logging.getLogger("compute.api.prometheus")
 

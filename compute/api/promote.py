@@ -2,7 +2,7 @@
 
 Body `{"spec": {...}, "wal_flush_lsn": "<lsn>"}` (the LSN may be left out for a replica of a
 plain PostgreSQL primary). The API validates and submits; the lifecycle driver promotes
-(compute/driver_requests.py, compute/lifecycle.py):
+(compute/shared/driver_requests.py, compute/lifecycle/driver.py):
   1. validate: 400 for a malformed body, an invalid spec, or a spec whose mode is not Primary;
      412 when this compute is not a running Replica;
   2. submit: claim the compute (atomic `running` -> `configuration` with the `promotion` record:
@@ -22,10 +22,11 @@ import time
 
 import falcon
 
-from compute import driver_requests, modes
+from compute.shared import driver_requests
+from compute.model import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.spec import LSN, ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
+from compute.model.spec import LSN, ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.promote")
 

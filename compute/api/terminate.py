@@ -5,7 +5,7 @@ primary's last LSN: {"terminated": true, "lsn": "0/16B3748" | null} (Neon's answ
 fast (default): supervisord stops postgres with SIGINT (fast shutdown, a shutdown checkpoint).
 immediate: SIGQUIT (immediate shutdown: no checkpoint, crash recovery on a next start).
 
-The lifecycle driver stops postgres and finds the LSN (compute/driver_requests.py has the rule):
+The lifecycle driver stops postgres and finds the LSN (compute/shared/driver_requests.py has the rule):
 the API submits the request, wakes the driver and waits for its answer. `shutdown_requested`
 tells the exit watcher that postgres going away is wanted: it then takes the whole tree down
 with exit status 0, once this request has its answer (`terminate_pending`). When postgres never
@@ -19,7 +19,7 @@ import logging
 
 import falcon
 
-from compute import driver_requests
+from compute.shared import driver_requests
 from compute.api.context import ApiContext
 from compute.api.errors import json_body
 

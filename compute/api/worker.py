@@ -63,8 +63,8 @@ from gunicorn import http
 from gunicorn.workers import gthread
 
 from compute.api import fastpath
-from compute.api_handover import take_held
-from compute.state import bound_busy_wait, runtime_dir_from_env
+from compute.api.handover import take_held
+from compute.shared.state import bound_busy_wait, runtime_dir_from_env
 
 _DEFER = gthread._DEFER  # noqa: SLF001 - AttributeError on a gunicorn without deferral: not used then
 
@@ -226,7 +226,7 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
 
     def run(self):
         """gthread's loop, after taking over the connections compute-ctl's early responder
-        accepted and holds (compute/api_handover.py, at most TAKE_TIMEOUT): served as if this
+        accepted and holds (compute/api/handover.py, at most TAKE_TIMEOUT): served as if this
         worker had accepted them, before its first accept. [] for all but the first worker."""
         server = self.sockets[0].getsockname() if self.sockets else None
         for sock, client in take_held(runtime_dir_from_env(required=False)):

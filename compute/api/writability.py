@@ -16,10 +16,10 @@ import logging
 import falcon
 import psycopg
 
-from compute import modes
+from compute.model import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import text
-from compute.spec import StoredSpecError, load_stored
+from compute.model.spec import StoredSpecError, load_stored
 
 log = logging.getLogger("compute.api.writability")
 

@@ -7,12 +7,12 @@
 See planner.py for the order of operations and how the two phases work.
 """
 
-from .api import ApplyReport, apply_spec, dry_run, plan_spec
-from .errors import ApplyError, CatalogError, PlanError, ReconcileError
-from .catalog import Catalog, DatabaseInfo, LocalFacts, RoleInfo, snapshot, with_local_facts
-from .connections import Connections
-from .executor import execute
-from .planner import Plan, Statement, Step, format_plan, plan, stored_password
+from compute.reconcile.apply import ApplyReport, apply_spec, dry_run, plan_spec
+from compute.reconcile.errors import ApplyError, CatalogError, PlanError, ReconcileError
+from compute.reconcile.catalog import Catalog, DatabaseInfo, LocalFacts, RoleInfo, snapshot, with_local_facts
+from compute.reconcile.connections import Connections
+from compute.reconcile.executor import execute
+from compute.reconcile.planner import Plan, Statement, Step, format_plan, plan, stored_password
 
 __all__ = [
     "ApplyError", "ApplyReport", "Catalog", "CatalogError", "Connections", "DatabaseInfo",

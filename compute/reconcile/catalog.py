@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import psycopg
 
-from compute.spec import ComputeSpec
+from compute.model.spec import ComputeSpec
 
-from .errors import CatalogError
+from compute.reconcile.errors import CatalogError
 
 ConnFactory = Callable[[str], psycopg.Connection]
 

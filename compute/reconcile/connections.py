@@ -18,8 +18,8 @@ from typing import Callable, Iterable, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from compute.pgsession import local_sslmode, session_options
-from compute.settings import default
+from compute.postgres.sessions import local_sslmode, session_options
+from compute.model.launch import default
 
 APPLICATION_NAME = "compute_ctl:apply_spec"
 # A statement of ours that waits this long for a lock, or runs this long, fails the apply with a
@@ -39,7 +39,7 @@ class Connections:
         self.statement_timeout = statement_timeout
         self._extra: dict[str, object] = {}
         params = conninfo_to_dict(connstr)
-        # Pinned search_path and role, bounded waits (compute/pgsession.py), after the connstr's
+        # Pinned search_path and role, bounded waits (compute/postgres/sessions.py), after the connstr's
         # own options so that they win.
         ours = session_options(lock_timeout_ms=_ms(lock_timeout), statement_timeout_ms=_ms(statement_timeout))
         self._extra["options"] = f"{params.get('options', '')} {ours}".strip()

@@ -13,7 +13,7 @@ one by one in a transaction that is rolled back too, only to name the failing st
 error (its redacted text: never a password).
 
 A step whose statements carry password hashes runs in an explicit transaction that first turns
-off every way the server could log or record its text (compute.pgsession.NO_LOG_SETTINGS, SET
+off every way the server could log or record its text (compute.postgres.sessions.NO_LOG_SETTINGS, SET
 LOCAL): log_statement=all set by the spec, a failing batch under log_min_error_statement, slow
 statement logging, pg_stat_statements. It costs one more round trip, only when roles change.
 """
@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 
 import psycopg
 
-from compute.pgsession import NO_LOG_SETTINGS
+from compute.postgres.sessions import NO_LOG_SETTINGS
 
-from .errors import ApplyError
-from .planner import Plan, Statement, Step
+from compute.reconcile.errors import ApplyError
+from compute.reconcile.planner import Plan, Statement, Step
 
 log = logging.getLogger("compute.reconcile")
 

@@ -46,11 +46,11 @@ from typing import Iterable, Iterator
 
 from psycopg import sql
 
-from compute.spec import (BARE_VALUE, MAX_NAME_BYTES, OPTION_KEYWORD, ComputeSpec, GenericOption,
+from compute.model.spec import (BARE_VALUE, MAX_NAME_BYTES, OPTION_KEYWORD, ComputeSpec, GenericOption,
                           valid_password_hash)
 
-from .catalog import Catalog, LocalFacts
-from .errors import PlanError
+from compute.reconcile.catalog import Catalog, LocalFacts
+from compute.reconcile.errors import PlanError
 
 ADMIN_ROLES = frozenset({"cloud_admin", "zenith_admin"})
 RESERVED_ROLE_NAMES = frozenset({"public", "none"})  # CREATE ROLE rejects these (and pg_*)
@@ -453,7 +453,7 @@ def _plan_extensions(state: _State, spec: ComputeSpec) -> list[Step]:
     if maint is not None and maint.local is not None and PG_STAT_STATEMENTS in maint.local.extensions:
         return []
     # In schema public, where an unpinned session would put it: our sessions pin search_path to
-    # pg_catalog (compute/pgsession.py), which no extension may be created in.
+    # pg_catalog (compute/postgres/sessions.py), which no extension may be created in.
     st = _st("CREATE EXTENSION IF NOT EXISTS {} SCHEMA public", _ident(PG_STAT_STATEMENTS))
     return [Step(state.maintenance_db, True, (st,), 2, "extensions")]
 

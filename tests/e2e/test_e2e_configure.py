@@ -11,7 +11,7 @@ import time
 import psycopg
 
 from tests.peers.control_plane import ControlPlanePeer
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
 
@@ -214,7 +214,7 @@ def test_plan_finds_the_superuser_passfile_in_the_runtime_dir():
 
 def test_driver_hands_over_after_the_start_and_after_each_reconfiguration():
     """The driver that did the start-up exits 0 and supervisord forks a fresh one (its memory
-    goes with it: compute/lifecycle_plan.py); the same after each reconfiguration it applies.
+    goes with it: compute/lifecycle/steps.py); the same after each reconfiguration it applies.
     Not a restart: program_restarts stays empty. postgres is untouched."""
     with ControlPlanePeer(None) as cp:
         c = pull_compute(cp)  # live configuration: pull mode

@@ -215,7 +215,7 @@ def test_terminate_on_the_neon_path_syncs_safekeepers_again():
 
 def test_terminate_sync_gets_a_storage_token_given_only_in_the_environment():
     """The storage token from the environment alone (NEON_AUTH_TOKEN, a Kubernetes Secret): only
-    the lifecycle driver and postgres have it (compute/environ.py), and the driver runs
+    the lifecycle driver and postgres have it (compute/model/environ.py), and the driver runs
     /terminate's sync-safekeepers, so that sync authenticates like the start's (it once ran in
     the API process, without the token)."""
     from tests.peers.pageserver import PageserverPeer, make_basebackup_tar

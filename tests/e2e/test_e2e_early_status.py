@@ -1,7 +1,7 @@
-"""The whole tree with compute-ctl's early responder (compute/early_responder.py): /status is
+"""The whole tree with compute-ctl's early responder (compute/boot/early_responder.py): /status is
 answered before the api program exists, with the bodies the api gives; whatever else arrives
 in that window is held unread and gets the api's own answer once it takes over
-(compute/api_handover.py). The api is held back (its program not autostarted: a template
+(compute/api/handover.py). The api is held back (its program not autostarted: a template
 copy, COMPUTE_TEMPLATE_DIR) until the test starts it with supervisorctl, so "before the api"
 is a state the test controls, not a race it hopes to win."""
 
@@ -17,9 +17,9 @@ import subprocess
 import sys
 
 from compute.api import bodies
-from compute.api_handover import HELLO, handover_path
-from compute.state import StateStore, state_path
-from compute.supervision import template_dir
+from compute.api.handover import HELLO, handover_path
+from compute.shared.state import StateStore, state_path
+from compute.tree.supervisord_conf import template_dir
 from tests.support.api_helpers import jwks_keys
 from tests.support.fault_tree import alive, proc_table
 from tests.support.pgcluster import PG_USER, scratch_dir
@@ -57,7 +57,7 @@ def compute_with_api_held_back(**kw) -> Compute:
 
 
 def marks(c: Compute) -> list[str]:
-    from compute.trace import read
+    from compute.base.trace import read
     return [event for _t, _pid, event in read(c.trace)]
 
 

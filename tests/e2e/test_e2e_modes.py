@@ -29,7 +29,7 @@ from psycopg import sql
 import yaml
 from openapi_schema_validator import OAS30Validator
 
-from compute.replica import ReplicaError, wait_for_replay
+from compute.postgres.replica import ReplicaError, wait_for_replay
 from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres

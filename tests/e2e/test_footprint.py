@@ -1,4 +1,4 @@
-"""What the warm image holds (compute/warmfork.py): PyJWT + cryptography (~8 MiB of private
+"""What the warm image holds (compute/tree/warmfork.py): PyJWT + cryptography (~8 MiB of private
 pages in compute-ctl alone) only for a compute started with --jwks, and auth still verifying
 tokens when it is.
 

@@ -1,5 +1,5 @@
 """The API's listening socket is bound by compute-ctl and inherited by the api alone
-(compute/api_socket.py): the api keeps serving across kill -9 of its master or a worker and
+(compute/api/listener.py): the api keeps serving across kill -9 of its master or a worker and
 across `supervisorctl restart api` (connections wait in the backlog, none is refused), no other
 program holds the socket, and a port in use is a one-line error that leaves nothing behind.
 

@@ -28,7 +28,7 @@ import time
 import psycopg
 import pytest
 
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.exit_paths import TreeRecord, listening
 from tests.support.fault_tree import program_child, supervisord_pid, tree

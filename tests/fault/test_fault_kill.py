@@ -21,8 +21,8 @@ import time
 import psycopg
 import pytest
 
-from compute.state import StateStore, state_path
-from compute.supervision import rpc
+from compute.shared.state import StateStore, state_path
+from compute.shared.supervisor_rpc import rpc
 from tests.support.fault_tree import (StatusPoller, alive, kill_leftovers, program_child, read_proc,
                                       supervisord_pid, tree)
 from tests.support.tree import Compute, booted_compute
@@ -124,7 +124,7 @@ def kill_9_program_repeatedly(c: Compute, program: str) -> None:
 @pytest.mark.parametrize("program", ["monitor", "lifecycle"])
 def test_restart_goal(program):
     """The 2 s goal on the restart times measured above. Stock supervisord 4.3 needs one or two
-    full 1 s poll() periods per restart; compute.supervisord_main wakes its loop on SIGCHLD.
+    full 1 s poll() periods per restart; compute.tree.supervisord wakes its loop on SIGCHLD.
     Run without test_kill_9_program_repeatedly[program] before it, it measures them itself."""
     if program not in MEASURED:
         with booted_compute() as c:

@@ -288,7 +288,7 @@ def test_tokens_only_in_the_programs_that_use_them():
                 time.sleep(0.1)
             found = secrets_by_role(c)
             assert roles >= {"sleep", "api worker", "monitor", "compute-ctl", "postgres"}, roles
-            # lifecycle is forked (compute/warmfork.py): its token is in its memory only, not in
+            # lifecycle is forked (compute/tree/warmfork.py): its token is in its memory only, not in
             # an environment block (/proc shows compute-ctl's, scrubbed); postgres is exec'd.
             assert found.get(CP_TOKEN, set()) <= {"lifecycle"}, found
             assert "postgres" in found.get(STORAGE_TOKEN, set()) <= {"lifecycle", "postgres"}, found
@@ -343,6 +343,6 @@ def test_neon_path_storage_token_reaches_sync_and_postgres_only():
             assert ps.last.password == STORAGE_TOKEN
             found = secrets_by_role(c)
             assert CP_TOKEN not in found or found[CP_TOKEN] == {"lifecycle"}, found
-            # lifecycle is forked (compute/warmfork.py): the token is in its memory, not in an
+            # lifecycle is forked (compute/tree/warmfork.py): the token is in its memory, not in an
             # environment block; postgres is exec'd with it
             assert "postgres" in found.get(STORAGE_TOKEN, set()) <= {"lifecycle", "postgres"}, found

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from compute.pgsession import session_options
+from compute.postgres.sessions import session_options
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.tree import Compute
 from tests.support.traps import TRAPS

@@ -11,7 +11,7 @@ import socket
 import threading
 import pytest
 
-from compute.spec import MAX_SPEC_BYTES
+from compute.model.spec import MAX_SPEC_BYTES
 from tests.support.fault_tree import proc_table
 from tests.support.hostile_spec import (BASE, S5, TRAILING_NEWLINE, UNCAUGHT, add_setting, case, role, text, top,
                                         with_)
@@ -58,7 +58,7 @@ E2E = [
     case("deeply nested JSON", b"[" * 100_000 + b"]" * 100_000, "<document>", UNCAUGHT),
     case("token + trailing newline", with_(top(storage_auth_token="s3cr3t-token\n")), "storage_auth_token",
          TRAILING_NEWLINE + "; compute-ctl then prints the token itself ('...' cannot be written to "
-         "supervisord.conf) after creating the runtime dir (compute/cli.py main(): prepare_dirs before "
+         "supervisord.conf) after creating the runtime dir (compute/boot/cli.py main(): prepare_dirs before "
          "render_supervisord_conf)"),
 ]
 

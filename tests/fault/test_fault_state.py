@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from compute.state import StateStore
+from compute.shared.state import StateStore
 from tests.support.installed import REPO
 
 KILLS = 50

@@ -20,9 +20,9 @@ import pytest
 
 from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
-from compute.supervision import rpc
+from compute.shared.supervisor_rpc import rpc
 from compute.api.writability import WRITABILITY_QUERY
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import (call, client_for, fake_driver, gunicorn, gunicorn_state, launch_settings,
                                        make_state, minimal_spec, parse_prometheus, pg, request_driver, rt,
                                        short_runtime_dir, supervisord)

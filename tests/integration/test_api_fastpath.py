@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
                                        make_state, minimal_spec, write_jwks)
 from tests.support.pgcluster import free_port

@@ -1,5 +1,5 @@
 """The API's listening socket is bound by compute-ctl and inherited by the api alone
-(compute/api_socket.py): the api keeps serving across kill -9 of its master or a worker and
+(compute/api/listener.py): the api keeps serving across kill -9 of its master or a worker and
 across `supervisorctl restart api` (connections wait in the backlog, none is refused), no other
 program holds the socket, and a port in use is a one-line error that leaves nothing behind.
 
@@ -14,7 +14,7 @@ import sys
 def test_bind_keeps_clear_of_stdio():
     """compute-ctl started with stdin closed: the socket must not be fd 0, which supervisord
     makes every child's stdin pipe."""
-    script = ("import os, socket; os.close(0); from compute.api_socket import bind_api_socket; "
+    script = ("import os, socket; os.close(0); from compute.api.listener import bind_api_socket; "
               "s = bind_api_socket('127.0.0.1', 0); assert s.fileno() > 2, s.fileno(); "
               "assert not s.get_inheritable() and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN); "
               "print('ok')")

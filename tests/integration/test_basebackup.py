@@ -23,8 +23,10 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from compute.storage import (RetryPolicy, StorageError, basebackup, initdb_default, sync_safekeepers,
-                             with_retries)
+from compute.storage.attempts import RetryPolicy, StorageError, with_retries
+from compute.storage.basebackup import basebackup
+from compute.storage.initdb import initdb_default
+from compute.storage.safekeepers import sync_safekeepers
 from tests.peers.pageserver import PageserverPeer
 from tests.support.hostile_tar import raw_header
 from tests.peers.sync_safekeepers import DEFAULT_LSN, write_fake_postgres
@@ -298,7 +300,7 @@ def test_server_error_text_is_one_bounded_line(bb_tar: str, pgdata: str) -> None
         with pytest.raises(StorageError) as ei:
             basebackup(ps.connstr, "0" * 32, TIMELINE, "0/0", pgdata, None)
     assert "\n" not in str(ei.value)
-    from compute.storage import _one_line
+    from compute.storage.attempts import _one_line
     assert _one_line("a\nb\r\n c") == "a b c" and len(_one_line("x" * 10_000)) == 503
 
 

@@ -1,5 +1,5 @@
-"""compute-ctl's early responder (compute/early_responder.py) and the hand-over of what it holds
-(compute/api_handover.py), in this process: a real listening socket on loopback, raw client
+"""compute-ctl's early responder (compute/boot/early_responder.py) and the hand-over of what it holds
+(compute/api/handover.py), in this process: a real listening socket on loopback, raw client
 sockets, the worker's end of the hand-over (take_held) as the api worker calls it. The whole
 tree (the responder in compute-ctl, the api taking over) is in tests/test_e2e_early_status.py.
 
@@ -15,9 +15,9 @@ import sys
 import threading
 
 from compute.api import bodies
-from compute.api_handover import HELLO, handover_path, take_held
-from compute.early_responder import HOLD, MORE, classify
-from compute.state import StateStore, state_path
+from compute.api.handover import HELLO, handover_path, take_held
+from compute.boot.early_responder import HOLD, MORE, classify
+from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import make_state
 from tests.support.early_rig import STARTED, Rig, body_of, read_to_eof, rig
 from tests.support.waiting import wait_for

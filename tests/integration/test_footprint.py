@@ -1,4 +1,4 @@
-"""What the warm image holds (compute/warmfork.py): PyJWT + cryptography (~8 MiB of private
+"""What the warm image holds (compute/tree/warmfork.py): PyJWT + cryptography (~8 MiB of private
 pages in compute-ctl alone) only for a compute started with --jwks, and auth still verifying
 tokens when it is.
 
@@ -11,7 +11,7 @@ import sys
 
 
 def test_the_api_imports_no_pyjwt_until_a_jwks_is_used():
-    code = ("import sys, compute.api.app, compute.lifecycle, compute.monitor, compute.supervisord_main\n"
+    code = ("import sys, compute.api.app, compute.lifecycle.driver, compute.programs.monitor, compute.tree.supervisord\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jwt', 'cryptography')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

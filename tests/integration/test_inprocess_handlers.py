@@ -1,5 +1,5 @@
-"""The tree's event handlers that run inside supervisord (compute/exitwatch.py,
-compute/logrelay.py): their timers, the log relay's line assembly, and the core-dump report's
+"""The tree's event handlers that run inside supervisord (compute/tree/exitwatch.py,
+compute/tree/logrelay.py): their timers, the log relay's line assembly, and the core-dump report's
 gdb child that must never block supervisord's loop. The e2e side: tests/test_e2e_tree.py.
 
 This file: the gdb child; the rest: tests/unit/test_inprocess_handlers.py."""
@@ -11,7 +11,7 @@ import os
 import stat
 import time
 
-from compute.exitwatch import CoreDumpReport, Timers
+from compute.tree.exitwatch import CoreDumpReport, Timers
 
 
 def test_core_dump_report_never_blocks_the_loop(tmp_path, monkeypatch, caplog):
@@ -30,7 +30,7 @@ def test_core_dump_report_never_blocks_the_loop(tmp_path, monkeypatch, caplog):
     done: list[bool] = []
     timers = Timers()
     report = CoreDumpReport(str(pgdata), "/usr/bin/postgres", timers, lambda: done.append(True))
-    with caplog.at_level(logging.INFO, logger="compute.exitwatch"):
+    with caplog.at_level(logging.INFO, logger="compute.tree.exitwatch"):
         report.start()
         assert done == [] and timers.next_in() is not None  # polled later, not waited for
         timers.run_due()

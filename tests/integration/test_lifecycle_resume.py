@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from compute.lifecycle import Driver
+from compute.lifecycle.driver import Driver
 from compute.reconcile.connections import APPLICATION_NAME
 from tests.support.api_helpers import launch_settings, make_state
 from tests.support.pgcluster import running_cluster
@@ -96,8 +96,8 @@ def test_the_idle_drivers_look_at_the_state_file(tmp_path):
     """wait_for_work's look (in a short-lived child after a hand-over): work for a waiting or
     interrupted reconfiguration, none for a running compute, and work for a state file it
     cannot read (the driver proper then reports what is wrong)."""
-    from compute.lifecycle import _has_work, _has_work_child
-    from compute.state import StateStore, state_path
+    from compute.lifecycle.driver import _has_work, _has_work_child
+    from compute.shared.state import StateStore, state_path
     path = state_path(str(tmp_path))
     store = StateStore.create(path, {"status": "running", "startup_done": True})
     for look in (_has_work, _has_work_child):
@@ -120,8 +120,8 @@ def test_a_promotion_the_dead_driver_began_is_finished(tmp_path, cluster):
     """Killed after pg_promote() (record STARTED, postgres out of recovery): the next driver's
     PROMOTE step finds the work done and hands the new spec over; a promotion only REQUESTED
     on a postgres that is not in recovery fails cleanly instead (nothing to promote)."""
-    from compute import driver_requests as dr
-    from compute.spec import from_stored, parse_spec, to_document
+    from compute.shared import driver_requests as dr
+    from compute.model.spec import from_stored, parse_spec, to_document
     from tests.support.api_helpers import minimal_spec
     rt = str(tmp_path)
     new = to_document(parse_spec(minimal_spec()))
@@ -142,8 +142,8 @@ def test_a_promotion_the_dead_driver_began_is_finished(tmp_path, cluster):
 def test_a_terminate_the_dead_driver_began_is_answered_with_the_lsn_it_recorded(tmp_path):
     """Killed after the immediate shutdown's signal (record STARTED, the flush LSN read before
     it): the next driver stops nothing more (postgres is gone) and answers that LSN."""
-    from compute import driver_requests as dr
-    from compute.spec import parse_spec, to_document
+    from compute.shared import driver_requests as dr
+    from compute.model.spec import parse_spec, to_document
     from tests.support.api_helpers import short_runtime_dir, supervisord
     import shutil
     rt = short_runtime_dir()
@@ -154,7 +154,7 @@ def test_a_terminate_the_dead_driver_began_is_answered_with_the_lsn_it_recorded(
                                       "flush_lsn": "0/16B3748"})
         assert store.get("spec") == to_document(parse_spec(primary))
         with supervisord(rt):
-            from compute.supervision import rpc
+            from compute.shared.supervisor_rpc import rpc
             rpc(rt).supervisor.stopProcess("postgres")  # what the dead driver had done
             Driver(rt).terminate()
         t = dr.Termination.from_json(store.get("terminate"))

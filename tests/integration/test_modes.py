@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from compute import storage
+from compute.storage import basebackup
 from tests.peers.pageserver import PageserverPeer
 from tests.support.api_helpers import TENANT, TIMELINE, client_for, launch_settings, make_state, pg, request_driver
 from tests.support.pgcluster import scratch_dir
@@ -28,7 +28,7 @@ def test_basebackup_asks_for_a_replica_as_neon_does(bb_tar):
                                         (True, "0/16B9188", f"basebackup {TENANT} {TIMELINE} 0/16B9188 --replica"),
                                         (False, "0/0", f"basebackup {TENANT} {TIMELINE}")):
             dest = scratch_dir("cs-bbm-data-")
-            storage.basebackup(ps.connstr, TENANT, TIMELINE, lsn, dest, None, replica=replica_flag)
+            basebackup.basebackup(ps.connstr, TENANT, TIMELINE, lsn, dest, None, replica=replica_flag)
             assert ps.last.queries == [want]
             assert os.path.exists(os.path.join(dest, "PG_VERSION"))
 
@@ -46,7 +46,7 @@ def test_promote_failure_leaves_the_replica_running(tmp_path, pg):
     stays what it was, and the answer is Neon's failed state."""
     rt = str(tmp_path)
     store = make_state(rt, spec=plain_spec(primary_conninfo=CONNINFO), launch=launch_settings(rt, connstr=pg.url()))
-    with request_driver(rt):  # the driver promotes (compute/driver_requests.py)
+    with request_driver(rt):  # the driver promotes (compute/shared/driver_requests.py)
         r = promote(client_for(rt), {"spec": PRIMARY_SPEC, "wal_flush_lsn": "0/1"})
     assert r.status_code == 500
     assert r.json == {"status": "failed", "error": "postgres is not in recovery: nothing to promote"}

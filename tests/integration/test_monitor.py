@@ -16,10 +16,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 import pytest
 
-from compute.monitor import APPLICATION_NAME, CONNECT_TIMEOUT, ActivityMonitor, LibpqSession, SessionError
-from compute.pgsession import superuser_of
-from compute.procutil import SUPERVISORD_PID_ENV
-from compute.state import StateStore
+from compute.programs.monitor import APPLICATION_NAME, CONNECT_TIMEOUT, ActivityMonitor, LibpqSession, SessionError
+from compute.postgres.sessions import superuser_of
+from compute.base.procutil import SUPERVISORD_PID_ENV
+from compute.shared.state import StateStore
 from tests.support.api_helpers import REPO, launch_settings, make_state, pg
 from tests.support.pgcluster import free_port, running_cluster
 from tests.support.waiting import wait_for
@@ -229,7 +229,7 @@ def test_quiet_before_postgres_is_up(tmp_path, caplog, pg):
     """Status running but nothing listening yet: retry without a word."""
     port = free_port()
     store = make_state(str(tmp_path), status="running", last_active=None)
-    caplog.set_level(logging.INFO, logger="compute.monitor")
+    caplog.set_level(logging.INFO, logger="compute.programs.monitor")
     with monitoring(store, f"postgresql://cloud_admin@127.0.0.1:{port}/postgres") as m:
         wait_ticks(m, 10)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
@@ -251,7 +251,7 @@ def test_no_queries_before_the_driver_reports_postgres_up(tmp_path, pg, app_user
 
 
 def test_survives_postgres_restart(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="compute.monitor")
+    caplog.set_level(logging.INFO, logger="compute.programs.monitor")
     with running_cluster() as cluster:
         with psycopg.connect(cluster.conninfo(), autocommit=True) as conn:
             conn.execute("CREATE ROLE app_user LOGIN")
@@ -283,7 +283,7 @@ def test_survives_postgres_restart(tmp_path, caplog):
 
 def start_program(runtime_dir: str) -> subprocess.Popen:
     env = dict(os.environ, COMPUTE_RUNTIME_DIR=runtime_dir, PYTHONPATH=REPO)
-    return subprocess.Popen([sys.executable, "-m", "compute.monitor"], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "compute.programs.monitor"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -360,12 +360,12 @@ def test_program_exits_when_its_parent_dies(tmp_path):
     make_state(rt, status="init")
     env = dict(os.environ, COMPUTE_RUNTIME_DIR=rt, PYTHONPATH=REPO)
     # The parent names itself in the environment, as supervisord does: a parent gone before the
-    # monitor armed its parent-death signal is noticed too (compute/procutil.py die_with_parent).
+    # monitor armed its parent-death signal is noticed too (compute/base/procutil.py die_with_parent).
     parent = subprocess.Popen(
         [sys.executable, "-c", "import os, subprocess, sys, time; os.environ[sys.argv[1]] = str(os.getpid()); "
                                "p = subprocess.Popen(sys.argv[2:]); print(p.pid, flush=True); "
                                "time.sleep(600)",
-         SUPERVISORD_PID_ENV, sys.executable, "-m", "compute.monitor"],
+         SUPERVISORD_PID_ENV, sys.executable, "-m", "compute.programs.monitor"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     monitor = int(parent.stdout.readline())
     try:

@@ -282,7 +282,7 @@ def test_promote_responses_match_the_document(checker, pg, tmp_path):
     assert sim(checker, c, "POST", "/promote", b"nope", hdr).status_code == 400
     assert sim(checker, c, "POST", "/promote", b"spec=x", {"Content-Type": "application/x-www-form-urlencoded"}).status_code == 415
     assert sim(checker, c, "POST", "/promote", b"x" * (MAX_BODY_BYTES + 1), hdr).status_code == 413
-    with request_driver(rt):  # the driver promotes (compute/driver_requests.py)
+    with request_driver(rt):  # the driver promotes (compute/shared/driver_requests.py)
         assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 500  # pg is not in recovery
     store.set(spec=stored(minimal_spec()))
     assert sim(checker, c, "POST", "/promote", primary, hdr).status_code == 412

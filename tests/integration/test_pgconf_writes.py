@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from compute import pgconf
+from compute.postgres import conf as pgconf
 
 
 def test_reload_and_wait_returns_once_the_session_sees_the_new_files() -> None:

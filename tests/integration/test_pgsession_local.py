@@ -1,4 +1,4 @@
-"""How our own sessions reach the local postgres (compute/pgsession.py): no TLS on loopback
+"""How our own sessions reach the local postgres (compute/postgres/sessions.py): no TLS on loopback
 unless the connstr (or PGSSLMODE) asks for it, and the monitor on the postmaster's unix socket,
 never on a socket whose server is not our OS user.
 
@@ -14,8 +14,8 @@ import textwrap
 import psycopg
 import pytest
 
-from compute.monitor import ActivityMonitor
-from compute.pgsession import session_params
+from compute.programs.monitor import ActivityMonitor
+from compute.postgres.sessions import session_params
 from compute.reconcile.connections import APPLICATION_NAME as APPLY, Connections
 from tests.support.api_helpers import make_state
 from tests.support.pgcluster import PG_USER, free_port, run_as_pg, running_cluster, scratch_dir
@@ -125,8 +125,8 @@ def test_the_monitor_uses_the_postmasters_socket_when_it_runs_as_the_servers_use
         code = textwrap.dedent(f"""
             import sys
             sys.path.insert(0, {os.getcwd()!r})
-            from compute.monitor import ActivityMonitor
-            from compute.state import StateStore
+            from compute.programs.monitor import ActivityMonitor
+            from compute.shared.state import StateStore
             store = StateStore.create({rt!r} + "/state.db", {{"status": "running"}})
             m = ActivityMonitor(store, {pg.url()!r}, pgdata={pgdata!r})
             c = m._connect()

@@ -1,6 +1,6 @@
-"""What compute-ctl does with whatever of the tree outlives supervisord (compute/reaper.py), and
+"""What compute-ctl does with whatever of the tree outlives supervisord (compute/tree/reaper.py), and
 the parent checks that close the window before a parent-death signal is armed
-(compute/procutil.py). The e2e side: tests/fault/test_fault_exit.py.
+(compute/base/procutil.py). The e2e side: tests/fault/test_fault_exit.py.
 
 This file: with real processes; the pure decisions: tests/unit/test_reaper.py."""
 
@@ -13,14 +13,14 @@ import subprocess
 import sys
 import textwrap
 
-from compute.reaper import descendants
+from compute.tree.reaper import descendants
 from tests.support.api_helpers import REPO
 
 
 STOP_SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys, time
-    from compute.procutil import become_subreaper
-    from compute.reaper import Escalation, proc_table, descendants, stop_descendants
+    from compute.base.procutil import become_subreaper
+    from compute.tree.reaper import Escalation, proc_table, descendants, stop_descendants
     assert become_subreaper()
     py = sys.executable
     # One that ignores SIGTERM (needs the SIGKILL), one polite child, and an orphan: a grandchild
@@ -68,7 +68,7 @@ def run_module(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_a_program_whose_supervisord_is_already_gone_stops_at_once():
-    code = "from compute.procutil import die_with_parent; die_with_parent(); print('still here')"
+    code = "from compute.base.procutil import die_with_parent; die_with_parent(); print('still here')"
     gone = run_module(code, {"COMPUTE_SUPERVISORD_PID": "1"})  # not our parent: it died, we were adopted
     assert gone.returncode == -signal.SIGTERM and "still here" not in gone.stdout
     ours = run_module(code, {"COMPUTE_SUPERVISORD_PID": str(os.getpid())})
@@ -76,7 +76,7 @@ def test_a_program_whose_supervisord_is_already_gone_stops_at_once():
 
 
 def test_supervisord_whose_compute_ctl_is_already_gone_stops_before_starting_anything(tmp_path):
-    code = "import sys; sys.argv[1:] = ['-n', '-c', sys.argv[-1]]; from compute.supervisord_main import main; main()"
+    code = "import sys; sys.argv[1:] = ['-n', '-c', sys.argv[-1]]; from compute.tree.supervisord import main; main()"
     conf = str(tmp_path / "missing.conf")
     gone = subprocess.run([sys.executable, "-c", code, conf], cwd=REPO, capture_output=True, text=True,
                           timeout=30, env={**os.environ, "COMPUTE_CTL_PID": "1"})
@@ -89,7 +89,7 @@ def test_supervisord_whose_compute_ctl_is_already_gone_stops_before_starting_any
 
 def test_the_proc_reader_reads_this_process_and_its_group():
     """read_proc / proc_table: the one /proc reader, the reaper's and the tests' (tests/support)."""
-    from compute.reaper import proc_table, read_proc
+    from compute.tree.reaper import proc_table, read_proc
     me = read_proc(os.getpid())
     assert me is not None and me.ppid == os.getppid() and me.state in "RS"
     assert me.pgrp == os.getpgrp() and me.session == os.getsid(0) and me.start > 0

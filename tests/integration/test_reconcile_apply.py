@@ -11,7 +11,7 @@ from psycopg.conninfo import make_conninfo
 
 from compute.reconcile import (ApplyError, Connections, PlanError, apply_spec, dry_run, format_plan,
                                plan_spec)
-from compute.spec import parse_spec
+from compute.model.spec import parse_spec
 from tests.support.pgcluster import running_cluster
 
 SU = "cloud_admin"

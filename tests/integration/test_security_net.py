@@ -17,7 +17,7 @@ import pytest
 
 from compute.api.app import create_app
 from compute.reconcile import ApplyError, ReconcileError, apply_spec
-from compute.spec import parse_spec
+from compute.model.spec import parse_spec
 from tests.support.api_helpers import launch_settings, make_state, pg
 from tests.support.pgcluster import running_cluster
 from tests.support.traps import TRAPS

@@ -1,4 +1,4 @@
-"""The extractor alone (compute/tarextract.py), run as root (the worst case: root could create
+"""The extractor alone (compute/storage/tarextract.py), run as root (the worst case: root could create
 devices and write anywhere): every hostile-archive class, chunking, limits, modes.
 
 This file: a real PG15 basebackup (initdb); built archives: tests/unit/test_tarextract.py."""

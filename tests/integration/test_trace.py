@@ -1,4 +1,4 @@
-"""COMPUTE_TRACE (compute/trace.py): the start-up timeline the benchmark reads. compute-ctl
+"""COMPUTE_TRACE (compute/base/trace.py): the start-up timeline the benchmark reads. compute-ctl
 writes it as root, so a symlink planted at its path by another user must never be followed.
 
 This file: another user's symlink; in-process: tests/unit/test_trace.py."""
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-from compute.trace import TRACE_ENV
+from compute.base.trace import TRACE_ENV
 from tests.support.installed import REPO
 
 
@@ -28,7 +28,7 @@ def test_a_symlink_planted_by_another_user_is_not_followed():
     subprocess.run(["runuser", "-u", "nobody", "--", "ln", "-s", str(victim), str(link)], check=True)
     assert os.path.islink(link)
     env = {**os.environ, TRACE_ENV: str(link)}
-    subprocess.run([sys.executable, "-c", "from compute.trace import mark; mark('through the link')"],
+    subprocess.run([sys.executable, "-c", "from compute.base.trace import mark; mark('through the link')"],
                    env=env, check=True, cwd=REPO)
     assert victim.read_text() == "root's data\n"
     shutil.rmtree(base)

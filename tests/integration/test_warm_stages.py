@@ -1,4 +1,4 @@
-"""The warm image in two stages (compute/warmfork.py): the driver is forked from the first
+"""The warm image in two stages (compute/tree/warmfork.py): the driver is forked from the first
 (its own modules only), everything else waits for the whole image."""
 
 import json
@@ -9,15 +9,15 @@ import pytest
 
 SCRIPT = """
 import sys
-from compute import warmfork
+from compute.tree import warmfork
 api_modules = ("falcon", "gunicorn.arbiter", "compute.api.app")
 warmfork.warm_early()
-assert "compute.lifecycle" in sys.modules and "psycopg" in sys.modules
+assert "compute.lifecycle.driver" in sys.modules and "psycopg" in sys.modules
 assert not any(m in sys.modules for m in api_modules), "the early image is the driver's only"
 warmfork.warm_for("lifecycle")
 assert not any(m in sys.modules for m in api_modules), "the driver needs no more"
 warmfork.warm_for("api")
-assert all(m in sys.modules for m in api_modules) and "compute.monitor" in sys.modules
+assert all(m in sys.modules for m in api_modules) and "compute.programs.monitor" in sys.modules
 print("ok")
 """
 
@@ -31,8 +31,8 @@ def test_any_other_program_gets_the_whole_image(first):
 
 HYGIENE = """
 import logging, os, sys
-from compute import warmfork
-from compute.logrelay import setup_relay_logging
+from compute.tree import warmfork
+from compute.tree.logrelay import setup_relay_logging
 logging.getLogger().addHandler(logging.StreamHandler(sys.stderr))
 setup_relay_logging("text")  # compute-ctl's in-process handlers' logger, before the first spawn
 quiet = logging.getLogger("some.library")
@@ -41,12 +41,12 @@ warmfork.warm_for("lifecycle")
 pid = os.fork()
 if pid == 0:
     warmfork._fresh_logging()
-    loggers = [logging.getLogger(), logging.getLogger("compute.exitwatch"), quiet]
+    loggers = [logging.getLogger(), logging.getLogger("compute.tree.exitwatch"), quiet]
     ok = all(not lg.handlers and lg.propagate and not lg.disabled for lg in loggers)
     os._exit(0 if ok else 3)
 _, status = os.waitpid(pid, 0)
 assert os.waitstatus_to_exitcode(status) == 0, "a forked program kept the parent's logging set-up"
-assert logging.getLogger("compute.exitwatch").handlers, "the parent's own set-up is untouched"
+assert logging.getLogger("compute.tree.exitwatch").handlers, "the parent's own set-up is untouched"
 print("ok")
 """
 
@@ -60,7 +60,7 @@ def test_a_forked_program_starts_without_the_parents_logging():
 
 RELEASE = """
 import json, psycopg
-from compute import warmfork
+from compute.tree import warmfork
 
 def rollup():
     # Rss of the process, and the copied (relocated) pages inside the libraries' mappings

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from compute.state import StateStore, state_path
+from compute.shared.state import StateStore, state_path
 from tests.support.pgcluster import free_port, running_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,9 +49,9 @@ def launch_settings(runtime_dir: str, connstr: str = "postgresql://cloud_admin@1
 
 
 def stored(spec: Any) -> Any:
-    """A spec document as the programs store it (compute/spec.py to_document: validated, then
+    """A spec document as the programs store it (compute/model/spec.py to_document: validated, then
     written back); a document that does not validate is kept as it is (a damaged state file)."""
-    from compute.spec import SpecError, parse_spec, to_document
+    from compute.model.spec import SpecError, parse_spec, to_document
     if spec is None:
         return None
     try:
@@ -147,26 +147,26 @@ def fake_driver(runtime_dir: str, **kwargs: Any) -> Iterator[FakeDriver]:
 
 
 class RequestDriver(threading.Thread):
-    """The real lifecycle driver's half of /promote and /terminate (compute.lifecycle.Driver
-    carries out what compute.driver_requests submits), in a thread: for the API tests that run
+    """The real lifecycle driver's half of /promote and /terminate (compute.lifecycle.driver.Driver
+    carries out what compute.shared.driver_requests submits), in a thread: for the API tests that run
     no driver program. Configure requests too, unless `configure=False` (FakeDriver's job)."""
 
     def __init__(self, runtime_dir: str, *, configure: bool = True):
         super().__init__(daemon=True)
-        from compute.lifecycle import Driver
+        from compute.lifecycle.driver import Driver
         self.driver = Driver(runtime_dir)
         self.configure = configure
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from compute.lifecycle_plan import Step, pending_request
+        from compute.lifecycle.steps import DriverStep, pending_request
         while not self.stop.wait(0.02):
             step = pending_request(self.driver.request_view())
-            if step is Step.TERMINATE:
+            if step is DriverStep.TERMINATE:
                 self.driver.terminate()
-            elif step is Step.PROMOTE:
+            elif step is DriverStep.PROMOTE:
                 self.driver.promote()
-            elif step is Step.RECONFIGURE and self.configure:
+            elif step is DriverStep.RECONFIGURE and self.configure:
                 self.driver.reconfigure()
 
     def close(self) -> None:
@@ -343,8 +343,8 @@ def supervisord(runtime_dir: str) -> Iterator[str]:
     SIGINT like the real one; writes the signal it got to <runtime_dir>/postgres.signals) and
     `lifecycle` (appends a line to <runtime_dir>/usr1.log on every SIGUSR1). Yields the path
     of that log."""
-    from compute.supervision import socket_path
-    from compute.supervision import rpc
+    from compute.shared.supervisor_rpc import socket_path
+    from compute.shared.supervisor_rpc import rpc
 
     recorder = os.path.join(runtime_dir, "usr1_recorder.py")
     usr1_log = os.path.join(runtime_dir, "usr1.log")

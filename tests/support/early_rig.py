@@ -11,9 +11,9 @@ import tempfile
 
 import pytest
 
-from compute.api_handover import handover_path
-from compute.api_socket import bind_api_socket
-from compute.early_responder import EarlyResponder
+from compute.api.handover import handover_path
+from compute.api.listener import bind_api_socket
+from compute.boot.early_responder import EarlyResponder
 
 STARTED = 1795600800.25
 

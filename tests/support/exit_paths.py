@@ -1,5 +1,5 @@
 """Watching a booted tree end (tests/fault/test_fault_exit.py): which of its processes are left, read
-from /proc (with the product's parser, compute/reaper.py read_proc, tested on its own in
+from /proc (with the product's parser, compute/tree/reaper.py read_proc, tested on its own in
 tests/integration/test_reaper.py; the decisions are made here, independently of the reaper's), and
 whether its ports are still listened on.
 
@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from compute.reaper import proc_table, read_proc
+from compute.tree.reaper import proc_table, read_proc
 from tests.support.fault_tree import tree
 
 

@@ -19,14 +19,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from compute import reaper
+from compute.tree import reaper
 
 # The supervised programs, recognised by their command line (see supervisor/supervisord.conf.tmpl)
-# when exec'd, or, forked from compute-ctl's warm image (compute/warmfork.py: the command line is
+# when exec'd, or, forked from compute-ctl's warm image (compute/tree/warmfork.py: the command line is
 # compute-ctl's), by the process name (comm) the fork gives them: the program's name.
 PROGRAM_MARKERS = {
-    "lifecycle": "-m compute.lifecycle",
-    "monitor": "-m compute.monitor",
+    "lifecycle": "-m compute.lifecycle.driver",
+    "monitor": "-m compute.programs.monitor",
     "api": "-m gunicorn",
 }
 
@@ -42,7 +42,7 @@ class Proc:
 
 
 def read_proc(pid: int) -> Proc | None:
-    """The product's reading of /proc/PID/stat (compute/reaper.py), plus the command line."""
+    """The product's reading of /proc/PID/stat (compute/tree/reaper.py), plus the command line."""
     p = reaper.read_proc(pid)
     if p is None:
         return None

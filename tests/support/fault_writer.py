@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from compute.state import StateStore
+from compute.shared.state import StateStore
 
 
 def main() -> int:

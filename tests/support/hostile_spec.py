@@ -13,9 +13,9 @@ BASE = base_spec(55432, "/tmp")  # settings[0..4]: port listen_addresses unix_so
 N_SETTINGS = len(BASE["cluster"]["settings"])
 
 # -- product bugs this corpus found, now fixed; their cases stay as regression tests -----------
-TRAILING_NEWLINE = ("product bug: compute/spec.py validates with re.match and patterns ending in `$`, "
+TRAILING_NEWLINE = ("product bug: compute/model/spec.py validates with re.match and patterns ending in `$`, "
                     "which also matches before a trailing newline (use re.fullmatch or \\Z)")
-UNCAUGHT = ("product bug: compute/spec.py parse_spec_text catches only ValueError/UnicodeDecodeError "
+UNCAUGHT = ("product bug: compute/model/spec.py parse_spec_text catches only ValueError/UnicodeDecodeError "
             "around json.loads, so deeply nested JSON escapes as RecursionError instead of SpecError: "
             "compute-ctl dies with a 26-line traceback (POST /configure catches it itself)")
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from compute.tarextract import TarExtractor
+from compute.storage.tarextract import TarExtractor
 from tests.support.pgcluster import scratch_dir
 
 KINDS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,

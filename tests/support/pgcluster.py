@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from compute.users import effective_user
+from compute.boot.users import effective_user
 
 PGBIN_DIR = os.environ.get("PGBIN_DIR", "/usr/lib/postgresql/15/bin")
 PG_USER = effective_user(os.environ.get("COMPUTE_TEST_USER", "postgres"))

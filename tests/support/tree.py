@@ -93,7 +93,7 @@ class Compute:
 
     @property
     def passfile(self) -> str:
-        """The superuser's password, as our own programs find it (compute/localauth.py)."""
+        """The superuser's password, as our own programs find it (compute/postgres/localauth.py)."""
         return os.path.join(self.runtime_dir, "superuser.pgpass")
 
     def admin_conninfo(self, dbname: str = "postgres") -> str:
@@ -178,7 +178,7 @@ class Compute:
     # -- process ----------------------------------------------------------------------------
     def wait_handed_over(self, timeout: float = 30) -> int:
         """After `running`: the driver that did the start-up hands over to a fresh one
-        (compute/lifecycle_plan.py), and again after each reconfiguration. Waits for the driver
+        (compute/lifecycle/steps.py), and again after each reconfiguration. Waits for the driver
         after the latest hand-over; returns its pid."""
         deadline = time.monotonic() + timeout
         while True:

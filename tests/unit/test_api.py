@@ -25,8 +25,8 @@ from compute.api.app import create_app
 from compute.api.bodies import parse_rfc3339, physical_cores, rfc3339
 from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
-from compute.spec import from_stored, parse_spec
-from compute.state import StateStore, state_path
+from compute.model.spec import from_stored, parse_spec
+from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, keys, launch_settings,
                                        make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir,
                                        write_jwks)
@@ -329,7 +329,7 @@ def test_prometheus_without_supervisord(rt):
 
 def test_prometheus_survives_a_wedged_supervisord():
     rt = short_runtime_dir()
-    from compute.supervision import socket_path
+    from compute.shared.supervisor_rpc import socket_path
     wedged = socket.socket(socket.AF_UNIX)  # listens, never answers
     try:
         wedged.bind(socket_path(rt))

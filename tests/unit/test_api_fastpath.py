@@ -150,7 +150,7 @@ def test_one_grammar_for_the_fast_path_and_the_early_responder():
     """compute-ctl's early responder answers exactly the heads plain_get() accepts with nothing
     behind them; the worker's fast path takes the same heads (what follows is its parser's)."""
     from compute.api.fastpath import MAX_HEAD, plain_get
-    from compute.early_responder import HOLD, classify
+    from compute.boot.early_responder import HOLD, classify
     head = b"GET /metrics.json?a=1 HTTP/1.0\r\nHost: x\r\n\r\n"
     assert plain_get(head) == (b"/metrics.json", b"HTTP/1.0", len(head))
     assert classify(head) == b"/metrics.json" and inline_candidate(head)

@@ -1,5 +1,5 @@
 """The API's listening socket is bound by compute-ctl and inherited by the api alone
-(compute/api_socket.py): the api keeps serving across kill -9 of its master or a worker and
+(compute/api/listener.py): the api keeps serving across kill -9 of its master or a worker and
 across `supervisorctl restart api` (connections wait in the backlog, none is refused), no other
 program holds the socket, and a port in use is a one-line error that leaves nothing behind.
 
@@ -12,12 +12,12 @@ import socket
 
 import pytest
 
-from compute.api_socket import BindError, bind_api_socket, inherited_fd, keeps_api_socket
+from compute.api.listener import BindError, bind_api_socket, inherited_fd, keeps_api_socket
 
 
 def test_only_gunicorn_keeps_it():
     assert keeps_api_socket("gunicorn")
-    assert not any(keeps_api_socket(m) for m in ("compute.lifecycle", "compute.monitor", None))
+    assert not any(keeps_api_socket(m) for m in ("compute.lifecycle.driver", "compute.programs.monitor", None))
 
 
 def test_inherited_fd_reads_only_a_number():

@@ -13,8 +13,14 @@ import os
 import time
 import pytest
 
-from compute.storage import (BASEBACKUP_RETRY, SYNC_SAFEKEEPERS_RETRY, RetryPolicy, StorageError, basebackup,
-                             with_retries)
+from compute.storage.attempts import (
+    BASEBACKUP_RETRY,
+    SYNC_SAFEKEEPERS_RETRY,
+    RetryPolicy,
+    StorageError,
+    with_retries,
+)
+from compute.storage.basebackup import basebackup
 from tests.peers.pageserver import PageserverPeer
 from tests.support.hostile_tar import Member, build_tar
 from tests.support.pgcluster import free_port

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from compute.cli import build_parser
+from compute.boot.cli import build_parser
 from tests.support.api_helpers import REPO
 
 # Set by compute-ctl (or supervisord) for the programs: never the operator's to give.

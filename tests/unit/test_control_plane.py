@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from compute.control_plane import ControlPlaneError, fetch_spec, spec_url
+from compute.storage.control_plane import ControlPlaneError, fetch_spec, spec_url
 from tests.peers.control_plane import ControlPlanePeer
 
 SPEC = {"format_version": 1.0, "cluster": {"roles": [], "databases": []}}
@@ -142,7 +142,7 @@ def test_bad_uri():
 # -- compute_ctl of April 2023: the token's second name, the `status` answer, what is retried --
 
 def test_token_from_either_variable_newest_name_first():
-    from compute.control_plane import control_plane_token
+    from compute.storage.control_plane import control_plane_token
     assert control_plane_token({"NEON_CONTROL_PLANE_TOKEN": "new", "NEON_CONSOLE_JWT": "old"}) == "new"
     assert control_plane_token({"NEON_CONSOLE_JWT": "old"}) == "old"
     assert control_plane_token({"NEON_CONTROL_PLANE_TOKEN": "", "NEON_CONSOLE_JWT": "old"}) == "old"

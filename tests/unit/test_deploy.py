@@ -6,8 +6,8 @@ import os
 import falcon.testing
 import yaml
 
-from compute.spec import parse_spec
-from compute.state import StateStore
+from compute.model.spec import parse_spec
+from compute.shared.state import StateStore
 from tests.support.installed import REPO as ROOT
 
 
@@ -71,7 +71,7 @@ def test_both_metrics_endpoints_are_scraped():
     assert scraped == {"http", "pg-metrics"} and all(service_ports[p] in ports for p in scraped)
     assert docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"] == docs["Service"]["metadata"]["labels"]
     # The compute-ctl parser accepts these args.
-    from compute.cli import build_parser
+    from compute.boot.cli import build_parser
     parsed = build_parser().parse_args(args)
     assert parsed.postgres_exporter_port == exporter_port
 

@@ -1,4 +1,4 @@
-"""The API's half of the requests to the lifecycle driver (compute/driver_requests.py): what a
+"""The API's half of the requests to the lifecycle driver (compute/shared/driver_requests.py): what a
 submit writes, who carries out a /terminate, and how an answer is read. State files only, no
 processes (the executors: test_api.py, test_modes.py, the e2e and fault suites)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from compute import driver_requests as dr
-from compute.lifecycle import Driver, Terminating
+from compute.shared import driver_requests as dr
+from compute.lifecycle.driver import Driver, Terminating
 from tests.support.api_helpers import make_state, minimal_spec
 
 
@@ -56,7 +56,7 @@ def test_promotion_outcome():
 @pytest.mark.parametrize("postgres_started,by", [(True, dr.DRIVER), (None, dr.TREE), (False, dr.TREE)])
 def test_who_carries_out_a_terminate(tmp_path, postgres_started, by):
     """Decided in the transaction that records the request: the driver when it has started
-    postgres, else the tree (no change to postgres, compute/driver_requests.py)."""
+    postgres, else the tree (no change to postgres, compute/shared/driver_requests.py)."""
     store = make_state(str(tmp_path), postgres_started=postgres_started)
     t = dr.submit_terminate(store, "fast")
     assert (t.id, t.mode, t.by, t.phase) == (1, "fast", by, dr.REQUESTED)

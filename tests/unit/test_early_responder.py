@@ -1,5 +1,5 @@
-"""compute-ctl's early responder (compute/early_responder.py) and the hand-over of what it holds
-(compute/api_handover.py), in this process: a real listening socket on loopback, raw client
+"""compute-ctl's early responder (compute/boot/early_responder.py) and the hand-over of what it holds
+(compute/api/handover.py), in this process: a real listening socket on loopback, raw client
 sockets, the worker's end of the hand-over (take_held) as the api worker calls it. The whole
 tree (the responder in compute-ctl, the api taking over) is in tests/test_e2e_early_status.py.
 
@@ -15,9 +15,9 @@ import threading
 import pytest
 
 from compute.api import bodies
-from compute.api_handover import MAX_HELD, handover_path, take_held
-from compute.early_responder import HOLD, MAX_HEAD, MORE, classify
-from compute.state import state_path
+from compute.api.handover import MAX_HELD, handover_path, take_held
+from compute.boot.early_responder import HOLD, MAX_HEAD, MORE, classify
+from compute.shared.state import state_path
 from tests.support.api_helpers import TENANT, TIMELINE, make_state
 from tests.support.early_rig import STARTED, body_of, read_to_eof, rig
 from tests.support.waiting import nothing_sent, wait_for
@@ -198,7 +198,7 @@ def test_the_worker_gives_up_on_a_responder_that_does_not_answer(tmp_path):
 def test_a_bad_flag_fails_before_the_bind(tmp_path, capsys, flag, value):
     """Flags are checked before the API socket is bound (and so before anything answers): with
     the port taken, the error is still the flag's."""
-    from compute.cli import main
+    from compute.boot.cli import main
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compute.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
+from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
                                    postgres_has_ended, tree_exit_code, counts_as_restart,
                                    terminate_without_postgres)
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from compute.spec import MAX_SPEC_BYTES, SpecError, load_spec_file, parse_spec, parse_spec_text
+from compute.model.spec import MAX_SPEC_BYTES, SpecError, load_spec_file, parse_spec, parse_spec_text
 from tests.support.hostile_spec import (BASE, N_SETTINGS, S5, TRAILING_NEWLINE, UNCAUGHT, add_setting, case, role,
                                         text, top, with_)
 
@@ -37,17 +37,17 @@ MD5 = "240aeccb7a1d859a99844d012bfe74cc"
 HYPO = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
-SURROGATE_VALUE = ("product bug: compute/spec.py _option does not check that values encode to UTF-8; "
+SURROGATE_VALUE = ("product bug: compute/model/spec.py _option does not check that values encode to UTF-8; "
                    "a lone surrogate is accepted and the start fails later writing postgresql.conf "
                    "(after PGDATA was emptied)")
-RESERVED_DELTA = ("product gap: compute/spec.py _delta does not apply the reserved-role rules of _role "
+RESERVED_DELTA = ("product gap: compute/model/spec.py _delta does not apply the reserved-role rules of _role "
                   "(public, none, pg_*) to rename targets; the planner refuses them only at apply time")
-GUC_CASE = ("product gap: GUC names are case-insensitive but compute/spec.py _unique compares "
+GUC_CASE = ("product gap: GUC names are case-insensitive but compute/model/spec.py _unique compares "
             "setting names exactly: both lines are written to postgresql.conf, the last one wins")
 SURROGATE_BYTES = ("product gap: parse_spec_text hands bytes to json.loads, which decodes them with "
                    "'surrogatepass': UTF-8-encoded surrogates (invalid UTF-8) are accepted; harmless in "
                    "cluster.name, caught by the name checks, but see the lone-surrogate setting value case")
-ECHO = ("product gap: compute/spec.py _option echoes the whole rejected value in the message "
+ECHO = ("product gap: compute/model/spec.py _option echoes the whole rejected value in the message "
         "(a 1 MiB value gives a 1 MiB error line)")
 
 

@@ -1,4 +1,4 @@
-"""What the warm image holds (compute/warmfork.py): PyJWT + cryptography (~8 MiB of private
+"""What the warm image holds (compute/tree/warmfork.py): PyJWT + cryptography (~8 MiB of private
 pages in compute-ctl alone) only for a compute started with --jwks, and auth still verifying
 tokens when it is.
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from compute.settings import Settings
-from compute.state import StateStore, state_path
-from compute.warmfork import JWT_MODULES, WARM_MODULES, jwks_configured, warm_modules
+from compute.model.launch import LaunchSettings
+from compute.shared.state import StateStore, state_path
+from compute.tree.warmfork import JWT_MODULES, WARM_MODULES, jwks_configured, warm_modules
 
 
 def test_warm_modules_import_pyjwt_only_with_a_jwks():
@@ -21,7 +21,7 @@ def test_warm_modules_import_pyjwt_only_with_a_jwks():
 
 
 def _settings(tmp_path, jwks_path):
-    return Settings(pgdata=str(tmp_path / "pgdata"), connstr="postgresql://x@127.0.0.1/postgres",
+    return LaunchSettings(pgdata=str(tmp_path / "pgdata"), connstr="postgresql://x@127.0.0.1/postgres",
                     pgbin="/usr/bin/postgres", pgbin_dir="/usr/bin", superuser="cloud_admin",
                     runtime_dir=str(tmp_path), jwks_path=jwks_path)
 

@@ -1,5 +1,5 @@
-"""The tree's event handlers that run inside supervisord (compute/exitwatch.py,
-compute/logrelay.py): their timers, the log relay's line assembly, and the core-dump report's
+"""The tree's event handlers that run inside supervisord (compute/tree/exitwatch.py,
+compute/tree/logrelay.py): their timers, the log relay's line assembly, and the core-dump report's
 gdb child that must never block supervisord's loop. The e2e side: tests/test_e2e_tree.py.
 
 This file: no process; the gdb child: tests/integration/test_inprocess_handlers.py."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 
-from compute.exitwatch import CoreDumpReport, Timers
-from compute.logrelay import LogRelay
+from compute.tree.exitwatch import CoreDumpReport, Timers
+from compute.tree.logrelay import LogRelay
 
 
 class Clock:
@@ -45,7 +45,7 @@ def test_a_failing_timer_does_not_stop_the_others(caplog):
     timers = Timers(clock)
     timers.call_later(0, lambda: 1 / 0)
     timers.call_later(0, lambda: ran.append("after"))
-    with caplog.at_level(logging.ERROR, logger="compute.exitwatch"):
+    with caplog.at_level(logging.ERROR, logger="compute.tree.exitwatch"):
         timers.run_due()
     assert ran == ["after"]
     assert "ZeroDivisionError" in caplog.text
@@ -81,11 +81,11 @@ def test_core_dump_report_without_cores_goes_straight_on(tmp_path):
 
 
 def test_only_our_python_programs_are_forked():
-    from compute.warmfork import forked_module
+    from compute.tree.warmfork import forked_module
     py = "/venv/bin/python"
-    assert forked_module(py, [py, "-m", "compute.lifecycle"], python=py) == "compute.lifecycle"
+    assert forked_module(py, [py, "-m", "compute.lifecycle.driver"], python=py) == "compute.lifecycle.driver"
     assert forked_module(py, [py, "-m", "gunicorn", "-c", "x"], python=py) == "gunicorn"
-    assert forked_module(py, [py, "-m", "compute.exitwatch"], python=py) is None  # not a program
-    assert forked_module("/usr/bin/python3", ["/usr/bin/python3", "-m", "compute.monitor"], python=py) is None
+    assert forked_module(py, [py, "-m", "compute.tree.exitwatch"], python=py) is None  # not a program
+    assert forked_module("/usr/bin/python3", ["/usr/bin/python3", "-m", "compute.programs.monitor"], python=py) is None
     assert forked_module("/usr/bin/setpriv", ["/usr/bin/setpriv", "--", "/pg/postgres"], python=py) is None
-    assert forked_module(py, [py, "-c", "compute.monitor"], python=py) is None
+    assert forked_module(py, [py, "-c", "compute.programs.monitor"], python=py) is None

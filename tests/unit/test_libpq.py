@@ -1,4 +1,4 @@
-"""The one non-blocking libpq driver (compute/libpq.py): its waits, on a socket pair. Its use:
+"""The one non-blocking libpq driver (compute/postgres/libpq.py): its waits, on a socket pair. Its use:
 the monitor's session (tests/test_monitor.py, "the monitor's libpq session") and the
 basebackup's COPY stream (tests/test_basebackup.py)."""
 
@@ -9,7 +9,9 @@ import threading
 
 import pytest
 
-from compute import libpq, monitor, storage
+from compute.postgres import libpq
+from compute.programs import monitor
+from compute.storage import basebackup
 
 
 def test_a_ready_socket_returns_at_once_and_a_silent_one_times_out():
@@ -49,4 +51,4 @@ def test_the_stop_flag_ends_a_wait():
 
 def test_the_monitor_and_the_basebackup_use_this_driver():
     assert monitor.LibpqSession is libpq.LibpqSession and monitor.SessionError is libpq.SessionError
-    assert storage._Stopped is libpq.Stopped
+    assert basebackup._Stopped is libpq.Stopped

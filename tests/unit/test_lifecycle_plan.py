@@ -9,10 +9,10 @@ import dataclasses
 
 import pytest
 
-from compute.lifecycle_plan import (STARTUP_STEPS, DriverView, Readiness, Step, concurrent_step, grace_remaining,
+from compute.lifecycle.steps import (STARTUP_STEPS, DriverView, Readiness, DriverStep, concurrent_step, grace_remaining,
                                     idle, pending_request, plan_run, readiness, wants_reconfiguration)
 
-S = Step
+S = DriverStep
 FROM_SCRATCH = (S.WAIT_FOR_SPEC, S.PREPARE_DATA, S.START_POSTGRES, S.WAIT_READY, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
 REUSE_POSTGRES = (S.WAIT_FOR_SPEC, S.WAIT_READY, S.END_STALE_SESSIONS, S.APPLY, S.MARK_RUNNING, S.HAND_OVER)
 REAPPLY = (S.END_STALE_SESSIONS, S.REQUEUE_CONFIGURATION, S.SERVE, S.HAND_OVER)
@@ -160,7 +160,7 @@ IDLE = {"running", "reconfiguration failed", "terminated", "terminate by the tre
 
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_a_driver_idles_only_when_it_would_only_serve_with_nothing_waiting(case):
-    """The driver forked after a hand-over sleeps until SIGUSR1 (compute/lifecycle.py
+    """The driver forked after a hand-over sleeps until SIGUSR1 (compute/lifecycle/driver.py
     wait_for_work) only in these states: a waiting or interrupted reconfiguration, and every
     start-up state, are work at once."""
     view, _ = MATRIX[case]

@@ -1,4 +1,4 @@
-"""Modes as data (compute/modes.py), the clone command (compute/replica.py), the mode checks of
+"""Modes as data (compute/model/modes.py), the clone command (compute/postgres/replica.py), the mode checks of
 the spec, and the API's answers for read-only computes (/promote, /check_writability).
 
 This file: no process; against a pageserver peer and real postgres:
@@ -15,9 +15,10 @@ import jwt
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from compute import modes, replica
+from compute.model import modes
+from compute.postgres import replica
 from compute.api.app import create_app
-from compute.spec import SpecError, parse_spec
+from compute.model.spec import SpecError, parse_spec
 from tests.support.api_helpers import (TENANT, TIMELINE, jwks_keys, launch_settings, make_state,
                                        minimal_spec, stored, write_jwks)
 
@@ -250,7 +251,7 @@ def test_check_writability_says_read_only_without_writing(tmp_path, mode, shown)
 
 
 def test_plan_of_a_read_only_spec_is_no_sql(capsys):
-    from compute.plan_cmd import main
+    from compute.boot.plan_command import main
     # port 1: nothing listens, so the answer cannot come from a catalog
     rc = main(["-C", "postgresql://cloud_admin@127.0.0.1:1/postgres", "-s", json.dumps(neon_spec("Replica"))])
     assert rc == 0 and capsys.readouterr().out.startswith("-- mode Replica: no catalog SQL")

@@ -1,4 +1,4 @@
-"""The path policy for PGDATA and the runtime dir (compute/paths.py): the pure decisions, then
+"""The path policy for PGDATA and the runtime dir (compute/boot/paths.py): the pure decisions, then
 the walk on a real filesystem (owners faked with chown when the tests run as root)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import tempfile
 
 import pytest
 
-from compute.paths import (Node, PathError, Policy, check_ancestor, check_symlink, check_target,
+from compute.boot.paths import (Node, PathError, Policy, check_ancestor, check_symlink, check_target,
                            looks_like_our_pgdata, secure_dir)
-from compute.pgconf import BEGIN_MARK
+from compute.postgres.conf import BEGIN_MARK
 
 COMPUTE, OTHER = 1000, 65534
 AS_ROOT = Policy.for_process(COMPUTE, euid=0)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from compute import pgconf
-from compute.spec import GenericOption
+from compute.postgres import conf as pgconf
+from compute.model.spec import GenericOption
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""How our own sessions reach the local postgres (compute/pgsession.py): no TLS on loopback
+"""How our own sessions reach the local postgres (compute/postgres/sessions.py): no TLS on loopback
 unless the connstr (or PGSSLMODE) asks for it, and the monitor on the postmaster's unix socket,
 never on a socket whose server is not our OS user.
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from compute.pgsession import (is_local_host, local_sslmode, named_superuser, session_params, socket_params,
+from compute.postgres.sessions import (is_local_host, local_sslmode, named_superuser, session_params, socket_params,
                                superuser_of)
 
 

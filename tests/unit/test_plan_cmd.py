@@ -1,5 +1,5 @@
-"""`compute-ctl plan` on its own (compute/plan_cmd.py): where it finds the superuser's password,
-and that it stands on low-level modules (no import circle with compute/cli.py).
+"""`compute-ctl plan` on its own (compute/boot/plan_command.py): where it finds the superuser's password,
+and that it stands on low-level modules (no import circle with compute/boot/cli.py).
 
 This file: in-process; the import check in a fresh interpreter: tests/integration/test_plan_cmd.py."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from psycopg.conninfo import conninfo_to_dict
 
-from compute.paths import default_runtime_dir
-from compute.plan_cmd import with_runtime_passfile
+from compute.boot.paths import default_runtime_dir
+from compute.boot.plan_command import with_runtime_passfile
 
 CONNSTR = "postgresql://cloud_admin@127.0.0.1:55432/postgres"
 
@@ -27,5 +27,5 @@ def test_what_the_operator_named_wins_and_a_missing_passfile_changes_nothing():
 
 
 def test_the_default_runtime_dir_is_compute_ctls():
-    import compute.cli  # noqa: F401 - the default compute-ctl uses is the same function
-    assert compute.cli.default_runtime_dir is default_runtime_dir
+    import compute.boot.cli  # noqa: F401 - the default compute-ctl uses is the same function
+    assert compute.boot.cli.default_runtime_dir is default_runtime_dir

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from supervisor.datatypes import dict_of_key_value_pairs
 
-from compute.postgres_exporter import exporter_dsn
-from compute.supervision import render_supervisord_conf
+from compute.programs.postgres_exporter import exporter_dsn
+from compute.tree.supervisord_conf import render_supervisord_conf
 
 
 def dsn_params(dsn: str) -> dict:
@@ -59,7 +59,7 @@ def test_section_only_when_asked_and_its_environment_survives_supervisords_parse
 
 
 def test_bad_exporter_flags_are_refused_before_anything_is_touched(tmp_path):
-    from compute.cli import main
+    from compute.boot.cli import main
     base = ["-D", str(tmp_path / "pg"), "-C", "postgresql://cloud_admin@127.0.0.1:5/postgres", "-s",
             '{"format_version": 1.0, "cluster": {}}', "--runtime-dir", str(tmp_path / "run")]
     assert main(base + ["--postgres-exporter", "/nonexistent/exporter"]) == 1

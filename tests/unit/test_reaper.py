@@ -1,6 +1,6 @@
-"""What compute-ctl does with whatever of the tree outlives supervisord (compute/reaper.py), and
+"""What compute-ctl does with whatever of the tree outlives supervisord (compute/tree/reaper.py), and
 the parent checks that close the window before a parent-death signal is armed
-(compute/procutil.py). The e2e side: tests/fault/test_fault_exit.py.
+(compute/base/procutil.py). The e2e side: tests/fault/test_fault_exit.py.
 
 This file: the pure decisions; with real processes: tests/integration/test_reaper.py."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 
-from compute.reaper import Escalation, Proc, descendants, due_signals
+from compute.tree.reaper import Escalation, Proc, descendants, due_signals
 
 ROOT = 100
 ESC = Escalation(term_after=0.5, quit_postmaster_after=2.0, kill_after=3.0)

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from compute.reconcile import (Catalog, DatabaseInfo, LocalFacts, Plan, PlanError, RoleInfo,
                                format_plan, plan, stored_password)
-from compute.spec import ComputeSpec, Cluster, Database, DeltaOp, GenericOption, Role, parse_spec
+from compute.model.spec import ComputeSpec, Cluster, Database, DeltaOp, GenericOption, Role, parse_spec
 
 SU = "cloud_admin"
 MD5_A = "a" * 32

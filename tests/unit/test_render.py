@@ -4,10 +4,10 @@ import configparser
 
 import pytest
 
-from compute.pgconf import (BEGIN_MARK, END_MARK, HBA_LINE, ensure_hba_line, quote_value,
+from compute.postgres.conf import (BEGIN_MARK, END_MARK, HBA_LINE, ensure_hba_line, quote_value,
                             render_default_hba, render_postgresql_conf)
-from compute.spec import GenericOption
-from compute.supervision import render_supervisord_conf
+from compute.model.spec import GenericOption
+from compute.tree.supervisord_conf import render_supervisord_conf
 
 
 def opt(name, value, vartype="string"):
@@ -73,7 +73,7 @@ def test_default_hba_trusts_nobody():
 
 
 def test_ident_maps_only_the_compute_user():
-    from compute.localauth import render_ident
+    from compute.postgres.localauth import render_ident
     text = render_ident("postgres", "cloud_admin")
     assert [ln.split() for ln in text.splitlines() if not ln.startswith("#")] == \
         [["compute", '"postgres"', '"cloud_admin"']]
@@ -82,7 +82,7 @@ def test_ident_maps_only_the_compute_user():
 
 
 def test_passfile_escapes_separators():
-    from compute.localauth import render_passfile
+    from compute.postgres.localauth import render_passfile
     assert render_passfile("cloud_admin", "pw") == "*:*:*:cloud_admin:pw\n"
     assert render_passfile("a:b", "p\\w") == "*:*:*:a\\:b:p\\\\w\n"
 
@@ -128,11 +128,11 @@ def test_percent_escaped():
 
 
 def test_secrets_only_in_their_programs_sections():
-    """compute/environ.py decides; supervisord.conf carries each secret only in its program's
+    """compute/model/environ.py decides; supervisord.conf carries each secret only in its program's
     `environment=` (parsed here with supervisor's own parser), none in [supervisord]'s."""
     from supervisor.datatypes import dict_of_key_value_pairs
 
-    from compute.environ import child_environment, program_secrets, supervisord_environment
+    from compute.model.environ import child_environment, program_secrets, supervisord_environment
     environ = {"PATH": "/bin", "NEON_CONSOLE_JWT": "Bearer cp.tok-1", "NEON_CONTROL_PLANE_TOKEN": "cp2",
                "NEON_AUTH_TOKEN": "st.env"}
     assert supervisord_environment(environ) == {"PATH": "/bin"}

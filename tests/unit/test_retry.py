@@ -1,11 +1,11 @@
-"""The one retry loop (compute/retry.py) that the storage steps (tests/test_basebackup.py) and
+"""The one retry loop (compute/base/retry.py) that the storage steps (tests/test_basebackup.py) and
 the spec pull (tests/test_control_plane.py) both run on: pure, no sleeping."""
 
 from __future__ import annotations
 
 import pytest
 
-from compute.retry import RetryFailed, RetryPolicy, retry
+from compute.base.retry import RetryFailed, RetryPolicy, retry
 
 
 class Passing(Exception):
@@ -54,6 +54,6 @@ def test_other_exceptions_pass_through_untouched():
 
 
 def test_the_storage_steps_and_the_spec_pull_share_the_policy():
-    from compute import control_plane, storage
-    assert storage.RetryPolicy is RetryPolicy and control_plane.RetryPolicy is RetryPolicy
-    assert storage.SYNC_SAFEKEEPERS_RETRY == RetryPolicy(5, 0.5, 1.5)
+    from compute.storage import control_plane, attempts
+    assert attempts.RetryPolicy is RetryPolicy and control_plane.RetryPolicy is RetryPolicy
+    assert attempts.SYNC_SAFEKEEPERS_RETRY == RetryPolicy(5, 0.5, 1.5)

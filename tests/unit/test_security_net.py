@@ -13,8 +13,8 @@ import pytest
 
 from compute.api.errors import is_json
 from compute.api.redaction import redact_passwords
-from compute.cli import UsageError, exposure_warning, http_address
-from compute.pgsession import session_options, session_params
+from compute.boot.cli import UsageError, exposure_warning, http_address
+from compute.postgres.sessions import session_options, session_params
 
 SECRET = "s3cr3t-Pa55"
 
@@ -86,7 +86,7 @@ def test_session_options_are_appended_after_the_connstr_own():
                                         ("--lock-timeout", "-1"), ("--lock-timeout", "nan"),
                                         ("--statement-timeout", "1e9")])
 def test_bad_network_and_timeout_flags_are_one_line_errors(tmp_path, capsys, flag, value):
-    from compute.cli import main
+    from compute.boot.cli import main
     pgdata = tmp_path / "pgdata"
     code = main(["-D", str(pgdata), "-C", "postgresql://cloud_admin@127.0.0.1:1/postgres",
                  "-b", "/usr/lib/postgresql/15/bin/postgres", "-i", "c1", "-p", "http://127.0.0.1:1",

@@ -1,4 +1,4 @@
-"""compute.settings: the one typed record of the compute's settings, its defaults, its loader."""
+"""compute.model.launch: the one typed record of the compute's settings, its defaults, its loader."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import dataclasses
 
 import pytest
 
-from compute import settings as settings_mod
-from compute.cli import build_parser
-from compute.settings import STATE_KEY, Settings, SettingsError, default, load
-from compute.state import StateStore
+from compute.model import launch as settings_mod
+from compute.boot.cli import build_parser
+from compute.model.launch import STATE_KEY, LaunchSettings, SettingsError, default, load
+from compute.shared.state import StateStore
 
 REQUIRED = {"pgdata": "/data", "connstr": "postgresql://cloud_admin@127.0.0.1:5432/postgres",
             "superuser": "cloud_admin", "runtime_dir": "/run/c"}
 
 
 def test_round_trip_through_the_state_file(tmp_path):
-    s = Settings(**REQUIRED, http_port=4000, jwks_path="/k.json", grace_seconds=1.5)
+    s = LaunchSettings(**REQUIRED, http_port=4000, jwks_path="/k.json", grace_seconds=1.5)
     StateStore.create(str(tmp_path / "state.db"), {STATE_KEY: s.to_json(), "status": "init"})
     assert load(StateStore(str(tmp_path / "state.db"))) == s  # a fresh store: read back from the file
 
@@ -27,14 +27,14 @@ def test_no_record_yet_is_none(tmp_path):
 
 
 def test_frozen():
-    s = Settings(**REQUIRED)
+    s = LaunchSettings(**REQUIRED)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.http_port = 1  # type: ignore[misc]
 
 
 def test_absent_keys_take_the_one_default():
-    s = Settings.from_json(REQUIRED)
-    for f in dataclasses.fields(Settings):
+    s = LaunchSettings.from_json(REQUIRED)
+    for f in dataclasses.fields(LaunchSettings):
         if f.name not in REQUIRED:
             assert getattr(s, f.name) == f.default == default(f.name)
 
@@ -52,17 +52,18 @@ def test_flag_defaults_are_the_settings_defaults(flag, field):
 
 
 def test_library_defaults_come_from_settings():
-    from compute import monitor, postgres_exporter, storage
+    from compute.programs import monitor, postgres_exporter
+    from compute.storage import attempts
     from compute.reconcile import connections
     assert monitor.DEFAULT_INTERVAL == default("monitor_interval")
-    assert storage.DEFAULT_TIMEOUT == default("storage_timeout")
+    assert attempts.DEFAULT_TIMEOUT == default("storage_timeout")
     assert connections.DEFAULT_LOCK_TIMEOUT == default("lock_timeout")
     assert connections.DEFAULT_STATEMENT_TIMEOUT == default("statement_timeout")
     assert postgres_exporter.DEFAULT_PORT == default("postgres_exporter_port") == 9187
 
 
 def test_ints_are_accepted_for_seconds():
-    s = Settings.from_json({**REQUIRED, "grace_seconds": 5, "lock_timeout": 0})
+    s = LaunchSettings.from_json({**REQUIRED, "grace_seconds": 5, "lock_timeout": 0})
     assert s.grace_seconds == 5.0 and isinstance(s.grace_seconds, float)
 
 
@@ -79,7 +80,7 @@ def test_ints_are_accepted_for_seconds():
 ])
 def test_bad_records_are_refused_in_one_line(raw, message):
     with pytest.raises(SettingsError) as e:
-        Settings.from_json(raw)
+        LaunchSettings.from_json(raw)
     assert str(e.value) == message and "\n" not in str(e.value)
 
 
@@ -96,11 +97,11 @@ def test_settings_module_imports_nothing_of_the_compute():
 def test_require_is_the_one_rule_for_no_settings(tmp_path):
     """compute-ctl writes the settings before it starts any program: every program reads them
     with `require`, and a state file without them is said loudly, never defaulted."""
-    from compute.settings import SettingsMissing, require
+    from compute.model.launch import SettingsMissing, require
     store = StateStore.create(str(tmp_path / "state.db"), {"status": "init"})
     with pytest.raises(SettingsMissing, match="no settings .*before it starts any program"):
         require(store)
-    s = Settings(**REQUIRED)
+    s = LaunchSettings(**REQUIRED)
     store.set(**{STATE_KEY: s.to_json()})
     assert require(store) == s
 
@@ -108,9 +109,9 @@ def test_require_is_the_one_rule_for_no_settings(tmp_path):
 def test_every_program_reads_the_settings_through_the_one_rule(tmp_path):
     """The driver, the exit watcher and the api fail loudly on a state file without settings."""
     from compute.api.context import ApiContext
-    from compute.lifecycle import Driver
-    from compute.settings import SettingsMissing
-    from compute.state import state_path
+    from compute.lifecycle.driver import Driver
+    from compute.model.launch import SettingsMissing
+    from compute.shared.state import state_path
     rt = str(tmp_path)
     StateStore.create(state_path(rt), {"status": "init"})
     with pytest.raises(SettingsMissing):

@@ -1,8 +1,8 @@
 """Which LSN /terminate reports (pure decisions, pg_controldata parsing)."""
 
-from compute.shutdown_lsn import (CONTROLDATA, FLUSH_BEFORE_SIGNAL, SYNC_SAFEKEEPERS,
+from compute.postgres.shutdown_lsn import (CONTROLDATA, FLUSH_BEFORE_SIGNAL, SYNC_SAFEKEEPERS,
                                   checkpoint_lsn_after_clean_shutdown, lsn_source, parse_controldata)
-from compute.spec import parse_spec
+from compute.model.spec import parse_spec
 
 BASE = {"format_version": 1.0, "cluster": {"roles": [], "databases": []}}
 NEON = {"format_version": 1.0, "cluster": {"roles": [], "databases": [], "settings": [

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from compute.plan_cmd import main as plan_main
-from compute.spec import SpecError, parse_spec
+from compute.boot.plan_command import main as plan_main
+from compute.model.spec import SpecError, parse_spec
 
 BASE = {"format_version": 1.0, "cluster": {"roles": [{"name": "app", "encrypted_password": None, "options": None}],
                                            "databases": []}}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from compute.spec import SpecError, parse_spec, parse_spec_text
+from compute.model.spec import SpecError, parse_spec, parse_spec_text
 
 TENANT, TIMELINE = "a" * 32, "b" * 32
 
@@ -153,7 +153,7 @@ def test_text_errors():
     ("replica", "enum"), ("debug5", "enum"), ("neon.x", "enum"), ("a-b:c", "enum"), ("42", "enum"),
 ])
 def test_plain_bare_values_are_accepted(value, vartype):
-    from compute.pgconf import render_postgresql_conf
+    from compute.postgres.conf import render_postgresql_conf
     spec = parse_spec({"format_version": 1.0, "cluster": {"settings": [{"name": "x.y", "value": value,
                                                                          "vartype": vartype}]}})
     assert f"x.y = {value}\n" in render_postgresql_conf(spec.cluster.settings)

@@ -1,4 +1,4 @@
-"""The spec's stored form (compute/spec.py: to_document, from_stored): the state file holds the
+"""The spec's stored form (compute/model/spec.py: to_document, from_stored): the state file holds the
 validated spec written back, and every program reads it typed without validating it again.
 Pure, no processes."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from compute.spec import StoredSpecError, from_stored, load_stored, parse_spec, to_document
+from compute.model.spec import StoredSpecError, from_stored, load_stored, parse_spec, to_document
 
 TENANT, TIMELINE = "a" * 32, "b" * 32
 SCRAM = ("SCRAM-SHA-256$4096:c2FsdHNhbHQ=$" + "A" * 43 + "=:" + "B" * 43 + "=")
@@ -90,7 +90,7 @@ def test_load_stored():
 def test_the_driver_fails_the_start_on_a_stored_spec_it_cannot_read(tmp_path):
     """A failed start with one line on /status (then the grace period, exit 1), not a driver
     crashing and restarting on the same file."""
-    from compute.lifecycle import Driver, describe
+    from compute.lifecycle.driver import Driver, describe
     from tests.support.api_helpers import make_state
     rt = str(tmp_path)
     store = make_state(rt, status="init")

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from compute.state import ALLOWED_TRANSITIONS, IllegalTransition, StateStore, Status, check_transition
+from compute.shared.state import ALLOWED_TRANSITIONS, IllegalTransition, StateStore, Status, check_transition
 
 LEGAL = {
     ("init", "init"), ("init", "empty"), ("init", "running"), ("init", "failed"),

@@ -1,4 +1,4 @@
-"""The extractor alone (compute/tarextract.py), run as root (the worst case: root could create
+"""The extractor alone (compute/storage/tarextract.py), run as root (the worst case: root could create
 devices and write anywhere): every hostile-archive class, chunking, limits, modes.
 
 This file: built archives; a real PG15 basebackup: tests/integration/test_tarextract.py."""
@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from compute.tarextract import MAX_EXT_HEADER, MAX_OPEN_DIRS, ArchiveError, TarExtractor, parse_pax, split_name
+from compute.storage.tarextract import MAX_EXT_HEADER, MAX_OPEN_DIRS, ArchiveError, TarExtractor, parse_pax, split_name
 from tests.support.hostile_tar import Member, box, build_tar, extract, raw_header, snapshot_tree
 
 __all__ = ["box"]  # the fixture

@@ -1,11 +1,11 @@
-"""COMPUTE_TRACE (compute/trace.py): the start-up timeline the benchmark reads. compute-ctl
+"""COMPUTE_TRACE (compute/base/trace.py): the start-up timeline the benchmark reads. compute-ctl
 writes it as root, so a symlink planted at its path by another user must never be followed.
 
 This file: in-process; another user's symlink: tests/integration/test_trace.py."""
 
 import os
 
-from compute.trace import TRACE_ENV, mark
+from compute.base.trace import TRACE_ENV, mark
 
 
 def test_marks_are_appended(tmp_path, monkeypatch):

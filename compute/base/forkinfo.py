@@ -1,0 +1,4 @@
+"""How this process was forked from compute-ctl's warm image: set by compute.tree.warmfork
+before it forks a program, read by the program (which must not import the tree)."""
+
+fully_warm = False  # forked from the whole warm image (every program but the first start's driver)

@@ -1,0 +1,730 @@
+"""The lifecycle driver (supervised program `lifecycle`).
+
+Start-up (§4): wait for a spec if there is none, prepare PGDATA (fresh every start), get the
+data (sync safekeepers + basebackup, or initdb for the embedded default), have supervisord
+start postgres, wait until it is ready, apply the spec. Then it carries out the API's requests
+(compute/shared/driver_requests.py: /configure, /promote, /terminate; the API submits one into the
+state file and sends us SIGUSR1): it is the one process that changes postgres or storage.
+
+It may be killed and restarted at any moment (supervisord restarts it), so it decides what to do
+from the state file and supervisord's view of postgres, never from memory:
+- postgres never started: (re)do the start-up from scratch;
+- postgres running but the start not finished: wait for ready and apply the spec again
+  (applying is idempotent);
+- start finished: serve reconfigurations; one that was being applied when the previous driver
+  died (status `configuration`) is applied again, after ending that driver's sessions;
+- start failed: finish the grace period, then take the tree down with exit code 1;
+- a /promote or /terminate under way: carry it out again (each record says how far it got).
+A /terminate is carried out at once by a thread of its own, beside whatever step is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+import xmlrpc.client
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from compute.shared import driver_requests
+from compute.postgres import localauth, conf as pgconf, replica, shutdown_lsn
+from compute.model import modes, launch
+from compute.storage import attempts, basebackup, initdb, safekeepers
+from compute.base import forkinfo
+from compute.base.procutil import die_with_parent
+from compute.base.trace import mark
+from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+from compute.lifecycle.steps import (
+    STARTUP_STEPS,
+    DriverView,
+    Readiness,
+    DriverStep,
+    concurrent_step,
+    grace_remaining,
+    idle,
+    pending_request,
+    plan_run,
+    readiness,
+)
+from compute.base.logs import setup_program_logging
+from compute.postgres.sessions import local_sslmode, session_params
+from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
+from compute.shared.state import StateStore, runtime_dir_from_env, state_path
+from compute.shared.supervisor_rpc import rpc, shutdown_tree
+from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
+
+log = logging.getLogger("compute.lifecycle.driver")
+
+READY_TIMEOUT = 60.0
+LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.boot.paths recognises PGDATA by these
+POLL = 0.5
+STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
+# An idle driver is woken by the API's SIGUSR1; this look at the state file only covers a
+# signal the API could not send (it ignores that failure: driver_requests.wake_driver).
+IDLE_RECHECK = 5.0
+WAKE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+VIEW_KEYS = ("status", "startup_done", "promotion", "terminate")
+LSN_WAIT_TIMEOUT = 30.0  # /promote: Neon gives up after 20 one-second retries
+PROMOTE_APPLICATION_NAME = "compute_ctl:promote"
+# The driver's own sessions for /promote and /terminate: bounded, as the API's were.
+REQUEST_STATEMENT_TIMEOUT_MS = 10_000
+REQUEST_LOCK_TIMEOUT_MS = 5_000
+NOT_RUNNING = 70  # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want
+IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
+
+
+class Terminating(Exception):
+    """The start-up ends here: a /terminate came before postgres was started."""
+
+
+class StartupError(Exception):
+    pass
+
+
+def describe(e: Exception) -> str:
+    """Our own errors say what went wrong in one line; anything else also says what it is."""
+    from compute.storage.control_plane import ControlPlaneError
+    from compute.reconcile import ReconcileError
+    if isinstance(e, (StartupError, attempts.StorageError, SpecError, StoredSpecError, ReconcileError,
+                      ControlPlaneError, replica.ReplicaError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def ms_since(t0: float) -> int:
+    return int((time.monotonic() - t0) * 1000)
+
+
+def empty_directory(path: str) -> None:
+    """Remove everything inside `path` and make it 0700. The directory itself stays: its parent
+    may belong to root (a volume mount), where we could not recreate it."""
+    with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name in LAST_REMOVED)
+    # What tells compute-ctl this is our data directory goes last: a driver killed half-way
+    # leaves a PGDATA that the next start still recognises (and empties) instead of refusing.
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    os.chmod(path, 0o700)
+
+
+def postmaster_status(pgdata: str) -> str | None:
+    """The last line of postmaster.pid: `starting`, `ready`, `stopping` (padded), or None."""
+    try:
+        with open(os.path.join(pgdata, "postmaster.pid")) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    return lines[7].strip() if len(lines) >= 8 else None
+
+
+class Driver:
+    def __init__(self, runtime_dir: str):
+        self.runtime_dir = runtime_dir
+        self.store = StateStore(state_path(runtime_dir))
+        self.settings = launch.require(self.store)
+        self.pgdata = self.settings.pgdata
+        self.superuser = self.settings.superuser
+        self.wake = threading.Event()
+        self.requests_wake = threading.Event()  # the thread that runs a /terminate at once
+        self.terminate_lock = threading.Lock()
+        self.stopping = False
+
+    # -- supervisord ------------------------------------------------------------------------
+    def supervisor(self):
+        return rpc(self.runtime_dir).supervisor
+
+    def postgres_state(self) -> str:
+        return self.supervisor().getProcessInfo("postgres")["statename"]
+
+    # -- entry ------------------------------------------------------------------------------
+    def view(self) -> DriverView:
+        """The snapshot the plan is made from (postgres' state asked only when it matters)."""
+        s = self.store.get_many((*VIEW_KEYS, "postgres_started"))
+        postgres_state = None
+        if not s["startup_done"] and s["status"] != "failed" and s["terminate"] is None:
+            # postgres is autostart=false and started only by a driver, after it set
+            # postgres_started: before that it is STOPPED without asking supervisord (whose
+            # loop is busy spawning the other programs at the first start).
+            postgres_state = self.postgres_state() if s["postgres_started"] else "STOPPED"
+        return view_of(s, postgres_state)
+
+    def request_view(self) -> DriverView:
+        return view_of(self.store.get_many(VIEW_KEYS))
+
+    def run(self) -> None:
+        steps = plan_run(self.view())
+        if DriverStep.TERMINATE not in steps:
+            threading.Thread(target=self.watch_requests, name="requests", daemon=True).start()
+        self.execute(steps)
+
+    def watch_requests(self) -> None:
+        """Beside the plan: a /terminate is carried out at once, whatever step is in progress
+        (a basebackup, the catalog SQL, a reconfiguration)."""
+        # Signals go to the main thread only: one delivered to this thread would not interrupt
+        # the main thread's blocking call (initdb's pipes), and SIGTERM would wait for its end.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+        while not self.stopping:
+            self.requests_wake.wait(POLL)
+            self.requests_wake.clear()
+            try:
+                if concurrent_step(self.request_view()) is DriverStep.TERMINATE:
+                    self.terminate()
+            except Exception:  # the plan goes on; a restarted driver would resume the terminate
+                log.exception("carrying out /terminate")
+
+    def execute(self, steps: tuple[DriverStep, ...]) -> None:
+        """Carry out the plan. A failing start-up step fails the compute (reported on /status
+        for the grace period, then exit 1) instead of crashing the driver."""
+        self.t_start = time.monotonic()
+        self.spec: ComputeSpec | None = None
+        for step in steps:
+            if self.stopping:
+                return
+            if step not in STARTUP_STEPS:
+                self.run_step(step)
+                continue
+            try:
+                self.run_step(step)
+            except Terminating:
+                log.info("terminate requested before postgres started: the start-up ends here")
+                self.wait_for_stop()
+                return
+            except Exception as e:  # any failure of the start is reported, not crashed on
+                if self.stopping:
+                    return
+                msg = describe(e)
+                log.error("start-up failed: %s", msg)
+                self.store.set(status="failed", error=msg, failed_at=time.time())
+                self.fail_later(msg)
+                return
+
+    def run_step(self, step: DriverStep) -> None:
+        mark(f"lifecycle: {step.name.lower()}")
+        if step is DriverStep.WAIT_FOR_SPEC:
+            self.spec = self.wait_for_spec()
+        elif step is DriverStep.PREPARE_DATA:
+            self.prepare_data(self.spec)
+        elif step is DriverStep.START_POSTGRES:
+            self.start_postgres()
+        elif step is DriverStep.WAIT_READY:
+            self.wait_ready()
+        elif step is DriverStep.END_STALE_SESSIONS:
+            if self.store.get("startup_done"):
+                log.warning("the previous driver died while applying a new spec: applying it again")
+            else:
+                log.info("postgres is already running (driver restarted): applying the spec again")
+            self.end_stale_apply_sessions()
+        elif step is DriverStep.APPLY:
+            t = time.monotonic()
+            self.apply(self.spec)
+            self.store.record_metrics(config_ms=ms_since(t))
+        elif step is DriverStep.MARK_RUNNING:
+            self.mark_running()
+        elif step is DriverStep.REQUEUE_CONFIGURATION:
+            self.store.transition({"configuration"}, "configuration_pending")
+        elif step is DriverStep.PROMOTE:
+            self.promote()
+        elif step is DriverStep.TERMINATE:
+            self.terminate()
+        elif step is DriverStep.WAIT_FOR_STOP:
+            self.wait_for_stop()
+        elif step is DriverStep.SERVE:
+            self.serve()
+        elif step is DriverStep.HAND_OVER:
+            with self.terminate_lock:  # not in the middle of the request thread's /terminate
+                terminating = self.request_view().termination is not None
+            if terminating:  # (one that comes after this look is resumed by the next driver)
+                self.terminate()  # a no-op once answered, or for the tree's
+                self.wait_for_stop()
+                return
+            # supervisord forks a fresh driver at once (autorestart, startsecs=0): lifecycle_plan.
+            log.info("handing over to a fresh driver (pid %d exits)", os.getpid())
+            raise SystemExit(0)
+        elif step is DriverStep.FAIL_LATER:
+            self.fail_later(self.store.get("error") or "start-up failed")
+        else:  # pragma: no cover - a step added to the plan without an executor
+            raise AssertionError(f"no executor for {step}")
+
+    # -- start-up ---------------------------------------------------------------------------
+    def mark_running(self) -> None:
+        started_at = self.store.get("start_time") or time.time()
+        total_ms = int((time.time() - started_at) * 1000)
+        self.store.record_metrics(total_startup_ms=total_ms)
+        self.store.set(status="running", error=None, startup_done=True)
+        mark("lifecycle: running")
+        log.info("compute is running (start-up took %d ms, this driver %d ms)", total_ms,
+                 ms_since(getattr(self, "t_start", time.monotonic())))
+
+    def wait_for_spec(self) -> ComputeSpec:
+        """The spec from the state file; in pull mode fetched first, and if the control plane
+        has none, status `empty` until /configure brings one."""
+        spec = load_stored(self.store)
+        t0 = time.monotonic()
+        if spec is None and self.settings.control_plane_uri:
+            from compute.storage.control_plane import control_plane_token, fetch_spec
+            raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
+                             control_plane_token() or self.settings.console_jwt)
+            if raw is not None:
+                spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
+                self.store.set(spec=to_document(spec), spec_generation=1)
+        if spec is None:
+            if self.store.transition({"init"}, "empty"):
+                log.info("no spec yet: waiting for POST /configure")
+            while self.store.get("status") != "configuration_pending":
+                self.wake.wait(POLL)
+                self.wake.clear()
+            spec = load_stored(self.store)
+            # Neon's rule: the start of an `empty` compute is when its spec arrives, so
+            # total_startup_ms (and /status start_time) do not count the wait.
+            self.store.set(start_time=time.time())
+        self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
+        self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
+        return spec
+
+    def prepare_data(self, spec: ComputeSpec) -> None:
+        empty_directory(self.pgdata)
+        self.store.record_metrics(sync_safekeepers_retries=0, basebackup_retries=0)
+        st = spec.storage
+        plan = modes.plan_start(spec)
+        if plan.source == "clone":
+            t = time.monotonic()
+            nbytes = replica.clone_primary(self.settings.pgbin_dir, self.pgdata, modes.primary_conninfo(spec),
+                                           self.runtime_dir)
+            pgconf.write_default_hba(self.pgdata, self.superuser, clone=True)
+            self.write_conf(spec)
+            self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
+            log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
+        elif st is None:
+            t = time.monotonic()
+            self.initdb_with_password()
+            self.write_conf(spec)
+            self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
+            log.info("embedded default: initdb done in %d ms", ms_since(t))
+        else:
+            token = self.storage_token(spec)
+            # Written before the sync: --sync-safekeepers reads its settings from it.
+            self.write_conf(spec)
+            timeout = self.settings.storage_timeout
+            t = time.monotonic()
+            lsn = plan.basebackup_lsn
+            if plan.sync_safekeepers:
+                lsn = attempts.with_retries(
+                    "sync-safekeepers", attempts.SYNC_SAFEKEEPERS_RETRY,
+                    lambda: safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout),
+                    on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
+                log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
+            else:
+                log.info("%s compute: no safekeeper sync; basebackup at %s", spec.mode,
+                         "the latest LSN" if lsn == "0/0" else f"LSN {lsn}")
+            sync_ms = ms_since(t)
+            t = time.monotonic()
+            last = [t, 0]
+
+            def progress(nbytes: int) -> None:
+                now = time.monotonic()
+                if now - last[0] >= 2.0:
+                    rate = (nbytes - last[1]) / (now - last[0]) / 2**20
+                    log.info("basebackup: %d MiB received (%.1f MiB/s)", nbytes >> 20, rate)
+                    last[:] = [now, nbytes]
+
+            def fresh_pgdata() -> None:
+                # A failed attempt may have extracted part of the archive: start over, empty.
+                empty_directory(self.pgdata)
+                self.write_conf(spec)
+
+            nbytes = attempts.with_retries(
+                "basebackup", attempts.BASEBACKUP_RETRY,
+                lambda: basebackup.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
+                                           self.pgdata, token, progress=progress, timeout=timeout,
+                                           compression=self.settings.basebackup_compression,
+                                           replica=plan.basebackup_replica),
+                before_retry=fresh_pgdata,
+                on_retry=lambda n: self.store.record_metrics(basebackup_retries=n))
+            bb_ms = ms_since(t)
+            log.info("basebackup: %d bytes in %d ms", nbytes, bb_ms)
+            self.store.record_metrics(sync_safekeepers_ms=sync_ms, basebackup_ms=bb_ms, basebackup_bytes=nbytes)
+        if plan.standby:
+            replica.write_standby_signal(self.pgdata)
+        pgconf.ensure_hba_line(self.pgdata)
+
+    def write_conf(self, spec: ComputeSpec) -> None:
+        """postgresql.conf for the spec and its mode; the replication password (if any) goes to
+        the passfile primary_conninfo names, written first so a reload finds it."""
+        replica.write_passfile(self.pgdata, modes.replication_password(spec))
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata))
+
+    def initdb_with_password(self) -> None:
+        """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
+        needed over TCP, and the 0600 passfile our programs find through PGPASSFILE."""
+        password = localauth.new_password()
+        pwfile = os.path.join(self.runtime_dir, "initdb.pw")
+        localauth.write_secret(pwfile, password + "\n")
+        try:
+            initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile)
+        finally:
+            os.unlink(pwfile)
+        pgconf.write_default_hba(self.pgdata, self.superuser)
+        localauth.write_secret(localauth.passfile_path(self.runtime_dir),
+                               localauth.render_passfile(self.superuser, password))
+
+    def start_postgres(self) -> None:
+        self.t_postgres = time.monotonic()
+        # In one transaction with the check: a /terminate that found postgres never started
+        # stops the tree itself (driver_requests), so postgres must then never start.
+        if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
+            raise Terminating()
+        self.supervisor().startProcess("postgres", False)
+
+    def wait_ready(self) -> None:
+        t0 = getattr(self, "t_postgres", time.monotonic())
+        started = time.monotonic()
+        next_check = 0.0
+        while True:
+            now = time.monotonic()
+            state = None
+            if now >= next_check:  # fail early if postgres died while starting
+                state = self.postgres_state()
+                next_check = now + 0.25
+            verdict = readiness(postmaster_status(self.pgdata), state, now - started, READY_TIMEOUT)
+            if verdict is Readiness.READY:
+                break
+            if verdict is Readiness.TIMED_OUT:
+                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+            if verdict is Readiness.DIED:
+                raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
+            time.sleep(0.01)
+        self.store.record_metrics(start_postgres_ms=ms_since(t0))
+
+    def apply(self, spec: ComputeSpec) -> None:
+        skipped = modes.no_catalog_sql_reason(spec)
+        if skipped:
+            log.info("%s", skipped)
+            return
+        from compute.reconcile import apply_spec
+        apply_spec(self.settings.connstr, spec, superuser=self.superuser,
+                   lock_timeout=self.settings.lock_timeout,
+                   statement_timeout=self.settings.statement_timeout)
+
+    # -- after start-up ---------------------------------------------------------------------
+    def serve(self) -> None:
+        """Until a reconfiguration has been applied (then the plan hands over) or we are stopped."""
+        while not self.stopping:
+            if self.handle_pending() in (DriverStep.RECONFIGURE, DriverStep.TERMINATE, DriverStep.WAIT_FOR_STOP):
+                return
+            self.wake.wait(POLL)
+            self.wake.clear()
+
+    def handle_pending(self) -> DriverStep | None:
+        """One look at the state file: carry out the request waiting there, if any; which."""
+        step = pending_request(self.request_view())
+        if step is DriverStep.TERMINATE:
+            self.terminate()
+            self.wait_for_stop()
+        elif step is DriverStep.WAIT_FOR_STOP:
+            self.wait_for_stop()
+        elif step is DriverStep.PROMOTE:
+            self.promote()
+        elif step is DriverStep.RECONFIGURE:
+            self.reconfigure()
+        return step
+
+    def wait_for_stop(self) -> None:
+        """The tree is being stopped (a /terminate): start nothing more, wait for SIGTERM."""
+        while not self.stopping:
+            self.wake.wait(POLL)
+            self.wake.clear()
+
+    def resume_interrupted_reconfiguration(self) -> None:
+        """Status `configuration` at our start, with no promotion under way, means the previous
+        driver died applying a new spec (the driver always leaves it): apply that spec again."""
+        view = self.request_view()
+        steps = plan_run(DriverView(status=view.status, startup_done=True, promotion=view.promotion))
+        self.execute(tuple(step for step in steps if step not in (DriverStep.SERVE, DriverStep.HAND_OVER, DriverStep.PROMOTE)))
+
+    def end_stale_apply_sessions(self) -> None:
+        """End the sessions a killed driver left applying the spec. postgres only notices their
+        client is gone when it next talks to it: one blocked on a lock would hold the locks it
+        already has, and our own apply would wait behind it, or collide with it."""
+        name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
+        try:
+            with psycopg.connect(**local_sslmode(conninfo_to_dict(self.settings.connstr)), autocommit=True,
+                                 connect_timeout=10) as conn:
+                # In the target list, not the WHERE clause: evaluated only for the rows found.
+                ended = conn.execute(
+                    "SELECT pid, pg_catalog.pg_terminate_backend(pid, %s::pg_catalog.int8)"
+                    " FROM pg_catalog.pg_stat_activity"
+                    " WHERE application_name = %s AND usename = current_user"
+                    " AND backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()",
+                    (STALE_SESSION_WAIT_MS, name)).fetchall()
+        except psycopg.Error as e:
+            log.warning("could not end the previous driver's sessions: %s", str(e).strip())
+            return
+        if ended:
+            log.info("ended %d session(s) of the previous driver (pids %s)", len(ended),
+                     ", ".join(str(pid) for pid, _ in ended))
+
+    def reconfigure(self) -> None:
+        if not self.store.transition({"configuration_pending"}, "configuration"):
+            return
+        try:
+            spec = load_stored(self.store)
+            log.info("applying a new spec")
+            self.write_conf(spec)
+            with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
+                                 autocommit=True, connect_timeout=10) as conn:
+                if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
+                    log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+                pending = [r[0] for r in conn.execute(
+                    "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
+            self.apply(spec)
+            if pending:
+                log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
+            self.store.set(status="running", error=None, pending_restart=pending,
+                           tenant=spec.tenant_id, timeline=spec.timeline_id)
+            log.info("new spec applied")
+        except Exception as e:
+            msg = describe(e)
+            log.error("reconfiguration failed: %s", msg)
+            self.store.set(status="failed", error=msg)
+
+    # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
+    def request_session(self) -> psycopg.Connection:
+        return psycopg.connect(**session_params(self.settings.connstr, lock_timeout_ms=REQUEST_LOCK_TIMEOUT_MS,
+                                                statement_timeout_ms=REQUEST_STATEMENT_TIMEOUT_MS),
+                               autocommit=True, connect_timeout=10, application_name=PROMOTE_APPLICATION_NAME)
+
+    def promote(self) -> None:
+        """/promote: wait for replay up to the LSN, pg_promote(), then hand the new spec over as
+        a reconfiguration (SERVE applies it). A failure leaves the replica it was, `running`.
+        Resumable: a promotion STARTED whose postgres is out of recovery was done by the dead
+        driver."""
+        p = Promotion.from_json(self.store.get("promotion"))
+        if p is None or not p.pending:
+            return
+        log.info("promoting this replica (wal_flush_lsn %s)", p.wal_flush_lsn or "not given")
+        t0 = time.monotonic()
+        try:
+            with self.request_session() as conn:
+                in_recovery = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()[0]
+                if p.phase == STARTED and not in_recovery:
+                    log.info("the previous driver promoted postgres already")
+                    t1 = t2 = time.monotonic()
+                else:
+                    replica.wait_for_replay(conn, p.wal_flush_lsn, LSN_WAIT_TIMEOUT)
+                    t1 = time.monotonic()
+                    self.store.set(promotion={**p.to_json(), "phase": STARTED})
+                    replica.promote(conn)
+                    t2 = time.monotonic()
+        except Exception as e:  # any failure: still the replica it was
+            msg = str(e).strip() if isinstance(e, (replica.ReplicaError, psycopg.Error, ValueError)) else describe(e)
+            msg = msg or type(e).__name__
+            log.error("promotion failed: %s", msg)
+            self.store.transition({"configuration"}, "running",
+                                  promotion={**p.to_json(), "phase": FAILED, "error": msg})
+            return
+        log.info("postgres promoted; applying the spec as a primary")
+
+        def hand_over(v):
+            done = {**p.to_json(), "phase": DONE, "lsn_wait_ms": int((t1 - t0) * 1000),
+                    "pg_promote_ms": int((t2 - t1) * 1000), "promoted_at": time.time()}
+            if v["status"] != "configuration":
+                return {"promotion": {**done, "phase": FAILED,
+                                      "error": f"status changed during promotion: {v['status']}"}}
+            generation = int(v["spec_generation"] or 0) + 1
+            return {"status": "configuration_pending", "spec": p.spec, "spec_generation": generation,
+                    "error": None, "promotion": {**done, "generation": generation}}
+
+        self.store.update(("status", "spec_generation"), hand_over)
+
+    def terminate(self) -> None:
+        """/terminate: stop postgres (fast: SIGINT through supervisord; immediate: SIGQUIT),
+        then find the LSN (compute/postgres/shutdown_lsn.py) and answer. Resumable: the flush LSN an
+        immediate shutdown needs is recorded before the signal (STARTED)."""
+        with self.terminate_lock:
+            t = Termination.from_json(self.store.get("terminate"))
+            if t is None or t.by != driver_requests.DRIVER or t.phase == DONE:
+                return
+            log.info("terminate requested (%s): stopping postgres", t.mode)
+            spec = self.stored_spec()
+            source = shutdown_lsn.lsn_source(spec, t.mode)
+            if t.phase != STARTED:
+                flush = self.flush_lsn() if source == shutdown_lsn.FLUSH_BEFORE_SIGNAL else None
+                t = Termination(**{**t.to_json(), "phase": STARTED, "flush_lsn": flush})
+                self.store.set(terminate=t.to_json())
+            error, never_ran = self.stop_postgres(t.mode)
+            lsn = None
+            if error is None and not never_ran:
+                log.info("postgres is down")
+                if source == shutdown_lsn.FLUSH_BEFORE_SIGNAL:
+                    lsn = t.flush_lsn
+                elif source == shutdown_lsn.CONTROLDATA:
+                    lsn = shutdown_lsn.controldata_lsn(self.settings.pgbin_dir, self.pgdata)
+                elif source == shutdown_lsn.SYNC_SAFEKEEPERS:
+                    lsn = self.sync_safekeepers_after_stop(spec)
+            driver_requests.finish_terminate(self.store, t, lsn=lsn, error=error)
+
+    def stored_spec(self) -> ComputeSpec | None:
+        try:
+            return load_stored(self.store)
+        except StoredSpecError as e:
+            log.error("%s", e)
+            return None
+
+    def flush_lsn(self) -> str | None:
+        try:
+            with self.request_session() as conn:
+                return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]
+        except psycopg.Error as e:
+            log.warning("cannot read the WAL flush LSN before the immediate shutdown: %s", e)
+            return None
+
+    def sync_safekeepers_after_stop(self, spec: ComputeSpec) -> str | None:
+        try:
+            return safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, self.storage_token(spec),
+                                            timeout=self.settings.storage_timeout)
+        except attempts.StorageError as e:
+            log.warning("sync-safekeepers after the shutdown failed: %s", e)
+            return None
+
+    @staticmethod
+    def storage_token(spec: ComputeSpec) -> str | None:
+        """The spec's token, else one given in the environment (a Kubernetes Secret): only the
+        driver and postgres get it (compute/model/environ.py)."""
+        return spec.storage_auth_token or os.environ.get("NEON_AUTH_TOKEN") or None
+
+    def stop_postgres(self, mode: str) -> tuple[str | None, bool]:
+        """(None, never_ran) once postgres is down; else (what went wrong, False)."""
+        # No socket timeout: stopping blocks until supervisord reports postgres stopped.
+        supervisor = rpc(self.runtime_dir, timeout=None).supervisor
+        try:
+            if mode == "immediate" and self.quit_postgres(supervisor):
+                return None, False
+            supervisor.stopProcess("postgres", True)
+        except xmlrpc.client.Fault as e:
+            if e.faultCode != NOT_RUNNING:
+                return f"supervisord refused to stop postgres: {e.faultString}", False
+            try:
+                if supervisor.getProcessInfo("postgres")["start"] == 0:
+                    # A driver died between `postgres_started` and asking supervisord: no
+                    # postgres will end, so the tree is stopped after the answer, as the API does.
+                    return driver_requests.stop_tree_after_answer(self.runtime_dir), True
+            except (OSError, xmlrpc.client.Error) as e:
+                return f"cannot reach supervisord: {e}", False
+        except (OSError, xmlrpc.client.ProtocolError) as e:
+            return f"cannot reach supervisord: {e}", False
+        return None, False
+
+    @staticmethod
+    def quit_postgres(supervisor) -> bool:
+        """SIGQUIT (immediate shutdown); True once postgres has exited."""
+        supervisor.signalProcess("postgres", "QUIT")
+        deadline = time.monotonic() + IMMEDIATE_WAIT
+        while time.monotonic() < deadline:
+            if supervisor.getProcessInfo("postgres")["statename"] not in ("RUNNING", "STARTING", "STOPPING"):
+                return True
+            time.sleep(0.05)
+        log.warning("postgres still up %.0f s after SIGQUIT: stopping it the regular way", IMMEDIATE_WAIT)
+        return False
+
+    def fail_later(self, msg: str) -> None:
+        """Keep the API answering with the error for the grace period, then exit 1."""
+        grace = self.settings.grace_seconds
+        remaining = grace_remaining(self.store.get("failed_at"), grace, time.time())
+        if remaining > 0:
+            log.info("keeping the error on /status for %.0f s before exiting", remaining)
+            self.wake.wait(remaining)
+        self.store.set_once("exit_code", 1)
+        shutdown_tree(self.runtime_dir)
+        while True:  # supervisord stops us
+            time.sleep(1)
+
+
+def wait_for_work(runtime_dir: str) -> bool:
+    """Block until this driver has something to do (True) or is told to stop (False).
+
+    The driver forked after each hand-over spends the compute's life waiting for a /configure.
+    Loading the settings, planning and polling the state file every POLL touched (so copied)
+    the warm image into it (4.8 MiB private; 3.1 MiB now, python -m bench.footprint). So it
+    only asks for three state keys (_has_work), and sleeps in sigtimedwait until SIGUSR1
+    (blocked first, so a signal sent before we sleep is not lost) or SIGTERM. An interrupted reconfiguration (status
+    `configuration`) or a waiting one is work: found by the same first look, at once."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+    path = state_path(runtime_dir)
+    # The driver forked before compute-ctl imported the rest of the warm image is the first
+    # start's own: it has work, and 3 ms of a child's fork would be on the start-up's path.
+    look = _has_work_child if forkinfo.fully_warm else _has_work
+    while not look(path):
+        info = signal.sigtimedwait(WAKE_SIGNALS, IDLE_RECHECK)
+        if info is not None and info.si_signo == signal.SIGTERM:
+            return False
+    return True
+
+
+def view_of(s: dict, postgres_state: str | None = None) -> DriverView:
+    """The plan's view of the state keys VIEW_KEYS (and postgres' supervisord state)."""
+    promotion = s["promotion"]
+    return DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state=postgres_state,
+                      promotion=promotion.get("phase") if isinstance(promotion, dict) else None,
+                      termination=termination_phase(s["terminate"]))
+
+
+def _has_work(path: str) -> bool:
+    store = StateStore(path)
+    try:
+        s = store.get_many(VIEW_KEYS)
+    finally:
+        store.close()
+    return not idle(view_of(s))
+
+
+def _has_work_child(path: str) -> bool:
+    """_has_work in a short-lived child: opening SQLite and reading it copied another 0.9 MiB
+    of the warm image into the idle driver, and more at every look (its allocations land in
+    other shared pages each time). Any failure counts as work: the driver proper then reads
+    the state file itself and reports what is wrong with it."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            code = 1 if _has_work(path) else 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) != 0
+
+
+def main() -> None:
+    die_with_parent()
+    setup_program_logging()
+    runtime_dir = runtime_dir_from_env()
+    if not wait_for_work(runtime_dir):
+        return
+    driver = Driver(runtime_dir)
+
+    def on_usr1(*_):
+        driver.wake.set()
+        driver.requests_wake.set()
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+
+    def on_term(*_):
+        driver.stopping = True
+        driver.wake.set()
+        driver.requests_wake.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WAKE_SIGNALS)  # a signal that came meanwhile lands now
+    driver.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The other supervised programs: the activity monitor, the postgres exporter's access."""

@@ -1,0 +1,231 @@
+"""Requests to the lifecycle driver: the API's half (submit, wake, wait) and the records both
+halves read and write in the state file.
+
+The rule: the lifecycle driver (compute/lifecycle/driver.py) is the one process that changes postgres
+or storage. It starts and stops postgres, writes its configuration, runs the catalog SQL,
+wait_for_replay + pg_promote(), --sync-safekeepers and the basebackup (it alone has the storage
+token, also when it comes only from the environment). The API changes neither: /configure,
+/promote and /terminate validate, submit a typed request here, wake the driver and wait for its
+answer. The driver executes a request as a step of its plan (compute/lifecycle/steps.py), and a
+driver killed in the middle of one finishes it when supervisord restarts it (each record says
+how far it got).
+
+One exception, which is not a change to postgres: when postgres has never been started, /terminate
+has nothing to stop and no LSN to find, so the API itself asks supervisord to stop the whole tree
+once its answer is out (`by` TREE). A start-up busy in sync-safekeepers, a basebackup or initdb,
+or an `empty` compute waiting for its spec, is stopped at once, as SIGTERM would, without waiting
+for the driver; the driver, seeing such a request, never starts postgres.
+
+Requests (state keys):
+- configure: status {empty, running} -> configuration_pending with the new `spec` and a bumped
+  `spec_generation` (the request is the status: the driver's SERVE step takes it); the answer is
+  the status moving to `running` (or a later generation) or `failed`;
+- promote: status running -> configuration with the `promotion` record (the spec, the LSN);
+  the driver promotes, then hands the spec over as a configure of its own (`generation`);
+- terminate: the `terminate` record (mode, owner), with `shutdown_requested` and
+  `terminate_pending` (the exit watcher waits for the latter before it stops the tree).
+Imports only compute.shared.state and compute.shared.supervisor_rpc (no lifecycle, storage, replica, api).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import xmlrpc.client
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+from compute.shared.state import StateStore
+from compute.shared.supervisor_rpc import rpc
+
+log = logging.getLogger("compute.shared.driver_requests")
+
+# A record's phases: asked; work begun (a restarted driver resumes knowing it began); answered.
+REQUESTED, STARTED, DONE, FAILED = "requested", "started", "done", "failed"
+DRIVER, TREE = "driver", "tree"  # who carries out a terminate (the rule above)
+TERMINATE_MODES = ("fast", "immediate")
+POLL_INTERVAL = 0.05
+
+
+# -- the records -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Promotion:
+    id: int
+    spec: Any                       # the spec document the promoted compute runs
+    wal_flush_lsn: str | None
+    phase: str = REQUESTED          # STARTED: pg_promote() may have run; DONE: spec handed over
+    lsn_wait_ms: int = 0
+    pg_promote_ms: int = 0
+    promoted_at: float | None = None  # epoch seconds, when the spec was handed over
+    generation: int | None = None     # the spec_generation of that hand-over
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Promotion | None":
+        return cls(**raw) if isinstance(raw, dict) else None
+
+    @property
+    def pending(self) -> bool:
+        return self.phase in (REQUESTED, STARTED)
+
+
+@dataclass(frozen=True)
+class Termination:
+    id: int
+    mode: str
+    by: str                         # DRIVER or TREE
+    phase: str = REQUESTED          # STARTED: the flush LSN is read, postgres may be signalled
+    flush_lsn: str | None = None    # read before an immediate shutdown's signal
+    lsn: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Termination | None":
+        return cls(**raw) if isinstance(raw, dict) else None
+
+    def answer(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of a DONE terminate."""
+        if self.error:
+            return 500, {"error": self.error}
+        return 200, {"terminated": True, "lsn": self.lsn}
+
+
+def termination_phase(raw: Any) -> str | None:
+    """What the driver's plan needs of the `terminate` record: None (no terminate), TREE (the
+    API stops the tree: the driver only must not start postgres), or a driver-owned phase."""
+    t = Termination.from_json(raw)
+    if t is None:
+        return None
+    return TREE if t.by == TREE else t.phase
+
+
+# -- submit ----------------------------------------------------------------------------------
+
+def submit_configure(store: StateStore, spec: Any) -> int | None:
+    """Hand a validated spec document over; the new spec_generation, or None when the status
+    is neither `empty` nor `running` (of concurrent requests, exactly one wins)."""
+    return store.transition({"empty", "running"}, "configuration_pending", bump="spec_generation",
+                            spec=spec, error=None) or None
+
+
+def submit_promote(store: StateStore, spec: Any, wal_flush_lsn: str | None) -> Promotion | None:
+    """Claim a running compute for a promotion (status `configuration`: no /configure and no
+    second /promote meanwhile); None when it is not `running`."""
+    made: list[Promotion] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        if v["status"] != "running":
+            return None
+        last = Promotion.from_json(v["promotion"])
+        made.append(Promotion(id=(last.id if last else 0) + 1, spec=spec, wal_flush_lsn=wal_flush_lsn))
+        return {"status": "configuration", "promotion": made[0].to_json()}
+
+    store.update(("status", "promotion"), decide)
+    return made[0] if made else None
+
+
+def submit_terminate(store: StateStore, mode: str) -> Termination:
+    """Ask for the stop; a terminate already under way is joined (its answer is ours too).
+    Who carries it out is decided in the same transaction as the driver's `postgres_started`
+    (set before it asks supervisord to start postgres, unless a terminate is there): either the
+    driver started postgres and stops it, or it never will and the tree is stopped (TREE)."""
+    found: list[Termination] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any]:
+        current = Termination.from_json(v["terminate"])
+        if current is not None and current.phase != DONE:
+            found.append(current)
+            return {"shutdown_requested": True, "terminate_pending": True}
+        by = DRIVER if v["postgres_started"] else TREE
+        found.append(Termination(id=(current.id if current else 0) + 1, mode=mode, by=by))
+        return {"terminate": found[0].to_json(), "shutdown_requested": True, "terminate_pending": True}
+
+    store.update(("terminate", "postgres_started"), decide)
+    return found[0]
+
+
+def finish_terminate(store: StateStore, t: Termination, *, lsn: str | None = None,
+                     error: str | None = None) -> Termination:
+    done = replace(t, phase=DONE, lsn=lsn, error=error)
+    store.set(terminate=done.to_json())
+    return done
+
+
+# -- wake ------------------------------------------------------------------------------------
+
+def wake_driver(runtime_dir: str) -> None:
+    """SIGUSR1 to the lifecycle driver through supervisord. It also looks at the state file by
+    itself now and then, so a failure here only delays the request."""
+    try:
+        rpc(runtime_dir, timeout=2).supervisor.signalProcess("lifecycle", "USR1")
+    except Exception as e:
+        log.debug("could not signal the lifecycle driver: %s", e)
+
+
+SHUTDOWN_STATE = 6  # supervisord's Faults.SHUTDOWN_STATE: already stopping the tree
+
+
+def stop_tree_after_answer(runtime_dir: str) -> str | None:
+    """The exception to the rule (module docstring): postgres never ran, no postgres will end,
+    so the exit watcher is asked to stop the tree once the terminate answer is out."""
+    try:
+        rpc(runtime_dir).supervisor.stopAfterTerminate()
+    except xmlrpc.client.Fault as e:
+        if e.faultCode != SHUTDOWN_STATE:
+            return f"postgres never ran, and supervisord could not be asked to stop the compute: {e}"
+    except (OSError, xmlrpc.client.Error) as e:
+        return f"postgres never ran, and supervisord could not be asked to stop the compute: {e}"
+    log.info("postgres never ran: the compute stops once this answer is out")
+    return None
+
+
+# -- wait ------------------------------------------------------------------------------------
+
+def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[str, Any]], Any],
+             timeout: float, poll: float = POLL_INTERVAL) -> tuple[Any, dict[str, Any]]:
+    """Poll `keys` until `outcome(values)` is not None: (outcome, values); (None, values) when
+    `timeout` seconds passed first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = store.get_many(keys)
+        found = outcome(values)
+        if found is not None or time.monotonic() >= deadline:
+            return found, values
+        time.sleep(poll)
+
+
+CONFIGURE_KEYS = ("status", "spec_generation", "error")
+
+
+def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
+    """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
+    A later generation means ours was applied and another configure came after it."""
+    if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
+        return True, None
+    if values["status"] == "failed":
+        return False, values["error"] or "configuration failed"
+    return None
+
+
+def promotion_outcome(values: dict[str, Any], request_id: int) -> Promotion | None:
+    p = Promotion.from_json(values["promotion"])
+    if p is None or p.id != request_id:
+        return replace(Promotion(id=request_id, spec=None, wal_flush_lsn=None), phase=FAILED,
+                       error="the promotion request was lost")
+    return None if p.pending else p
+
+
+def termination_outcome(values: dict[str, Any], request_id: int) -> Termination | None:
+    t = Termination.from_json(values["terminate"])
+    if t is not None and t.id == request_id and t.phase == DONE:
+        return t
+    if t is not None and t.id > request_id:
+        return t if t.phase == DONE else None
+    return None

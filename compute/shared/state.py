@@ -1,0 +1,295 @@
+"""The shared state file: one small SQLite database in the runtime dir.
+
+Every supervised program (lifecycle driver, monitor, API workers, exit watcher) opens its own
+connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mode, so readers
+(the API serving /status) never wait for writers. This is the only module that speaks SQL to it.
+
+The data is a key/value table whose values are JSON. Keys in use:
+  status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
+  metrics (object of integers), launch (the bootstrap's settings: compute.model.launch.Settings as JSON), postgres_exit_code (int),
+  pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool),
+  promotion, terminate (the driver's requests: compute/shared/driver_requests.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from enum import Enum
+from typing import Any, Iterable
+
+
+class Status(str, Enum):
+    """The compute's status as /status reports it (Neon's ComputeStatus, snake_case)."""
+    EMPTY = "empty"
+    CONFIGURATION_PENDING = "configuration_pending"
+    INIT = "init"
+    RUNNING = "running"
+    CONFIGURATION = "configuration"
+    FAILED = "failed"
+
+
+STATUSES = tuple(s.value for s in Status)
+
+# Who moves the status where (the store refuses anything else):
+#   init -> empty                      driver: no spec, waiting for /configure
+#   init -> init                       driver: spec parsed (again, after a driver restart)
+#   empty -> configuration_pending     /configure brings the first spec
+#   configuration_pending -> init      driver: the start-up of an `empty` compute begins
+#   running -> configuration_pending   /configure of a running compute
+#   configuration_pending -> configuration   driver: applying it
+#   configuration -> configuration_pending  driver restarted mid-apply: apply again; the driver
+#                                      hands a promoted compute's spec over
+#   running -> configuration           /promote claims the compute
+#   configuration -> running           applied (or a promotion that failed: still the replica)
+#   init -> running                    start-up done
+#   init, empty, configuration_pending, configuration -> failed   start-up or apply failed
+# `failed` is final: the driver keeps it on /status for the grace period, then the tree exits.
+ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.INIT: frozenset({Status.INIT, Status.EMPTY, Status.RUNNING, Status.FAILED}),
+    Status.EMPTY: frozenset({Status.CONFIGURATION_PENDING, Status.FAILED}),
+    Status.CONFIGURATION_PENDING: frozenset({Status.INIT, Status.CONFIGURATION, Status.FAILED}),
+    Status.RUNNING: frozenset({Status.CONFIGURATION_PENDING, Status.CONFIGURATION}),
+    Status.CONFIGURATION: frozenset({Status.RUNNING, Status.CONFIGURATION_PENDING, Status.FAILED}),
+    Status.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def check_transition(current: Any, new: Any) -> Status:
+    """The new status, if moving to it from `current` is allowed; else IllegalTransition.
+    A store with no status yet (None) may take any."""
+    try:
+        target = Status(new)
+    except ValueError:
+        raise IllegalTransition(f"unknown status {new!r}") from None
+    if current is None:
+        return target
+    try:
+        source = Status(current)
+    except ValueError:
+        raise IllegalTransition(f"the stored status {current!r} is unknown") from None
+    if target not in ALLOWED_TRANSITIONS[source]:
+        raise IllegalTransition(f"status {source.value} cannot become {target.value}")
+    return target
+
+STATE_FILE = "state.db"
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+
+
+BUSY_TIMEOUT_MS = 10_000
+_thread_busy_timeout = threading.local()
+
+
+def bound_busy_wait(ms: int) -> None:
+    """Connections opened by the calling thread from now on wait at most `ms` for a lock held
+    by another process (then sqlite3.OperationalError): for a thread that must never stall,
+    the API worker's poller (compute/api/fastpath.py). Others keep BUSY_TIMEOUT_MS."""
+    _thread_busy_timeout.ms = int(ms)
+
+
+class StateStore:
+    """A handle on the state file. Safe to share between threads of one process (one
+    connection per thread); reopened automatically in a forked child."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    # -- connections ----------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            busy_ms = int(getattr(_thread_busy_timeout, "ms", BUSY_TIMEOUT_MS))
+            conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (opened if need be); any thread may close() it."""
+        return self._conn()
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @classmethod
+    def create(cls, path: str, initial: dict[str, Any]) -> "StateStore":
+        """Start a fresh state file (a compute start is always a fresh start)."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
+        old_umask = os.umask(0o077)  # it holds the spec: password hashes, the storage token
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(_SCHEMA)
+            conn.close()
+        finally:
+            os.umask(old_umask)
+        store = cls(path)
+        store.set(**initial)
+        return store
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        keys = list(keys)
+        marks = ",".join("?" * len(keys))
+        rows = self._conn().execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
+        found = {k: json.loads(v) for k, v in rows}
+        return {k: found.get(k) for k in keys}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._conn().execute("SELECT key, value FROM kv")}
+
+    # -- writes ---------------------------------------------------------------------------
+    def _write(self, fn) -> Any:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    @staticmethod
+    def _put(conn: sqlite3.Connection, fields: dict[str, Any]) -> None:
+        conn.executemany(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(k, json.dumps(v)) for k, v in fields.items()],
+        )
+
+    @staticmethod
+    def _current_status(conn: sqlite3.Connection) -> Any:
+        row = conn.execute("SELECT value FROM kv WHERE key = 'status'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set(self, **fields: Any) -> None:
+        """Set fields. A status among them must be an allowed move from the current one
+        (checked in the same transaction): else IllegalTransition and nothing is written."""
+        if "status" not in fields:
+            self._write(lambda conn: self._put(conn, fields))
+            return
+
+        def txn(conn: sqlite3.Connection) -> None:
+            target = check_transition(self._current_status(conn), fields["status"])
+            self._put(conn, {**fields, "status": target.value})
+
+        self._write(txn)
+
+    def transition(self, allowed_from: Iterable[str] | None, status: str, *, bump: str | None = None,
+                   **fields: Any) -> int | bool:
+        """Set status (and fields) only if the current status is in `allowed_from` (None: any).
+        Atomic, so of two concurrent /configure requests exactly one wins. With `bump`, that
+        integer key is incremented in the same transaction and its new value returned.
+        A move the transitions table forbids raises IllegalTransition (a bug, not a race)."""
+        check_transition(None, status)
+        allowed = None if allowed_from is None else {Status(s).value for s in allowed_from}
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            current = self._current_status(conn)
+            if allowed is not None and current not in allowed:
+                return False
+            check_transition(current, status)
+            extra = {}
+            if bump:
+                row = conn.execute("SELECT value FROM kv WHERE key = ?", (bump,)).fetchone()
+                extra[bump] = int((json.loads(row[0]) if row else 0) or 0) + 1
+            self._put(conn, {**fields, **extra, "status": Status(status).value})
+            return extra[bump] if bump else True
+
+        return self._write(txn)
+
+    def update(self, keys: Iterable[str], decide) -> dict[str, Any] | None:
+        """Read `keys`, write what `decide(values)` returns (a dict of fields, or None: write
+        nothing), in one transaction: a read-decide-write no other process can interleave. A
+        status among the fields is checked against the transitions table. Returns the fields."""
+        keys = list(keys)
+
+        def txn(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            marks = ",".join("?" * len(keys))
+            rows = conn.execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
+            found = {k: json.loads(v) for k, v in rows}
+            fields = decide({k: found.get(k) for k in keys})
+            if fields:
+                if "status" in fields:
+                    fields = {**fields, "status": check_transition(self._current_status(conn), fields["status"]).value}
+                self._put(conn, fields)
+            return fields
+
+        return self._write(txn)
+
+    def advance_last_active(self, ts: float) -> bool:
+        """Move last_active forward to `ts`; never backwards. True if it changed."""
+        def txn(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'last_active'").fetchone()
+            current = json.loads(row[0]) if row is not None else None
+            if current is not None and current >= ts:
+                return False
+            self._put(conn, {"last_active": ts})
+            return True
+
+        return self._write(txn)
+
+    def set_once(self, key: str, value: Any) -> bool:
+        """Set `key` only if it has no value yet (first writer wins). True if set."""
+        def txn(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone():
+                return False
+            self._put(conn, {key: value})
+            return True
+
+        return self._write(txn)
+
+    def record_metrics(self, **values: int) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'metrics'").fetchone()
+            metrics = json.loads(row[0]) if row else {}
+            metrics.update({k: int(v) for k, v in values.items()})
+            self._put(conn, {"metrics": metrics})
+
+        self._write(txn)
+
+    def integrity_ok(self) -> bool:
+        return self._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def state_path(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, STATE_FILE)
+
+
+# compute-ctl hands the runtime dir (where the state file is) to supervisord and every program
+# in this one variable; everything else a program needs is in the state file (`launch`).
+RUNTIME_DIR_ENV = "COMPUTE_RUNTIME_DIR"
+
+
+def runtime_dir_from_env(environ=None, *, required: bool = True) -> str | None:
+    """The runtime dir compute-ctl gave this program; the one place the variable is read.
+    `required`: a RuntimeError naming it when it is not set (else None)."""
+    value = (os.environ if environ is None else environ).get(RUNTIME_DIR_ENV) or None
+    if value is None and required:
+        raise RuntimeError(f"{RUNTIME_DIR_ENV} is not set")
+    return value
+
+
+def now() -> float:
+    return time.time()

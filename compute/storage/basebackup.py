@@ -1,0 +1,306 @@
+"""The pageserver's basebackup: one attempt streamed over the Postgres wire protocol (COPY OUT)
+into a tar extractor, inflated on the way when asked.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import re
+import threading
+import time
+import zlib
+from typing import Any, Callable
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from compute.postgres import libpq
+from compute.storage.tarextract import ArchiveError, TarExtractor
+from compute.storage.attempts import DEFAULT_TIMEOUT, StorageError, _one_line
+
+log = logging.getLogger("compute.storage")
+
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
+_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
+_PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
+COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
+
+
+# ---------------------------------------------------------------- basebackup
+
+def basebackup_query(tenant_id: str, timeline_id: str, lsn: str, compression: str | None = None,
+                     replica: bool = False) -> str:
+    """The pageserver command (pure); every part validated, nothing interpolated unchecked.
+    `replica`: for a Static or Replica compute, as Neon asks (`--replica`, after `--gzip`)."""
+    if not _ID_RE.fullmatch(tenant_id) or not _ID_RE.fullmatch(timeline_id):
+        raise StorageError("tenant_id and timeline_id must be 32 lowercase hex digits")
+    if not LSN_RE.fullmatch(lsn):
+        raise StorageError(f"invalid LSN {lsn!r}")
+    if compression not in COMPRESSIONS:
+        raise StorageError(f"unknown basebackup compression {compression!r}")
+    query = f"basebackup {tenant_id} {timeline_id}"
+    hi, lo = lsn.split("/")
+    if int(hi, 16) or int(lo, 16):
+        query += f" {lsn}"  # 0/0 means "latest": the LSN is left out
+    if compression == "gzip":
+        query += " --gzip"
+    if replica:
+        query += " --replica"
+    return query
+
+
+def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
+               auth_token: str | None, *, progress: Callable[[int], None] | None = None,
+               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None, replica: bool = False) -> int:
+    """One attempt: stream `basebackup` (COPY OUT of one tar, gzipped with compression="gzip")
+    from the pageserver into pgdata, extracting as it arrives; returns the bytes received.
+    `timeout`: seconds without progress (connect, auth, between chunks) before giving up.
+    Retries: with_retries()."""
+    query = basebackup_query(tenant_id, timeline_id, lsn, compression, replica)
+    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, timeout)
+    os.makedirs(pgdata, mode=0o700, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        with TarExtractor(pgdata) as tx:
+            sink: Callable[[Any], None] = tx.feed
+            gunzip = _Gunzip(tx.feed) if compression == "gzip" else None
+            if gunzip is not None:
+                sink = gunzip.feed
+            # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                try:
+                    total = _pipelined(conn.pgconn, query, sink, timeout, progress)
+                finally:
+                    conn.close()  # never let psycopg cancel/drain a possibly huge stream
+            if gunzip is not None:
+                gunzip.finish()
+            tx.finish()  # the stream has ended (read past the archive): the archive must have too
+    except psycopg.errors.ConnectionTimeout:
+        raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s (connecting)",
+                           retryable=True) from None
+    except psycopg.Error as e:
+        raise StorageError(f"basebackup: {_pg_error_text(e)}", retryable=_retryable(e)) from None
+    except ArchiveError as e:
+        raise StorageError(f"basebackup: {e}") from None
+    except OSError as e:
+        raise StorageError(f"basebackup: cannot extract into {pgdata}: {e}") from None
+    elapsed = time.monotonic() - t0
+    log.info("basebackup: %d bytes in %.2fs (%.1f MiB/s)", total, elapsed,
+             total / (1 << 20) / elapsed if elapsed > 0 else 0.0)
+    return total
+
+
+_Stopped = libpq.Stopped  # the consumer gave up (its own error is the one reported)
+
+
+class _Channel:
+    """A FIFO bounded in bytes (messages can be of any size) that a stopped consumer unblocks."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._bytes = 0
+        self._limit = limit
+        self._cond = threading.Condition()
+        self.stopped = False
+
+    def put(self, item: Any) -> None:
+        size = len(item) if item is not None else 0
+        with self._cond:
+            while self._bytes and self._bytes + size > self._limit and not self.stopped:
+                self._cond.wait()
+            if self.stopped:
+                raise _Stopped()
+            self._items.append(item)
+            self._bytes += size
+            self._cond.notify_all()
+
+    def get(self) -> Any:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self._bytes -= len(item) if item is not None else 0
+            self._cond.notify_all()
+            return item
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def is_set(self) -> bool:  # the receiver's stop flag (threading.Event-like)
+        return self.stopped
+
+
+def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
+               progress: Callable[[int], None] | None) -> int:
+    """_copy_out in a receiver thread, sink (inflate + extract) in this one, at most
+    _PIPE_BYTES between them: receiving overlaps file creation and writes, as in
+    `psql | tar -x` (both sides release the GIL in their syscalls)."""
+    channel = _Channel(_PIPE_BYTES)
+    outcome: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            outcome["total"] = _copy_out(pgconn, query, channel.put, timeout, progress, channel)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            outcome["error"] = e
+        try:
+            channel.put(None)
+        except _Stopped:
+            pass
+
+    receiver = threading.Thread(target=receive, name="basebackup-receive", daemon=True)
+    receiver.start()
+    try:
+        while (chunk := channel.get()) is not None:
+            sink(chunk)
+    finally:
+        channel.stop()  # a failed sink: the receiver stops within libpq.STOP_CHECK s
+        receiver.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["total"]
+
+
+def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
+              progress: Callable[[int], None] | None, stop: Any = None) -> int:
+    """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
+    to sink, straight from libpq's buffer, on the non-blocking driver (compute/postgres/libpq.py): a
+    server silent for `timeout` seconds fails the attempt. Reads to the end: an error after the
+    archive raises."""
+    waiter = libpq.Waiter(timeout, silence=True, stop=stop)
+
+    def silent(where: str) -> StorageError:
+        return StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
+                            retryable=True)
+    try:
+        libpq.send(pgconn, query.encode(), None, waiter)
+    except libpq.Timeout:
+        raise silent("sending the query") from None
+    res = _next_result(pgconn, waiter, silent)
+    if res is None or res.status != pq.ExecStatus.COPY_OUT:
+        raise _result_error(res, "the pageserver did not start a COPY")
+    total = 0
+    last = time.monotonic()
+    while True:
+        nbytes, data = pgconn.get_copy_data(1)
+        if nbytes > 0:
+            total += nbytes
+            sink(data)
+            if progress is not None:
+                now = time.monotonic()
+                if now - last >= 1.0:
+                    last = now
+                    progress(total)
+        elif nbytes == 0:
+            try:
+                waiter.wait(pgconn.socket, False)
+            except libpq.Timeout:
+                raise silent(f"after {total} bytes") from None
+            pgconn.consume_input()
+        elif nbytes == -1:
+            break
+        else:
+            raise StorageError(f"basebackup: connection lost after {total} bytes: "
+                               f"{_conn_message(pgconn)}", retryable=True)
+    res = _next_result(pgconn, waiter, silent)
+    if res is None or res.status != pq.ExecStatus.COMMAND_OK:
+        raise _result_error(res, "no command status after the COPY")
+    while _next_result(pgconn, waiter, silent) is not None:
+        pass
+    return total
+
+
+def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str], StorageError]) -> Any:
+    try:
+        return libpq.next_result(pgconn, waiter)
+    except libpq.Timeout:
+        raise silent("waiting for a result") from None
+
+
+def _conn_message(pgconn: Any) -> str:
+    return _one_line(libpq.error_message(pgconn, "")) or "connection closed"
+
+
+def _result_error(res: Any, fallback: str) -> StorageError:
+    if res is None or res.status not in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.NONFATAL_ERROR):
+        return StorageError(f"basebackup: {fallback}")
+    sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode("ascii", "replace")
+    severity = (res.error_field(pq.DiagnosticField.SEVERITY) or b"ERROR").decode("utf-8", "replace")
+    primary = (res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode("utf-8", "replace")
+    text = f"{severity}: {primary} (SQLSTATE {sqlstate})" if primary else \
+        res.error_message.decode("utf-8", "replace")
+    return StorageError(f"basebackup: {_one_line(text)}", retryable=_retryable_sqlstate(sqlstate))
+
+
+def _retryable_sqlstate(sqlstate: str | None) -> bool:
+    """No SQLSTATE: the transport failed (refused, reset, closed, timed out). Otherwise the
+    classes that mean "try again later": 08 connection exception, 53 insufficient resources,
+    57 operator intervention (e.g. 57P01 shutdown, 57P03 cannot connect now), 58 system error.
+    Anything else the server says (XX000, 28P01 bad password, ...) is an answer, not a hiccup."""
+    return not sqlstate or sqlstate[:2] in ("08", "53", "57", "58")
+
+
+def _retryable(e: psycopg.Error) -> bool:
+    return _retryable_sqlstate(e.diag.sqlstate if e.diag else None)
+
+
+class _Gunzip:
+    """Inflate a gzip stream as it arrives, never more than _INFLATE_CHUNK bytes per step (a
+    small input may inflate to gigabytes); concatenated gzip members are one stream."""
+
+    def __init__(self, sink: Callable[[Any], None]) -> None:
+        self._sink = sink
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._started = False
+
+    def feed(self, data: Any) -> None:
+        if not self._started:
+            self._started = bool(len(data))
+        while True:
+            try:
+                out = self._d.decompress(data, _INFLATE_CHUNK)
+            except zlib.error as e:
+                raise ArchiveError(f"bad gzip stream: {e}") from None
+            if out:
+                self._sink(out)
+            if self._d.eof:
+                data = self._d.unused_data
+                if not data:
+                    return
+                self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # the next gzip member
+            else:
+                data = self._d.unconsumed_tail
+                if not data and len(out) < _INFLATE_CHUNK:
+                    return
+
+    def finish(self) -> None:
+        if not self._started or not self._d.eof:
+            raise ArchiveError("gzip stream truncated")
+
+
+def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -> str:
+    try:
+        params = conninfo_to_dict(connstr)
+    except psycopg.ProgrammingError:
+        raise StorageError("invalid pageserver connection string") from None  # may hold a secret
+    extra: dict[str, object] = {"application_name": "compute_ctl"}
+    if auth_token:
+        extra["password"] = auth_token  # the storage token is the password; it overrides the connstr's
+    if "connect_timeout" not in params:
+        extra["connect_timeout"] = max(2, int(math.ceil(timeout)))  # libpq's minimum is 2 s
+    return make_conninfo(connstr, **extra)
+
+
+def _pg_error_text(e: psycopg.Error) -> str:
+    diag = e.diag
+    if diag.message_primary:
+        return _one_line(f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})")
+    return _one_line(str(e))

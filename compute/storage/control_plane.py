@@ -1,0 +1,173 @@
+"""Pulling the spec from the control plane (pull mode: `-i <compute id> -p <control plane URI>`).
+
+    GET {uri}/management/api/v2/computes/{compute_id}/spec
+    Authorization: <the token, verbatim, as the original sends it>
+    -> {"spec": {...}}  or  {"spec": null}  (null: start empty and wait for POST /configure)
+    -> {"status": "attached", "spec": {...}}  or  {"status": "empty", ...}   (compute_ctl, 2023)
+
+The token comes from NEON_CONTROL_PLANE_TOKEN (compute_ctl from April 2023 on) or, failing that,
+NEON_CONSOLE_JWT (before). With a `status`, "empty" means no spec yet whatever `spec` holds, and
+"attached" with no spec is an error; without one, `spec` alone decides (as before).
+
+Network errors, 502 and 503 are retried with exponential backoff (compute/base/retry.py; as the
+original: those are the control plane's passing faults); any other non-200 answer, or a body that is not such an
+object, raises ControlPlaneError. The token never appears in an error message or a log line.
+Redirects are not followed (they would carry the token elsewhere).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from compute.base.retry import RetryFailed, RetryPolicy, retry
+
+log = logging.getLogger("compute.storage.control_plane")
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+USER_AGENT = "compute-ctl (compute-supervisor)"
+
+
+class ControlPlaneError(Exception):
+    """The control plane refused the request, answered nonsense, or stayed unreachable."""
+
+
+# Newest name first: compute_ctl read NEON_CONSOLE_JWT until April 2023, then NEON_CONTROL_PLANE_TOKEN.
+TOKEN_ENV_NAMES = ("NEON_CONTROL_PLANE_TOKEN", "NEON_CONSOLE_JWT")
+RETRIED_STATUSES = frozenset({502, 503})
+
+
+def control_plane_token(environ=None) -> str | None:
+    """The token to send as `Authorization`, from the first of TOKEN_ENV_NAMES that is set."""
+    environ = os.environ if environ is None else environ
+    for name in TOKEN_ENV_NAMES:
+        if environ.get(name):
+            return environ[name]
+    return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None  # the 3xx answer surfaces as an HTTPError
+
+
+_opener = urllib.request.build_opener(_NoRedirect())
+
+
+def spec_url(control_plane_uri: str, compute_id: str) -> str:
+    parsed = urllib.parse.urlsplit(control_plane_uri)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ControlPlaneError(f"control plane URI must be an http(s) URL, got {control_plane_uri!r}")
+    if not compute_id:
+        raise ControlPlaneError("compute id must not be empty")
+    base = control_plane_uri.rstrip("/")
+    return f"{base}/management/api/v2/computes/{urllib.parse.quote(compute_id, safe='')}/spec"
+
+
+def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, attempts: int = 5,
+               backoff: float = 0.5, timeout: float = 10) -> dict | None:
+    """The compute's spec (decoded JSON, not yet validated), or None when the control plane has
+    none for it yet."""
+    url = spec_url(control_plane_uri, compute_id)
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if jwt:
+        headers["Authorization"] = jwt
+    policy = RetryPolicy(attempts=max(1, attempts), first_delay=backoff, factor=2)
+
+    def attempt() -> dict | None:
+        try:
+            status, body = _get(url, headers, timeout)
+        except _Retryable as e:
+            raise _Retryable(_scrub(str(e), jwt)) from None
+        if status == 200:
+            return _parse(body, url, jwt)
+        if status in RETRIED_STATUSES:
+            raise _Retryable(f"HTTP {status}{_excerpt(body, jwt)}")
+        raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
+
+    def retrying(n: int, e: BaseException, delay: float) -> None:
+        log.warning("fetching the spec from %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                    url, n, policy.attempts, e, delay)
+    try:
+        return retry(policy, attempt, catch=(_Retryable,), on_retry=retrying)
+    except RetryFailed as failed:
+        raise ControlPlaneError(f"cannot fetch the spec from {url} after {failed.attempts} attempt(s): "
+                                f"{failed.error}") from None
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            return resp.status, _read(resp)
+    except urllib.error.HTTPError as e:
+        try:
+            body = _read(e)
+        except Exception:  # noqa: BLE001 - the status is what matters
+            body = b""
+        finally:
+            e.close()
+        return e.code, body
+    except urllib.error.URLError as e:
+        raise _Retryable(f"network error: {e.reason}") from None
+    except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+        raise _Retryable(f"network error: {type(e).__name__}: {e}") from None
+
+
+def _read(resp: Any) -> bytes:
+    body = resp.read(MAX_ANSWER_BYTES + 1)
+    if len(body) > MAX_ANSWER_BYTES:
+        raise ControlPlaneError(f"control plane answer larger than {MAX_ANSWER_BYTES} bytes")
+    return body
+
+
+def _parse(body: bytes, url: str, jwt: str | None) -> dict | None:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ControlPlaneError(f"malformed answer from GET {url}: not JSON{_excerpt(body, jwt)}") from None
+    try:
+        return spec_of_answer(obj)
+    except ValueError as e:
+        raise ControlPlaneError(f"malformed answer from GET {url}: {e}") from None
+
+
+def spec_of_answer(obj: Any) -> dict | None:
+    """The spec in a decoded answer (None: the compute has none yet); ValueError if malformed."""
+    if not isinstance(obj, dict):
+        raise ValueError("expected an object with a \"spec\" key")
+    spec = obj.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError("\"spec\" is neither an object nor null")
+    if "status" not in obj:  # the older answer: the spec alone decides
+        if "spec" not in obj:
+            raise ValueError("expected an object with a \"spec\" key")
+        return spec
+    status = obj["status"]
+    if status == "empty":
+        return None
+    if status == "attached":
+        if spec is None:
+            raise ValueError("compute is attached, but its spec is empty")
+        return spec
+    raise ValueError(f"unknown compute status {str(status)[:40]!r} (expected \"empty\" or \"attached\")")
+
+
+def _scrub(text: str, jwt: str | None) -> str:
+    return text.replace(jwt, "[redacted]") if jwt else text
+
+
+def _excerpt(body: bytes, jwt: str | None) -> str:
+    text = _scrub(body.decode("utf-8", "replace"), jwt).strip()[:200]  # scrub, then cut
+    return f": {text!r}" if text else ""

@@ -1,0 +1,105 @@
+"""`postgres --sync-safekeepers`: one attempt, its output watched for progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import signal
+import subprocess
+
+
+from compute.model.environ import child_environment
+from compute.base.procutil import dies_with_us
+from compute.storage.attempts import DEFAULT_TIMEOUT, StorageError, _TAIL, _truncate
+from compute.storage.basebackup import LSN_RE
+
+log = logging.getLogger("compute.storage")
+
+
+# ---------------------------------------------------------------- sync safekeepers
+
+def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
+                     timeout: float = DEFAULT_TIMEOUT) -> str:
+    """One run of `<pgbin> --sync-safekeepers`; returns the LSN it prints. A run that prints
+    nothing (stdout or stderr) for `timeout` seconds is killed. Retries: with_retries()."""
+    env = child_environment(os.environ)  # no control-plane token for a postgres binary
+    env["PGDATA"] = pgdata  # the binary reads PGDATA; it is not given -D
+    env.pop("NEON_AUTH_TOKEN", None)
+    if auth_token:
+        env["NEON_AUTH_TOKEN"] = auth_token  # env, not argv: argv is world-readable in /proc
+    rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env, timeout)
+    lsn = out.strip()
+    if rc == 0 and LSN_RE.fullmatch(lsn):
+        log.info("sync-safekeepers returned LSN %s", lsn)
+        return lsn
+    if rc is None:
+        why = f"no progress for {timeout:g} s (killed)"
+    else:
+        why = f"exit code {rc}" if rc != 0 else "unexpected output (want one LSN)"
+    raise StorageError(f"sync-safekeepers: {why}; stdout: {_truncate(out)!r}; "
+                       f"stderr tail: {_truncate(err_tail)!r}", retryable=True)
+
+
+def _die_with_us() -> None:
+    dies_with_us(signal.SIGKILL)
+
+
+def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+    """Run argv; log each stderr line as it comes; kill it after `timeout` s without output.
+    Returns rc (None when killed for silence), stdout (first 64 KiB), stderr tail."""
+    try:
+        # SIGKILL with us: a lifecycle killed mid-sync must not leave the sync behind.
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=_die_with_us)
+    except OSError as e:
+        raise StorageError(f"cannot run {argv[0]}: {e}") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    tail: collections.deque[str] = collections.deque()
+    tail_len = 0
+    partial = b""
+    poller = select.poll()
+    fds = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    silent = False
+    try:
+        while fds:
+            events = poller.poll(timeout * 1000)
+            if not events:
+                silent = True
+                break
+            for fd, _ in events:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    poller.unregister(fd)
+                    del fds[fd]
+                elif fds[fd] == "out":
+                    if len(out) < 1 << 16:  # one LSN; bound it anyway
+                        out += chunk[:(1 << 16) - len(out)]
+                else:
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    if len(partial) > _TAIL:
+                        lines.append(partial)
+                        partial = b""
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace")
+                        log.info("sync-safekeepers: %s", line)
+                        tail.append(line)
+                        tail_len += len(line) + 1
+                        while tail_len > _TAIL and len(tail) > 1:
+                            tail_len -= len(tail.popleft()) + 1
+    finally:
+        if silent or fds:  # timed out, or we are being unwound: the child never outlives us
+            proc.kill()
+        rc = proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    if partial:
+        line = partial.decode("utf-8", "replace")
+        log.info("sync-safekeepers: %s", line)
+        tail.append(line)
+    return (None if silent else rc), out.decode("utf-8", "replace"), "\n".join(tail)

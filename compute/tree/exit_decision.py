@@ -1,0 +1,85 @@
+"""What the tree does when postgres has ended: a pure decision, no I/O.
+
+    decide_postgres_exit(statename, exitstatus, startup_done=..., shutdown_requested=...)
+        -> ExitDecision(code, action)
+
+`statename`/`exitstatus` are supervisord's getProcessInfo("postgres") fields. Actions:
+- SHUT_DOWN: record `code` as the tree's exit code (first writer wins) and stop the tree.
+- RECORD_START_FAILURE: postgres died while the compute was starting; only note `code`
+  (as `postgres_exit_code`): the lifecycle driver reports the failure on /status for the
+  grace period, then exits the tree with 1 itself.
+Caller: exitwatch, the in-process handler inside supervisord (compute/tree/supervisord.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class ExitAction(str, Enum):
+    SHUT_DOWN = "shut_down"
+    RECORD_START_FAILURE = "record_start_failure"
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    code: int
+    action: ExitAction
+
+
+def postgres_exit_code(statename: str | None, exitstatus: int | None) -> int:
+    """postgres' exit status as the tree's: supervisord reports -1 for a process killed by a
+    signal, and FATAL for one that never got going; the tree must fail in both."""
+    if statename == "FATAL":
+        return 1
+    status = 1 if exitstatus is None else int(exitstatus)
+    return 1 if status < 0 else status
+
+
+def decide_postgres_exit(statename: str | None, exitstatus: int | None, *, startup_done: bool,
+                         shutdown_requested: bool) -> ExitDecision:
+    code = postgres_exit_code(statename, exitstatus)
+    if shutdown_requested:
+        code = 0  # /terminate: a wanted stop (an immediate shutdown exits non-zero)
+    if not (startup_done or shutdown_requested):
+        return ExitDecision(code, ExitAction.RECORD_START_FAILURE)
+    return ExitDecision(code, ExitAction.SHUT_DOWN)
+
+
+def terminate_without_postgres(status: str | None) -> int:
+    """The tree's exit code when /terminate finds no postgres that ever ran (an `empty` compute
+    waiting for its spec, or a start-up stuck before postgres): no postgres will end, so nothing
+    else ends the tree. 0, a wanted stop; 1 when the start had already failed (what the driver
+    would exit with after its grace period)."""
+    return 1 if status == "failed" else 0
+
+
+def postgres_has_ended(statename: str | None, *, postgres_started: bool) -> bool:
+    """On a restart of the watcher: did postgres end while nobody listened? STOPPED counts only
+    once the driver has started it (before that it is merely not started yet)."""
+    if statename in ("EXITED", "FATAL"):
+        return True
+    return statename == "STOPPED" and postgres_started
+
+
+def tree_exit_code(recorded: int | None, *, stopped_by_signal: bool, stopped_by_rpc: bool) -> int | None:
+    """compute-ctl's own exit code once supervisord has stopped. None: nobody decided (an
+    unexpected stop, the caller fails). A stop signal is a wanted stop: 0. The XML-RPC shutdown
+    is also how the driver ends a failed start, after recording its code, so it only means 0
+    when no code was recorded (the operator's `supervisorctl shutdown`)."""
+    if stopped_by_signal:
+        return 0
+    if stopped_by_rpc and recorded is None:
+        return 0
+    return recorded
+
+
+HANDS_OVER = "lifecycle"  # the one program that exits 0 on purpose (lifecycle_plan: hand over)
+
+
+def counts_as_restart(program: str, exitstatus: int | None) -> bool:
+    """Whether an EXITED program is a restart worth counting (`program_restarts`, /metrics):
+    every exit but the driver's hand-over to a fresh driver (exit 0). A driver that fails
+    exits non-zero; one stopped by supervisord is STOPPED, not EXITED."""
+    return not (program == HANDS_OVER and exitstatus == 0)

@@ -1,0 +1,229 @@
+"""Exit decisions, as an in-process event handler inside supervisord (compute.tree.supervisord
+subscribes it through supervisor's `events.subscribe`; no listener process, no RPC).
+
+- postgres EXITED / STOPPED / FATAL: look for core dumps in PGDATA (log a gdb backtrace of
+  each, gdb running as a short-lived child whose end is polled), record postgres' exit code as
+  the tree's, then shut supervisord down. (compute-ctl exits with the recorded code.)
+- any other program EXITED: counted in `program_restarts` (served by /metrics), but for the
+  driver's hand-over to a fresh driver (exit 0: compute/lifecycle/steps.py).
+- vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
+  restart it at once).
+
+Every handler runs on supervisord's loop: nothing here may block it. What must wait (a gdb run,
+a /terminate still writing its answer, a delayed restart) is a timer on `Timers`, which the
+loop's poller runs when due.
+"""
+
+from __future__ import annotations
+
+import glob
+import heapq
+import itertools
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from typing import Callable
+
+from supervisor import events
+from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
+
+from compute.tree import exit_decision
+from compute.model import launch
+from compute.base.procutil import dies_with_us
+from compute.shared.state import StateStore, state_path
+
+log = logging.getLogger("compute.tree.exitwatch")
+
+VM_INFORMANT = "vm-informant"
+POSTGRES_EXPORTER = "postgres-exporter"
+RESTARTED_LATER = (VM_INFORMANT, POSTGRES_EXPORTER)  # companions: never in a tight restart loop
+INFORMANT_RESTART_DELAY = 5.0
+TERMINATE_ANSWER_WAIT = 60.0
+TERMINATE_POLL = 0.02
+GDB_TIMEOUT = 60.0
+GDB_POLL = 0.05
+POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
+STARTABLE = (ProcessStates.EXITED, ProcessStates.STOPPED, ProcessStates.FATAL, ProcessStates.BACKOFF)
+
+
+def postgres_exit_code(info: dict) -> int:
+    """supervisord reports -1 for a process killed by a signal; the tree must still fail."""
+    return exit_decision.postgres_exit_code(info.get("statename"), info.get("exitstatus", 1))
+
+
+class Timers:
+    """Callbacks due at a monotonic time, run by supervisord's loop (supervisord_main's poller
+    shortens its wait to the next one). Single-threaded: no locks."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (self.clock() + delay, next(self._seq), fn))
+
+    def next_in(self) -> float | None:
+        """Seconds until the next timer is due (0 if overdue), None when there is none."""
+        return max(0.0, self._heap[0][0] - self.clock()) if self._heap else None
+
+    def run_due(self) -> None:
+        now = self.clock()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # a timer must never take supervisord down
+                log.exception("timer %r failed", fn)
+
+
+class CoreDumpReport:
+    """Logs a gdb backtrace of each core* file in PGDATA, one gdb child at a time, then calls
+    `then`. gdb's output goes to an unnamed file: nothing to drain while it runs."""
+
+    def __init__(self, pgdata: str, pgbin: str, timers: Timers, then: Callable[[], None]):
+        self.cores = sorted(glob.glob(os.path.join(pgdata, "core*"))) if pgdata else []
+        self.pgbin, self.timers, self.then = pgbin, timers, then
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        if not self.cores:
+            self.then()
+            return
+        core = self.cores.pop(0)
+        log.error("postgres left a core dump: %s", core)
+        out = tempfile.TemporaryFile()
+        try:
+            proc = subprocess.Popen(["gdb", "--batch", "-q", "-ex", "bt", self.pgbin, core],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=dies_with_us, close_fds=True)
+        except OSError as e:
+            out.close()
+            log.error("could not get a backtrace of %s: %s", core, e)
+            self.timers.call_later(0, self._next)
+            return
+        self._poll(core, proc, out, time.monotonic() + GDB_TIMEOUT)
+
+    def _poll(self, core: str, proc: subprocess.Popen, out, deadline: float) -> None:
+        # supervisord's reap() may collect gdb first: Popen then sees ECHILD and reports 0.
+        if proc.poll() is None:
+            if time.monotonic() < deadline:
+                self.timers.call_later(GDB_POLL, lambda: self._poll(core, proc, out, deadline))
+                return
+            log.error("could not get a backtrace of %s: gdb timed out after %.0f s", core, GDB_TIMEOUT)
+            proc.kill()
+        with out:
+            out.seek(0)
+            for line in out.read().decode("utf-8", "replace").splitlines():
+                log.error("backtrace: %s", line)
+        self._next()
+
+
+class ExitWatch:
+    def __init__(self, supervisord, runtime_dir: str, timers: Timers):
+        self.supervisord = supervisord
+        self.runtime_dir = runtime_dir
+        self.timers = timers
+        self.store = StateStore(state_path(runtime_dir))
+        self.settings = launch.require(self.store)
+
+    # -- supervisord's side --------------------------------------------------------------
+    def subscribe(self) -> None:
+        events.subscribe(events.ProcessStateEvent, self.handle)
+
+    def handle(self, event) -> None:
+        """supervisord calls this synchronously from its own state changes: never raise."""
+        try:
+            self.on_event(events.getEventNameByType(type(event)),
+                          {"processname": event.process.config.name})
+        except Exception:  # we are the tree's exit path: never die on one bad event
+            log.exception("handling %s", type(event).__name__)
+
+    def _process(self, name: str):
+        group = self.supervisord.process_groups.get(name)
+        return group.processes.get(name) if group else None
+
+    def shutting_down(self) -> bool:
+        return self.supervisord.options.mood < SupervisorStates.RUNNING
+
+    def process_info(self, name: str) -> dict | None:
+        """What supervisorctl's getProcessInfo says; None once supervisord is shutting down
+        (SIGTERM, /terminate: it is already taking the tree down)."""
+        proc = self._process(name)
+        if proc is None or self.shutting_down():
+            return None
+        return {"statename": getProcessStateDescription(proc.get_state()),
+                "exitstatus": proc.exitstatus or 0}
+
+    # -- decisions -------------------------------------------------------------------------
+    def on_event(self, eventname: str, payload: dict[str, str]) -> None:
+        name = payload.get("processname", "")
+        if name == "postgres" and eventname in POSTGRES_END_STATES:
+            self.postgres_ended(eventname)
+        elif eventname == "PROCESS_STATE_EXITED":
+            proc = self._process(name)
+            if exit_decision.counts_as_restart(name, proc.exitstatus if proc is not None else None):
+                self.count_exit(name)
+            if name in RESTARTED_LATER:
+                self.restart_later(name)
+
+    def postgres_ended(self, eventname: str) -> None:
+        info = self.process_info("postgres")
+        if info is None:
+            return  # supervisord is already taking the tree down (SIGTERM, /terminate)
+        flags = self.store.get_many(("startup_done", "shutdown_requested"))
+        decision = exit_decision.decide_postgres_exit(
+            info.get("statename"), info.get("exitstatus", 1),
+            startup_done=bool(flags["startup_done"]), shutdown_requested=bool(flags["shutdown_requested"]))
+        code = decision.code
+        if decision.action is exit_decision.ExitAction.RECORD_START_FAILURE:
+            # A failed start: the driver reports it on /status for the grace period, then exits 1.
+            log.warning("postgres exited during start-up (%s, exit status %s)",
+                        info.get("statename"), info.get("exitstatus"))
+            self.store.set(postgres_exit_code=code)
+            return
+        log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
+                 info.get("statename"), info.get("exitstatus"), code)
+
+        def stop() -> None:
+            self.store.set_once("exit_code", code)
+            self.shutdown()
+        CoreDumpReport(self.settings.pgdata, self.settings.pgbin, self.timers, stop).start()
+
+    def terminate_without_postgres(self) -> None:
+        """/terminate found no postgres that ever ran: end the tree once its answer is out."""
+        code = exit_decision.terminate_without_postgres(self.store.get("status"))
+        log.info("terminate requested and postgres never ran: stopping the compute with exit code %d", code)
+        self.store.set_once("exit_code", code)
+        self.shutdown()
+
+    def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
+        """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
+        out before the api program is stopped."""
+        deadline = time.monotonic() + timeout
+
+        def check() -> None:
+            if self.store.get("terminate_pending") and time.monotonic() < deadline:
+                self.timers.call_later(TERMINATE_POLL, check)
+            else:
+                self.supervisord.options.mood = SupervisorStates.SHUTDOWN
+        check()
+
+    def count_exit(self, name: str) -> None:
+        restarts = self.store.get("program_restarts") or {}
+        restarts[name] = restarts.get(name, 0) + 1
+        self.store.set(program_restarts=restarts)
+        log.warning("%s exited; supervisord restarts it", name)
+
+    def restart_later(self, name: str, delay: float = INFORMANT_RESTART_DELAY) -> None:
+        def start() -> None:
+            proc = self._process(name)
+            if proc is None or self.shutting_down() or proc.get_state() not in STARTABLE:
+                return  # gone, going down, or started meanwhile (supervisorctl start)
+            proc.spawn()
+        self.timers.call_later(delay, start)

@@ -1,0 +1,229 @@
+"""supervisord with prompt restarts, run by compute-ctl in its own process (`run(conf)`: one
+PID for the life of the compute), or standalone: `python -m compute.tree.supervisord -n -c CONF`.
+
+supervisord 4.3's main loop is poll(timeout=1 s) -> transition() -> reap(). A SIGCHLD does not
+end the poll (PEP 475 retries it), and a program reaped at the end of one turn is respawned by
+the transition() of the next one: a crashed program comes back 1-2 s later. Here any signal
+ends the poll (signal.set_wakeup_fd), and a turn that reaped a child is followed by another at
+once, so a crashed program is respawned within milliseconds. Idle cost: none.
+
+While it shuts down, a turn waits at most SHUTDOWN_TICK: supervisord stops one priority group
+per turn, and nobody may be left to poke its control socket (compute-ctl killed outright: our
+parent-death signal is what started the shutdown).
+
+The tree's event handlers run here, in-process (no eventlistener processes): exit decisions
+(compute/tree/exitwatch.py) and the log relay (compute/tree/logrelay.py) are subscribed to supervisor's
+event bus once supervisord has set it up, and their timers run on this loop: a turn waits at
+most until the next one is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+
+from supervisor import options, poller, process, rpcinterface, supervisord
+from supervisor.states import SupervisorStates
+from supervisor.xmlrpc import Faults, RPCError
+
+from compute.model import launch
+from compute.tree import warmfork
+from compute.api.listener import inherited_fd
+from compute.tree.exitwatch import ExitWatch, Timers
+from compute.tree.logrelay import LogRelay, setup_relay_logging
+from compute.shared.state import runtime_dir_from_env
+from compute.base.trace import mark
+from compute.base.procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
+
+log = logging.getLogger("compute.boot.cli")
+
+SHUTDOWN_TICK = 0.05
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# What asked supervisord to stop, in order: a signal, or the operator's `supervisorctl shutdown`
+# (STOP_BY_RPC). Either is a wanted stop: the tree exits 0, not as a failure.
+stop_signals: list[int] = []
+STOP_BY_RPC = 0
+TIMERS = Timers()  # the in-process handlers' timers, run by PromptPoller
+
+
+class PromptPoller(poller.PollPoller):
+    def initialize(self) -> None:
+        super().initialize()
+        self.again = True  # the first turn starts the programs at once, not after a 1 s poll
+        self._wake_r, wake_w = os.pipe()  # close-on-exec: children never see it
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._poller.register(self._wake_r, select.POLLIN)
+        signal.set_wakeup_fd(wake_w)  # a byte per signal (SIGCHLD), whatever the handler
+
+    def poll(self, timeout):
+        if self.again:
+            self.again, timeout = False, 0
+        elif self.options.mood < SupervisorStates.RUNNING:
+            timeout = min(timeout, SHUTDOWN_TICK)
+        due = TIMERS.next_in()
+        if due is not None:
+            timeout = min(timeout, due)
+        readables, writables = super().poll(timeout)
+        TIMERS.run_due()
+        if self._wake_r in readables:
+            readables.remove(self._wake_r)
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return readables, writables
+
+
+_waitpid = options.ServerOptions.waitpid
+
+
+def _waitpid_then_turn_again(self):
+    pid, sts = _waitpid(self)
+    if pid and isinstance(self.poller, PromptPoller):
+        self.poller.again = True  # the next transition() respawns it: do not wait 1 s for it
+    return pid, sts
+
+
+_get_signal = options.ServerOptions.get_signal
+
+
+def _get_signal_noting_stops(self):
+    sig = _get_signal(self)
+    if sig == signal.SIGHUP:
+        # supervisord would restart every program in place, postgres included: a compute only
+        # ever starts fresh (new PGDATA, new basebackup), so a reload has nothing right to do.
+        log.warning("received SIGHUP: ignored (a compute does not reload or restart in place; "
+                    "/configure changes the spec, SIGTERM stops the compute)")
+        return None
+    if sig in STOP_SIGNALS:
+        if not stop_signals:
+            log.info("received %s: fast shutdown of postgres, then the tree", signal.Signals(sig).name)
+        stop_signals.append(sig)
+    return sig
+
+
+class ComputeRPCInterface(rpcinterface.SupervisorNamespaceRPCInterface):
+    """supervisor's own RPC namespace, minus the in-place restart (`supervisorctl reload`): for
+    the same reason as SIGHUP above. Loaded from supervisord.conf's [rpcinterface:supervisor]."""
+
+    def restart(self):
+        self._update("restart")
+        raise RPCError(Faults.FAILED, "compute-ctl does not restart in place: stop the compute "
+                                      "(supervisorctl shutdown, SIGTERM) and start a new one")
+
+    def shutdown(self):
+        result = super().shutdown()  # refuses (SHUTDOWN_STATE) when already stopping
+        if not stop_signals:
+            log.info("supervisorctl shutdown: fast shutdown of postgres, then the tree")
+        stop_signals.append(STOP_BY_RPC)
+        return result
+
+
+    def stopAfterTerminate(self):
+        """For the api's /terminate when postgres never ran (nothing else would end the tree):
+        stop the tree once the answer is out, with exit_decision.terminate_without_postgres'
+        code. Reachable, like `shutdown`, only through the control socket."""
+        self._update("stopAfterTerminate")
+        if _watch is None:
+            raise RPCError(Faults.FAILED, "the exit watcher is not running yet")
+        _watch.terminate_without_postgres()
+        return True
+
+
+def make_rpcinterface(supervisord_) -> ComputeRPCInterface:
+    return ComputeRPCInterface(supervisord_)
+
+
+_fork = options.ServerOptions.fork
+open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
+
+
+def _fork_without_open_stores(self):
+    for store in open_stores:
+        store.close()
+    return _fork(self)
+
+
+_spawn = process.Subprocess.spawn
+
+
+def _spawn_warm(self):
+    """The driver is forked from the early warm image; the modules the others need are imported
+    before the first of them is spawned, while the driver already runs on the other core."""
+    warmfork.warm_for(self.config.name)
+    if self.config.name not in warmfork.EARLY_PROGRAMS:
+        mark("supervisord: warm (all)")
+    return _spawn(self)
+
+
+_close_fd = options.ServerOptions.close_fd
+
+
+_api_fd: int | None = None  # compute-ctl's API socket (compute/api/listener.py), set by run()
+
+
+def _close_fd_but_api_socket(self, fd):
+    """supervisord closes fds 3.. in every child it forks: not the API socket. The child's
+    execve (warmfork) decides who keeps it: the api alone."""
+    if fd != _api_fd:
+        _close_fd(self, fd)
+
+
+_runforever = supervisord.Supervisor.runforever
+
+
+def _runforever_with_handlers(self):
+    """Supervisor.run() clears the event bus just before this: subscribe now."""
+    install_handlers(self, runtime_dir_from_env())
+    mark("supervisord: loop")
+    return _runforever(self)
+
+
+_watch: ExitWatch | None = None  # for ComputeRPCInterface.stopAfterTerminate
+
+
+def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
+    global _watch
+    watch = _watch = ExitWatch(supervisor, runtime_dir, TIMERS)
+    fmt = watch.settings.log_format if watch.settings else launch.default("log_format")
+    setup_relay_logging(fmt)
+    LogRelay(fmt).subscribe()
+    watch.subscribe()
+    open_stores.append(watch.store)
+    return watch
+
+
+def run(conf: str | None = None) -> int | None:
+    """supervisord's loop in this process, until it has stopped every program. Returns the
+    signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, or STOP_BY_RPC for `supervisorctl
+    shutdown`; None if something else did (exitwatch after postgres exited)."""
+    global _api_fd
+    os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
+    mark("supervisord: warming")
+    warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
+    mark("supervisord: warm (early)")
+    options.ServerOptions.execve = warmfork.execve
+    options.ServerOptions.fork = _fork_without_open_stores
+    process.Subprocess.spawn = _spawn_warm
+    _api_fd = inherited_fd()
+    options.ServerOptions.close_fd = _close_fd_but_api_socket
+    poller.Poller = PromptPoller
+    options.ServerOptions.waitpid = _waitpid_then_turn_again
+    options.ServerOptions.get_signal = _get_signal_noting_stops
+    supervisord.Supervisor.runforever = _runforever_with_handlers
+    supervisord.main(["-n", "-c", conf] if conf else None)
+    return stop_signals[0] if stop_signals else None
+
+
+def main() -> None:
+    # compute-ctl killed outright (even before this line): shut the tree down in order.
+    die_with_parent(signal.SIGTERM, parent_env=COMPUTE_CTL_PID_ENV)
+    run()
+
+
+if __name__ == "__main__":
+    main()
