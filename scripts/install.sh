@@ -5,7 +5,8 @@
 # and the Dockerfile, so CI exercises the image's install steps.
 #
 #   COMPUTE_VENV   virtualenv path (default /opt/compute-supervisor/venv)
-#   WITH_TESTS=1   also install the test dependencies (prometheus-postgres-exporter among them)
+#   WITH_TESTS=1   also install the test dependencies (prometheus-postgres-exporter, and prometheus
+#                  for promtool, among them)
 #   WITH_POSTGRES_EXPORTER=1   also install Debian's prometheus-postgres-exporter (the image's build arg)
 #   PIP_CERT       CA bundle for pip (a proxy's), optional
 #   SKIP_IF_CURRENT=1   leave the venv alone when it already holds these sources (and the test
@@ -19,6 +20,9 @@ venv="${COMPUTE_VENV:-/opt/compute-supervisor/venv}"
 packages=(postgresql-15 python3 python3-venv util-linux gdb procps ca-certificates)
 if [ "${WITH_TESTS:-0}" = 1 ] || [ "${WITH_POSTGRES_EXPORTER:-0}" = 1 ]; then
   packages+=(prometheus-postgres-exporter)  # supervised with --postgres-exporter; e2e-tested
+fi
+if [ "${WITH_TESTS:-0}" = 1 ]; then
+  packages+=(prometheus)  # its promtool checks our /metrics page (`promtool check metrics`)
 fi
 
 # Behind a TLS-intercepting proxy pass its CA bundle as PIP_CERT (pip reads it); an empty one

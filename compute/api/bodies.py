@@ -16,7 +16,8 @@ import time
 from typing import Any, Mapping
 
 # The state keys /status reads (one indexed read of the state file).
-STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time")
+STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time",
+               "monitor_tick", "monitor_stall_restarts")
 # The original's four, always present; later additions are passed through as recorded.
 BASE_METRICS = ("sync_safekeepers_ms", "basebackup_ms", "config_ms", "total_startup_ms")
 HEALTHZ = {"alive": True}
@@ -43,7 +44,10 @@ def parse_rfc3339(text: str) -> float:
 
 
 def status_body(values: Mapping[str, Any]) -> dict[str, Any]:
-    """GET /status from the STATUS_KEYS of the state file (a missing key reads as None)."""
+    """GET /status from the STATUS_KEYS of the state file (a missing key reads as None).
+    Neon's six keys first; ours are only ever added (a client may ignore them): when the monitor
+    last ticked (`last_active` is only as fresh as that) and how often the tree restarted it
+    because it stopped ticking (compute/tree/monitor_watch.py)."""
     return {
         "tenant": values.get("tenant"),
         "timeline": values.get("timeline"),
@@ -51,6 +55,8 @@ def status_body(values: Mapping[str, Any]) -> dict[str, Any]:
         "last_active": rfc3339(values.get("last_active")),
         "error": values.get("error"),
         "start_time": rfc3339(values.get("start_time")),
+        "monitor_last_tick": rfc3339(values.get("monitor_tick")),
+        "monitor_stall_restarts": int(values.get("monitor_stall_restarts") or 0),
     }
 
 

@@ -3,8 +3,14 @@
 GET /healthz (liveness): 200 whenever this process can answer; never touches postgres, so a
 slow or restarting postgres never gets the pod killed.
 GET /readyz (readiness, and startup): 200 only when the status is `running` and postgres accepts
-a connection; 503 otherwise. The postgres check (a connection with a 1 s timeout) is cached for
-about a second per worker, so probes stay cheap whatever their rate.
+a connection; 503 otherwise. The postgres check (a connection that must complete, startup and
+authentication included, within CONNECT_DEADLINE: 1 s) is cached for about a second per worker,
+so probes stay cheap whatever their rate.
+
+The deadline is ours, not libpq's `connect_timeout`: libpq (and psycopg after it) raises any
+value under 2 s to 2 s, so a postgres that accepts TCP connections and never answers (stopped,
+overloaded) made /readyz take 2 s, a probe's whole timeout. The connection is libpq's
+non-blocking one (compute/postgres/libpq.py), polled until the deadline.
 """
 
 from __future__ import annotations
@@ -16,10 +22,20 @@ import falcon
 import psycopg
 
 from compute.api.bodies import HEALTHZ
-from compute.api.context import ApiContext
+from compute.api.context import HTTP_APPLICATION_NAME, ApiContext
 from compute.api.errors import json_body
+from compute.postgres.libpq import SessionError, Waiter, connect
+from compute.postgres.sessions import session_params
 
 CACHE_SECONDS = 1.0
+CONNECT_DEADLINE = 1.0  # seconds for the whole connection (docs/api.md: /readyz)
+
+
+def connect_within(connstr: str, deadline: float) -> None:
+    """A superuser connection to postgres, made and closed within `deadline` seconds (our poll
+    of libpq's non-blocking connect); SessionError or psycopg.Error otherwise."""
+    params = {**session_params(connstr), "application_name": HTTP_APPLICATION_NAME}
+    connect(params, Waiter(deadline)).finish()
 
 
 class Healthz:
@@ -43,10 +59,9 @@ class Readyz:
         with self._lock:  # one check at a time; concurrent probes share its result
             if time.monotonic() - self._checked_at >= self.cache_seconds:
                 try:
-                    with self.ctx.pg_connect(timeout=1):
-                        pass
+                    connect_within(self.ctx.connstr, CONNECT_DEADLINE)
                     self._pg_ok, self._pg_reason = True, None
-                except (psycopg.Error, KeyError) as e:
+                except (SessionError, psycopg.Error, KeyError) as e:
                     self._pg_ok, self._pg_reason = False, f"postgres does not accept connections: {str(e).strip()}"
                 self._checked_at = time.monotonic()
             return self._pg_ok, self._pg_reason

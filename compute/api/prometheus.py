@@ -70,7 +70,8 @@ class PrometheusMetrics:
 
     def render(self) -> str:
         s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
-                                     "pending_restart", "spec_generation"))
+                                     "pending_restart", "spec_generation", "monitor_tick",
+                                     "monitor_stall_restarts", "log_lines_dropped"))
         now = time.time()
         page = _Page()
 
@@ -106,6 +107,18 @@ class PrometheusMetrics:
                     [({}, len(s["pending_restart"] or []))])
         page.family("compute_program_restarts_total", "counter", "Unexpected exits of supervised programs.",
                     (({"program": name}, int(n)) for name, n in sorted((s["program_restarts"] or {}).items())))
+        if s["monitor_tick"] is not None:
+            page.family("compute_monitor_last_tick_timestamp_seconds", "gauge",
+                        "When the activity monitor last finished a tick (epoch seconds).", [({}, float(s["monitor_tick"]))])
+            page.family("compute_monitor_seconds_since_tick", "gauge",
+                        "Seconds since the activity monitor last finished a tick (last_active is only as fresh).",
+                        [({}, max(0.0, round(now - float(s["monitor_tick"]), 3)))])
+        page.family("compute_monitor_stall_restarts_total", "counter",
+                    "Times the tree killed and restarted an activity monitor that had stopped ticking.",
+                    [({}, int(s["monitor_stall_restarts"] or 0))])
+        page.family("compute_log_lines_dropped_total", "counter",
+                    "Log lines compute-ctl dropped because the reader of its stdout (or stderr) did not keep up.",
+                    [({}, int(s["log_lines_dropped"] or 0))])
 
         programs = self._programs()
         page.family("compute_supervisord_up", "gauge", "Whether supervisord answered the scrape.",

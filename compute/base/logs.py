@@ -11,6 +11,8 @@ import re
 import sys
 import time
 
+from compute.base.stdout_buffer import STDOUT
+
 _LEVEL = re.compile(r"\b(DEBUG\d?|INFO|NOTICE|WARNING|ERROR|CRITICAL|LOG|FATAL|PANIC|STATEMENT|DETAIL|HINT|CONTEXT):\s")
 _PG_LEVELS = {"LOG": "INFO", "NOTICE": "INFO", "STATEMENT": "INFO", "DETAIL": "INFO", "HINT": "INFO",
               "CONTEXT": "INFO", "FATAL": "ERROR", "PANIC": "CRITICAL"}
@@ -59,8 +61,27 @@ class TreeFormatter(logging.Formatter):
         return format_line(self.program, record.getMessage(), self.fmt, record.created, record.levelname)
 
 
+class BoundedStdoutHandler(logging.Handler):
+    """Records to compute-ctl's stdout without ever waiting for its reader (stdout_buffer)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            STDOUT.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def dropped_notice(fmt: str):
+    """How compute-ctl's stdout says it dropped lines: a line of the tree, from `logrelay`."""
+    return lambda lines: format_line(
+        "logrelay", f"{lines} line{'s' if lines != 1 else ''} dropped: stdout's reader did not keep up "
+                    "(counted in /metrics: compute_log_lines_dropped_total)", fmt, level="WARNING") + "\n"
+
+
 def setup_bootstrap_logging(fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    """compute-ctl's own records, and the shape of the dropped-lines notice, on its stdout."""
+    STDOUT.notice = dropped_notice(fmt)
+    handler = BoundedStdoutHandler()
     handler.setFormatter(TreeFormatter("compute-ctl", fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -33,7 +33,9 @@ from compute.api.listener import API_FD_ENV, BindError, bind_api_socket
 from compute.boot.early_responder import EarlyResponder
 from compute.base.logs import setup_bootstrap_logging
 from compute.boot.paths import Policy, default_runtime_dir, secure_dir
+from compute.base.rlimits import ensure_limits
 from compute.model.launch import LaunchSettings, default
+from compute.base.stdout_buffer import STDERR, STDOUT, BoundedTextStream
 
 log = logging.getLogger("compute.boot.cli")
 
@@ -201,6 +203,9 @@ def validate_flags(args: argparse.Namespace) -> None:
     args.http_address = http_address(args.http_address)
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
+    limit_error = ensure_limits()  # what supervisord needs, checked before the bind (compute/base/rlimits.py)
+    if limit_error:
+        raise UsageError(limit_error)
 
 
 def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
@@ -291,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         return bootstrap(args, api_sock, responder, started)
     finally:
         responder.stop()  # bounded; on every way out
+        # Our last lines, while stdout's reader keeps reading; a stopped one costs ~1 s, then
+        # they are dropped (compute/base/stdout_buffer.py): the exit never waits for it.
+        STDOUT.drain()
+        STDERR.drain()
 
 
 def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float) -> int:
@@ -380,7 +389,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     warning = exposure_warning(args.http_address, settings.live_config_allowed, args.jwks)
     if warning:
         log.warning("%s", warning)
-    sys.stdout.flush()  # our lines before the tree's: the log relay writes to the same stdout
     # From here on we are supervisord (one PID for the life of the compute): its loop runs in
     # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
@@ -390,6 +398,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
            API_FD_ENV: str(api_sock.fileno())}
     os.environ.clear()
     os.environ.update(env)
+    sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either
     stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
     responder.stop()  # if the api never took over: the tree is down, nothing is answered any more
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the
@@ -403,7 +412,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         log.error("supervisord stopped unexpectedly")
         code = EXIT_UNEXPECTED
     log.info("compute stopped: exit code %d", code)
-    sys.stdout.flush()
     return int(code)
 
 

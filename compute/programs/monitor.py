@@ -4,7 +4,8 @@ Every `monitor_interval` seconds (compute.model.launch) it runs one query on a p
 local postgres: the client backends other than its own and other than the superuser of the
 connstr. If any of them is not `idle` (`idle in transaction` counts as active) the last
 activity is now; otherwise it is the latest `state_change` among the idle ones. The shared
-`last_active` only moves forward, and the state file is written only when it does.
+`last_active` only moves forward, and is written only when it does; the time of each finished
+tick is written too (`monitor_tick`: the tree restarts a monitor that stops ticking).
 
 Postgres being unreachable (not started yet, restarting, crashed) is normal: the monitor retries
 quietly every tick, logging once per outage. SIGTERM/SIGINT end it promptly, even in the middle
@@ -187,6 +188,9 @@ class ActivityMonitor:
         ts = self.poll()
         try:
             self.record(ts)
+            # Our progress, for the tree: a monitor whose tick stops moving is restarted
+            # (compute/tree/monitor_watch.py), and /status and /metrics show it.
+            self.store.set(monitor_tick=time.time())
         except Exception as e:  # a busy/locked state file must not kill the monitor
             log.warning("could not record last_active: %s", e)
 
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     monitor = ActivityMonitor(store, found.connstr, interval=found.monitor_interval, pgdata=found.pgdata)
     monitor.install_signal_handlers()
+    if stop.is_set():  # a SIGTERM (supervisord's death) caught by `early` since the launch was found
+        return 0
     monitor.run()
     log.info("stopped")
     return 0

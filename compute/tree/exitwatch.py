@@ -8,6 +8,9 @@ subscribes it through supervisor's `events.subscribe`; no listener process, no R
   driver's hand-over to a fresh driver (exit 0: compute/lifecycle/steps.py).
 - vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
   restart it at once).
+- the monitor stops ticking (its `monitor_tick` in the state file does not move for
+  monitor_watch.stall_after(--monitor-interval) seconds): SIGKILL, counted in
+  `monitor_stall_restarts`; supervisord starts a new one.
 
 Every handler runs on supervisord's loop: nothing here may block it. What must wait (a gdb run,
 a /terminate still writing its answer, a delayed restart) is a timer on `Timers`, which the
@@ -21,6 +24,7 @@ import heapq
 import itertools
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -29,7 +33,7 @@ from typing import Callable
 from supervisor import events
 from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
 
-from compute.tree import exit_decision
+from compute.tree import exit_decision, monitor_watch
 from compute.model import launch
 from compute.base.procutil import dies_with_us
 from compute.shared.state import StateStore, state_path
@@ -37,6 +41,7 @@ from compute.shared.state import StateStore, state_path
 log = logging.getLogger("compute.tree.exitwatch")
 
 VM_INFORMANT = "vm-informant"
+MONITOR = "monitor"
 POSTGRES_EXPORTER = "postgres-exporter"
 RESTARTED_LATER = (VM_INFORMANT, POSTGRES_EXPORTER)  # companions: never in a tight restart loop
 INFORMANT_RESTART_DELAY = 5.0
@@ -227,3 +232,37 @@ class ExitWatch:
                 return  # gone, going down, or started meanwhile (supervisorctl start)
             proc.spawn()
         self.timers.call_later(delay, start)
+
+    def watch_monitor(self) -> None:
+        """Every check period, from the loop: is the monitor still ticking (monitor_watch)?"""
+        interval = self.settings.monitor_interval if self.settings else launch.default("monitor_interval")
+        threshold, period = monitor_watch.stall_after(interval), monitor_watch.check_period(interval)
+        seen: monitor_watch.Progress | None = None
+
+        def check() -> None:
+            nonlocal seen
+            if self.shutting_down():
+                return  # the tree is going down: nothing to restart
+            self.timers.call_later(period, check)
+            proc = self._process(MONITOR)
+            running = proc is not None and proc.get_state() == ProcessStates.RUNNING and proc.pid
+            try:
+                tick = self.store.get("monitor_tick")
+            except Exception as e:  # the state file busy or gone: no decision this time
+                log.debug("could not read the monitor's tick: %s", e)
+                return
+            seen, stalled = monitor_watch.observe(seen, proc.pid if running else None, tick,
+                                                  time.monotonic(), threshold)
+            if stalled:
+                self.restart_stalled_monitor(proc.pid, threshold)
+        self.timers.call_later(period, check)
+
+    def restart_stalled_monitor(self, pid: int, threshold: float) -> None:
+        log.warning("monitor stopped ticking (no tick for %.1f s): killing it (pid %d); supervisord "
+                    "starts a new one", threshold, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)  # works on a stopped process too
+        except ProcessLookupError:
+            return
+        restarts = int(self.store.get("monitor_stall_restarts") or 0) + 1
+        self.store.set(monitor_stall_restarts=restarts)

@@ -14,7 +14,10 @@ parent-death signal is what started the shutdown).
 The tree's event handlers run here, in-process (no eventlistener processes): exit decisions
 (compute/tree/exitwatch.py) and the log relay (compute/tree/logrelay.py) are subscribed to supervisor's
 event bus once supervisord has set it up, and their timers run on this loop: a turn waits at
-most until the next one is due.
+most until the next one is due. One is periodic: exitwatch's look at the monitor's progress
+(a monitor that stops ticking is killed and restarted: compute/tree/monitor_watch.py), once a second
+at the default --monitor-interval. The relay arms one when it had to drop lines (the loop never
+waits for stdout's reader: compute/base/stdout_buffer.py), to publish their count for /metrics.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from compute.model import launch
 from compute.tree import warmfork
 from compute.api.listener import inherited_fd
 from compute.tree.exitwatch import ExitWatch, Timers
-from compute.tree.logrelay import LogRelay, setup_relay_logging
+from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
 from compute.shared.state import runtime_dir_from_env
 from compute.base.trace import mark
 from compute.base.procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
@@ -190,9 +193,12 @@ def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
     global _watch
     watch = _watch = ExitWatch(supervisor, runtime_dir, TIMERS)
     fmt = watch.settings.log_format if watch.settings else launch.default("log_format")
-    setup_relay_logging(fmt)
-    LogRelay(fmt).subscribe()
+    dropped = DroppedLines(watch.store, TIMERS)
+    setup_relay_logging(fmt, on_drop=dropped.noticed)
+    LogRelay(fmt, on_drop=dropped.noticed).subscribe()
+    dropped.noticed()  # lines the bootstrap may have dropped before the loop ran
     watch.subscribe()
+    watch.watch_monitor()
     open_stores.append(watch.store)
     return watch
 

@@ -11,6 +11,7 @@ import sysconfig
 
 
 from compute.postgres.localauth import passfile_path
+from compute.base.rlimits import MIN_FDS, MIN_PROCS
 from compute.shared.supervisor_rpc import socket_path
 CONF_NAME = "supervisord.conf"
 
@@ -88,6 +89,8 @@ def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python
         "passfile": _conf_value(passfile_path(runtime_dir)),
         "vm_informant_section": "",
         "postgres_exporter_section": "",
+        "minfds": str(MIN_FDS),
+        "minprocs": str(MIN_PROCS),
     }
     if vm_informant:
         with open(os.path.join(tdir, VM_INFORMANT_TEMPLATE)) as f:

@@ -59,13 +59,18 @@ def test_status_shape(rt):
     assert r.headers["content-type"] == "application/json"
     assert r.json == {"tenant": TENANT, "timeline": TIMELINE, "status": "running",
                       "last_active": "2026-11-25T10:01:40.500Z", "error": None,
-                      "start_time": "2026-11-25T10:00:00.250Z"}
+                      "start_time": "2026-11-25T10:00:00.250Z",
+                      "monitor_last_tick": None, "monitor_stall_restarts": 0}
+    StateStore(state_path(rt)).set(monitor_tick=1795600901.75, monitor_stall_restarts=2)
+    body = client_for(rt).simulate_get("/status").json
+    assert (body["monitor_last_tick"], body["monitor_stall_restarts"]) == ("2026-11-25T10:01:41.750Z", 2)
 
 
 def test_status_unknowns_are_null(rt):
     make_state(rt, status="empty", start_time=None, last_active=None, tenant=None, timeline=None)
     assert client_for(rt).simulate_get("/status").json == {
-        "tenant": None, "timeline": None, "status": "empty", "last_active": None, "error": None, "start_time": None}
+        "tenant": None, "timeline": None, "status": "empty", "last_active": None, "error": None, "start_time": None,
+        "monitor_last_tick": None, "monitor_stall_restarts": 0}
 
 
 def test_status_follows_the_state_file(rt):
@@ -181,7 +186,8 @@ def test_configure_hands_the_spec_to_the_driver_and_waits(rt, start):
         elapsed = time.monotonic() - t0
     assert r.status_code == 200, r.text
     assert r.json["status"] == "running"
-    assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time"}
+    assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time",
+                           "monitor_last_tick", "monitor_stall_restarts"}
     assert elapsed >= 0.3
     # the spec sent, stored as the programs read it (typed, without parsing it again)
     assert [from_stored(doc) for doc in driver.applied] == [parse_spec(spec)]
@@ -275,11 +281,11 @@ def test_healthz_never_touches_postgres(rt, monkeypatch):
 def test_readyz_postgres_down_and_cache(rt, monkeypatch):
     make_state(rt, status="running")  # nothing listens on port 1
     connects = []
-    real = ApiContext.pg_connect
+    real = health.connect_within
 
-    def counting(self, timeout=3):
-        connects.append(timeout)
-        return real(self, timeout)
+    def counting(connstr, deadline):
+        connects.append(deadline)
+        return real(connstr, deadline)
 
     class Later:
         """`time` as compute.api.health sees it, `skew` seconds on: the cache expires, no sleep."""
@@ -292,14 +298,14 @@ def test_readyz_postgres_down_and_cache(rt, monkeypatch):
             return time.monotonic() + self.skew
 
     clock = Later()
-    monkeypatch.setattr(ApiContext, "pg_connect", counting)
+    monkeypatch.setattr(health, "connect_within", counting)
     monkeypatch.setattr(health, "time", clock)
     c = client_for(rt)
     for _ in range(20):
         r = c.simulate_get("/readyz")
         assert r.status_code == 503
         assert "does not accept connections" in r.json["reason"]
-    assert connects == [1]  # cached for about a second, connect timeout 1 s
+    assert connects == [1]  # cached for about a second, connect deadline 1 s
     clock.skew = health.CACHE_SECONDS
     c.simulate_get("/readyz")
     assert len(connects) == 2
