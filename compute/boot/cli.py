@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-timeout", type=float, default=default("storage_timeout"), metavar="SECONDS",
                    help="fail a sync-safekeepers or basebackup attempt after this long without progress "
                         "(connect, auth, or between chunks); attempts are retried (default 60)")
+    p.add_argument("--attempt-deadline", type=float, default=default("attempt_deadline"), metavar="SECONDS",
+                   help="fail one attempt of any outbound request (the control plane's spec, "
+                        "sync-safekeepers, the basebackup, the clone of a primary) after this long in "
+                        "all, even with progress; at least --storage-timeout; attempts are retried "
+                        "(default 300)")
     p.add_argument("--basebackup-compression", choices=("none", "gzip"), default="none",
                    help="gzip: ask the pageserver for `basebackup ... --gzip` and inflate it as it "
                         "arrives (pageservers since mid-2023; default none)")
@@ -203,6 +208,10 @@ def validate_flags(args: argparse.Namespace) -> None:
     args.http_address = http_address(args.http_address)
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
+    if not (1 <= args.attempt_deadline <= 86400):
+        raise UsageError("--attempt-deadline must be between 1 and 86400 seconds")
+    if args.attempt_deadline < args.storage_timeout:  # the silence bound would never act
+        raise UsageError("--attempt-deadline must be at least --storage-timeout")
     limit_error = ensure_limits()  # what supervisord needs, checked before the bind (compute/base/rlimits.py)
     if limit_error:
         raise UsageError(limit_error)
@@ -342,6 +351,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         vm_informant=vm_informant,
         postgres_exporter=os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
         postgres_exporter_port=args.postgres_exporter_port, storage_timeout=args.storage_timeout,
+        attempt_deadline=args.attempt_deadline,
         basebackup_compression=None if args.basebackup_compression == "none" else args.basebackup_compression,
     )
     try:

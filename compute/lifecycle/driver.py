@@ -271,7 +271,8 @@ class Driver:
         if spec is None and self.settings.control_plane_uri:
             from compute.storage.control_plane import control_plane_token, fetch_spec
             raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
-                             control_plane_token() or self.settings.console_jwt)
+                             control_plane_token() or self.settings.console_jwt,
+                             deadline=self.settings.attempt_deadline)
             if raw is not None:
                 spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
                 self.store.set(spec=to_document(spec), spec_generation=1)
@@ -297,7 +298,8 @@ class Driver:
         if plan.source == "clone":
             t = time.monotonic()
             nbytes = replica.clone_primary(self.settings.pgbin_dir, self.pgdata, modes.primary_conninfo(spec),
-                                           self.runtime_dir)
+                                           self.runtime_dir, deadline=self.settings.attempt_deadline,
+                                           before_retry=lambda: empty_directory(self.pgdata))
             pgconf.write_default_hba(self.pgdata, self.superuser, clone=True)
             self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
@@ -312,13 +314,14 @@ class Driver:
             token = self.storage_token(spec)
             # Written before the sync: --sync-safekeepers reads its settings from it.
             self.write_conf(spec)
-            timeout = self.settings.storage_timeout
+            timeout, deadline = self.settings.storage_timeout, self.settings.attempt_deadline
             t = time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
                 lsn = attempts.with_retries(
                     "sync-safekeepers", attempts.SYNC_SAFEKEEPERS_RETRY,
-                    lambda: safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout),
+                    lambda: safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout,
+                                                 deadline=deadline),
                     on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
                 log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
             else:
@@ -345,7 +348,7 @@ class Driver:
                 lambda: basebackup.basebackup(st.pageserver_connstring, st.tenant_id, st.timeline_id, lsn,
                                            self.pgdata, token, progress=progress, timeout=timeout,
                                            compression=self.settings.basebackup_compression,
-                                           replica=plan.basebackup_replica),
+                                           replica=plan.basebackup_replica, deadline=deadline),
                 before_retry=fresh_pgdata,
                 on_retry=lambda n: self.store.record_metrics(basebackup_retries=n))
             bb_ms = ms_since(t)

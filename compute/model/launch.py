@@ -46,6 +46,7 @@ class LaunchSettings:
     lock_timeout: float = 10.0            # the spec's catalog SQL (seconds; 0: none)
     statement_timeout: float = 300.0
     storage_timeout: float = 60.0         # sync-safekeepers / basebackup stall limit
+    attempt_deadline: float = 300.0       # one attempt of any outbound request, in all (>= storage_timeout)
     basebackup_compression: Optional[str] = None  # None or "gzip"
     log_format: str = "text"              # "text" or "json"
     vm_informant: Optional[str] = None

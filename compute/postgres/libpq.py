@@ -29,7 +29,12 @@ class SessionError(Exception):
 
 
 class Timeout(SessionError):
-    """The socket stayed silent until the waiter's deadline."""
+    """The socket stayed silent until the waiter's deadline. `overall`: the waiter's `ends`
+    (the attempt's deadline, whatever the progress) was the one that passed."""
+
+    def __init__(self, message: str, overall: bool = False) -> None:
+        super().__init__(message)
+        self.overall = overall
 
 
 class Stopped(Exception):
@@ -39,24 +44,30 @@ class Stopped(Exception):
 class Waiter:
     """How long the driver waits for the socket: `timeout` seconds in all from now (a connect's
     or a query's budget) or, with silence=True, `timeout` seconds of silence (every wait anew:
-    progress resets it). `stop`, anything with is_set(), is looked at every STOP_CHECK s."""
+    progress resets it) and, with `ends` (a time.monotonic() value), never past it (an
+    attempt's overall deadline). `stop`, anything with is_set(), is looked at every STOP_CHECK s."""
 
-    def __init__(self, timeout: float, *, silence: bool = False, stop: Any = None) -> None:
+    def __init__(self, timeout: float, *, silence: bool = False, stop: Any = None,
+                 ends: float | None = None) -> None:
         self.timeout = timeout
         self.silence = silence
         self.stop = stop
+        self.ends = ends
         self.deadline = time.monotonic() + timeout
 
     def wait(self, fd: int, write: bool) -> None:
         """Until fd is ready for reading (or writing): Timeout at the deadline, Stopped once stop
         is set. A signal handler that raises interrupts it (poll: PEP 475)."""
         deadline = time.monotonic() + self.timeout if self.silence else self.deadline
+        overall = self.ends is not None and self.ends <= deadline
+        if overall:
+            deadline = self.ends
         poller = select.poll()
         poller.register(fd, select.POLLOUT if write else select.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Timeout("timed out")
+                raise Timeout("timed out", overall=overall)
             if poller.poll(min(left, STOP_CHECK if self.stop is not None else left) * 1000):
                 return
             if self.stop is not None and self.stop.is_set():

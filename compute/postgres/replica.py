@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import time
+from typing import Callable
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
 from compute.model import modes
 from compute.base.procutil import dies_with_us
+from compute.base.retry import RetryFailed, RetryPolicy, retry
+from compute.model.launch import default
 
 log = logging.getLogger("compute.postgres.replica")
 
@@ -29,7 +33,17 @@ REDACTED = "[redacted]"
 
 
 class ReplicaError(Exception):
-    """A clone or promotion step failed; the message is safe to show (no secrets)."""
+    """A clone or promotion step failed; the message is safe to show (no secrets). `retryable`:
+    a passing fault (the clone's attempt deadline passed), worth another attempt."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+# A clone that outlives its deadline (a primary that trickles) is tried again from an empty
+# PGDATA; pg_basebackup's other failures (refused, bad password) are reported at once, as before.
+CLONE_RETRY = RetryPolicy(attempts=3)
 
 
 # ---------------------------------------------------------------- clone
@@ -51,8 +65,30 @@ def clone_command(pgbin_dir: str, pgdata: str, primary_conninfo: str, passfile: 
     return argv, password
 
 
-def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir: str) -> int:
-    """pg_basebackup of the primary into the (empty) pgdata; returns the bytes now in pgdata."""
+def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir: str, *,
+                  deadline: float = default("attempt_deadline"),
+                  before_retry: Callable[[], None] | None = None) -> int:
+    """pg_basebackup of the primary into the (empty) pgdata; returns the bytes now in pgdata.
+    An attempt still running after `deadline` seconds is killed and retried (CLONE_RETRY);
+    before_retry() empties pgdata."""
+    def retrying(n: int, e: BaseException, delay: float) -> None:
+        log.warning("clone attempt %d/%d failed: %s; retrying in %.2f s", n, CLONE_RETRY.attempts, e, delay)
+        if before_retry is not None:
+            before_retry()
+    try:
+        return retry(CLONE_RETRY, lambda: clone_once(pgbin_dir, pgdata, primary_conninfo, secret_dir, deadline),
+                     catch=(ReplicaError,), retryable=lambda e: e.retryable, on_retry=retrying)
+    except RetryFailed as failed:
+        if failed.attempts == 1 and not failed.gave_up:
+            raise failed.error from None
+        log.error("clone attempt %d/%d failed: %s", failed.attempts, CLONE_RETRY.attempts, failed.error)
+        raise ReplicaError(f"cloning the primary failed after {failed.attempts} attempt(s): "
+                           f"{failed.error}") from None
+
+
+def clone_once(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir: str,
+               deadline: float = default("attempt_deadline")) -> int:
+    """One attempt of clone_primary()."""
     fd, passfile = tempfile.mkstemp(prefix=".clone-", suffix=".pgpass", dir=secret_dir)  # 0600
     try:
         argv, password = clone_command(pgbin_dir, pgdata, primary_conninfo, passfile)
@@ -62,18 +98,36 @@ def clone_primary(pgbin_dir: str, pgdata: str, primary_conninfo: str, secret_dir
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # no stray PGPASSWORD etc.
         try:
             # It dies with us: a lifecycle driver killed mid-clone leaves no pg_basebackup behind.
-            res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                                 preexec_fn=dies_with_us)
+            # Its own group: at the deadline, its WAL-streaming child is killed with it.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, preexec_fn=dies_with_us,
+                                    process_group=0)
         except OSError as e:
             raise ReplicaError(f"cannot run pg_basebackup: {e.strerror}") from None
+        late = False
+        try:
+            stdout, stderr = proc.communicate(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            late = True
+        finally:
+            if late or proc.returncode is None:  # late, or we are being unwound
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if late:
+            stdout, stderr = proc.communicate()
     finally:
         os.unlink(passfile)
-    output = mask(res.stdout.decode("utf-8", "replace") + res.stderr.decode("utf-8", "replace"), password)
+    output = mask(stdout.decode("utf-8", "replace") + stderr.decode("utf-8", "replace"), password)
     for line in output.splitlines():
         log.info("pg_basebackup: %s", line)
-    if res.returncode != 0:
+    if late:
+        raise ReplicaError(f"cloning the primary: not done within the attempt deadline of {deadline:g} s "
+                           "(--attempt-deadline; pg_basebackup killed)", retryable=True)
+    if proc.returncode != 0:
         tail = " ".join(output.split())[-600:]
-        raise ReplicaError(f"cloning the primary failed (pg_basebackup exit code {res.returncode}): {tail}")
+        raise ReplicaError(f"cloning the primary failed (pg_basebackup exit code {proc.returncode}): {tail}")
     # The primary's ALTER SYSTEM settings are not this compute's: the spec is.
     with open(os.path.join(pgdata, "postgresql.auto.conf"), "w") as f:
         f.write("")

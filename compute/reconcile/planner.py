@@ -148,6 +148,14 @@ def stored_password(encrypted_password: str | None) -> str | None:
     return encrypted_password  # 'md5<hash>' already, or a SCRAM verifier (verbatim)
 
 
+def md5_replay_note(role: str) -> str:
+    """Said once per md5 verifier written (docs/security.md, "Role passwords"): postgres' md5
+    challenge is answered with the stored hash alone, and every spec role reads pg_authid."""
+    return (f"role {role!r} gets an md5 password hash: anyone who reads it can log in as {role!r} "
+            "(the hash answers the md5 challenge), and every spec role can read it (pg_read_all_data "
+            "reads pg_authid); a scram-sha-256 verifier in the spec closes this")
+
+
 def _role_options(password: str | None) -> tuple[sql.Composable, sql.Composable]:
     if password is None:
         q = sql.SQL("LOGIN PASSWORD NULL")
@@ -331,6 +339,8 @@ def _plan_roles(state: _State, spec: ComputeSpec) -> list[Step]:
         want = stored_password(role.encrypted_password)
         name = _ident(role.name)
         opts, opts_redacted = _role_options(want)
+        if want is not None and want.startswith("md5") and state.roles.get(role.name, "") != want:
+            state.notes.append(md5_replay_note(role.name))
         if role.name not in state.roles:
             q = sql.SQL("CREATE ROLE {} {}")
             out.append(Statement(q.format(name, opts), q.format(name, opts_redacted)))

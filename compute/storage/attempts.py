@@ -17,6 +17,7 @@ log = logging.getLogger("compute.storage")
 T = TypeVar("T")
 _TAIL = 2048  # bytes of child output kept for error messages
 DEFAULT_TIMEOUT = default("storage_timeout")  # --storage-timeout
+DEFAULT_DEADLINE = default("attempt_deadline")  # --attempt-deadline
 
 
 class StorageError(Exception):

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import re
+import socket
+import struct
 import threading
 import time
 import zlib
@@ -20,14 +22,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from compute.postgres import libpq
 from compute.storage.tarextract import ArchiveError, TarExtractor
-from compute.storage.attempts import DEFAULT_TIMEOUT, StorageError, _one_line
+from compute.storage.attempts import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, StorageError, _one_line
 
 log = logging.getLogger("compute.storage")
 
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 _ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _INFLATE_CHUNK = 1 << 20  # gzip: at most this much output per step
-_PIPE_BYTES = 4 << 20  # received but not yet extracted (one message more if it is bigger)
+_PIPE_BYTES = 4 << 20  # received but not yet extracted (one chunk more if it is bigger)
+_RECV_BYTES = 256 << 10  # the COPY stream's receive buffer: CopyData payloads leave it in pieces
+MAX_MESSAGE = 1 << 20  # any other message is held whole to be read: a longer one is refused
 COMPRESSIONS = (None, "gzip")  # --basebackup-compression (None: plain tar)
 
 
@@ -56,13 +60,16 @@ def basebackup_query(tenant_id: str, timeline_id: str, lsn: str, compression: st
 
 def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: str, pgdata: str,
                auth_token: str | None, *, progress: Callable[[int], None] | None = None,
-               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None, replica: bool = False) -> int:
+               timeout: float = DEFAULT_TIMEOUT, compression: str | None = None, replica: bool = False,
+               deadline: float = DEFAULT_DEADLINE) -> int:
     """One attempt: stream `basebackup` (COPY OUT of one tar, gzipped with compression="gzip")
     from the pageserver into pgdata, extracting as it arrives; returns the bytes received.
-    `timeout`: seconds without progress (connect, auth, between chunks) before giving up.
-    Retries: with_retries()."""
+    `timeout`: seconds without progress (connect, auth, between chunks) before giving up;
+    `deadline`: seconds in all (a pageserver that trickles). Retries: with_retries()."""
     query = basebackup_query(tenant_id, timeline_id, lsn, compression, replica)
-    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, timeout)
+    ends = time.monotonic() + deadline
+    # libpq's connect_timeout bounds the whole connect (auth included): within the deadline too.
+    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, min(timeout, deadline))
     os.makedirs(pgdata, mode=0o700, exist_ok=True)
     t0 = time.monotonic()
     try:
@@ -74,7 +81,7 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
             # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
             with psycopg.connect(conninfo, autocommit=True) as conn:
                 try:
-                    total = _pipelined(conn.pgconn, query, sink, timeout, progress)
+                    total = _pipelined(conn.pgconn, query, sink, timeout, progress, ends, deadline)
                 finally:
                     conn.close()  # never let psycopg cancel/drain a possibly huge stream
             if gunzip is not None:
@@ -139,7 +146,8 @@ class _Channel:
 
 
 def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
-               progress: Callable[[int], None] | None) -> int:
+               progress: Callable[[int], None] | None, ends: float | None = None,
+               deadline: float = DEFAULT_DEADLINE) -> int:
     """_copy_out in a receiver thread, sink (inflate + extract) in this one, at most
     _PIPE_BYTES between them: receiving overlaps file creation and writes, as in
     `psql | tar -x` (both sides release the GIL in their syscalls)."""
@@ -148,7 +156,7 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
 
     def receive() -> None:
         try:
-            outcome["total"] = _copy_out(pgconn, query, channel.put, timeout, progress, channel)
+            outcome["total"] = _copy_out(pgconn, query, channel.put, timeout, progress, channel, ends, deadline)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             outcome["error"] = e
         try:
@@ -170,20 +178,189 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
 
 
 def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: float,
-              progress: Callable[[int], None] | None, stop: Any = None) -> int:
-    """Send the query (simple protocol, as the pageserver needs) and feed each CopyData message
-    to sink, straight from libpq's buffer, on the non-blocking driver (compute/postgres/libpq.py): a
-    server silent for `timeout` seconds fails the attempt. Reads to the end: an error after the
-    archive raises."""
-    waiter = libpq.Waiter(timeout, silence=True, stop=stop)
+              progress: Callable[[int], None] | None, stop: Any = None, ends: float | None = None,
+              deadline: float = DEFAULT_DEADLINE) -> int:
+    """Send the query (simple protocol, as the pageserver needs) and feed the COPY stream to
+    sink: a server silent for `timeout` seconds, or not done by `ends` (time.monotonic();
+    `deadline` seconds after the attempt began), fails the attempt. Reads to the end: an error
+    after the archive raises.
 
-    def silent(where: str) -> StorageError:
+    On a plain connection (the only kind we open unless the connection string asks for TLS,
+    as Neon's compute_ctl) the stream is read from the socket here, not by libpq: libpq
+    buffers one CopyData message whole, whatever length the server announces (up to 1 GiB),
+    while here a CopyData payload leaves a fixed buffer in pieces as it arrives, and any other
+    message is refused beyond MAX_MESSAGE bytes. Memory is bounded whatever the peer sends."""
+    waiter = libpq.Waiter(timeout, silence=True, stop=stop, ends=ends)
+
+    def late(where: str) -> StorageError:
+        return StorageError(f"basebackup: not done within the attempt deadline of {deadline:g} s "
+                            f"(--attempt-deadline; {where})", retryable=True)
+
+    def silent(where: str, overall: bool = False) -> StorageError:
+        if overall:
+            return late(where)
         return StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s ({where})",
                             retryable=True)
+    if not pgconn.ssl_in_use:
+        return _WireCopy(pgconn.socket, waiter, silent, late, ends).run(query, sink, progress)
+    return _libpq_copy_out(pgconn, query, sink, progress, waiter, silent, late, ends)
+
+
+class _WireCopy:
+    """The query and its COPY OUT answer on the connection's socket, read with the v3 framing
+    (type byte, 4-byte length) into one fixed buffer. libpq made the connection and has
+    consumed everything up to ReadyForQuery; it is closed, never used again, afterwards."""
+
+    def __init__(self, fd: int, waiter: libpq.Waiter, silent: Callable[[str, bool], StorageError],
+                 late: Callable[[str], StorageError], ends: float | None) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.waiter = waiter
+        self.silent = silent
+        self.late = late
+        self.ends = ends
+        self.buf = bytearray(_RECV_BYTES)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.total = 0
+
+    def run(self, query: str, sink: Callable[[Any], None], progress: Callable[[int], None] | None) -> int:
+        try:
+            self._send(b"Q" + struct.pack("!I", len(query) + 5) + query.encode() + b"\0")
+            phase = "before"  # -> "copy" (CopyOutResponse) -> "after" (CopyDone) -> "done" (CommandComplete)
+            while True:
+                kind, length = self._header()
+                if kind == b"d" and phase == "copy":
+                    self._copy_data(length, sink, progress)
+                    continue
+                body = self._message(kind, length)
+                if kind == b"E":
+                    raise _error_response(body)
+                if kind in (b"N", b"S"):  # a notice, a parameter change: nothing to do
+                    continue
+                if phase == "before" and kind == b"H":
+                    phase = "copy"
+                elif phase == "before":
+                    raise StorageError("basebackup: the pageserver did not start a COPY")
+                elif phase == "copy" and kind == b"c":
+                    phase = "after"
+                elif phase == "after" and kind == b"C":
+                    phase = "done"
+                elif phase == "done" and kind == b"Z":
+                    return self.total
+                elif kind in (b"C", b"Z"):
+                    raise StorageError("basebackup: no command status after the COPY")
+                else:
+                    raise StorageError(f"basebackup: unexpected message {kind!r} from the pageserver")
+        finally:
+            self.sock.close()
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self._wait(True, "sending the query")
+            except OSError as e:
+                raise StorageError(f"basebackup: connection lost sending the query: {e.strerror or e}",
+                                   retryable=True) from None
+
+    def _wait(self, write: bool, where: str) -> None:
+        try:
+            self.waiter.wait(self.fd, write)
+        except libpq.Timeout as e:
+            raise self.silent(where, e.overall) from None
+
+    def _fill(self) -> None:
+        """At least one more byte after self.end (the buffer compacted first if it is full)."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start:self.end]
+            self.start, self.end = 0, n
+        while True:
+            try:
+                n = self.sock.recv_into(self.view[self.end:])
+            except BlockingIOError:
+                self._wait(False, f"after {self.total} bytes" if self.total else "waiting for a result")
+                continue
+            except OSError as e:
+                raise StorageError(f"basebackup: connection lost after {self.total} bytes: "
+                                   f"{e.strerror or e}", retryable=True) from None
+            if not n:
+                raise StorageError(f"basebackup: connection lost after {self.total} bytes: "
+                                   "server closed the connection unexpectedly", retryable=True)
+            self.end += n
+            return
+
+    def _header(self) -> tuple[bytes, int]:
+        while self.end - self.start < 5:
+            self._fill()
+        kind = bytes(self.buf[self.start:self.start + 1])
+        (length,) = struct.unpack_from("!I", self.buf, self.start + 1)
+        if length < 4:
+            raise StorageError(f"basebackup: invalid message length {length} from the pageserver")
+        self.start += 5
+        return kind, length - 4
+
+    def _message(self, kind: bytes, length: int) -> bytes:
+        """A whole message body (not CopyData): bounded by MAX_MESSAGE."""
+        if length > MAX_MESSAGE:
+            raise StorageError(f"basebackup: the pageserver sent a {kind.decode('latin-1')!r} message of "
+                               f"{length} bytes (the limit is {MAX_MESSAGE})")
+        while self.end - self.start < length:
+            self._fill()
+        body = bytes(self.buf[self.start:self.start + length])
+        self.start += length
+        return body
+
+    def _copy_data(self, length: int, sink: Callable[[Any], None],
+                   progress: Callable[[int], None] | None) -> None:
+        """One CopyData payload to sink, in the pieces that arrive: never held whole."""
+        while length:
+            if self.start == self.end:
+                self._fill()
+            n = min(length, self.end - self.start)
+            sink(bytes(self.buf[self.start:self.start + n]))
+            self.start += n
+            length -= n
+            self.total += n
+            now = time.monotonic()
+            if self.ends is not None and now >= self.ends:  # progress, but too slow in all
+                raise self.late(f"after {self.total} bytes")
+            if progress is not None and now - self.last >= 1.0:
+                self.last = now
+                progress(self.total)
+
+    last = 0.0
+
+
+def _error_response(body: bytes) -> StorageError:
+    """An ErrorResponse, as _result_error words libpq's."""
+    fields: dict[str, str] = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields.setdefault(chr(part[0]), part[1:].decode("utf-8", "replace"))
+    sqlstate = fields.get("C", "")
+    severity = fields.get("S") or fields.get("V") or "ERROR"
+    primary = fields.get("M", "")
+    text = f"{severity}: {primary} (SQLSTATE {sqlstate})" if primary else "error from the pageserver"
+    return StorageError(f"basebackup: {_one_line(text)}", retryable=_retryable_sqlstate(sqlstate))
+
+
+def _libpq_copy_out(pgconn: Any, query: str, sink: Callable[[Any], None],
+                    progress: Callable[[int], None] | None, waiter: libpq.Waiter,
+                    silent: Callable[[str, bool], StorageError], late: Callable[[str], StorageError],
+                    ends: float | None) -> int:
+    """The COPY through libpq, for a TLS connection the connection string asked for: libpq
+    holds each CopyData message whole (documented limit of the memory bound)."""
     try:
         libpq.send(pgconn, query.encode(), None, waiter)
-    except libpq.Timeout:
-        raise silent("sending the query") from None
+    except libpq.Timeout as e:
+        raise silent("sending the query", e.overall) from None
     res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COPY_OUT:
         raise _result_error(res, "the pageserver did not start a COPY")
@@ -194,16 +371,17 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
         if nbytes > 0:
             total += nbytes
             sink(data)
-            if progress is not None:
-                now = time.monotonic()
-                if now - last >= 1.0:
-                    last = now
-                    progress(total)
+            now = time.monotonic()
+            if ends is not None and now >= ends:  # progress, but too slow in all
+                raise late(f"after {total} bytes")
+            if progress is not None and now - last >= 1.0:
+                last = now
+                progress(total)
         elif nbytes == 0:
             try:
                 waiter.wait(pgconn.socket, False)
-            except libpq.Timeout:
-                raise silent(f"after {total} bytes") from None
+            except libpq.Timeout as e:
+                raise silent(f"after {total} bytes", e.overall) from None
             pgconn.consume_input()
         elif nbytes == -1:
             break
@@ -218,11 +396,11 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
     return total
 
 
-def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str], StorageError]) -> Any:
+def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str, bool], StorageError]) -> Any:
     try:
         return libpq.next_result(pgconn, waiter)
-    except libpq.Timeout:
-        raise silent("waiting for a result") from None
+    except libpq.Timeout as e:
+        raise silent("waiting for a result", e.overall) from None
 
 
 def _conn_message(pgconn: Any) -> str:
@@ -296,6 +474,11 @@ def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -
         extra["password"] = auth_token  # the storage token is the password; it overrides the connstr's
     if "connect_timeout" not in params:
         extra["connect_timeout"] = max(2, int(math.ceil(timeout)))  # libpq's minimum is 2 s
+    # No TLS unless asked for, as Neon's compute_ctl (NoTls): with "prefer", a pageserver could
+    # answer the SSLRequest and move the COPY onto libpq's path, which holds a message whole.
+    for key in ("sslmode", "gssencmode"):
+        if key not in params:
+            extra[key] = "disable"
     return make_conninfo(connstr, **extra)
 
 

@@ -13,6 +13,11 @@ Network errors, 502 and 503 are retried with exponential backoff (compute/base/r
 original: those are the control plane's passing faults); any other non-200 answer, or a body that is not such an
 object, raises ControlPlaneError. The token never appears in an error message or a log line.
 Redirects are not followed (they would carry the token elsewhere).
+
+Each attempt has an overall deadline (--attempt-deadline): `timeout` bounds one receive, so a
+control plane that trickles its answer (a byte every few seconds) would otherwise hold the
+start in `init` for ever. At the deadline the socket is shut down, and the attempt fails as a
+passing fault (retried), its number and the deadline in the log and in the final error.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import json
 import logging
 import os
 import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
 from compute.base.retry import RetryFailed, RetryPolicy, retry
+from compute.model.launch import default
 
 log = logging.getLogger("compute.storage.control_plane")
 
@@ -58,7 +65,73 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # the 3xx answer surfaces as an HTTPError
 
 
-_opener = urllib.request.build_opener(_NoRedirect())
+class _Watchdog:
+    """Shuts down the attempt's socket when its deadline passes (a blocked receive returns at
+    once): the deadline bounds the whole answer, headers and body, however it trickles."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                _shutdown(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+    def __enter__(self) -> "_Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched(base: type[http.client.HTTPConnection], watchdog: _Watchdog) -> Any:
+    class Connection(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            super().connect()
+            watchdog.attach(self.sock)
+    return Connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def http_open(self, req):  # noqa: D102
+        return self.do_open(_watched(http.client.HTTPConnection, self.watchdog), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def https_open(self, req):  # noqa: D102
+        return self.do_open(_watched(http.client.HTTPSConnection, self.watchdog), req, context=self._context)
+
+
+def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoRedirect(), _HTTPHandler(watchdog), _HTTPSHandler(watchdog))
 
 
 def spec_url(control_plane_uri: str, compute_id: str) -> str:
@@ -72,9 +145,10 @@ def spec_url(control_plane_uri: str, compute_id: str) -> str:
 
 
 def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, attempts: int = 5,
-               backoff: float = 0.5, timeout: float = 10) -> dict | None:
+               backoff: float = 0.5, timeout: float = 10,
+               deadline: float = default("attempt_deadline")) -> dict | None:
     """The compute's spec (decoded JSON, not yet validated), or None when the control plane has
-    none for it yet."""
+    none for it yet. `timeout`: one receive; `deadline`: one attempt, in all."""
     url = spec_url(control_plane_uri, compute_id)
     headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
     if jwt:
@@ -82,10 +156,17 @@ def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, atte
     policy = RetryPolicy(attempts=max(1, attempts), first_delay=backoff, factor=2)
 
     def attempt() -> dict | None:
-        try:
-            status, body = _get(url, headers, timeout)
-        except _Retryable as e:
-            raise _Retryable(_scrub(str(e), jwt)) from None
+        with _Watchdog(deadline) as watchdog:
+            try:
+                status, body = _get(url, headers, min(timeout, deadline), watchdog)
+            except (_Retryable, ControlPlaneError) as e:
+                if not watchdog.fired:
+                    if isinstance(e, ControlPlaneError):
+                        raise
+                    raise _Retryable(_scrub(str(e), jwt)) from None
+            if watchdog.fired:  # a short read after the shutdown is no answer
+                raise _Retryable(f"no whole answer within the attempt deadline of {deadline:g} s "
+                                 "(--attempt-deadline)")
         if status == 200:
             return _parse(body, url, jwt)
         if status in RETRIED_STATUSES:
@@ -106,10 +187,10 @@ class _Retryable(Exception):
     pass
 
 
-def _get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+def _get(url: str, headers: dict[str, str], timeout: float, watchdog: _Watchdog) -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers=headers, method="GET")
     try:
-        with _opener.open(req, timeout=timeout) as resp:
+        with _opener(watchdog).open(req, timeout=timeout) as resp:
             return resp.status, _read(resp)
     except urllib.error.HTTPError as e:
         try:

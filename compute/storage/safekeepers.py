@@ -9,11 +9,12 @@ import os
 import select
 import signal
 import subprocess
+import time
 
 
 from compute.model.environ import child_environment
 from compute.base.procutil import dies_with_us
-from compute.storage.attempts import DEFAULT_TIMEOUT, StorageError, _TAIL, _truncate
+from compute.storage.attempts import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, StorageError, _TAIL, _truncate
 from compute.storage.basebackup import LSN_RE
 
 log = logging.getLogger("compute.storage")
@@ -22,21 +23,24 @@ log = logging.getLogger("compute.storage")
 # ---------------------------------------------------------------- sync safekeepers
 
 def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
-                     timeout: float = DEFAULT_TIMEOUT) -> str:
+                     timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE) -> str:
     """One run of `<pgbin> --sync-safekeepers`; returns the LSN it prints. A run that prints
-    nothing (stdout or stderr) for `timeout` seconds is killed. Retries: with_retries()."""
+    nothing (stdout or stderr) for `timeout` seconds, or still runs after `deadline` seconds
+    (safekeepers that keep it talking without an end), is killed. Retries: with_retries()."""
     env = child_environment(os.environ)  # no control-plane token for a postgres binary
     env["PGDATA"] = pgdata  # the binary reads PGDATA; it is not given -D
     env.pop("NEON_AUTH_TOKEN", None)
     if auth_token:
         env["NEON_AUTH_TOKEN"] = auth_token  # env, not argv: argv is world-readable in /proc
-    rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env, timeout)
+    rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env, timeout, deadline)
     lsn = out.strip()
     if rc == 0 and LSN_RE.fullmatch(lsn):
         log.info("sync-safekeepers returned LSN %s", lsn)
         return lsn
-    if rc is None:
+    if rc == _SILENT:
         why = f"no progress for {timeout:g} s (killed)"
+    elif rc == _DEADLINE:
+        why = f"not done within the attempt deadline of {deadline:g} s (--attempt-deadline; killed)"
     else:
         why = f"exit code {rc}" if rc != 0 else "unexpected output (want one LSN)"
     raise StorageError(f"sync-safekeepers: {why}; stdout: {_truncate(out)!r}; "
@@ -47,9 +51,15 @@ def _die_with_us() -> None:
     dies_with_us(signal.SIGKILL)
 
 
-def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
-    """Run argv; log each stderr line as it comes; kill it after `timeout` s without output.
-    Returns rc (None when killed for silence), stdout (first 64 KiB), stderr tail."""
+_SILENT, _DEADLINE = "silent", "deadline"  # why _run_logged killed its child
+
+
+def _run_logged(argv: list[str], env: dict[str, str], timeout: float,
+                deadline: float = DEFAULT_DEADLINE) -> tuple[int | str, str, str]:
+    """Run argv; log each stderr line as it comes; kill it after `timeout` s without output or
+    `deadline` s in all. Returns rc (_SILENT or _DEADLINE when killed), stdout (first 64 KiB),
+    stderr tail."""
+    ends = time.monotonic() + deadline
     try:
         # SIGKILL with us: a lifecycle killed mid-sync must not leave the sync behind.
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -65,12 +75,13 @@ def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[i
     fds = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
     for fd in fds:
         poller.register(fd, select.POLLIN)
-    silent = False
+    killed: str | None = None
     try:
         while fds:
-            events = poller.poll(timeout * 1000)
+            left = ends - time.monotonic()
+            events = poller.poll(max(0.0, min(timeout, left)) * 1000) if left > 0 else []
             if not events:
-                silent = True
+                killed = _SILENT if left > timeout else _DEADLINE
                 break
             for fd, _ in events:
                 chunk = os.read(fd, 1 << 16)
@@ -93,7 +104,7 @@ def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[i
                         while tail_len > _TAIL and len(tail) > 1:
                             tail_len -= len(tail.popleft()) + 1
     finally:
-        if silent or fds:  # timed out, or we are being unwound: the child never outlives us
+        if killed or fds:  # timed out, or we are being unwound: the child never outlives us
             proc.kill()
         rc = proc.wait()
         proc.stdout.close()
@@ -102,4 +113,4 @@ def _run_logged(argv: list[str], env: dict[str, str], timeout: float) -> tuple[i
         line = partial.decode("utf-8", "replace")
         log.info("sync-safekeepers: %s", line)
         tail.append(line)
-    return (None if silent else rc), out.decode("utf-8", "replace"), "\n".join(tail)
+    return (killed or rc), out.decode("utf-8", "replace"), "\n".join(tail)

@@ -440,3 +440,27 @@ def test_initdb_default_creates_cluster(scratch: str) -> None:
 def test_initdb_default_failure_carries_output(scratch: str) -> None:
     with pytest.raises(StorageError, match="exit code 1.*root"):
         initdb_default(PGBIN_DIR, os.path.join(scratch, "data"), "cloud_admin")  # initdb refuses root
+
+
+def test_one_1_gib_copydata_message_keeps_the_storage_path_under_64_mib(bb_tar: str, pgdata: str) -> None:
+    """Issue 19, item 5: a pageserver that sends its whole answer as ONE CopyData message
+    announced (and really sent) at 1 GiB: the archive, then zeros. libpq holds a message whole
+    (~1 GiB); the storage path reads the stream itself from a fixed buffer, so the process that
+    runs the basebackup grows by less than the documented 64 MiB, and the archive is extracted."""
+    with PageserverPeer(bb_tar, one_message=1 << 30, chunk_size=1 << 20) as ps:
+        n, grew_kib = run_measured(basebackup, ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
+    print(f"peak RSS growth under a 1 GiB CopyData message: {grew_kib / 1024:.1f} MiB")
+    assert n == 1 << 30, n
+    assert os.path.exists(os.path.join(pgdata, "global", "pg_control"))
+    assert grew_kib < 64 * 1024, f"{grew_kib / 1024:.1f} MiB"
+
+
+def test_an_oversized_non_copy_message_is_refused_before_it_is_read(bb_tar: str, pgdata: str) -> None:
+    """Any other message is held whole to be read: one announced beyond MAX_MESSAGE is refused
+    at its header (here a NoticeResponse of 1 GiB, announced, never sent)."""
+    from compute.storage.basebackup import MAX_MESSAGE
+    with PageserverPeer(bb_tar, huge_notice=1 << 30) as ps:
+        with pytest.raises(StorageError, match=rf"the pageserver sent a 'N' message of {1 << 30} bytes "
+                                               rf"\(the limit is {MAX_MESSAGE}\)") as ei:
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
+    assert not ei.value.retryable

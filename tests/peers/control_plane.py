@@ -10,7 +10,9 @@ default 503), `drop_first` (close the first N connections without answering), `j
 other Authorization values get 401), `raw_body` (answer these bytes verbatim with 200),
 `status` (force this status, with `raw_body` or an error object as the body), `answer_status`
 (when set, answers carry `"status": <it>` as compute_ctl's 2023 control plane did: "attached",
-"empty"). Requests are recorded in `requests`.
+"empty"), `trickle` (seconds: answer 200 with `Content-Length: 100000`, then one byte of the
+body every `trickle` seconds, until the client goes or the peer stops; `trickle_first` limits it
+to the first N requests). Requests are recorded in `requests`.
 Also a script: `python -m tests.peers.control_plane --port N [--spec-file F] [--compute-id ID]`.
 """
 
@@ -39,7 +41,8 @@ class ControlPlanePeer:
     def __init__(self, spec: dict | None = None, *, compute_id: str | None = None, fail_first: int = 0,
                  fail_status: int = 503, drop_first: int = 0, jwt: str | None = None,
                  raw_body: bytes | None = None, status: int | None = None,
-                 answer_status: str | None = None, host: str = "127.0.0.1", port: int = 0):
+                 answer_status: str | None = None, trickle: float | None = None, trickle_first: int | None = None,
+                 host: str = "127.0.0.1", port: int = 0):
         self.spec = spec
         self.compute_id = compute_id
         self.fail_first = fail_first
@@ -49,6 +52,9 @@ class ControlPlanePeer:
         self.raw_body = raw_body
         self.status = status
         self.answer_status = answer_status
+        self.trickle = trickle
+        self.trickle_first = trickle_first
+        self.stopped = threading.Event()
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -70,6 +76,7 @@ class ControlPlanePeer:
         return self
 
     def stop(self) -> None:
+        self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -88,6 +95,10 @@ class ControlPlanePeer:
             if self.drop_first > 0:
                 self.drop_first -= 1
                 return "drop", 0, b""
+            if self.trickle is not None and (self.trickle_first is None or self.trickle_first > 0):
+                if self.trickle_first is not None:
+                    self.trickle_first -= 1
+                return "trickle", 200, b""
             if self.fail_first > 0:
                 self.fail_first -= 1
                 return "answer", self.fail_status, _json({"error": "temporarily unavailable"})
@@ -131,11 +142,30 @@ def _handler_for(peer: ControlPlanePeer) -> type[BaseHTTPRequestHandler]:
                 except OSError:
                     pass
                 return
+            if action == "trickle":
+                self._trickle()
+                return
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _trickle(self) -> None:
+            """200, a body announced at 100000 bytes, then one byte every `trickle` s: every
+            receive of the client gets something, the answer never completes."""
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                self.wfile.flush()
+                while not peer.stopped.wait(peer.trickle):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            except OSError:
+                pass  # the client went away
 
         do_GET = _serve
         do_POST = _serve

@@ -43,6 +43,8 @@ FAULTS = {
     "drop": "send half of the archive, then drop the connection",
     "stall": "send half of the archive, then go silent (the connection stays open)",
     "error": "ERROR XX000 instead of the COPY (a permanent answer)",
+    "trickle": "start the COPY, then send the archive one byte per CopyData message every "
+               "`trickle_every` s (progress, never an end) until the client goes",
 }
 
 
@@ -95,7 +97,8 @@ class PageserverPeer:
                  tenant_id: str | None = None, timeline_id: str | None = None,
                  error_after_archive: bool = False, truncate_at: int | None = None,
                  chunk_size: int = 64 * 1024, chunk_delay: float = 0.0, gzip: bool = True,
-                 faults: list[str] | tuple[str, ...] = (),
+                 faults: list[str] | tuple[str, ...] = (), trickle_every: float = 0.5,
+                 one_message: int | None = None, huge_notice: int | None = None,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         if auth not in ("cleartext", "md5"):
             raise ValueError("auth must be 'cleartext' or 'md5'")
@@ -113,6 +116,11 @@ class PageserverPeer:
         self.truncate_at = truncate_at  # send only this many tar bytes, then end the COPY normally
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay
+        self.trickle_every = trickle_every
+        # A hostile pageserver: the whole answer as ONE CopyData message announced at this many
+        # bytes (the archive, then zeros: a tar may end in zero blocks), streamed as it is sent.
+        self.one_message = one_message
+        self.huge_notice = huge_notice  # before the COPY: a NoticeResponse header announcing this many bytes
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -331,11 +339,40 @@ class _Handler(socketserver.BaseRequestHandler):
             return error_response("XX000", f"Timeline {tenant}/{timeline} was not found")
         if self.session.fault == "error":
             return error_response("XX000", "simulated permanent failure")
+        if self.peer.huge_notice is not None:  # announced, never sent: the client must refuse it
+            self.send(struct.pack("!cI", b"N", self.peer.huge_notice + 4))
+            self.wait_for_close()
+            raise _Closed()
         self.send(_msg(b"H", struct.pack("!bH", 0, 0)))  # CopyOutResponse: text, 0 columns
         self.stream_tar(gzip="--gzip" in flags)
         if self.peer.error_after_archive:
             return error_response("XX000", "basebackup: simulated failure after the archive")
         return _msg(b"c") + _msg(b"C", _cstr("SELECT 1"))
+
+    def stream_one_message(self, size: int) -> None:
+        """The archive and zero padding as one CopyData message of `size` bytes (plain tar)."""
+        self.send(struct.pack("!cI", b"d", size + 4))
+        left = size
+        with open(self.peer.tar_path, "rb") as f:
+            while left:
+                raw = f.read(min(self.peer.chunk_size, left)) or bytes(min(1 << 20, left))
+                self.send(raw)
+                left -= len(raw)
+                self.session.bytes_sent += len(raw)
+                self.session.wire_bytes += len(raw)
+
+    def trickle(self, packer) -> None:
+        """One archive byte per message, every `trickle_every` s, until the client goes."""
+        with open(self.peer.tar_path, "rb") as f:
+            while not self.peer._closing.wait(self.peer.trickle_every):
+                raw = f.read(1)
+                data = raw if packer is None else packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)
+                try:
+                    self.send(struct.pack("!cI", b"d", len(data) + 4) + data)
+                except OSError:
+                    break
+                self.session.bytes_sent += len(raw)
+        raise _Closed()
 
     def stream_tar(self, gzip: bool = False) -> None:
         """Send the archive as CopyData messages; a drop/stall fault ends the session (_Closed)."""
@@ -345,6 +382,10 @@ class _Handler(socketserver.BaseRequestHandler):
             half = os.path.getsize(self.peer.tar_path) // 2
             limit = half if limit is None else min(limit, half)
         packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if gzip else None
+        if fault == "trickle":
+            self.trickle(packer)
+        if self.peer.one_message is not None:
+            return self.stream_one_message(self.peer.one_message)
         with open(self.peer.tar_path, "rb") as f:
             while True:
                 size = self.peer.chunk_size

@@ -15,6 +15,8 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
 * env FAKE_SK_STALL=N: the first N invocations (counted with FAKE_SK_FAIL's counter, after
   its failures) log one line, then hang silently until killed (safekeepers that accept and go
   quiet).
+* env FAKE_SK_TRICKLE=N: the first N invocations (counted after the failures and stalls) log a
+  line every 0.5 s and never finish (safekeepers that keep it talking without an end).
 * any other invocation: exec the real postgres with the same arguments.
 """
 
@@ -102,7 +104,8 @@ def sync_main(argv: list[str]) -> int:
         return 2
     fail = int(os.environ.get("FAKE_SK_FAIL", "0") or 0)
     stall = int(os.environ.get("FAKE_SK_STALL", "0") or 0)
-    if fail or stall:
+    trickle = int(os.environ.get("FAKE_SK_TRICKLE", "0") or 0)
+    if fail or stall or trickle:
         count_file = f"{record}.count" if record else os.path.join(pgdata, ".fake_sk_count")
         n = _bump_count(count_file)
         if n < fail:
@@ -113,6 +116,10 @@ def sync_main(argv: list[str]) -> int:
             _log("LOG", "[WP] connecting to safekeepers (they will not answer)")
             while True:
                 time.sleep(3600)
+        if n < fail + stall + trickle:
+            for i in range(1 << 30):
+                _log("LOG", f"[WP] still talking to safekeepers ({i})")
+                time.sleep(0.5)
     _log("LOG", "[WP] connecting to safekeepers from neon.safekeepers")
     _log("LOG", "[WP] proposer connected to quorum (3) safekeepers, propTerm=2")
     lsn = os.environ.get("FAKE_SK_LSN", DEFAULT_LSN)
