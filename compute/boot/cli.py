@@ -49,7 +49,7 @@ class UsageError(Exception):
 
 
 # Every environment variable compute-ctl reads (itself, or its programs from the environment it
-# passes on), as --help lists them (tests/test_cli_help.py checks the list against the code).
+# passes on), as --help lists them (tests/unit/test_cli_help.py checks the list against the code).
 # Set by compute-ctl for its programs, not read from the operator: COMPUTE_RUNTIME_DIR,
 # COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE. Written out: no textwrap before the bind.
 EPILOG = (

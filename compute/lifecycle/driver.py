@@ -245,7 +245,7 @@ class Driver:
                 self.terminate()  # a no-op once answered, or for the tree's
                 self.wait_for_stop()
                 return
-            # supervisord forks a fresh driver at once (autorestart, startsecs=0): lifecycle_plan.
+            # supervisord forks a fresh driver at once (autorestart, startsecs=0): compute/lifecycle/steps.py.
             log.info("handing over to a fresh driver (pid %d exits)", os.getpid())
             raise SystemExit(0)
         elif step is DriverStep.FAIL_LATER:

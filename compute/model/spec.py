@@ -225,7 +225,7 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
 # answer, the /configure and /promote bodies). What goes into the state file is the typed spec
 # written back as a document (`to_document`: canonical, only what the typed spec holds, storage
 # as top-level fields), and every process reads it back with `from_stored`, which builds the
-# typed spec without validating it again. `parse_spec(to_document(s)) == s` (tests/test_spec.py).
+# typed spec without validating it again. `parse_spec(to_document(s)) == s` (tests/unit/test_spec.py).
 
 class StoredSpecError(ValueError):
     """The state file's spec is not one this version wrote (a bug, or a damaged file)."""

@@ -101,7 +101,7 @@ class ActivityMonitor:
         # search_path and role pinned (compute/postgres/sessions.py); a stuck query cannot stall the loop
         params = {**session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS),
                   "connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
-        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (pgsession.py).
+        # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (compute/postgres/sessions.py).
         sock = socket_params(params, read_postmaster_pid(self.pgdata), _os_user()) if self.pgdata else None
         if sock is not None:
             try:

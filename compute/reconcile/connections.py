@@ -47,7 +47,7 @@ class Connections:
             self._extra["connect_timeout"] = connect_timeout
         if "application_name" not in params:
             self._extra["application_name"] = APPLICATION_NAME
-        # no TLS to our own local server unless the connstr asks (pgsession.local_sslmode)
+        # no TLS to our own local server unless the connstr asks (compute.postgres.sessions.local_sslmode)
         sslmode = local_sslmode(params).get("sslmode")
         if sslmode and "sslmode" not in params:
             self._extra["sslmode"] = sslmode

@@ -75,7 +75,7 @@ def tree_exit_code(recorded: int | None, *, stopped_by_signal: bool, stopped_by_
     return recorded
 
 
-HANDS_OVER = "lifecycle"  # the one program that exits 0 on purpose (lifecycle_plan: hand over)
+HANDS_OVER = "lifecycle"  # the one program that exits 0 on purpose (compute/lifecycle/steps.py: hand over)
 
 
 def counts_as_restart(program: str, exitstatus: int | None) -> bool:

@@ -59,7 +59,7 @@ def postgres_exit_code(info: dict) -> int:
 
 
 class Timers:
-    """Callbacks due at a monotonic time, run by supervisord's loop (supervisord_main's poller
+    """Callbacks due at a monotonic time, run by supervisord's loop (compute.tree.supervisord's poller
     shortens its wait to the next one). Single-threaded: no locks."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):

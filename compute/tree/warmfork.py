@@ -9,14 +9,14 @@ starting a new interpreter. Restarts fork again from the same warm parent. postg
 vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
 Two stages: the driver (the critical path of every start) is forked as soon as its own modules
 are imported (`warm_early`); the rest is imported just before the first other program is
-spawned (`warm_for`, from supervisord_main), while the driver already runs.
+spawned (`warm_for`, from compute.tree.supervisord), while the driver already runs.
 
 Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
 program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built
 for the program; default signal dispositions and no signal wakeup fd; fresh stdio objects (the
 parent's buffers are left behind, never flushed into the child's pipes); no logging handlers
 (each program sets its own); the process name (comm) set to the program's. The state file's
-SQLite handle is closed in the parent before every fork (supervisord_main), so a child opens
+SQLite handle is closed in the parent before every fork (compute.tree.supervisord), so a child opens
 its own. The programs arm their parent-death signal themselves (procutil.die_with_parent).
 """
 

@@ -1,7 +1,7 @@
 """compute-ctl's early responder (compute/boot/early_responder.py) and the hand-over of what it holds
 (compute/api/handover.py), in this process: a real listening socket on loopback, raw client
 sockets, the worker's end of the hand-over (take_held) as the api worker calls it. The whole
-tree (the responder in compute-ctl, the api taking over) is in tests/test_e2e_early_status.py.
+tree (the responder in compute-ctl, the api taking over) is in tests/e2e/test_e2e_early_status.py.
 
 This file: other users, forks and gunicorn; the rest: tests/unit/test_early_responder.py."""
 

@@ -1,6 +1,6 @@
 """The tree's event handlers that run inside supervisord (compute/tree/exitwatch.py,
 compute/tree/logrelay.py): their timers, the log relay's line assembly, and the core-dump report's
-gdb child that must never block supervisord's loop. The e2e side: tests/test_e2e_tree.py.
+gdb child that must never block supervisord's loop. The e2e side: tests/e2e/test_e2e_tree.py.
 
 This file: the gdb child; the rest: tests/unit/test_inprocess_handlers.py."""
 

@@ -35,7 +35,7 @@ HTTP_METHODS = ("get", "post", "put", "delete", "patch")
 
 # Documented answers that need a broken postgres in ways a test cannot cheaply arrange.
 NOT_EXERCISED = {("/insights", "get", 500), ("/dbs_and_roles", "get", 500),
-                 # needs a real replica: tests/test_e2e_modes.py validates it against PromoteState
+                 # needs a real replica: tests/e2e/test_e2e_modes.py validates it against PromoteState
                  ("/promote", "post", 200),
                  # a slow body, too many bodies at once: against real gunicorn in test_fault_network.py
                  ("/configure", "post", 408), ("/configure", "post", 503)}

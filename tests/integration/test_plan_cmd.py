@@ -10,7 +10,7 @@ import sys
 
 
 def test_plan_cmd_does_not_import_the_cli():
-    """The circle cli <-> plan_cmd is broken: cli imports plan_cmd (lazily, for `plan`), never back."""
+    """The circle cli <-> plan_command is broken: cli imports plan_command (lazily, for `plan`), never back."""
     code = "import sys, compute.boot.plan_command; print('compute.boot.cli' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,6 +1,6 @@
 """The one non-blocking libpq driver (compute/postgres/libpq.py): its waits, on a socket pair. Its use:
-the monitor's session (tests/test_monitor.py, "the monitor's libpq session") and the
-basebackup's COPY stream (tests/test_basebackup.py)."""
+the monitor's session (tests/integration/test_monitor.py, "the monitor's libpq session") and the
+basebackup's COPY stream (tests/{unit,integration}/test_basebackup.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The one retry loop (compute/base/retry.py) that the storage steps (tests/test_basebackup.py) and
-the spec pull (tests/test_control_plane.py) both run on: pure, no sleeping."""
+"""The one retry loop (compute/base/retry.py) that the storage steps (tests/{unit,integration}/test_basebackup.py) and
+the spec pull (tests/unit/test_control_plane.py) both run on: pure, no sleeping."""
 
 from __future__ import annotations
 
