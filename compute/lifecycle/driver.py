@@ -362,7 +362,7 @@ class Driver:
         """postgresql.conf for the spec and its mode; the replication password (if any) goes to
         the passfile primary_conninfo names, written first so a reload finds it."""
         replica.write_passfile(self.pgdata, modes.replication_password(spec))
-        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata))
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec)
 
     def initdb_with_password(self) -> None:
         """initdb with a fresh random superuser password, then the pg_hba.conf that makes it

@@ -52,6 +52,13 @@ FORBIDDEN_SETTINGS = ("include", "include_if_exists", "include_dir", "config_fil
 
 DELTA_ACTIONS = ("delete_db", "rename_db", "delete_role", "rename_role")
 NEON_SETTINGS = ("neon.pageserver_connstring", "neon.tenant_id", "neon.timeline_id", "neon.safekeepers")
+# Storage fields end up quoted in postgresql.conf and in libpq connection strings: one line each,
+# bounded (a spec is at most MAX_SPEC_BYTES, but postgres reads each line of its file whole).
+MAX_STORAGE_TEXT = 4096
+MAX_POSTGRESQL_CONF = 1 << 20
+U32 = (1 << 32) - 1
+SHARD_INDEX = re.compile(r"^[0-9a-fA-F]{4}\Z")
+PROTOCOLS = ("libpq", "grpc")
 
 
 class SpecError(ValueError):
@@ -102,13 +109,90 @@ class Cluster:
 
 
 @dataclass(frozen=True)
-class NeonStorage:
-    """Where the data comes from when the spec names a pageserver."""
+class Pageserver:
+    """One pageserver of a shard (Neon's PageserverShardConnectionInfo)."""
+    id: int | None
+    libpq_url: str | None
+    grpc_url: str | None
 
-    pageserver_connstring: str
+
+@dataclass(frozen=True)
+class Shard:
+    number: int
+    pageservers: tuple[Pageserver, ...]
+
+
+@dataclass(frozen=True)
+class PageserverConnectionInfo:
+    """Neon's `pageserver_connection_info`: shard_count 0 is an unsharded tenant (one shard,
+    index `0000`); N > 0 shards are numbered 0..N-1, keyed `<NN><CC>` in hex."""
+    shard_count: int
+    stripe_size: int | None
+    shards: tuple[Shard, ...]  # by number, every one of 0..max(count, 1)-1 present
+    prefer_protocol: str = "libpq"
+
+    def index(self, number: int) -> str:
+        """Neon's ShardIndex text: shard number and count, two hex digits each."""
+        return f"{number:02x}{self.shard_count:02x}"
+
+    def shard_url(self, number: int) -> str:
+        """The libpq URL of the shard's first pageserver (what Neon's `shard_url` returns)."""
+        url = self.shards[number].pageservers[0].libpq_url
+        assert url is not None  # validated: every pageserver has one
+        return url
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shard_count": self.shard_count, "stripe_size": self.stripe_size,
+                "prefer_protocol": self.prefer_protocol,
+                "shards": {self.index(sh.number): {"pageservers": [
+                    {"id": p.id, "libpq_url": p.libpq_url, "grpc_url": p.grpc_url} for p in sh.pageservers]}
+                    for sh in self.shards}}
+
+
+@dataclass(frozen=True)
+class StorageFields:
+    """The spec's top-level storage fields exactly as given (validated): what HEAD's
+    write_postgres_conf renders into postgresql.conf. Where the data comes from is NeonStorage."""
+    pageserver_connection_info: PageserverConnectionInfo | None = None
+    pageserver_connstring: str | None = None
+    shard_stripe_size: int | None = None
+    safekeeper_connstrings: tuple[str, ...] = ()
+    safekeepers_generation: int | None = None
+    tenant_id: str | None = None
+    timeline_id: str | None = None
+    project_id: str | None = None
+    branch_id: str | None = None
+    endpoint_id: str | None = None
+
+    KEYS = ("pageserver_connection_info", "pageserver_connstring", "shard_stripe_size",
+            "safekeeper_connstrings", "safekeepers_generation", "tenant_id", "timeline_id",
+            "project_id", "branch_id", "endpoint_id")
+
+
+@dataclass(frozen=True)
+class NeonStorage:
+    """Where the data comes from when the spec names a pageserver (top-level fields first, then
+    the `neon.*` settings, as HEAD's ParsedSpec)."""
+
+    pageserver_connstring: str  # the basebackup source: shard 0's first pageserver
     tenant_id: str
     timeline_id: str
     safekeepers: tuple[str, ...]
+    conninfo: PageserverConnectionInfo | None = None  # every shard (None: built from the connstring)
+
+    @property
+    def shards(self) -> PageserverConnectionInfo:
+        return self.conninfo or _from_connstr(self.pageserver_connstring, None, "pageserver_connstring")
+
+    def tenant_shard_ids(self) -> list[tuple[str, str]]:
+        """(tenant shard id, libpq URL) for every pageserver of every shard, as HEAD's LSN
+        lease asks them: the plain tenant id when unsharded, else `<tenant>-<NNCC>`."""
+        info = self.shards
+        out = []
+        for sh in info.shards:
+            tsid = self.tenant_id if info.shard_count == 0 else f"{self.tenant_id}-{info.index(sh.number)}"
+            out.extend((tsid, p.libpq_url) for p in sh.pageservers if p.libpq_url)
+        return out
 
 
 @dataclass(frozen=True)
@@ -124,6 +208,11 @@ class ComputeSpec:
     # Neon's switch for computes whose roles and databases are known to be in place: no
     # role/database/grant SQL at start or on reconfigure (that step was the p90 of start-up).
     skip_pg_catalog_updates: bool = False
+    # HEAD's postgresql.conf inputs: `cluster.postgresql_conf` (written first, verbatim), the
+    # top-level storage fields as given, `drop_subscriptions_before_start`.
+    postgresql_conf: str | None = None
+    fields: StorageFields = StorageFields()
+    drop_subscriptions_before_start: bool = False
 
     def setting(self, name: str) -> str | None:
         for opt in self.cluster.settings:
@@ -203,6 +292,9 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         raise SpecError("storage_auth_token", "must be a printable token without spaces or quotes")
     deltas = tuple(_delta(d, f"delta_operations[{i}]") for i, d in enumerate(o.list("delta_operations")))
     mode, static_lsn = _mode(o.raw.get("mode"))
+    postgresql_conf = c.opt("postgresql_conf", str)
+    if postgresql_conf is not None:
+        check_postgresql_conf(postgresql_conf, "cluster.postgresql_conf")
     spec = ComputeSpec(
         format_version=float(version),
         cluster=cluster,
@@ -212,9 +304,11 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         mode=mode,
         static_lsn=static_lsn,
         skip_pg_catalog_updates=bool(o.opt("skip_pg_catalog_updates", bool)),
+        postgresql_conf=postgresql_conf,
+        fields=_storage_fields(o),
+        drop_subscriptions_before_start=bool(o.opt("drop_subscriptions_before_start", bool)),
     )
-    storage = _storage(o, spec)
-    spec = dataclasses.replace(spec, storage=storage)
+    spec = dataclasses.replace(spec, storage=resolve_storage(spec))
     _check_mode(spec)
     return spec
 
@@ -254,9 +348,15 @@ def to_document(spec: ComputeSpec) -> dict[str, Any]:
     }
     if spec.storage_auth_token is not None:
         doc["storage_auth_token"] = spec.storage_auth_token
-    if spec.storage is not None:
-        doc.update(pageserver_connstring=spec.storage.pageserver_connstring, tenant_id=spec.storage.tenant_id,
-                   timeline_id=spec.storage.timeline_id, safekeeper_connstrings=list(spec.storage.safekeepers))
+    # The top-level storage fields as given (the storage is derived again from them and the
+    # settings): what postgresql.conf shows stays what the spec said.
+    f = spec.fields
+    doc["cluster"]["postgresql_conf"] = spec.postgresql_conf
+    doc["drop_subscriptions_before_start"] = spec.drop_subscriptions_before_start
+    doc.update({key: getattr(f, key) for key in StorageFields.KEYS})
+    doc["safekeeper_connstrings"] = list(f.safekeeper_connstrings)
+    if f.pageserver_connection_info is not None:
+        doc["pageserver_connection_info"] = f.pageserver_connection_info.to_json()
     return doc
 
 
@@ -269,11 +369,12 @@ def from_stored(doc: Any) -> ComputeSpec:
 
         c = doc["cluster"]
         mode = doc["mode"]
-        storage = None
-        if "pageserver_connstring" in doc:
-            storage = NeonStorage(doc["pageserver_connstring"], doc["tenant_id"], doc["timeline_id"],
-                                  tuple(doc["safekeeper_connstrings"]))
-        return ComputeSpec(
+        raw_info = doc["pageserver_connection_info"]
+        fields = StorageFields(**{**{key: doc[key] for key in StorageFields.KEYS},
+                                  "safekeeper_connstrings": tuple(doc["safekeeper_connstrings"]),
+                                  "pageserver_connection_info":
+                                      None if raw_info is None else _conninfo(raw_info, "stored")})
+        spec = ComputeSpec(
             format_version=float(doc["format_version"]),
             cluster=Cluster(cluster_id=c["cluster_id"], name=c["name"], state=c["state"],
                             roles=tuple(Role(r["name"], r["encrypted_password"], options(r["options"]))
@@ -284,11 +385,14 @@ def from_stored(doc: Any) -> ComputeSpec:
             delta_operations=tuple(DeltaOp(d["action"], d["name"], d["new_name"]) for d in doc["delta_operations"]),
             operation_uuid=doc["operation_uuid"],
             storage_auth_token=doc.get("storage_auth_token"),
-            storage=storage,
             mode="Static" if isinstance(mode, dict) else mode,
             static_lsn=mode["Static"] if isinstance(mode, dict) else None,
             skip_pg_catalog_updates=bool(doc["skip_pg_catalog_updates"]),
+            postgresql_conf=c["postgresql_conf"],
+            fields=fields,
+            drop_subscriptions_before_start=bool(doc["drop_subscriptions_before_start"]),
         )
+        return dataclasses.replace(spec, storage=resolve_storage(spec))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StoredSpecError(f"the state file's spec cannot be read ({type(e).__name__}: {e}): "
                               "it was not written by this version of compute-ctl") from None
@@ -484,30 +588,224 @@ def _check_mode(spec: ComputeSpec) -> None:
             raise SpecError("cluster.settings.primary_conninfo", "must name the primary's host")
 
 
-def _storage(o: _Obj, spec: ComputeSpec) -> NeonStorage | None:
-    """Top-level fields win over the older `neon.*` settings."""
-    connstr = o.opt("pageserver_connstring", str) or spec.setting("neon.pageserver_connstring")
-    tenant = o.opt("tenant_id", str) or spec.setting("neon.tenant_id")
-    timeline = o.opt("timeline_id", str) or spec.setting("neon.timeline_id")
+def _storage_fields(o: _Obj) -> StorageFields:
+    """The top-level storage fields, each checked where it is (HEAD's types, plus: one line of
+    bounded text, since every one of them is written into postgresql.conf)."""
+    info = o.raw.get("pageserver_connection_info")
+    sks = ()
     if o.raw.get("safekeeper_connstrings") is not None:
-        sks = o.opt("safekeeper_connstrings", list)
-        for i, sk in enumerate(sks):
-            if not isinstance(sk, str) or not sk:
-                raise SpecError(f"safekeeper_connstrings[{i}]", "expected a non-empty string")
-        safekeepers = tuple(sks)
+        sks = tuple(_safekeeper(sk, f"safekeeper_connstrings[{i}]")
+                    for i, sk in enumerate(o.opt("safekeeper_connstrings", list)))
+    ids = {}
+    for key in ("tenant_id", "timeline_id"):
+        value = o.opt(key, str)
+        if value is not None and not HEX32.match(value):
+            raise SpecError(key, "must be 32 lowercase hex digits")
+        ids[key] = value
+    connstr = o.opt("pageserver_connstring", str)
+    if connstr is not None:
+        _storage_text(connstr, "pageserver_connstring")
+    return StorageFields(
+        pageserver_connection_info=None if info is None else _conninfo(info, "pageserver_connection_info"),
+        pageserver_connstring=connstr,
+        shard_stripe_size=_uint(o, "shard_stripe_size", U32),
+        safekeeper_connstrings=sks,
+        safekeepers_generation=_uint(o, "safekeepers_generation", U32),
+        project_id=_storage_text(o.opt("project_id", str), "project_id"),
+        branch_id=_storage_text(o.opt("branch_id", str), "branch_id"),
+        endpoint_id=_storage_text(o.opt("endpoint_id", str), "endpoint_id"),
+        **ids,
+    )
+
+
+def _uint(o: _Obj, key: str, limit: int) -> int | None:
+    value = o.opt(key, int)
+    if value is not None and not 0 <= value <= limit:
+        raise SpecError(o._field(key), f"must be an integer from 0 to {limit}")
+    return value
+
+
+def _storage_text(value: str | None, where: str) -> str | None:
+    """A value written quoted into postgresql.conf (and, for URLs, handed to libpq): one line,
+    no NUL (postgres' own lexer ends a quoted value at a newline), valid UTF-8, bounded."""
+    if value is None:
+        return None
+    if any(ch in value for ch in "\n\r\x00"):
+        raise SpecError(where, "must not contain a newline or NUL byte")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SpecError(where, "is not valid UTF-8") from None
+    if size > MAX_STORAGE_TEXT:
+        raise SpecError(where, f"longer than {MAX_STORAGE_TEXT} bytes")
+    return value
+
+
+def _url(value: Any, where: str) -> str:
+    """A pageserver's libpq URL or key=value connection string (never echoed: it may hold a
+    password). No comma: neon.pageserver_connstring is the shards' URLs joined by commas."""
+    if not isinstance(value, str) or not value:
+        raise SpecError(where, f"expected a non-empty string, got {_typename(value)}")
+    _storage_text(value, where)
+    if "," in value:
+        raise SpecError(where, "must not contain a comma (the shards' URLs are joined by commas)")
+    try:
+        conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise SpecError(where, "is not a valid libpq connection string") from None
+    return value
+
+
+def _safekeeper(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(where, "expected a non-empty string")
+    _storage_text(value, where)
+    if "," in value:
+        raise SpecError(where, "must not contain a comma (neon.safekeepers is the list joined by commas)")
+    return value
+
+
+def _conninfo(raw: Any, path: str) -> PageserverConnectionInfo:
+    """`pageserver_connection_info` as HEAD's type, and what HEAD would only find out later
+    (writing postgresql.conf, or at the basebackup): a shard missing from the map, one with no
+    pageserver, N shards without a stripe size. This compute speaks libpq to pageservers, so
+    each needs a `libpq_url` (`prefer_protocol: "grpc"` is accepted: HEAD's rule lets a
+    compute use the protocol it has)."""
+    o = _Obj(raw, path)
+    count = _uint(o, "shard_count", 255)
+    if count is None:
+        raise SpecError(f"{path}.shard_count", "is required")
+    stripe = _uint(o, "stripe_size", U32)
+    if count > 0 and stripe is None:
+        raise SpecError(f"{path}.stripe_size", f"{count} shards but no stripe_size")
+    protocol = o.opt("prefer_protocol", str) or "libpq"
+    if protocol not in PROTOCOLS:
+        raise SpecError(f"{path}.prefer_protocol", f"expected one of {', '.join(PROTOCOLS)}")
+    raw_shards = o.req("shards", dict)
+    shards: dict[int, Shard] = {}
+    for key, value in raw_shards.items():
+        where = f"{path}.shards.{key if SHARD_INDEX.match(key) else _short(key, 20)}"
+        if not SHARD_INDEX.match(key):
+            raise SpecError(where, "a shard index is 4 hex digits: shard number, shard count")
+        number, of = int(key[:2], 16), int(key[2:], 16)
+        if of != count or number >= max(count, 1):
+            raise SpecError(where, f"not a shard of a tenant with shard_count {count}")
+        if number in shards:
+            raise SpecError(where, "listed twice")
+        so = _Obj(value, where)
+        servers = so.req("pageservers", list)
+        if not servers:
+            raise SpecError(f"{where}.pageservers", "must have at least one pageserver")
+        pageservers = []
+        for i, ps in enumerate(servers):
+            po = _Obj(ps, f"{where}.pageservers[{i}]")
+            grpc = po.opt("grpc_url", str)
+            _storage_text(grpc, po._field("grpc_url"))
+            libpq = po.opt("libpq_url", str)
+            if libpq is None:
+                raise SpecError(po._field("libpq_url"), "is required: this compute reaches pageservers over libpq")
+            pageservers.append(Pageserver(id=_uint(po, "id", (1 << 64) - 1),
+                                          libpq_url=_url(libpq, po._field("libpq_url")), grpc_url=grpc))
+        shards[number] = Shard(number, tuple(pageservers))
+    for number in range(max(count, 1)):
+        if number not in shards:
+            raise SpecError(f"{path}.shards", f"shard {number:02x}{count:02x} missing from "
+                            "pageserver_connection_info shard map")
+    return PageserverConnectionInfo(count, stripe, tuple(shards[n] for n in sorted(shards)), protocol)
+
+
+def _from_connstr(connstr: str, stripe_size: int | None, where: str) -> PageserverConnectionInfo:
+    """HEAD's PageserverConnectionInfo::from_connstr: a comma list, one URL per shard; one URL
+    is an unsharded tenant; N > 1 need a stripe size."""
+    urls = connstr.split(",")
+    for i, url in enumerate(urls):
+        _url(url, where if len(urls) == 1 else f"{where} (URL {i + 1})")
+    if len(urls) == 1:
+        return PageserverConnectionInfo(0, None, (Shard(0, (Pageserver(None, urls[0], None),)),))
+    if stripe_size is None:
+        raise SpecError(where, f"{len(urls)} shards but no stripe_size")
+    if len(urls) > 255:
+        raise SpecError(where, f"{len(urls)} shards: at most 255")
+    return PageserverConnectionInfo(len(urls), stripe_size,
+                                    tuple(Shard(i, (Pageserver(None, u, None),)) for i, u in enumerate(urls)))
+
+
+def resolve_storage(spec: ComputeSpec) -> NeonStorage | None:
+    """Where the data comes from, in HEAD's order (ParsedSpec): `pageserver_connection_info`,
+    else `pageserver_connstring` + `shard_stripe_size`, else the settings
+    `neon.pageserver_connstring` + `neon.stripe_size`; ids and safekeepers from the top-level
+    fields, else the `neon.*` settings. None: the spec names no storage (the embedded default:
+    a local cluster from initdb; HEAD has no such mode)."""
+    f = spec.fields
+    info = f.pageserver_connection_info
+    if info is None and f.pageserver_connstring:
+        info = _from_connstr(f.pageserver_connstring, f.shard_stripe_size, "pageserver_connstring")
+    if info is None and spec.setting("neon.pageserver_connstring"):
+        stripe_text = spec.setting("neon.stripe_size")
+        stripe = None
+        if stripe_text is not None:
+            if not stripe_text.isdigit() or int(stripe_text) > U32:
+                raise SpecError("cluster.settings.neon.stripe_size", "must be an integer from 0 to 4294967295")
+            stripe = int(stripe_text)
+        info = _from_connstr(spec.setting("neon.pageserver_connstring") or "", stripe,
+                             "cluster.settings.neon.pageserver_connstring")
+    tenant = f.tenant_id or spec.setting("neon.tenant_id")
+    timeline = f.timeline_id or spec.setting("neon.timeline_id")
+    if f.safekeeper_connstrings:
+        safekeepers = f.safekeeper_connstrings
     else:
         safekeepers = tuple(s.strip() for s in (spec.setting("neon.safekeepers") or "").split(",") if s.strip())
 
-    if not (connstr or tenant or timeline):
+    if not (info or tenant or timeline):
         return None  # the embedded default: a local cluster from initdb
-    for field_name, value in (("pageserver_connstring", connstr), ("tenant_id", tenant), ("timeline_id", timeline)):
+    if info is None:
+        raise SpecError("pageserver_connstring", "is required when the spec names a pageserver "
+                        "(pageserver_connection_info, pageserver_connstring or the neon.* setting)")
+    for field_name, value in (("tenant_id", tenant), ("timeline_id", timeline)):
         if not value:
             raise SpecError(field_name, "is required when the spec names a pageserver "
                             "(top-level or neon.* setting)")
-    for field_name, value in (("tenant_id", tenant), ("timeline_id", timeline)):
         if not HEX32.match(value):
             raise SpecError(field_name, "must be 32 lowercase hex digits")
-    return NeonStorage(connstr, tenant, timeline, safekeepers)
+    if spec.mode == "Primary":  # HEAD's ParsedSpec::validate (only a primary uses the safekeepers)
+        seen: set[str] = set()
+        for sk in sorted(safekeepers):
+            if sk in seen:
+                raise SpecError("safekeeper_connstrings", f"duplicate entry in safekeeper_connstrings: {sk}!")
+            seen.add(sk)
+    assert tenant is not None and timeline is not None
+    return NeonStorage(info.shard_url(0), tenant, timeline, safekeepers, info)
+
+
+# postgresql.conf as postgres' own lexer reads it (src/backend/utils/misc/guc-file.l): one
+# setting a line, `name [=] value [# comment]`.
+_CONF_LETTER = r"A-Za-z_\x80-\U0010ffff"
+_CONF_ID = rf"[{_CONF_LETTER}][{_CONF_LETTER}0-9$]*"
+_CONF_LINE = re.compile(
+    rf"^[ \t\f]*(?:(?P<name>{_CONF_ID}(?:\.{_CONF_ID})?)[ \t\f]*=?[ \t\f]*"
+    rf"(?P<value>'(?:[^'\\\n]|\\.|'')*'|[{_CONF_LETTER}0-9.+\-:/]+)[ \t\f]*)?(?:#.*)?\Z")
+
+
+def check_postgresql_conf(text: str, where: str) -> None:
+    """`cluster.postgresql_conf` is written verbatim: every line must be one postgres reads as
+    a setting, a comment or nothing, and none may name a setting that makes postgres read
+    other files or move its own (as for cluster.settings)."""
+    if "\x00" in text:
+        raise SpecError(where, "must not contain a NUL byte")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SpecError(where, "is not valid UTF-8") from None
+    if size > MAX_POSTGRESQL_CONF:
+        raise SpecError(where, f"larger than {MAX_POSTGRESQL_CONF} bytes")
+    for n, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
+        m = _CONF_LINE.match(line)
+        if m is None:
+            raise SpecError(where, f"line {n} is not a postgresql.conf setting or comment: {_short(line)}")
+        name = m.group("name")
+        if name is not None and name.lower() in FORBIDDEN_SETTINGS:
+            raise SpecError(where, f"line {n}: {name!r} is not allowed: it makes postgres read other "
+                            "files or move its own")
 
 
 def _unique(names: Iterable[str], path: str, what: str) -> None:

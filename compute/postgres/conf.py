@@ -8,10 +8,11 @@ import time
 from typing import Any, Callable
 
 from compute.postgres.localauth import IDENT_MAP, hba_name, render_ident
-from compute.model.spec import BARE_VALUE, GenericOption, conf_bare_value_ok
+from compute.model.spec import BARE_VALUE, ComputeSpec, GenericOption, conf_bare_value_ok
 
 BEGIN_MARK = "# Managed by compute_ctl: begin"
 END_MARK = "# Managed by compute_ctl: end"
+STORAGE_HEADER = "# Neon storage settings"
 HBA_LINE = "host all all 0.0.0.0/0 md5"
 
 
@@ -33,9 +34,68 @@ def setting_line(opt: GenericOption) -> str:
     return opt.name if opt.value is None else f"{opt.name} = {quote_value(opt)}"
 
 
-def render_postgresql_conf(settings: tuple[GenericOption, ...] | list[GenericOption]) -> str:
-    lines = [BEGIN_MARK, *(setting_line(o) for o in settings), END_MARK]
-    return "\n".join(lines) + "\n"
+def conf_value(text: str) -> str:
+    """A text value for postgresql.conf as HEAD's escape_conf_value quotes it: `'...'` with
+    `'` and `\\` doubled; always quoted. A newline or NUL cannot be written (postgres ends a
+    quoted value at a newline): spec.py refuses them, this is the second guard."""
+    if any(ch in text for ch in "\n\r\x00"):
+        raise ValueError("a postgresql.conf value cannot hold a newline or NUL")
+    return "'" + text.replace("'", "''").replace("\\", "\\\\") + "'"
+
+
+def neon_head_lines(spec: ComputeSpec) -> list[str]:
+    """What HEAD's write_postgres_conf (compute_tools/src/config.rs) writes before the managed
+    block, in its order and words: `cluster.postgresql_conf` verbatim, then the storage
+    settings from the spec's top-level fields as given (the `neon.*` settings of
+    `cluster.settings` come later, in the block, and win where both are set)."""
+    lines = [] if spec.postgresql_conf is None else [spec.postgresql_conf]
+    lines += [STORAGE_HEADER, ""]
+    f = spec.fields
+    info = f.pageserver_connection_info
+    if info is not None:
+        if info.stripe_size is not None:  # before the connstring, as HEAD
+            lines += ["# from compute spec's pageserver_connection_info.stripe_size field",
+                      f"neon.stripe_size={int(info.stripe_size)}"]
+        urls = [info.shard_url(n) for n in range(max(info.shard_count, 1))]
+        lines += ["# derived from compute spec's pageserver_connection_info field",
+                  f"neon.pageserver_connstring={conf_value(','.join(urls))}"]
+    else:
+        if f.shard_stripe_size is not None:
+            lines += ["# from compute spec's shard_stripe_size field", f"neon.stripe_size={int(f.shard_stripe_size)}"]
+        if f.pageserver_connstring is not None:
+            lines += ["# from compute spec's pageserver_connstring field",
+                      f"neon.pageserver_connstring={conf_value(f.pageserver_connstring)}"]
+    if f.safekeeper_connstrings:
+        generation = "" if f.safekeepers_generation is None else f"g#{int(f.safekeepers_generation)}:"
+        lines.append(f"neon.safekeepers={conf_value(generation + ','.join(f.safekeeper_connstrings))}")
+    for key in ("tenant_id", "timeline_id", "project_id", "branch_id", "endpoint_id"):
+        value = getattr(f, key)
+        if value is not None:
+            lines.append(f"neon.{key}={conf_value(value)}")
+    return lines
+
+
+def neon_tail_lines(spec: ComputeSpec) -> list[str]:
+    """HEAD writes this after the managed block (config.rs), explicit even when false."""
+    return [f"neon.disable_logical_replication_subscribers={'true' if spec.drop_subscriptions_before_start else 'false'}"]
+
+
+def writes_neon_lines(spec: ComputeSpec | None) -> bool:
+    """HEAD's lines go to every compute that has Neon storage or a `postgresql_conf`; the
+    embedded default and plain-PostgreSQL replicas keep just the managed block."""
+    return spec is not None and (spec.storage is not None or spec.postgresql_conf is not None
+                                 or spec.drop_subscriptions_before_start)
+
+
+def render_postgresql_conf(settings: tuple[GenericOption, ...] | list[GenericOption],
+                           spec: ComputeSpec | None = None) -> str:
+    """The whole file: HEAD's lines for `spec` (neon_head_lines), our managed block (the
+    spec's settings and what its mode adds: compute.model.modes.conf_settings), HEAD's tail."""
+    block = [BEGIN_MARK, *(setting_line(o) for o in settings), END_MARK]
+    if not writes_neon_lines(spec):
+        return "\n".join(block) + "\n"
+    assert spec is not None
+    return "\n".join([*neon_head_lines(spec), *block, *neon_tail_lines(spec)]) + "\n"
 
 
 RELOAD_WAIT = 5.0  # s: how long a reload may take to reach our session before we go on without it
@@ -60,9 +120,9 @@ def reload_and_wait(conn: Any, *, timeout: float = RELOAD_WAIT, poll: float = RE
     return True
 
 
-def write_postgresql_conf(pgdata: str, settings) -> None:
+def write_postgresql_conf(pgdata: str, settings, spec: ComputeSpec | None = None) -> None:
     """Rewrite postgresql.conf whole, atomically (a reload must never see half a file)."""
-    _atomic_write(os.path.join(pgdata, "postgresql.conf"), render_postgresql_conf(settings))
+    _atomic_write(os.path.join(pgdata, "postgresql.conf"), render_postgresql_conf(settings, spec))
 
 
 def ensure_hba_line(pgdata: str) -> bool:
