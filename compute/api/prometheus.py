@@ -17,6 +17,7 @@ import falcon
 from compute.api.context import ApiContext
 from compute.shared.supervisor_rpc import rpc
 from compute.shared.state import STATUSES
+from compute.model.lsn_lease import STATES as LEASE_STATES
 
 log = logging.getLogger("compute.api.prometheus")
 
@@ -71,7 +72,7 @@ class PrometheusMetrics:
     def render(self) -> str:
         s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
                                      "pending_restart", "spec_generation", "monitor_tick",
-                                     "monitor_stall_restarts", "log_lines_dropped"))
+                                     "monitor_stall_restarts", "log_lines_dropped", "lsn_lease"))
         now = time.time()
         page = _Page()
 
@@ -119,6 +120,22 @@ class PrometheusMetrics:
         page.family("compute_log_lines_dropped_total", "counter",
                     "Log lines compute-ctl dropped because the reader of its stdout (or stderr) did not keep up.",
                     [({}, int(s["log_lines_dropped"] or 0))])
+
+        lease = s["lsn_lease"] if isinstance(s["lsn_lease"], dict) else None
+        if lease is not None:  # a Static compute (HEAD exports no lease metric: these names are ours)
+            page.family("compute_lsn_lease_state", "gauge",
+                        "The LSN lease of a Static compute: 1 for its current state, 0 for the others.",
+                        (({"state": st}, int(st == lease.get("state"))) for st in LEASE_STATES))
+            if lease.get("valid_until") is not None:
+                page.family("compute_lsn_lease_valid_until_seconds", "gauge",
+                            "When the LSN lease ends (epoch seconds): the earliest of all pageservers'.",
+                            [({}, float(lease["valid_until"]))])
+            page.family("compute_lsn_lease_requests_total", "counter",
+                        "LSN lease attempts on every pageserver of every shard, by result.",
+                        (({"result": r}, int(lease.get(k) or 0)) for r, k in
+                         (("granted", "granted"), ("refused", "refused"), ("error", "errors"))))
+            page.family("compute_lsn_lease_pageservers", "gauge", "Pageservers (all shards) the lease is asked of.",
+                        [({}, len(lease.get("targets") or []))])
 
         programs = self._programs()
         page.family("compute_supervisord_up", "gauge", "Whether supervisord answered the scrape.",

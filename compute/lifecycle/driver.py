@@ -34,6 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 from compute.shared import driver_requests
 from compute.postgres import localauth, conf as pgconf, replica, shutdown_lsn
 from compute.model import modes, launch
+from compute.model import lsn_lease as lsn_lease_plan
 from compute.storage import attempts, basebackup, initdb, safekeepers
 from compute.base import forkinfo
 from compute.base.procutil import die_with_parent
@@ -68,7 +69,7 @@ STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply
 # signal the API could not send (it ignores that failure: driver_requests.wake_driver).
 IDLE_RECHECK = 5.0
 WAKE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-VIEW_KEYS = ("status", "startup_done", "promotion", "terminate")
+VIEW_KEYS = ("status", "startup_done", "promotion", "terminate", "lsn_lease")
 LSN_WAIT_TIMEOUT = 30.0  # /promote: Neon gives up after 20 one-second retries
 PROMOTE_APPLICATION_NAME = "compute_ctl:promote"
 # The driver's own sessions for /promote and /terminate: bounded, as the API's were.
@@ -136,6 +137,7 @@ class Driver:
         self.requests_wake = threading.Event()  # the thread that runs a /terminate at once
         self.terminate_lock = threading.Lock()
         self.stopping = False
+        self.lease_keeper = None  # compute.lifecycle.lease_keeper, for a Static compute
 
     # -- supervisord ------------------------------------------------------------------------
     def supervisor(self):
@@ -163,7 +165,20 @@ class Driver:
         steps = plan_run(self.view())
         if DriverStep.TERMINATE not in steps:
             threading.Thread(target=self.watch_requests, name="requests", daemon=True).start()
+        if DriverStep.WAIT_FOR_SPEC not in steps and DriverStep.TERMINATE not in steps:
+            self.keep_lease(self.stored_spec())
         self.execute(steps)
+
+    def keep_lease(self, spec: ComputeSpec | None) -> None:
+        """A Static compute holds an LSN lease on every pageserver of every shard, from the
+        moment its spec is known (before postgres starts, as HEAD): a thread of this driver
+        (compute/lifecycle/lease_keeper.py; docs/architecture.md, "LSN leases")."""
+        from compute.lifecycle.lease_keeper import LeaseKeeper, wants_lease
+        if not wants_lease(spec) or self.lease_keeper is not None:
+            return
+        assert spec is not None
+        self.lease_keeper = LeaseKeeper(self.store, timeout=self.settings.storage_timeout, token=self.storage_token)
+        self.lease_keeper.start(spec)
 
     def watch_requests(self) -> None:
         """Beside the plan: a /terminate is carried out at once, whatever step is in progress
@@ -210,6 +225,7 @@ class Driver:
         mark(f"lifecycle: {step.name.lower()}")
         if step is DriverStep.WAIT_FOR_SPEC:
             self.spec = self.wait_for_spec()
+            self.keep_lease(self.spec)
         elif step is DriverStep.PREPARE_DATA:
             self.prepare_data(self.spec)
         elif step is DriverStep.START_POSTGRES:
@@ -492,6 +508,8 @@ class Driver:
                 log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
             self.store.set(status="running", error=None, pending_restart=pending,
                            tenant=spec.tenant_id, timeline=spec.timeline_id)
+            if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
+                self.lease_keeper.wake.set()
             log.info("new spec applied")
         except Exception as e:
             msg = describe(e)
@@ -676,7 +694,8 @@ def view_of(s: dict, postgres_state: str | None = None) -> DriverView:
     promotion = s["promotion"]
     return DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state=postgres_state,
                       promotion=promotion.get("phase") if isinstance(promotion, dict) else None,
-                      termination=termination_phase(s["terminate"]))
+                      termination=termination_phase(s["terminate"]),
+                      lease=lsn_lease_plan.keeps_driver_busy(s.get("lsn_lease")))
 
 
 def _has_work(path: str) -> bool:

@@ -68,6 +68,7 @@ class DriverView:
     postgres_state: str | None = None
     promotion: str | None = None    # the `promotion` record's phase
     termination: str | None = None  # driver_requests.termination_phase: a phase, "tree" or None
+    lease: bool = False             # a Static compute keeps an LSN lease (compute.lifecycle.lease_keeper)
 
 
 START_STEPS = (DriverStep.PREPARE_DATA, DriverStep.START_POSTGRES, DriverStep.WAIT_READY)
@@ -124,6 +125,8 @@ def idle(view: DriverView) -> bool:
     plan = plan_run(view)
     if plan == (DriverStep.WAIT_FOR_STOP,):
         return True
+    if view.lease:  # the lease's renewals are the driver's work for the compute's whole life
+        return False
     return plan == (DriverStep.SERVE, DriverStep.HAND_OVER) and not wants_reconfiguration(view.status)
 
 

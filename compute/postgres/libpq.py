@@ -136,6 +136,7 @@ class LibpqSession:
         if result.status != pq.ExecStatus.TUPLES_OK or result.ntuples != 1:
             message = result.error_message.decode("utf-8", "replace").strip()
             raise SessionError(message or f"unexpected answer ({pq.ExecStatus(result.status).name}, {result.ntuples} rows)")
+        self.last_result = result  # its column names, for a caller that checks them
         return tuple(result.get_value(0, i) for i in range(result.nfields))
 
     def close(self) -> None:

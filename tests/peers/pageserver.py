@@ -7,6 +7,17 @@ for a Static or Replica compute, recorded in the queries). Faults, one per sessi
 (`faults=["close", "fatal", "stall", ...]`, see FAULTS), make it refuse, drop or stall like a
 pageserver that is restarting or wedged. Usable as a pytest helper (`with PageserverPeer(tar) as ps:`)
 or as a script: `python -m tests.peers.pageserver --port N --tar FILE [--password P] [--fault F ...]`.
+
+Sharding, as Neon's pageserver (pageserver/src/page_service.rs at 6a35a3e): `shards=["0002"]`
+makes it host those shards (`<NN><CC>`, hex) of the tenant; default: the unsharded tenant
+(`0000`). `basebackup` takes a plain tenant id (a shard-qualified one does not parse, as
+`TenantId::from_str` refuses it) and answers from shard zero (`ShardSelector::Zero`): a
+pageserver without shard zero of that tenant refuses. `lease lsn <tenant_shard_id> <timeline>
+<lsn>` takes a tenant shard id (`<tenant>` means shard `0000`, `<tenant>-<NNCC>` that shard) and
+answers only for a shard it hosts (`ShardSelector::Known`: an unqualified id for a sharded
+tenant is not found): one row, column `valid_until`, milliseconds since the epoch
+(`lease_seconds` from now), or NULL for an LSN behind `gc_cutoff`. Leases are recorded in
+`leases`.
 """
 
 from __future__ import annotations
@@ -73,6 +84,27 @@ class Session:
         return self.startup.get("database")
 
 
+@dataclass
+class Lease:
+    """One `lease lsn` a client asked for, and what it got (None: refused or failed)."""
+    tenant_shard_id: str
+    timeline_id: str
+    lsn: str
+    valid_until_ms: int | None
+    at: float
+
+
+def _shard_index(text: str) -> tuple[int, int]:
+    if not re.fullmatch(r"[0-9a-f]{4}", text):
+        raise ValueError(f"shard index {text!r}: 4 hex digits, shard number then shard count")
+    return int(text[:2], 16), int(text[2:], 16)
+
+
+def _lsn_int(lsn: str) -> int:
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
 class _Closed(Exception):
     pass
 
@@ -99,7 +131,8 @@ class PageserverPeer:
                  chunk_size: int = 64 * 1024, chunk_delay: float = 0.0, gzip: bool = True,
                  faults: list[str] | tuple[str, ...] = (), trickle_every: float = 0.5,
                  one_message: int | None = None, huge_notice: int | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 shards: list[str] | tuple[str, ...] = ("0000",), lease_seconds: float = 600.0,
+                 gc_cutoff: str = "0/0", host: str = "127.0.0.1", port: int = 0) -> None:
         if auth not in ("cleartext", "md5"):
             raise ValueError("auth must be 'cleartext' or 'md5'")
         unknown = set(faults) - set(FAULTS)
@@ -121,6 +154,10 @@ class PageserverPeer:
         # bytes (the archive, then zeros: a tar may end in zero blocks), streamed as it is sent.
         self.one_message = one_message
         self.huge_notice = huge_notice  # before the COPY: a NoticeResponse header announcing this many bytes
+        self.shards = [_shard_index(x) for x in shards]  # (number, count) hosted
+        self.lease_seconds = lease_seconds
+        self.gc_cutoff = gc_cutoff
+        self.leases: list[Lease] = []
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -318,6 +355,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def run_query(self, text: str) -> bytes:
         """Returns the final messages to send (before ReadyForQuery); streams COPY data itself."""
+        if text.split()[:2] == ["lease", "lsn"]:
+            return self.lease(text.split()[2:])
         parts = text.split()
         flags = [p for p in parts if p.startswith("--")]
         parts = [p for p in parts if not p.startswith("--")]
@@ -329,8 +368,12 @@ class _Handler(socketserver.BaseRequestHandler):
             # what a pageserver that does not know the flag says: it takes it for the LSN
             return error_response("XX000", f"invalid LSN {unknown[0]}")
         tenant, timeline = parts[1], parts[2]
-        if not _HEX32.match(tenant) or not _HEX32.match(timeline):
+        if not _HEX32.match(tenant):  # a shard-qualified id too: TenantId::from_str refuses it
+            return error_response("XX000", f"Failed to parse tenant id from {tenant[:80]}")
+        if not _HEX32.match(timeline):
             return error_response("XX000", "invalid tenant or timeline id")
+        if not any(number == 0 for number, _ in self.peer.shards):
+            return error_response("XX000", f"Tenant {tenant} not found: no shard zero on this pageserver")
         if len(parts) == 4 and not _LSN.match(parts[3]):
             return error_response("XX000", f"invalid LSN {parts[3]}")
         if self.peer.tenant_id is not None and tenant != self.peer.tenant_id:
@@ -348,6 +391,36 @@ class _Handler(socketserver.BaseRequestHandler):
         if self.peer.error_after_archive:
             return error_response("XX000", "basebackup: simulated failure after the archive")
         return _msg(b"c") + _msg(b"C", _cstr("SELECT 1"))
+
+    def lease(self, params: list[str]) -> bytes:
+        """`lease lsn <tenant_shard_id> <timeline_id> <lsn>` (LeaseLsnCmd::parse, handle_make_lsn_lease)."""
+        if len(params) != 3:
+            return error_response("XX000", f"invalid number of parameters for lease lsn command: {' '.join(params)[:100]}")
+        tsid, timeline, lsn = params
+        m = re.fullmatch(r"([0-9a-f]{32})(?:-([0-9a-f]{2})([0-9a-f]{2}))?", tsid)
+        if m is None:
+            return error_response("XX000", f"Failed to parse tenant id from {tsid[:80]}")
+        if not _HEX32.match(timeline):
+            return error_response("XX000", f"Failed to parse timeline id from {timeline[:80]}")
+        if not _LSN.match(lsn):
+            return error_response("XX000", f"Failed to parse lsn from {lsn[:80]}")
+        tenant = m.group(1)
+        index = (int(m.group(2), 16), int(m.group(3), 16)) if m.group(2) else (0, 0)
+        if self.peer.tenant_id is not None and tenant != self.peer.tenant_id or index not in self.peer.shards:
+            return error_response("XX000", f"Tenant {tsid} not found")
+        if self.peer.timeline_id is not None and timeline != self.peer.timeline_id:
+            return error_response("XX000", f"Timeline {tenant}/{timeline} was not found")
+        if self.session.fault == "error":
+            return error_response("XX000", "simulated permanent failure")
+        valid_until = None
+        if _lsn_int(lsn) >= _lsn_int(self.peer.gc_cutoff):
+            valid_until = int((time.time() + self.peer.lease_seconds) * 1000)
+        with self.peer._lock:
+            self.peer.leases.append(Lease(tsid, timeline, lsn, valid_until, time.time()))
+        value = b"\xff\xff\xff\xff" if valid_until is None else struct.pack("!I", len(str(valid_until))) + str(valid_until).encode()
+        row_description = _msg(b"T", struct.pack("!H", 1) + _cstr("valid_until")
+                               + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0))
+        return row_description + _msg(b"D", struct.pack("!H", 1) + value) + _msg(b"C", _cstr("SELECT 1"))
 
     def stream_one_message(self, size: int) -> None:
         """The archive and zero padding as one CopyData message of `size` bytes (plain tar)."""
@@ -464,10 +537,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-gzip", action="store_true", help="answer like a pageserver without --gzip")
     ap.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS),
                     help="one session's fault, in order (repeatable)")
+    ap.add_argument("--shard", action="append", default=[], help="host this shard (<NN><CC> hex; repeatable; "
+                    "default: the unsharded tenant, 0000)")
+    ap.add_argument("--lease-seconds", type=float, default=600.0, help="length of the LSN leases granted")
+    ap.add_argument("--gc-cutoff", default="0/0", help="LSN leases below this LSN are refused (NULL)")
     args = ap.parse_args(argv)
     peer = PageserverPeer(args.tar, password=args.password, auth=args.auth, tenant_id=args.tenant,
                           timeline_id=args.timeline, error_after_archive=args.error_after_archive,
-                          gzip=not args.no_gzip, faults=args.fault, host=args.host, port=args.port)
+                          gzip=not args.no_gzip, faults=args.fault, shards=args.shard or ("0000",),
+                          lease_seconds=args.lease_seconds, gc_cutoff=args.gc_cutoff, host=args.host, port=args.port)
     print(f"pageserver peer listening on {args.host}:{peer.port}", flush=True)
     try:
         peer._server.serve_forever()

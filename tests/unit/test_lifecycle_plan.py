@@ -167,3 +167,17 @@ def test_a_driver_idles_only_when_it_would_only_serve_with_nothing_waiting(case)
     # postgres' state is not asked by the idle check: it must not matter
     assert idle(dataclasses.replace(view, postgres_state=None)) is (case in IDLE)
     assert idle(view) is (case in IDLE)
+
+
+@pytest.mark.parametrize("case", sorted(IDLE - {"terminated", "terminate by the tree, empty",
+                                                "terminate by the tree, during storage"}))
+def test_a_driver_keeping_an_lsn_lease_never_idles(case):
+    """compute/lifecycle/lease_keeper.py: the lease's renewals are work for the whole life of a
+    Static compute; a refused lease (no renewals any more) lets the driver idle again."""
+    view, _ = MATRIX[case]
+    assert idle(dataclasses.replace(view, lease=True)) is False
+    from compute.lifecycle.driver import view_of
+    s = {"status": view.status, "startup_done": view.startup_done, "promotion": None, "terminate": None}
+    assert view_of({**s, "lsn_lease": {"state": "held"}}).lease is True
+    assert view_of({**s, "lsn_lease": {"state": "refused"}}).lease is False
+    assert view_of({**s, "lsn_lease": None}).lease is False
