@@ -92,8 +92,12 @@ def test_static_on_neon_path_is_read_only_at_its_lsn(bb_tar):
             st = c.wait_status("running", timeout=90)
             assert (st["tenant"], st["timeline"]) == (TENANT, TIMELINE)
             assert not os.path.exists(record), "a Static compute must not sync the safekeepers"
-            assert ps.last.password == TOKEN
-            assert ps.last.queries == [f"basebackup {TENANT} {TIMELINE} {STATIC_LSN} --replica"]
+            # a Static compute also leases its LSN (tests/e2e/test_e2e_sharded.py): its own session
+            basebackups = [s for s in ps.startups if any(q.startswith("basebackup") for q in s.queries)]
+            assert [s.queries for s in basebackups] == [[f"basebackup {TENANT} {TIMELINE} {STATIC_LSN} --replica"]]
+            assert basebackups[0].password == TOKEN
+            wait_for(lambda: ps.leases, 30, "the LSN lease")
+            assert [(x.tenant_shard_id, x.lsn) for x in ps.leases] == [(TENANT, STATIC_LSN)]
             assert os.path.exists(os.path.join(c.pgdata, "standby.signal"))
             with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
                 conf = f.read().splitlines()

@@ -73,8 +73,10 @@ def test_neon_spec_with_hostile_names_boots(bb_tar):
 
             with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
                 conf = f.read()
-            assert conf.startswith("# Managed by compute_ctl: begin\n")
-            assert conf.rstrip().endswith("# Managed by compute_ctl: end")
+            # HEAD's frame around our block (no top-level storage field: no storage line of its
+            # own; docs/spec.md, "The Neon lines of postgresql.conf"), nothing else
+            assert conf.startswith("# Neon storage settings\n\n# Managed by compute_ctl: begin\n")
+            assert conf.endswith("# Managed by compute_ctl: end\nneon.disable_logical_replication_subscribers=false\n")
             assert "test.quoted = 'it''s a \\\\ test; with ''quotes'''" in conf
 
             with open(os.path.join(c.pgdata, "pg_hba.conf")) as f:
