@@ -132,6 +132,32 @@ def test_a_static_compute_leases_every_shard_and_shows_it(bb_tar):
             assert TOKEN not in c.output()
 
 
+def test_the_lease_is_renewed_by_every_driver_of_the_compute(bb_tar):
+    """A 2 s lease is renewed every second (max(2 - 60, 2 / 2)): across the driver's hand-over
+    after the start-up, and after the driver is killed (its successor goes on from the record;
+    docs/architecture.md, "LSN leases")."""
+    import signal
+    with PageserverPeer(bb_tar, tenant_id=TENANT, timeline_id=TIMELINE, lease_seconds=2) as ps:
+        c = neon_compute()
+        c.spec = head_spec(c, [ps], mode={"Static": STATIC_LSN})
+        del c.spec["storage_auth_token"]
+        with c:
+            c.wait_status("running", timeout=90)
+            pid = c.wait_handed_over()
+            seen = len(ps.leases)
+            wait_for(lambda: len(ps.leases) >= seen + 2, 30, "renewals by the driver after the hand-over", period=0.1)
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: (p := c.supervisorctl("pid", "lifecycle").stdout.strip()).isdigit()
+                     and int(p) not in (0, pid), 30, "a new driver", period=0.1)
+            seen = len(ps.leases)
+            wait_for(lambda: len(ps.leases) >= seen + 2, 30, "renewals by the restarted driver", period=0.1)
+            assert {x.tenant_shard_id for x in ps.leases} == {TENANT}
+            assert {x.lsn for x in ps.leases} == {STATIC_LSN}
+            page = metrics_page(c)
+            assert 'compute_lsn_lease_state{state="held"} 1' in page
+            assert c.status()["status"] == "running"
+
+
 def test_a_shard_its_pageserver_does_not_know_is_retried_and_shown(bb_tar):
     """The spec names shard 0102 on a pageserver that hosts 0103 only (another tenant layout):
     the lease attempt fails there, is retried with HEAD's backoff, and /metrics says so; the

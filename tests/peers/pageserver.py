@@ -132,7 +132,8 @@ class PageserverPeer:
                  faults: list[str] | tuple[str, ...] = (), trickle_every: float = 0.5,
                  one_message: int | None = None, huge_notice: int | None = None,
                  shards: list[str] | tuple[str, ...] = ("0000",), lease_seconds: float = 600.0,
-                 gc_cutoff: str = "0/0", host: str = "127.0.0.1", port: int = 0) -> None:
+                 gc_cutoff: str = "0/0", lease_reply: tuple[str, bytes | None] | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         if auth not in ("cleartext", "md5"):
             raise ValueError("auth must be 'cleartext' or 'md5'")
         unknown = set(faults) - set(FAULTS)
@@ -157,6 +158,7 @@ class PageserverPeer:
         self.shards = [_shard_index(x) for x in shards]  # (number, count) hosted
         self.lease_seconds = lease_seconds
         self.gc_cutoff = gc_cutoff
+        self.lease_reply = lease_reply  # a hostile pageserver: (column name, value) instead of its answer
         self.leases: list[Lease] = []
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
@@ -417,8 +419,11 @@ class _Handler(socketserver.BaseRequestHandler):
             valid_until = int((time.time() + self.peer.lease_seconds) * 1000)
         with self.peer._lock:
             self.peer.leases.append(Lease(tsid, timeline, lsn, valid_until, time.time()))
-        value = b"\xff\xff\xff\xff" if valid_until is None else struct.pack("!I", len(str(valid_until))) + str(valid_until).encode()
-        row_description = _msg(b"T", struct.pack("!H", 1) + _cstr("valid_until")
+        column, raw = "valid_until", None if valid_until is None else str(valid_until).encode()
+        if self.peer.lease_reply is not None:
+            column, raw = self.peer.lease_reply
+        value = b"\xff\xff\xff\xff" if raw is None else struct.pack("!I", len(raw)) + raw
+        row_description = _msg(b"T", struct.pack("!H", 1) + _cstr(column)
                                + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0))
         return row_description + _msg(b"D", struct.pack("!H", 1) + value) + _msg(b"C", _cstr("SELECT 1"))
 

@@ -123,3 +123,17 @@ def test_the_basebackup_refuses_a_shard_qualified_tenant_and_needs_shard_zero(ta
             for tenant, words in ((f"{TENANT}-0002", "Failed to parse tenant id"), (TENANT, "no shard zero")):
                 res = conn.pgconn.exec_(f"basebackup {tenant} {TIMELINE}".encode())
                 assert words in res.error_message.decode()
+
+
+@pytest.mark.parametrize("reply,words", [
+    (("expires", b"1700000000000"), "unexpected answer (column 'expires')"),
+    (("valid_until", b"-5"), "unexpected valid_until '-5'"),
+    (("valid_until", b"12e3"), "unexpected valid_until"),
+    (("valid_until", b"9" * 30), "unexpected valid_until"),
+    (("valid_until", b"\n\nDROP"), "unexpected valid_until"),
+])
+def test_a_hostile_lease_answer_fails_the_attempt_in_one_line(tar, reply, words):
+    with PageserverPeer(tar, lease_reply=reply) as ps:
+        with pytest.raises(StorageError) as e:
+            lease_one(ps.connstr, None, TENANT, TIMELINE, LSN, timeout=5)
+    assert words in str(e.value) and "\n" not in str(e.value) and e.value.retryable
