@@ -744,7 +744,7 @@ def resolve_storage(spec: ComputeSpec) -> NeonStorage | None:
         stripe_text = spec.setting("neon.stripe_size")
         stripe = None
         if stripe_text is not None:
-            if not stripe_text.isdigit() or int(stripe_text) > U32:
+            if not re.fullmatch(r"[0-9]{1,10}", stripe_text) or int(stripe_text) > U32:  # ASCII digits only
                 raise SpecError("cluster.settings.neon.stripe_size", "must be an integer from 0 to 4294967295")
             stripe = int(stripe_text)
         info = _from_connstr(spec.setting("neon.pageserver_connstring") or "", stripe,
@@ -782,7 +782,7 @@ def resolve_storage(spec: ComputeSpec) -> NeonStorage | None:
 _CONF_LETTER = r"A-Za-z_\x80-\U0010ffff"
 _CONF_ID = rf"[{_CONF_LETTER}][{_CONF_LETTER}0-9$]*"
 _CONF_LINE = re.compile(
-    rf"^[ \t\f]*(?:(?P<name>{_CONF_ID}(?:\.{_CONF_ID})?)[ \t\f]*=?[ \t\f]*"
+    rf"^[ \t\f]*(?:(?P<name>{_CONF_ID}(?:\.{_CONF_ID})?)(?:[ \t\f]*=[ \t\f]*|[ \t\f]+)"
     rf"(?P<value>'(?:[^'\\\n]|\\.|'')*'|[{_CONF_LETTER}0-9.+\-:/]+)[ \t\f]*)?(?:#.*)?\Z")
 
 

@@ -56,7 +56,7 @@ def lease_one(url: str, auth_token: str | None, tenant_shard_id: str, timeline_i
     if value is None:
         return None
     text = bytes(value).decode("ascii", "replace")
-    if not text.isdigit() or int(text) > MAX_VALID_UNTIL_MS:
+    if not re.fullmatch(r"[0-9]{1,16}", text) or int(text) > MAX_VALID_UNTIL_MS:
         raise StorageError(f"lease on {tenant_shard_id}: unexpected valid_until {text[:40]!r}", retryable=True)
     return int(text) / 1000
 

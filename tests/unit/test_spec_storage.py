@@ -180,6 +180,9 @@ def test_postgresql_conf_lines_postgres_reads_are_accepted(text):
     ("x = 'a' 'b'", "not a postgresql.conf setting"), ("= 5", "not a postgresql.conf setting"),
     ("x = a b", "not a postgresql.conf setting"), ("a\udc80 = 1", "not valid UTF-8"),
     ("x" * (MAX_POSTGRESQL_CONF + 1), "larger than"),
+    ("abc" * 300_000 + "!", "not a postgresql.conf setting"),  # a name/value split tried at every
+    ("a = " + "b" * 900_000 + "!", "not a postgresql.conf setting"),  # position would never end here
+    ("xy", "not a postgresql.conf setting"),  # a name alone
 ])
 def test_postgresql_conf_that_postgres_would_not_read_or_that_loads_files_is_refused(text, words):
     d = doc(pageserver_connstring="host=h", cluster={"roles": [], "databases": [], "settings": None,
@@ -200,3 +203,13 @@ def test_the_parsed_fields_do_not_share_the_input():
     spec = parse_spec(copy.deepcopy(d))
     i["shards"]["0002"]["pageservers"][0]["libpq_url"] = "postgres://changed:1"
     assert spec.storage.pageserver_connstring == "postgres://u@ps0:64"
+
+
+@pytest.mark.parametrize("value", ["²", "-1", "1e3", "4294967296", " 8", "0x10"])
+def test_a_stripe_size_setting_that_is_not_a_u32_is_one_clear_error(value):
+    settings = [{"name": "neon.pageserver_connstring", "value": "postgres://a:1,postgres://b:2", "vartype": "string"},
+                {"name": "neon.stripe_size", "value": value, "vartype": "string"},
+                {"name": "neon.tenant_id", "value": TENANT, "vartype": "string"},
+                {"name": "neon.timeline_id", "value": TIMELINE, "vartype": "string"}]
+    refused({"format_version": 1.0, "cluster": {"roles": [], "databases": [], "settings": settings}},
+            "cluster.settings.neon.stripe_size", "0 to 4294967295")
