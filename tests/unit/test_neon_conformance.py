@@ -17,7 +17,7 @@ import os
 import pytest
 
 from compute.model import modes
-from compute.model.spec import SpecError, from_stored, parse_spec, to_document
+from compute.model.spec import SpecError, check_postgresql_conf, from_stored, parse_spec, to_document
 from compute.postgres.conf import conf_value, neon_head_lines, render_postgresql_conf
 
 NEON_COMMIT = "6a35a3e9f149798df1b1761ee64099d8d75fbe90"
@@ -274,3 +274,46 @@ def test_lease_targets_are_heads_tenant_shard_ids():
                                                (f"{TENANT}-0102", "postgres://no_user@ps1:6400")]
     spec = parse_spec(neon_doc(pageserver_connstring="postgres://only:1", mode={"Static": "0/16B9188"}))
     assert spec.storage.tenant_shard_ids() == [(TENANT, "postgres://only:1")]
+
+
+# -- control_plane/src/postgresql_conf.rs (blob a824af9490c1): neon_local's postgresql.conf, which it
+# sends as `cluster.postgresql_conf`; test_postgresql_conf_escapes' outputs, and setup_pg_conf's
+# lines (control_plane/src/endpoint.rs) as PostgresConf::append writes them (`name=value`)
+
+NEON_LOCAL_ESCAPES = [("foo bar", "'foo bar'"), ("foo", "foo"), ("123", "123"), ("+123", "+123"), ("-10", "-10"),
+                      ("1foo", "1foo"), ("foo1", "foo1"), ("10MB", "10MB"), ("-10kB", "-10kB"),
+                      ("fo'o", "'fo''o'"), ("fo\no", "'fo\\no'"), ("fo\\o", "'fo\\\\o'"), ("10 cats", "'10 cats'")]
+NEON_LOCAL_CONF = """max_wal_senders=10
+wal_log_hints=off
+max_replication_slots=10
+hot_standby=on
+shared_buffers=1MB
+effective_io_concurrency=2
+fsync=off
+max_connections=100
+wal_level=logical
+wal_sender_timeout=5s
+listen_addresses='127.0.0.1'
+port=55432
+wal_keep_size=0
+restart_after_crash=off
+shared_preload_libraries=neon
+
+max_replication_write_lag=15MB
+max_replication_flush_lag=10GB
+synchronous_standby_names=walproposer
+neon.safekeepers='localhost:5454,localhost:5455'
+"""
+
+
+@pytest.mark.parametrize("value,escaped", NEON_LOCAL_ESCAPES)
+def test_neon_locals_escaped_values_are_lines_we_accept(value, escaped):
+    check_postgresql_conf(f"some.setting={escaped}", "cluster.postgresql_conf")
+    check_postgresql_conf(f"some.setting = {escaped}  # comment", "cluster.postgresql_conf")
+
+
+def test_neon_locals_postgresql_conf_is_written_first_verbatim():
+    spec = parse_spec(neon_doc(pageserver_connstring="postgres://no_user@127.0.0.1:64000",
+                               cluster={"roles": [], "databases": [], "settings": None,
+                                        "postgresql_conf": NEON_LOCAL_CONF}))
+    assert render_postgresql_conf((), spec).startswith(NEON_LOCAL_CONF + "\n# Neon storage settings\n\n")
