@@ -45,9 +45,9 @@ def conninfo(peers: list[PageserverPeer], stripe: int = 32768) -> dict:
 def head_spec(c: Compute, peers: list[PageserverPeer], mode="Primary", **top) -> dict:
     spec = c.new_spec()
     spec["cluster"]["postgresql_conf"] = "# from neon_local\nwork_mem = '5MB'\nlog_min_messages = info"
-    spec.update(tenant_id=TENANT, timeline_id=TIMELINE, pageserver_connection_info=conninfo(peers),
-                storage_auth_token=TOKEN, project_id=PROJECT, branch_id="br-main", endpoint_id=ENDPOINT,
-                suspend_timeout_seconds=-1, mode=mode, **top)
+    spec.update({"tenant_id": TENANT, "timeline_id": TIMELINE, "pageserver_connection_info": conninfo(peers),
+                 "storage_auth_token": TOKEN, "project_id": PROJECT, "branch_id": "br-main", "endpoint_id": ENDPOINT,
+                 "suspend_timeout_seconds": -1, "mode": mode, **top})
     return spec
 
 
@@ -97,6 +97,37 @@ def test_a_sharded_primary_from_shard_zero_with_heads_storage_lines(bb_tar):
             assert show(c, "work_mem") == "5MB"  # postgresql_conf, then our block on top
             assert show(c, "port") == str(c.pg_port)
             assert TOKEN not in c.output()
+
+
+def test_a_reconfiguration_rewrites_heads_lines_and_postgres_reads_them(bb_tar):
+    """/configure (pull mode, ours) with new ids, a new safekeeper generation and a new
+    postgresql_conf: the file is rewritten whole and reloaded; the new values are postgres'."""
+    import json
+    from tests.peers.control_plane import ControlPlanePeer
+    with PageserverPeer(bb_tar, password=TOKEN, tenant_id=TENANT, timeline_id=TIMELINE) as ps, \
+            ControlPlanePeer(None) as cp:
+        c = neon_compute()
+        c.args = ["-i", "compute-1", "-p", cp.url]
+        cp.spec = head_spec(c, [ps], safekeeper_connstrings=["127.0.0.1:5454"], safekeepers_generation=1)
+        with c:
+            c.wait_status("running", timeout=90)
+            assert show(c, "neon.safekeepers") == "g#1:127.0.0.1:5454" and show(c, "work_mem") == "5MB"
+            spec2 = head_spec(c, [ps], safekeeper_connstrings=["127.0.0.1:5454", "127.0.0.1:5456"],
+                              safekeepers_generation=2, project_id="new 'project' \\ 2")
+            spec2["cluster"]["postgresql_conf"] = "work_mem = '7MB'"
+            code, body = c.request("POST", "/configure", {"spec": spec2}, {"Content-Type": "application/json"}, 60)
+            assert code == 200, body
+            assert json.loads(body)["status"] == "running"
+            assert show(c, "neon.safekeepers") == "g#2:127.0.0.1:5454,127.0.0.1:5456"
+            assert show(c, "neon.project_id") == "new 'project' \\ 2"
+            assert show(c, "work_mem") == "7MB"
+            with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
+                assert f.read().startswith("work_mem = '7MB'\n# Neon storage settings\n\n")
+            # an invalid one (a duplicate safekeeper) is refused, nothing changes
+            spec3 = head_spec(c, [ps], safekeeper_connstrings=["127.0.0.1:5454", "127.0.0.1:5454"])
+            code, body = c.request("POST", "/configure", {"spec": spec3}, {"Content-Type": "application/json"}, 60)
+            assert code in (400, 412) and b"duplicate entry in safekeeper_connstrings: 127.0.0.1:5454!" in body
+            assert show(c, "neon.safekeepers") == "g#2:127.0.0.1:5454,127.0.0.1:5456"
 
 
 def test_a_static_compute_leases_every_shard_and_shows_it(bb_tar):
