@@ -226,7 +226,7 @@ def test_terminate_of_an_empty_compute_ends_it():
     with contextlib.ExitStack() as stack:
         cp = stack.enter_context(ControlPlanePeer(None, answer_status="empty"))
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--control-plane-api", "2023"]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
         stack.callback(c.close)
         c.start()
@@ -276,7 +276,7 @@ def test_failed_start_leaves_nothing_behind(break_it):
             spec = c.new_spec()
             spec["cluster"]["roles"][0]["name"] = "x" * 70
             cp.spec = spec
-            c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--control-plane-api", "2023"]
+            c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         else:
             c.spec = c.new_spec()
             break_it(c)
