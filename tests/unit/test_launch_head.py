@@ -212,8 +212,11 @@ def test_choose_jwks():
 
 def test_jwks_file_is_private_and_replaced_atomically(tmp_path):
     path = str(tmp_path / "jwks.json")
-    os.umask(0o022)
-    write_jwks(path, JWKS)
+    old = os.umask(0o000)  # the most permissive umask: the file is 0600 all the same
+    try:
+        write_jwks(path, JWKS)
+    finally:
+        os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert json.load(open(path)) == JWKS
     seen, stop = [], threading.Event()
