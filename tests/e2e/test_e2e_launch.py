@@ -325,6 +325,29 @@ def test_v2_pull_mode_wrong_or_missing_token_fails_the_start(sent):
             assert c.request("POST", "/terminate")[0] in (401, 403)
 
 
+def test_v2_pull_mode_explicit_jwks_wins_over_the_answers(keys):
+    ed, _rs, jwks = keys
+    c = Compute()
+    mine = c.use_jwks(jwks)
+    with ControlPlanePeer(c.new_spec(), jwks={"keys": []}) as cp:  # the answer's would refuse every token
+        c.args += ["-i", "compute-1", "-p", cp.url]
+        with c:
+            c.wait_status("running")
+            assert launch_settings(c)["jwks_path"] == mine
+            assert not os.path.exists(os.path.join(c.runtime_dir, "jwks.json"))
+            assert f"--jwks {mine} given: the control plane's compute_ctl_config.jwks will not be used" in c.output()
+            code, body = c.request("POST", "/configure", {"spec": c.new_spec()}, headers=token(ed, "compute-1"))
+            assert code == 200, body
+
+
+def test_pull_mode_without_compute_id_is_a_usage_error():
+    c = Compute()
+    c.args = ["-p", "http://127.0.0.1:1"]
+    with c:
+        assert c.wait_exit(30) == 2
+        assert "requires -i/--compute-id" in c.output() and not os.path.exists(c.runtime_dir)
+
+
 def test_the_2023_path_stays_reachable_by_flag():
     c = Compute()
     with ControlPlanePeer(c.new_spec(), jwt="raw-token") as cp:

@@ -191,7 +191,9 @@ def test_neon_local_start_status_psql_and_fast_stop(bb_tar):
             seen = wait_running(external_port, compute_token(private), child, log_path)
             assert set(seen) <= {"init", "running"}, seen  # never `empty`: endpoint.rs would abort
 
-            # Each ignored flag said so; the session serves.
+            # The config's JWKS is the API's; each ignored flag said so; the session serves.
+            with open(os.path.join(base, "run", "jwks.json")) as f:
+                assert json.load(f) == config["compute_ctl_config"]["jwks"]
             out = open(log_path).read()
             assert "--dev ignored" in out and "--privileged-role-name ignored" in out
             with psycopg.connect(host="127.0.0.1", port=pg_port, dbname="postgres", user="cloud_admin",
