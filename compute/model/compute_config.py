@@ -20,6 +20,7 @@ from typing import Any
 
 MAX_JWKS_KEYS = 64
 MAX_JWK_FIELD = 16 * 1024  # a 8192-bit RSA modulus is ~1.4 KB in base64url
+MAX_JWK_FIELDS = 32        # fields of one JWK, and items of one list field (x5c, key_ops)
 
 
 class ConfigError(ValueError):
@@ -56,11 +57,23 @@ def parse_compute_ctl_config(raw: Any, path: str = "compute_ctl_config") -> Comp
     for i, key in enumerate(keys):
         if not isinstance(key, dict):
             raise ConfigError(f"{path}.jwks.keys[{i}]", "expected an object (a JWK)")
+        if len(key) > MAX_JWK_FIELDS:
+            raise ConfigError(f"{path}.jwks.keys[{i}]", f"more than {MAX_JWK_FIELDS} fields")
         for name, value in key.items():
-            if not isinstance(name, str) or len(name) > 64:
-                raise ConfigError(f"{path}.jwks.keys[{i}]", "has a key name that is not a short string")
-            if isinstance(value, str) and len(value) > MAX_JWK_FIELD:
-                raise ConfigError(f"{path}.jwks.keys[{i}].{name}", f"longer than {MAX_JWK_FIELD} characters")
+            if len(name) > 64:
+                raise ConfigError(f"{path}.jwks.keys[{i}]", "has a field name longer than 64 characters")
+            # A JWK's fields are strings, numbers, booleans or lists of strings (key_ops, x5c):
+            # nothing nested, so nothing deep or large reaches the file we write.
+            items = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}.jwks.keys[{i}].{name}", "a list must hold strings only")
+            if isinstance(value, list) and len(value) > MAX_JWK_FIELDS:
+                raise ConfigError(f"{path}.jwks.keys[{i}].{name}", f"more than {MAX_JWK_FIELDS} items")
+            for v in items:
+                if isinstance(v, dict):
+                    raise ConfigError(f"{path}.jwks.keys[{i}].{name}", "nested objects are not JWK fields")
+                if isinstance(v, str) and len(v) > MAX_JWK_FIELD:
+                    raise ConfigError(f"{path}.jwks.keys[{i}].{name}", f"longer than {MAX_JWK_FIELD} characters")
     tls = raw.get("tls")
     if tls is not None:
         if not isinstance(tls, dict) or not all(isinstance(tls.get(k), str) for k in ("key_path", "cert_path")):

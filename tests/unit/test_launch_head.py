@@ -152,6 +152,11 @@ def test_config_file_shape():
     ({"compute_ctl_config": {"jwks": {"keys": [{}] * (MAX_JWKS_KEYS + 1)}}}, "compute_ctl_config.jwks.keys"),
     ({"compute_ctl_config": {"jwks": {"keys": [{"x": "A" * 100_000}]}}}, "compute_ctl_config.jwks.keys[0].x"),
     ({"compute_ctl_config": {"jwks": {"keys": []}, "tls": {"key_path": 1}}}, "compute_ctl_config.tls"),
+    ({"compute_ctl_config": {"jwks": {"keys": [{f"f{n}": 1 for n in range(40)}]}}}, "compute_ctl_config.jwks.keys[0]"),
+    ({"compute_ctl_config": {"jwks": {"keys": [{"x5c": [[["deep"]]]}]}}}, "compute_ctl_config.jwks.keys[0].x5c"),
+    ({"compute_ctl_config": {"jwks": {"keys": [{"x5c": ["a"] * 40}]}}}, "compute_ctl_config.jwks.keys[0].x5c"),
+    ({"compute_ctl_config": {"jwks": {"keys": [{"kid": {"a": 1}}]}}}, "compute_ctl_config.jwks.keys[0].kid"),
+    ({"compute_ctl_config": {"jwks": {"keys": [{"k" * 65: "v"}]}}}, "compute_ctl_config.jwks.keys[0]"),
 ])
 def test_hostile_config_documents_are_one_line_errors(doc, field):
     with pytest.raises(ConfigError) as e:
@@ -172,6 +177,7 @@ def test_validate_reads_the_config_file(tmp_path):
     ("{", "not valid JSON"), ("[]", "invalid config: <document>"),
     (json.dumps({"spec": {"format_version": 2.0, "cluster": {}}, "compute_ctl_config": {"jwks": {"keys": []}}}),
      "invalid spec: format_version"),
+    ('{"compute_ctl_config": ' + "[" * 200_000 + "]" * 200_000 + "}", "not valid JSON"),  # too deep
     (json.dumps({"spec": {"format_version": 1.0, "cluster": {"roles": [{"name": "x\x00"}]}},
                  "compute_ctl_config": {"jwks": {"keys": []}}}), "invalid spec: cluster.roles[0]"),
 ])
