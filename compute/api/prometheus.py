@@ -16,7 +16,7 @@ import falcon
 
 from compute.api.context import ApiContext
 from compute.shared.supervisor_rpc import rpc
-from compute.shared.state import STATUSES
+from compute.shared.state import CPLANE_REQUESTS_KEY, STATUSES
 from compute.model.lsn_lease import STATES as LEASE_STATES
 
 log = logging.getLogger("compute.api.prometheus")
@@ -72,7 +72,8 @@ class PrometheusMetrics:
     def render(self) -> str:
         s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
                                      "pending_restart", "spec_generation", "monitor_tick",
-                                     "monitor_stall_restarts", "log_lines_dropped", "lsn_lease"))
+                                     "monitor_stall_restarts", "log_lines_dropped", CPLANE_REQUESTS_KEY,
+                                     "lsn_lease"))
         now = time.time()
         page = _Page()
 
@@ -121,6 +122,13 @@ class PrometheusMetrics:
                     "Log lines compute-ctl dropped because the reader of its stdout (or stderr) did not keep up.",
                     [({}, int(s["log_lines_dropped"] or 0))])
 
+        # HEAD's name, labels and values (compute_tools/src/metrics.rs): one per request the
+        # driver made to the control plane; http_status `200 OK` etc., `unknown` without an answer.
+        cplane = s[CPLANE_REQUESTS_KEY] or {}
+        page.family("compute_ctl_cplane_requests_total", "counter",
+                    "Total number of control plane requests made by compute_ctl by status",
+                    (({"rpc": rpc_name, "http_status": status}, int(n))
+                     for rpc_name, by_status in sorted(cplane.items()) for status, n in sorted(by_status.items())))
         lease = s["lsn_lease"] if isinstance(s["lsn_lease"], dict) else None
         if lease is not None:  # a Static compute (HEAD exports no lease metric: these names are ours)
             page.family("compute_lsn_lease_state", "gauge",
