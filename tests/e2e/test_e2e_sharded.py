@@ -107,7 +107,7 @@ def test_a_reconfiguration_rewrites_heads_lines_and_postgres_reads_them(bb_tar):
     with PageserverPeer(bb_tar, password=TOKEN, tenant_id=TENANT, timeline_id=TIMELINE) as ps, \
             ControlPlanePeer(None) as cp:
         c = neon_compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]  # /configure: ours, no JWKS
         cp.spec = head_spec(c, [ps], safekeeper_connstrings=["127.0.0.1:5454"], safekeepers_generation=1)
         with c:
             c.wait_status("running", timeout=90)

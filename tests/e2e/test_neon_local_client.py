@@ -18,15 +18,16 @@ Covered here:
 - the wait: `GET http://0.0.0.0:P/status` with the per-compute token (EdDSA, no `exp`, no `kid`)
   every 100 ms, errors retried, `init` waited on, `running` done, anything else (`empty` too) a failure;
 - the compute serves: psql connects and queries, the `test` role and `neondb` database exist;
+- `postgresql_conf` written verbatim first, then HEAD's storage lines (item 2), which postgres reads;
 - `endpoint stop` in `fast` mode: `pg_ctl -D D -w -m fast stop` with a cleared environment (but
   `LD_LIBRARY_PATH`), then waiting for the compute_ctl pid to go without signalling it: compute-ctl
   exits by itself with postgres' code, and no process of the tree is left.
 
 Not covered yet (other pieces of issue 18):
-- `postgresql_conf` written verbatim (item 2): the spec also carries endpoint.rs's `respec()`
-  `cluster` with settings (port, sockets) so postgres listens where the connstr says; the
-  `postgresql_conf` sent is endpoint.rs's `setup_pg_conf` without the lines a stock PostgreSQL 15
-  refuses or hangs on (`shared_preload_libraries = 'neon'`, `max_replication_*_lag`,
+- the whole of `setup_pg_conf`: the spec also carries endpoint.rs's `respec()` `cluster` with
+  settings (port, sockets) so postgres listens where the connstr says; the `postgresql_conf`
+  sent is endpoint.rs's `setup_pg_conf` without the lines a stock PostgreSQL 15 refuses or hangs on
+  (`shared_preload_libraries = 'neon'`, `max_replication_*_lag`,
   `synchronous_standby_names = 'walproposer'`: no neon extension or walproposer here);
 - tokens without `exp` and HEAD's authorize rules (item 5): `reconfigure` (`POST /configure` with the
   per-compute token and `{spec, compute_ctl_config}`) and `stop immediate-terminate`
@@ -202,6 +203,14 @@ def test_neon_local_start_status_psql_and_fast_stop(bb_tar):
                 assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'test'").fetchone() == (1,)
                 assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
                                     "WHERE datname = 'neondb'").fetchone() == ("test",)
+                # config.json's postgresql_conf first, then HEAD's storage lines (item 2): postgres reads them
+                assert conn.execute("SHOW wal_sender_timeout").fetchone() == ("5s",)
+                assert conn.execute("SHOW neon.endpoint_id").fetchone() == (ENDPOINT_ID,)
+                assert conn.execute("SHOW neon.safekeepers").fetchone() == (f"127.0.0.1:{sk_port}",)
+                assert conn.execute("SHOW neon.pageserver_connstring").fetchone() == (
+                    f"postgres://no_user@127.0.0.1:{ps.port}",)
+            with open(os.path.join(pgdata, "postgresql.conf")) as f:
+                assert f.read().startswith(config["spec"]["cluster"]["postgresql_conf"] + "\n# Neon storage settings\n")
             assert ps.last.queries and ps.last.queries[0].startswith(f"basebackup {TENANT} {TIMELINE} ")
             psql = subprocess.run(
                 ["runuser", "-u", COMPUTE_USER, "--", os.path.join(PGBIN_DIR, "psql"), "-X", "-At",
