@@ -313,7 +313,7 @@ class Driver:
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
         mismatch = connstr_mismatch(self.settings.connstr, spec)
         if mismatch:  # before PGDATA is touched: postgres would start where -C cannot reach it
-            raise StartupError(mismatch)
+            raise SpecError("cluster.settings", mismatch)
         return spec
 
     def take_jwks(self, ctl_config) -> None:
