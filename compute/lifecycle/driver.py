@@ -580,7 +580,7 @@ class Driver:
                                  autocommit=True, connect_timeout=10) as conn:
                 # An unknown name or a syntax error is known before postgres is told: then the
                 # file goes back and postgres never reads the rejected one.
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn), written, before_reload=True)
+                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
                 if rejected:
                     pgconf.restore_files(files)
                     self.refuse_reconfiguration(generation, previous_doc, conf_check.describe(rejected))
@@ -588,7 +588,7 @@ class Driver:
                 offset = pglog.size(pglog.log_path(self.runtime_dir))
                 if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
                     log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn), written)
+                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
                 if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
                     msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
                     pgconf.restore_files(files)

@@ -10,7 +10,8 @@ accepts any). `rejections` is the verdict (pure); `ask_postgres` reads the two v
 
 A restart-only setting that changed is reported by `pg_file_settings` as `setting could not be
 applied`, the same words as for a bad value; `pg_settings.pending_restart` tells them apart
-(true only when the new value was valid).
+(true only when the new value was valid). One removed from the file is reported as `parameter
+"x" cannot be changed without restarting the server`: valid too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any, Iterable
 
 RESTART_ONLY_ERROR = "setting could not be applied"
 UNRECOGNIZED = "unrecognized configuration parameter"
+# A restart-only setting removed from the file (a promoted replica's `hot_standby`): a row with
+# no file or name, and this sentence. The removal is valid; it takes effect at the next start.
+REMOVAL_NEEDS_RESTART = "cannot be changed without restarting the server"
 
 FILE_SETTINGS_QUERY = ("SELECT sourcefile, sourceline, name, error FROM pg_catalog.pg_file_settings"
                        " WHERE error IS NOT NULL ORDER BY seqno")
@@ -61,6 +65,8 @@ def rejections(file_errors: Iterable[FileError], settings: dict[str, bool],
     named: set[str] = set()
     for e in file_errors:
         key = e.name.lower() if e.name else None
+        if REMOVAL_NEEDS_RESTART in e.error:
+            continue
         if e.error == RESTART_ONLY_ERROR and (before_reload or (key is not None and settings.get(key))):
             continue  # a valid value that takes effect at the next start (or not known yet)
         found.append(Rejection(e.name, e.error, e.sourceline))
@@ -84,8 +90,14 @@ def describe(found: tuple[Rejection, ...], reasons: dict[str, str] | None = None
     return "postgres rejected the new configuration (nothing was changed): " + "; ".join(parts)
 
 
-def ask_postgres(conn: Any) -> tuple[list[FileError], dict[str, bool]]:
-    """The rows `rejections` decides from (a superuser session, after the reload)."""
+def ask_postgres(conn: Any, written: Iterable[str] = ()) -> tuple[list[FileError], dict[str, bool]]:
+    """The rows `rejections` decides from (a superuser session). A written name pg_settings
+    does not list is asked for by name too: a few real settings are hidden from it (`seed`)."""
     errors = [FileError(f, line, name, err) for f, line, name, err in conn.execute(FILE_SETTINGS_QUERY)]
     settings = {name.lower(): bool(pending) for name, pending in conn.execute(SETTINGS_QUERY)}
+    for name in written:
+        key = name.lower()
+        if "." not in key and key not in settings and \
+                conn.execute("SELECT pg_catalog.current_setting(%s, true) IS NOT NULL", (name,)).fetchone()[0]:
+            settings[key] = False
     return errors, settings

@@ -34,6 +34,13 @@ def test_a_valid_restart_only_change_is_not_a_rejection():
     assert rejections(errors, {**KNOWN, "shared_buffers": True}, ["shared_buffers"]) == ()
 
 
+def test_a_restart_only_setting_removed_from_the_file_is_not_a_rejection():
+    """A promoted replica's file no longer has `hot_standby` (postmaster context)."""
+    errors = [FileError(None, None, None, 'parameter "hot_standby" cannot be changed without restarting the server')]
+    assert rejections(errors, KNOWN, [], before_reload=True) == ()
+    assert rejections(errors, KNOWN, []) == ()
+
+
 def test_a_syntax_error_has_no_name():
     errors = [FileError(CONF, 5, None, "syntax error")]
     found = rejections(errors, KNOWN, [], before_reload=True)
