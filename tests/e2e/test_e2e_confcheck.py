@@ -290,3 +290,26 @@ def test_many_unknown_keys_are_accepted_bounded_and_never_stored():
             assert "junk_" not in stored and len(stored) < 10_000
             lines = [line for line in c.output().splitlines() if "spec keys ignored" in line]
             assert len(lines) == 1 and len(lines[0]) < 2500 and "and 29980 more" in lines[0]
+
+
+def test_pull_mode_logs_unknown_keys_once_and_checks_the_connstr_before_pgdata():
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        cp.spec = c.new_spec()
+        cp.spec["colour"] = "blue"
+        with c:
+            c.wait_status("running")
+            lines = [line for line in c.output().splitlines() if "spec keys ignored" in line]
+            assert len(lines) == 1 and "'colour'" in lines[0], lines
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        cp.spec = c.new_spec()
+        cp.spec["cluster"]["settings"] = [s for s in cp.spec["cluster"]["settings"] if s["name"] != "port"]
+        os.makedirs(c.pgdata)
+        marker = os.path.join(c.pgdata, "precious")
+        open(marker, "w").close()
+        with c:
+            st = c.wait_status("failed")
+            assert f"-C connects to port {c.pg_port}" in st["error"] and "5432" in st["error"], st
+            assert os.path.exists(marker)  # PGDATA not emptied
+            assert c.wait_exit(30) == 1
