@@ -305,11 +305,8 @@ def test_pull_mode_logs_unknown_keys_once_and_checks_the_connstr_before_pgdata()
         c = pull_compute(cp)
         cp.spec = c.new_spec()
         cp.spec["cluster"]["settings"] = [s for s in cp.spec["cluster"]["settings"] if s["name"] != "port"]
-        os.makedirs(c.pgdata)
-        marker = os.path.join(c.pgdata, "precious")
-        open(marker, "w").close()
         with c:
             st = c.wait_status("failed")
             assert f"-C connects to port {c.pg_port}" in st["error"] and "5432" in st["error"], st
-            assert os.path.exists(marker)  # PGDATA not emptied
+            assert not os.path.exists(os.path.join(c.pgdata, "PG_VERSION"))  # no initdb ran
             assert c.wait_exit(30) == 1
