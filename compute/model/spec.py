@@ -169,8 +169,9 @@ def decode_spec_text(text: str | bytes) -> Any:
             raise SpecError("<document>", f"not valid UTF-8 ({e})") from None
     try:
         return json.loads(text)
-    except RecursionError:
-        raise SpecShapeError("<document>", f"nested deeper than {MAX_SPEC_DEPTH} levels of objects and arrays") from None
+    except RecursionError:  # json's own limit (about 1000 levels, less on a deep stack)
+        raise SpecShapeError("<document>", f"not valid JSON (nested deeper than {MAX_SPEC_DEPTH} levels of "
+                             "objects and arrays)") from None
     except ValueError as e:
         raise SpecError("<document>", f"not valid JSON ({e})") from None
 
