@@ -4,8 +4,9 @@ The API's half of the protocol (the driver is the `lifecycle` program):
   1. validate, cheapest first and the body last (nothing is read for a request that will be
      refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
      when live configuration is not allowed (a -s/-S launch) or the status is not empty/running;
-     then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
-     is invalid or would change a running compute's mode (compute/model/modes.py);
+     then read the body: 400 unless it is a JSON object with a "spec" object, or when the spec
+     document is malformed (nested too deep, a misspelled key: SpecShapeError), 412 when the
+     spec is invalid or would change a running compute's mode (compute/model/modes.py);
   2. submit, wake, wait (compute/shared/driver_requests.py): one atomic transition {empty, running} ->
      configuration_pending carrying the spec and a new spec_generation (of concurrent requests
      exactly one wins, the others get 412), then the driver's answer: `running` (200, the
@@ -23,7 +24,8 @@ from compute.shared import driver_requests
 from compute.model import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.model.spec import SpecError, StoredSpecError, load_stored, parse_spec, to_document
+from compute.model.spec import SpecError, SpecShapeError, StoredSpecError, load_stored, parse_spec, to_document
+from compute.model.spec_shape import unknown_keys_line
 
 log = logging.getLogger("compute.api.configure")
 
@@ -53,6 +55,8 @@ class Configure:
         superuser = settings.superuser or self.ctx.superuser
         try:
             new = parse_spec(spec, superuser=superuser)
+        except SpecShapeError as e:  # nested too deep, a misspelled key: a malformed request
+            raise falcon.HTTPBadRequest(description=str(e)) from None
         except SpecError as e:
             raise falcon.HTTPPreconditionFailed(description=str(e)) from None
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
@@ -61,6 +65,8 @@ class Configure:
             raise falcon.HTTPPreconditionFailed(
                 description=f"invalid spec: {type(e).__name__}: {str(e)[:200]}") from None
 
+        if new.ignored_keys:
+            log.warning("%s", unknown_keys_line(new.ignored_keys))
         if status == "running":
             self._refuse_a_mode_change(new, superuser)
         store = self.ctx.store

@@ -26,6 +26,7 @@ from compute.shared import driver_requests
 from compute.model import modes
 from compute.api.context import ApiContext, debug_status_name
 from compute.api.errors import json_body, read_body, spec_request
+from compute.model.spec_shape import unknown_keys_line
 from compute.model.spec import LSN, ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 
 log = logging.getLogger("compute.api.promote")
@@ -49,6 +50,8 @@ def parse_request(raw: bytes, superuser: str | None) -> tuple[ComputeSpec, str |
         raise falcon.HTTPBadRequest(description=f"invalid spec: {type(e).__name__}") from None
     if spec.mode != modes.PRIMARY:
         raise falcon.HTTPBadRequest(description=f"invalid spec: mode: a promoted compute is Primary, not {spec.mode}")
+    if spec.ignored_keys:
+        log.warning("%s", unknown_keys_line(spec.ignored_keys))
     return spec, lsn
 
 

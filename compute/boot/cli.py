@@ -344,7 +344,8 @@ def validate(args: argparse.Namespace):
     document, parsed spec, superuser, the config file's compute_ctl_config or None): the
     document is the parsed spec written back (spec.to_document), which every program reads
     typed without parsing it again. A config file's spec may be null: no spec, start `empty`."""
-    from compute.model.spec import decode_spec_text, parse_spec, parse_spec_text, read_spec_file, to_document
+    from compute.model.reach import connstr_mismatch
+    from compute.model.spec import SpecError, decode_spec_text, parse_spec, parse_spec_text, read_spec_file, to_document
     superuser = require_superuser(args.connstr)
     doc = spec = ctl_config = None
     if args.config is not None:
@@ -357,6 +358,9 @@ def validate(args: argparse.Namespace):
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
         spec = parse_spec_text(text, superuser=superuser)
     if spec is not None:
+        mismatch = connstr_mismatch(args.connstr, spec)
+        if mismatch:  # before initdb: the compute would start where -C cannot reach it
+            raise SpecError("cluster.settings", mismatch)
         doc = to_document(spec)
     return doc, spec, superuser, ctl_config
 
@@ -566,6 +570,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     warning = exposure_warning(args.http_address, settings.live_config_allowed, settings.jwks_path)
     if warning:
         log.warning("%s", warning)
+    if spec is not None and spec.ignored_keys:
+        from compute.model.spec_shape import unknown_keys_line
+        log.warning("%s", unknown_keys_line(spec.ignored_keys))
     # From here on we are supervisord (one PID for the life of the compute): its loop runs in
     # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the

@@ -32,9 +32,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from compute.shared import driver_requests
-from compute.postgres import localauth, conf as pgconf, replica, shutdown_lsn
+from compute.postgres import localauth, conf as pgconf, conf_check, pglog, replica, shutdown_lsn
 from compute.model import modes, launch
 from compute.model import lsn_lease as lsn_lease_plan
+from compute.model.reach import connstr_mismatch
+from compute.model.spec_shape import unknown_keys_line
 from compute.storage import attempts, basebackup, initdb, safekeepers
 from compute.base import forkinfo
 from compute.base.procutil import die_with_parent
@@ -62,6 +64,10 @@ from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Ter
 log = logging.getLogger("compute.lifecycle.driver")
 
 READY_TIMEOUT = 60.0
+LOG_WAIT = 3.0  # s: postgres' lines reach its log through supervisord's pipe a moment after it acts
+SUPERUSER_CHECK_TIMEOUT = 10.0
+# postgres' refusals of a login that no retry will change (a role missing on a replica's primary)
+FINAL_LOGIN_ERRORS = ("does not exist", "authentication failed", "no pg_hba.conf entry")
 LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.boot.paths recognises PGDATA by these
 POLL = 0.5
 STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
@@ -252,7 +258,7 @@ class Driver:
             self.end_stale_apply_sessions()
         elif step is DriverStep.APPLY:
             t = time.monotonic()
-            self.apply(self.spec)
+            self.apply(self.spec, at_start=True)
             self.store.record_metrics(config_ms=ms_since(t))
         elif step is DriverStep.MARK_RUNNING:
             self.mark_running()
@@ -306,6 +312,8 @@ class Driver:
             raw = config.spec
             if raw is not None:
                 spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
+                if spec.ignored_keys:
+                    log.warning("%s", unknown_keys_line(spec.ignored_keys))
                 self.store.set(spec=to_document(spec), spec_generation=1)
         if spec is None:
             if self.store.transition({"init"}, "empty"):
@@ -319,6 +327,9 @@ class Driver:
             self.store.set(start_time=time.time())
         self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
+        mismatch = connstr_mismatch(self.settings.connstr, spec)
+        if mismatch:  # before PGDATA is touched: postgres would start where -C cannot reach it
+            raise SpecError("cluster.settings", mismatch)
         return spec
 
     def take_jwks(self, ctl_config) -> None:
@@ -431,6 +442,7 @@ class Driver:
         # stops the tree itself (driver_requests), so postgres must then never start.
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
+        self.log_offset = pglog.size(pglog.log_path(self.runtime_dir))  # postgres' lines from here on
         self.supervisor().startProcess("postgres", False)
 
     def wait_ready(self) -> None:
@@ -447,16 +459,56 @@ class Driver:
             if verdict is Readiness.READY:
                 break
             if verdict is Readiness.TIMED_OUT:
-                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s")
+                said = pglog.failure_summary(self.postgres_said(wait=False))
+                raise StartupError(f"postgres did not become ready within {READY_TIMEOUT:.0f} s"
+                                   + (f": {said}" if said else ""))
             if verdict is Readiness.DIED:
-                raise StartupError(f"postgres exited while starting (state {state}); see the postgres log")
+                said = pglog.failure_summary(self.postgres_said(wait=True))
+                raise StartupError(f"postgres exited while starting: {said}" if said else
+                                   f"postgres exited while starting (state {state}); see the postgres log "
+                                   f"({pglog.log_path(self.runtime_dir)})")
             time.sleep(0.01)
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
-    def apply(self, spec: ComputeSpec) -> None:
+    def postgres_said(self, *, wait: bool) -> str:
+        """postgres' log since this driver started it (the whole tail for a restarted driver);
+        with `wait`, until a FATAL or PANIC line is in (at most LOG_WAIT s: postgres has exited,
+        its last lines are on their way through supervisord's pipe)."""
+        path = pglog.log_path(self.runtime_dir)
+        offset = getattr(self, "log_offset", 0)
+        deadline = time.monotonic() + (LOG_WAIT if wait else 0)
+        while True:
+            text = pglog.read_since(path, offset)
+            if not wait or pglog.has_failure(text) or time.monotonic() >= deadline:
+                return text
+            time.sleep(0.05)
+
+    def check_superuser_session(self, spec: ComputeSpec) -> None:
+        """When no catalog SQL runs (a read-only mode, skip_pg_catalog_updates), nothing else
+        would notice at start that our programs cannot log in as -C's superuser (a replica's
+        catalog is its primary's): /readyz would answer 503 for ever. One session proves it."""
+        deadline = time.monotonic() + SUPERUSER_CHECK_TIMEOUT
+        while True:
+            try:
+                with psycopg.connect(**local_sslmode(conninfo_to_dict(self.settings.connstr)), autocommit=True,
+                                     connect_timeout=10) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as e:
+                said = " ".join(str(e).split())
+                if any(m in said for m in FINAL_LOGIN_ERRORS) or time.monotonic() >= deadline:
+                    hint = (f": create role {self.superuser!r} (a superuser) on the primary, or give -C "
+                            "a superuser the primary has" if modes.plan_start(spec).source == "clone" else "")
+                    raise StartupError(f"cannot log in as the -C superuser {self.superuser!r}: {said}"
+                                       + (f" (a replica's roles are its primary's{hint})" if hint else "")) from None
+                time.sleep(0.2)
+
+    def apply(self, spec: ComputeSpec, *, at_start: bool = False) -> None:
         skipped = modes.no_catalog_sql_reason(spec)
         if skipped:
             log.info("%s", skipped)
+            if at_start:
+                self.check_superuser_session(spec)
             return
         from compute.reconcile import apply_spec
         apply_spec(self.settings.connstr, spec, superuser=self.superuser,
@@ -524,14 +576,43 @@ class Driver:
     def reconfigure(self) -> None:
         if not self.store.transition({"configuration_pending"}, "configuration"):
             return
+        v = self.store.get_many(("spec_generation", "previous_spec"))
+        generation = int(v["spec_generation"] or 0)
+        previous = v["previous_spec"] if isinstance(v["previous_spec"], dict) else {}
+        # The spec this one replaces, when /configure recorded it for this very generation.
+        previous_doc = previous.get("spec") if previous.get("generation") == generation else None
         try:
             spec = load_stored(self.store)
+        except StoredSpecError as e:  # nothing applied yet: the compute stays as it was
+            self.refuse_reconfiguration(generation, previous_doc, f"the new spec cannot be read: {e}")
+            return
+        try:
             log.info("applying a new spec")
+            files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
+                                           os.path.join(self.pgdata, modes.PASSFILE)])
+            written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
             self.write_conf(spec)
             with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
                                  autocommit=True, connect_timeout=10) as conn:
+                # An unknown name or a syntax error is known before postgres is told: then the
+                # file goes back and postgres never reads the rejected one.
+                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
+                if rejected:
+                    pgconf.restore_files(files)
+                    self.refuse_reconfiguration(generation, previous_doc, conf_check.describe(rejected))
+                    return
+                offset = pglog.size(pglog.log_path(self.runtime_dir))
                 if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
                     log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
+                if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
+                    msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
+                    pgconf.restore_files(files)
+                    if not pgconf.reload_and_wait(conn):
+                        log.warning("postgres did not re-read its restored configuration within %g s",
+                                    pgconf.RELOAD_WAIT)
+                    self.refuse_reconfiguration(generation, previous_doc, msg)
+                    return
                 pending = [r[0] for r in conn.execute(
                     "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
             self.apply(spec)
@@ -546,6 +627,28 @@ class Driver:
             msg = describe(e)
             log.error("reconfiguration failed: %s", msg)
             self.store.set(status="failed", error=msg)
+
+    def rejection_reasons(self, offset: int, rejected) -> dict[str, str]:
+        """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
+        s for the postmaster's lines to get through supervisord); the view's words otherwise."""
+        names = [r.name for r in rejected if r.name]
+        path = pglog.log_path(self.runtime_dir)
+        deadline = time.monotonic() + LOG_WAIT
+        while True:
+            found = pglog.reasons(pglog.read_since(path, offset), names)
+            if len(found) >= len(set(n.lower() for n in names)) or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.05)
+
+    def refuse_reconfiguration(self, generation: int, previous_doc, msg: str) -> None:
+        """A reconfiguration that changed nothing: the compute stays `running` with what it had
+        (the previous spec back in the state file), the reason on /status and in /configure's
+        answer (driver_requests.configure_outcome)."""
+        log.error("reconfiguration refused, nothing changed: %s", msg)
+        fields = {"status": "running", "error": msg, "configure_rejected": {"generation": generation, "error": msg}}
+        if previous_doc is not None:
+            fields["spec"] = previous_doc
+        self.store.set(**fields)
 
     # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
     def request_session(self) -> psycopg.Connection:

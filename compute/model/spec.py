@@ -2,8 +2,10 @@
 
 Everything here is pure: `parse_spec` turns decoded JSON into frozen dataclasses or raises
 `SpecError` naming the offending field. Validation is strict about anything that later ends up
-in SQL or postgresql.conf (names, setting values) and lenient about unknown keys, as the
-original is.
+in SQL or postgresql.conf (names, setting values). Unknown keys are tolerated, as the original
+does, but reported (`ComputeSpec.ignored_keys`, logged once where the spec comes in), and one
+that looks like a misspelling of a key we read is refused; so is a document nested deeper than
+MAX_SPEC_DEPTH (compute/model/spec_shape.py: `SpecShapeError`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Iterable
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+from compute.model.spec_shape import MAX_SPEC_DEPTH, shape_report
 
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
@@ -68,6 +72,11 @@ class SpecError(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"invalid spec: {field}: {message}")
+
+
+class SpecShapeError(SpecError):
+    """The document's shape is refused before its fields are read: nested too deep, or a key
+    that looks like a misspelling. The API answers 400 (a malformed request), not 412."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,9 @@ class ComputeSpec:
     postgresql_conf: str | None = None
     fields: StorageFields = StorageFields()
     drop_subscriptions_before_start: bool = False
+    # Paths of the keys the document had that we do not know (logged once where the spec comes
+    # in; never stored: to_document writes only what is typed here).
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def setting(self, name: str) -> str | None:
         for opt in self.cluster.settings:
@@ -246,7 +258,10 @@ def decode_spec_text(text: str | bytes) -> Any:
             raise SpecError("<document>", f"not valid UTF-8 ({e})") from None
     try:
         return json.loads(text)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:  # json's own limit (about 1000 levels, less on a deep stack)
+        raise SpecShapeError("<document>", f"not valid JSON (nested deeper than {MAX_SPEC_DEPTH} levels of "
+                             "objects and arrays)") from None
+    except ValueError as e:
         raise SpecError("<document>", f"not valid JSON ({e})") from None
 
 
@@ -265,6 +280,13 @@ def load_spec_file(path: str, *, superuser: str | None = None) -> ComputeSpec:
 def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     """Validate decoded JSON. `superuser` (the connstr's user) may own databases without
     being listed in `roles`."""
+    shape = shape_report(obj)
+    if shape.too_deep:
+        raise SpecShapeError("<document>", f"nested deeper than {MAX_SPEC_DEPTH} levels of objects and arrays")
+    if shape.misspellings:
+        m = shape.misspellings[0]
+        raise SpecShapeError(m.path, f"unknown key {_short(m.key)} looks like a misspelling of {m.known!r}, "
+                             "which is absent: fix its spelling")
     o = _Obj(obj, "<document>")
     version = o.req("format_version", (int, float))
     if isinstance(version, bool) or version != 1.0:  # no float(): a huge int would overflow
@@ -307,6 +329,7 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         postgresql_conf=postgresql_conf,
         fields=_storage_fields(o),
         drop_subscriptions_before_start=bool(o.opt("drop_subscriptions_before_start", bool)),
+        ignored_keys=shape.unknown,
     )
     spec = dataclasses.replace(spec, storage=resolve_storage(spec))
     _check_mode(spec)

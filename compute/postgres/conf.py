@@ -125,6 +125,32 @@ def write_postgresql_conf(pgdata: str, settings, spec: ComputeSpec | None = None
     _atomic_write(os.path.join(pgdata, "postgresql.conf"), render_postgresql_conf(settings, spec))
 
 
+def snapshot_files(paths) -> dict[str, str | None]:
+    """The text of each file (None: absent), to put back with `restore_files` (a /configure whose
+    settings postgres rejected leaves everything as it was)."""
+    texts: dict[str, str | None] = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            texts[path] = None
+            continue
+        with os.fdopen(fd, encoding="utf-8", errors="surrogateescape") as f:
+            texts[path] = f.read()
+    return texts
+
+
+def restore_files(texts: dict[str, str | None]) -> None:
+    for path, text in texts.items():
+        if text is None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        else:
+            _atomic_write(path, text)
+
+
 def ensure_hba_line(pgdata: str) -> bool:
     """Append `host all all 0.0.0.0/0 md5` to pg_hba.conf when missing. True if appended."""
     path = os.path.join(pgdata, "pg_hba.conf")
@@ -180,6 +206,6 @@ def _atomic_write(path: str, text: str) -> None:
     except FileNotFoundError:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -110,9 +110,18 @@ def termination_phase(raw: Any) -> str | None:
 
 def submit_configure(store: StateStore, spec: Any) -> int | None:
     """Hand a validated spec document over; the new spec_generation, or None when the status
-    is neither `empty` nor `running` (of concurrent requests, exactly one wins)."""
-    return store.transition({"empty", "running"}, "configuration_pending", bump="spec_generation",
-                            spec=spec, error=None) or None
+    is neither `empty` nor `running` (of concurrent requests, exactly one wins). The spec it
+    replaces is kept beside it (`previous_spec`, with the generation): a reconfiguration that
+    changes nothing (postgres rejected its settings) puts it back."""
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        if v["status"] not in ("empty", "running"):
+            return None
+        generation = int(v["spec_generation"] or 0) + 1
+        return {"status": "configuration_pending", "spec": spec, "spec_generation": generation, "error": None,
+                "previous_spec": {"generation": generation, "spec": v["spec"]}}
+
+    fields = store.update(("status", "spec_generation", "spec"), decide)
+    return fields["spec_generation"] if fields else None
 
 
 def submit_promote(store: StateStore, spec: Any, wal_flush_lsn: str | None) -> Promotion | None:
@@ -201,12 +210,16 @@ def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[s
         time.sleep(poll)
 
 
-CONFIGURE_KEYS = ("status", "spec_generation", "error")
+CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_rejected")
 
 
 def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
     """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
-    A later generation means ours was applied and another configure came after it."""
+    A later generation means ours was applied and another configure came after it. A
+    `configure_rejected` record of our generation: refused with nothing changed (still `running`)."""
+    rejected = values.get("configure_rejected")
+    if isinstance(rejected, dict) and rejected.get("generation") == generation and values["status"] == "running":
+        return False, rejected.get("error") or "configuration rejected"
     if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
         return True, None
     if values["status"] == "failed":

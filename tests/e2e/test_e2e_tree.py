@@ -226,6 +226,8 @@ def test_failed_start_reports_error_then_exits_1():
     with c:
         st = c.wait_status("failed")
         assert "postgres exited while starting" in st["error"]
+        # postgres' own sentence, not "see the postgres log" (issue 20)
+        assert 'invalid value for parameter "shared_buffers": "lots"' in st["error"], st
         t = time.monotonic()
         assert c.wait_exit(15) == 1
         assert 0.5 < time.monotonic() - t < 10  # the grace period (2 s in tests) was honoured

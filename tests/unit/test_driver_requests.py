@@ -21,6 +21,17 @@ def test_configure_is_one_transition_and_one_winner(tmp_path):
     assert store.get("spec") == spec
 
 
+def test_configure_keeps_the_spec_it_replaces(tmp_path):
+    """For a reconfiguration that changes nothing (postgres rejected its settings) to put back."""
+    store = make_state(str(tmp_path), status="running")
+    old = minimal_spec()
+    store.set(spec=old, spec_generation=4)
+    new = {**minimal_spec(), "operation_uuid": "new"}
+    assert dr.submit_configure(store, new) == 5
+    assert store.get("previous_spec") == {"generation": 5, "spec": old}
+    assert store.get("spec") == new
+
+
 @pytest.mark.parametrize("values,outcome", [
     ({"status": "configuration_pending", "spec_generation": 3, "error": None}, None),
     ({"status": "configuration", "spec_generation": 3, "error": None}, None),
@@ -28,6 +39,11 @@ def test_configure_is_one_transition_and_one_winner(tmp_path):
     ({"status": "configuration", "spec_generation": 4, "error": None}, (True, None)),  # ours, then another
     ({"status": "failed", "spec_generation": 3, "error": "boom"}, (False, "boom")),
     ({"status": "failed", "spec_generation": 3, "error": None}, (False, "configuration failed")),
+    # postgres rejected the settings of ours: back to running, nothing changed, an error all the same
+    ({"status": "running", "spec_generation": 3, "error": "x",
+      "configure_rejected": {"generation": 3, "error": "rejected"}}, (False, "rejected")),
+    ({"status": "running", "spec_generation": 3, "error": None,
+      "configure_rejected": {"generation": 2, "error": "an older one"}}, (True, None)),
 ])
 def test_configure_outcome(values, outcome):
     assert dr.configure_outcome(values, 3) == outcome

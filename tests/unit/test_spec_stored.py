@@ -98,3 +98,22 @@ def test_the_driver_fails_the_start_on_a_stored_spec_it_cannot_read(tmp_path):
     with pytest.raises(StoredSpecError) as e:
         Driver(rt).wait_for_spec()
     assert describe(e.value).startswith("the state file's spec cannot be read (KeyError")
+
+
+def test_a_reconfiguration_whose_spec_cannot_be_read_changes_nothing(tmp_path):
+    """Issue 19: not a final `failed` with postgres still running. The compute stays `running`
+    with the spec it had, the reason on /status and in the /configure answer, and /configure
+    open for the next spec."""
+    from compute.lifecycle.driver import Driver
+    from compute.shared import driver_requests as dr
+    from tests.support.api_helpers import make_state, minimal_spec
+    rt = str(tmp_path)
+    store = make_state(rt, status="running", spec=minimal_spec(), spec_generation=1)
+    good = store.get("spec")
+    generation = dr.submit_configure(store, {"format_version": 1.0})  # not what to_document writes
+    Driver(rt).reconfigure()
+    v = store.get_many(("status", "error", "spec", *dr.CONFIGURE_KEYS))
+    assert v["status"] == "running" and v["spec"] == good
+    assert v["error"].startswith("the new spec cannot be read: the state file's spec cannot be read")
+    assert dr.configure_outcome(v, generation) == (False, v["error"])
+    assert dr.submit_configure(store, good) == generation + 1  # /configure is still open
