@@ -158,13 +158,25 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
-def resolve_pgbin(pgbin: str) -> str:
+def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
+    """-b's binary: a name is looked up on PATH (as execvp would), a path must be executable."""
     import shutil
-    found = pgbin if os.sep in pgbin else shutil.which(pgbin)
-    if not found or not os.access(found, os.X_OK):
-        raise UsageError(f"--pgbin {pgbin!r}: not an executable (give the full path, e.g. "
-                         "/usr/lib/postgresql/15/bin/postgres)")
-    return os.path.abspath(found)
+    path = os.environ.get("PATH", os.defpath) if path is None else path
+    example = "give the full path, e.g. -b /usr/lib/postgresql/15/bin/postgres"
+    if os.sep not in pgbin:
+        found = shutil.which(pgbin, path=path)
+        if not found:
+            raise UsageError(f"-b/--pgbin {pgbin!r}: no executable {pgbin!r} on PATH ({path}): "
+                             f"{example}, or add its directory to PATH")
+        return os.path.abspath(found)
+    if not os.path.exists(pgbin):
+        raise UsageError(f"-b/--pgbin {pgbin!r}: no such file: {example}")
+    if os.path.isdir(pgbin) or not os.access(pgbin, os.X_OK):
+        st = os.stat(pgbin)
+        raise UsageError(f"-b/--pgbin {pgbin!r}: not an executable file for uid {os.geteuid()} "
+                         f"(found: {'a directory, ' if os.path.isdir(pgbin) else ''}owner uid {st.st_uid}, "
+                         f"mode {st.st_mode & 0o7777:04o}): {example}")
+    return os.path.abspath(pgbin)
 
 
 def resolve_pgbin_dir(pgbin: str) -> str:
