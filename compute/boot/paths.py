@@ -420,6 +420,8 @@ def _walk(path: str, policy: Policy, *, create: bool = True) -> int | None:
                     # swapped for a symlink or a file since the stat: refuse, never follow
                     raise PathError(f"{here}: changed while being checked ({e.strerror}): refusing "
                                     "it; if nobody else writes there, start again") from None
+                if node.uid not in policy.owners:
+                    check_ancestor(node, policy)  # it is someone else's: say that, not EACCES
                 raise os_refusal(here, "opened", e, node) from None
             stack.append((here, fd))
             opened = Node.of(here, os.fstat(fd), volume=is_volume(mounts, here))
