@@ -267,6 +267,31 @@ def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | N
             "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
 
 
+def check_jwks(path: str, user) -> None:
+    """--jwks as the api will read it (call it as the compute user): readable, JSON, at least one
+    key the api can verify tokens with. Otherwise the compute would start and answer every token
+    401; refused instead with a sentence (UsageError)."""
+    from compute.api.auth import load_jwks
+    try:
+        keys = load_jwks(path)
+    except OSError as e:
+        try:
+            st = os.stat(path)
+            seen = f" (found: owner uid {st.st_uid}, group gid {st.st_gid}, mode {st.st_mode & 0o7777:04o})"
+        except OSError:
+            seen = ""
+        raise UsageError(f"--jwks {path}: the compute user {user.name} (uid {user.uid}) cannot read it: "
+                         f"{e.strerror}{seen}. Fix: make it readable by that user (e.g. chmod 0644: a "
+                         "JWKS holds public keys only), on a path it can reach") from None
+    except ValueError as e:
+        raise UsageError(f"--jwks {path}: not a JWKS: invalid JSON ({e}). Needed: a JSON object "
+                         '{"keys": [...]}, as the token issuer publishes it') from None
+    if not keys:
+        raise UsageError(f"--jwks {path}: no usable key in it (supported: kty RSA for RS256, kty OKP "
+                         "with crv Ed25519 for EdDSA; use absent or \"sig\"): every token would be "
+                         "refused. Fix: give the issuer's public keys")
+
+
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
     """Refuse (PathError) a PGDATA or runtime dir we must not take over; changes nothing."""
     from compute.postgres.conf import BEGIN_MARK
@@ -373,6 +398,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
+        if settings.jwks_path:  # read as the api will: as the compute user
+            check_jwks(settings.jwks_path, user)
         prepare_runtime_files(runtime_dir)
         responder.offer_handover(handover_path(runtime_dir))  # as the user: 0600, ours
         if not os.access(sys.executable, os.X_OK):

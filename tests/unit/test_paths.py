@@ -289,3 +289,11 @@ def test_typo_pgdata_is_not_taken(base):
     with open(os.path.join(lib, "postgresql.conf"), "w") as f:
         f.write(BEGIN_MARK + "\n")
     prepare(lib, pgdata_marker=BEGIN_MARK)
+
+
+def test_a_uid_without_a_passwd_entry_is_a_sentence(monkeypatch):
+    """A pod's runAsUser the image does not know: initdb and postgres need a user name."""
+    from compute.boot.users import RunAs
+    monkeypatch.setattr(os, "getuid", lambda: 1000650000)
+    with pytest.raises(ValueError, match="uid 1000650000, which has no entry in /etc/passwd.*runAsUser: 999"):
+        RunAs.current()
