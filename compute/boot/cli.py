@@ -211,7 +211,11 @@ def validate_flags(args: argparse.Namespace) -> None:
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
         raise UsageError("--postgres-exporter-port must be 1..65535 and differ from --http-port")
     if args.postgres_exporter and not os.access(args.postgres_exporter, os.X_OK):
-        raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: not an executable")
+        missing = not os.path.exists(args.postgres_exporter)
+        raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: "
+                         + ("no such file: install Debian's prometheus-postgres-exporter (the image: "
+                            "build it with --build-arg WITH_POSTGRES_EXPORTER=1), or drop the flag"
+                            if missing else "not an executable"))
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
     for flag, value in (("--lock-timeout", args.lock_timeout), ("--statement-timeout", args.statement_timeout)):

@@ -177,3 +177,4 @@ def test_the_service_it_names_exists_and_the_ports_it_uses_are_declared():
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] in names
+
