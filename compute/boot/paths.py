@@ -17,7 +17,7 @@ the mounter's choice (in a pod: the containers that mount it; docs/security.md, 
 pod"). A plain directory that is writable by others without the sticky bit is still refused.
 
 Every refusal is one line: the path, what was found there (owner, group, mode), what is needed
-and how to fix it (`Refusal`).
+and how to fix it (`refusal`).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def os_refusal(path: str, action: str, err: OSError, node: Node | None) -> PathE
     fix = {errno.EACCES: "choose a path whose directories the compute user may enter (e.g. under "
                          "/var/lib/postgresql, or a volume), or give it r-x on them",
            errno.EROFS: "mount a volume there (an emptyDir), or choose a path on a writable volume"
-           }.get(err.errno, "see the reason above")
+           }.get(err.errno, "remove the cause named above, or choose another path")
     return refusal(path, f"cannot be {action}: {err.strerror}", node, need, fix)
 
 
