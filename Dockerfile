@@ -21,6 +21,12 @@ ENV COMPUTE_VENV=/opt/compute-supervisor/venv \
     PATH=/usr/local/pgsql/bin:${PGBIN_DIR}:/opt/compute-supervisor/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8
 
+# The compute user has a fixed numeric id (999, as in the official postgres images), made
+# before Debian's postgresql package would pick one: USER below must be numeric, or a Kubernetes
+# pod with runAsNonRoot refuses the image (it cannot tell a user name is not root).
+RUN groupadd --system --gid 999 postgres \
+    && useradd --system --uid 999 --gid 999 --home-dir /var/lib/postgresql --shell /bin/bash postgres
+
 # The same install script CI runs (scripts/install.sh), so CI exercises these steps.
 COPY . /src
 RUN WITH_POSTGRES_EXPORTER=${WITH_POSTGRES_EXPORTER} /src/scripts/install.sh \
@@ -29,7 +35,9 @@ RUN WITH_POSTGRES_EXPORTER=${WITH_POSTGRES_EXPORTER} /src/scripts/install.sh \
     && install -d -o root -g root -m 0755 /etc/compute \
     && cp /src/conf/demo-spec.json /etc/compute/demo-spec.json
 
-USER postgres
+# postgres (999:999), by number. On a read-only root filesystem give PGDATA and the runtime dir
+# volumes (docs/operations.md, "Kubernetes"; deploy/compute.yaml).
+USER 999:999
 WORKDIR /var/lib/postgresql
 EXPOSE 3080 55432 9187
 

@@ -278,13 +278,25 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
-def resolve_pgbin(pgbin: str) -> str:
+def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
+    """-b's binary: a name is looked up on PATH (as execvp would), a path must be executable."""
     import shutil
-    found = pgbin if os.sep in pgbin else shutil.which(pgbin)
-    if not found or not os.access(found, os.X_OK):
-        raise UsageError(f"--pgbin {pgbin!r}: not an executable (give the full path, e.g. "
-                         "/usr/lib/postgresql/15/bin/postgres)")
-    return os.path.abspath(found)
+    path = os.environ.get("PATH", os.defpath) if path is None else path
+    example = "give the full path, e.g. -b /usr/lib/postgresql/15/bin/postgres"
+    if os.sep not in pgbin:
+        found = shutil.which(pgbin, path=path)
+        if not found:
+            raise UsageError(f"-b/--pgbin {pgbin!r}: no executable {pgbin!r} on PATH ({path}): "
+                             f"{example}, or add its directory to PATH")
+        return os.path.abspath(found)
+    if not os.path.exists(pgbin):
+        raise UsageError(f"-b/--pgbin {pgbin!r}: no such file: {example}")
+    if os.path.isdir(pgbin) or not os.access(pgbin, os.X_OK):
+        st = os.stat(pgbin)
+        raise UsageError(f"-b/--pgbin {pgbin!r}: not an executable file for uid {os.geteuid()} "
+                         f"(found: {'a directory, ' if os.path.isdir(pgbin) else ''}owner uid {st.st_uid}, "
+                         f"mode {st.st_mode & 0o7777:04o}): {example}")
+    return os.path.abspath(pgbin)
 
 
 def resolve_pgbin_dir(pgbin: str) -> str:
@@ -320,7 +332,11 @@ def validate_flags(args: argparse.Namespace) -> None:
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
         raise UsageError("--postgres-exporter-port must be 1..65535 and differ from --http-port")
     if args.postgres_exporter and not os.access(args.postgres_exporter, os.X_OK):
-        raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: not an executable")
+        missing = not os.path.exists(args.postgres_exporter)
+        raise UsageError(f"--postgres-exporter {args.postgres_exporter!r}: "
+                         + ("no such file: install Debian's prometheus-postgres-exporter (the image: "
+                            "build it with --build-arg WITH_POSTGRES_EXPORTER=1), or drop the flag"
+                            if missing else "not an executable"))
     if args.monitor_interval <= 0 or args.grace_seconds < 0:
         raise UsageError("--monitor-interval must be > 0 and --grace-seconds >= 0")
     for flag, value in (("--lock-timeout", args.lock_timeout), ("--statement-timeout", args.statement_timeout)):
@@ -407,6 +423,31 @@ def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | N
     return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
             "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
             "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
+
+
+def check_jwks(path: str, user) -> None:
+    """--jwks as the api will read it (call it as the compute user): readable, JSON, at least one
+    key the api can verify tokens with. Otherwise the compute would start and answer every token
+    401; refused instead with a sentence (UsageError)."""
+    from compute.api.auth import load_jwks
+    try:
+        keys = load_jwks(path)
+    except OSError as e:
+        try:
+            st = os.stat(path)
+            seen = f" (found: owner uid {st.st_uid}, group gid {st.st_gid}, mode {st.st_mode & 0o7777:04o})"
+        except OSError:
+            seen = ""
+        raise UsageError(f"--jwks {path}: the compute user {user.name} (uid {user.uid}) cannot read it: "
+                         f"{e.strerror}{seen}. Fix: make it readable by that user (e.g. chmod 0644: a "
+                         "JWKS holds public keys only), on a path it can reach") from None
+    except ValueError as e:
+        raise UsageError(f"--jwks {path}: not a JWKS: invalid JSON ({e}). Needed: a JSON object "
+                         '{"keys": [...]}, as the token issuer publishes it') from None
+    if not keys:
+        raise UsageError(f"--jwks {path}: no usable key in it (supported: kty RSA for RS256, kty OKP "
+                         "with crv Ed25519 for EdDSA; use absent or \"sig\"): every token would be "
+                         "refused. Fix: give the issuer's public keys")
 
 
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
@@ -529,6 +570,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
+        if args.jwks:  # the operator's file (not -c's or the pull answer's), read as the api will
+            check_jwks(settings.jwks_path, user)
         prepare_runtime_files(runtime_dir)
         if jwks_to_write is not None:  # as the user: 0600, ours, before any program starts
             from compute.shared.jwks_file import write_jwks

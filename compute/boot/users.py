@@ -24,7 +24,14 @@ class RunAs:
 
     @classmethod
     def current(cls) -> "RunAs":
-        pw = pwd.getpwuid(os.getuid())
+        try:
+            pw = pwd.getpwuid(os.getuid())
+        except KeyError:
+            # initdb and postgres look their user up by uid (a pod's runAsUser the image does not know)
+            raise ValueError(f"compute-ctl runs as uid {os.getuid()}, which has no entry in /etc/passwd: "
+                             "postgres and initdb need a user name for it. Run as a user the image "
+                             "knows (the image's USER, 999: postgres; in Kubernetes runAsUser: 999) or "
+                             "add the uid to /etc/passwd") from None
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
     def demote(self) -> None:

@@ -13,6 +13,8 @@ Caller: exitwatch, the in-process handler inside supervisord (compute/tree/super
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from enum import Enum
 
@@ -35,6 +37,21 @@ def postgres_exit_code(statename: str | None, exitstatus: int | None) -> int:
         return 1
     status = 1 if exitstatus is None else int(exitstatus)
     return 1 if status < 0 else status
+
+
+def killed_by(wait_status: int | None) -> str | None:
+    """The signal that ended a process, from its raw wait status, as "SIGKILL (signal 9)"; None
+    when it exited by itself (supervisord keeps only -1 for any signal)."""
+    if wait_status is None or not os.WIFSIGNALED(wait_status):
+        return None
+    number = os.WTERMSIG(wait_status)
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    hint = (": the kernel's OOM killer sends it when the container's memory limit is reached, "
+            "an operator's kill -9 too") if number == signal.SIGKILL else ""
+    return f"{name} (signal {number}){hint}"
 
 
 def decide_postgres_exit(statename: str | None, exitstatus: int | None, *, startup_done: bool,

@@ -53,6 +53,17 @@ POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS
 STARTABLE = (ProcessStates.EXITED, ProcessStates.STOPPED, ProcessStates.FATAL, ProcessStates.BACKOFF)
 
 
+# Raw wait statuses of the children supervisord reaped, by pid (compute.tree.supervisord's
+# waitpid hook notes them): supervisord itself keeps -1 for any signal, we want its name.
+_wait_statuses: dict[int, int] = {}
+
+
+def note_wait_status(pid: int, status: int) -> None:
+    _wait_statuses[pid] = status
+    if len(_wait_statuses) > 64:  # only the latest matter (postgres' is read as it is reaped)
+        del _wait_statuses[next(iter(_wait_statuses))]
+
+
 def postgres_exit_code(info: dict) -> int:
     """supervisord reports -1 for a process killed by a signal; the tree must still fail."""
     return exit_decision.postgres_exit_code(info.get("statename"), info.get("exitstatus", 1))
@@ -181,6 +192,10 @@ class ExitWatch:
         info = self.process_info("postgres")
         if info is None:
             return  # supervisord is already taking the tree down (SIGTERM, /terminate)
+        proc = self._process("postgres")
+        signalled = exit_decision.killed_by(_wait_statuses.pop(proc.pid, None) if proc and proc.pid else None)
+        if signalled:
+            log.error("postgres was killed by %s", signalled)
         flags = self.store.get_many(("startup_done", "shutdown_requested"))
         decision = exit_decision.decide_postgres_exit(
             info.get("statename"), info.get("exitstatus", 1),

@@ -34,7 +34,7 @@ from supervisor.xmlrpc import Faults, RPCError
 from compute.model import launch
 from compute.tree import warmfork
 from compute.api.listener import inherited_fd
-from compute.tree.exitwatch import ExitWatch, Timers
+from compute.tree.exitwatch import ExitWatch, Timers, note_wait_status
 from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
 from compute.shared.state import runtime_dir_from_env
 from compute.base.trace import mark
@@ -86,6 +86,8 @@ _waitpid = options.ServerOptions.waitpid
 
 def _waitpid_then_turn_again(self):
     pid, sts = _waitpid(self)
+    if pid and sts is not None:
+        note_wait_status(pid, sts)  # exitwatch names the signal that killed postgres
     if pid and isinstance(self.poller, PromptPoller):
         self.poller.again = True  # the next transition() respawns it: do not wait 1 s for it
     return pid, sts

@@ -74,6 +74,9 @@ def test_kill_9_postmaster_fails_the_tree_fast(compute):
     code = compute.wait_exit(10)
     assert code != 0
     assert time.monotonic() - t < 5
+    # logged at ERROR, naming the signal (supervisord itself keeps only "-1")
+    assert any(" ERROR " in ln and "postgres was killed by SIGKILL (signal 9)" in ln
+               for ln in compute.output().splitlines()), compute.output()[-3000:]
 
 
 def test_core_dump_is_reported_by_the_in_process_exitwatch(compute):

@@ -121,6 +121,61 @@ def test_paths_planted_by_another_user_are_refused_and_nothing_is_touched(plant)
         shutil.rmtree(victim, ignore_errors=True)
 
 
+# The trust a volume's mount point gets (writable by group/other, because only the pod mounts
+# it) reaches the mount point only: what someone plants INSIDE it is checked as anywhere else,
+# and the same mode on a plain directory (a shared host directory) is refused.
+VOLUME_PLANTS = {
+    # nobody's symlink inside a pod volume (an emptyDir: root 0777)
+    "symlink in a volume": (True, "ln -s {victim} {d}/pgdata"),
+    # nobody's directory inside a pod volume, where PGDATA would be created
+    "nobody's directory in a volume": (True, "mkdir -m 700 {d}/pgdata"),
+    # root's shared directory without the sticky bit, not a mount point, with nobody's symlink
+    "symlink in a shared host directory": (False, "ln -s {victim} {d}/pgdata"),
+}
+
+
+def _can_mount_tmpfs(path: str) -> bool:
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0777,size=16m", "tmpfs", path],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("as_compute_user", [False, True], ids=["as root", "as the compute user"])
+@pytest.mark.parametrize("plant", sorted(VOLUME_PLANTS))
+def test_paths_planted_inside_a_volume_are_refused_and_nothing_is_touched(plant, as_compute_user):
+    mounted, script = VOLUME_PLANTS[plant]
+    victim = make_victim()
+    d = f"/tmp/cs-vol-{uuid.uuid4().hex[:12]}"
+    os.mkdir(d)
+    os.chmod(d, 0o777)
+    if mounted and not _can_mount_tmpfs(d):
+        os.rmdir(d)
+        pytest.skip("a volume is a real mount: this process cannot mount (no CAP_SYS_ADMIN)")
+    try:
+        planted = as_user("nobody", "sh", "-c", script.format(d=d, victim=victim))
+        assert planted.returncode == 0, planted.stderr
+        before = snapshot(victim)
+        c = Compute()
+        c.spec = c.new_spec()
+        if as_compute_user:
+            c.run_as = (PG_USER.uid, PG_USER.gid, ())
+        c.pgdata = f"{d}/pgdata"
+        try:
+            c.start()
+            out = assert_refused(c, mentions=d)
+            assert ("owned by nobody" in out or "belongs to nobody" in out
+                    or "not a volume's mount point" in out), out
+            assert snapshot(victim) == before
+            assert not os.path.exists(c.runtime_dir)
+            assert os.lstat(f"{d}/pgdata").st_uid == pwd.getpwnam("nobody").pw_uid  # not chowned
+        finally:
+            c.close()
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", d], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
+        shutil.rmtree(victim, ignore_errors=True)
+
+
 @pytest.mark.parametrize("owner", ["root", "postgres"])
 def test_a_typo_pgdata_is_refused_untouched(owner):
     """`-D /var/lib` (a copy of its shape): root's, or even the compute user's, full of data that

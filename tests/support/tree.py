@@ -65,6 +65,9 @@ class Compute:
     args: list[str] = field(default_factory=list)
     pgbin: str = os.path.join(PGBIN_DIR, "postgres")
     env: dict[str, str] = field(default_factory=dict)
+    # (uid, gid, supplementary gids): start compute-ctl as this user instead of root, as a
+    # Kubernetes pod with runAsUser/runAsGroup/fsGroup does (None: as the tests, root)
+    run_as: tuple[int, int, tuple[int, ...]] | None = None
 
     def __post_init__(self):
         self.base = scratch_dir("cs-tree-")
@@ -133,8 +136,12 @@ class Compute:
 
     def start(self) -> "Compute":
         self.out = open(self.out_path, "wb")
+        who = {}
+        if self.run_as is not None:
+            uid, gid, groups = self.run_as
+            who = dict(user=uid, group=gid, extra_groups=list(groups))
         self.proc = subprocess.Popen(self.command(), stdout=self.out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env}, **who)
         return self
 
     def output(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from compute.tree import exit_decision
 from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
                                    postgres_has_ended, tree_exit_code, counts_as_restart,
                                    terminate_without_postgres)
@@ -83,3 +84,13 @@ def test_counts_as_restart(program, exitstatus, counted):
                                          (None, 0)])
 def test_terminate_without_postgres(status, code):
     assert terminate_without_postgres(status) == code
+
+
+def test_killed_by_names_the_signal_from_the_wait_status():
+    import signal as sig
+    assert exit_decision.killed_by(None) is None
+    assert exit_decision.killed_by(0) is None            # exit 0
+    assert exit_decision.killed_by(1 << 8) is None       # exit 1
+    assert exit_decision.killed_by(sig.SIGKILL).startswith("SIGKILL (signal 9): the kernel's OOM killer")
+    assert exit_decision.killed_by(sig.SIGSEGV | 0x80) == "SIGSEGV (signal 11)"  # with a core dump
+    assert exit_decision.killed_by(sig.SIGABRT) == "SIGABRT (signal 6)"

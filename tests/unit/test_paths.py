@@ -11,8 +11,8 @@ import tempfile
 
 import pytest
 
-from compute.boot.paths import (Node, PathError, Policy, check_ancestor, check_symlink, check_target,
-                           looks_like_our_pgdata, secure_dir)
+from compute.boot.paths import (Node, PathError, Policy, check_ancestor, check_creatable, check_symlink,
+                                check_target, is_volume, looks_like_our_pgdata, parse_mountinfo, secure_dir)
 from compute.postgres.conf import BEGIN_MARK
 
 COMPUTE, OTHER = 1000, 65534
@@ -20,8 +20,16 @@ AS_ROOT = Policy.for_process(COMPUTE, euid=0)
 AS_USER = Policy.for_process(COMPUTE, euid=COMPUTE)
 
 
-def d(uid=0, mode=0o755, path="/x"):
-    return Node(path, "dir", uid, mode)
+def d(uid=0, mode=0o755, path="/x", gid=0, volume=False):
+    return Node(path, "dir", uid, mode, gid, volume)
+
+
+FSGROUP = 2000
+
+
+def vol(mode, gid=0, uid=0):
+    """A volume's mount point as the kubelet leaves it."""
+    return d(uid, mode, path="/vol", gid=gid, volume=True)
 
 
 def link(uid=0):
@@ -44,6 +52,98 @@ def test_ancestors_that_pass(node):
 def test_ancestors_that_are_refused(node, why):
     with pytest.raises(PathError, match=why):
         check_ancestor(node, AS_ROOT)
+
+
+# The pod's volumes, as the kubelet makes them (compute/boot/paths.py's table): on the way to
+# PGDATA or the runtime dir, for the compute user or root alike.
+KUBELET_FORMS = {
+    "emptyDir": vol(0o777),
+    "emptyDir, fsGroup": vol(0o2777, FSGROUP),
+    "emptyDir medium Memory (tmpfs)": vol(0o1777),
+    "emptyDir medium Memory, fsGroup": vol(0o3777, FSGROUP),
+    "PVC, fsGroup": vol(0o2775, FSGROUP),
+    "PVC without fsGroup": vol(0o755),
+}
+
+
+@pytest.mark.parametrize("form", sorted(KUBELET_FORMS))
+@pytest.mark.parametrize("policy", [AS_ROOT, AS_USER], ids=["as root", "as the compute user"])
+def test_volume_mount_points_pass_on_the_way(form, policy):
+    check_ancestor(KUBELET_FORMS[form], policy)
+
+
+@pytest.mark.parametrize("node,why", [
+    # the same modes on a plain directory: a shared host directory
+    (d(0, 0o777), "not a volume's mount point"),
+    (d(0, 0o2777, gid=FSGROUP), "not a volume's mount point"),
+    (d(0, 0o2775, gid=FSGROUP), "not a volume's mount point"),
+    # a volume does not make another user's directory ours
+    (vol(0o777, uid=OTHER), "belongs to"),
+    (vol(0o755, uid=OTHER), "belongs to"),
+])
+def test_what_a_volume_does_not_excuse(node, why):
+    for policy in (AS_ROOT, AS_USER):
+        with pytest.raises(PathError, match=why):
+            check_ancestor(node, policy)
+
+
+@pytest.mark.parametrize("form", sorted(KUBELET_FORMS))
+def test_a_volume_itself_as_the_target(form):
+    """Root's mount point: taken (chowned) only by root and only while empty (a PVC holds
+    lost+found); the compute user is told to give a directory inside it."""
+    node = KUBELET_FORMS[form]
+    with pytest.raises(PathError, match="give a directory inside it, e.g. /vol/pgdata"):
+        check_target(node, AS_USER, what="--pgdata", entries=[])
+    check_target(node, AS_ROOT, what="--pgdata", entries=[])
+    with pytest.raises(PathError, match="not empty; holds lost\\+found.*e.g. /vol/pgdata"):
+        check_target(node, AS_ROOT, what="--pgdata", entries=["lost+found"])
+
+
+def test_creating_inside_a_volume():
+    check_creatable(vol(0o2775, FSGROUP), "pgdata", AS_USER, writable=True, read_only_fs=False)
+    with pytest.raises(PathError, match="may not write in /vol.*fsGroup"):
+        check_creatable(vol(0o755), "pgdata", AS_USER, writable=False, read_only_fs=False)
+    with pytest.raises(PathError, match="read-only filesystem.*emptyDir"):
+        check_creatable(d(0, 0o1777, path="/tmp"), "compute-ctl", AS_USER, writable=False, read_only_fs=True)
+
+
+def test_mount_points_from_mountinfo():
+    text = ("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+            "90 22 0:50 / /var/lib/postgresql/data rw,nosuid - tmpfs tmpfs rw,mode=1777\n"
+            "91 22 8:1 /var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/data /with\\040space rw - ext4 /dev/sda1 rw\n"
+            "92 22 0:51 / /home/x/fuse rw,nosuid shared:3 master:2 - fuse.sshfs host: rw\n"
+            "garbage\n")
+    mounts = parse_mountinfo(text)
+    assert mounts["/var/lib/postgresql/data"] == "tmpfs" and mounts["/with space"] == "ext4"
+    assert is_volume(mounts, "/var/lib/postgresql/data") and is_volume(mounts, "/with space")
+    assert not is_volume(mounts, "/home/x/fuse")  # its daemon says who owns what: not trusted
+    assert not is_volume(mounts, "/var/lib/postgresql")
+
+
+REFUSALS = [  # every refusal, each must name the path, what was found, what is needed, the fix
+    lambda: check_ancestor(d(OTHER, 0o755, path="/a"), AS_ROOT),
+    lambda: check_ancestor(d(0, 0o777, path="/a"), AS_USER),
+    lambda: check_ancestor(Node("/a", "other", 0, 0o644, 0), AS_ROOT),
+    lambda: check_symlink(Node("/a", "symlink", OTHER, 0o777, OTHER), AS_ROOT),
+    lambda: check_target(Node("/a", "other", COMPUTE, 0o600, 0), AS_ROOT, what="--pgdata"),
+    lambda: check_target(d(OTHER, 0o700, path="/a"), AS_ROOT, what="--pgdata", entries=[]),
+    lambda: check_target(d(0, 0o755, path="/a"), AS_USER, what="--pgdata", entries=[]),
+    lambda: check_target(d(0, 0o755, path="/a"), AS_ROOT, what="--pgdata", entries=["x"]),
+    lambda: check_target(d(COMPUTE, 0o2770, path="/a"), AS_ROOT, what="--pgdata", entries=[]),
+    lambda: check_target(d(COMPUTE, 0o700, path="/a"), AS_ROOT, what="--pgdata", entries=["lib"]),
+    lambda: check_creatable(d(0, 0o755, path="/a"), "b", AS_USER, writable=False, read_only_fs=False),
+    lambda: check_creatable(d(0, 0o755, path="/a"), "b", AS_USER, writable=True, read_only_fs=True),
+]
+
+
+@pytest.mark.parametrize("refuse", REFUSALS)
+def test_every_refusal_is_a_sentence_with_what_was_found_and_the_fix(refuse):
+    with pytest.raises(PathError) as e:
+        refuse()
+    text = str(e.value)
+    assert "\n" not in text and "/a" in text and "Errno" not in text
+    assert "found: " in text and "owner " in text and "mode " in text, text
+    assert "Needed: " in text and "Fix: " in text, text
 
 
 def test_symlinks_followed_only_when_we_could_have_made_them():
@@ -189,3 +289,11 @@ def test_typo_pgdata_is_not_taken(base):
     with open(os.path.join(lib, "postgresql.conf"), "w") as f:
         f.write(BEGIN_MARK + "\n")
     prepare(lib, pgdata_marker=BEGIN_MARK)
+
+
+def test_a_uid_without_a_passwd_entry_is_a_sentence(monkeypatch):
+    """A pod's runAsUser the image does not know: initdb and postgres need a user name."""
+    from compute.boot.users import RunAs
+    monkeypatch.setattr(os, "getuid", lambda: 1000650000)
+    with pytest.raises(ValueError, match="uid 1000650000, which has no entry in /etc/passwd.*runAsUser: 999"):
+        RunAs.current()
