@@ -11,6 +11,7 @@ import traceback
 import falcon
 
 from compute.api.auth import JwtAuth
+from compute.api.capacity import DataRouteShare
 from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
@@ -30,7 +31,8 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
     auth = JwtAuth(settings=lambda: ctx.settings)
 
-    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
+    # In this order: 413, 401/403, 415, then a data route's share of the pool (503).
+    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly(), DataRouteShare()])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sqlite3.OperationalError, state_file_error)
 

@@ -39,12 +39,18 @@ from compute.base import forkinfo
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+from compute.base.retry import RetryFailed, RetryPolicy, retry
 from compute.lifecycle.steps import (
+    LOCK_RACE_ATTEMPTS,
+    LOCK_RACE_FACTOR,
+    LOCK_RACE_FIRST_DELAY,
     STARTUP_STEPS,
     DriverView,
     Readiness,
     DriverStep,
+    after_failed_reconfiguration,
     concurrent_step,
+    lost_lock_race,
     grace_remaining,
     idle,
     pending_request,
@@ -76,6 +82,7 @@ REQUEST_STATEMENT_TIMEOUT_MS = 10_000
 REQUEST_LOCK_TIMEOUT_MS = 5_000
 NOT_RUNNING = 70  # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want
 IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
+LOCK_RACE_POLICY = RetryPolicy(LOCK_RACE_ATTEMPTS, LOCK_RACE_FIRST_DELAY, LOCK_RACE_FACTOR)
 
 
 class Terminating(Exception):
@@ -411,10 +418,21 @@ class Driver:
         if skipped:
             log.info("%s", skipped)
             return
-        from compute.reconcile import apply_spec
-        apply_spec(self.settings.connstr, spec, superuser=self.superuser,
-                   lock_timeout=self.settings.lock_timeout,
-                   statement_timeout=self.settings.statement_timeout)
+        from compute.reconcile import ApplyError, apply_spec
+
+        def attempt() -> None:
+            apply_spec(self.settings.connstr, spec, superuser=self.superuser,
+                       lock_timeout=self.settings.lock_timeout,
+                       statement_timeout=self.settings.statement_timeout)
+
+        def on_retry(n: int, e: BaseException, delay: float) -> None:
+            log.warning("applying the spec lost a lock race (attempt %d of %d): %s; again in %.1f s",
+                        n, LOCK_RACE_POLICY.attempts, e, delay)
+        try:
+            retry(LOCK_RACE_POLICY, attempt, catch=(ApplyError,),
+                  retryable=lambda e: lost_lock_race(getattr(e, "sqlstate", None)), on_retry=on_retry)
+        except RetryFailed as failed:
+            raise failed.error from None
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
@@ -477,6 +495,7 @@ class Driver:
     def reconfigure(self) -> None:
         if not self.store.transition({"configuration_pending"}, "configuration"):
             return
+        generation = self.store.get("spec_generation")
         try:
             spec = load_stored(self.store)
             log.info("applying a new spec")
@@ -495,8 +514,13 @@ class Driver:
             log.info("new spec applied")
         except Exception as e:
             msg = describe(e)
+            status = after_failed_reconfiguration(lost_lock_race(getattr(e, "sqlstate", None)))
+            if status == "running":
+                msg = (f"reconfiguration lost a lock race {LOCK_RACE_POLICY.attempts} times; the compute runs "
+                       f"with the spec partly applied (send it again): {msg}")
             log.error("reconfiguration failed: %s", msg)
-            self.store.set(status="failed", error=msg)
+            self.store.set(status=status, error=msg,
+                           configure_failed={"generation": generation, "error": msg})
 
     # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
     def request_session(self) -> psycopg.Connection:

@@ -201,12 +201,18 @@ def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[s
         time.sleep(poll)
 
 
-CONFIGURE_KEYS = ("status", "spec_generation", "error")
+CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_failed")
 
 
 def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
     """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
-    A later generation means ours was applied and another configure came after it."""
+    A later generation means ours was applied and another configure came after it. A
+    reconfiguration that failed but left the compute running (a lost lock race) records
+    `configure_failed` with its generation."""
+    failed = values.get("configure_failed")
+    if isinstance(failed, dict) and failed.get("generation") == generation and \
+            (values["spec_generation"] or 0) == generation:
+        return False, failed.get("error") or "configuration failed"
     if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
         return True, None
     if values["status"] == "failed":
