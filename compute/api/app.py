@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import traceback
 
@@ -25,6 +26,9 @@ from compute.api.promote import Promote
 from compute.api.status import Info, MetricsJson, Status
 from compute.api.terminate import Terminate
 from compute.api.writability import CheckWritability
+from compute.shared.state import StateFileLost
+
+log = logging.getLogger("compute.api.app")
 
 
 def create_app(runtime_dir: str | None = None) -> falcon.App:
@@ -35,6 +39,7 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly(), DataRouteShare()])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sqlite3.OperationalError, state_file_error)
+    app.add_error_handler(StateFileLost, state_file_lost)
 
     app.add_route("/status", Status(ctx))
     app.add_route("/metrics.json", MetricsJson(ctx))
@@ -51,6 +56,20 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app.add_route("/database_schema", DatabaseSchema(ctx))
     app.add_route("/openapi.yaml", OpenApiDocument())
     return app
+
+
+_lost_logged = False
+
+
+def state_file_lost(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    """The state file compute-ctl created is gone (compute.shared.state.StateFileLost): every
+    route answers 503 with the reason (never a stale `running`, never a traceback per request);
+    logged once per worker. The tree stops itself meanwhile (compute/tree/exitwatch.py)."""
+    global _lost_logged
+    if not _lost_logged:
+        _lost_logged = True
+        log.error("%s: answering 503 until the compute is stopped", ex)
+    raise falcon.HTTPServiceUnavailable(description=str(ex))
 
 
 def state_file_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:

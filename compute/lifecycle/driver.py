@@ -60,7 +60,7 @@ from compute.lifecycle.steps import (
 from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
-from compute.shared.state import StateStore, runtime_dir_from_env, state_path
+from compute.shared.state import StateFileLost, StateStore, park_without_state, runtime_dir_from_env, state_path
 from compute.shared.supervisor_rpc import rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
@@ -184,6 +184,8 @@ class Driver:
             try:
                 if concurrent_step(self.request_view()) is DriverStep.TERMINATE:
                     self.terminate()
+            except StateFileLost:
+                return  # no request can come any more; the main thread says so, once
             except Exception:  # the plan goes on; a restarted driver would resume the terminate
                 log.exception("carrying out /terminate")
 
@@ -734,6 +736,17 @@ def main() -> None:
     runtime_dir = runtime_dir_from_env()
     if not wait_for_work(runtime_dir):
         return
+    try:
+        run_driver(runtime_dir)
+    except StateFileLost as e:
+        # Until SIGTERM (SystemExit(0) from on_term, or its default action if the driver never
+        # got that far); a wake-up from the API is no reason to exit (a restart would follow).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WAKE_SIGNALS)
+        park_without_state(e, "lifecycle")
+
+
+def run_driver(runtime_dir: str) -> None:
     driver = Driver(runtime_dir)
 
     def on_usr1(*_):

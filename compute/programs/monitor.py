@@ -32,7 +32,7 @@ from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.base.procutil import die_with_parent
 from compute.model.launch import LaunchSettings, default, require as require_settings
-from compute.shared.state import StateStore, runtime_dir_from_env, state_path
+from compute.shared.state import StateFileLost, StateStore, park_without_state, runtime_dir_from_env, state_path
 
 log = logging.getLogger("compute.programs.monitor")
 
@@ -191,6 +191,8 @@ class ActivityMonitor:
             # Our progress, for the tree: a monitor whose tick stops moving is restarted
             # (compute/tree/monitor_watch.py), and /status and /metrics show it.
             self.store.set(monitor_tick=time.time())
+        except StateFileLost:
+            raise  # nothing to record into any more: main() waits to be stopped
         except Exception as e:  # a busy/locked state file must not kill the monitor
             log.warning("could not record last_active: %s", e)
 
@@ -223,6 +225,9 @@ def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> Lau
         if os.path.exists(path):
             try:
                 return require_settings(store)
+            except StateFileLost as e:
+                park_without_state(e, "monitor", stop)
+                return None
             except sqlite3.OperationalError:
                 pass  # being created: not a database yet
         stop.wait(0.5)
@@ -254,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     monitor.install_signal_handlers()
     if stop.is_set():  # a SIGTERM (supervisord's death) caught by `early` since the launch was found
         return 0
-    monitor.run()
+    try:
+        monitor.run()
+    except StateFileLost as e:
+        park_without_state(e, "monitor", monitor.stop_event)  # its SIGTERM handler sets it
     log.info("stopped")
     return 0
 
