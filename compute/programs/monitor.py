@@ -79,6 +79,7 @@ class ActivityMonitor:
         self.superuser = superuser if superuser is not None else superuser_of(connstr)
         self.clock = clock
         self.stop_event = threading.Event()
+        self._write_failing = False
         self._conn: LibpqSession | None = None
         self._interruptible = False
         self._ever_connected = False
@@ -193,8 +194,16 @@ class ActivityMonitor:
             self.store.set(monitor_tick=time.time())
         except StateFileLost:
             raise  # nothing to record into any more: main() waits to be stopped
-        except Exception as e:  # a busy/locked state file must not kill the monitor
-            log.warning("could not record last_active: %s", e)
+        except Exception as e:  # a busy/locked/full state file must not kill the monitor
+            # One line per outage (a full runtime dir fails every tick); /status and /metrics
+            # say so meanwhile (compute/api/bodies.py state_health).
+            if not self._write_failing:
+                log.warning("could not record last_active: %s", e)
+            self._write_failing = True
+        else:
+            if self._write_failing:
+                log.info("recording last_active again")
+            self._write_failing = False
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
