@@ -25,7 +25,7 @@ FAILURES = 80  # 80 MB of postgres log (each failing statement is logged whole)
 INTERVAL = 0.2
 HANG = 120
 
-pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 def used(path: str) -> int:
@@ -33,7 +33,7 @@ def used(path: str) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-@pytestmark_root
+@needs_root
 def test_log_flood_cannot_fill_a_small_runtime_dir_and_a_full_one_is_reported():
     c = Compute(args=["--monitor-interval", str(INTERVAL)])
     mnt = os.path.join(c.base, "tmpfs")
