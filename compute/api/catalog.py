@@ -134,9 +134,8 @@ class DatabaseSchema:
         try:
             spool = self._dump(dbname, resp)
             if spool is not None:
-                size = os.fstat(spool.fileno()).st_size
+                # Chunked, as before and as Neon streams it (no Content-Length).
                 resp.content_type = "application/sql; charset=utf-8"
-                resp.content_length = size
                 resp.stream = _SpooledDump(spool, self.dumps.release)
                 handed_over = True
         finally:
