@@ -15,11 +15,13 @@ import socket
 import threading
 import time
 
+import jwt
 import psycopg
 import psycopg.sql
 
 from compute.api.catalog import MAX_CONCURRENT_DUMPS
 from tests.peers.control_plane import ControlPlanePeer
+from tests.support.api_helpers import jwks_keys
 from tests.support.fault_tree import alive, descendants
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
@@ -51,11 +53,12 @@ def dump_sessions(c: Compute) -> list:
 class SlowReader:
     """GET /database_schema read at 16 KB/s until stop() or the end of the answer."""
 
-    def __init__(self, port: int, database: str = "postgres"):
+    def __init__(self, port: int, database: str = "postgres", token: str | None = None):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
         self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(f"GET /database_schema?database={database} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self.sock.sendall(f"GET /database_schema?database={database} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
         self.head = b""
         self.received = 0
         self.ended = threading.Event()
@@ -102,9 +105,11 @@ class SlowReader:
         self.thread.join(10)
 
 
-def timed(c: Compute, method: str, path: str, body=None, timeout: float = HANG) -> tuple[int, bytes, float]:
+def timed(c: Compute, method: str, path: str, body=None, timeout: float = HANG,
+          token: str | None = None) -> tuple[int, bytes, float]:
     t0 = time.monotonic()
-    code, data = c.request(method, path, body, timeout=timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    code, data = c.request(method, path, body, headers=headers, timeout=timeout)
     return code, data, time.monotonic() - t0
 
 
@@ -154,22 +159,32 @@ def test_sixteen_slow_readers_leave_probes_and_control_routes_answering():
                 r.stop()
 
 
+def pull_compute(cp: ControlPlanePeer, lock_timeout: int) -> tuple[Compute, str]:
+    """A pull-mode compute behind a JWKS (a pull-mode API open to anyone is refused or warned
+    about), and a token for it."""
+    ed, _, jwks = jwks_keys()
+    c = Compute()
+    c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", str(lock_timeout)]
+    c.use_jwks(jwks)
+    token = jwt.encode({"compute_id": "compute-1", "exp": time.time() + 3600}, ed, algorithm="EdDSA")
+    return c, token
+
+
 def test_configure_dropping_a_table_owner_with_a_slow_reader_does_not_fail():
     with ControlPlanePeer(None) as cp:
-        c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", "2"]
+        c, token = pull_compute(cp, 2)
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         spec = cp.spec = c.new_spec()
         spec["cluster"]["roles"].append({"name": "owner1", "encrypted_password": None, "options": None})
         with c:
             c.wait_status("running")
             create_tables(c, owner="owner1", count=300, dbname="appdb")  # REASSIGN OWNED runs in spec databases
-            reader = SlowReader(c.http_port, "appdb")
+            reader = SlowReader(c.http_port, "appdb", token)
             try:
                 assert reader.got_head.wait(HANG) and reader.status == 200, reader.head
                 new = c.new_spec()
                 new["delta_operations"] = [{"action": "delete_role", "name": "owner1"}]
-                code, body, took = timed(c, "POST", "/configure", {"spec": new})
+                code, body, took = timed(c, "POST", "/configure", {"spec": new}, token=token)
                 assert code == 200, body
                 assert not reader.ended.is_set()  # still reading while the role went
                 status = c.status()
@@ -186,8 +201,7 @@ def test_configure_losing_a_lock_race_is_retried_then_reported_running():
     loses, /configure answers 500 and the compute stays `running` with the error (not the
     final `failed`); a /configure once the lock is gone completes."""
     with ControlPlanePeer(None) as cp:
-        c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", "1"]
+        c, token = pull_compute(cp, 1)
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         spec = cp.spec = c.new_spec()
         spec["cluster"]["roles"].append({"name": "owner1", "encrypted_password": None, "options": None})
@@ -198,12 +212,12 @@ def test_configure_losing_a_lock_race_is_retried_then_reported_running():
             new["delta_operations"] = [{"action": "delete_role", "name": "owner1"}]
             with psycopg.connect(c.conninfo("appdb")) as holder:
                 holder.execute("LOCK TABLE wide1 IN ACCESS SHARE MODE")  # held until the end of the block
-                code, body, _ = timed(c, "POST", "/configure", {"spec": new})
+                code, body, _ = timed(c, "POST", "/configure", {"spec": new}, token=token)
                 assert code == 500 and "lock race" in json.loads(body)["error"], body
                 status = c.status()
                 assert status["status"] == "running" and "lock race" in status["error"], status
                 assert c.output().count("lost a lock race (attempt") >= 2
-            code, body, _ = timed(c, "POST", "/configure", {"spec": new})
+            code, body, _ = timed(c, "POST", "/configure", {"spec": new}, token=token)
             assert code == 200, body
             status = c.status()
             assert status["status"] == "running" and status["error"] is None, status
@@ -211,7 +225,7 @@ def test_configure_losing_a_lock_race_is_retried_then_reported_running():
             # Released during the retries: the same /configure succeeds.
             spec2 = c.new_spec()
             spec2["cluster"]["roles"].append({"name": "owner2", "encrypted_password": None, "options": None})
-            assert timed(c, "POST", "/configure", {"spec": spec2})[0] == 200
+            assert timed(c, "POST", "/configure", {"spec": spec2}, token=token)[0] == 200
             create_tables_named(c, "owned2", "owner2")
             drop2 = c.new_spec()
             drop2["delta_operations"] = [{"action": "delete_role", "name": "owner2"}]
@@ -220,7 +234,7 @@ def test_configure_losing_a_lock_race_is_retried_then_reported_running():
                 holder.execute("LOCK TABLE owned2 IN ACCESS SHARE MODE")
                 seen = c.output().count("lost a lock race (attempt 1")
                 result: list = []
-                t = threading.Thread(target=lambda: result.append(timed(c, "POST", "/configure", {"spec": drop2})))
+                t = threading.Thread(target=lambda: result.append(timed(c, "POST", "/configure", {"spec": drop2}, token=token)))
                 t.start()
                 wait_for(lambda: c.output().count("lost a lock race (attempt 1") > seen, HANG,
                          "the first lost attempt")
