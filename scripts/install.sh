@@ -58,7 +58,7 @@ id postgres >/dev/null 2>&1 || sudo_ useradd --system --home-dir /var/lib/postgr
 
 if [ "${SKIP_IF_CURRENT:-0}" = 1 ] && [ -x "$venv/bin/python" ] \
     && [ "$(cat "$stamp" 2>/dev/null)" = "$(source_hash "$repo")" ] \
-    && { [ "${WITH_TESTS:-0}" != 1 ] || "$venv/bin/python" -c "import pytest, hypothesis, xdist, openapi_core" 2>/dev/null; }; then
+    && { [ "${WITH_TESTS:-0}" != 1 ] || "$venv/bin/python" -c "import pytest, hypothesis, xdist, openapi_core, importlinter" 2>/dev/null; }; then
   echo "install.sh: $venv is current"
   exit 0
 fi

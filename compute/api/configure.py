@@ -3,7 +3,7 @@
 The API's half of the protocol (the driver is the `lifecycle` program):
   1. validate, cheapest first and the body last (nothing is read for a request that will be
      refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
-     when live configuration is not allowed (not pull mode) or the status is not empty/running;
+     when live configuration is not allowed (a -s/-S launch) or the status is not empty/running;
      then read the body: 400 unless it is a JSON object with a "spec" object, 412 when the spec
      is invalid or would change a running compute's mode (compute/model/modes.py);
   2. submit, wake, wait (compute/shared/driver_requests.py): one atomic transition {empty, running} ->

@@ -17,7 +17,7 @@ import falcon
 from compute.api.bodies import state_health
 from compute.api.context import ApiContext
 from compute.shared.supervisor_rpc import rpc
-from compute.shared.state import STATUSES
+from compute.shared.state import CPLANE_REQUESTS_KEY, STATUSES
 
 log = logging.getLogger("compute.api.prometheus")
 
@@ -72,7 +72,7 @@ class PrometheusMetrics:
     def render(self) -> str:
         s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
                                      "pending_restart", "spec_generation", "monitor_tick",
-                                     "monitor_stall_restarts", "log_lines_dropped"))
+                                     "monitor_stall_restarts", "log_lines_dropped", CPLANE_REQUESTS_KEY))
         now = time.time()
         page = _Page()
 
@@ -130,6 +130,14 @@ class PrometheusMetrics:
         page.family("compute_log_lines_dropped_total", "counter",
                     "Log lines compute-ctl dropped because the reader of its stdout (or stderr) did not keep up.",
                     [({}, int(s["log_lines_dropped"] or 0))])
+
+        # HEAD's name, labels and values (compute_tools/src/metrics.rs): one per request the
+        # driver made to the control plane; http_status `200 OK` etc., `unknown` without an answer.
+        cplane = s[CPLANE_REQUESTS_KEY] or {}
+        page.family("compute_ctl_cplane_requests_total", "counter",
+                    "Total number of control plane requests made by compute_ctl by status",
+                    (({"rpc": rpc_name, "http_status": status}, int(n))
+                     for rpc_name, by_status in sorted(cplane.items()) for status, n in sorted(by_status.items())))
 
         programs = self._programs()
         page.family("compute_supervisord_up", "gauge", "Whether supervisord answered the scrape.",

@@ -24,8 +24,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import sys
 import time
+import urllib.parse
 
 from compute import __version__
 from compute.api.handover import handover_path
@@ -34,7 +36,7 @@ from compute.boot.early_responder import EarlyResponder
 from compute.base.logs import setup_bootstrap_logging
 from compute.boot.paths import Policy, default_runtime_dir, secure_dir
 from compute.base.rlimits import ensure_limits
-from compute.model.launch import LaunchSettings, default
+from compute.model.launch import CONTROL_PLANE_APIS, LaunchSettings, default
 from compute.base.stdout_buffer import STDERR, STDOUT, BoundedTextStream
 
 log = logging.getLogger("compute.boot.cli")
@@ -42,6 +44,7 @@ log = logging.getLogger("compute.boot.cli")
 DEFAULT_VM_INFORMANT = "/bin/vm-informant"
 POSTGRES_EXPORTER_PORT = default("postgres_exporter_port")
 EXIT_UNEXPECTED = 1
+PGBIN_ENV = "POSTGRES_PATH"  # -b's default, as Neon's compute_ctl reads it
 
 
 class UsageError(Exception):
@@ -54,14 +57,16 @@ class UsageError(Exception):
 # COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, COMPUTE_STATE_FILE_ID, PGPASSFILE. Written out: no
 # textwrap before the bind.
 EPILOG = (
-    "Exactly one spec source: -s, -S, or -i with -p. Operators: supervisorctl -c\n"
+    "Exactly one spec source: -c, -s, -S, or -i with -p. Operators: supervisorctl -c\n"
     "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
     "-S SPEC` prints the SQL a reconfiguration would run, without running it.\n"
     "\n"
     "environment variables:\n"
     "  NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT\n"
-    "      pull mode: the Authorization sent to the control plane (the first\n"
-    "      that is set)\n"
+    "      pull mode: the token sent to the control plane (the first that is\n"
+    "      set; only the lifecycle driver gets it)\n"
+    "  POSTGRES_PATH\n"
+    "      -b's default\n"
     "  NEON_AUTH_TOKEN\n"
     "      the storage token when the spec has no storage_auth_token\n"
     "  PATH\n"
@@ -97,15 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-C", "--connstr", required=True,
                    help="superuser connection string to the local postgres, "
                         "e.g. postgresql://cloud_admin@127.0.0.1:55432/postgres")
-    p.add_argument("-b", "--pgbin", default=default("pgbin"),
-                   help="postgres binary (default: postgres from PATH); also runs --sync-safekeepers")
+    p.add_argument("-b", "--pgbin", default=os.environ.get(PGBIN_ENV) or default("pgbin"),
+                   help=f"postgres binary (default: ${PGBIN_ENV}, else postgres from PATH); also runs "
+                        "--sync-safekeepers")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help='Neon\'s config file: {"spec": SPEC or null, "compute_ctl_config": {"jwks": ..., '
+                        '"tls": ...}}; a null spec starts `empty` until POST /configure')
     p.add_argument("-s", "--spec", help="the spec as inline JSON")
     p.add_argument("-S", "--spec-path", help="the spec as a JSON file")
-    p.add_argument("-i", "--compute-id", help="pull mode: this compute's id at the control plane")
-    p.add_argument("-p", "--control-plane-uri",
-                   help="pull mode: fetch {URI}/management/api/v2/computes/{ID}/spec "
-                        "(Authorization from env NEON_CONTROL_PLANE_TOKEN or NEON_CONSOLE_JWT); enables POST /configure")
-    p.add_argument("--http-port", type=int, default=default("http_port"), help="HTTP API port (default 3080)")
+    p.add_argument("-i", "--compute-id", help="this compute's id (tokens' compute_id; pull mode: its id at the control plane)")
+    p.add_argument("-p", "--control-plane-uri", metavar="URI",
+                   help="pull mode (needs -i): fetch {URI}/compute/api/v2/computes/{ID}/spec with "
+                        "`Authorization: Bearer $NEON_CONTROL_PLANE_TOKEN` (or --control-plane-api 2023: "
+                        "{URI}/management/api/v2/computes/{ID}/spec, the token sent raw); enables POST /configure")
+    p.add_argument("--control-plane-api", choices=CONTROL_PLANE_APIS, default=default("control_plane_api"),
+                   help="pull mode's protocol: v2 (Neon's compute_ctl today, default) or 2023 (the 2023 route "
+                        "and answer)")
+    p.add_argument("--external-http-port", dest="http_port", type=_port, default=default("http_port"),
+                   action=_PortFlag, metavar="PORT", help="HTTP API port (default 3080); the same as --http-port")
+    p.add_argument("--internal-http-port", type=_port, default=default("internal_http_port"), action=_PortFlag,
+                   metavar="PORT", help="Neon's internal API port (default 3081): accepted and recorded, not served yet")
+    p.add_argument("--http-port", type=int, default=default("http_port"), action=_PortFlag,
+                   help="HTTP API port (default 3080); not with --external-http-port or --internal-http-port")
     p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
                         "e.g. 127.0.0.1 or the pod IP")
@@ -145,7 +163,109 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gzip: ask the pageserver for `basebackup ... --gzip` and inflate it as it "
                         "arrives (pageservers since mid-2023; default none)")
     p.add_argument("--version", action="version", version=f"compute-ctl {__version__}")
+    ignored = p.add_argument_group("accepted for Neon's compute_ctl, ignored (each given one logs one line)")
+    ignored.add_argument("-r", "--remote-ext-base-url", type=_remote_ext_base_url, default=IGNORED_UNSET,
+                         metavar="URL", help="remote extensions gateway (no query string)")
+    ignored.add_argument("--privileged-role-name", type=_privileged_role_name, default=IGNORED_UNSET,
+                         metavar="NAME", help="[a-z_]+ (HEAD's default neon_superuser)")
+    for flag in ("--cgroup", "--filecache-connstr", "--vm-monitor-addr", "--set-disk-quota-for-fs"):
+        ignored.add_argument(flag, default=IGNORED_UNSET, metavar="VALUE")
+    for flag in ("--installed-extensions-collection-interval", "--pg-init-timeout"):
+        ignored.add_argument(flag, type=_u64, default=IGNORED_UNSET, metavar="SECONDS")
+    ignored.add_argument("--lakebase-mode", type=_clap_bool, default=IGNORED_UNSET, metavar="true|false")
+    for flag in ("--dev", "--resize-swap-on-bind"):
+        ignored.add_argument(flag, action="store_const", const=True, default=IGNORED_UNSET)
     return p
+
+
+IGNORED_UNSET = None
+# HEAD's flags for features we do not implement: accepted with HEAD's value syntax, each one
+# given logs one line (ignored_flag_lines), none changes anything.
+IGNORED_FLAGS = {
+    "remote_ext_base_url": ("-r/--remote-ext-base-url", "remote extensions are not supported"),
+    "privileged_role_name": ("--privileged-role-name", "the neon_superuser catalog model is not implemented"),
+    "cgroup": ("--cgroup", "no cgroup or vm-monitor here (--vm-informant is ours)"),
+    "filecache_connstr": ("--filecache-connstr", "no vm-monitor here (--vm-informant is ours)"),
+    "vm_monitor_addr": ("--vm-monitor-addr", "no vm-monitor here (--vm-informant is ours)"),
+    "resize_swap_on_bind": ("--resize-swap-on-bind", "swap is not managed here"),
+    "set_disk_quota_for_fs": ("--set-disk-quota-for-fs", "disk quotas are not managed here"),
+    "installed_extensions_collection_interval": ("--installed-extensions-collection-interval",
+                                                 "installed extensions are not collected periodically"),
+    "dev": ("--dev", "nothing here kills pgbouncer or local_proxy at termination"),
+    "pg_init_timeout": ("--pg-init-timeout", "lakebase mode only (see --grace-seconds)"),
+    "lakebase_mode": ("--lakebase-mode", "lakebase mode is not supported"),
+}
+
+
+def ignored_flag_lines(args: argparse.Namespace) -> list[str]:
+    """One line per ignored flag given (no value: a connstr may carry a password)."""
+    return [f"{flag} ignored: {why}" for dest, (flag, why) in IGNORED_FLAGS.items()
+            if getattr(args, dest, IGNORED_UNSET) is not IGNORED_UNSET]
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..65535")
+    return value
+
+
+def _u64(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _clap_bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+    return text == "true"
+
+
+def _privileged_role_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z_]+", text):
+        raise argparse.ArgumentTypeError("can only contain lowercase letters and underscores")
+    return text
+
+
+def _remote_ext_base_url(text: str) -> str:
+    """As HEAD: trailing slashes normalised to one; an absolute URL without a query string."""
+    value = text.rstrip("/") + "/"
+    parsed = urllib.parse.urlsplit(value)
+    if not parsed.scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parsed.scheme) or any(
+            ch.isspace() for ch in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute URL")
+    if parsed.query:
+        raise argparse.ArgumentTypeError("parameters detected in remote extensions base URL")
+    return value
+
+
+class _PortFlag(argparse.Action):
+    """Stores the port and remembers which port flags were given (HEAD's conflicts)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.port_flags_given = getattr(namespace, "port_flags_given", ()) + (option_string,)
+
+
+def resolve_ports(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--http-port (ours) is --external-http-port's other name; as HEAD, it conflicts with both
+    port flags (exit 2)."""
+    given = getattr(args, "port_flags_given", ())
+    if "--http-port" in given and ("--external-http-port" in given or "--internal-http-port" in given):
+        parser.error("--http-port cannot be used with --external-http-port or --internal-http-port")
+    args.internal_http_port_given = "--internal-http-port" in given
+
+
+def check_conflicts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """HEAD's argument rules, as clap says them (usage error, exit 2)."""
+    if args.config is not None and args.control_plane_uri is not None:
+        parser.error("argument -c/--config: not allowed with argument -p/--control-plane-uri")
+    if args.control_plane_uri is not None and args.compute_id is None:
+        parser.error("argument -p/--control-plane-uri: requires -i/--compute-id")
 
 
 def _check_path(name: str, path: str) -> str:
@@ -188,14 +308,15 @@ def require_superuser(connstr: str) -> str:
 def validate_flags(args: argparse.Namespace) -> None:
     """The flags on their own (standard library only): checked before the API socket is bound,
     so a bad flag never binds, answers or touches anything."""
-    sources = [x for x in (args.spec, args.spec_path) if x is not None]
-    pull = args.compute_id is not None or args.control_plane_uri is not None
-    if pull and (args.compute_id is None or args.control_plane_uri is None):
-        raise UsageError("-i/--compute-id and -p/--control-plane-uri go together")
-    if len(sources) + pull != 1:
-        raise UsageError("give exactly one spec source: -s JSON, -S FILE, or -i ID with -p URI")
+    sources = [x for x in (args.spec, args.spec_path, args.config, args.control_plane_uri) if x is not None]
+    if len(sources) != 1:
+        raise UsageError("give exactly one spec source: -c FILE, -s JSON, -S FILE, or -i ID with -p URI")
+    if args.compute_id is not None and not args.compute_id:
+        raise UsageError("-i/--compute-id must not be empty")
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
+    if getattr(args, "internal_http_port_given", False) and args.internal_http_port == args.http_port:
+        raise UsageError("--internal-http-port must differ from the external HTTP port")
     if not (0 < args.postgres_exporter_port < 65536) or (
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
         raise UsageError("--postgres-exporter-port must be 1..65535 and differ from --http-port")
@@ -218,19 +339,48 @@ def validate_flags(args: argparse.Namespace) -> None:
         raise UsageError(limit_error)
 
 
-def validate(args: argparse.Namespace) -> tuple[dict | None, str]:
+def validate(args: argparse.Namespace):
     """What needs psycopg: the connection string and the spec (after validate_flags, and after
     the bind: the early responder answers meanwhile). Nothing is touched yet. Returns (stored
-    document, parsed spec, superuser): the document is the parsed spec written back
-    (spec.to_document), which every program reads typed without parsing it again."""
-    from compute.model.spec import parse_spec_text, read_spec_file, to_document
+    document, parsed spec, superuser, the config file's compute_ctl_config or None): the
+    document is the parsed spec written back (spec.to_document), which every program reads
+    typed without parsing it again. A config file's spec may be null: no spec, start `empty`."""
+    from compute.model.spec import decode_spec_text, parse_spec, parse_spec_text, read_spec_file, to_document
     superuser = require_superuser(args.connstr)
-    doc = spec = None
-    if args.compute_id is None:  # not pull mode (validate_flags: exactly one spec source)
+    doc = spec = ctl_config = None
+    if args.config is not None:
+        from compute.model.compute_config import parse_compute_config
+        config = parse_compute_config(decode_spec_text(read_spec_file(args.config)))
+        ctl_config = config.compute_ctl_config
+        if config.spec is not None:
+            spec = parse_spec(config.spec, superuser=superuser)
+    elif args.control_plane_uri is None:  # -s or -S (validate_flags: exactly one spec source)
         text = args.spec if args.spec is not None else read_spec_file(args.spec_path)
         spec = parse_spec_text(text, superuser=superuser)
+    if spec is not None:
         doc = to_document(spec)
-    return doc, spec, superuser
+    return doc, spec, superuser, ctl_config
+
+
+def choose_jwks(args: argparse.Namespace, runtime_dir: str, ctl_config) -> tuple[str | None, dict | None, str | None]:
+    """(jwks_path, the JWKS compute-ctl writes there or None, a line to log or None), pure. An
+    explicit --jwks wins; else -c's compute_ctl_config.jwks goes to RUNTIME_DIR/jwks.json; in v2
+    pull mode that same path, which the driver fills from the answer."""
+    from compute.shared.jwks_file import jwks_path
+    from_config = ctl_config.jwks if ctl_config is not None else None
+    v2_pull = args.control_plane_uri is not None and args.control_plane_api == "v2"
+    if args.jwks:
+        note = None
+        if from_config is not None:
+            note = f"--jwks {args.jwks} given: the config file's compute_ctl_config.jwks is not used"
+        elif v2_pull:
+            note = f"--jwks {args.jwks} given: the control plane's compute_ctl_config.jwks will not be used"
+        return os.path.abspath(args.jwks), None, note
+    if from_config is not None:
+        return jwks_path(runtime_dir), from_config, None
+    if v2_pull:
+        return jwks_path(runtime_dir), None, None
+    return None, None, None
 
 
 def spec_identity(spec) -> dict:
@@ -286,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         from compute.boot.plan_command import main as plan_main
         return plan_main(argv[1:])
     mark("compute-ctl: imported")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_ports(parser, args)
+    check_conflicts(parser, args)
     setup_bootstrap_logging(args.log_format)
     try:
         validate_flags(args)
@@ -326,7 +479,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     from compute.boot.users import effective_user
     try:
-        spec_doc, spec, superuser = validate(args)
+        spec_doc, spec, superuser, ctl_config = validate(args)
         identity = spec_identity(spec)
         responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
@@ -336,20 +489,31 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
         user = effective_user(args.user)
         check_dirs(runtime_dir, pgdata, user)
-    except (UsageError, SpecError, ValueError) as e:
+    except (UsageError, SpecError, ValueError) as e:  # ConfigError is a ValueError
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
+    for line in ignored_flag_lines(args):
+        log.info("%s", line)
+    if args.internal_http_port_given:
+        log.info("--internal-http-port %d: recorded; the internal API is not served yet", args.internal_http_port)
+    if ctl_config is not None and ctl_config.tls is not None:
+        log.info("compute_ctl_config.tls ignored: TLS is not supported")
+    jwks_path, jwks_to_write, jwks_note = choose_jwks(args, runtime_dir, ctl_config)
+    if jwks_note:
+        log.info("%s", jwks_note)
     vm_informant = args.vm_informant if args.vm_informant and os.access(args.vm_informant, os.X_OK) else None
     settings = LaunchSettings(
         pgdata=pgdata, connstr=args.connstr, pgbin=pgbin, pgbin_dir=resolve_pgbin_dir(pgbin),
-        superuser=superuser, http_port=args.http_port, http_address=args.http_address,
-        runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
+        superuser=superuser, http_port=args.http_port, internal_http_port=args.internal_http_port,
+        http_address=args.http_address, runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
         statement_timeout=args.statement_timeout,
         compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
-        live_config_allowed=args.control_plane_uri is not None,
+        control_plane_api=args.control_plane_api,
+        # HEAD's launches (-c, -p) take /configure; the 2023 -s/-S launch does not (412).
+        live_config_allowed=args.control_plane_uri is not None or args.config is not None,
         grace_seconds=args.grace_seconds, monitor_interval=args.monitor_interval,
-        jwks_path=os.path.abspath(args.jwks) if args.jwks else None, log_format=args.log_format,
+        jwks_path=jwks_path, log_format=args.log_format,
         vm_informant=vm_informant,
         postgres_exporter=os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
         postgres_exporter_port=args.postgres_exporter_port, storage_timeout=args.storage_timeout,
@@ -364,6 +528,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
         prepare_runtime_files(runtime_dir)
+        if jwks_to_write is not None:  # as the user: 0600, ours, before any program starts
+            from compute.shared.jwks_file import write_jwks
+            write_jwks(jwks_path, jwks_to_write)
         responder.offer_handover(handover_path(runtime_dir))  # as the user: 0600, ours
         if not os.access(sys.executable, os.X_OK):
             raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
@@ -400,7 +567,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     become_subreaper()
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
-    warning = exposure_warning(args.http_address, settings.live_config_allowed, args.jwks)
+    warning = exposure_warning(args.http_address, settings.live_config_allowed, settings.jwks_path)
     if warning:
         log.warning("%s", warning)
     # From here on we are supervisord (one PID for the life of the compute): its loop runs in

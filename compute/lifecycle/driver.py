@@ -60,7 +60,8 @@ from compute.lifecycle.steps import (
 from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
-from compute.shared.state import StateFileLost, StateStore, park_without_state, runtime_dir_from_env, state_path
+from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
+                                  runtime_dir_from_env, state_path)
 from compute.shared.supervisor_rpc import rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
@@ -83,6 +84,18 @@ REQUEST_LOCK_TIMEOUT_MS = 5_000
 NOT_RUNNING = 70  # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want
 IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
 LOCK_RACE_POLICY = RetryPolicy(LOCK_RACE_ATTEMPTS, LOCK_RACE_FIRST_DELAY, LOCK_RACE_FACTOR)
+
+
+def count_cplane_request(store: StateStore, rpc_name: str, http_status: str) -> None:
+    """One more control-plane request in the state file, for /metrics'
+    compute_ctl_cplane_requests_total{rpc, http_status} (compute/api/prometheus.py)."""
+    def bump(found: dict) -> dict:
+        counts = dict(found.get(CPLANE_REQUESTS_KEY) or {})
+        per_rpc = dict(counts.get(rpc_name) or {})
+        per_rpc[http_status] = int(per_rpc.get(http_status, 0)) + 1
+        counts[rpc_name] = per_rpc
+        return {CPLANE_REQUESTS_KEY: counts}
+    store.update([CPLANE_REQUESTS_KEY], bump)
 
 
 class Terminating(Exception):
@@ -278,10 +291,13 @@ class Driver:
         spec = load_stored(self.store)
         t0 = time.monotonic()
         if spec is None and self.settings.control_plane_uri:
-            from compute.storage.control_plane import control_plane_token, fetch_spec
-            raw = fetch_spec(self.settings.control_plane_uri, self.settings.compute_id,
-                             control_plane_token() or self.settings.console_jwt,
-                             deadline=self.settings.attempt_deadline)
+            from compute.storage.control_plane import RPC_GET_CONFIG, control_plane_token, fetch_config
+            config = fetch_config(self.settings.control_plane_uri, self.settings.compute_id,
+                                  control_plane_token() or self.settings.console_jwt,
+                                  api=self.settings.control_plane_api, deadline=self.settings.attempt_deadline,
+                                  on_request=lambda label: count_cplane_request(self.store, RPC_GET_CONFIG, label))
+            self.take_jwks(config.compute_ctl_config)
+            raw = config.spec
             if raw is not None:
                 spec = parse_spec(raw, superuser=self.superuser)  # invalid: fail the start with the reason
                 self.store.set(spec=to_document(spec), spec_generation=1)
@@ -298,6 +314,22 @@ class Driver:
         self.store.record_metrics(wait_for_spec_ms=ms_since(t0))
         self.store.set(status="init", tenant=spec.tenant_id, timeline=spec.timeline_id)
         return spec
+
+    def take_jwks(self, ctl_config) -> None:
+        """The pull answer's JWKS, to where compute-ctl pointed the API's auth (jwks_path is
+        RUNTIME_DIR/jwks.json in v2 pull mode; an operator's --jwks file is never overwritten)."""
+        from compute.shared.jwks_file import jwks_path, write_jwks
+        if ctl_config is None:  # a 2023 answer
+            return
+        if ctl_config.tls is not None:
+            log.info("compute_ctl_config.tls ignored: TLS is not supported")
+        target = jwks_path(self.runtime_dir)
+        if self.settings.jwks_path != target:
+            log.info("the control plane's compute_ctl_config.jwks is not used: --jwks %s was given",
+                     self.settings.jwks_path)
+            return
+        write_jwks(target, ctl_config.jwks)
+        log.info("JWKS from the control plane (%d key(s)) written to %s", len(ctl_config.jwks["keys"]), target)
 
     def prepare_data(self, spec: ComputeSpec) -> None:
         empty_directory(self.pgdata)

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
+CONTROL_PLANE_APIS = ("v2", "2023")  # pull mode's protocols (compute/storage/control_plane.py)
 STATE_KEY = "launch"  # the state-file key (kept from before the record was typed)
 
 
@@ -34,13 +35,15 @@ class LaunchSettings:
     runtime_dir: str
     pgbin: str = "postgres"               # the postgres binary (resolved by compute-ctl)
     pgbin_dir: Optional[str] = None       # its directory (initdb, pg_dump, pg_controldata)
-    http_port: int = 3080
+    http_port: int = 3080                 # --external-http-port / --http-port
+    internal_http_port: int = 3081        # --internal-http-port: recorded, not served yet
     http_address: str = "0.0.0.0"
     compute_id: Optional[str] = None
     control_plane_uri: Optional[str] = None
-    live_config_allowed: bool = False     # /configure accepted (pull mode / --control-plane-uri)
+    control_plane_api: str = "v2"         # pull mode's protocol: "v2" (HEAD) or "2023"
+    live_config_allowed: bool = False     # /configure accepted (pull mode, or a -c launch)
     console_jwt: Optional[str] = None     # pull mode: a fixed token when the environment has none
-    jwks_path: Optional[str] = None
+    jwks_path: Optional[str] = None       # --jwks, or RUNTIME_DIR/jwks.json (-c, v2 pull: compute/shared/jwks_file.py)
     grace_seconds: float = 30.0           # a failed start stays on /status this long
     monitor_interval: float = 0.5
     lock_timeout: float = 10.0            # the spec's catalog SQL (seconds; 0: none)

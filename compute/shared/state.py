@@ -8,7 +8,8 @@ The data is a key/value table whose values are JSON. Keys in use:
   status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
   metrics (object of integers), launch (the bootstrap's settings: compute.model.launch.Settings as JSON), postgres_exit_code (int),
   pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool),
-  promotion, terminate (the driver's requests: compute/shared/driver_requests.py)
+  promotion, terminate (the driver's requests: compute/shared/driver_requests.py),
+  cplane_requests ({rpc: {http_status: count}}: the driver's requests to the control plane)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Status(str, Enum):
 
 
 STATUSES = tuple(s.value for s in Status)
+CPLANE_REQUESTS_KEY = "cplane_requests"
 
 # Who moves the status where (the store refuses anything else):
 #   init -> empty                      driver: no spec, waiting for /configure

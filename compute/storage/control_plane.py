@@ -1,18 +1,37 @@
 """Pulling the spec from the control plane (pull mode: `-i <compute id> -p <control plane URI>`).
 
+Two protocols, chosen at launch by `--control-plane-api` (the launch setting `control_plane_api`):
+
+`v2` (the default; Neon's compute_ctl at HEAD, compute_tools/src/spec.rs):
+
+    GET {uri}/compute/api/v2/computes/{compute_id}/spec
+    Authorization: Bearer <token>
+    -> {"status": "empty" | "attached", "spec": {...} | null,
+        "compute_ctl_config": {"jwks": {"keys": [...]}, "tls": ...}}
+
+    3 attempts, 100 ms apart; retried: network errors, 502, 503, and a 200 whose body is not
+    that shape (HEAD retries an answer it cannot deserialise). `attached` without a spec and any
+    other status fail at once. The answer's `compute_ctl_config` comes back with the spec (its
+    JWKS is written to the runtime dir by the driver: compute/shared/jwks_file.py).
+
+`2023` (compute_ctl of spring 2023, our reference contract):
+
     GET {uri}/management/api/v2/computes/{compute_id}/spec
     Authorization: <the token, verbatim, as the original sends it>
     -> {"spec": {...}}  or  {"spec": null}  (null: start empty and wait for POST /configure)
-    -> {"status": "attached", "spec": {...}}  or  {"status": "empty", ...}   (compute_ctl, 2023)
+    -> {"status": "attached", "spec": {...}}  or  {"status": "empty", ...}
+
+    5 attempts, backing off from 0.5 s by x2; retried: network errors, 502, 503. With a
+    `status`, "empty" means no spec yet whatever `spec` holds, and "attached" with no spec is an
+    error; without one, `spec` alone decides.
 
 The token comes from NEON_CONTROL_PLANE_TOKEN (compute_ctl from April 2023 on) or, failing that,
-NEON_CONSOLE_JWT (before). With a `status`, "empty" means no spec yet whatever `spec` holds, and
-"attached" with no spec is an error; without one, `spec` alone decides (as before).
-
-Network errors, 502 and 503 are retried with exponential backoff (compute/base/retry.py; as the
-original: those are the control plane's passing faults); any other non-200 answer, or a body that is not such an
-object, raises ControlPlaneError. The token never appears in an error message or a log line.
-Redirects are not followed (they would carry the token elsewhere).
+NEON_CONSOLE_JWT (before); without either no Authorization header is sent. Any other non-200
+answer, or a body that is not such an object, raises ControlPlaneError. The token never appears
+in an error message or a log line. Redirects are not followed (they would carry the token
+elsewhere). Every request is reported to `on_request(http_status)` (HEAD's label: `200 OK`,
+`503 Service Unavailable`, or `unknown` when no answer came), which the driver counts for
+`compute_ctl_cplane_requests_total` (compute/api/prometheus.py).
 
 Each attempt has an overall deadline (--attempt-deadline): `timeout` bounds one receive, so a
 control plane that trickles its answer (a byte every few seconds) would otherwise hold the
@@ -22,6 +41,7 @@ passing fault (retried), its number and the deadline in the log and in the final
 
 from __future__ import annotations
 
+import http
 import http.client
 import json
 import logging
@@ -31,9 +51,10 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 from compute.base.retry import RetryFailed, RetryPolicy, retry
+from compute.model.compute_config import AttachedWithoutSpec, ComputeConfig, ConfigError, parse_pull_answer
 from compute.model.launch import default
 
 log = logging.getLogger("compute.storage.control_plane")
@@ -134,41 +155,84 @@ def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_NoRedirect(), _HTTPHandler(watchdog), _HTTPSHandler(watchdog))
 
 
-def spec_url(control_plane_uri: str, compute_id: str) -> str:
+API_V2 = "v2"
+API_2023 = "2023"
+APIS = (API_V2, API_2023)
+_PATHS = {API_V2: "/compute/api/v2/computes/", API_2023: "/management/api/v2/computes/"}
+# HEAD's rule (get_config_from_control_plane): 3 attempts, a fixed 100 ms between them.
+V2_RETRY = RetryPolicy(attempts=3, first_delay=0.1, factor=1)
+RPC_GET_CONFIG = "GetConfig"
+UNKNOWN_HTTP_STATUS = "unknown"
+
+
+def http_status_label(status: int | None) -> str:
+    """HEAD's `http_status` label: reqwest's StatusCode as text (`200 OK`), `unknown` without an answer."""
+    if status is None:
+        return UNKNOWN_HTTP_STATUS
+    try:
+        return f"{status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} <unknown status code>"
+
+
+def spec_url(control_plane_uri: str, compute_id: str, api: str = API_2023) -> str:
     parsed = urllib.parse.urlsplit(control_plane_uri)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ControlPlaneError(f"control plane URI must be an http(s) URL, got {control_plane_uri!r}")
     if not compute_id:
         raise ControlPlaneError("compute id must not be empty")
     base = control_plane_uri.rstrip("/")
-    return f"{base}/management/api/v2/computes/{urllib.parse.quote(compute_id, safe='')}/spec"
+    return f"{base}{_PATHS[api]}{urllib.parse.quote(compute_id, safe='')}/spec"
 
 
 def fetch_spec(control_plane_uri: str, compute_id: str, jwt: str | None, *, attempts: int = 5,
                backoff: float = 0.5, timeout: float = 10,
                deadline: float = default("attempt_deadline")) -> dict | None:
-    """The compute's spec (decoded JSON, not yet validated), or None when the control plane has
-    none for it yet. `timeout`: one receive; `deadline`: one attempt, in all."""
-    url = spec_url(control_plane_uri, compute_id)
+    """The 2023 protocol: the compute's spec (decoded JSON, not yet validated), or None when the
+    control plane has none for it yet. `timeout`: one receive; `deadline`: one attempt, in all."""
+    return fetch_config(control_plane_uri, compute_id, jwt, api=API_2023, attempts=attempts, backoff=backoff,
+                        timeout=timeout, deadline=deadline).spec
+
+
+def fetch_config(control_plane_uri: str, compute_id: str, jwt: str | None, *, api: str = API_V2,
+                 attempts: int | None = None, backoff: float = 0.5, timeout: float = 10,
+                 deadline: float = default("attempt_deadline"),
+                 on_request: Callable[[str], None] | None = None) -> ComputeConfig:
+    """The compute's config (its `spec` decoded, not yet validated; None when the control plane
+    has none yet) by protocol `api`. A 2023 answer has no `compute_ctl_config`: the result's
+    is None then. `attempts` (2023 only): HEAD's rule is fixed for v2."""
+    if api not in APIS:
+        raise ControlPlaneError(f"unknown control plane API {api!r} (expected one of {', '.join(APIS)})")
+    url = spec_url(control_plane_uri, compute_id, api)
     headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
     if jwt:
-        headers["Authorization"] = jwt
-    policy = RetryPolicy(attempts=max(1, attempts), first_delay=backoff, factor=2)
+        headers["Authorization"] = f"Bearer {jwt}" if api == API_V2 else jwt
+    policy = V2_RETRY if api == API_V2 else RetryPolicy(attempts=max(1, attempts or 5), first_delay=backoff, factor=2)
 
-    def attempt() -> dict | None:
+    def counted(status: int | None) -> None:
+        if on_request is not None:
+            try:
+                on_request(http_status_label(status))
+            except Exception:  # noqa: BLE001 - a metric never fails the pull
+                log.exception("counting a control plane request failed")
+
+    def attempt() -> ComputeConfig:
         with _Watchdog(deadline) as watchdog:
             try:
                 status, body = _get(url, headers, min(timeout, deadline), watchdog)
             except (_Retryable, ControlPlaneError) as e:
                 if not watchdog.fired:
+                    counted(None)
                     if isinstance(e, ControlPlaneError):
                         raise
                     raise _Retryable(_scrub(str(e), jwt)) from None
             if watchdog.fired:  # a short read after the shutdown is no answer
+                counted(None)
                 raise _Retryable(f"no whole answer within the attempt deadline of {deadline:g} s "
                                  "(--attempt-deadline)")
+        counted(status)
         if status == 200:
-            return _parse(body, url, jwt)
+            return _parse(body, url, jwt) if api == API_2023 else _parse_v2(body, url, jwt)
         if status in RETRIED_STATUSES:
             raise _Retryable(f"HTTP {status}{_excerpt(body, jwt)}")
         raise ControlPlaneError(f"control plane refused GET {url}: HTTP {status}{_excerpt(body, jwt)}")
@@ -213,15 +277,30 @@ def _read(resp: Any) -> bytes:
     return body
 
 
-def _parse(body: bytes, url: str, jwt: str | None) -> dict | None:
+def _parse(body: bytes, url: str, jwt: str | None) -> ComputeConfig:
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ControlPlaneError(f"malformed answer from GET {url}: not JSON{_excerpt(body, jwt)}") from None
     try:
-        return spec_of_answer(obj)
+        return ComputeConfig(spec=spec_of_answer(obj), compute_ctl_config=None)
     except ValueError as e:
         raise ControlPlaneError(f"malformed answer from GET {url}: {e}") from None
+
+
+def _parse_v2(body: bytes, url: str, jwt: str | None) -> ComputeConfig:
+    """HEAD's answer; one it cannot deserialise is retried (as HEAD), `attached` without a spec is not."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _Retryable(f"malformed answer: not JSON{_excerpt(body, jwt)}") from None
+    try:
+        config, _status = parse_pull_answer(obj)
+    except AttachedWithoutSpec as e:
+        raise ControlPlaneError(f"malformed answer from GET {url}: {e}") from None
+    except ConfigError as e:
+        raise _Retryable(f"malformed answer: {_scrub(str(e), jwt)}") from None
+    return config
 
 
 def spec_of_answer(obj: Any) -> dict | None:

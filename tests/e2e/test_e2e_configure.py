@@ -24,7 +24,7 @@ def md5_hash(name, password):
 
 def pull_compute(cp: ControlPlanePeer, compute_id: str = "compute-1") -> Compute:
     c = Compute()
-    c.args = ["-i", compute_id, "-p", cp.url]
+    c.args = ["-i", compute_id, "-p", cp.url, "--control-plane-api", "2023"]
     c.env = {"NEON_CONSOLE_JWT": JWT}
     return c
 

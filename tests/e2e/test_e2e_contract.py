@@ -24,7 +24,7 @@ TOKEN = "control-plane-token-value"
 
 def pull_compute(cp: ControlPlanePeer, env: dict) -> Compute:
     c = Compute()
-    c.args = ["-i", "compute-1", "-p", cp.url]
+    c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
     c.env = env
     return c
 

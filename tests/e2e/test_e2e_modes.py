@@ -327,7 +327,7 @@ def test_reconfiguring_a_replica_applies_settings_but_no_catalog_sql(primary):
     rotated = "r0tated:pw-Zq81x"
     with ControlPlanePeer(None) as cp, SecretWatcher(SECRET_MARK) as watcher:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]  # pull mode: /configure is allowed
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]  # pull mode: /configure is allowed
         cp.spec = replica_spec(c, primary)
         with c:
             c.wait_status("running", timeout=90)

@@ -104,7 +104,7 @@ class Scene:
             cp = self.stack.enter_context(ControlPlanePeer(None))
             self.c = Compute()
             # The apply must stay blocked on the role's lock as long as the test holds it.
-            self.c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", "120"]
+            self.c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--lock-timeout", "120"]
             self.c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
             cp.spec = self.c.new_spec()
         else:
@@ -226,7 +226,7 @@ def test_terminate_of_an_empty_compute_ends_it():
     with contextlib.ExitStack() as stack:
         cp = stack.enter_context(ControlPlanePeer(None, answer_status="empty"))
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
         stack.callback(c.close)
         c.start()
@@ -276,7 +276,7 @@ def test_failed_start_leaves_nothing_behind(break_it):
             spec = c.new_spec()
             spec["cluster"]["roles"][0]["name"] = "x" * 70
             cp.spec = spec
-            c.args = ["-i", "compute-1", "-p", cp.url]
+            c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         else:
             c.spec = c.new_spec()
             break_it(c)
@@ -304,7 +304,7 @@ def test_lifecycle_killed_mid_reconfiguration_does_not_wedge():
     with contextlib.ExitStack() as stack:
         cp = stack.enter_context(ControlPlanePeer(None))
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", "120"]  # blocked until released
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--lock-timeout", "120"]  # blocked until released
         c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
         cp.spec = c.new_spec()
         stack.enter_context(c)

@@ -27,7 +27,7 @@ JSON = {"Content-Type": "application/json"}
 def compute():
     with ControlPlanePeer(None) as cp:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         cp.spec = c.new_spec()
         with c:

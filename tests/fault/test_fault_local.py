@@ -273,7 +273,7 @@ def test_tokens_only_in_the_programs_that_use_them():
         f.write("#!/bin/sh\nexec sleep 600\n")
     os.chmod(informant, 0o755)
     with ControlPlanePeer(spec=spec, compute_id="compute-1", jwt=CP_TOKEN) as cp:
-        c.args = ["-i", "compute-1", "-p", cp.url, "--vm-informant", informant]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--vm-informant", informant]
         # Both names of the control-plane token, same value: either one left anywhere shows.
         c.env = {"NEON_CONSOLE_JWT": CP_TOKEN, "NEON_CONTROL_PLANE_TOKEN": CP_TOKEN,
                  "NEON_AUTH_TOKEN": STORAGE_TOKEN}

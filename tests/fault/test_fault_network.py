@@ -38,7 +38,7 @@ SLACK = 8.0  # a shared, noisy machine
 
 def pull_compute(cp: ControlPlanePeer, *args: str) -> Compute:
     c = Compute()
-    c.args = ["-i", "compute-1", "-p", cp.url, *args]
+    c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", *args]
     c.env = {"NEON_CONSOLE_JWT": "jwt"}
     cp.spec = c.new_spec()
     return c

@@ -58,7 +58,7 @@ def make_spec(c: Compute, extra_db: bool = False) -> dict:
 def compute():
     with ControlPlanePeer(None) as cp:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         cp.spec = make_spec(c)
         with c:

@@ -57,7 +57,7 @@ HASHES = [md5_hash(APP_PASSWORD, "app"), scram_verifier(b"second"), md5_hash("ap
 def compute():
     with ControlPlanePeer(None) as cp:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", str(LOCK_TIMEOUT)]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--lock-timeout", str(LOCK_TIMEOUT)]
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         cp.spec = make_spec(c, [("app", HASHES[0])])
         with c:

@@ -1,16 +1,23 @@
-"""A control-plane peer: serves `GET /management/api/v2/computes/{id}/spec` like Neon's console.
+"""A control-plane peer, both protocols compute-ctl speaks (compute/storage/control_plane.py):
 
-    with ControlPlanePeer(spec={...}, compute_id="compute-1") as cp:
-        fetch_spec(cp.url, "compute-1", jwt)
-        cp.requests[-1].headers["Authorization"]
+- v2 (Neon's control plane today): `GET /compute/api/v2/computes/{id}/spec`, with
+  `Authorization: Bearer <jwt>` when `jwt` is set (401 otherwise, missing or wrong), answering
+  HEAD's `ControlPlaneConfigResponse`: `{"status": "attached"|"empty", "spec": ..., "compute_ctl_config":
+  {"jwks": <jwks>, "tls": null}}` (`status`: `answer_status`, else attached with a spec, empty without);
+- 2023: `GET /management/api/v2/computes/{id}/spec`, `Authorization: <jwt>` verbatim, answering
+  `{"spec": ...}` (plus `"status"` when `answer_status` is set).
+
+    with ControlPlanePeer(spec={...}, compute_id="compute-1", jwks={"keys": [...]}) as cp:
+        fetch_config(cp.url, "compute-1", jwt)
+        cp.requests[-1].headers["Authorization"], cp.requests[-1].api
 
 Knobs (attributes, changeable while running): `spec` (a dict, or None for `{"spec": null}`),
 `compute_id` (None: any id), `fail_first` (answer the first N requests with `fail_status`,
 default 503), `drop_first` (close the first N connections without answering), `jwt` (when set,
-other Authorization values get 401), `raw_body` (answer these bytes verbatim with 200),
+other Authorization values get 401), `jwks` (the v2 answer's JWK set, default `{"keys": []}`),
+`raw_body` (answer these bytes verbatim with 200),
 `status` (force this status, with `raw_body` or an error object as the body), `answer_status`
-(when set, answers carry `"status": <it>` as compute_ctl's 2023 control plane did: "attached",
-"empty"), `trickle` (seconds: answer 200 with `Content-Length: 100000`, then one byte of the
+(the answer's `"status"`: "attached", "empty"; the 2023 route sends one only when set), `trickle` (seconds: answer 200 with `Content-Length: 100000`, then one byte of the
 body every `trickle` seconds, until the client goes or the peer stops; `trickle_first` limits it
 to the first N requests). Requests are recorded in `requests`.
 Also a script: `python -m tests.peers.control_plane --port N [--spec-file F] [--compute-id ID]`.
@@ -26,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-PREFIX = "/management/api/v2/computes/"
+PREFIXES = {"/compute/api/v2/computes/": "v2", "/management/api/v2/computes/": "2023"}
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Request:
     path: str
     compute_id: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    api: str | None = None  # "v2", "2023", or None (neither route)
 
 
 class ControlPlanePeer:
@@ -42,7 +50,7 @@ class ControlPlanePeer:
                  fail_status: int = 503, drop_first: int = 0, jwt: str | None = None,
                  raw_body: bytes | None = None, status: int | None = None,
                  answer_status: str | None = None, trickle: float | None = None, trickle_first: int | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+                 jwks: dict | None = None, host: str = "127.0.0.1", port: int = 0):
         self.spec = spec
         self.compute_id = compute_id
         self.fail_first = fail_first
@@ -52,6 +60,7 @@ class ControlPlanePeer:
         self.raw_body = raw_body
         self.status = status
         self.answer_status = answer_status
+        self.jwks = jwks if jwks is not None else {"keys": []}
         self.trickle = trickle
         self.trickle_first = trickle_first
         self.stopped = threading.Event()
@@ -106,12 +115,17 @@ class ControlPlanePeer:
                 return "answer", 404, _json({"error": "not found"})
             if self.compute_id is not None and req.compute_id != self.compute_id:
                 return "answer", 404, _json({"error": f"compute {req.compute_id} not found"})
-            if self.jwt is not None and req.headers.get("Authorization") != self.jwt:
+            expected = None if self.jwt is None else (f"Bearer {self.jwt}" if req.api == "v2" else self.jwt)
+            if expected is not None and req.headers.get("Authorization") != expected:
                 return "answer", 401, _json({"error": "unauthorized"})
             if self.status is not None:
                 return "answer", self.status, self.raw_body or _json({"error": f"status {self.status}"})
             if self.raw_body is not None:
                 return "answer", 200, self.raw_body
+            if req.api == "v2":
+                status = self.answer_status or ("attached" if self.spec is not None else "empty")
+                return "answer", 200, _json({"status": status, "spec": self.spec,
+                                             "compute_ctl_config": {"jwks": self.jwks, "tls": None}})
             answer = {"spec": self.spec}
             if self.answer_status is not None:
                 answer["status"] = self.answer_status
@@ -128,12 +142,13 @@ def _handler_for(peer: ControlPlanePeer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
-            compute_id = None
-            if path.startswith(PREFIX) and path.endswith("/spec"):
-                raw_id = path[len(PREFIX):-len("/spec")]
-                if raw_id and "/" not in raw_id:
-                    compute_id = urllib.parse.unquote(raw_id)
-            req = Request(self.command, self.path, compute_id, dict(self.headers.items()))
+            compute_id = api = None
+            for prefix, route in PREFIXES.items():
+                if path.startswith(prefix) and path.endswith("/spec"):
+                    raw_id = path[len(prefix):-len("/spec")]
+                    if raw_id and "/" not in raw_id:
+                        compute_id, api = urllib.parse.unquote(raw_id), route
+            req = Request(self.command, self.path, compute_id, dict(self.headers.items()), api)
             action, status, body = peer._decide(req)
             if action == "drop":
                 self.close_connection = True
@@ -184,13 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jwt")
     ap.add_argument("--fail-first", type=int, default=0)
     ap.add_argument("--answer-status", choices=("attached", "empty"))
+    ap.add_argument("--jwks-file", help="the v2 answer's JWK set (default {\"keys\": []})")
     args = ap.parse_args(argv)
+    jwks = None
+    if args.jwks_file:
+        with open(args.jwks_file) as f:
+            jwks = json.load(f)
     spec = None
     if args.spec_file:
         with open(args.spec_file) as f:
             spec = json.load(f)
     peer = ControlPlanePeer(spec, compute_id=args.compute_id, jwt=args.jwt, fail_first=args.fail_first,
-                            answer_status=args.answer_status, port=args.port)
+                            answer_status=args.answer_status, jwks=jwks, port=args.port)
     print(peer.url, flush=True)
     try:
         peer._server.serve_forever()
