@@ -44,6 +44,7 @@ CHUNK = 64 * 1024
 MAX_CONCURRENT_DUMPS = 4  # per worker; each holds a pool thread while its client reads
 SPOOL_MAX_BYTES = 64 * 1024 * 1024  # a schema dump larger than this is refused (500)
 SPOOL_RESERVE_BYTES = 16 * 1024 * 1024  # left free in the runtime dir (the state file, logs)
+SPOOL_MIN_BYTES = 1024 * 1024  # a share smaller than this: 503, try later
 DUMP_DEADLINE = 120.0  # seconds pg_dump may take to write the whole dump
 DUMP_RETRY_AFTER = 5
 SPOOL_POLL = 0.05
@@ -153,8 +154,8 @@ class DatabaseSchema:
         if not exists:
             raise falcon.HTTPNotFound(description="database does not exist")
         spool_dir = self.ctx.runtime_dir
-        free = spool_room(spool_dir)
-        if free is not None and free < self.spool_max + SPOOL_RESERVE_BYTES:
+        limit = spool_limit(spool_room(spool_dir), self.spool_max, self.max_dumps)
+        if limit < min(SPOOL_MIN_BYTES, self.spool_max):
             raise falcon.HTTPServiceUnavailable(
                 description="not enough free space in the runtime dir to spool a schema dump",
                 retry_after=DUMP_RETRY_AFTER)
@@ -168,7 +169,7 @@ class DatabaseSchema:
             except OSError as e:
                 json_body(resp, {"error": f"cannot run pg_dump: {e}"}, falcon.HTTP_500)
                 return None
-            verdict = _wait_spooled(proc, spool, self.spool_max, time.monotonic() + self.deadline)
+            verdict = _wait_spooled(proc, spool, limit, time.monotonic() + self.deadline)
             errors.seek(0)
             text = " ".join(errors.read(STDERR_MAX).decode("utf-8", "replace").split())
             if text:
@@ -190,6 +191,15 @@ class DatabaseSchema:
             errors.close()
             if spool is not None:
                 spool.close()
+
+
+def spool_limit(free: int | None, spool_max: int, max_dumps: int) -> int:
+    """The most one dump may spool: SPOOL_MAX_BYTES, and never more than its share (of
+    max_dumps) of what is free beyond SPOOL_RESERVE_BYTES, which stays for the state file and
+    the logs (pure)."""
+    if free is None:
+        return spool_max
+    return max(0, min(spool_max, (free - SPOOL_RESERVE_BYTES) // max(1, max_dumps)))
 
 
 def spool_room(path: str) -> int | None:

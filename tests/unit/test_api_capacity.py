@@ -149,3 +149,15 @@ def test_configure_answer_after_a_lost_lock_race():
                               "configure_failed": failed}, 4) is None
     assert configure_outcome({"status": "failed", "spec_generation": 4, "error": "boom",
                               "configure_failed": None}, 4) == (False, "boom")
+
+
+def test_a_dump_spools_only_its_share_of_the_free_space():
+    from compute.api.catalog import SPOOL_MAX_BYTES, SPOOL_RESERVE_BYTES, spool_limit
+    mib = 1024 * 1024
+    assert spool_limit(None, SPOOL_MAX_BYTES, 4) == SPOOL_MAX_BYTES
+    assert spool_limit(10 * 1024 * mib, SPOOL_MAX_BYTES, 4) == SPOOL_MAX_BYTES
+    # a small runtime dir (a 64 MiB tmpfs, 48 MiB free): 8 MiB per dump, the reserve kept
+    assert spool_limit(48 * mib, SPOOL_MAX_BYTES, 4) == (48 * mib - SPOOL_RESERVE_BYTES) // 4
+    assert 4 * spool_limit(48 * mib, SPOOL_MAX_BYTES, 4) + SPOOL_RESERVE_BYTES <= 48 * mib
+    assert spool_limit(SPOOL_RESERVE_BYTES, SPOOL_MAX_BYTES, 4) == 0
+    assert spool_limit(0, SPOOL_MAX_BYTES, 4) == 0
