@@ -6,7 +6,8 @@ request the poller does not answer itself. The data routes (`/database_schema`,
 `/dbs_and_roles`, `/check_writability`, `/insights`: resources with `data_route = True`) read
 postgres on a client's behalf, and a client that reads its answer slowly holds its thread
 while it does. They get at most `data_permits(threads)` threads at once per worker; beyond that
-a data request is answered 503 with `Retry-After` at once. The rest of the pool is kept for
+a data request is answered 429 with `Retry-After` at once (the client's concurrency, not a
+server failure: 5xx stays for those). The rest of the pool is kept for
 /readyz, /metrics, /configure, /terminate, /promote (and the few bodies being read:
 compute/api/errors.py MAX_CONCURRENT_BODY_READS); /status, /healthz, /metrics.json and /info
 never need a thread (compute/api/fastpath.py).
@@ -44,7 +45,7 @@ def pool_threads(environ=os.environ) -> int:
 
 
 def busy(description: str, retry_after: int = RETRY_AFTER_SECONDS) -> falcon.HTTPError:
-    return falcon.HTTPServiceUnavailable(description=description, retry_after=retry_after)
+    return falcon.HTTPTooManyRequests(description=description, retry_after=retry_after)
 
 
 class Permits:
@@ -85,7 +86,7 @@ class _ReleasingStream:
 
 
 class DataRouteShare:
-    """Middleware: a data route runs only with a permit of `permits` (503 + Retry-After when
+    """Middleware: a data route runs only with a permit of `permits` (429 + Retry-After when
     none is left), given back when its answer is done."""
 
     def __init__(self, permits: Permits | None = None):

@@ -88,7 +88,7 @@ def test_a_streamed_answer_holds_its_permit_until_closed():
     status, _, body = call(app, "/stream")
     assert status.startswith("200")
     status, headers, refused = call(app, "/plain")  # the one permit is held by the stream
-    assert status.startswith("503") and headers["retry-after"] == "1"
+    assert status.startswith("429") and headers["retry-after"] == "1"
     assert b"too many data requests" in b"".join(refused)
     status, _, _ = call(app, "/control")  # control routes take no permit
     assert status.startswith("200")
