@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import traceback
 
 import falcon
 
 from compute.api.auth import JwtAuth
+from compute.api.capacity import DataRouteShare
 from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
@@ -24,15 +26,20 @@ from compute.api.promote import Promote
 from compute.api.status import Info, MetricsJson, Status
 from compute.api.terminate import Terminate
 from compute.api.writability import CheckWritability
+from compute.shared.state import StateFileLost
+
+log = logging.getLogger("compute.api.app")
 
 
 def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
     auth = JwtAuth(settings=lambda: ctx.settings)
 
-    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
+    # In this order: 413, 401/403, 415, then a data route's share of the pool (503).
+    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly(), DataRouteShare()])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sqlite3.OperationalError, state_file_error)
+    app.add_error_handler(StateFileLost, state_file_lost)
 
     app.add_route("/status", Status(ctx))
     app.add_route("/metrics.json", MetricsJson(ctx))
@@ -49,6 +56,20 @@ def create_app(runtime_dir: str | None = None) -> falcon.App:
     app.add_route("/database_schema", DatabaseSchema(ctx))
     app.add_route("/openapi.yaml", OpenApiDocument())
     return app
+
+
+_lost_logged = False
+
+
+def state_file_lost(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:
+    """The state file compute-ctl created is gone (compute.shared.state.StateFileLost): every
+    route answers 503 with the reason (never a stale `running`, never a traceback per request);
+    logged once per worker. The tree stops itself meanwhile (compute/tree/exitwatch.py)."""
+    global _lost_logged
+    if not _lost_logged:
+        _lost_logged = True
+        log.error("%s: answering 503 until the compute is stopped", ex)
+    raise falcon.HTTPServiceUnavailable(description=str(ex))
 
 
 def state_file_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict) -> None:

@@ -43,12 +43,41 @@ def parse_rfc3339(text: str) -> float:
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-def status_body(values: Mapping[str, Any]) -> dict[str, Any]:
+# Below this much free space in the runtime dir, writes of the state file fail (SQLite needs
+# room for its WAL pages): said on /status and /metrics (issue 19, item 3).
+STATE_WRITE_RESERVE_BYTES = 1024 * 1024
+# Statuses in which the monitor records activity (compute/programs/monitor.py).
+MONITORED = ("running", "configuration_pending", "configuration")
+
+
+def activity_unknown_after(monitor_interval: float) -> float:
+    """Seconds without a monitor tick after which `last_active` cannot be trusted: twice the
+    tree's stall threshold (compute/tree/monitor_watch.py: 10 s + 2 intervals), so a monitor that
+    merely stopped has been replaced by then; still no tick means its writes fail."""
+    return 2 * (10.0 + 2 * max(0.05, float(monitor_interval)))
+
+
+def state_health(values: Mapping[str, Any], *, now: float, free_bytes: int | None,
+                 monitor_interval: float) -> tuple[bool, bool]:
+    """(state writes failing: the runtime dir is full; activity unknown: the monitor's ticks
+    stopped reaching the state file while postgres runs). Pure."""
+    full = free_bytes is not None and free_bytes < STATE_WRITE_RESERVE_BYTES
+    tick = values.get("monitor_tick")
+    unknown = (values.get("status") in MONITORED and tick is not None
+               and now - float(tick) > activity_unknown_after(monitor_interval))
+    return full, unknown
+
+
+def status_body(values: Mapping[str, Any], *, health: tuple[bool, bool] = (False, False),
+                now: float | None = None) -> dict[str, Any]:
     """GET /status from the STATUS_KEYS of the state file (a missing key reads as None).
     Neon's six keys first; ours are only ever added (a client may ignore them): when the monitor
-    last ticked (`last_active` is only as fresh as that) and how often the tree restarted it
-    because it stopped ticking (compute/tree/monitor_watch.py)."""
-    return {
+    last ticked (`last_active` is only as fresh as that), how often the tree restarted it
+    because it stopped ticking (compute/tree/monitor_watch.py), and whether writes of the state
+    file fail. `health` is state_health()'s answer: when activity is unknown, `last_active` is
+    `now` (never show an active compute as idle) and `error` says why."""
+    full, unknown = health
+    body = {
         "tenant": values.get("tenant"),
         "timeline": values.get("timeline"),
         "status": values.get("status"),
@@ -57,7 +86,15 @@ def status_body(values: Mapping[str, Any]) -> dict[str, Any]:
         "start_time": rfc3339(values.get("start_time")),
         "monitor_last_tick": rfc3339(values.get("monitor_tick")),
         "monitor_stall_restarts": int(values.get("monitor_stall_restarts") or 0),
+        "state_writes_failing": bool(full),
     }
+    if unknown and now is not None:
+        body["last_active"] = rfc3339(now)
+    if body["error"] is None and (full or unknown):
+        body["error"] = ("the runtime dir is full: writes of the state file fail" if full else
+                         "activity is not being recorded (no monitor tick reaches the state file): "
+                         "last_active shows the time of this answer")
+    return body
 
 
 def metrics_body(recorded: Mapping[str, Any] | None) -> dict[str, int]:

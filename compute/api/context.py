@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from typing import Any
 
 import psycopg
-from compute.api.bodies import STATUS_KEYS, status_body
+from compute.api.bodies import STATUS_KEYS, state_health, status_body
 from compute.postgres.sessions import session_params, superuser_of
 from compute.model.launch import LaunchSettings, require as require_settings
 from compute.shared.state import StateStore, runtime_dir_from_env, state_path
@@ -51,7 +53,19 @@ class ApiContext:
 
     def status_body(self) -> dict[str, Any]:
         """The /status answer: one indexed read of the state file."""
-        return status_body(self.store.get_many(STATUS_KEYS))
+        values = self.store.get_many(STATUS_KEYS)
+        now = time.time()
+        health = state_health(values, now=now, free_bytes=self.runtime_free_bytes(),
+                              monitor_interval=self.settings.monitor_interval)
+        return status_body(values, health=health, now=now)
+
+    def runtime_free_bytes(self) -> int | None:
+        """Free bytes in the runtime dir (where the state file is); None when unknown."""
+        try:
+            st = os.statvfs(self.runtime_dir)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def pg_connect(self, timeout: float = 3) -> psycopg.Connection:
         """A fresh superuser connection (autocommit, statement timeout). The superuser's sessions

@@ -18,7 +18,7 @@ from compute.api.listener import inherited_fd
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.model.launch import LaunchSettings, require as require_settings
-from compute.shared.state import StateStore, runtime_dir_from_env, state_path
+from compute.shared.state import StateFileLost, StateStore, park_without_state, runtime_dir_from_env, state_path
 
 
 def bind_address(host: str, port: int) -> str:
@@ -31,6 +31,9 @@ def _launch() -> LaunchSettings:
     store = StateStore(state_path(runtime_dir))
     try:
         return require_settings(store)
+    except StateFileLost as e:  # an exit would be a restart, and another, and another
+        park_without_state(e, "api")
+        raise
     finally:
         store.close()  # do not carry an open SQLite handle into forked workers
 

@@ -54,6 +54,7 @@ def redact_rows(rows: list) -> list:
 
 class Insights:
     auth_required = True  # query texts are database contents
+    data_route = True  # compute/api/capacity.py
 
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import falcon
 
+from compute.api.bodies import state_health
 from compute.api.context import ApiContext
 from compute.shared.supervisor_rpc import rpc
 from compute.shared.state import CPLANE_REQUESTS_KEY, STATUSES
@@ -118,6 +119,16 @@ class PrometheusMetrics:
         page.family("compute_monitor_stall_restarts_total", "counter",
                     "Times the tree killed and restarted an activity monitor that had stopped ticking.",
                     [({}, int(s["monitor_stall_restarts"] or 0))])
+        free = self.ctx.runtime_free_bytes()
+        full, unknown = state_health(s, now=now, free_bytes=free, monitor_interval=self.ctx.settings.monitor_interval)
+        page.family("compute_state_writes_failing", "gauge",
+                    "1 when the runtime dir is too full for writes of the state file.", [({}, int(full))])
+        page.family("compute_activity_unknown", "gauge",
+                    "1 when no monitor tick reaches the state file while postgres runs (last_active on /status "
+                    "is then the time of the answer).", [({}, int(unknown))])
+        if free is not None:
+            page.family("compute_runtime_dir_free_bytes", "gauge",
+                        "Free bytes in the runtime dir (the state file, logs, schema dumps).", [({}, free)])
         page.family("compute_log_lines_dropped_total", "counter",
                     "Log lines compute-ctl dropped because the reader of its stdout (or stderr) did not keep up.",
                     [({}, int(s["log_lines_dropped"] or 0))])

@@ -54,7 +54,8 @@ class UsageError(Exception):
 # Every environment variable compute-ctl reads (itself, or its programs from the environment it
 # passes on), as --help lists them (tests/unit/test_cli_help.py checks the list against the code).
 # Set by compute-ctl for its programs, not read from the operator: COMPUTE_RUNTIME_DIR,
-# COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, PGPASSFILE. Written out: no textwrap before the bind.
+# COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, COMPUTE_STATE_FILE_ID, PGPASSFILE. Written out: no
+# textwrap before the bind.
 EPILOG = (
     "Exactly one spec source: -c, -s, -S, or -i with -p. Operators: supervisorctl -c\n"
     "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
@@ -517,9 +518,10 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from compute.base.procutil import become_subreaper, scrub_initial_environment
     from compute.tree.reaper import stop_descendants
     from compute.model.spec import SpecError
-    from compute.shared.state import RUNTIME_DIR_ENV, StateStore, state_path
+    import sqlite3
+    from compute.shared.state import RUNTIME_DIR_ENV, STATE_ID_ENV, StateStore, state_path
     from compute.tree.supervisord_conf import CONF_NAME, render_supervisord_conf
-    from compute.tree.supervisord import STOP_BY_RPC, run as run_supervisord
+    from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     from compute.boot.users import effective_user
     try:
         spec_doc, spec, superuser, ctl_config = validate(args)
@@ -594,15 +596,17 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
                 f.write(conf)
         finally:
             os.umask(old)
-        StateStore.create(state_path(runtime_dir), {
+        store = StateStore.create(state_path(runtime_dir), {
             # last_active starts at the start (as the original): a compute nobody ever connects
             # to must still look idle since then, not "never", to be suspended. `started` and
             # the spec's tenant/timeline are what the early responder has answered so far.
             "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
             "spec": spec_doc, "spec_generation": 1 if spec_doc else 0, "metrics": {}, **identity,
         })
+        state_id = store.identity
+        store.close()
         responder.state_ready(state_path(runtime_dir))
-    except (OSError, UsageError, ValueError) as e:
+    except (OSError, UsageError, ValueError, sqlite3.Error) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
@@ -622,7 +626,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/model/environ.py, the conf's per-program environment).
     env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno())}
+           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id}
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either
@@ -632,7 +636,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
     api_sock.close()
-    code = tree_exit_code(StateStore(state_path(runtime_dir)).get("exit_code"),
+    code = tree_exit_code(recorded_exit_code(state_path(runtime_dir)),
                           stopped_by_signal=stopped_by not in (None, STOP_BY_RPC),
                           stopped_by_rpc=stopped_by == STOP_BY_RPC)
     if code is None:

@@ -207,7 +207,7 @@ def check_target(node: Node, policy: Policy, *, what: str, entries: list[str] | 
         if not policy.as_root:
             raise refusal(f"{what} {node.path}", f"belongs to root: it must belong to the compute user "
                           f"{cu}, and compute-ctl, not running as root, cannot make it so", node,
-                          f"a directory owned by the compute user, mode 0700 (postgres refuses any other)",
+                          "a directory owned by the compute user, mode 0700 (postgres refuses any other)",
                           f"give a directory inside it, e.g. {inside} (created by compute-ctl; a "
                           "volume's mount point stays root's), or start compute-ctl as root")
         if entries is None or entries:

@@ -42,12 +42,18 @@ from compute.base import forkinfo
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+from compute.base.retry import RetryFailed, RetryPolicy, retry
 from compute.lifecycle.steps import (
+    LOCK_RACE_ATTEMPTS,
+    LOCK_RACE_FACTOR,
+    LOCK_RACE_FIRST_DELAY,
     STARTUP_STEPS,
     DriverView,
     Readiness,
     DriverStep,
+    after_failed_reconfiguration,
     concurrent_step,
+    lost_lock_race,
     grace_remaining,
     idle,
     pending_request,
@@ -57,7 +63,8 @@ from compute.lifecycle.steps import (
 from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
-from compute.shared.state import CPLANE_REQUESTS_KEY, StateStore, runtime_dir_from_env, state_path
+from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
+                                  runtime_dir_from_env, state_path)
 from compute.shared.supervisor_rpc import rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
@@ -83,6 +90,7 @@ REQUEST_STATEMENT_TIMEOUT_MS = 10_000
 REQUEST_LOCK_TIMEOUT_MS = 5_000
 NOT_RUNNING = 70  # supervisord's Faults.NOT_RUNNING: postgres already stopped, which is what we want
 IMMEDIATE_WAIT = 30.0  # then a regular stop (SIGINT, SIGKILL after stopwaitsecs)
+LOCK_RACE_POLICY = RetryPolicy(LOCK_RACE_ATTEMPTS, LOCK_RACE_FIRST_DELAY, LOCK_RACE_FACTOR)
 
 
 def count_cplane_request(store: StateStore, rpc_name: str, http_status: str) -> None:
@@ -210,6 +218,8 @@ class Driver:
             try:
                 if concurrent_step(self.request_view()) is DriverStep.TERMINATE:
                     self.terminate()
+            except StateFileLost:
+                return  # no request can come any more; the main thread says so, once
             except Exception:  # the plan goes on; a restarted driver would resume the terminate
                 log.exception("carrying out /terminate")
 
@@ -510,10 +520,21 @@ class Driver:
             if at_start:
                 self.check_superuser_session(spec)
             return
-        from compute.reconcile import apply_spec
-        apply_spec(self.settings.connstr, spec, superuser=self.superuser,
-                   lock_timeout=self.settings.lock_timeout,
-                   statement_timeout=self.settings.statement_timeout)
+        from compute.reconcile import ApplyError, apply_spec
+
+        def attempt() -> None:
+            apply_spec(self.settings.connstr, spec, superuser=self.superuser,
+                       lock_timeout=self.settings.lock_timeout,
+                       statement_timeout=self.settings.statement_timeout)
+
+        def on_retry(n: int, e: BaseException, delay: float) -> None:
+            log.warning("applying the spec lost a lock race (attempt %d of %d): %s; again in %.1f s",
+                        n, LOCK_RACE_POLICY.attempts, e, delay)
+        try:
+            retry(LOCK_RACE_POLICY, attempt, catch=(ApplyError,),
+                  retryable=lambda e: lost_lock_race(getattr(e, "sqlstate", None)), on_retry=on_retry)
+        except RetryFailed as failed:
+            raise failed.error from None
 
     # -- after start-up ---------------------------------------------------------------------
     def serve(self) -> None:
@@ -625,8 +646,13 @@ class Driver:
             log.info("new spec applied")
         except Exception as e:
             msg = describe(e)
+            status = after_failed_reconfiguration(lost_lock_race(getattr(e, "sqlstate", None)))
+            if status == "running":
+                msg = (f"reconfiguration lost a lock race {LOCK_RACE_POLICY.attempts} times; the compute runs "
+                       f"with the spec partly applied (send it again): {msg}")
             log.error("reconfiguration failed: %s", msg)
-            self.store.set(status="failed", error=msg)
+            self.store.set(status=status, error=msg,
+                           configure_failed={"generation": generation, "error": msg})
 
     def rejection_reasons(self, offset: int, rejected) -> dict[str, str]:
         """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
@@ -863,6 +889,17 @@ def main() -> None:
     runtime_dir = runtime_dir_from_env()
     if not wait_for_work(runtime_dir):
         return
+    try:
+        run_driver(runtime_dir)
+    except StateFileLost as e:
+        # Until SIGTERM (SystemExit(0) from on_term, or its default action if the driver never
+        # got that far); a wake-up from the API is no reason to exit (a restart would follow).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WAKE_SIGNALS)
+        park_without_state(e, "lifecycle")
+
+
+def run_driver(runtime_dir: str) -> None:
     driver = Driver(runtime_dir)
 
     def on_usr1(*_):

@@ -158,3 +158,28 @@ def readiness(postmaster_status: str | None, postgres_state: str | None, elapsed
     if postgres_state is not None and postgres_state not in POSTGRES_UP:
         return Readiness.DIED
     return Readiness.WAIT
+
+
+# -- a catalog apply that loses a lock race ----------------------------------------------
+# Another session held a lock a statement needed past --lock-timeout (55P03), or postgres broke
+# a deadlock by cancelling ours (40P01): nothing of the failing transaction was applied, and
+# the apply plans afresh from the catalog, so running it again is safe. A /database_schema
+# dump, a user's long transaction on a table a dropped role owns (REASSIGN OWNED) do this.
+LOCK_RACE_SQLSTATES = frozenset({"55P03", "40P01"})
+LOCK_RACE_ATTEMPTS = 4
+LOCK_RACE_FIRST_DELAY = 1.0  # then x2: 1, 2, 4 s between the attempts
+LOCK_RACE_FACTOR = 2.0
+
+
+def lost_lock_race(sqlstate: str | None) -> bool:
+    """Whether an apply that failed with `sqlstate` lost a lock race (worth another attempt)."""
+    return sqlstate in LOCK_RACE_SQLSTATES
+
+
+def after_failed_reconfiguration(lost_race: bool) -> str:
+    """The status a reconfiguration that failed leaves. A lost lock race (after its retries):
+    `running`, with the error on /status and the /configure answered 500: postgres runs, the
+    old catalog partly changed toward the new spec, and a /configure again finishes it (the
+    apply is idempotent); never the final `failed` for a conflict that passes. Anything else:
+    `failed`."""
+    return "running" if lost_race else "failed"

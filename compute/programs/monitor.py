@@ -32,7 +32,7 @@ from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.base.procutil import die_with_parent
 from compute.model.launch import LaunchSettings, default, require as require_settings
-from compute.shared.state import StateStore, runtime_dir_from_env, state_path
+from compute.shared.state import StateFileLost, StateStore, park_without_state, runtime_dir_from_env, state_path
 
 log = logging.getLogger("compute.programs.monitor")
 
@@ -79,6 +79,7 @@ class ActivityMonitor:
         self.superuser = superuser if superuser is not None else superuser_of(connstr)
         self.clock = clock
         self.stop_event = threading.Event()
+        self._write_failing = False
         self._conn: LibpqSession | None = None
         self._interruptible = False
         self._ever_connected = False
@@ -191,8 +192,18 @@ class ActivityMonitor:
             # Our progress, for the tree: a monitor whose tick stops moving is restarted
             # (compute/tree/monitor_watch.py), and /status and /metrics show it.
             self.store.set(monitor_tick=time.time())
-        except Exception as e:  # a busy/locked state file must not kill the monitor
-            log.warning("could not record last_active: %s", e)
+        except StateFileLost:
+            raise  # nothing to record into any more: main() waits to be stopped
+        except Exception as e:  # a busy/locked/full state file must not kill the monitor
+            # One line per outage (a full runtime dir fails every tick); /status and /metrics
+            # say so meanwhile (compute/api/bodies.py state_health).
+            if not self._write_failing:
+                log.warning("could not record last_active: %s", e)
+            self._write_failing = True
+        else:
+            if self._write_failing:
+                log.info("recording last_active again")
+            self._write_failing = False
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -223,6 +234,9 @@ def _wait_for_launch(store: StateStore, path: str, stop: threading.Event) -> Lau
         if os.path.exists(path):
             try:
                 return require_settings(store)
+            except StateFileLost as e:
+                park_without_state(e, "monitor", stop)
+                return None
             except sqlite3.OperationalError:
                 pass  # being created: not a database yet
         stop.wait(0.5)
@@ -254,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     monitor.install_signal_handlers()
     if stop.is_set():  # a SIGTERM (supervisord's death) caught by `early` since the launch was found
         return 0
-    monitor.run()
+    try:
+        monitor.run()
+    except StateFileLost as e:
+        park_without_state(e, "monitor", monitor.stop_event)  # its SIGTERM handler sets it
     log.info("stopped")
     return 0
 

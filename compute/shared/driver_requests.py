@@ -210,16 +210,22 @@ def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[s
         time.sleep(poll)
 
 
-CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_rejected")
+CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_rejected", "configure_failed")
 
 
 def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
     """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
     A later generation means ours was applied and another configure came after it. A
-    `configure_rejected` record of our generation: refused with nothing changed (still `running`)."""
+    `configure_rejected` record of our generation: refused with nothing changed (still `running`).
+    A reconfiguration that failed but left the compute running (a lost lock race) records
+    `configure_failed` with its generation."""
     rejected = values.get("configure_rejected")
     if isinstance(rejected, dict) and rejected.get("generation") == generation and values["status"] == "running":
         return False, rejected.get("error") or "configuration rejected"
+    failed = values.get("configure_failed")
+    if isinstance(failed, dict) and failed.get("generation") == generation and \
+            (values["spec_generation"] or 0) == generation:
+        return False, failed.get("error") or "configuration failed"
     if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
         return True, None
     if values["status"] == "failed":

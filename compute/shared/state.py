@@ -15,10 +15,13 @@ The data is a key/value table whose values are JSON. Keys in use:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sqlite3
 import threading
 import time
+import urllib.parse
 from enum import Enum
 from typing import Any, Iterable
 
@@ -82,6 +85,65 @@ def check_transition(current: Any, new: Any) -> Status:
     return target
 
 STATE_FILE = "state.db"
+# The state file compute-ctl created, as `st_dev:st_ino`: compute-ctl puts it in the environment
+# supervisord and every program inherit. A store opens only that file (never creates one), and
+# a file that is gone, replaced or truncated is StateFileLost, never silently a new database.
+STATE_ID_ENV = "COMPUTE_STATE_FILE_ID"
+# The smallest state file there can be: SQLite's 100-byte header (WAL mode is written into it
+# when compute-ctl creates the file).
+MIN_STATE_FILE_BYTES = 100
+PARK_MAX_WAIT = 5.0
+
+
+class StateFileLost(sqlite3.OperationalError):
+    """The state file compute-ctl created is gone: removed, replaced by another file, or
+    truncated. Nothing reads or writes a substitute; every use raises this from then on."""
+
+
+def file_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def state_id_from_env(environ=None) -> str | None:
+    return (os.environ if environ is None else environ).get(STATE_ID_ENV) or None
+
+
+def lost_reason(path: str, expected: str | None) -> str | None:
+    """Why the file at `path` is not the state file `expected` (None: it is, or nothing is
+    expected yet and the file is there and not empty)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "removed"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if expected is not None and f"{st.st_dev}:{st.st_ino}" != expected:
+        return "replaced by another file"
+    if st.st_size < MIN_STATE_FILE_BYTES:
+        return "truncated"
+    return None
+
+
+_log = logging.getLogger("compute.shared.state")
+
+
+def park_without_state(error: BaseException, program: str, stop: threading.Event | None = None,
+                       max_wait: float = PARK_MAX_WAIT) -> None:
+    """What a program that cannot work without the state file does when it is lost: one log
+    line, then wait to be stopped (SIGTERM; the tree stops itself when the file is lost,
+    compute/tree/exitwatch.py). Never an exit that supervisord would answer with a restart,
+    and so a loop of restarts and log lines. Returns when `stop` is set (checked at most every
+    `max_wait` seconds, backing off from 0.1 s); without `stop`, only a signal ends it."""
+    _log.error("%s: %s; waiting to be stopped", program, error)
+    delay = 0.1
+    while stop is None or not stop.is_set():
+        if stop is None:
+            signal.pause()
+        else:
+            stop.wait(delay)
+            delay = min(max_wait, delay * 2)
+
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
 
@@ -101,16 +163,37 @@ class StateStore:
     """A handle on the state file. Safe to share between threads of one process (one
     connection per thread); reopened automatically in a forked child."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, identity: str | None = None):
         self.path = path
         self._local = threading.local()
+        # The file compute-ctl created (STATE_ID_ENV); without it, the first one opened.
+        self.identity = identity or state_id_from_env()
+        self.lost: str | None = None  # sticky: once lost, never again a database here
 
     # -- connections ----------------------------------------------------------------------
+    def check(self) -> None:
+        """StateFileLost if the state file is not (any more) the one compute-ctl created.
+        One stat(2) per use of the store: an open connection would otherwise go on reading
+        a removed file's last contents (a stale `running`), and a new connection would open
+        whatever now has the name."""
+        if self.lost is None:
+            reason = lost_reason(self.path, self.identity)
+            if reason is None:
+                return
+            self.lost = reason
+        raise StateFileLost(f"the state file {self.path} was {self.lost}")
+
     def _conn(self) -> sqlite3.Connection:
+        self.check()
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             busy_ms = int(getattr(_thread_busy_timeout, "ms", BUSY_TIMEOUT_MS))
-            conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            if self.identity is None:
+                self.identity = file_identity(self.path)
+            # mode=rw: SQLite never creates the file (a removed one stays removed).
+            uri = "file:" + urllib.parse.quote(self.path) + "?mode=rw"
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_ms / 1000, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
             self._local.conn, self._local.pid = conn, os.getpid()
@@ -128,23 +211,31 @@ class StateStore:
 
     @classmethod
     def create(cls, path: str, initial: dict[str, Any]) -> "StateStore":
-        """Start a fresh state file (a compute start is always a fresh start)."""
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        """Start a fresh state file (a compute start is always a fresh start). It is made whole
+        under another name and renamed into place: the name never holds a half-made database,
+        and the file found there from then on is this one (its identity is the store's)."""
+        fresh = path + ".new"
+        for name in (path, fresh):
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(name + suffix)
+                except FileNotFoundError:
+                    pass
         old_umask = os.umask(0o077)  # it holds the spec: password hashes, the storage token
         try:
-            conn = sqlite3.connect(path, isolation_level=None)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(_SCHEMA)
-            conn.close()
+            conn = sqlite3.connect(fresh, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(_SCHEMA)
+                made = cls(fresh, identity=file_identity(fresh))
+                made.set(**initial)
+                made.close()
+            finally:
+                conn.close()  # the last connection: the WAL is checkpointed into the file, removed
         finally:
             os.umask(old_umask)
-        store = cls(path)
-        store.set(**initial)
-        return store
+        os.rename(fresh, path)
+        return cls(path, identity=made.identity)
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:

@@ -8,6 +8,13 @@ subscribes it through supervisor's `events.subscribe`; no listener process, no R
   driver's hand-over to a fresh driver (exit 0: compute/lifecycle/steps.py).
 - vm-informant or postgres-exporter EXITED: started again about 5 s later (supervisord would
   restart it at once).
+- the state file lost (removed, replaced, truncated: compute.shared.state.StateFileLost), seen
+  within STATE_CHECK_PERIOD: one line, exit code 1, the tree stops (postgres: fast shutdown).
+  Without the state file nothing can drive the compute (no /configure, /terminate, no
+  last_active): it ends, visibly, rather than serve on with a stale or empty state.
+  Whatever the state file does, postgres' exit still ends the tree with its code: the
+  decision then uses what is known without the file (the start done, no /terminate), and the
+  code is also kept here, in memory (`exit_code`), for compute-ctl to exit with.
 - the monitor stops ticking (its `monitor_tick` in the state file does not move for
   monitor_watch.stall_after(--monitor-interval) seconds): SIGKILL, counted in
   `monitor_stall_restarts`; supervisord starts a new one.
@@ -25,6 +32,7 @@ import itertools
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -36,7 +44,7 @@ from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDe
 from compute.tree import exit_decision, monitor_watch
 from compute.model import launch
 from compute.base.procutil import dies_with_us
-from compute.shared.state import StateStore, state_path
+from compute.shared.state import StateFileLost, StateStore, state_path
 
 log = logging.getLogger("compute.tree.exitwatch")
 
@@ -49,6 +57,8 @@ TERMINATE_ANSWER_WAIT = 60.0
 TERMINATE_POLL = 0.02
 GDB_TIMEOUT = 60.0
 GDB_POLL = 0.05
+STATE_CHECK_PERIOD = 0.5  # seconds between two looks at the state file's identity
+EXIT_STATE_LOST = 1
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
 STARTABLE = (ProcessStates.EXITED, ProcessStates.STOPPED, ProcessStates.FATAL, ProcessStates.BACKOFF)
 
@@ -146,7 +156,13 @@ class ExitWatch:
         self.runtime_dir = runtime_dir
         self.timers = timers
         self.store = StateStore(state_path(runtime_dir))
-        self.settings = launch.require(self.store)
+        self.exit_code: int | None = None  # ours, in memory: the state file may be gone
+        self.state_lost = False
+        try:
+            self.settings = launch.require(self.store)
+        except sqlite3.Error as e:  # lost before the loop ran: watch_state_file stops the tree
+            log.debug("no launch settings: %s", e)
+            self.settings = None
 
     # -- supervisord's side --------------------------------------------------------------
     def subscribe(self) -> None:
@@ -196,7 +212,13 @@ class ExitWatch:
         signalled = exit_decision.killed_by(_wait_statuses.pop(proc.pid, None) if proc and proc.pid else None)
         if signalled:
             log.error("postgres was killed by %s", signalled)
-        flags = self.store.get_many(("startup_done", "shutdown_requested"))
+        try:
+            flags = self.store.get_many(("startup_done", "shutdown_requested"))
+        except sqlite3.Error as e:
+            # The state file is lost or unreadable: decide from what is known without it (the
+            # start done, no /terminate), never drop the event (the tree would outlive postgres).
+            log.error("postgres ended and the state file cannot be read (%s): deciding without it", e)
+            flags = {"startup_done": True, "shutdown_requested": False}
         decision = exit_decision.decide_postgres_exit(
             info.get("statename"), info.get("exitstatus", 1),
             startup_done=bool(flags["startup_done"]), shutdown_requested=bool(flags["shutdown_requested"]))
@@ -205,21 +227,57 @@ class ExitWatch:
             # A failed start: the driver reports it on /status for the grace period, then exits 1.
             log.warning("postgres exited during start-up (%s, exit status %s)",
                         info.get("statename"), info.get("exitstatus"))
-            self.store.set(postgres_exit_code=code)
+            try:
+                self.store.set(postgres_exit_code=code)
+            except sqlite3.Error as e:  # the driver cannot fail the start without it: we stop
+                log.error("could not record postgres' exit (%s): stopping the compute", e)
+                self.record_exit(EXIT_STATE_LOST)
+                self.supervisord.options.mood = SupervisorStates.SHUTDOWN
             return
         log.info("postgres is down (%s, exit status %s): stopping the compute with exit code %d",
                  info.get("statename"), info.get("exitstatus"), code)
 
         def stop() -> None:
-            self.store.set_once("exit_code", code)
+            self.record_exit(code)
             self.shutdown()
+        if self.settings is None:
+            stop()
+            return
         CoreDumpReport(self.settings.pgdata, self.settings.pgbin, self.timers, stop).start()
+
+    def record_exit(self, code: int) -> None:
+        """The tree's exit code, first writer wins: in the state file (the driver may have
+        written one) and here in memory, which compute-ctl uses when the file is unreadable."""
+        if self.exit_code is None:
+            self.exit_code = code
+        try:
+            self.store.set_once("exit_code", code)
+        except sqlite3.Error as e:
+            log.debug("exit code %d kept in memory only: %s", code, e)
+
+    def watch_state_file(self, period: float = STATE_CHECK_PERIOD) -> None:
+        """Every `period`, from the loop: is the state file still the one compute-ctl created
+        (StateStore.check: one stat)? Lost: one line, exit code 1, stop the tree."""
+        def check() -> None:
+            if self.shutting_down():
+                return
+            try:
+                self.store.check()
+            except StateFileLost as e:
+                self.state_lost = True
+                log.error("%s: the compute cannot be driven without it; stopping it (exit code %d)",
+                          e, EXIT_STATE_LOST)
+                self.record_exit(EXIT_STATE_LOST)
+                self.supervisord.options.mood = SupervisorStates.SHUTDOWN
+                return
+            self.timers.call_later(period, check)
+        self.timers.call_later(0, check)
 
     def terminate_without_postgres(self) -> None:
         """/terminate found no postgres that ever ran: end the tree once its answer is out."""
         code = exit_decision.terminate_without_postgres(self.store.get("status"))
         log.info("terminate requested and postgres never ran: stopping the compute with exit code %d", code)
-        self.store.set_once("exit_code", code)
+        self.record_exit(code)
         self.shutdown()
 
     def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
@@ -227,8 +285,14 @@ class ExitWatch:
         out before the api program is stopped."""
         deadline = time.monotonic() + timeout
 
+        def pending() -> bool:
+            try:
+                return bool(self.store.get("terminate_pending"))
+            except sqlite3.Error:  # lost: no answer can be written any more
+                return False
+
         def check() -> None:
-            if self.store.get("terminate_pending") and time.monotonic() < deadline:
+            if pending() and time.monotonic() < deadline:
                 self.timers.call_later(TERMINATE_POLL, check)
             else:
                 self.supervisord.options.mood = SupervisorStates.SHUTDOWN

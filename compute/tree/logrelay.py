@@ -12,6 +12,7 @@ the state file (`DroppedLines`, a timer of the loop armed by a drop).
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from supervisor import events
 
@@ -35,7 +36,10 @@ class DroppedLines:
 
     def __init__(self, store, timers, period: float = DROPPED_PUBLISH_PERIOD):
         self.store, self.timers, self.period = store, timers, period
-        self.published = int(store.get("log_lines_dropped") or 0)
+        try:
+            self.published = int(store.get("log_lines_dropped") or 0)
+        except sqlite3.Error:  # the state file lost: exitwatch stops the tree
+            self.published = 0
         self.due = False
 
     @staticmethod

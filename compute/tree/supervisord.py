@@ -26,6 +26,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 
 from supervisor import options, poller, process, rpcinterface, supervisord
 from supervisor.states import SupervisorStates
@@ -36,7 +37,7 @@ from compute.tree import warmfork
 from compute.api.listener import inherited_fd
 from compute.tree.exitwatch import ExitWatch, Timers, note_wait_status
 from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
-from compute.shared.state import runtime_dir_from_env
+from compute.shared.state import StateStore, runtime_dir_from_env
 from compute.base.trace import mark
 from compute.base.procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_with_parent
 
@@ -201,6 +202,7 @@ def install_handlers(supervisor, runtime_dir: str) -> ExitWatch:
     dropped.noticed()  # lines the bootstrap may have dropped before the loop ran
     watch.subscribe()
     watch.watch_monitor()
+    watch.watch_state_file()
     open_stores.append(watch.store)
     return watch
 
@@ -225,6 +227,24 @@ def run(conf: str | None = None) -> int | None:
     supervisord.Supervisor.runforever = _runforever_with_handlers
     supervisord.main(["-n", "-c", conf] if conf else None)
     return stop_signals[0] if stop_signals else None
+
+
+def recorded_exit_code(path: str) -> int | None:
+    """The tree's exit code once the loop has ended: the state file's (first writer wins,
+    the driver's failed start included); when the file is lost or unreadable, the one exitwatch
+    kept in memory."""
+    code = None
+    try:
+        store = StateStore(path)
+        try:
+            code = store.get("exit_code")
+        finally:
+            store.close()
+    except sqlite3.Error as e:
+        log.error("cannot read the exit code from the state file: %s", e)
+    if code is None and _watch is not None:
+        code = _watch.exit_code
+    return code
 
 
 def main() -> None:

@@ -62,6 +62,33 @@ def _environment_line(env: dict[str, str]) -> str:
     return ("environment=" + ",".join(f'{k}="{_conf_value(v)}"' for k, v in env.items())) if env else ""
 
 
+# The most the log files may take in RUNTIME_DIR/logs (supervisord's own, postgres', and one
+# per program, each with one rotated copy: supervisor/*.tmpl), beside the state file: a log
+# flood can never fill the runtime dir (a tmpfs, as root) until the state file cannot be
+# written. Every line also goes to compute-ctl's stdout (the container log): these files are
+# for `supervisorctl tail` only.
+LOG_BUDGET_BYTES = 30 * 1024 * 1024
+_SIZE = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+
+
+def log_bytes(conf: str) -> int:
+    """The most a rendered conf's log files can take: maxbytes x (1 + backups), summed (pure)."""
+    import configparser
+    parser = configparser.RawConfigParser()
+    parser.read_string(conf)
+    total = 0
+    for section in parser.sections():
+        for prefix in ("logfile", "stdout_logfile", "stderr_logfile"):
+            path = parser.get(section, prefix, fallback=None)
+            if not path or path in ("NONE", "/dev/null") or path.startswith("/dev/fd/"):
+                continue
+            size = parser.get(section, prefix + "_maxbytes", fallback="50MB").strip().upper()
+            number, unit = (size[:-2], size[-2:]) if size[-2:] in _SIZE else (size, "")
+            backups = int(parser.get(section, prefix + "_backups", fallback="10"))
+            total += int(number) * _SIZE.get(unit, 1) * (1 + backups)
+    return total
+
+
 def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python: str,
                             auth_token: str | None, vm_informant: str | None,
                             informant_connstr: str, postgres_stop_seconds: int = 8,

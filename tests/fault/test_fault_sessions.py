@@ -154,7 +154,8 @@ def test_insights_redact_what_a_spec_role_typed(compute):
 
 
 def test_password_hashes_never_logged_and_a_held_lock_fails_the_apply_in_bounded_time(compute):
-    """Last in the module: it leaves the compute `failed` (as a failed /configure does)."""
+    """Last in the module. A held lock the apply keeps losing (4 attempts, issue 21 item 1) leaves
+    the compute `running` with the error (a lost lock race is never the final `failed`)."""
     c = compute
     spec = make_spec(c, [("app", HASHES[2]), ("second", HASHES[1])])
     with as_app(c) as holder:  # a transaction of app's own holds app's pg_authid row
@@ -167,7 +168,9 @@ def test_password_hashes_never_logged_and_a_held_lock_fails_the_apply_in_bounded
     assert code == 500
     assert "lock timeout" in body["error"] and "--lock-timeout" in body["error"], body
     assert elapsed < LOCK_TIMEOUT + 20
-    assert c.status()["status"] == "failed"
+    status = c.status()
+    assert status["status"] == "running" and status["error"] == body["error"], status
+    assert "lost a lock race" in body["error"], body
 
     with open(os.path.join(c.runtime_dir, "logs", "postgres.log"), errors="replace") as f:
         log = f.read()

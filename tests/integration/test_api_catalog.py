@@ -5,6 +5,7 @@ This file: against a real PG15; the pure shapes: tests/unit/test_api_catalog.py.
 
 from __future__ import annotations
 
+import os
 import time
 
 import falcon.testing
@@ -13,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from compute.api.app import create_app
+from tests.support.waiting import wait_for
 from tests.support.api_helpers import jwks_keys, launch_settings, make_state, pg, write_jwks
 
 __all__ = ['pg']  # the fixture
@@ -95,3 +97,89 @@ def test_both_need_a_token_under_jwks(tmp_path, catalog):
         assert c.simulate_get(path_, params=params, headers={"Authorization": "Bearer x.y.z"}).status_code == 401
         assert c.simulate_get(path_, params=params, headers=other).status_code == 403
         assert c.simulate_get(path_, params=params, headers=good).status_code == 200
+
+
+# -- /database_schema: spooled, bounded (issue 21, item 1) ----------------------------------
+BIG_DB = "many tables"
+BIG_TABLES = 400  # a dump of ~150 KB: more than a pipe (64 KiB) and pg_dump's first chunk hold
+
+
+@pytest.fixture(scope="module")
+def big_db(catalog):
+    with psycopg.connect(catalog.conninfo(), autocommit=True) as su:
+        su.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(BIG_DB)))
+        su.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BIG_DB)))
+    with psycopg.connect(catalog.conninfo(), dbname=BIG_DB, autocommit=True) as conn:
+        conn.execute("DO $$ BEGIN FOR i IN 1..%d LOOP EXECUTE format("
+                     "'CREATE TABLE t%%s (id int primary key, a text, b timestamptz, c jsonb)', i); "
+                     "END LOOP; END $$" % BIG_TABLES)
+    return catalog
+
+
+def dump_sessions(pg) -> list:
+    with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
+        return conn.execute("SELECT pid, state FROM pg_stat_activity WHERE application_name = "
+                            "'compute_ctl:database_schema'").fetchall()
+
+
+def open_dump(app, dbname: str = BIG_DB):
+    """The app's answer to GET /database_schema, body not read yet: (status, headers, body iterable)."""
+    got = {}
+
+    def start_response(status, headers, exc_info=None):
+        got["status"], got["headers"] = status, dict(headers)
+    env = falcon.testing.create_environ(path="/database_schema", query_string=f"database={dbname}")
+    body = app(env, start_response)
+    return got["status"], got["headers"], body
+
+
+def test_database_schema_is_spooled_before_the_client_reads(tmp_path, big_db):
+    """pg_dump has finished (its session, transaction and locks are gone) when the answer
+    starts, however slowly the client then reads it: it never waits on the client."""
+    make_state(str(tmp_path), launch=launch_settings(str(tmp_path), connstr=big_db.url(),
+                                                       pgbin_dir="/usr/lib/postgresql/15/bin"))
+    app = create_app(str(tmp_path))
+    status, headers, body = open_dump(app)
+    try:
+        assert status.startswith("200"), status
+        assert dump_sessions(big_db) == []  # nothing read yet, and pg_dump is done
+        data = b"".join(body)
+        assert len(data) > 100_000 and b"CREATE TABLE public.t400" in data
+        assert b"PostgreSQL database dump complete" in data
+    finally:
+        body.close()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("tmp")]
+
+
+def test_database_schema_concurrent_dumps_are_bounded(tmp_path, big_db):
+    from compute.api.catalog import MAX_CONCURRENT_DUMPS
+    make_state(str(tmp_path), launch=launch_settings(str(tmp_path), connstr=big_db.url(),
+                                                       pgbin_dir="/usr/lib/postgresql/15/bin"))
+    app = create_app(str(tmp_path))
+    held = [open_dump(app) for _ in range(MAX_CONCURRENT_DUMPS)]
+    try:
+        assert all(status.startswith("200") for status, _, _ in held)
+        status, headers, body = open_dump(app)
+        assert status.startswith("429"), status
+        assert int(headers["retry-after"]) > 0
+        assert b"too many schema dumps" in b"".join(body)
+        held.pop()[2].close()  # a client finished (or went away): its slot is free again
+        status, _, body = open_dump(app)
+        assert status.startswith("200"), status
+        held.append((status, None, body))
+    finally:
+        for _, _, body in held:
+            body.close()
+
+
+def test_database_schema_over_the_spool_bound_is_refused_and_pg_dump_ends(tmp_path, big_db):
+    from compute.api.catalog import DatabaseSchema
+    from compute.api.context import ApiContext
+    make_state(str(tmp_path), launch=launch_settings(str(tmp_path), connstr=big_db.url(),
+                                                       pgbin_dir="/usr/lib/postgresql/15/bin"))
+    app = falcon.App()
+    app.add_route("/database_schema", DatabaseSchema(ApiContext(str(tmp_path)), spool_max=20_000))
+    r = falcon.testing.TestClient(app).simulate_get("/database_schema", params={"database": BIG_DB})
+    assert r.status_code == 500 and "exceeds 20000 bytes" in r.json["error"], r.text
+    wait_for(lambda: dump_sessions(big_db) == [], 10, "the killed pg_dump's session to end")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("tmp")]

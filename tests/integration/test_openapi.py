@@ -261,6 +261,16 @@ def test_catalog_routes_match_the_document(checker, pg, tmp_path):
     assert sim(checker, c3, "GET", "/dbs_and_roles").status_code == 503
     assert sim(checker, c3, "GET", "/database_schema?database=postgres").status_code == 503
 
+    # every dump slot taken: 429 with Retry-After
+    from compute.api.catalog import DatabaseSchema
+    from compute.api.context import ApiContext
+    from compute.api.errors import serialize_error
+    busy = falcon.App()
+    busy.set_error_serializer(serialize_error)
+    busy.add_route("/database_schema", DatabaseSchema(ApiContext(rt), max_dumps=0))
+    r = sim(checker, falcon.testing.TestClient(busy), "GET", "/database_schema?database=postgres")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+
     # under a JWKS: 401 without a token, 403 with another compute's
     ed, _, jwks = jwks_keys()
     path = write_jwks(str(tmp_path / "jwks.json"), jwks)

@@ -60,7 +60,7 @@ def test_status_shape(rt):
     assert r.json == {"tenant": TENANT, "timeline": TIMELINE, "status": "running",
                       "last_active": "2026-11-25T10:01:40.500Z", "error": None,
                       "start_time": "2026-11-25T10:00:00.250Z",
-                      "monitor_last_tick": None, "monitor_stall_restarts": 0}
+                      "monitor_last_tick": None, "monitor_stall_restarts": 0, "state_writes_failing": False}
     StateStore(state_path(rt)).set(monitor_tick=1795600901.75, monitor_stall_restarts=2)
     body = client_for(rt).simulate_get("/status").json
     assert (body["monitor_last_tick"], body["monitor_stall_restarts"]) == ("2026-11-25T10:01:41.750Z", 2)
@@ -70,7 +70,7 @@ def test_status_unknowns_are_null(rt):
     make_state(rt, status="empty", start_time=None, last_active=None, tenant=None, timeline=None)
     assert client_for(rt).simulate_get("/status").json == {
         "tenant": None, "timeline": None, "status": "empty", "last_active": None, "error": None, "start_time": None,
-        "monitor_last_tick": None, "monitor_stall_restarts": 0}
+        "monitor_last_tick": None, "monitor_stall_restarts": 0, "state_writes_failing": False}
 
 
 def test_status_follows_the_state_file(rt):
@@ -187,7 +187,7 @@ def test_configure_hands_the_spec_to_the_driver_and_waits(rt, start):
     assert r.status_code == 200, r.text
     assert r.json["status"] == "running"
     assert set(r.json) == {"tenant", "timeline", "status", "last_active", "error", "start_time",
-                           "monitor_last_tick", "monitor_stall_restarts"}
+                           "monitor_last_tick", "monitor_stall_restarts", "state_writes_failing"}
     assert elapsed >= 0.3
     # the spec sent, stored as the programs read it (typed, without parsing it again)
     assert [from_stored(doc) for doc in driver.applied] == [parse_spec(spec)]

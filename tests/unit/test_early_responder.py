@@ -82,7 +82,7 @@ def test_before_the_state_file_it_answers_what_compute_ctl_knows(rig):
     assert json.loads(body_of(rig.ask("/status"))) == {
         "tenant": None, "timeline": None, "status": "init", "last_active": "2026-11-25T10:00:00.250Z",
         "error": None, "start_time": "2026-11-25T10:00:00.250Z", "monitor_last_tick": None,
-        "monitor_stall_restarts": 0}
+        "monitor_stall_restarts": 0, "state_writes_failing": False}
     rig.responder.known(tenant=TENANT, timeline=TIMELINE)  # the spec, once validated
     st = json.loads(body_of(rig.ask("/status")))
     assert (st["tenant"], st["timeline"], st["status"]) == (TENANT, TIMELINE, "init")

@@ -118,6 +118,11 @@ def test_metrics_show_the_lease(tmp_path, tar):
 
         class Ctx:
             runtime_dir = str(tmp_path / "nowhere")
+
+            settings = type("Launch", (), {"monitor_interval": 0.5})()
+
+            def runtime_free_bytes(self):
+                return None
         Ctx.store = store
         page = PrometheusMetrics(Ctx(), rpc_timeout=0.1).render()
     assert 'compute_lsn_lease_state{state="held"} 1' in page

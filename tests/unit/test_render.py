@@ -154,3 +154,20 @@ def test_secrets_only_in_their_programs_sections():
     with pytest.raises(ValueError) as info:
         render(program_env={"lifecycle": {"NEON_CONSOLE_JWT": 'x"\nEVIL'}})
     assert "EVIL" not in str(info.value)
+
+
+def test_log_files_stay_within_their_budget():
+    """A log flood can never fill the runtime dir (issue 19, item 3): every log file supervisord
+    writes has a cap and one rotated copy, all of them together under LOG_BUDGET_BYTES."""
+    from compute.tree.supervisord_conf import LOG_BUDGET_BYTES, log_bytes
+    full = render(vm_informant="/bin/vm-informant", postgres_exporter="/usr/bin/exporter",
+                  exporter_dsn="postgresql://cloud_admin@127.0.0.1:5432/postgres")
+    total = log_bytes(full)
+    assert 0 < total <= LOG_BUDGET_BYTES, total
+    assert LOG_BUDGET_BYTES <= 32 * 1024 * 1024
+    cp = parse(full)
+    for section in cp.sections():
+        for key in ("logfile", "stdout_logfile"):
+            if cp.has_option(section, key):
+                assert cp.has_option(section, key + "_maxbytes"), (section, key)
+                assert cp.has_option(section, key + "_backups"), (section, key)
