@@ -19,6 +19,8 @@ from typing import Any, Iterable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from compute.model import role_options
+
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
 
@@ -124,6 +126,9 @@ class ComputeSpec:
     # Neon's switch for computes whose roles and databases are known to be in place: no
     # role/database/grant SQL at start or on reconfigure (that step was the p90 of start-up).
     skip_pg_catalog_updates: bool = False
+    # Neon's: drop the subscriptions the data came with (a branch's inherited ones), once per
+    # timeline, as part of the catalog apply (compute/reconcile/planner.py).
+    drop_subscriptions_before_start: bool = False
 
     def setting(self, name: str) -> str | None:
         for opt in self.cluster.settings:
@@ -212,10 +217,16 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
         mode=mode,
         static_lsn=static_lsn,
         skip_pg_catalog_updates=bool(o.opt("skip_pg_catalog_updates", bool)),
+        drop_subscriptions_before_start=bool(o.opt("drop_subscriptions_before_start", bool)),
     )
     storage = _storage(o, spec)
     spec = dataclasses.replace(spec, storage=storage)
     _check_mode(spec)
+    if spec.drop_subscriptions_before_start and spec.timeline_id is None:
+        # Neon's compute_ctl fails the apply likewise ("timeline_id must be set"): the drop is
+        # recorded per timeline, so that it runs once, not at every start or /configure.
+        raise SpecError("drop_subscriptions_before_start", "needs a timeline id (timeline_id or the "
+                        "neon.timeline_id setting): the drop is recorded once per timeline")
     return spec
 
 
@@ -241,6 +252,7 @@ def to_document(spec: ComputeSpec) -> dict[str, Any]:
         "operation_uuid": spec.operation_uuid,
         "mode": {"Static": spec.static_lsn} if spec.mode == "Static" else spec.mode,
         "skip_pg_catalog_updates": spec.skip_pg_catalog_updates,
+        "drop_subscriptions_before_start": spec.drop_subscriptions_before_start,
         "cluster": {
             "cluster_id": c.cluster_id, "name": c.name, "state": c.state,
             "roles": [{"name": r.name, "encrypted_password": r.encrypted_password,
@@ -288,6 +300,7 @@ def from_stored(doc: Any) -> ComputeSpec:
             mode="Static" if isinstance(mode, dict) else mode,
             static_lsn=mode["Static"] if isinstance(mode, dict) else None,
             skip_pg_catalog_updates=bool(doc["skip_pg_catalog_updates"]),
+            drop_subscriptions_before_start=bool(doc.get("drop_subscriptions_before_start", False)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StoredSpecError(f"the state file's spec cannot be read ({type(e).__name__}: {e}): "
@@ -373,8 +386,26 @@ def _role(raw: Any, path: str) -> Role:
         # Never echo the value: it may be a plain password someone pasted by mistake.
         raise SpecError(f"{path}.encrypted_password",
                         "must be an md5 hash (32 hex digits) or a SCRAM-SHA-256 verifier")
-    options = tuple(_option(x, f"{path}.options[{i}]", OPTION_KEYWORD) for i, x in enumerate(o.list("options")))
+    options = tuple(_role_option(x, f"{path}.options[{i}]") for i, x in enumerate(o.list("options")))
+    try:
+        role_options.parse_options(options)
+    except role_options.RoleOptionError as e:
+        raise SpecError(f"{path}.options[{getattr(e, 'index', 0)}]", f"role {name!r}: {e}") from None
     return Role(name=name, encrypted_password=password, options=options)
+
+
+def _role_option(raw: Any, path: str) -> GenericOption:
+    """An attribute for CREATE/ALTER ROLE (compute/model/role_options.py: an allow-list; the
+    name is stored canonical, e.g. `CONNECTION LIMIT`)."""
+    o = _Obj(raw, path)
+    name = o.req("name", str)
+    vartype = o.opt("vartype", str) or "string"
+    value = o.opt("value", str)
+    try:
+        canonical = role_options.canonical_name(name)
+    except role_options.RoleOptionError as e:
+        raise SpecError(f"{path}.name", str(e)) from None
+    return GenericOption(name=canonical, value=value, vartype=vartype)
 
 
 def valid_password_hash(value: str) -> bool:
