@@ -124,3 +124,54 @@ def test_a_subscription_worker_alone_keeps_the_compute_active():
         tick = store.get("monitor_tick")
         wait_for(lambda: store.get("monitor_tick") > tick + 1.0, 30, "two more ticks")
         assert store.get("last_active") == settled
+
+
+def test_a_branch_starts_without_its_inherited_subscription():
+    """The Neon path, as a branch of a parent that subscribes to a publisher: the basebackup
+    carries the parent's subscription. With drop_subscriptions_before_start the lifecycle
+    driver drops it during the start's catalog apply (the compute is `running` only after), the
+    timeline is recorded, the publisher's slot is left alone (a later apply on this timeline
+    leaving new subscriptions alone: tests/integration/test_catalog_options.py)."""
+    import os
+
+    from tests.peers.pageserver import PageserverPeer, tar_as_basebackup
+    from tests.peers.sync_safekeepers import write_fake_postgres
+    from tests.support.pgcluster import PGBIN_DIR, run_as_pg, running_cluster
+    from tests.support.tree import with_neon_storage
+
+    tenant, timeline, token = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9", "tok"
+    with running_cluster(superuser=SUPERUSER, wal_level="logical") as publisher, \
+            running_cluster(superuser=SUPERUSER) as parent:
+        pub_conninfo = f"host=127.0.0.1 port={publisher.port} user={SUPERUSER} dbname=postgres"
+        with psycopg.connect(publisher.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION p FOR TABLE t")
+        with psycopg.connect(parent.conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute(f"CREATE SUBSCRIPTION parents CONNECTION '{pub_conninfo}' PUBLICATION p "
+                         "WITH (copy_data = false)")
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", parent.datadir, "-m", "fast", "-w", "stop"])
+        parent.started = False
+        tar = tar_as_basebackup(parent.datadir, os.path.join(os.path.dirname(parent.datadir), "branch.tar"))
+
+        def slots() -> list:
+            with psycopg.connect(publisher.conninfo(), autocommit=True) as conn:
+                return conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall()
+        assert slots() == [("parents",)]
+
+        with PageserverPeer(tar, password=token, tenant_id=tenant, timeline_id=timeline) as ps:
+            c = Compute()
+            c.pgbin = write_fake_postgres(c.base)
+            spec = with_neon_storage(c.new_spec(), ps.connstr, tenant, timeline, "127.0.0.1:5454", token)
+            spec["drop_subscriptions_before_start"] = True
+            c.spec = spec
+            with c:
+                c.wait_status("running", timeout=90)
+                with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+                    assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 0
+                    assert conn.execute("SELECT id, timeline_id FROM neon.drop_subscriptions_done").fetchall() \
+                        == [(1, timeline)]
+                    assert conn.execute("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL"
+                                        ).fetchone()[0] == 0
+                assert "applying 3 subscriptions statement(s) in database 'postgres'" in c.output()
+                assert slots() == [("parents",)]  # the parent's, not ours to drop
