@@ -91,7 +91,8 @@ def test_a_subscription_worker_alone_keeps_the_compute_active():
     compute's own database `appdb`): the monitor moves last_active on at every tick, as HEAD
     does for `pg_stat_subscription` rows with a worker. Disabled, the compute goes idle."""
     c = Compute()
-    c.spec = c.new_spec(wal_level="logical")
+    # autovacuum off: its workers visit every database now and then, and count as activity.
+    c.spec = c.new_spec(wal_level="logical", autovacuum="off")
     with c:
         c.wait_status("running")
         # application_name walproposer: its walsender does not count (HEAD ignores that name), so
