@@ -62,7 +62,9 @@ MAX_INT4 = 2**31 - 1
 
 
 class RoleOptionError(ValueError):
-    """One option refused: `str()` says which and why."""
+    """One option refused: `str()` says which and why; `index`: its position in the role's list."""
+
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def parse_options(options) -> tuple[RoleAttr, ...]:
                 raise RoleOptionError(f"{attr.keyword} conflicts with {seen[attr.attribute]} "
                                       "(the same attribute twice)")
         except RoleOptionError as e:
-            e.index = i  # type: ignore[attr-defined]
+            e.index = i
             raise
         seen[attr.attribute] = attr.keyword
         out.append(attr)

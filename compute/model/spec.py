@@ -390,7 +390,7 @@ def _role(raw: Any, path: str) -> Role:
     try:
         role_options.parse_options(options)
     except role_options.RoleOptionError as e:
-        raise SpecError(f"{path}.options[{getattr(e, 'index', 0)}]", f"role {name!r}: {e}") from None
+        raise SpecError(f"{path}.options[{e.index}]", f"role {name!r}: {e}") from None
     return Role(name=name, encrypted_password=password, options=options)
 
 
