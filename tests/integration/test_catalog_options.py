@@ -8,7 +8,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from compute.model.spec import SpecError, parse_spec
-from compute.reconcile import PlanError, apply_spec, dry_run
+from compute.reconcile import PlanError, apply_spec, dry_run, format_plan
 from tests.support.pgcluster import running_cluster
 
 SU = "cloud_admin"
@@ -171,6 +171,12 @@ def inherited(pg):
 def test_inherited_subscriptions_are_dropped_once_per_timeline(pg, inherited):
     apply(pg, drop_spec(flag=False))
     assert len(subscriptions(pg)) == 2  # not asked: untouched
+
+    # `compute-ctl plan` shows the drops and runs nothing
+    shown = format_plan(dry_run(pg.url(), parse_spec(drop_spec(), superuser=SU), superuser=SU))
+    assert 'DROP SUBSCRIPTION "inherited one";' in shown and 'DROP SUBSCRIPTION "inherited_two";' in shown
+    assert f"VALUES (1, '{TIMELINE}')" in shown
+    assert len(subscriptions(pg)) == 2
 
     apply(pg, drop_spec())
     assert subscriptions(pg) == [] and workers(pg) == 0
