@@ -22,6 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from compute.model.spec_shape import MAX_SPEC_DEPTH, shape_report
+from compute.model import role_options
 
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: postgres would silently truncate longer names
@@ -333,6 +334,11 @@ def parse_spec(obj: Any, *, superuser: str | None = None) -> ComputeSpec:
     )
     spec = dataclasses.replace(spec, storage=resolve_storage(spec))
     _check_mode(spec)
+    if spec.drop_subscriptions_before_start and spec.timeline_id is None:
+        # Neon's compute_ctl fails the apply likewise ("timeline_id must be set"): the drop is
+        # recorded per timeline, so that it runs once, not at every start or /configure.
+        raise SpecError("drop_subscriptions_before_start", "needs a timeline id (timeline_id or the "
+                        "neon.timeline_id setting): the drop is recorded once per timeline")
     return spec
 
 
@@ -358,6 +364,7 @@ def to_document(spec: ComputeSpec) -> dict[str, Any]:
         "operation_uuid": spec.operation_uuid,
         "mode": {"Static": spec.static_lsn} if spec.mode == "Static" else spec.mode,
         "skip_pg_catalog_updates": spec.skip_pg_catalog_updates,
+        "drop_subscriptions_before_start": spec.drop_subscriptions_before_start,
         "cluster": {
             "cluster_id": c.cluster_id, "name": c.name, "state": c.state,
             "roles": [{"name": r.name, "encrypted_password": r.encrypted_password,
@@ -413,7 +420,7 @@ def from_stored(doc: Any) -> ComputeSpec:
             skip_pg_catalog_updates=bool(doc["skip_pg_catalog_updates"]),
             postgresql_conf=c["postgresql_conf"],
             fields=fields,
-            drop_subscriptions_before_start=bool(doc["drop_subscriptions_before_start"]),
+            drop_subscriptions_before_start=bool(doc.get("drop_subscriptions_before_start", False)),
         )
         return dataclasses.replace(spec, storage=resolve_storage(spec))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -500,8 +507,26 @@ def _role(raw: Any, path: str) -> Role:
         # Never echo the value: it may be a plain password someone pasted by mistake.
         raise SpecError(f"{path}.encrypted_password",
                         "must be an md5 hash (32 hex digits) or a SCRAM-SHA-256 verifier")
-    options = tuple(_option(x, f"{path}.options[{i}]", OPTION_KEYWORD) for i, x in enumerate(o.list("options")))
+    options = tuple(_role_option(x, f"{path}.options[{i}]") for i, x in enumerate(o.list("options")))
+    try:
+        role_options.parse_options(options)
+    except role_options.RoleOptionError as e:
+        raise SpecError(f"{path}.options[{e.index}]", f"role {name!r}: {e}") from None
     return Role(name=name, encrypted_password=password, options=options)
+
+
+def _role_option(raw: Any, path: str) -> GenericOption:
+    """An attribute for CREATE/ALTER ROLE (compute/model/role_options.py: an allow-list; the
+    name is stored canonical, e.g. `CONNECTION LIMIT`)."""
+    o = _Obj(raw, path)
+    name = o.req("name", str)
+    vartype = o.opt("vartype", str) or "string"
+    value = o.opt("value", str)
+    try:
+        canonical = role_options.canonical_name(name)
+    except role_options.RoleOptionError as e:
+        raise SpecError(f"{path}.name", str(e)) from None
+    return GenericOption(name=canonical, value=value, vartype=vartype)
 
 
 def valid_password_hash(value: str) -> bool:

@@ -1,11 +1,21 @@
 """The activity monitor (contract §6), run as the supervised program `monitor`.
 
 Every `monitor_interval` seconds (compute.model.launch) it runs one query on a persistent connection to the
-local postgres: the client backends other than its own and other than the superuser of the
-connstr. If any of them is not `idle` (`idle in transaction` counts as active) the last
-activity is now; otherwise it is the latest `state_change` among the idle ones. The shared
-`last_active` only moves forward, and is written only when it does; the time of each finished
-tick is written too (`monitor_tick`: the tree restarts a monitor that stops ticking).
+local postgres, one scan of pg_stat_activity. The last activity is now when any of these is
+there (Neon's compute_ctl at HEAD, monitor.rs, counts the same, in four queries):
+- a client backend other than its own and other than the connstr's superuser that is not
+  `idle` (`idle in transaction` counts as active);
+- a walsender other than Neon's walproposer (HEAD: `pg_stat_replication` rows whose
+  `application_name` is not `walproposer`): a replica, pg_receivewal, a logical subscriber
+  reading from us;
+- a logical replication worker of a subscription (HEAD: `pg_stat_subscription` rows with a
+  `pid`; a subscription without a worker, e.g. disabled, does not count; the launcher is no
+  worker);
+- an autovacuum worker (not the launcher).
+Otherwise it is the latest `state_change` among the idle client backends. So a compute serving
+logical replication or vacuuming is never idle. The shared `last_active` only moves forward,
+and is written only when it does; the time of each finished tick is written too
+(`monitor_tick`: the tree restarts a monitor that stops ticking).
 
 Postgres being unreachable (not started yet, restarting, crashed) is normal: the monitor retries
 quietly every tick, logging once per outage. SIGTERM/SIGINT end it promptly, even in the middle
@@ -45,15 +55,20 @@ CONNECT_TIMEOUT = 2  # seconds
 QUERY_TIMEOUT = STATEMENT_TIMEOUT_MS / 1000 + 1  # the server ends it first (statement_timeout)
 WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration"})
 
-# NULL state (a backend that has not reported yet) counts neither way; 'idle in transaction',
-# 'active', 'fastpath function call', 'disabled' all count as activity.
+# NULL state (a client backend that has not reported yet) counts neither way; 'idle in
+# transaction', 'active', 'fastpath function call', 'disabled' all count as activity. The other
+# backend types counted are activity whatever their state. backend_type names: PG15 has
+# 'logical replication worker', PG16+ 'logical replication apply/tablesync/parallel worker'.
 ACTIVITY_QUERY = """
-SELECT coalesce(bool_or(state <> 'idle'), false),
-       extract(epoch FROM max(state_change) FILTER (WHERE state = 'idle'))::float8
+SELECT coalesce(bool_or(CASE WHEN backend_type = 'client backend' THEN state <> 'idle' ELSE true END), false),
+       extract(epoch FROM max(state_change)
+                          FILTER (WHERE backend_type = 'client backend' AND state = 'idle'))::float8
   FROM pg_catalog.pg_stat_activity
- WHERE backend_type = 'client backend'
-   AND pid <> pg_catalog.pg_backend_pid()
-   AND usename IS DISTINCT FROM $1
+ WHERE pid <> pg_catalog.pg_backend_pid()
+   AND (backend_type = 'client backend' AND usename IS DISTINCT FROM $1
+        OR backend_type = 'walsender' AND application_name IS DISTINCT FROM 'walproposer'
+        OR backend_type LIKE 'logical replication %worker'
+        OR backend_type = 'autovacuum worker')
 """
 
 

@@ -29,6 +29,29 @@ class RoleInfo:
     name: str
     password: str | None = field(default=None, repr=False)  # pg_authid.rolpassword, verbatim
     superuser: bool = False
+    # The attributes a spec role's options may set (compute/model/role_options.py), by the
+    # names of role_options.FLAGS / VALUED: login, createdb, createrole, inherit, replication,
+    # bypassrls, superuser, connlimit, valid_until (epoch seconds, inf, or None: no limit).
+    # Empty when not read (hand-built snapshots): every option then counts as differing.
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    dbname: str  # the database it lives in (DROP SUBSCRIPTION must run there)
+    name: str
+
+
+@dataclass(frozen=True)
+class DropMarker:
+    """Neon's `neon.drop_subscriptions_done` in the maintenance database: the timelines whose
+    inherited subscriptions were dropped. Read only when the spec asks for the drop."""
+
+    schema_exists: bool = False
+    schema_safe: bool = True   # schema neon owned by a superuser (or absent)
+    table_exists: bool = False
+    table_safe: bool = True    # the table owned by a superuser, an ordinary table (or absent)
+    timelines: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,8 @@ class Catalog:
     # What a database created now starts with (template1's facts), when read. Used to plan
     # per-database steps for databases that do not exist yet (dry runs).
     template: LocalFacts | None = None
+    subscriptions: tuple[Subscription, ...] = ()  # every database's (pg_subscription is shared)
+    drop_marker: DropMarker | None = None  # None: not read
 
     @property
     def maintenance(self) -> DatabaseInfo | None:
@@ -76,7 +101,30 @@ SELECT current_setting('server_version_num')::int, current_database(), current_u
        (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
 """
 
-_Q_ROLES = "SELECT oid, rolname, rolpassword, rolsuper FROM pg_catalog.pg_authid"
+_Q_ROLES = """
+SELECT oid, rolname, rolpassword, rolsuper, rolcanlogin, rolcreatedb, rolcreaterole, rolinherit,
+       rolreplication, rolbypassrls, rolconnlimit, extract(epoch FROM rolvaliduntil)::float8
+  FROM pg_catalog.pg_authid
+"""
+
+_Q_SUBSCRIPTIONS = """
+SELECT d.datname, s.subname::text
+  FROM pg_catalog.pg_subscription s JOIN pg_catalog.pg_database d ON d.oid = s.subdbid
+ ORDER BY 1, 2
+"""
+
+# Who owns schema neon and neon.drop_subscriptions_done: we write there as the superuser, so a
+# table (or schema) a tenant role made first, possibly with triggers, is never touched.
+_Q_MARKER = """
+SELECT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+         WHERE n.nspname = 'neon'),
+       (SELECT r.rolsuper AND c.relkind = 'r' AND NOT c.relhastriggers AND NOT c.relhasrules
+               AND NOT c.relrowsecurity
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+         WHERE n.nspname = 'neon' AND c.relname = 'drop_subscriptions_done')
+"""
+_Q_MARKER_TIMELINES = "SELECT timeline_id::text FROM neon.drop_subscriptions_done"
 
 # aclexplode() detoasts its argument on every row it returns, which is quadratic for a large
 # ACL (1,000 grantees x 100 databases takes a second): explode one aclitem at a time instead.
@@ -103,6 +151,16 @@ def read_local(conn: psycopg.Connection) -> LocalFacts:
     row = conn.execute(_Q_LOCAL).fetchone()
     assert row is not None
     return LocalFacts(public_owner=row[0], public_create=frozenset(row[1]), extensions=frozenset(row[2]))
+
+
+def read_drop_marker(conn: psycopg.Connection) -> DropMarker:
+    schema_super, table_ok = conn.execute(_Q_MARKER).fetchone()  # type: ignore[misc]
+    marker = DropMarker(schema_exists=schema_super is not None, schema_safe=schema_super is not False,
+                        table_exists=table_ok is not None, table_safe=table_ok is not False)
+    if marker.table_exists and marker.schema_safe and marker.table_safe:
+        timelines = frozenset(r[0] for r in conn.execute(_Q_MARKER_TIMELINES) if r[0] is not None)
+        marker = dataclasses.replace(marker, timelines=timelines)
+    return marker
 
 
 def databases_to_inspect(spec: ComputeSpec) -> list[str]:
@@ -141,11 +199,17 @@ def snapshot(conn_factory: ConnFactory, spec: ComputeSpec, *, maintenance_db: st
                                "cannot read role passwords (pg_authid)")
         names: dict[int, str] = {}
         roles: dict[str, RoleInfo] = {}
-        for oid, name, pw, su in conn.execute(_Q_ROLES):
+        for oid, name, pw, su, login, createdb, createrole, inherit, repl, bypass, connlimit, until \
+                in conn.execute(_Q_ROLES):
             names[oid] = name
-            roles[name] = RoleInfo(name, pw, su)
+            roles[name] = RoleInfo(name, pw, su, {
+                "superuser": su, "login": login, "createdb": createdb, "createrole": createrole,
+                "inherit": inherit, "replication": repl, "bypassrls": bypass, "connlimit": connlimit,
+                "valid_until": until})
         dbs_raw = {row[0]: row for row in conn.execute(_Q_DATABASES)}
         maint_local = read_local(conn)
+        subscriptions = tuple(Subscription(db, name) for db, name in conn.execute(_Q_SUBSCRIPTIONS))
+        marker = read_drop_marker(conn) if spec.drop_subscriptions_before_start else None
     except psycopg.Error as e:
         raise CatalogError(f"reading the catalog in database {maint!r} failed: {_pg_message(e)}") from e
 
@@ -156,7 +220,7 @@ def snapshot(conn_factory: ConnFactory, spec: ComputeSpec, *, maintenance_db: st
         for name, (_, owner, allow, is_tmpl, grantees) in dbs_raw.items()
     }
     catalog = Catalog(server_version_num=version, maintenance_db=current_db, current_user=current_user,
-                      roles=roles, databases=databases)
+                      roles=roles, databases=databases, subscriptions=subscriptions, drop_marker=marker)
     if local or template:
         names_ = (list(local_for) if local_for is not None else databases_to_inspect(spec)) if local else []
         catalog = with_local_facts(catalog, conn_factory, names_, template=template)

@@ -2,10 +2,15 @@
 
 `plan(catalog, spec, superuser=...)` follows compute_ctl's "apply the spec" order (contract §5):
 
-  phase 1  1. roles, one transaction in the maintenance db: rename_role deltas (old exists, new
-              does not), then CREATE ROLE ... LOGIN PASSWORD ... + GRANT pg_read_all_data,
-              pg_write_all_data for missing roles, ALTER ROLE ... LOGIN PASSWORD ... where the
-              stored password differs;
+  phase 1  0. subscriptions of the databases delete_db deltas name (Neon's pre-dropdb
+              DropLogicalSubscriptions: DROP DATABASE refuses a database that has some), in
+              that database: ALTER SUBSCRIPTION s DISABLE, SET (slot_name = NONE), DROP;
+           1. roles, one transaction in the maintenance db: rename_role deltas (old exists, new
+              does not), then CREATE ROLE ... <options> LOGIN PASSWORD ... + GRANT
+              pg_read_all_data, pg_write_all_data for missing roles, ALTER ROLE ... <options>
+              LOGIN PASSWORD ... where the stored password differs, ALTER ROLE ... <options>
+              where only an attribute the options set differs (role.options: the allow-list
+              of compute/model/role_options.py; NOLOGIN replaces LOGIN);
            2. databases, autocommit in the maintenance db (CREATE/DROP DATABASE cannot run in a
               transaction): delete_db / rename_db deltas in their listed order, CREATE DATABASE
               <options> OWNER <owner> for missing ones, ALTER DATABASE ... OWNER TO where it differs;
@@ -16,8 +21,13 @@
               in each spec database: ALTER SCHEMA public OWNER TO <db owner> when public is owned
               by cloud_admin, zenith_admin or the connstr superuser, and on PG >= 15 GRANT CREATE
               ON SCHEMA public TO web_access when that role exists;
-           5. extensions: CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public in the maintenance db
-              when shared_preload_libraries lists it.
+           5. with drop_subscriptions_before_start, unless neon.drop_subscriptions_done holds
+              the spec's timeline: in every database that has subscriptions, the same three
+              statements for each (Neon's per-database DropLogicalSubscriptions);
+           6. extensions: CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public in the maintenance db
+              when shared_preload_libraries lists it;
+           7. after a drop of 5: the timeline recorded in neon.drop_subscriptions_done (schema and
+              table created when missing; Neon's FinalizeDropLogicalSubscriptions).
 
 Every statement is emitted only when the snapshot says it would change something, so
 re-planning after an apply yields an empty plan (idempotent and quiet).
@@ -46,6 +56,8 @@ from typing import Iterable, Iterator
 
 from psycopg import sql
 
+from compute.model import role_options
+from compute.model.role_options import RoleAttr
 from compute.model.spec import (BARE_VALUE, MAX_NAME_BYTES, OPTION_KEYWORD, ComputeSpec, GenericOption,
                           valid_password_hash)
 
@@ -156,12 +168,40 @@ def md5_replay_note(role: str) -> str:
             "reads pg_authid); a scram-sha-256 verifier in the spec closes this")
 
 
-def _role_options(password: str | None) -> tuple[sql.Composable, sql.Composable]:
+def _role_options(password: str | None, login: str = "LOGIN") -> tuple[sql.Composable, sql.Composable]:
+    kw = sql.SQL({"LOGIN": "LOGIN", "NOLOGIN": "NOLOGIN"}[login])
     if password is None:
-        q = sql.SQL("LOGIN PASSWORD NULL")
+        q = sql.SQL("{} PASSWORD NULL").format(kw)
         return q, q
-    return (sql.SQL("LOGIN PASSWORD {}").format(sql.Literal(password)),
-            sql.SQL("LOGIN PASSWORD {}").format(_REDACTED))
+    return (sql.SQL("{} PASSWORD {}").format(kw, sql.Literal(password)),
+            sql.SQL("{} PASSWORD {}").format(kw, _REDACTED))
+
+
+def _attr_sql(attr: RoleAttr) -> sql.Composable:
+    """One role attribute: the keyword from role_options' fixed table, the value as a literal."""
+    if attr.keyword in role_options.FLAGS:
+        return sql.SQL(attr.keyword)
+    if attr.keyword == "CONNECTION LIMIT":
+        return sql.SQL("CONNECTION LIMIT " + str(int(attr.value)))  # an int: checked grammar
+    if attr.keyword == "VALID UNTIL":
+        return sql.SQL("VALID UNTIL {}").format(sql.Literal(attr.literal))
+    raise PlanError(f"unknown role attribute {attr.keyword!r}")  # role_options refuses it first
+
+
+def _attrs_sql(attrs: Iterable[RoleAttr]) -> list[sql.Composable]:
+    return [_attr_sql(a) for a in attrs]
+
+
+def _subscription_drops(subnames: Iterable[str]) -> tuple[Statement, ...]:
+    """Neon's sql/drop_subscriptions.sql, statement by statement: disabled first (its worker
+    stops), detached from its remote slot (the slot is the publisher's, left as it is: a
+    branch's inherited subscription points at its parent's), then dropped."""
+    out: list[Statement] = []
+    for name in subnames:
+        out.append(_st("ALTER SUBSCRIPTION {} DISABLE", _ident(name)))
+        out.append(_st("ALTER SUBSCRIPTION {} SET (slot_name = NONE)", _ident(name)))
+        out.append(_st("DROP SUBSCRIPTION {}", _ident(name)))
+    return tuple(out)
 
 
 def _db_option(opt: GenericOption, where: str) -> sql.Composable:
@@ -193,20 +233,28 @@ class _State:
     roles: dict[str, str | None]  # name -> stored password
     dbs: dict[str, _Db]
     template: LocalFacts
+    attrs: dict[str, dict] = field(default_factory=dict)  # name -> role attributes (catalog.RoleInfo)
+    subscriptions: dict[str, list[str]] = field(default_factory=dict)  # dbname -> subscription names
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, catalog: Catalog, superuser: str) -> "_State":
         template = catalog.template or _default_template(catalog.server_version_num, superuser)
+        subs: dict[str, list[str]] = {}
+        for sub in catalog.subscriptions:
+            subs.setdefault(sub.dbname, []).append(sub.name)
         return cls(
             version=catalog.server_version_num,
             maintenance_db=catalog.maintenance_db,
             roles={name: r.password for name, r in catalog.roles.items()},
             dbs={name: _Db(d.owner, set(d.create_grantees), d.local, True) for name, d in catalog.databases.items()},
             template=template,
+            attrs={name: dict(r.attributes) for name, r in catalog.roles.items()},
+            subscriptions=subs,
         )
 
     def rename_role(self, old: str, new: str) -> None:
+        self.attrs[new] = self.attrs.pop(old, {})
         password = self.roles.pop(old)
         # ALTER ROLE ... RENAME clears an md5 password (the hash is salted with the name).
         self.roles[new] = None if password is not None and password.startswith("md5") else password
@@ -260,6 +308,10 @@ def _validate(catalog: Catalog, spec: ComputeSpec, superuser: str) -> None:
         why = _protected_role(r.name, catalog, superuser)
         if why:
             raise PlanError(f"cluster.roles: role {r.name!r} cannot be managed by the spec: {why}")
+        for attr in _role_attrs(r.name, r.options):
+            if attr.keyword == "CREATEROLE" and catalog.server_version_num < role_options.CREATEROLE_MIN_VERSION:
+                raise PlanError(f"cluster.roles: role {r.name!r}: option CREATEROLE is refused: "
+                                f"{role_options.CREATEROLE_WHY}")
         if r.encrypted_password is not None and not valid_password_hash(r.encrypted_password):
             # never echo the value: it may be a plain password
             raise PlanError(f"cluster.roles: the encrypted_password of role {r.name!r} is neither an md5 "
@@ -304,20 +356,50 @@ def _validate(catalog: Catalog, spec: ComputeSpec, superuser: str) -> None:
                                 "(it would be dropped and recreated on every apply)")
 
 
+def _role_attrs(role: str, options) -> tuple[RoleAttr, ...]:
+    """The spec role's options, checked again (a stored spec is not re-validated)."""
+    try:
+        return role_options.parse_options(options)
+    except role_options.RoleOptionError as e:
+        raise PlanError(f"cluster.roles: role {role!r}: {e}") from None
+
+
+def _drop_wanted(catalog: Catalog, spec: ComputeSpec) -> bool:
+    """drop_subscriptions_before_start asks for the drop and it was not done on this timeline
+    (Neon's compute_ctl: once per timeline, recorded in neon.drop_subscriptions_done)."""
+    if not spec.drop_subscriptions_before_start or spec.timeline_id is None:
+        return False
+    marker = catalog.drop_marker
+    if marker is None:
+        raise PlanError("drop_subscriptions_before_start: the catalog snapshot has no "
+                        "neon.drop_subscriptions_done facts (read with this spec)")
+    if not marker.schema_safe or not marker.table_safe:
+        raise PlanError("drop_subscriptions_before_start: schema neon or neon.drop_subscriptions_done in "
+                        f"database {catalog.maintenance_db!r} is not a plain table owned by a superuser: "
+                        "refusing to write the drop record there (a role of the tenant's made it?)")
+    return spec.timeline_id not in marker.timelines
+
+
 # -- the planner ---------------------------------------------------------------------------
 
 def plan(catalog: Catalog, spec: ComputeSpec, *, superuser: str, phases: Iterable[int] = (1, 2)) -> Plan:
     """Plan the statements that bring the cluster described by `catalog` to `spec`."""
     _validate(catalog, spec, superuser)
     phases = set(phases)
+    drop = _drop_wanted(catalog, spec)
     state = _State.of(catalog, superuser)
     steps: list[Step] = []
+    steps += _plan_predrop_subscriptions(state, spec)
     steps += _plan_roles(state, spec)
     steps += _plan_databases(state, spec)
     if 2 in phases:
         steps += _plan_role_deletions(state, spec)
         steps += _plan_grants(state, spec, admins=ADMIN_ROLES | {superuser, catalog.current_user})
+        if drop:
+            steps += _plan_inherited_subscriptions(state, catalog)
         steps += _plan_extensions(state, spec)
+        if drop:
+            steps += _plan_drop_marker(state, catalog, spec)
     steps = [s for s in steps if s.statements and s.phase in phases]
     return Plan(tuple(steps), tuple(state.notes))
 
@@ -338,20 +420,86 @@ def _plan_roles(state: _State, spec: ComputeSpec) -> list[Step]:
     for role in spec.cluster.roles:
         want = stored_password(role.encrypted_password)
         name = _ident(role.name)
-        opts, opts_redacted = _role_options(want)
+        attrs = _role_attrs(role.name, role.options)
+        login = "NOLOGIN" if any(a.keyword == "NOLOGIN" for a in attrs) else "LOGIN"
+        # LOGIN / NOLOGIN is written with the password, as before; the other options before it.
+        extra = _attrs_sql(a for a in attrs if a.attribute != "login")
+        opts, opts_redacted = _role_options(want, login)
         if want is not None and want.startswith("md5") and state.roles.get(role.name, "") != want:
             state.notes.append(md5_replay_note(role.name))
         if role.name not in state.roles:
             q = sql.SQL("CREATE ROLE {} {}")
-            out.append(Statement(q.format(name, opts), q.format(name, opts_redacted)))
+            out.append(Statement(q.format(name, _join(extra, opts)), q.format(name, _join(extra, opts_redacted))))
             if state.version >= 140000:
                 out.append(_st("GRANT pg_read_all_data, pg_write_all_data TO {}", name))
             state.roles[role.name] = want
-        elif state.roles[role.name] != want:
+            state.attrs[role.name] = {**role_options.DEFAULTS, "login": login == "LOGIN",
+                                      **{a.attribute: a.value for a in attrs}}
+            continue
+        current = state.attrs.setdefault(role.name, {})
+        if state.roles[role.name] != want:
             q = sql.SQL("ALTER ROLE {} {}")
-            out.append(Statement(q.format(name, opts), q.format(name, opts_redacted)))
+            out.append(Statement(q.format(name, _join(extra, opts)), q.format(name, _join(extra, opts_redacted))))
             state.roles[role.name] = want
+            current["login"] = login == "LOGIN"
+        elif any(not role_options.same_value(a, current.get(a.attribute)) for a in attrs):
+            # Only attributes differ: no password, no implicit LOGIN (a role the spec does not
+            # say NOLOGIN/LOGIN for keeps what it has, as before options were applied).
+            out.append(_st("ALTER ROLE {} {}", name, _join(_attrs_sql(attrs))))
+        current.update({a.attribute: a.value for a in attrs})
     return [Step(state.maintenance_db, True, tuple(out), 1, "roles")]
+
+
+def _join(*parts) -> sql.Composable:
+    flat: list[sql.Composable] = []
+    for p in parts:
+        flat.extend(p if isinstance(p, list) else [p])
+    return sql.SQL(" ").join(flat)
+
+
+def _plan_predrop_subscriptions(state: _State, spec: ComputeSpec) -> list[Step]:
+    steps = []
+    for op in spec.delta_operations:
+        if op.action != "delete_db" or op.name not in state.dbs or not state.subscriptions.get(op.name):
+            continue
+        steps.append(Step(op.name, True, _subscription_drops(state.subscriptions.pop(op.name)), 1,
+                          "subscriptions"))
+    return steps
+
+
+def _plan_inherited_subscriptions(state: _State, catalog: Catalog) -> list[Step]:
+    """Every database's subscriptions (pg_subscription is shared: the snapshot names them all),
+    the maintenance database's too, unlike Neon's (it skips `postgres`)."""
+    steps = []
+    for dbname, names in sorted(state.subscriptions.items()):
+        if dbname not in state.dbs:
+            continue
+        info = catalog.databases.get(dbname)
+        if info is not None and not info.allow_connections:
+            state.notes.append(f"database {dbname!r} does not allow connections: its subscriptions "
+                               f"({', '.join(names)}) are not dropped")
+            continue
+        steps.append(Step(dbname, True, _subscription_drops(names), 2, "subscriptions"))
+    state.subscriptions = {}
+    return steps
+
+
+def _plan_drop_marker(state: _State, catalog: Catalog, spec: ComputeSpec) -> list[Step]:
+    """Neon's sql/finalize_drop_subscriptions.sql: row 1 holds the last timeline done. The
+    schema and the table are created only when missing (no IF NOT EXISTS: one a tenant role
+    makes meanwhile fails the statement instead of being written to)."""
+    marker = catalog.drop_marker
+    assert marker is not None
+    out: list[Statement] = []
+    if not marker.schema_exists:
+        out.append(_st("CREATE SCHEMA neon"))
+    if not marker.table_exists:
+        out.append(_st("CREATE TABLE neon.drop_subscriptions_done (id pg_catalog.int4 PRIMARY KEY "
+                       "GENERATED BY DEFAULT AS IDENTITY, timeline_id pg_catalog.text)"))
+    out.append(_st("INSERT INTO neon.drop_subscriptions_done (id, timeline_id) VALUES (1, {}) "
+                   "ON CONFLICT (id) DO UPDATE SET timeline_id = EXCLUDED.timeline_id",
+                   sql.Literal(spec.timeline_id)))
+    return [Step(state.maintenance_db, True, tuple(out), 2, "subscriptions dropped")]
 
 
 def _plan_databases(state: _State, spec: ComputeSpec) -> list[Step]:

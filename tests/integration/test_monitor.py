@@ -20,13 +20,20 @@ from compute.programs.monitor import APPLICATION_NAME, CONNECT_TIMEOUT, Activity
 from compute.postgres.sessions import superuser_of
 from compute.base.procutil import SUPERVISORD_PID_ENV
 from compute.shared.state import StateStore
-from tests.support.api_helpers import REPO, launch_settings, make_state, pg
+from tests.support.api_helpers import REPO, launch_settings, make_state
 from tests.support.pgcluster import free_port, running_cluster
 from tests.support.waiting import wait_for
 
-__all__ = ["pg"]
-
 INTERVAL = 0.05
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A real PG15 for this module, autovacuum off: an autovacuum worker is activity (issue 18),
+    and one visiting a database during an "idle" test would move last_active for a reason of
+    its own (tests/integration/test_monitor_replication.py tests that rule)."""
+    with running_cluster(shared_preload_libraries="'pg_stat_statements'", autovacuum="off") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -513,16 +513,21 @@ def _build_basebackup_tar(superuser: str) -> str:
     atexit.register(shutil.rmtree, base, True)
     cluster = Cluster(datadir=os.path.join(base, "data"), port=0, superuser=superuser)
     cluster.initdb()
-    data = cluster.datadir
-    # The pageserver sends no postgresql.conf (the compute writes it), an empty auto.conf and
-    # a signal file telling neon's postgres where WAL starts.
-    os.remove(os.path.join(data, "postgresql.conf"))
+    return tar_as_basebackup(cluster.datadir, os.path.join(base, "basebackup.tar"))
+
+
+def tar_as_basebackup(data: str, out: str) -> str:
+    """Tar a stopped data dir (changed in place) as the pageserver sends one: no
+    postgresql.conf (the compute writes it), an empty auto.conf and a signal file telling neon's
+    postgres where WAL starts; no server log or postmaster.opts of a test cluster."""
+    for name in ("postgresql.conf", "server.log", "postmaster.opts"):
+        if os.path.exists(os.path.join(data, name)):
+            os.remove(os.path.join(data, name))
     for name, content in (("postgresql.auto.conf", ""), ("neon.signal", "PREV LSN: 0/0\n")):
         path = os.path.join(data, name)
         with open(path, "w") as f:
             f.write(content)
         os.chmod(path, 0o600)
-    out = os.path.join(base, "basebackup.tar")
     with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
         for entry in sorted(os.listdir(data)):
             tar.add(os.path.join(data, entry), arcname=entry)
