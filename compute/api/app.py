@@ -10,7 +10,7 @@ import traceback
 
 import falcon
 
-from compute.api.auth import JwtAuth
+from compute.api.auth import Access
 from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
 from compute.api.context import ApiContext, runtime_dir_from_env
@@ -28,9 +28,9 @@ from compute.api.writability import CheckWritability
 
 def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
-    auth = JwtAuth(settings=lambda: ctx.settings)
+    access = Access(settings=lambda: ctx.settings)
 
-    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly()])  # in this order: 413, 401/403, 415
+    app = falcon.App(middleware=[BodyLimit(), access, JsonOnly()])  # in this order: 413, 400/401/403, 415
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sqlite3.OperationalError, state_file_error)
 

@@ -2,8 +2,8 @@
 
 /dbs_and_roles: {"roles": [{"name", "encrypted_password", "options"}], "databases": [{"name",
 "owner", "options", "restrict_conn", "invalid"}]} read from the catalog, Neon's shape. The
-password hash is never sent (always null): the route may be open to the network (no --jwks),
-and a hash is a password's equivalent for md5 and SCRAM alike.
+password hash is never sent (always null): a compute without a JWKS serves the route to its
+loopback peers with no token (compute/api/auth.py), and a hash is a password's equivalent for md5 and SCRAM alike.
 
 /database_schema: `pg_dump --schema-only` of that database, streamed as pg_dump produces it.
 pg_dump connects as the superuser through the compute's own access; every connection parameter
@@ -75,8 +75,6 @@ def pg_dump_env(connstr: str, dbname: str) -> dict[str, str]:
 
 
 class DbsAndRoles:
-    auth_required = True
-
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 
@@ -95,8 +93,6 @@ class DbsAndRoles:
 
 
 class DatabaseSchema:
-    auth_required = True
-
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 

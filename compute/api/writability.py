@@ -53,8 +53,6 @@ INSERT INTO public.health_check VALUES (1, pg_catalog.now())
 
 
 class CheckWritability:
-    auth_required = True
-
     def __init__(self, ctx: ApiContext):
         self.ctx = ctx
 

@@ -125,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-interval", type=float, default=default("monitor_interval"),
                    help="activity monitor period in seconds (default 0.5)")
     p.add_argument("--jwks", default=None,
-                   help="JWKS file: require a bearer JWT on the HTTP routes that change state or return "
-                        "database contents")
+                   help="JWKS file (Ed25519/RS256 keys): every HTTP route but /metrics, /healthz and /readyz "
+                        "then needs a bearer JWT (Neon's rules: docs/api.md). Without a JWKS the routes that "
+                        "change state or return database contents answer loopback clients only")
+    p.add_argument("--jwt-require-exp", action="store_true", default=default("jwt_require_exp"),
+                   help="refuse tokens without an `exp` claim (Neon accepts them; exp is checked when present)")
     p.add_argument("--lock-timeout", type=float, default=default("lock_timeout"),
                    help="seconds a statement applying the spec may wait for a lock (default 10; 0: forever)")
     p.add_argument("--statement-timeout", type=float, default=default("statement_timeout"),
@@ -246,13 +249,24 @@ def http_address(text: str) -> str:
         raise UsageError(f"--http-address {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
 
 
-def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | None:
-    """The warning for an API that anyone on the network can drive, or None."""
-    if not pull_mode or jwks or ipaddress.ip_address(address).is_loopback:
+def exposure_warning(address: str, jwks: str | None) -> str | None:
+    """The warning for an API that listens beyond loopback without a JWKS (any mode), or None."""
+    if jwks or ipaddress.ip_address(address).is_loopback:
         return None
-    return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
-            "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
-            "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
+    return (f"!!! the HTTP API listens on {address} (not loopback) without a JWKS: /configure, /promote, "
+            "/terminate and the routes that return database contents answer only clients on this machine "
+            "(403 for the others), and /status, /metrics.json, /info are open to anyone who reaches the port. "
+            "Give --jwks (or compute_ctl_config.jwks) to drive this compute from the network with tokens, or "
+            "--http-address 127.0.0.1 !!!")
+
+
+def token_warning(jwks: str | None, compute_id: str | None) -> str | None:
+    """A JWKS without a compute id: only admin tokens can ever be accepted (the others must name
+    this compute's id: compute/api/auth.py)."""
+    if not jwks or compute_id:
+        return None
+    return ("a JWKS without -i/--compute-id: only admin tokens (scope compute_ctl:admin, aud [\"compute\"]) "
+            "are accepted; tokens naming a compute_id get 403")
 
 
 def check_dirs(runtime_dir: str, pgdata: str, user) -> None:
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     # validate and start the tree; the api takes over the rest (compute/boot/early_responder.py).
     # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
     # path or user: checked next, each a one-line error): never more than that.
-    responder = EarlyResponder(api_sock, started=started).start()
+    responder = EarlyResponder(api_sock, started=started, jwks=bool(args.jwks)).start()
     try:
         return bootstrap(args, api_sock, responder, started)
     finally:
@@ -345,9 +359,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
         statement_timeout=args.statement_timeout,
         compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
-        live_config_allowed=args.control_plane_uri is not None,
         grace_seconds=args.grace_seconds, monitor_interval=args.monitor_interval,
-        jwks_path=os.path.abspath(args.jwks) if args.jwks else None, log_format=args.log_format,
+        jwks_path=os.path.abspath(args.jwks) if args.jwks else None, jwt_require_exp=args.jwt_require_exp,
+        log_format=args.log_format,
         vm_informant=vm_informant,
         postgres_exporter=os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
         postgres_exporter_port=args.postgres_exporter_port, storage_timeout=args.storage_timeout,
@@ -387,6 +401,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
             "spec": spec_doc, "spec_generation": 1 if spec_doc else 0, "metrics": {}, **identity,
         })
+        responder.jwks_known(bool(settings.jwks_path))
         responder.state_ready(state_path(runtime_dir))
     except (OSError, UsageError, ValueError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
@@ -396,9 +411,10 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     become_subreaper()
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
-    warning = exposure_warning(args.http_address, settings.live_config_allowed, args.jwks)
-    if warning:
-        log.warning("%s", warning)
+    for warning in (exposure_warning(args.http_address, settings.jwks_path),
+                    token_warning(settings.jwks_path, settings.compute_id)):
+        if warning:
+            log.warning("%s", warning)
     # From here on we are supervisord (one PID for the life of the compute): its loop runs in
     # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the

@@ -38,9 +38,9 @@ class LaunchSettings:
     http_address: str = "0.0.0.0"
     compute_id: Optional[str] = None
     control_plane_uri: Optional[str] = None
-    live_config_allowed: bool = False     # /configure accepted (pull mode / --control-plane-uri)
     console_jwt: Optional[str] = None     # pull mode: a fixed token when the environment has none
-    jwks_path: Optional[str] = None
+    jwks_path: Optional[str] = None       # a JWKS file: the API then needs tokens (compute/api/auth.py)
+    jwt_require_exp: bool = False         # --jwt-require-exp: tokens without `exp` refused (HEAD accepts them)
     grace_seconds: float = 30.0           # a failed start stays on /status this long
     monitor_interval: float = 0.5
     lock_timeout: float = 10.0            # the spec's catalog SQL (seconds; 0: none)

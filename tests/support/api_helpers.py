@@ -39,7 +39,6 @@ def launch_settings(runtime_dir: str, connstr: str = "postgresql://cloud_admin@1
         "runtime_dir": runtime_dir,
         "compute_id": "compute-1",
         "control_plane_uri": "http://127.0.0.1:1",
-        "live_config_allowed": True,
         "monitor_interval": 0.1,
         "jwks_path": None,
         "log_format": "text",
