@@ -16,9 +16,7 @@ import time
 
 import falcon
 import falcon.testing
-import jwt
 import pytest
-
 
 from compute.api import health
 from compute.api.app import create_app
@@ -27,11 +25,10 @@ from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
 from compute.model.spec import from_stored, parse_spec
 from compute.shared.state import StateStore, state_path
-from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, keys, launch_settings,
-                                       make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir,
-                                       write_jwks)
+from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, launch_settings,
+                                       make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir)
 
-__all__ = ["keys", "rt"]  # the fixtures
+__all__ = ["rt"]  # the fixtures
 
 JSON = {"Content-Type": "application/json"}
 
