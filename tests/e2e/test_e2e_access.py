@@ -133,9 +133,14 @@ def test_a_jwks_file_missing_at_start_refuses_every_token_until_it_appears():
         path = os.path.join(c.base, "later", "jwks.json")
         c.args += ["--jwks", path]
         c.token = token_for(ed, "ep-1")
+        def healthz() -> bool:
+            try:
+                return c.request("GET", "/healthz", headers={"Authorization": None}, timeout=2)[0] == 200
+            except OSError:  # not bound yet
+                return False
+
         with c:
-            wait_for(lambda: c.request("GET", "/healthz", headers={"Authorization": None})[0] == 200, 60,
-                     "the API")
+            wait_for(healthz, 60, "the API")
             wait_for(lambda: os.path.exists(os.path.join(c.runtime_dir, "supervisord.conf")), 60, "the tree")
             assert c.request("GET", "/status")[0] == 401
             assert c.request("POST", "/terminate")[0] == 401
