@@ -39,10 +39,7 @@ class Access:
         if route_policy(req.path) == OPEN:
             return  # without a look at the settings: /healthz never waits on the state file
         settings = self._settings()
-        # The TCP peer as gunicorn saw it (PROXY_ADDR: the real peer if the PROXY protocol was
-        # ever turned on, whatever the header claimed). Never a forwarding header. Absent: not
-        # loopback.
-        peer = req.env.get("PROXY_ADDR") or req.env.get("REMOTE_ADDR")
+        peer = tcp_peer(req.env)
         decision = decide(req.path, peer, req.get_header("Authorization"), self.jwks(settings.jwks_path),
                           settings.compute_id, require_exp=settings.jwt_require_exp)
         if not decision.allowed:
@@ -50,3 +47,14 @@ class Access:
             headers = {"WWW-Authenticate": "Bearer"} if decision.status == 401 else None
             raise falcon.HTTPError(decision.status, description=decision.error, headers=headers)
         req.context.claims = decision.claims
+
+
+def tcp_peer(env: dict) -> str | None:
+    """The address at the other end of the request's TCP connection: REMOTE_ADDR, which gunicorn
+    sets from accept() (or the early responder's hand-over, getpeername) and nothing a client
+    sends changes: no forwarding header is ever read. Only the PROXY protocol would rewrite it
+    (off here; were it turned on, e.g. through GUNICORN_CMD_ARGS, gunicorn marks the environ with
+    PROXY_PROTOCOL): then the peer is unknown. Unknown is never loopback."""
+    if "PROXY_PROTOCOL" in env:
+        return None
+    return env.get("REMOTE_ADDR")

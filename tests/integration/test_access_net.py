@@ -56,10 +56,14 @@ def test_without_jwks_a_non_loopback_peer_gets_403_on_guarded_routes(tmp_path, p
         assert call(port, "POST", "/check_writability")[0] == 200
 
 
-def test_a_proxy_protocol_line_does_not_make_a_peer_loopback(tmp_path, peer):
-    """gunicorn's PROXY protocol is off: a PROXY header claiming 127.0.0.1 is not believed."""
+@pytest.mark.parametrize("proxy_protocol", [False, True], ids=["off", "turned-on-by-env"])
+def test_a_proxy_protocol_line_does_not_make_a_peer_loopback(tmp_path, peer, proxy_protocol):
+    """gunicorn's PROXY protocol is off: a PROXY header claiming 127.0.0.1 is not believed; and
+    were it turned on (GUNICORN_CMD_ARGS, trusting every proxy), a peer it names is unknown, so
+    not loopback either."""
     rt, port = _serve(tmp_path)
-    with gunicorn(rt):
+    env = {"GUNICORN_CMD_ARGS": "--proxy-protocol v1 --proxy-allow-from *"} if proxy_protocol else {}
+    with gunicorn(rt, env=env):
         with socket.create_connection((peer, port), timeout=10, source_address=(peer, 0)) as s:
             s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 3080\r\n"
                       b"POST /terminate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -68,7 +72,10 @@ def test_a_proxy_protocol_line_does_not_make_a_peer_loopback(tmp_path, peer):
                 out += chunk
         assert not out.startswith(b"HTTP/1.1 200"), out[:200]
         assert b"terminated" not in out
-        assert call_from(peer, port, "POST", "/terminate")[0] == 403
+        if proxy_protocol:
+            assert out.startswith(b"HTTP/1.1 403"), out[:200]
+        else:
+            assert call_from(peer, port, "POST", "/terminate")[0] == 403
 
 
 def test_with_jwks_a_non_loopback_peer_needs_a_token_of_this_compute(tmp_path, peer):

@@ -370,6 +370,13 @@ def test_middleware_without_jwks_refuses_non_loopback_peers(rt):
     assert c.simulate_post("/configure", json={"spec": minimal_spec()}).status_code == 412  # the status
 
 
+def test_the_peer_is_never_taken_from_what_the_client_sends():
+    from compute.api.auth import tcp_peer
+    assert tcp_peer({"REMOTE_ADDR": "10.0.0.5", "HTTP_X_FORWARDED_FOR": "127.0.0.1"}) == "10.0.0.5"
+    assert tcp_peer({"REMOTE_ADDR": "127.0.0.1", "PROXY_PROTOCOL": "TCP4", "PROXY_ADDR": "127.0.0.1"}) is None
+    assert tcp_peer({}) is None
+
+
 def test_middleware_with_a_missing_jwks_file_refuses_then_accepts_once_written(rt, keys):
     path = os.path.join(rt, "jwks.json")
     make_state(rt, launch=launch_settings(rt, jwks_path=path, compute_id=ME))
