@@ -3,7 +3,8 @@
 /dbs_and_roles: {"roles": [{"name", "encrypted_password", "options"}], "databases": [{"name",
 "owner", "options", "restrict_conn", "invalid"}]} read from the catalog, Neon's shape. The
 password hash is never sent (always null): a compute without a JWKS serves the route to its
-loopback peers with no token (compute/api/auth.py), and a hash is a password's equivalent for md5 and SCRAM alike.
+loopback peers with no token (compute/api/access.py), and a hash is a password's equivalent
+for md5 and SCRAM alike.
 
 /database_schema: `pg_dump --schema-only` of that database, streamed as pg_dump produces it.
 pg_dump connects as the superuser through the compute's own access; every connection parameter

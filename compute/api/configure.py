@@ -2,7 +2,7 @@
 
 The API's half of the protocol (the driver is the `lifecycle` program):
   1. validate, cheapest first and the body last (nothing is read for a request that will be
-     refused): the access rules (compute/api/auth.py: 400/401/403), 415 unless Content-Type is
+     refused): the access rules (compute/api/access.py: 400/401/403), 415 unless Content-Type is
      JSON, 412 `invalid compute status: <status>` (HEAD's wording) unless the status is
      empty/running; then read the body, `{"spec": {...}, "compute_ctl_config": {...}}` as HEAD
      (compute_ctl_config optional, as the 2023 contract sends none): 400 unless it is a JSON

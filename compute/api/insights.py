@@ -2,7 +2,7 @@
 
 Query texts can hold secrets (utility statements such as `ALTER ROLE ... PASSWORD '...'` are
 stored verbatim), so the route needs a token with a JWKS and a loopback peer without one
-(compute/api/auth.py, GUARDED), and whatever the access every
+(compute/api/access.py, GUARDED), and whatever the access every
 `query` goes through compute.api.redaction before it leaves.
 
 The view is read from the schema its extension lives in (our session pins search_path to

@@ -262,7 +262,7 @@ def exposure_warning(address: str, jwks: str | None) -> str | None:
 
 def token_warning(jwks: str | None, compute_id: str | None) -> str | None:
     """A JWKS without a compute id: only admin tokens can ever be accepted (the others must name
-    this compute's id: compute/api/auth.py)."""
+    this compute's id: compute/api/access.py)."""
     if not jwks or compute_id:
         return None
     return ("a JWKS without -i/--compute-id: only admin tokens (scope compute_ctl:admin, aud [\"compute\"]) "
