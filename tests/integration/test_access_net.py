@@ -99,6 +99,14 @@ def test_with_jwks_a_non_loopback_peer_needs_a_token_of_this_compute(tmp_path, p
                 assert code == 200 and json.loads(body)["status"] == "init"
                 assert call_from(source, port, "POST", "/check_writability", None, good)[0] == 200  # past the check
             assert call_from(source, port, "GET", "/healthz")[0] == 200
+    # every refusal was logged (route, peer, reason), no token ever
+    with open(os.path.join(rt, "gunicorn.log"), encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert f"refused GET /status from {peer}: 403" in log and "refused GET /status from 127.0.0.1: 400" in log
+    for headers in (mine, admin, other, expired):
+        token = headers["Authorization"].split()[1]
+        assert token not in log and token.split(".")[2] not in log
+    assert none_alg not in log
 
 
 def test_a_jwks_file_that_is_not_there_yet_refuses_every_token_until_it_is(tmp_path, peer):
