@@ -68,6 +68,28 @@ def pytest_sessionstart(session):
         pytest.exit(reason, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
+def _falcon_test_peer_is_loopback() -> None:
+    """falcon's TestClient leaves REMOTE_ADDR out of its environ unless told; gunicorn always sets
+    it (the TCP peer), and the API refuses a request without one on the routes it keeps for
+    loopback peers (compute/api/access.py: fail closed). So in-process requests come from
+    127.0.0.1 unless a test passes `remote_addr` (the non-loopback attack tests do)."""
+    from falcon.testing import helpers
+    if getattr(helpers.create_environ, "loopback_default", False):
+        return
+    create_environ = helpers.create_environ
+
+    def with_loopback_peer(*args, **kwargs):
+        if kwargs.get("remote_addr") is None:
+            kwargs["remote_addr"] = "127.0.0.1"
+        return create_environ(*args, **kwargs)
+
+    with_loopback_peer.loopback_default = True
+    helpers.create_environ = with_loopback_peer
+
+
+_falcon_test_peer_is_loopback()
+
+
 # -- shared fixtures ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import traceback
 
 import falcon
 
-from compute.api.auth import JwtAuth
+from compute.api.auth import Access
 from compute.api.capacity import DataRouteShare
 from compute.api.catalog import DatabaseSchema, DbsAndRoles
 from compute.api.configure import Configure
@@ -33,10 +33,10 @@ log = logging.getLogger("compute.api.app")
 
 def create_app(runtime_dir: str | None = None) -> falcon.App:
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
-    auth = JwtAuth(settings=lambda: ctx.settings)
+    access = Access(settings=lambda: ctx.settings)
 
-    # In this order: 413, 401/403, 415, then a data route's share of the pool (503).
-    app = falcon.App(middleware=[BodyLimit(), auth, JsonOnly(), DataRouteShare()])
+    # In this order: 413, 400/401/403, 415, then a data route's share of the pool (429).
+    app = falcon.App(middleware=[BodyLimit(), access, JsonOnly(), DataRouteShare()])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(sqlite3.OperationalError, state_file_error)
     app.add_error_handler(StateFileLost, state_file_lost)

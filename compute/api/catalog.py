@@ -2,8 +2,9 @@
 
 /dbs_and_roles: {"roles": [{"name", "encrypted_password", "options"}], "databases": [{"name",
 "owner", "options", "restrict_conn", "invalid"}]} read from the catalog, Neon's shape. The
-password hash is never sent (always null): the route may be open to the network (no --jwks),
-and a hash is a password's equivalent for md5 and SCRAM alike.
+password hash is never sent (always null): a compute without a JWKS serves the route to its
+loopback peers with no token (compute/api/access.py), and a hash is a password's equivalent
+for md5 and SCRAM alike.
 
 /database_schema: `pg_dump --schema-only` of that database, spooled to an unnamed file in the
 runtime dir as fast as pg_dump makes it, then sent (DatabaseSchema says why and the bounds).
@@ -88,7 +89,6 @@ def pg_dump_env(connstr: str, dbname: str) -> dict[str, str]:
 
 
 class DbsAndRoles:
-    auth_required = True
     data_route = True  # compute/api/capacity.py
 
     def __init__(self, ctx: ApiContext):
@@ -116,7 +116,6 @@ class DatabaseSchema:
     MAX_CONCURRENT_DUMPS per worker at once (each holds a pool thread while its client reads,
     and up to SPOOL_MAX_BYTES of the runtime dir): beyond that 429 with Retry-After."""
 
-    auth_required = True
     data_route = True  # compute/api/capacity.py
 
     def __init__(self, ctx: ApiContext, *, max_dumps: int = MAX_CONCURRENT_DUMPS,

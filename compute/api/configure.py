@@ -2,11 +2,15 @@
 
 The API's half of the protocol (the driver is the `lifecycle` program):
   1. validate, cheapest first and the body last (nothing is read for a request that will be
-     refused): 401/403 without a valid token (--jwks), 415 unless Content-Type is JSON, 412
-     when live configuration is not allowed (a -s/-S launch) or the status is not empty/running;
-     then read the body: 400 unless it is a JSON object with a "spec" object, or when the spec
-     document is malformed (nested too deep, a misspelled key: SpecShapeError), 412 when the
-     spec is invalid or would change a running compute's mode (compute/model/modes.py);
+     refused): the access rules (compute/api/access.py: 400/401/403), 415 unless Content-Type is
+     JSON, 412 `invalid compute status: <status>` (HEAD's wording) unless the status is
+     empty/running; then read the body, `{"spec": {...}, "compute_ctl_config": {...}}` as HEAD
+     (compute_ctl_config optional, as the 2023 contract sends none): 400 unless it is a JSON
+     object with a "spec" object, for a malformed compute_ctl_config, and for an invalid spec;
+     412 for a spec that would change a running compute's mode (compute/model/modes.py).
+     Allowed whatever the launch mode (HEAD). compute_ctl_config is checked, not applied: the
+     JWKS is fixed for the life of the process, as at HEAD. 400 also when the spec document is
+     malformed (nested too deep, a misspelled key: SpecShapeError);
   2. submit, wake, wait (compute/shared/driver_requests.py): one atomic transition {empty, running} ->
      configuration_pending carrying the spec and a new spec_generation (of concurrent requests
      exactly one wins, the others get 412), then the driver's answer: `running` (200, the
@@ -22,8 +26,9 @@ import falcon
 
 from compute.shared import driver_requests
 from compute.model import modes
-from compute.api.context import ApiContext, debug_status_name
+from compute.api.context import ApiContext, head_status_name
 from compute.api.errors import json_body, read_body, spec_request
+from compute.model.jwks import ConfigError, check_compute_ctl_config
 from compute.model.spec import SpecError, SpecShapeError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.model.spec_shape import unknown_keys_line
 
@@ -34,7 +39,6 @@ DEFAULT_TIMEOUT = 600.0
 
 
 class Configure:
-    auth_required = True
     json_body_required = True
 
     def __init__(self, ctx: ApiContext, *, timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL):
@@ -44,25 +48,27 @@ class Configure:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         settings = self.ctx.settings
-        if not settings.live_config_allowed:
-            raise falcon.HTTPPreconditionFailed(
-                description="live configuration is not allowed for this compute node")
         status = self.ctx.store.get("status")
         if status not in ("empty", "running"):  # a hint only: the transition below decides
-            raise falcon.HTTPPreconditionFailed(
-                description=f"invalid compute status for configuration request: {debug_status_name(status)}")
-        spec = spec_request(read_body(req), '{"spec": {...}}')["spec"]
+            raise invalid_status(status)
+        body = spec_request(read_body(req), '{"spec": {...}, "compute_ctl_config": {...}}')
+        if body.get("compute_ctl_config") is not None:
+            try:
+                check_compute_ctl_config(body["compute_ctl_config"])
+            except ConfigError as e:
+                raise falcon.HTTPBadRequest(description=str(e)) from None
+            log.info("compute_ctl_config checked, not applied: the JWKS is fixed for the life of the compute")
         superuser = settings.superuser or self.ctx.superuser
         try:
-            new = parse_spec(spec, superuser=superuser)
+            new = parse_spec(body["spec"], superuser=superuser)
         except SpecShapeError as e:  # nested too deep, a misspelled key: a malformed request
             raise falcon.HTTPBadRequest(description=str(e)) from None
         except SpecError as e:
-            raise falcon.HTTPPreconditionFailed(description=str(e)) from None
+            raise falcon.HTTPBadRequest(description=str(e)) from None
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
             # A spec the validator could not even walk is an invalid spec, not a server error.
             log.warning("spec validation raised %s", type(e).__name__, exc_info=True)
-            raise falcon.HTTPPreconditionFailed(
+            raise falcon.HTTPBadRequest(
                 description=f"invalid spec: {type(e).__name__}: {str(e)[:200]}") from None
 
         if new.ignored_keys:
@@ -72,9 +78,7 @@ class Configure:
         store = self.ctx.store
         generation = driver_requests.submit_configure(store, to_document(new))
         if not generation:
-            status = store.get("status")
-            raise falcon.HTTPPreconditionFailed(
-                description=f"invalid compute status for configuration request: {debug_status_name(status)}")
+            raise invalid_status(store.get("status"))
         log.info("new spec (generation %d) handed to the driver", generation)
         driver_requests.wake_driver(self.ctx.runtime_dir)
         outcome, last = driver_requests.wait_for(
@@ -97,3 +101,8 @@ class Configure:
         reason = running and modes.live_mode_change_refused(running, new)
         if reason:
             raise falcon.HTTPPreconditionFailed(description=reason)
+
+
+def invalid_status(status: str | None) -> falcon.HTTPError:
+    """HEAD's 412 for a compute not `empty`/`running` (compute_tools/src/http/mod.rs invalid_status)."""
+    return falcon.HTTPPreconditionFailed(description=f"invalid compute status: {head_status_name(status)}")

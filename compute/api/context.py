@@ -23,6 +23,11 @@ def debug_status_name(status: str | None) -> str:
     return "".join(part.capitalize() for part in str(status).split("_"))
 
 
+def head_status_name(status: str | None) -> str:
+    """How HEAD prints a status in its errors (ComputeStatus's Display): configuration-pending."""
+    return str(status).replace("_", "-")
+
+
 class ApiContext:
     """Per-process (per gunicorn worker) handle; safe to share between the worker's threads."""
 
@@ -80,4 +85,4 @@ class ApiContext:
                                application_name=HTTP_APPLICATION_NAME)
 
 
-__all__ = ["ApiContext", "debug_status_name", "runtime_dir_from_env"]
+__all__ = ["ApiContext", "debug_status_name", "head_status_name", "runtime_dir_from_env"]

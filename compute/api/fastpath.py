@@ -4,8 +4,10 @@ A request qualifies when answering it can never wait on anything but a local SQL
 the state file (WAL mode: readers do not wait for writers): GET /status, /metrics.json, /info
 and /healthz, with no body (no Content-Length, Transfer-Encoding, Expect or Upgrade header),
 in the strict grammar of plain_get() (also compute-ctl's early responder's).
-Not /readyz (a postgres connection), /metrics (supervisord's XML-RPC), nor anything with a body
-or auth. The answer still comes from the falcon app (the same routing, middleware and errors);
+Not /readyz (a postgres connection), /metrics (supervisord's XML-RPC), nor anything with a body.
+With a JWKS these routes need a token (compute/api/access.py): checked inline too, a stat of the
+JWKS file and a signature check, which wait on nothing. The answer still comes from the falcon
+app (the same routing, middleware and errors);
 only the thread differs, so the classification decides where a request runs, never what it
 gets: anything unusual simply goes to the pool.
 

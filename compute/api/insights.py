@@ -1,7 +1,8 @@
 """GET /insights: the top pg_stat_statements entries.
 
 Query texts can hold secrets (utility statements such as `ALTER ROLE ... PASSWORD '...'` are
-stored verbatim), so the route needs a token when --jwks is set, and whatever the auth every
+stored verbatim), so the route needs a token with a JWKS and a loopback peer without one
+(compute/api/access.py, GUARDED), and whatever the access every
 `query` goes through compute.api.redaction before it leaves.
 
 The view is read from the schema its extension lives in (our session pins search_path to
@@ -53,7 +54,6 @@ def redact_rows(rows: list) -> list:
 
 
 class Insights:
-    auth_required = True  # query texts are database contents
     data_route = True  # compute/api/capacity.py
 
     def __init__(self, ctx: ApiContext):

@@ -56,7 +56,6 @@ def parse_request(raw: bytes, superuser: str | None) -> tuple[ComputeSpec, str |
 
 
 class Promote:
-    auth_required = True
     json_body_required = True  # for a Content-Type check on JSON routes, where one is enforced
 
     def __init__(self, ctx: ApiContext, *, promote_timeout: float = PROMOTE_TIMEOUT,

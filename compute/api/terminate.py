@@ -31,8 +31,6 @@ TERMINATE_TIMEOUT = 300.0
 
 
 class Terminate:
-    auth_required = True
-
     def __init__(self, ctx: ApiContext, *, timeout: float = TERMINATE_TIMEOUT):
         self.ctx = ctx
         self.timeout = timeout

@@ -53,7 +53,6 @@ INSERT INTO public.health_check VALUES (1, pg_catalog.now())
 
 
 class CheckWritability:
-    auth_required = True
     data_route = True  # compute/api/capacity.py
 
     def __init__(self, ctx: ApiContext):

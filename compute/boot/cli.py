@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-interval", type=float, default=default("monitor_interval"),
                    help="activity monitor period in seconds (default 0.5)")
     p.add_argument("--jwks", default=None,
-                   help="JWKS file: require a bearer JWT on the HTTP routes that change state or return "
-                        "database contents")
+                   help="JWKS file (Ed25519/RS256 keys): every HTTP route but /metrics, /healthz and /readyz "
+                        "then needs a bearer JWT (Neon's rules: docs/api.md). Without a JWKS the routes that "
+                        "change state or return database contents answer loopback clients only")
+    p.add_argument("--jwt-require-exp", action="store_true", default=default("jwt_require_exp"),
+                   help="refuse tokens without an `exp` claim (Neon accepts them; exp is checked when present)")
     p.add_argument("--lock-timeout", type=float, default=default("lock_timeout"),
                    help="seconds a statement applying the spec may wait for a lock (default 10; 0: forever)")
     p.add_argument("--statement-timeout", type=float, default=default("statement_timeout"),
@@ -417,13 +420,24 @@ def http_address(text: str) -> str:
         raise UsageError(f"--http-address {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
 
 
-def exposure_warning(address: str, pull_mode: bool, jwks: str | None) -> str | None:
-    """The warning for an API that anyone on the network can drive, or None."""
-    if not pull_mode or jwks or ipaddress.ip_address(address).is_loopback:
+def exposure_warning(address: str, jwks: str | None) -> str | None:
+    """The warning for an API that listens beyond loopback without a JWKS (any mode), or None."""
+    if jwks or ipaddress.ip_address(address).is_loopback:
         return None
-    return (f"!!! the HTTP API listens on {address} (not loopback) in pull mode without --jwks: anyone who "
-            "can reach this port can reconfigure (POST /configure) or stop (POST /terminate) this compute and "
-            "read its query texts. Give --jwks, or --http-address 127.0.0.1 !!!")
+    return (f"!!! the HTTP API listens on {address} (not loopback) without a JWKS: /configure, /promote, "
+            "/terminate and the routes that return database contents answer only clients on this machine "
+            "(403 for the others), and /status, /metrics.json, /info are open to anyone who reaches the port. "
+            "Give --jwks (or compute_ctl_config.jwks) to drive this compute from the network with tokens, or "
+            "--http-address 127.0.0.1 !!!")
+
+
+def token_warning(jwks: str | None, compute_id: str | None) -> str | None:
+    """A JWKS without a compute id: only admin tokens can ever be accepted (the others must name
+    this compute's id: compute/api/access.py)."""
+    if not jwks or compute_id:
+        return None
+    return ("a JWKS without -i/--compute-id: only admin tokens (scope compute_ctl:admin, aud [\"compute\"]) "
+            "are accepted; tokens naming a compute_id get 403")
 
 
 def check_jwks(path: str, user) -> None:
@@ -499,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     # validate and start the tree; the api takes over the rest (compute/boot/early_responder.py).
     # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
     # path or user: checked next, each a one-line error): never more than that.
-    responder = EarlyResponder(api_sock, started=started).start()
+    responder = EarlyResponder(api_sock, started=started, jwks=True if args.jwks else (None if (args.config or args.control_plane_uri) else False)).start()
     try:
         return bootstrap(args, api_sock, responder, started)
     finally:
@@ -555,10 +569,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         statement_timeout=args.statement_timeout,
         compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
         control_plane_api=args.control_plane_api,
-        # HEAD's launches (-c, -p) take /configure; the 2023 -s/-S launch does not (412).
-        live_config_allowed=args.control_plane_uri is not None or args.config is not None,
         grace_seconds=args.grace_seconds, monitor_interval=args.monitor_interval,
-        jwks_path=jwks_path, log_format=args.log_format,
+        jwks_path=jwks_path, jwt_require_exp=args.jwt_require_exp, log_format=args.log_format,
         vm_informant=vm_informant,
         postgres_exporter=os.path.abspath(args.postgres_exporter) if args.postgres_exporter else None,
         postgres_exporter_port=args.postgres_exporter_port, storage_timeout=args.storage_timeout,
@@ -605,6 +617,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         })
         state_id = store.identity
         store.close()
+        responder.jwks_known(bool(settings.jwks_path))
         responder.state_ready(state_path(runtime_dir))
     except (OSError, UsageError, ValueError, sqlite3.Error) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
@@ -614,9 +627,10 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     become_subreaper()
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
-    warning = exposure_warning(args.http_address, settings.live_config_allowed, settings.jwks_path)
-    if warning:
-        log.warning("%s", warning)
+    for warning in (exposure_warning(args.http_address, settings.jwks_path),
+                    token_warning(settings.jwks_path, settings.compute_id)):
+        if warning:
+            log.warning("%s", warning)
     if spec is not None and spec.ignored_keys:
         from compute.model.spec_shape import unknown_keys_line
         log.warning("%s", unknown_keys_line(spec.ignored_keys))

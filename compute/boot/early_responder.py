@@ -10,6 +10,10 @@ the bind and before any heavy import; it answers:
   (compute/api/bodies.py), with `Connection: close`. Before the state file exists, from what
   compute-ctl knows (status `init`, its start time, the spec's tenant and timeline once
   validated: what the state file is then created with); after, from the state file.
+  Only what the api would give anyone without a token (compute/api/access.py
+  answerable_without_credentials): with a JWKS, or while compute-ctl does not know yet whether
+  it has one, that is /healthz alone; /status & co. are then held for the api, which checks the
+  token. It never verifies a token itself.
 
 Everything else it neither answers nor reads: it looks at what arrived with MSG_PEEK and
 keeps the connection ("held"): any other route or method, a body, bytes pipelined after the
@@ -42,6 +46,7 @@ import time
 from typing import Any
 
 from compute.api import bodies
+from compute.api.access import answerable_without_credentials
 from compute.api.fastpath import MAX_HEAD, plain_get
 from compute.api.handover import MAX_HELD, listen, read_hello, send_held
 from compute.shared.state import StateStore, bound_busy_wait
@@ -115,8 +120,10 @@ class EarlyResponder:
     """The thread. compute-ctl's main thread tells it what it learns (known(), state_ready(),
     offer_handover()) and stops it on every way out (stop())."""
 
-    def __init__(self, listener: socket.socket, *, started: float, cores: int | None = None):
+    def __init__(self, listener: socket.socket, *, started: float, cores: int | None = None,
+                 jwks: bool | None = None):
         self.listener = listener
+        self.jwks = jwks  # the compute has a JWKS; None: not known yet (only OPEN routes answered)
         self.known_status: dict[str, Any] = {"status": "init", "error": None, "tenant": None, "timeline": None,
                                              "start_time": started, "last_active": started}
         self.info = bodies.encode(bodies.info_body(cores))
@@ -148,6 +155,10 @@ class EarlyResponder:
     def known(self, **fields: Any) -> None:
         """What /status says before the state file exists (tenant, timeline: the spec's)."""
         self.known_status = {**self.known_status, **fields}
+
+    def jwks_known(self, configured: bool) -> None:
+        """Whether the compute has a JWKS, once its settings are built."""
+        self.jwks = configured
 
     def state_ready(self, path: str) -> None:
         """The state file exists: answer from it from now on."""
@@ -254,7 +265,7 @@ class EarlyResponder:
         verdict = classify(data)
         if verdict == MORE:
             return
-        if verdict == HOLD:
+        if verdict == HOLD or not answerable_without_credentials(verdict.decode(), self.jwks):
             conn.held = True  # the api's: unread, handed over when it starts
             return
         body = self._body(verdict)

@@ -41,9 +41,9 @@ class LaunchSettings:
     compute_id: Optional[str] = None
     control_plane_uri: Optional[str] = None
     control_plane_api: str = "v2"         # pull mode's protocol: "v2" (HEAD) or "2023"
-    live_config_allowed: bool = False     # /configure accepted (pull mode, or a -c launch)
     console_jwt: Optional[str] = None     # pull mode: a fixed token when the environment has none
     jwks_path: Optional[str] = None       # --jwks, or RUNTIME_DIR/jwks.json (-c, v2 pull: compute/shared/jwks_file.py)
+    jwt_require_exp: bool = False         # --jwt-require-exp: tokens without `exp` refused (HEAD accepts them)
     grace_seconds: float = 30.0           # a failed start stays on /status this long
     monitor_interval: float = 0.5
     lock_timeout: float = 10.0            # the spec's catalog SQL (seconds; 0: none)

@@ -109,7 +109,7 @@ def test_configure_rules_and_failure():
             bad = c.new_spec()
             bad["cluster"]["roles"][0]["name"] = "x" * 64
             code, body = configure(c, bad)
-            assert code == 412 and "cluster.roles[0].name" in body["error"]
+            assert code == 400 and "cluster.roles[0].name" in body["error"]  # HEAD: an invalid spec is 400
             assert c.status()["status"] == "running"
 
             # A restart-only setting is reported, not ignored.
@@ -129,7 +129,7 @@ def test_configure_rules_and_failure():
                 first = ex.submit(configure, c, c.new_spec())
                 c.wait_status("configuration_pending", timeout=10)
                 code, body = configure(c, c.new_spec())
-                assert code == 412 and "ConfigurationPending" in body["error"]
+                assert (code, body) == (412, {"error": "invalid compute status: configuration-pending"})
                 assert c.supervisorctl("start", "lifecycle").returncode == 0
                 assert first.result(timeout=60)[0] == 200
 
@@ -147,13 +147,22 @@ def test_configure_rules_and_failure():
             assert configure(c, c.new_spec())[0] == 412
 
 
-def test_configure_refused_without_pull_mode():
+def test_configure_in_push_mode_with_heads_body():
+    """HEAD: /configure whatever the launch mode, body {spec, compute_ctl_config} (the JWKS in it
+    checked, not applied: this compute stays without one)."""
     c = Compute()
     c.spec = c.new_spec()
     with c:
         c.wait_status("running")
-        code, body = configure(c, c.new_spec())
-        assert code == 412 and "not allowed" in body["error"]
+        new = c.new_spec(**{"work_mem": "7MB"})
+        body = {"spec": new, "compute_ctl_config": {"jwks": {"keys": []}, "tls": None}}
+        code, answer = c.request("POST", "/configure", body)
+        assert code == 200, answer
+        assert c.status()["status"] == "running"
+        with psycopg.connect(c.conninfo()) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
+        code, answer = c.request("POST", "/configure", {"spec": new, "compute_ctl_config": {"jwks": []}})
+        assert code == 400 and "compute_ctl_config" in json.loads(answer)["error"]
 
 
 def test_plan_prints_without_running():

@@ -142,21 +142,22 @@ def test_catalog_routes_through_gunicorn_streamed_and_guarded():
     ed, _, jwks = jwks_keys()
     c = Compute()
     c.spec = c.new_spec()
-    c.use_jwks(jwks)
+    token = jwt.encode({"scope": "compute_ctl:admin", "aud": ["compute"], "exp": time.time() + 300}, ed,
+                       algorithm="EdDSA")  # an admin token: this push-mode compute has no compute id
+    c.use_jwks(jwks, token)
     with c:
         c.wait_status("running")
-        token = jwt.encode({"sub": "control-plane", "exp": time.time() + 300}, ed, algorithm="EdDSA")
         auth = {"Authorization": f"Bearer {token}"}
         with psycopg.connect(c.admin_conninfo("appdb"), autocommit=True) as conn:
             for i in range(400):  # a schema of a few hundred KiB: more than one pipe's worth
                 conn.execute(f"CREATE TABLE wide_{i} (id int primary key, a text, b text, c timestamptz)")
 
-        # A raw client without a token gets 401 on both, and nothing runs.
+        # A raw client without a token gets 400 on both (HEAD), and nothing runs.
         for path in ("/dbs_and_roles", "/database_schema?database=appdb"):
             with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as s:
                 s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
                 head = s.recv(65536).split(b"\r\n", 1)[0]
-            assert head.startswith(b"HTTP/1.1 401"), (path, head)
+            assert head.startswith(b"HTTP/1.1 400"), (path, head)
 
         code, body = c.request("GET", "/dbs_and_roles", headers=auth)
         assert code == 200

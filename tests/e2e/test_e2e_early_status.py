@@ -20,7 +20,7 @@ from compute.api import bodies
 from compute.api.handover import HELLO, handover_path
 from compute.shared.state import StateStore, state_path
 from compute.tree.supervisord_conf import template_dir
-from tests.support.api_helpers import jwks_keys
+from tests.support.api_helpers import jwks_keys, token_for
 from tests.support.fault_tree import alive, proc_table
 from tests.support.pgcluster import PG_USER, scratch_dir
 from tests.support.tree import Compute
@@ -234,22 +234,35 @@ def test_what_arrives_early_gets_the_apis_own_answer_later():
 
 
 def test_with_jwks_only_the_open_routes_are_answered_early():
+    """With a JWKS, /status & co. need a token (HEAD): the responder answers /healthz alone and
+    holds the rest for the api, which checks the token (400 without one, 200 with ours)."""
+    ed, _, jwks = jwks_keys()
     c = compute_with_api_held_back()
-    c.use_jwks(jwks_keys()[2])
+    c.use_jwks(jwks)
+    token = token_for(ed)  # an admin token: this push-mode compute has no compute id
     with c:
-        first = wait_for(lambda: _try_get(c.http_port, "/status"), 30, "a first /status")
+        first = wait_for(lambda: _try_get(c.http_port, "/healthz"), 30, "a first /healthz")
         assert from_responder(first) and split(first)[0] == 200
-        configure = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
+        held = {}
+        for name, path, auth in (("status", "/status", ""), ("status-with-token", "/status", token),
+                                 ("info", "/info", ""), ("metrics.json", "/metrics.json", ""),
+                                 ("dbs", "/dbs_and_roles", "")):
+            s = held[name] = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
+            header = f"Authorization: Bearer {auth}\r\n" if auth else ""
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
+        configure = held["configure"] = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
         configure.sendall(HELD["post-configure"])
-        dbs = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
-        dbs.sendall(b"GET /dbs_and_roles HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert from_responder(get(c.http_port, "/info"))
-        assert nothing_sent(configure) and nothing_sent(dbs)
+        assert from_responder(get(c.http_port, "/healthz"))
+        assert all(nothing_sent(s) for s in held.values())
         start_api_and_wait_for_hand_over(c)
-        for s in (configure, dbs):
+        codes = {}
+        for name, s in held.items():
             answer = read_to_eof(s)
             s.close()
-            assert split(answer)[0] == 401, answer
+            assert not from_responder(answer), name
+            codes[name] = split(answer)[0]
+        assert codes == {"status": 400, "status-with-token": 200, "info": 400, "metrics.json": 400, "dbs": 400,
+                         "configure": 400}, codes
 
 
 def test_sigterm_while_the_responder_holds_connections():

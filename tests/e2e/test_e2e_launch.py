@@ -82,10 +82,10 @@ def test_config_file_with_a_spec_starts_and_hands_its_jwks_to_the_api(keys):
         c.wait_status("running")
         assert_private_jwks(c, jwks)
         s = launch_settings(c)
-        assert (s["compute_id"], s["live_config_allowed"], s["internal_http_port"]) == ("compute-1", True, 3081)
+        assert (s["compute_id"], s["internal_http_port"]) == ("compute-1", 3081)
         # The JWKS is in force: no token, no /configure; a token of this compute: reconfigured.
         spec = c.new_spec(work_mem="8MB")
-        assert c.request("POST", "/configure", {"spec": spec})[0] == 401
+        assert c.request("POST", "/configure", {"spec": spec})[0] == 400  # no Authorization header: 400, as HEAD
         code, body = c.request("POST", "/configure", {"spec": spec, "compute_ctl_config": {"jwks": jwks}},
                                headers=token(ed, "compute-1"))
         assert code == 200, body
@@ -101,7 +101,7 @@ def test_config_file_with_a_null_spec_starts_empty_and_takes_configure(keys):
         c.wait_status("empty")
         assert_private_jwks(c, jwks)  # written before any program started, whatever the spec
         assert not os.path.exists(os.path.join(c.pgdata, "PG_VERSION"))
-        assert c.request("POST", "/configure", {"spec": c.new_spec()})[0] == 401
+        assert c.request("POST", "/configure", {"spec": c.new_spec()})[0] == 400
         code, body = c.request("POST", "/configure", {"spec": c.new_spec(), "compute_ctl_config": {"jwks": jwks}},
                                headers=token(ed, "compute-1"))
         assert code == 200, body
@@ -218,7 +218,6 @@ def test_heads_flags_start_a_compute_and_each_ignored_one_logs_one_line():
         s = launch_settings(c)
         assert (s["http_port"], s["internal_http_port"], s["compute_id"]) == (c.http_port, c.internal_port, "ep-1")
         assert s["pgbin"] == c.pgbin  # from POSTGRES_PATH
-        assert s["live_config_allowed"] is False  # the 2023 -S launch: no /configure, as before
         out = c.output()
         for flag in ("-r/--remote-ext-base-url", "--dev", "--privileged-role-name", "--cgroup",
                      "--filecache-connstr", "--vm-monitor-addr", "--resize-swap-on-bind",
@@ -283,7 +282,7 @@ def test_v2_pull_mode_bearer_jwks_and_metric(keys):
             assert 'compute_ctl_cplane_requests_total{rpc="GetConfig",http_status="503 Service Unavailable"} 1' in page
             assert 'compute_ctl_cplane_requests_total{rpc="GetConfig",http_status="200 OK"} 1' in page
             # The answer's JWKS guards the API.
-            assert c.request("POST", "/configure", {"spec": c.new_spec()})[0] == 401
+            assert c.request("POST", "/configure", {"spec": c.new_spec()})[0] == 400
             code, body = c.request("POST", "/configure", {"spec": c.new_spec()}, headers=token(ed, "compute-1"))
             assert code == 200, body
             # The control-plane token: in no argv, no environment of the tree, no log line.

@@ -39,7 +39,7 @@ def test_a_tree_without_jwks_never_loads_cryptography():
     with c:
         c.wait_status("running")
         c.wait_handed_over()
-        code, _ = c.request("GET", "/dbs_and_roles")  # an auth_required route: open without --jwks
+        code, _ = c.request("GET", "/dbs_and_roles")  # a guarded route: loopback peers only without a JWKS
         assert code == 200
         procs = [(role, p.pid) for role, p in tree(c.proc.pid) if role != "postgres"]
         assert {"compute-ctl", "lifecycle", "monitor", "api master", "api worker"} <= {r for r, _ in procs}
@@ -48,25 +48,29 @@ def test_a_tree_without_jwks_never_loads_cryptography():
 
 def test_a_tree_with_jwks_has_pyjwt_in_its_warm_image_and_verifies_tokens():
     ed, rs, jwks = jwks_keys()
+    # Admin tokens (this push-mode compute has no compute id); --jwt-require-exp: exp-less refused.
+    claims = {"scope": "compute_ctl:admin", "aud": ["compute"]}
+    good = jwt.encode({**claims, "exp": time.time() + 300}, ed, algorithm="EdDSA", headers={"kid": "ed"})
     c = Compute()
     c.spec = c.new_spec()
-    c.use_jwks(jwks)
+    c.use_jwks(jwks, good)
+    c.args += ["--jwt-require-exp"]
     with c:
         c.wait_status("running")
         # Imported before the first fork: shared by every program, not loaded per worker.
         assert _maps_hold(c.proc.pid, CRYPTO_EXTENSION)
         workers = _wait_for_workers(c)
-        good = jwt.encode({"sub": "cp", "exp": time.time() + 300}, ed, algorithm="EdDSA", headers={"kid": "ed"})
-        good_rs = jwt.encode({"sub": "cp", "exp": time.time() + 300}, rs, algorithm="RS256", headers={"kid": "rs"})
-        expired = jwt.encode({"sub": "cp", "exp": time.time() - 60}, ed, algorithm="EdDSA", headers={"kid": "ed"})
-        no_exp = jwt.encode({"sub": "cp"}, ed, algorithm="EdDSA", headers={"kid": "ed"})
+        good_rs = jwt.encode({**claims, "exp": time.time() + 300}, rs, algorithm="RS256", headers={"kid": "rs"})
+        expired = jwt.encode({**claims, "exp": time.time() - 120}, ed, algorithm="EdDSA", headers={"kid": "ed"})
+        no_exp = jwt.encode(claims, ed, algorithm="EdDSA", headers={"kid": "ed"})
         forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
-        assert c.request("GET", "/dbs_and_roles")[0] == 401
+        assert c.request("GET", "/dbs_and_roles", headers={"Authorization": None})[0] == 400
         for bad in (expired, no_exp, forged, "not.a.token"):
             assert c.request("GET", "/dbs_and_roles", headers={"Authorization": f"Bearer {bad}"})[0] == 401, bad
         for token in (good, good_rs):
             assert c.request("GET", "/dbs_and_roles", headers={"Authorization": f"Bearer {token}"})[0] == 200
-        assert c.request("GET", "/status")[0] == 200  # open routes stay open
+        assert c.request("GET", "/status", headers={"Authorization": None})[0] == 400  # /status too, as HEAD
+        assert c.request("GET", "/healthz", headers={"Authorization": None})[0] == 200  # probes need none
         assert all(_maps_hold(pid, CRYPTO_EXTENSION) for pid in workers)
 
 

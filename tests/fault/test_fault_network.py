@@ -1,12 +1,13 @@
 """Issue 9, section 2: the HTTP API as an untrusted network client sees it, on booted trees
 (real gunicorn on loopback, raw sockets).
 
-Tree 1, pull mode without --jwks (the default address, 0.0.0.0: it warns): dozens of hostile
+Tree 1, pull mode without a JWKS (the default address, 0.0.0.0: it warns): dozens of hostile
 connections at once (headers that never end, bodies that trickle, bodies announced and never
 sent on kept-alive connections, silent sockets) while /healthz and /status are probed: every
 probe answers within a second, and every hostile connection is answered or closed in bounded
-time. Tree 2, --jwks and --http-address 127.0.0.1: what needs a token, tokens without exp, a
-body never read before auth, form posts refused.
+time. Tree 2, --jwks and --http-address 127.0.0.1: what needs a token (HEAD's rules: everything
+but /metrics, /healthz, /readyz), tokens without exp, a body never read before auth, form posts
+refused. Non-loopback peers: tests/integration/test_access_net.py and tests/e2e/test_e2e_access.py.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def guarded_compute():
         os.chmod(path, 0o644)
         PG_USER.chown(path)
         c.args += ["--jwks", path]
+        c.token = jwt.encode({"compute_id": "compute-1"}, ed, algorithm="EdDSA")  # as neon_local: no exp
         with c:
             c.wait_status("running")
             c.keys = (ed, rs)
@@ -287,9 +289,9 @@ def test_form_posts_and_text_bodies_are_415_before_anything_is_read(open_compute
     assert c.status()["status"] == "running"
 
 
-def test_pull_mode_on_all_interfaces_without_jwks_warns(open_compute):
+def test_all_interfaces_without_jwks_warns(open_compute):
     out = open_compute.output()
-    assert "listens on 0.0.0.0 (not loopback) in pull mode without --jwks" in out
+    assert "listens on 0.0.0.0 (not loopback) without a JWKS" in out
 
 
 # -- --jwks and --http-address ---------------------------------------------------------------
@@ -321,33 +323,40 @@ def test_http_address_binds_loopback_only(guarded_compute):
     assert "not loopback" not in c.output()
 
 
-def test_every_route_that_changes_state_or_returns_data_needs_a_token(guarded_compute):
+def test_every_route_but_metrics_and_probes_needs_a_token(guarded_compute):
     c = guarded_compute
-    protected = [("POST", "/configure"), ("POST", "/terminate"), ("POST", "/check_writability"), ("GET", "/insights")]
-    no_exp = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1"}, c.keys[0], algorithm="EdDSA")}
-    expired = token(c, exp=time.time() - 10)
+    protected = [("POST", "/configure"), ("POST", "/terminate"), ("POST", "/check_writability"), ("GET", "/insights"),
+                 ("GET", "/status"), ("GET", "/metrics.json"), ("GET", "/info"), ("GET", "/openapi.yaml"),
+                 ("GET", "/dbs_and_roles")]
+    expired = token(c, exp=time.time() - 120)  # beyond HEAD's 60 s leeway
     other = token(c, compute_id="compute-2")
     forged = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1", "exp": time.time() + 60},
                                                       "k" * 32, algorithm="HS256")}
+    admin_without_aud = token(c, compute_id=None, scope="compute_ctl:admin")
     for method, path in protected:
-        for headers, want in (({}, 401), (no_exp, 401), (expired, 401), (forged, 401), (other, 403)):
+        for headers, want in (({}, 400), ({"Authorization": "Basic eDp5"}, 400), (expired, 401), (forged, 401),
+                              (admin_without_aud, 401), (other, 403)):
             code, body, hdrs = request(c, method, path, b"{}" if method == "POST" else None,
                                        {**JSON, **headers} if method == "POST" else headers)
             assert code == want, (method, path, headers, code, body)
             assert want != 401 or hdrs.get("www-authenticate") == "Bearer"
-    code, body, _ = request(c, "POST", "/configure", b"{}", {**JSON, **no_exp})
-    assert b"exp" in body
-    for path in ("/status", "/healthz", "/readyz", "/metrics", "/metrics.json", "/info", "/openapi.yaml"):
+            assert "error" in json.loads(body)
+    for path in ("/healthz", "/readyz", "/metrics"):
         assert request(c, "GET", path)[0] == 200, path
-    # with a token: past auth (a valid check and an empty spec object)
-    assert request(c, "POST", "/check_writability", None, token(c))[:2] == (200, b"true")
-    assert request(c, "GET", "/insights", None, token(c))[0] == 200
-    assert request(c, "POST", "/configure", b'{"spec": {}}', {**JSON, **token(c)})[0] == 412
+    # with a token: past auth (a valid check; an empty spec object is an invalid spec: 400)
+    no_exp = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1"}, c.keys[0], algorithm="EdDSA")}
+    admin = token(c, compute_id=None, scope="compute_ctl:admin", aud=["compute"])
+    for good in (token(c), no_exp, admin):  # exp is not required (HEAD), checked when present
+        assert request(c, "POST", "/check_writability", None, good)[:2] == (200, b"true")
+        assert request(c, "GET", "/insights", None, good)[0] == 200
+        assert request(c, "GET", "/status", None, good)[0] == 200
+        code, body, _ = request(c, "POST", "/configure", b'{"spec": {}}', {**JSON, **good})
+        assert code == 400 and b"format_version" in body, body
     assert c.status()["status"] == "running"
 
 
 def test_no_body_is_read_before_auth(guarded_compute):
-    """A POST announcing 500 kB and sending none of it: answered 401 at once, then closed
+    """A POST announcing 500 kB and sending none of it: answered 400 (no token) at once, then closed
     (neither read nor drained). With a token the same request would wait for its body."""
     c = guarded_compute
     for path in ("/configure", "/check_writability", "/terminate"):
@@ -362,7 +371,7 @@ def test_no_body_is_read_before_auth(guarded_compute):
                     break
                 out += chunk
         elapsed = time.monotonic() - t0
-        assert out.startswith(b"HTTP/1.1 401"), (path, out[:200])
+        assert out.startswith(b"HTTP/1.1 400"), (path, out[:200])
         assert elapsed < 5, (path, elapsed)
     # control: with a valid token, /configure does wait for the body (and gives up at the deadline)
     headers = "".join(f"{k}: {v}\r\n" for k, v in token(c).items())

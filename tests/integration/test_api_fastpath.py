@@ -18,7 +18,7 @@ import pytest
 
 from compute.shared.state import StateStore, state_path
 from tests.support.api_helpers import (fake_driver, gunicorn, gunicorn_state, jwks_keys, launch_settings,
-                                       make_state, minimal_spec, write_jwks)
+                                       make_state, minimal_spec, token_for, write_jwks)
 from tests.support.pgcluster import free_port
 from tests.support.waiting import wait_for
 
@@ -85,8 +85,12 @@ def test_inline_answers_are_byte_identical_to_the_pool(tmp_path, with_jwks):
     for request, inline, pool in zip(REQUESTS, answers["inline"], answers["pool"]):
         assert inline == pool, request
     statuses = [a.split(b" ", 2)[1] for a in answers["inline"]]
+    if with_jwks:  # HEAD: /status & co. need a token too (400 without a Bearer header, 401 a bad one)
+        assert statuses == [b"400", b"400", b"200", b"400", b"400", b"401", b"400", b"404", b"405", b"405",
+                            b"400", b"431", b"400", b"400"]
+        return
     assert statuses == [b"200"] * 7 + [b"404", b"405", b"405", b"400", b"431"] + (
-        [b"401", b"401"] if with_jwks else [b"400", b"500"])  # no postgres behind /check_writability
+        [b"400", b"500"])  # no postgres behind /check_writability
     assert json.loads(responses(answers["inline"][0])[0][1])["start_time"] == "2023-11-14T22:13:20.500Z"
 
 
@@ -351,33 +355,40 @@ def test_framing_attacks_get_the_pools_answers(tmp_path):
         assert _statuses(inline) == expected, data[:80]
 
 
+# With a JWKS every route here but /healthz needs a token (HEAD): without a Bearer header 400, with
+# a bad one 401; a valid token on the first request never carries over to the next.
 AUTH_SMUGGLING = [
-    (b"GET /status HTTP/1.1\r\n\r\nGET /dbs_and_roles HTTP/1.1\r\n\r\n", [200, 401]),
-    (b"GET /healthz HTTP/1.1\r\n\r\nPOST /terminate HTTP/1.1\r\nContent-Length: 0\r\n\r\n", [200, 401]),
+    (b"GET /status HTTP/1.1\r\n\r\nGET /dbs_and_roles HTTP/1.1\r\n\r\n", [400, 400]),
+    (b"GET /healthz HTTP/1.1\r\n\r\nPOST /terminate HTTP/1.1\r\nContent-Length: 0\r\n\r\n", [200, 400]),
     (b"GET /info HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /insights HTTP/1.1\r\n\r\n",
-     [200, 401]),
+     [400, 400]),
     (b"GET /metrics.json HTTP/1.1\r\nAuthorization: Bearer a.b.c\r\n\r\n"
-     b"POST /configure HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", [200, 401]),
-    (b"GET http://x/database_schema?database=postgres HTTP/1.1\r\n\r\n", [401]),
+     b"POST /configure HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", [401, 400]),
+    (b"GET http://x/database_schema?database=postgres HTTP/1.1\r\n\r\n", [400]),
     (b"GET /status/../dbs_and_roles HTTP/1.1\r\n\r\n", [404]),
     (b"GET /status?/dbs_and_roles HTTP/1.1\r\n\r\nPOST /promote HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
-     [200, 401]),
-    (b"GET /status HTTP/1.1\r\n\r\nPOST /check_writability HTTP/1.1\r\n\r\n", [200, 401]),
+     [400, 400]),
+    (b"GET /status HTTP/1.1\r\n\r\nPOST /check_writability HTTP/1.1\r\n\r\n", [400, 400]),
+    (b"GET /status HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\nPOST /terminate HTTP/1.1\r\n"
+     b"Content-Length: 0\r\n\r\n", [200, 400]),
 ]
 
 
 def test_with_jwks_every_route_behind_an_inline_one_still_needs_a_token(tmp_path):
     """With --jwks, routes that need a token pipelined behind (or disguised as) inline ones,
-    without a valid token: 401 every time, and nothing stopped or configured."""
+    without a valid token: refused every time, and nothing stopped or configured."""
     rt = str(tmp_path)
     port = free_port()
-    jwks = write_jwks(str(tmp_path / "jwks.json"), jwks_keys()[2])
+    ed, _, doc = jwks_keys()
+    jwks = write_jwks(str(tmp_path / "jwks.json"), doc)
     store = make_state(rt, launch=launch_settings(rt, http_port=port, jwks_path=jwks))
     store.close()
+    token = token_for(ed, "compute-1").encode()
     with gunicorn(rt, env={**ON, "COMPUTE_API_WORKERS": "1"}):
         for data, expected in AUTH_SMUGGLING:
-            assert _statuses(_attack(port, data)) == expected, data[:80]
-        status = json.loads(responses(exchange(port, b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n"))[0][1])
+            assert _statuses(_attack(port, data.replace(b"{token}", token))) == expected, data[:80]
+        status = json.loads(responses(exchange(port, b"GET /status HTTP/1.1\r\nAuthorization: Bearer " + token
+                                               + b"\r\nConnection: close\r\n\r\n"))[0][1])
     assert status["status"] == "running"
 
 

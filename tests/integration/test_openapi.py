@@ -150,7 +150,7 @@ def test_responses_match_the_document(checker, pg, tmp_path):
         assert sim(checker, c, "POST", "/configure", ok, hdr).status_code == 500
     assert sim(checker, c, "POST", "/configure", ok, hdr).status_code == 412  # status failed now
     stage_status(store, "running")  # `failed` is final for the programs
-    for bad, status in ((b"nope", 400), (json.dumps({"spec": {"format_version": 9}}).encode(), 412),
+    for bad, status in ((b"nope", 400), (json.dumps({"spec": {"format_version": 9}}).encode(), 400),
                         (b"x" * (MAX_BODY_BYTES + 1), 413)):
         assert sim(checker, c, "POST", "/configure", bad, hdr).status_code == status
     for path in ("/check_writability", "/terminate"):
@@ -183,11 +183,21 @@ def test_auth_responses_match_the_document(checker, tmp_path):
     c = falcon.testing.TestClient(create_app(rt))
     wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other", "exp": time.time() + 60}, ed,
                                                      algorithm="EdDSA")}
-    for route in ("/configure", "/terminate", "/check_writability", "/promote"):
-        assert sim(checker, c, "POST", route).status_code == 401
-        assert sim(checker, c, "POST", route, headers=wrong).status_code == 403
-    assert sim(checker, c, "GET", "/insights").status_code == 401
-    assert sim(checker, c, "GET", "/insights", headers=wrong).status_code == 403
+    bad = {"Authorization": "Bearer " + jwt.encode({"compute_id": "compute-1"}, "k" * 32, algorithm="HS256")}
+    for method, route in (("POST", "/configure"), ("POST", "/terminate"), ("POST", "/check_writability"),
+                          ("POST", "/promote"), ("GET", "/insights"), ("GET", "/status"), ("GET", "/metrics.json"),
+                          ("GET", "/info"), ("GET", "/openapi.yaml")):
+        assert sim(checker, c, method, route).status_code == 400
+        assert sim(checker, c, method, route, headers=bad).status_code == 401
+        assert sim(checker, c, method, route, headers=wrong).status_code == 403
+    # without a JWKS: the guarded routes refuse a client that is not on loopback
+    rt2 = str(tmp_path / "open")
+    make_state(rt2, status="init", launch=launch_settings(rt2))
+    c2 = falcon.testing.TestClient(create_app(rt2))
+    for method, route in (("POST", "/configure"), ("GET", "/dbs_and_roles"), ("GET", "/database_schema")):
+        r = c2.simulate_request(method, route, remote_addr="10.0.0.5", params={"database": "postgres"})
+        checker.result(r, method, route)
+        assert r.status_code == 403
 
 
 def test_terminate_response_matches_the_document(checker):
@@ -271,14 +281,15 @@ def test_catalog_routes_match_the_document(checker, pg, tmp_path):
     r = sim(checker, falcon.testing.TestClient(busy), "GET", "/database_schema?database=postgres")
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
 
-    # under a JWKS: 401 without a token, 403 with another compute's
+    # under a JWKS: 400 without a token, 401 with a bad one, 403 with another compute's
     ed, _, jwks = jwks_keys()
     path = write_jwks(str(tmp_path / "jwks.json"), jwks)
     make_state(str(tmp_path / "auth"), launch=launch_settings(str(tmp_path / "auth"), jwks_path=path))
     c4 = falcon.testing.TestClient(create_app(str(tmp_path / "auth")))
     wrong = {"Authorization": "Bearer " + jwt.encode({"compute_id": "other", "exp": time.time() + 300}, ed, algorithm="EdDSA")}
     for route in ("/dbs_and_roles", "/database_schema?database=postgres"):
-        assert sim(checker, c4, "GET", route).status_code == 401
+        assert sim(checker, c4, "GET", route).status_code == 400
+        assert sim(checker, c4, "GET", route, headers={"Authorization": "Bearer x.y.z"}).status_code == 401
         assert sim(checker, c4, "GET", route, headers=wrong).status_code == 403
 
 

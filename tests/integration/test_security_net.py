@@ -237,19 +237,17 @@ def _refused_without_reading(port: int, head: bytes) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("live,status,ctype,want", [
-    (False, "running", "application/json", b"412"),  # not pull mode
-    (True, "configuration", "application/json", b"412"),  # another configuration in progress
-    (True, "running", "application/x-www-form-urlencoded", b"415"),
+@pytest.mark.parametrize("status,ctype,want", [
+    ("configuration", "application/json", b"412"),  # another configuration in progress
+    ("running", "application/x-www-form-urlencoded", b"415"),
 ])
-def test_no_body_is_read_before_the_mode_checks(tmp_path, live, status, ctype, want):
+def test_no_body_is_read_before_the_mode_checks(tmp_path, status, ctype, want):
     """Real gunicorn on 127.0.0.1 (launch http_address): refused at once, connection closed
     rather than drained; nobody waits for the 500 kB."""
     from tests.support.api_helpers import gunicorn
     from tests.support.pgcluster import free_port
     rt, port = str(tmp_path), free_port()
-    make_state(rt, status=status, launch=launch_settings(rt, http_port=port, http_address="127.0.0.1",
-                                                         live_config_allowed=live))
+    make_state(rt, status=status, launch=launch_settings(rt, http_port=port, http_address="127.0.0.1"))
     with gunicorn(rt):
         t0 = time.monotonic()
         out = _refused_without_reading(port, b"POST /configure HTTP/1.1\r\nHost: x\r\n"

@@ -39,7 +39,6 @@ def launch_settings(runtime_dir: str, connstr: str = "postgresql://cloud_admin@1
         "runtime_dir": runtime_dir,
         "compute_id": "compute-1",
         "control_plane_uri": "http://127.0.0.1:1",
-        "live_config_allowed": True,
         "monitor_interval": 0.1,
         "jwks_path": None,
         "log_format": "text",
@@ -227,6 +226,49 @@ def gunicorn_state(runtime_dir: str, connstr: str | None = None, **fields: Any) 
     return make_state(runtime_dir, launch=launch, **fields), port
 
 
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (the host's primary one): a client
+    bound to it and connecting to it is a real non-loopback peer of a server on 0.0.0.0. None
+    when the machine has none."""
+    import fcntl
+    import ipaddress
+    import struct
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            probe.connect(("192.0.2.255", 9))  # no packet is sent: only the route is looked up
+            addr = probe.getsockname()[0]
+            if not ipaddress.ip_address(addr).is_loopback and addr != "0.0.0.0":
+                return addr
+        except OSError:
+            pass
+        for _index, name in socket.if_nameindex():  # no default route: any interface's address
+            try:
+                raw = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            addr = socket.inet_ntoa(raw[20:24])
+            if not ipaddress.ip_address(addr).is_loopback:
+                return addr
+    finally:
+        probe.close()
+    return None
+
+
+def call_from(source: str, port: int, method: str, path: str, body: bytes | None = None,
+              headers: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:
+    """One request from `source` (an address of this machine) to `source`:port, so the server's
+    peer is `source`: (status, lower-case headers, body)."""
+    import http.client
+    conn = http.client.HTTPConnection(source, port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
 # -- JWT ---------------------------------------------------------------------------------
 
 def _b64(data: bytes) -> str:
@@ -248,6 +290,18 @@ def jwks_keys():
         {"kty": "RSA", "n": _b64(to_bytes(nums.n)), "e": _b64(to_bytes(nums.e)), "kid": "rs", "alg": "RS256"},
     ]}
     return ed, rs, jwks
+
+
+def token_for(key, compute_id: str | None = None, *, algorithm: str = "EdDSA", **claims: Any) -> str:
+    """A token as Neon's clients make them (cp/endpoint.rs generate_jwt): for one compute
+    (`compute_id`), or, without one, an admin token (scope compute_ctl:admin, aud ["compute"]).
+    No `exp` unless given, as neon_local."""
+    import jwt
+    if compute_id is None:
+        base = {"compute_id": None, "scope": "compute_ctl:admin", "aud": ["compute"]}
+    else:
+        base = {"compute_id": compute_id, "scope": None, "aud": None}
+    return jwt.encode({**base, **claims}, key, algorithm=algorithm)
 
 
 def write_jwks(path: str, jwks: dict) -> str:

@@ -21,12 +21,12 @@ STARTED = 1795600800.25
 class Rig:
     """A responder on a loopback port, its runtime dir (0700) and hand-over socket."""
 
-    def __init__(self, handover: bool = True):
+    def __init__(self, handover: bool = True, jwks: bool | None = False):
         self.dir = tempfile.mkdtemp(prefix="cs-early-")
         os.chmod(self.dir, 0o700)
         self.sock = bind_api_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.responder = EarlyResponder(self.sock, started=STARTED, cores=3).start()
+        self.responder = EarlyResponder(self.sock, started=STARTED, cores=3, jwks=jwks).start()
         if handover:
             self.responder.offer_handover(handover_path(self.dir))
         self.clients: list[socket.socket] = []

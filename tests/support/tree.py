@@ -77,9 +77,15 @@ class Compute:
         self.pg_port = free_port()
         self.out_path = os.path.join(self.base, "compute-ctl.out")
         self.proc: subprocess.Popen | None = None
+        # Sent as `Authorization: Bearer <token>` by request() (and so status(), wait_status()),
+        # unless a request names its own Authorization (None: send none).
+        self.token: str | None = None
 
-    def use_jwks(self, jwks: dict) -> str:
-        """--jwks with `jwks` written to a file the compute user can read; its path."""
+    def use_jwks(self, jwks: dict, token: str | None = None) -> str:
+        """--jwks with `jwks` written to a file the compute user can read; its path. `token`: what
+        request() sends from then on (with a JWKS every route but /metrics, /healthz, /readyz
+        needs one)."""
+        self.token = token
         path = os.path.join(self.base, "jwks.json")
         with open(path, "w") as f:
             json.dump(jwks, f)
@@ -154,8 +160,10 @@ class Compute:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         if isinstance(body, dict):  # POST bodies must say they are JSON (415 otherwise)
             headers = {"Content-Type": "application/json", **(headers or {})}
+        headers = {**({"Authorization": f"Bearer {self.token}"} if self.token else {}), **(headers or {})}
+        headers = {k: v for k, v in headers.items() if v is not None}
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
-                                     method=method, headers=headers or {})
+                                     method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read()

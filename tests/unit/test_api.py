@@ -6,7 +6,6 @@ supervisord and gunicorn: tests/integration/test_api.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,10 +15,8 @@ import time
 
 import falcon
 import falcon.testing
-import jwt
 import pytest
 
-from compute.api import auth as auth_mod
 from compute.api import health
 from compute.api.app import create_app
 from compute.api.bodies import parse_rfc3339, physical_cores, rfc3339
@@ -27,11 +24,10 @@ from compute.api.context import ApiContext
 from compute.api.errors import MAX_BODY_BYTES
 from compute.model.spec import from_stored, parse_spec
 from compute.shared.state import StateStore, state_path
-from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, keys, launch_settings,
-                                       make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir,
-                                       write_jwks)
+from tests.support.api_helpers import (TENANT, TIMELINE, client_for, fake_driver, launch_settings,
+                                       make_state, minimal_spec, parse_prometheus, rt, short_runtime_dir)
 
-__all__ = ["keys", "rt"]  # the fixtures
+__all__ = ["rt"]  # the fixtures
 
 JSON = {"Content-Type": "application/json"}
 
@@ -149,19 +145,21 @@ def test_configure_bad_request_is_400(client, body):
     assert isinstance(r.json["error"], str)
 
 
-def test_configure_not_allowed_without_pull_mode(rt):
-    make_state(rt, launch=launch_settings(rt, live_config_allowed=False))
-    r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
-    assert r.status_code == 412
-    assert "not allowed" in r.json["error"]
-    assert StateStore(state_path(rt)).get("status") == "running"
+def test_configure_is_allowed_whatever_the_launch_mode(rt):
+    """HEAD: /configure outside pull mode too (a push-mode compute: no control plane)."""
+    make_state(rt, launch=launch_settings(rt, compute_id=None, control_plane_uri=None))
+    with fake_driver(rt):
+        r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
+    assert r.status_code == 200, r.text
+    assert StateStore(state_path(rt)).get_many(["status", "spec_generation"]) == {"status": "running",
+                                                                                   "spec_generation": 1}
 
 
-def test_configure_invalid_spec_is_412(client, rt):
+def test_configure_invalid_spec_is_400(client, rt):
     spec = minimal_spec()
     spec["format_version"] = 2.0
     r = client.simulate_post("/configure", json={"spec": spec})
-    assert r.status_code == 412
+    assert r.status_code == 400
     assert "format_version" in r.json["error"]
     assert StateStore(state_path(rt)).get_many(["status", "spec_generation"]) == {"status": "running",
                                                                                    "spec_generation": 0}
@@ -172,8 +170,37 @@ def test_configure_in_wrong_status_is_412(rt, status):
     make_state(rt, status=status)
     r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec()})
     assert r.status_code == 412
-    assert "invalid compute status" in r.json["error"]
+    assert r.json == {"error": f"invalid compute status: {status.replace('_', '-')}"}  # HEAD's wording
     assert StateStore(state_path(rt)).get("status") == status
+
+
+JWKS_DOC = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}
+
+
+def test_configure_takes_heads_body_and_does_not_apply_its_jwks(rt):
+    """`{spec, compute_ctl_config}` as HEAD sends it: checked, not applied (the JWKS is fixed for
+    the life of the compute)."""
+    store = make_state(rt)
+    body = {"spec": minimal_spec(), "compute_ctl_config": {"jwks": JWKS_DOC, "tls": None}}
+    with fake_driver(rt):
+        r = client_for(rt).simulate_post("/configure", json=body)
+    assert r.status_code == 200, r.text
+    assert store.get("spec_generation") == 1
+    assert client_for(rt).simulate_get("/status").status_code == 200  # still no JWKS: /status open
+    assert client_for(rt).simulate_post("/check_writability", remote_addr="10.1.2.3").status_code == 403
+
+
+@pytest.mark.parametrize("config", [
+    [], "x", {}, {"jwks": None}, {"jwks": []}, {"jwks": {"keys": {}}}, {"jwks": {"keys": [1]}},
+    {"jwks": {"keys": [{"crv": "Ed25519"}]}}, {"jwks": {"keys": []}, "tls": "yes"},
+    {"jwks": {"keys": []}, "tls": {"key_path": "/k"}},
+])
+def test_configure_malformed_compute_ctl_config_is_400_and_changes_nothing(rt, config):
+    store = make_state(rt)
+    r = client_for(rt).simulate_post("/configure", json={"spec": minimal_spec(), "compute_ctl_config": config})
+    assert r.status_code == 400, r.text
+    assert "compute_ctl_config" in r.json["error"]
+    assert store.get_many(["status", "spec_generation"]) == {"status": "running", "spec_generation": 0}
 
 
 @pytest.mark.parametrize("start", ["empty", "running"])
@@ -373,123 +400,3 @@ def test_terminate_without_supervisord_is_500(rt):
     assert store.get("shutdown_requested") is True
 
 
-@pytest.fixture
-def auth_client(rt, keys):
-    path = write_jwks(os.path.join(rt, "jwks.json"), keys[2])
-    make_state(rt, status="failed", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
-    return client_for(rt)
-
-
-def claims(**overrides) -> dict:
-    """Claims of a valid token for compute-1 (tokens must expire)."""
-    return {"compute_id": "compute-1", "exp": time.time() + 300, **overrides}
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def test_auth_open_without_jwks(rt):
-    make_state(rt, status="init")
-    c = client_for(rt)
-    assert c.simulate_post("/check_writability").status_code == 200
-    assert c.simulate_post("/configure", body=b"x", headers=JSON).status_code == 412  # past auth: the status
-
-
-def test_auth_missing_or_malformed_token_is_401(auth_client):
-    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"},
-                    bearer("not.a.jwt"), bearer("abc")):
-        for path in ("/check_writability", "/configure", "/terminate"):
-            r = auth_client.simulate_post(path, headers=headers)
-            assert r.status_code == 401, (headers, path)
-            assert r.headers["www-authenticate"] == "Bearer"
-            assert "error" in r.json
-
-
-def test_auth_valid_eddsa_and_rs256(auth_client, keys):
-    ed, rs, _ = keys
-    for token in (jwt.encode(claims(), ed, algorithm="EdDSA", headers={"kid": "ed"}),
-                  jwt.encode(claims(), rs, algorithm="RS256", headers={"kid": "rs"}),
-                  jwt.encode(claims(exp=time.time() + 60, nbf=time.time() - 5), ed, algorithm="EdDSA")):
-        r = auth_client.simulate_post("/check_writability", headers=bearer(token))
-        assert r.status_code == 200, r.text  # status failed: the text answer, past auth
-        assert r.text.startswith("invalid compute status")
-
-
-def test_auth_wrong_compute_is_403(auth_client, keys):
-    ed = keys[0]
-    for wrong in (claims(compute_id="compute-2"), {"exp": time.time() + 60}, claims(compute_id=None)):
-        r = auth_client.simulate_post("/check_writability", headers=bearer(jwt.encode(wrong, ed, algorithm="EdDSA")))
-        assert r.status_code == 403, wrong
-        assert "error" in r.json
-
-
-def test_auth_rejects_bad_signatures(auth_client, keys):
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    stranger = ed25519.Ed25519PrivateKey.generate()
-    bad = [
-        jwt.encode(claims(), stranger, algorithm="EdDSA"),
-        jwt.encode(claims(), stranger, algorithm="EdDSA", headers={"kid": "ed"}),
-        jwt.encode(claims(exp=time.time() - 60), keys[0], algorithm="EdDSA"),
-        jwt.encode(claims(), "s" * 32, algorithm="HS256"),
-        jwt.encode(claims(), keys[0], algorithm="EdDSA", headers={"kid": "unknown"}),
-    ]
-    # algorithm confusion: an HMAC token keyed with the published RSA public key
-    pem = keys[1].public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    header = json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rs"}).encode()
-    import base64, hashlib, hmac
-    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")  # noqa: E731
-    signing_input = b64(header) + b"." + b64(b'{"compute_id": "compute-1"}')
-    bad.append((signing_input + b"." + b64(hmac.new(pem, signing_input, hashlib.sha256).digest())).decode())
-    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
-    head, payload, sig = ed_token.split(".")
-    tampered = b64(b'{"compute_id": "compute-2"}').decode()
-    bad.append(f"{head}.{tampered}.{sig}")  # tampered payload
-    for token in bad:
-        assert auth_client.simulate_post("/check_writability", headers=bearer(token)).status_code == 401, token
-
-
-def test_auth_read_and_health_routes_stay_open(auth_client):
-    for path in ("/status", "/metrics.json", "/metrics", "/info", "/healthz", "/readyz", "/openapi.yaml"):
-        assert auth_client.simulate_get(path).status_code in (200, 503), path
-    assert auth_client.simulate_get("/insights").status_code == 401  # query texts: database contents
-    assert auth_client.simulate_get("/configure").status_code == 405  # 405, not 401
-    assert auth_client.simulate_get("/nope").status_code == 404
-
-
-def test_auth_configure_with_token(rt, keys):
-    path = write_jwks(os.path.join(rt, "jwks.json"), keys[2])
-    make_state(rt, launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
-    token = jwt.encode(claims(), keys[1], algorithm="RS256")
-    c = client_for(rt)
-    assert c.simulate_post("/configure", json={"spec": minimal_spec()}).status_code == 401
-    with fake_driver(rt):
-        r = c.simulate_post("/configure", json={"spec": minimal_spec()}, headers=bearer(token))
-    assert r.status_code == 200
-
-
-def test_auth_unreadable_jwks_fails_closed(rt, keys):
-    make_state(rt, launch=launch_settings(rt, jwks_path=os.path.join(rt, "missing.json")))
-    token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
-    assert client_for(rt).simulate_post("/check_writability", headers=bearer(token)).status_code == 401
-
-
-def test_auth_reloads_a_rotated_jwks(rt, keys):
-    path = write_jwks(os.path.join(rt, "jwks.json"), {"keys": [keys[2]["keys"][1]]})  # RSA only
-    make_state(rt, status="failed", launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
-    c = client_for(rt)
-    ed_token = jwt.encode(claims(), keys[0], algorithm="EdDSA")
-    assert c.simulate_post("/check_writability", headers=bearer(ed_token)).status_code == 401
-    write_jwks(path, keys[2])
-    os.utime(path, (time.time() + 5, time.time() + 5))
-    assert c.simulate_post("/check_writability", headers=bearer(ed_token)).status_code == 200
-
-
-def test_load_jwks_skips_unsupported_keys(tmp_path, keys):
-    doc = {"keys": [{"kty": "oct", "k": "c2VjcmV0"},
-                    {"kty": "OKP", "crv": "X25519", "x": keys[2]["keys"][0]["x"]},
-                    {"kty": "RSA", "alg": "RS512", "n": keys[2]["keys"][1]["n"], "e": "AQAB"},
-                    keys[2]["keys"][0]]}
-    loaded = auth_mod.load_jwks(write_jwks(str(tmp_path / "j.json"), doc))
-    assert [(k.kid, k.alg) for k in loaded] == [("ed", "EdDSA")]

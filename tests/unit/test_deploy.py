@@ -62,7 +62,7 @@ def test_probe_paths_exist_in_the_api(tmp_path):
     from compute.api.app import create_app
     StateStore.create(str(tmp_path / "state.db"), {
         "launch": {"pgdata": str(tmp_path), "connstr": "postgresql://cloud_admin@127.0.0.1:1/postgres",
-                   "superuser": "cloud_admin", "runtime_dir": str(tmp_path), "live_config_allowed": False,
+                   "superuser": "cloud_admin", "runtime_dir": str(tmp_path),
                    "http_port": 3080, "jwks_path": None, "compute_id": None},
         "status": "init", "start_time": 0.0})
     client = falcon.testing.TestClient(create_app(str(tmp_path)))

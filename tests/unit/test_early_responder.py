@@ -19,7 +19,7 @@ from compute.api.handover import MAX_HELD, handover_path, take_held
 from compute.boot.early_responder import HOLD, MAX_HEAD, MORE, classify
 from compute.shared.state import state_path
 from tests.support.api_helpers import TENANT, TIMELINE, make_state
-from tests.support.early_rig import STARTED, body_of, read_to_eof, rig
+from tests.support.early_rig import STARTED, Rig, body_of, read_to_eof, rig
 from tests.support.waiting import nothing_sent, wait_for
 
 __all__ = ["rig"]  # the fixture
@@ -138,6 +138,25 @@ def test_what_it_does_not_answer_is_handed_over_unread(rig, data):
     assert read_to_eof(held) == b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"
     assert not os.path.exists(handover_path(rig.dir))
     assert take_held(rig.dir) == []  # a second worker: nobody there, it just serves
+
+
+@pytest.mark.parametrize("jwks", [True, None], ids=["jwks", "not-known-yet"])
+def test_with_a_jwks_it_answers_only_healthz_and_holds_the_rest_for_the_api(jwks):
+    """The api checks the token (compute/api/access.py); the responder never does: with a JWKS,
+    or before compute-ctl knows whether it has one, /status & co. wait for the api."""
+    rig = Rig(jwks=jwks)
+    try:
+        held = {path: rig.connect(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer x.y.z\r\n\r\n".encode())
+                for path in ("/status", "/metrics.json", "/info")}
+        assert body_of(rig.ask("/healthz")) == b'{"alive": true}'
+        wait_for(lambda: len(rig.responder._conns) == 3, 10, "the three held")
+        assert all(nothing_sent(s) for s in held.values())
+        if jwks is None:  # the settings say: no JWKS; from now on /status is answered
+            rig.responder.jwks_known(False)
+            assert json.loads(body_of(rig.ask("/status")))["status"] == "init"
+        assert len(take_held(rig.dir)) == 3
+    finally:
+        rig.close()
 
 
 def test_half_head_completed_in_time_is_answered(rig):

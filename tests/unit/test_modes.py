@@ -230,7 +230,9 @@ def test_promote_needs_a_token_under_jwks(tmp_path):
     store = make_state(rt, spec=plain_spec(primary_conninfo=CONNINFO),
                        launch=launch_settings(rt, jwks_path=path, compute_id="compute-1"))
     c = client(rt)
-    assert promote(c, {"spec": PRIMARY_SPEC}).status_code == 401
+    assert promote(c, {"spec": PRIMARY_SPEC}).status_code == 400  # no token (HEAD: 400)
+    forged = jwt.encode({"compute_id": "compute-1"}, "s" * 32, algorithm="HS256")
+    assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {forged}"}).status_code == 401
     other = jwt.encode({"compute_id": "compute-2", "exp": time.time() + 300}, ed, algorithm="EdDSA")
     assert promote(c, {"spec": PRIMARY_SPEC}, {"Authorization": f"Bearer {other}"}).status_code == 403
     assert store.get("status") == "running"
@@ -278,7 +280,7 @@ def test_live_mode_change_refused(running, new, refused, hint):
 def test_configure_refuses_a_mode_change_and_changes_nothing(tmp_path, running, new):
     rt = str(tmp_path)
     store = make_state(rt, status="running", spec=neon_spec(running), spec_generation=1,
-                       launch=launch_settings(rt, live_config_allowed=True))
+                       launch=launch_settings(rt))
     r = falcon.testing.TestClient(create_app(rt)).simulate_post("/configure", json={"spec": neon_spec(new)})
     assert r.status_code == 412, r.text
     assert "mode cannot change" in r.json["error"]

@@ -13,7 +13,7 @@ import pytest
 
 from compute.api.errors import is_json
 from compute.api.redaction import redact_passwords
-from compute.boot.cli import UsageError, exposure_warning, http_address
+from compute.boot.cli import UsageError, exposure_warning, http_address, token_warning
 from compute.postgres.sessions import session_options, session_params
 
 SECRET = "s3cr3t-Pa55"
@@ -65,13 +65,18 @@ def test_http_address_and_the_exposure_warning():
     for bad in ("localhost", "0.0.0.0:80", "1.2.3", "127.0.0.1 x"):
         with pytest.raises(UsageError):
             http_address(bad)
-    assert "without --jwks" in exposure_warning("0.0.0.0", True, None)
-    assert exposure_warning("::", True, None) is not None
-    assert exposure_warning("10.1.2.3", True, None) is not None
-    assert exposure_warning("127.0.0.1", True, None) is None
-    assert exposure_warning("::1", True, None) is None
-    assert exposure_warning("0.0.0.0", True, "/etc/jwks.json") is None
-    assert exposure_warning("0.0.0.0", False, None) is None  # no /configure without pull mode
+    assert "listens on 0.0.0.0 (not loopback) without a JWKS" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("::", None) is not None
+    assert exposure_warning("10.1.2.3", None) is not None  # whatever the mode: /configure is allowed in all
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("::1", None) is None
+    assert exposure_warning("0.0.0.0", "/etc/jwks.json") is None
+
+
+def test_a_jwks_without_a_compute_id_warns_that_only_admin_tokens_pass():
+    assert "only admin tokens" in token_warning("/etc/jwks.json", None)
+    assert token_warning("/etc/jwks.json", "compute-1") is None
+    assert token_warning(None, None) is None
 
 
 def test_session_options_are_appended_after_the_connstr_own():

@@ -71,7 +71,7 @@ def test_ints_are_accepted_for_seconds():
     ({**REQUIRED, "http_port": "3080"}, "setting http_port: '3080' is not of type int"),
     ({**REQUIRED, "http_port": True}, "setting http_port: True is not of type int"),
     ({**REQUIRED, "grace_seconds": None}, "setting grace_seconds: None is not of type float"),
-    ({**REQUIRED, "live_config_allowed": "yes"}, "setting live_config_allowed: 'yes' is not of type bool"),
+    ({**REQUIRED, "jwt_require_exp": "yes"}, "setting jwt_require_exp: 'yes' is not of type bool"),
     ({**REQUIRED, "jwks_path": 7}, "setting jwks_path: 7 is not of type str or NoneType"),
     ({**REQUIRED, "connstr": None}, "setting connstr: None is not of type str"),
     ({**REQUIRED, "jwks": "/k"}, "unknown setting(s): jwks"),
