@@ -36,6 +36,7 @@ from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDe
 from compute.tree import exit_decision, monitor_watch
 from compute.model import launch
 from compute.base.procutil import dies_with_us
+from compute.shared import driver_requests
 from compute.shared.state import StateStore, state_path
 
 log = logging.getLogger("compute.tree.exitwatch")
@@ -51,6 +52,16 @@ GDB_TIMEOUT = 60.0
 GDB_POLL = 0.05
 POSTGRES_END_STATES = ("PROCESS_STATE_EXITED", "PROCESS_STATE_STOPPED", "PROCESS_STATE_FATAL")
 STARTABLE = (ProcessStates.EXITED, ProcessStates.STOPPED, ProcessStates.FATAL, ProcessStates.BACKOFF)
+
+
+def process_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed api worker not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X", b"")
 
 
 def postgres_exit_code(info: dict) -> int:
@@ -207,13 +218,24 @@ class ExitWatch:
         self.store.set_once("exit_code", code)
         self.shutdown()
 
-    def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
-        """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
-        out before the api program is stopped."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the tree once no /terminate holds it (exit_decision.hold_for_terminate): the
+        driver finishing its answer (sync-safekeepers after the shutdown), or calls still
+        sending theirs. Bounded: a driver that never answers does not keep the tree up."""
+        if timeout is None:
+            timeout = max(TERMINATE_ANSWER_WAIT, (self.settings.attempt_deadline if self.settings else 0) + 30)
         deadline = time.monotonic() + timeout
 
         def check() -> None:
-            if self.store.get("terminate_pending") and time.monotonic() < deadline:
+            try:
+                v = self.store.get_many(("terminate", driver_requests.WAITERS))
+                hold = exit_decision.hold_for_terminate(
+                    driver_requests.under_way(v["terminate"]),
+                    exit_decision.live_waiters(v[driver_requests.WAITERS], process_alive))
+            except Exception as e:  # the state file busy or gone: do not hold the tree up on it
+                log.warning("cannot read the /terminate waiters: %s", e)
+                hold = False
+            if hold and time.monotonic() < deadline:
                 self.timers.call_later(TERMINATE_POLL, check)
             else:
                 self.supervisord.options.mood = SupervisorStates.SHUTDOWN
