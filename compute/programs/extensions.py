@@ -57,11 +57,18 @@ def aggregate(per_database: Iterable[list]) -> list[dict[str, Any]]:
             for (n, v, o), c in sorted(counts.items())]
 
 
-def collect(query_in: Callable[[str | None, bytes], bytes | None]) -> list[dict[str, Any]]:
+def collect(query_in: Callable[[str | None, bytes], bytes | None],
+            progress: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """`query_in(database, query)`: the one value `query` returns in that database (None: the
-    connection's own). Errors propagate: a partial count is not recorded."""
+    connection's own). Errors propagate: a partial count is not recorded. `progress()` after
+    each database: the monitor records a tick there, so a long collection (many databases) is
+    never taken for a stalled monitor (each step is one bounded connect and query)."""
     databases = [str(d) for d in parse_rows(query_in(None, DATABASES_QUERY))][:MAX_DATABASES]
-    return aggregate(parse_rows(query_in(db, EXTENSIONS_QUERY)) for db in databases)
+    per_database = []
+    for db in databases:
+        progress()
+        per_database.append(parse_rows(query_in(db, EXTENSIONS_QUERY)))
+    return aggregate(per_database)
 
 
 def due(last: dict[str, Any] | None, generation: int, now: float, interval: float = COLLECT_INTERVAL) -> bool:

@@ -244,7 +244,7 @@ class ActivityMonitor:
             generation = int(v["spec_generation"] or 0)
             if v["status"] != "running" or not extensions.due(v["installed_extensions"], generation, self.clock()):
                 return
-            found = extensions.collect(self._query_in)
+            found = extensions.collect(self._query_in, lambda: self.store.set(monitor_tick=time.time()))
             self.store.set(installed_extensions={"collected_at": self.clock(), "generation": generation,
                                                  "extensions": found})
         except _Stop:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
+from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, hold_for_terminate, live_waiters, postgres_exit_code,
                                    postgres_has_ended, tree_exit_code, counts_as_restart,
                                    terminate_without_postgres)
 
@@ -83,3 +83,20 @@ def test_counts_as_restart(program, exitstatus, counted):
                                          (None, 0)])
 def test_terminate_without_postgres(status, code):
     assert terminate_without_postgres(status) == code
+
+
+@pytest.mark.parametrize("under_way,waiters,held", [
+    (True, 0, True),    # the driver is still finding the LSN (sync-safekeepers after the stop)
+    (False, 2, True),   # answered, two calls still sending it
+    (False, 0, False),  # answered and sent: the tree goes, no linger
+])
+def test_hold_for_terminate(under_way, waiters, held):
+    assert hold_for_terminate(under_way, waiters) is held
+
+
+def test_live_waiters_count_only_live_processes():
+    """A killed api worker's calls hold nothing up; garbage in the map counts as nobody."""
+    alive = {10, 30}.__contains__
+    assert live_waiters({"10": 2, "20": 5, "30": 1}, alive) == 3
+    assert live_waiters({"x": 1, "10": "two"}, alive) == 0
+    assert live_waiters(None, alive) == 0 and live_waiters([1], alive) == 0
