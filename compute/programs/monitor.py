@@ -45,6 +45,7 @@ STATEMENT_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 2  # seconds
 QUERY_TIMEOUT = STATEMENT_TIMEOUT_MS / 1000 + 1  # the server ends it first (statement_timeout)
 WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration"})
+EXTENSIONS_RETRY = 60.0  # seconds after a failed collection of the installed extensions
 
 # NULL state (a backend that has not reported yet) counts neither way; 'idle in transaction',
 # 'active', 'fastpath function call', 'disabled' all count as activity.
@@ -92,6 +93,7 @@ class ActivityMonitor:
         self._last_up: float | None = None
         self._last_check: float | None = None
         self._downtime: dict[str, float] | None = None
+        self._extensions_retry_at = 0.0
 
     # -- signals ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -238,25 +240,26 @@ class ActivityMonitor:
 
     def collect_extensions(self) -> None:
         """compute_installed_extensions (compute/programs/extensions.py) when due: one session
-        per database over the same socket, closed at once. Only once postgres answered this tick."""
+        per database over the same socket, closed at once. Only once postgres answered this
+        tick. A failed collection (postgres restarting, a database refusing us) is tried again
+        EXTENSIONS_RETRY later; the last good list stays on /metrics meanwhile."""
+        now = self.clock()
+        if now < self._extensions_retry_at:
+            return
         try:
             v = self.store.get_many(("installed_extensions", "spec_generation", "status"))
             generation = int(v["spec_generation"] or 0)
-            if v["status"] != "running" or not extensions.due(v["installed_extensions"], generation, self.clock()):
+            if v["status"] != "running" or not extensions.due(v["installed_extensions"], generation, now):
                 return
             found = extensions.collect(self._query_in, lambda: self.store.set(monitor_tick=time.time()))
             self.store.set(installed_extensions={"collected_at": self.clock(), "generation": generation,
                                                  "extensions": found})
         except _Stop:
             raise
-        except Exception as e:  # next time; never the monitor's end
-            log.warning("could not collect the installed extensions: %s", e)
-            try:  # not again at every tick: at the next interval (or spec)
-                self.store.set(installed_extensions={
-                    **(v["installed_extensions"] or {"extensions": []}), "collected_at": self.clock(),
-                    "generation": generation})
-            except Exception:
-                pass
+        except Exception as e:  # next time; never the monitor's end, nor a warning per try
+            self._extensions_retry_at = now + EXTENSIONS_RETRY
+            log.info("could not collect the installed extensions (again in %.0f s): %s", EXTENSIONS_RETRY,
+                     str(e).strip())
 
     def _query_in(self, dbname: str | None, query: bytes) -> bytes | None:
         self._interruptible = True
