@@ -80,8 +80,8 @@ class Terminate:
             # the same (the first one's process may have died before it could).
             error = driver_requests.stop_tree_after_answer(self.ctx.runtime_dir)
             return driver_requests.finish_terminate(store, request, error=error), None
-        if call.kind == driver_requests.NEW:
-            driver_requests.wake_driver(self.ctx.runtime_dir)
+        # A joining call wakes the driver too: the first caller's process may have died first.
+        driver_requests.wake_driver(self.ctx.runtime_dir)
         done, _ = driver_requests.wait_for(
             store, ("terminate",), lambda v: driver_requests.termination_outcome(v, request.id), self.timeout)
         if done is None:

@@ -14,7 +14,9 @@ import json
 import socket
 import urllib.error
 
-from tests.support.terminate_rig import (LSN, GatedNeonCompute, ctl_up, holding_the_tree, live_waiters,
+import pytest
+
+from tests.support.terminate_rig import (LSN, GatedNeonCompute, ctl_up, holding_the_tree, waiting_calls,
                                          postgres_down, status_of)
 from tests.support.waiting import wait_for
 
@@ -44,17 +46,20 @@ def test_three_twin_terminates_get_one_answer_after_postgres_is_down_then_201():
             for path, method in (("/check_writability", "POST"), ("/insights", "GET")):
                 code, body = c.request(method, path)
                 assert (code, json.loads(body)) == (412, {"error": "invalid compute status: terminated"})
-        assert c.wait_exit(30) == 0
+        assert g.exited_leaving_nothing() == 0
         assert len(g.syncs()) == 2  # the start's and one for all the /terminate calls
 
 
-def test_two_at_once_get_the_same_lsn():
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_two_at_once_get_the_same_lsn(mode):
     with GatedNeonCompute() as g:
-        calls = [g.terminate(), g.terminate()]
+        calls = [g.terminate(mode), g.terminate(mode)]
         g.wait_sync_held()
+        assert status_of(g.c) == f"termination_pending_{mode}"
+        assert ctl_up(g.c) == f"termination-pending-{mode}"
         g.release()
         assert [f.result(60) for f in calls] == [(200, {"terminated": True, "lsn": LSN})] * 2
-        assert g.c.wait_exit(30) == 0
+        assert g.exited_leaving_nothing() == 0
         assert len(g.syncs()) == 2
 
 
@@ -67,8 +72,10 @@ def test_a_retry_after_a_client_timeout_gets_the_first_calls_answer():
         exc = impatient.exception(30)
         assert isinstance(exc, (TimeoutError, socket.timeout, urllib.error.URLError)), exc
         retry = g.terminate()
-        wait_for(lambda: live_waiters(g.c) >= 1 and not retry.done(), 30, "the retry to join", 0.02)
+        # the impatient call's thread still waits in the api (counted), the retry beside it
+        wait_for(lambda: waiting_calls(g.c) >= 2, 30, "the retry to join", 0.02)
+        assert not retry.done()
         g.release()
         assert retry.result(60) == (200, {"terminated": True, "lsn": LSN})
-        assert g.c.wait_exit(30) == 0
+        assert g.exited_leaving_nothing() == 0
         assert len(g.syncs()) == 2

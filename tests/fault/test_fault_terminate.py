@@ -11,9 +11,8 @@ import signal
 
 from compute.shared import driver_requests as dr
 from compute.shared.state import StateStore, state_path
-from tests.support.exit_paths import TreeRecord
 from tests.support.fault_tree import program_child, supervisord_pid
-from tests.support.terminate_rig import LSN, GatedNeonCompute, live_waiters, status_of
+from tests.support.terminate_rig import LSN, GatedNeonCompute, waiting_calls, status_of
 from tests.support.waiting import wait_for
 
 
@@ -45,23 +44,18 @@ def recorded_answer(c) -> dict:
 def test_kill_9_of_the_api_during_terminate_loses_no_lsn_and_a_retry_gets_it():
     with GatedNeonCompute() as g:
         c = g.c
-        rec = TreeRecord(c.proc.pid).keep_recording()
-        try:
-            first = g.terminate()
-            g.wait_sync_held()
-            old = kill_api_group(c)
-            assert first.exception(30) is not None  # its connection died with the worker
-            new_api_serving(c, old)
-            assert status_of(c) == "termination_pending_fast"  # the driver's sync goes on
-            retry = g.terminate()
-            wait_for(lambda: live_waiters(c) >= 1, 30, "the retry to join", 0.02)
-            assert not retry.done()
-            g.release()
-            assert retry.result(60) == (200, {"terminated": True, "lsn": LSN})
-            assert c.wait_exit(30) == 0
-        finally:
-            rec.stop()
-        assert rec.survivors() == [], f"left behind: {rec.survivors()}"
+        first = g.terminate()
+        g.wait_sync_held()
+        old = kill_api_group(c)
+        assert first.exception(30) is not None  # its connection died with the worker
+        new_api_serving(c, old)
+        assert status_of(c) == "termination_pending_fast"  # the driver's sync goes on
+        retry = g.terminate()
+        wait_for(lambda: waiting_calls(c) >= 2, 30, "the retry to join (beside the dead call's entry)", 0.02)
+        assert not retry.done()
+        g.release()
+        assert retry.result(60) == (200, {"terminated": True, "lsn": LSN})
+        assert g.exited_leaving_nothing() == 0
         assert len(g.syncs()) == 2  # the start's and the one /terminate started: not run again
 
 
@@ -70,19 +64,14 @@ def test_kill_9_of_the_api_during_terminate_without_a_retry_still_waits_for_the_
     until the driver has the LSN: it is recorded, then the tree exits 0 with nothing left."""
     with GatedNeonCompute() as g:
         c = g.c
-        rec = TreeRecord(c.proc.pid).keep_recording()
-        try:
-            first = g.terminate()
-            g.wait_sync_held()
-            old = kill_api_group(c)
-            assert first.exception(30) is not None
-            new_api_serving(c, old)  # supervisord restarts it: the tree is not being stopped
-            assert c.proc.poll() is None and status_of(c) == "termination_pending_fast"
-            assert live_waiters(c) == 1  # the dead worker's entry: ignored by the tree
-            g.release()
-            assert c.wait_exit(30) == 0
-        finally:
-            rec.stop()
-        assert rec.survivors() == [], f"left behind: {rec.survivors()}"
+        first = g.terminate()
+        g.wait_sync_held()
+        old = kill_api_group(c)
+        assert first.exception(30) is not None
+        new_api_serving(c, old)  # supervisord restarts it: the tree is not being stopped
+        assert c.proc.poll() is None and status_of(c) == "termination_pending_fast"
+        assert waiting_calls(c) == 1  # the dead worker's entry: ignored by the tree
+        g.release()
+        assert g.exited_leaving_nothing() == 0
         assert "postgres is down" in c.output()
         assert recorded_answer(c)["lsn"] == LSN and recorded_answer(c)["phase"] == dr.DONE

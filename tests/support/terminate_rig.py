@@ -40,10 +40,21 @@ class GatedNeonCompute:
         self.pool = concurrent.futures.ThreadPoolExecutor(8)
 
     def __enter__(self) -> "GatedNeonCompute":
+        from tests.support.exit_paths import TreeRecord
         self.stack.enter_context(self.c)
         self.c.wait_status("running", timeout=90)
+        self.rec = TreeRecord(self.c.proc.pid).keep_recording()
+        self.stack.callback(self.rec.kill_survivors)
+        self.stack.callback(self.rec.stop)
         open(f"{self.gate}.armed", "w").close()  # from now on the sync waits for the gate
         return self
+
+    def exited_leaving_nothing(self, timeout: float = 30) -> int:
+        """compute-ctl's exit code, once it has exited with no process of the tree left."""
+        code = self.c.wait_exit(timeout)
+        self.rec.stop()
+        assert self.rec.survivors() == [], f"left behind: {self.rec.survivors()}"
+        return code
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -107,8 +118,8 @@ def holding_the_tree(c: Compute):
         store.close()
 
 
-
-def live_waiters(c: Compute) -> int:
+def waiting_calls(c: Compute) -> int:
+    """The /terminate calls counted as waiting, in live processes or not."""
     store = StateStore(state_path(c.runtime_dir))
     try:
         return sum((store.get(dr.WAITERS) or {}).values())

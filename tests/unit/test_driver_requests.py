@@ -127,3 +127,20 @@ def test_the_driver_never_starts_postgres_once_a_terminate_is_there(tmp_path):
     with pytest.raises(Terminating):
         Driver(rt).start_postgres()
     assert store.get("postgres_started") is None
+
+
+def test_a_stop_the_driver_cannot_make_fails_the_compute_and_ends_it(tmp_path, monkeypatch):
+    """supervisord refusing the stop: the waiting calls get the error (500), the compute is
+    `failed`, and it ends as every failure does (the grace period, then exit 1)."""
+    rt = str(tmp_path)
+    store = make_state(rt, postgres_started=True)
+    call = dr.submit_terminate(store, "fast")
+    driver = Driver(rt)
+    monkeypatch.setattr(driver, "stop_postgres", lambda mode: ("supervisord refused to stop postgres: BAD", False))
+    ended = []
+    monkeypatch.setattr(driver, "fail_later", ended.append)
+    driver.terminate()
+    assert ended == ["supervisord refused to stop postgres: BAD"]
+    assert store.get("status") == "failed" and store.get("failed_at") is not None
+    t = dr.Termination.from_json(store.get("terminate"))
+    assert t.id == call.request.id and t.answer() == (500, {"error": "supervisord refused to stop postgres: BAD"})
