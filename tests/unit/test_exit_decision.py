@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, hold_for_terminate, live_waiters, postgres_exit_code,
-                                   postgres_has_ended, tree_exit_code, counts_as_restart,
+from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, hold_for_terminate,
+                                   live_waiters, postgres_exit_code, postgres_has_ended, tree_exit_code, counts_as_restart,
                                    terminate_without_postgres)
 
 SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
@@ -100,3 +100,11 @@ def test_live_waiters_count_only_live_processes():
     assert live_waiters({"10": 2, "20": 5, "30": 1}, alive) == 3
     assert live_waiters({"x": 1, "10": "two"}, alive) == 0
     assert live_waiters(None, alive) == 0 and live_waiters([1], alive) == 0
+
+
+def test_process_alive_reads_proc():
+    """exitwatch's liveness check for the waiting calls' pids (no process started here)."""
+    import os
+    from compute.tree.exitwatch import process_alive
+    assert process_alive(os.getpid()) is True
+    assert process_alive(2 ** 22 + 1) is False  # above the kernel's pid_max: never a process
