@@ -64,3 +64,26 @@ def test_installed_extensions_downtime_and_ctl_up():
         assert sample(text, "compute_pg_downtime_ms_total") > 0
         assert c.status()["status"] == "running"
         promtool.check_clean(text)
+
+
+def test_installed_extensions_are_counted_again_after_a_new_spec():
+    """The monitor collects again after each reconfiguration (Neon: only hourly): an extension
+    created since shows up (not before: the collection is not per scrape)."""
+    from tests.peers.control_plane import ControlPlanePeer
+    with ControlPlanePeer(None) as cp:
+        c = Compute()
+        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running")
+            wait_for(lambda: "compute_installed_extensions{" in page(c), 30, "the first collection", 0.1)
+            with psycopg.connect(c.admin_conninfo("appdb"), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION hstore")  # by the bootstrap superuser: owner oid 10
+            assert 'extension_name="hstore"' not in page(c)  # collected at start, not per scrape
+            code, body = c.request("POST", "/configure", {"spec": c.new_spec()}, timeout=60)
+            assert code == 200, body
+            hstore = re.compile(r'^compute_installed_extensions\{extension_name="hstore",version="[^"]+",'
+                                r'owned_by_superuser="1"\} 1$', re.M)
+            wait_for(lambda: hstore.search(page(c)), 30, "hstore to be counted after the new spec", 0.1)
+            promtool.check_clean(page(c))
