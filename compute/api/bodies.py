@@ -18,8 +18,12 @@ from typing import Any, Mapping
 # The state keys /status reads (one indexed read of the state file).
 STATUS_KEYS = ("status", "error", "tenant", "timeline", "last_active", "start_time",
                "monitor_tick", "monitor_stall_restarts")
-# The original's four, always present; later additions are passed through as recorded.
-BASE_METRICS = ("sync_safekeepers_ms", "basebackup_ms", "config_ms", "total_startup_ms")
+# Neon's ComputeMetrics at HEAD (libs/compute_api/src/responses.rs), always present (0 until
+# recorded; the 2023 contract's four are among them); ours (`*_retries`, ...) are passed
+# through after them as recorded.
+BASE_METRICS = ("wait_for_spec_ms", "sync_sk_check_ms", "sync_safekeepers_ms", "pageserver_connect_micros",
+                "basebackup_ms", "basebackup_bytes", "start_postgres_ms", "config_ms", "total_startup_ms",
+                "load_ext_ms", "num_ext_downloaded", "largest_ext_size", "total_ext_download_size")
 HEALTHZ = {"alive": True}
 
 

@@ -19,8 +19,9 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from compute.api.context import ApiContext, debug_status_name
-from compute.api.errors import json_body, text
+from compute.api.context import ApiContext
+from compute.shared.state import hyphenated
+from compute.api.errors import json_body
 from compute.api.redaction import redact_passwords
 
 log = logging.getLogger("compute.api.insights")
@@ -61,8 +62,8 @@ class Insights:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self.ctx.store.get("status")
-        if status != "running":
-            text(resp, f"compute is not running, current status: {debug_status_name(status)}")
+        if status != "running":  # Neon's answer (its http/mod.rs invalid_status)
+            json_body(resp, {"error": f"invalid compute status: {hyphenated(status)}"}, falcon.HTTP_412)
             return
         try:
             with self.ctx.pg_connect() as conn:

@@ -1,7 +1,9 @@
 """GET /metrics: Prometheus text exposition (version 0.0.4).
 
-From the state file: start-up phase durations, storage retries, the status (one labeled gauge per status),
-last activity, restarts counted by the exit watcher. From supervisord (XML-RPC, 2 s timeout):
+From the state file: start-up phase durations, storage retries, the status (one labeled gauge per
+status, and Neon's `compute_ctl_up{build_tag,status}`), last activity, restarts counted by the
+exit watcher, Neon's postgres downtime and installed extensions (recorded by the monitor: the
+API never queries postgres for this page). From supervisord (XML-RPC, 2 s timeout):
 each program's state; when supervisord does not answer, `compute_supervisord_up 0` and the
 rest of the page is still served.
 """
@@ -17,12 +19,15 @@ import falcon
 from compute.api.bodies import state_health
 from compute.api.context import ApiContext
 from compute.shared.supervisor_rpc import rpc
-from compute.shared.state import CPLANE_REQUESTS_KEY, STATUSES
+from compute import __version__
+from compute.shared.state import CPLANE_REQUESTS_KEY, STATUSES, hyphenated
 from compute.model.lsn_lease import STATES as LEASE_STATES
 
 log = logging.getLogger("compute.api.prometheus")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Neon's build_tag label (a compile-time BUILD_TAG there, `latest` by default): our version.
+BUILD_TAG = __version__
 
 
 def _label(value: Any) -> str:
@@ -58,6 +63,18 @@ class _Page:
         return "\n".join(self.lines) + "\n"
 
 
+def extension_samples(recorded: Any) -> list[tuple[dict, int]]:
+    """compute_installed_extensions' samples from the monitor's `installed_extensions` record
+    (compute/programs/extensions.py); none until it has collected once."""
+    found = recorded.get("extensions") if isinstance(recorded, dict) else None
+    samples = []
+    for e in found if isinstance(found, list) else []:
+        if isinstance(e, dict):
+            samples.append(({"extension_name": e.get("extname"), "version": e.get("version"),
+                             "owned_by_superuser": e.get("owned_by_superuser")}, int(e.get("n_databases") or 0)))
+    return sorted(samples, key=lambda x: tuple(str(v) for v in x[0].values()))
+
+
 class PrometheusMetrics:
     def __init__(self, ctx: ApiContext, *, rpc_timeout: float = 2.0):
         self.ctx = ctx
@@ -74,12 +91,25 @@ class PrometheusMetrics:
         s = self.ctx.store.get_many(("status", "last_active", "start_time", "metrics", "program_restarts",
                                      "pending_restart", "spec_generation", "monitor_tick",
                                      "monitor_stall_restarts", "log_lines_dropped", CPLANE_REQUESTS_KEY,
-                                     "lsn_lease"))
+                                     "lsn_lease", "pg_downtime", "installed_extensions"))
         now = time.time()
         page = _Page()
 
         page.family("compute_status", "gauge", "The compute status: 1 for the current one, 0 for the others.",
                     (({"status": st}, int(st == s["status"])) for st in STATUSES))
+
+        # Neon's: one sample, the current status as its Display writes it.
+        page.family("compute_ctl_up", "gauge", "Whether compute_ctl is running",
+                    [({"build_tag": BUILD_TAG, "status": hyphenated(s["status"] or "empty")}, 1)])
+        downtime = s["pg_downtime"] if isinstance(s["pg_downtime"], dict) else {}
+        page.family("compute_pg_current_downtime_ms", "gauge",
+                    "Non-cumulative duration of Postgres downtime in ms; resets after successful check",
+                    [({}, float(downtime.get("current_ms") or 0))])
+        page.family("compute_pg_downtime_ms_total", "counter", "Cumulative duration of Postgres downtime in ms",
+                    [({}, int(downtime.get("total_ms") or 0))])
+        page.family("compute_installed_extensions", "gauge",
+                    "Number of databases where the version of extension is installed",
+                    extension_samples(s["installed_extensions"]))
 
         metrics = s["metrics"] or {}
         page.family("compute_startup_phase_seconds", "gauge", "Duration of the start-up phases.",

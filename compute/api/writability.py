@@ -17,8 +17,9 @@ import falcon
 import psycopg
 
 from compute.model import modes
-from compute.api.context import ApiContext, debug_status_name
-from compute.api.errors import text
+from compute.api.context import ApiContext
+from compute.shared.state import hyphenated
+from compute.api.errors import json_body, text
 from compute.model.spec import StoredSpecError, load_stored
 
 log = logging.getLogger("compute.api.writability")
@@ -60,8 +61,8 @@ class CheckWritability:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self.ctx.store.get("status")
-        if status != "running":
-            text(resp, f"invalid compute status for check_writability request: {debug_status_name(status)}")
+        if status != "running":  # Neon's answer (its http/mod.rs invalid_status)
+            json_body(resp, {"error": f"invalid compute status: {hyphenated(status)}"}, falcon.HTTP_412)
             return
         try:
             current = load_stored(self.ctx.store)

@@ -727,12 +727,20 @@ class Driver:
 
     def terminate(self) -> None:
         """/terminate: stop postgres (fast: SIGINT through supervisord; immediate: SIGQUIT),
-        then find the LSN (compute/postgres/shutdown_lsn.py) and answer. Resumable: the flush LSN an
-        immediate shutdown needs is recorded before the signal (STARTED)."""
+        then find the LSN (compute/postgres/shutdown_lsn.py) and answer: the record DONE and the
+        status `terminated` in one transaction. Resumable: the flush LSN an immediate shutdown
+        needs is recorded before the signal (STARTED). A stop that fails (supervisord refuses)
+        leaves the compute `failed`, which ends as every failure does: the grace period, exit 1."""
+        error = self.stop_and_answer()
+        if error:
+            self.store.set(failed_at=time.time())
+            self.fail_later(error)
+
+    def stop_and_answer(self) -> str | None:
         with self.terminate_lock:
             t = Termination.from_json(self.store.get("terminate"))
             if t is None or t.by != driver_requests.DRIVER or t.phase == DONE:
-                return
+                return None
             log.info("terminate requested (%s): stopping postgres", t.mode)
             spec = self.stored_spec()
             source = shutdown_lsn.lsn_source(spec, t.mode)
@@ -751,6 +759,7 @@ class Driver:
                 elif source == shutdown_lsn.SYNC_SAFEKEEPERS:
                     lsn = self.sync_safekeepers_after_stop(spec)
             driver_requests.finish_terminate(self.store, t, lsn=lsn, error=error)
+            return error
 
     def stored_spec(self) -> ComputeSpec | None:
         try:

@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 
 from compute.postgres.libpq import LibpqSession, SessionError
+from compute.programs import extensions
 from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import read_postmaster_pid, session_params, socket_params, superuser_of
 from compute.base.procutil import die_with_parent
@@ -54,6 +55,7 @@ STATEMENT_TIMEOUT_MS = 5_000
 CONNECT_TIMEOUT = 2  # seconds
 QUERY_TIMEOUT = STATEMENT_TIMEOUT_MS / 1000 + 1  # the server ends it first (statement_timeout)
 WATCHED_STATUSES = frozenset({"running", "configuration_pending", "configuration"})
+EXTENSIONS_RETRY = 60.0  # seconds after a failed collection of the installed extensions
 
 # NULL state (a client backend that has not reported yet) counts neither way; 'idle in
 # transaction', 'active', 'fastpath function call', 'disabled' all count as activity. The other
@@ -101,6 +103,13 @@ class ActivityMonitor:
         self._in_outage = False
         self._last_written: float | None = None
         self.ticks = 0  # ticks done: what a test waits on instead of a clock
+        # Neon's downtime metrics: a check that fails while postgres should be up (a watched
+        # status) is downtime; `_checked` says how this tick's check went (None: not watched).
+        self._checked: bool | None = None
+        self._last_up: float | None = None
+        self._last_check: float | None = None
+        self._downtime: dict[str, float] | None = None
+        self._extensions_retry_at = 0.0
 
     # -- signals ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -113,10 +122,12 @@ class ActivityMonitor:
             raise _Stop()
 
     # -- one tick ---------------------------------------------------------------------------
-    def _connect(self) -> LibpqSession:
+    def _connect(self, dbname: str | None = None, application_name: str = APPLICATION_NAME) -> LibpqSession:
         # search_path and role pinned (compute/postgres/sessions.py); a stuck query cannot stall the loop
         params = {**session_params(self.connstr, statement_timeout_ms=STATEMENT_TIMEOUT_MS),
-                  "connect_timeout": CONNECT_TIMEOUT, "application_name": APPLICATION_NAME}
+                  "connect_timeout": CONNECT_TIMEOUT, "application_name": application_name}
+        if dbname is not None:
+            params["dbname"] = dbname
         # The unix socket when we can: no SCRAM, so no OpenSSL in the monitor (compute/postgres/sessions.py).
         sock = socket_params(params, read_postmaster_pid(self.pgdata), _os_user()) if self.pgdata else None
         if sock is not None:
@@ -142,6 +153,7 @@ class ActivityMonitor:
 
     def poll(self) -> float | None:
         """Query postgres once; the last activity it shows, or None (no sessions / no postgres)."""
+        self._checked = None
         if self._conn is None:
             if not self._should_connect():
                 return None
@@ -150,6 +162,7 @@ class ActivityMonitor:
                 self._conn = self._connect()
             except (SessionError, psycopg.Error) as e:  # psycopg.pq raises OperationalError too
                 self._interruptible = False
+                self._checked = False
                 if self._ever_connected and not self._in_outage:
                     log.warning("postgres unreachable, retrying quietly: %s", e)
                     self._in_outage = True
@@ -167,6 +180,8 @@ class ActivityMonitor:
                 ACTIVITY_QUERY_BYTES, [None if self.superuser is None else self.superuser.encode()])
         except (SessionError, psycopg.Error) as e:
             self._interruptible = False
+            # Postgres stopped on purpose (/terminate) or failing the start: not downtime.
+            self._checked = False if self._should_connect() else None
             self._close()
             if not self._in_outage:
                 log.warning("lost the postgres connection, retrying quietly: %s", e)
@@ -174,6 +189,7 @@ class ActivityMonitor:
             return None
         finally:
             self._interruptible = False
+        self._checked = True
         if any_active == b"t":
             return self.clock()
         return None if last_idle is None else float(last_idle)
@@ -204,9 +220,13 @@ class ActivityMonitor:
         ts = self.poll()
         try:
             self.record(ts)
+            fields: dict[str, Any] = {"monitor_tick": time.time()}
+            downtime = self.downtime(self.clock())
+            if downtime is not None:
+                fields["pg_downtime"] = downtime
             # Our progress, for the tree: a monitor whose tick stops moving is restarted
             # (compute/tree/monitor_watch.py), and /status and /metrics show it.
-            self.store.set(monitor_tick=time.time())
+            self.store.set(**fields)
         except StateFileLost:
             raise  # nothing to record into any more: main() waits to be stopped
         except Exception as e:  # a busy/locked/full state file must not kill the monitor
@@ -219,6 +239,64 @@ class ActivityMonitor:
             if self._write_failing:
                 log.info("recording last_active again")
             self._write_failing = False
+        if self._checked:
+            self.collect_extensions()
+
+    def downtime(self, now: float) -> dict[str, float] | None:
+        """Neon's rule (its monitor.rs): while checks fail, current = ms since the last good
+        check, total += ms since the previous check; a good check sets current to 0. The new
+        record when it changed, else None (no write on a healthy tick)."""
+        last_check, self._last_check = self._last_check, now
+        if self._downtime is None:
+            recorded = self.store.get("pg_downtime")  # a restarted monitor continues the total
+            self._downtime = {"current_ms": 0.0, "total_ms": 0.0, **(recorded if isinstance(recorded, dict) else {})}
+        if self._checked is None:
+            return None
+        if self._last_up is None:
+            self._last_up = now  # the first watched tick: postgres is expected up from here
+        before = dict(self._downtime)
+        if self._checked:
+            self._last_up = now
+            self._downtime["current_ms"] = 0.0
+        else:
+            self._downtime["current_ms"] = round((now - self._last_up) * 1000, 3)
+            if last_check is not None:
+                self._downtime["total_ms"] = float(int(self._downtime["total_ms"] + (now - last_check) * 1000))
+        return dict(self._downtime) if self._downtime != before else None
+
+    def collect_extensions(self) -> None:
+        """compute_installed_extensions (compute/programs/extensions.py) when due: one session
+        per database over the same socket, closed at once. Only once postgres answered this
+        tick. A failed collection (postgres restarting, a database refusing us) is tried again
+        EXTENSIONS_RETRY later; the last good list stays on /metrics meanwhile."""
+        now = self.clock()
+        if now < self._extensions_retry_at:
+            return
+        try:
+            v = self.store.get_many(("installed_extensions", "spec_generation", "status"))
+            generation = int(v["spec_generation"] or 0)
+            if v["status"] != "running" or not extensions.due(v["installed_extensions"], generation, now):
+                return
+            found = extensions.collect(self._query_in, lambda: self.store.set(monitor_tick=time.time()))
+            self.store.set(installed_extensions={"collected_at": self.clock(), "generation": generation,
+                                                 "extensions": found})
+        except _Stop:
+            raise
+        except Exception as e:  # next time; never the monitor's end, nor a warning per try
+            self._extensions_retry_at = now + EXTENSIONS_RETRY
+            log.info("could not collect the installed extensions (again in %.0f s): %s", EXTENSIONS_RETRY,
+                     str(e).strip())
+
+    def _query_in(self, dbname: str | None, query: bytes) -> bytes | None:
+        self._interruptible = True
+        try:
+            session = self._connect(dbname, extensions.APPLICATION_NAME)
+            try:
+                return session.query_row(query, [])[0]
+            finally:
+                session.close()
+        finally:
+            self._interruptible = False
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:

@@ -22,8 +22,11 @@ Requests (state keys):
   the status moving to `running` (or a later generation) or `failed`;
 - promote: status running -> configuration with the `promotion` record (the spec, the LSN);
   the driver promotes, then hands the spec over as a configure of its own (`generation`);
-- terminate: the `terminate` record (mode, owner), with `shutdown_requested` and
-  `terminate_pending` (the exit watcher waits for the latter before it stops the tree).
+- terminate: status {empty, running} -> termination_pending_<mode> with the `terminate` record
+  (mode, owner) and `shutdown_requested`; the answer is the record DONE, in the same transaction
+  as the status `terminated` (or `failed`). Each waiting call is counted in `terminate_waiters`
+  (by pid); the exit watcher stops the tree only once the record is DONE and no live process
+  waits (a killed api worker holds nothing up).
 Imports only compute.shared.state and compute.shared.supervisor_rpc (no lifecycle, storage, replica, api).
 """
 
@@ -35,7 +38,7 @@ import xmlrpc.client
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
-from compute.shared.state import StateStore
+from compute.shared.state import TERMINATION_PENDING, StateStore
 from compute.shared.supervisor_rpc import rpc
 
 log = logging.getLogger("compute.shared.driver_requests")
@@ -140,31 +143,109 @@ def submit_promote(store: StateStore, spec: Any, wal_flush_lsn: str | None) -> P
     return made[0] if made else None
 
 
-def submit_terminate(store: StateStore, mode: str) -> Termination:
-    """Ask for the stop; a terminate already under way is joined (its answer is ours too).
-    Who carries it out is decided in the same transaction as the driver's `postgres_started`
-    (set before it asks supervisord to start postgres, unless a terminate is there): either the
-    driver started postgres and stops it, or it never will and the tree is stopped (TREE)."""
-    found: list[Termination] = []
+NEW, JOINED, ANSWERED, REFUSED = "new", "joined", "answered", "refused"  # what a /terminate found
+TERMINATE_FROM = ("empty", "running")  # Neon's rule: /terminate is accepted only then (else 412)
+WAITERS = "terminate_waiters"
+TERMINATE_KEYS = ("status", "terminate", "postgres_started", WAITERS)
 
-    def decide(v: dict[str, Any]) -> dict[str, Any]:
-        current = Termination.from_json(v["terminate"])
-        if current is not None and current.phase != DONE:
-            found.append(current)
-            return {"shutdown_requested": True, "terminate_pending": True}
-        by = DRIVER if v["postgres_started"] else TREE
-        found.append(Termination(id=(current.id if current else 0) + 1, mode=mode, by=by))
-        return {"terminate": found[0].to_json(), "shutdown_requested": True, "terminate_pending": True}
 
-    store.update(("terminate", "postgres_started"), decide)
+@dataclass(frozen=True)
+class TerminateCall:
+    """What one /terminate call found, decided in one transaction (terminate_call below):
+    NEW: it made the request (and waits); JOINED: one is under way, its answer will be ours (we
+    wait); ANSWERED: the compute is `terminated`, the recorded answer is ours at once (201);
+    REFUSED: the status is neither `empty` nor `running` (412, `status` says which)."""
+    kind: str
+    request: Termination | None = None
+    status: str | None = None
+
+
+def terminate_call(v: dict[str, Any], mode: str) -> tuple[TerminateCall, dict[str, Any] | None]:
+    """Pure: (what the call found, the fields to write) from the TERMINATE_KEYS. Every
+    concurrent or repeated /terminate gets the one request's answer: the LSN is found once, by
+    whoever carries the request out, and recorded with it."""
+    current = Termination.from_json(v["terminate"])
+    status = v["status"]
+    if current is not None and current.phase != DONE:
+        return TerminateCall(JOINED, current), {}
+    if current is not None and status == "terminated":
+        return TerminateCall(ANSWERED, current), None
+    if status not in TERMINATE_FROM:
+        return TerminateCall(REFUSED, status=status), None
+    by = DRIVER if v["postgres_started"] else TREE
+    made = Termination(id=(current.id if current else 0) + 1, mode=mode, by=by)
+    return TerminateCall(NEW, made), {"terminate": made.to_json(), "shutdown_requested": True,
+                                      "status": TERMINATION_PENDING[mode].value}
+
+
+def add_waiter(waiters: Any, pid: int, delta: int) -> dict[str, int]:
+    """The `terminate_waiters` map ({pid: calls waiting}) after `delta` more calls of `pid`."""
+    found = {str(k): int(n) for k, n in (waiters or {}).items()} if isinstance(waiters, dict) else {}
+    n = found.get(str(pid), 0) + delta
+    if n > 0:
+        found[str(pid)] = n
+    else:
+        found.pop(str(pid), None)
+    return found
+
+
+def submit_terminate(store: StateStore, mode: str, waiter: int | None = None) -> TerminateCall:
+    """One /terminate call: decide what it found (terminate_call) and, when it is to wait for
+    an answer, register `waiter` (the waiting process' pid) in the same transaction: the exit
+    watcher keeps the tree up until every live waiter has its answer. Who carries a NEW request
+    out is decided in the same transaction as the driver's `postgres_started` (set before it
+    asks supervisord to start postgres, unless a terminate is there): either the driver started
+    postgres and stops it, or it never will and the tree is stopped (TREE)."""
+    found: list[TerminateCall] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        call, fields = terminate_call(v, mode)
+        found.append(call)
+        if fields is None:
+            return None
+        if waiter is not None:
+            fields = {**fields, WAITERS: add_waiter(v[WAITERS], waiter, +1)}
+        return fields or None
+
+    store.update(TERMINATE_KEYS, decide)
     return found[0]
+
+
+def leave_terminate(store: StateStore, waiter: int) -> None:
+    """A waiting call has its answer (or gave up): it no longer holds the tree up."""
+    store.update((WAITERS,), lambda v: {WAITERS: add_waiter(v[WAITERS], waiter, -1)})
 
 
 def finish_terminate(store: StateStore, t: Termination, *, lsn: str | None = None,
                      error: str | None = None) -> Termination:
+    """Record the answer; the status becomes `terminated` (or `failed` with the error) in the
+    same transaction, so /status says `terminated` exactly when the answer is there. A request
+    answered already keeps its first answer (a second finisher, e.g. a call that joined a TREE
+    request, changes nothing)."""
     done = replace(t, phase=DONE, lsn=lsn, error=error)
-    store.set(terminate=done.to_json())
-    return done
+    kept: list[Termination] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        current = Termination.from_json(v["terminate"])
+        if current is not None and current.id == t.id and current.phase == DONE:
+            kept.append(current)
+            return None
+        fields: dict[str, Any] = {"terminate": done.to_json()}
+        if v["status"] in PENDING_STATUSES:
+            fields.update({"status": "failed", "error": error} if error else {"status": "terminated"})
+        return fields
+
+    store.update(("terminate", "status"), decide)
+    return kept[0] if kept else done
+
+
+PENDING_STATUSES = frozenset(s.value for s in TERMINATION_PENDING.values())
+
+
+def under_way(raw: Any) -> bool:
+    """Whether the `terminate` record is a request not answered yet."""
+    t = Termination.from_json(raw)
+    return t is not None and t.phase != DONE
 
 
 # -- wake ------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ connection after fork; writes are short `BEGIN IMMEDIATE` transactions in WAL mo
 The data is a key/value table whose values are JSON. Keys in use:
   status, error, start_time, last_active (epoch seconds), spec (decoded JSON), spec_generation,
   metrics (object of integers), launch (the bootstrap's settings: compute.model.launch.Settings as JSON), postgres_exit_code (int),
-  pending_restart (list of setting names), shutdown_requested (bool), terminate_pending (bool),
-  promotion, terminate (the driver's requests: compute/shared/driver_requests.py),
+  pending_restart (list of setting names), shutdown_requested (bool), terminate_waiters ({pid: n}:
+  the /terminate calls waiting for their answer), promotion, terminate (the driver's requests:
+  compute/shared/driver_requests.py), pg_downtime ({current_ms, total_ms}: the monitor),
+  installed_extensions ({collected_at, extensions: [...]}: the monitor),
   cplane_requests ({rpc: {http_status: count}}: the driver's requests to the control plane)
 """
 
@@ -34,6 +36,9 @@ class Status(str, Enum):
     RUNNING = "running"
     CONFIGURATION = "configuration"
     FAILED = "failed"
+    TERMINATION_PENDING_FAST = "termination_pending_fast"
+    TERMINATION_PENDING_IMMEDIATE = "termination_pending_immediate"
+    TERMINATED = "terminated"
 
 
 STATUSES = tuple(s.value for s in Status)
@@ -52,15 +57,32 @@ CPLANE_REQUESTS_KEY = "cplane_requests"
 #   configuration -> running           applied (or a promotion that failed: still the replica)
 #   init -> running                    start-up done
 #   init, empty, configuration_pending, configuration -> failed   start-up or apply failed
+#   empty, running -> termination_pending_<mode>   /terminate (compute/shared/driver_requests.py)
+#   termination_pending_<mode> -> terminated       postgres is down and the LSN recorded (the
+#                                      driver; the API when postgres never ran)
+#   termination_pending_<mode> -> failed           the stop itself failed (supervisord refused)
 # `failed` is final: the driver keeps it on /status for the grace period, then the tree exits.
+# `terminated` is final: the tree exits once every waiting /terminate has its answer.
 ALLOWED_TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.INIT: frozenset({Status.INIT, Status.EMPTY, Status.RUNNING, Status.FAILED}),
-    Status.EMPTY: frozenset({Status.CONFIGURATION_PENDING, Status.FAILED}),
+    Status.EMPTY: frozenset({Status.CONFIGURATION_PENDING, Status.FAILED,
+                             Status.TERMINATION_PENDING_FAST, Status.TERMINATION_PENDING_IMMEDIATE}),
     Status.CONFIGURATION_PENDING: frozenset({Status.INIT, Status.CONFIGURATION, Status.FAILED}),
-    Status.RUNNING: frozenset({Status.CONFIGURATION_PENDING, Status.CONFIGURATION}),
+    Status.RUNNING: frozenset({Status.CONFIGURATION_PENDING, Status.CONFIGURATION,
+                               Status.TERMINATION_PENDING_FAST, Status.TERMINATION_PENDING_IMMEDIATE}),
     Status.CONFIGURATION: frozenset({Status.RUNNING, Status.CONFIGURATION_PENDING, Status.FAILED}),
     Status.FAILED: frozenset(),
+    Status.TERMINATION_PENDING_FAST: frozenset({Status.TERMINATED, Status.FAILED}),
+    Status.TERMINATION_PENDING_IMMEDIATE: frozenset({Status.TERMINATED, Status.FAILED}),
+    Status.TERMINATED: frozenset(),
 }
+TERMINATION_PENDING = {"fast": Status.TERMINATION_PENDING_FAST, "immediate": Status.TERMINATION_PENDING_IMMEDIATE}
+
+
+def hyphenated(status: Any) -> str:
+    """A status as Neon's compute_ctl prints it (its Display): in error messages and in
+    `compute_ctl_up{status}` (`configuration-pending`, `termination-pending-fast`)."""
+    return str(status).replace("_", "-")
 
 
 class IllegalTransition(ValueError):

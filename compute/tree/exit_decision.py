@@ -92,6 +92,28 @@ def tree_exit_code(recorded: int | None, *, stopped_by_signal: bool, stopped_by_
     return recorded
 
 
+def hold_for_terminate(request_under_way: bool, live_waiters: int) -> bool:
+    """Whether stopping the tree must wait for a /terminate: its request not answered yet (the
+    driver may be running sync-safekeepers after the shutdown: the LSN must not be lost), or a
+    live process still waiting to send the answer (a killed api worker's calls do not count).
+    No linger beyond that (Neon lingers 30 s after a fast terminate: docs/api.md)."""
+    return request_under_way or live_waiters > 0
+
+
+def live_waiters(waiters, alive) -> int:
+    """The calls still waiting for a /terminate answer in processes `alive(pid)` says exist."""
+    if not isinstance(waiters, dict):
+        return 0
+    total = 0
+    for pid, n in waiters.items():
+        try:
+            if alive(int(pid)):
+                total += int(n)
+        except (TypeError, ValueError):
+            continue
+    return total
+
+
 HANDS_OVER = "lifecycle"  # the one program that exits 0 on purpose (compute/lifecycle/steps.py: hand over)
 
 

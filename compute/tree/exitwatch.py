@@ -44,6 +44,7 @@ from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDe
 from compute.tree import exit_decision, monitor_watch
 from compute.model import launch
 from compute.base.procutil import dies_with_us
+from compute.shared import driver_requests
 from compute.shared.state import StateFileLost, StateStore, state_path
 
 log = logging.getLogger("compute.tree.exitwatch")
@@ -72,6 +73,16 @@ def note_wait_status(pid: int, status: int) -> None:
     _wait_statuses[pid] = status
     if len(_wait_statuses) > 64:  # only the latest matter (postgres' is read as it is reaped)
         del _wait_statuses[next(iter(_wait_statuses))]
+
+
+def process_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed api worker not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X", b"")
 
 
 def postgres_exit_code(info: dict) -> int:
@@ -280,19 +291,24 @@ class ExitWatch:
         self.record_exit(code)
         self.shutdown()
 
-    def shutdown(self, timeout: float = TERMINATE_ANSWER_WAIT) -> None:
-        """A /terminate still finding its LSN (pg_controldata, sync-safekeepers) gets its answer
-        out before the api program is stopped."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the tree once no /terminate holds it (exit_decision.hold_for_terminate): the
+        driver finishing its answer (sync-safekeepers after the shutdown), or calls still
+        sending theirs. Bounded: a driver that never answers does not keep the tree up."""
+        if timeout is None:
+            timeout = max(TERMINATE_ANSWER_WAIT, (self.settings.attempt_deadline if self.settings else 0) + 30)
         deadline = time.monotonic() + timeout
 
-        def pending() -> bool:
-            try:
-                return bool(self.store.get("terminate_pending"))
-            except sqlite3.Error:  # lost: no answer can be written any more
-                return False
-
         def check() -> None:
-            if pending() and time.monotonic() < deadline:
+            try:
+                v = self.store.get_many(("terminate", driver_requests.WAITERS))
+                hold = exit_decision.hold_for_terminate(
+                    driver_requests.under_way(v["terminate"]),
+                    exit_decision.live_waiters(v[driver_requests.WAITERS], process_alive))
+            except Exception as e:  # the state file busy or gone: do not hold the tree up on it
+                log.warning("cannot read the /terminate waiters: %s", e)
+                hold = False
+            if hold and time.monotonic() < deadline:
                 self.timers.call_later(TERMINATE_POLL, check)
             else:
                 self.supervisord.options.mood = SupervisorStates.SHUTDOWN

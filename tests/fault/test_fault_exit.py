@@ -209,9 +209,19 @@ def test_sigterm_leaves_nothing_behind(moment):
 
 @pytest.mark.parametrize("moment", ["starting", "running", "configuring"])
 def test_terminate_leaves_nothing_behind(moment):
-    """starting: postgres has not run yet (initdb does), so no postgres exit ends the tree:
-    /terminate asks supervisord to, after its answer."""
+    """running: the answer, then the tree ends with 0. starting (initdb runs: `init`) and
+    configuring (`configuration`): Neon's rule, 412, nothing is stopped and the status stays;
+    SIGTERM then ends the tree with nothing left behind."""
     with Scene(moment) as s:
+        if moment != "running":
+            status = {"starting": "init", "configuring": "configuration"}[moment]
+            code, body = s.c.request("POST", "/terminate", timeout=30)
+            assert (code, json.loads(body)) == (412, {"error": f"invalid compute status: {status}"})
+            assert s.c.status()["status"] == status and s.c.proc.poll() is None
+            code, elapsed = stopped_at_exit(s, lambda: s.c.signal(signal.SIGTERM))
+            print(f"\n/terminate refused ({moment}), then SIGTERM: compute-ctl exited {code} after {elapsed:.2f} s")
+            assert code == 0
+            return
         answers = []
         code, elapsed = stopped_at_exit(
             s, lambda: answers.append(s.c.request("POST", "/terminate", timeout=30)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -22,10 +21,10 @@ import psycopg
 from compute.api.bodies import parse_rfc3339
 
 from tests.support.fault_tree import alive, program_child, supervisord_pid
+from tests.support import promtool
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 # Log lines postgres writes in one statement: ~3 MB of output, far more than the pipe (64 KiB)
 # and compute-ctl's stdout buffer (logrelay.STDOUT_BUFFER_BYTES, 1 MiB) hold together.
 FLOOD_LINES = 8000
@@ -40,8 +39,7 @@ def metric(page: str, name: str) -> float | None:
 
 
 def promtool_clean(page: str) -> None:
-    res = subprocess.run([PROMTOOL, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, f"promtool check metrics: {res.stdout}{res.stderr}\n{page}"
+    promtool.check_clean(page)
 
 
 def prometheus_page(c: Compute) -> str:

@@ -170,7 +170,9 @@ def test_terminate_stops_postgres_through_supervisord():
             info = rpc(rt).supervisor.getProcessInfo("postgres")
             assert info["statename"] == "STOPPED"
             assert open(os.path.join(rt, "postgres.signals")).read() == "SIGINT\n"  # fast shutdown
-            assert client_for(rt).simulate_post("/terminate").status_code == 200  # already down: fine
+            assert store.get("status") == "terminated"
+            again = client_for(rt).simulate_post("/terminate")  # already down: the recorded answer
+            assert (again.status_code, again.json) == (201, {"terminated": True, "lsn": None})
     finally:
         shutil.rmtree(rt, ignore_errors=True)
 
@@ -184,7 +186,8 @@ def test_terminate_immediate_sends_sigquit():
             assert (r.status_code, r.json) == (200, {"terminated": True, "lsn": None})
             assert rpc(rt).supervisor.getProcessInfo("postgres")["statename"] == "EXITED"
             assert open(os.path.join(rt, "postgres.signals")).read() == "SIGQUIT\n"  # immediate shutdown
-            assert store.get("shutdown_requested") is True and store.get("terminate_pending") is False
+            assert store.get("shutdown_requested") is True and store.get("terminate_waiters") == {}
+            assert store.get("status") == "terminated"
     finally:
         shutil.rmtree(rt, ignore_errors=True)
 

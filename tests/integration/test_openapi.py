@@ -159,12 +159,13 @@ def test_responses_match_the_document(checker, pg, tmp_path):
     for path in ("/configure", "/check_writability", "/terminate"):
         assert sim(checker, c, "POST", path, b"spec=x", form).status_code == 415
 
-    # not running: the text answers and the 503 probe
+    # not running: Neon's 412 and the 503 probe
     stage_status(store, "init")
     store.set(last_active=None, start_time=None)
     assert sim(checker, c, "GET", "/status").json["last_active"] is None
-    assert sim(checker, c, "GET", "/insights").headers["content-type"].startswith("text/plain")
-    assert sim(checker, c, "POST", "/check_writability").headers["content-type"].startswith("text/plain")
+    assert sim(checker, c, "GET", "/insights").status_code == 412
+    assert sim(checker, c, "POST", "/check_writability").status_code == 412
+    assert sim(checker, c, "POST", "/terminate").status_code == 412
     assert sim(checker, c, "GET", "/readyz").status_code == 503
 
     # postgres unreachable / read-only
@@ -207,6 +208,7 @@ def test_terminate_response_matches_the_document(checker):
         with supervisord(rt), request_driver(rt):
             c = falcon.testing.TestClient(create_app(rt))
             assert sim(checker, c, "POST", "/terminate").status_code == 200
+            assert sim(checker, c, "POST", "/terminate").status_code == 201  # terminated: the recorded answer
     finally:
         shutil.rmtree(rt, ignore_errors=True)
 

@@ -17,6 +17,9 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
   quiet).
 * env FAKE_SK_TRICKLE=N: the first N invocations (counted after the failures and stalls) log a
   line every 0.5 s and never finish (safekeepers that keep it talking without an end).
+* env FAKE_SK_GATE=<path>: once `<path>.armed` exists, an invocation writes `<path>.waiting`
+  (its pid), then waits until `<path>` exists before it answers (safekeepers slow to agree: a
+  test holds the sync a /terminate runs, and releases it when it wants the answer).
 * any other invocation: exec the real postgres with the same arguments.
 """
 
@@ -120,6 +123,14 @@ def sync_main(argv: list[str]) -> int:
             for i in range(1 << 30):
                 _log("LOG", f"[WP] still talking to safekeepers ({i})")
                 time.sleep(0.5)
+    gate = os.environ.get("FAKE_SK_GATE")
+    if gate and os.path.exists(f"{gate}.armed"):
+        with open(f"{gate}.waiting.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(f"{gate}.waiting.tmp", f"{gate}.waiting")
+        _log("LOG", "[WP] waiting for the safekeepers to agree (gated)")
+        while not os.path.exists(gate):
+            time.sleep(0.02)
     _log("LOG", "[WP] connecting to safekeepers from neon.safekeepers")
     _log("LOG", "[WP] proposer connected to quorum (3) safekeepers, propTerm=2")
     lsn = os.environ.get("FAKE_SK_LSN", DEFAULT_LSN)

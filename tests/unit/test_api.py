@@ -82,13 +82,20 @@ def test_status_follows_the_state_file(rt):
 def test_metrics_json(rt):
     make_state(rt, metrics={})
     c = client_for(rt)
-    assert c.simulate_get("/metrics.json").json == {
-        "sync_safekeepers_ms": 0, "basebackup_ms": 0, "config_ms": 0, "total_startup_ms": 0}
+    # HEAD's ComputeMetrics (libs/compute_api/src/responses.rs): all 13 keys, always
+    head = ["wait_for_spec_ms", "sync_sk_check_ms", "sync_safekeepers_ms", "pageserver_connect_micros",
+            "basebackup_ms", "basebackup_bytes", "start_postgres_ms", "config_ms", "total_startup_ms",
+            "load_ext_ms", "num_ext_downloaded", "largest_ext_size", "total_ext_download_size"]
+    zero = c.simulate_get("/metrics.json").json
+    assert list(zero) == head and set(zero.values()) == {0}
     StateStore(state_path(rt)).record_metrics(sync_safekeepers_ms=12, basebackup_ms=340, config_ms=56,
-                                              total_startup_ms=500, wait_for_spec_ms=7, basebackup_bytes=123456)
+                                              total_startup_ms=500, wait_for_spec_ms=7, basebackup_bytes=123456,
+                                              basebackup_retries=2)
     body = c.simulate_get("/metrics.json").json
-    assert body == {"sync_safekeepers_ms": 12, "basebackup_ms": 340, "config_ms": 56, "total_startup_ms": 500,
-                    "wait_for_spec_ms": 7, "basebackup_bytes": 123456}
+    assert body == {**zero, "sync_safekeepers_ms": 12, "basebackup_ms": 340, "config_ms": 56,
+                    "total_startup_ms": 500, "wait_for_spec_ms": 7, "basebackup_bytes": 123456,
+                    "basebackup_retries": 2}  # ours after HEAD's
+    assert list(body)[:13] == head
     assert all(type(v) is int for v in body.values())
 
 
@@ -271,24 +278,21 @@ def test_configure_timeout(rt):
     assert "timed out" in r.json["error"]
 
 
-@pytest.mark.parametrize("status", ["empty", "init", "configuration_pending", "failed"])
-def test_insights_when_not_running_is_text(rt, status):
-    make_state(rt, status=status)
-    r = client_for(rt).simulate_get("/insights")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    expected = {"empty": "Empty", "init": "Init", "configuration_pending": "ConfigurationPending",
-                "failed": "Failed"}[status]
-    assert r.text == f"compute is not running, current status: {expected}"
+NOT_RUNNING = {"empty": "empty", "init": "init", "configuration_pending": "configuration-pending",
+               "configuration": "configuration", "failed": "failed",
+               "termination_pending_fast": "termination-pending-fast",
+               "termination_pending_immediate": "termination-pending-immediate", "terminated": "terminated"}
 
 
-@pytest.mark.parametrize("status", ["empty", "init", "configuration", "failed"])
-def test_check_writability_when_not_running_is_text(rt, status):
+@pytest.mark.parametrize("status", sorted(NOT_RUNNING))
+@pytest.mark.parametrize("method,path", [("GET", "/insights"), ("POST", "/check_writability")])
+def test_insights_and_check_writability_when_not_running_are_412(rt, status, method, path):
+    """HEAD's answer (http/mod.rs invalid_status): 412 JSON, the status as its Display writes it."""
     make_state(rt, status=status)
-    r = client_for(rt).simulate_post("/check_writability")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    assert r.text.startswith("invalid compute status for check_writability request: ")
+    r = client_for(rt).simulate_request(method, path)
+    assert r.status_code == 412
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json == {"error": f"invalid compute status: {NOT_RUNNING[status]}"}
 
 
 def test_check_writability_postgres_down(rt):

@@ -69,29 +69,68 @@ def test_promotion_outcome():
     assert dr.promotion_outcome({"promotion": None}, 2).phase == dr.FAILED
 
 
-@pytest.mark.parametrize("postgres_started,by", [(True, dr.DRIVER), (None, dr.TREE), (False, dr.TREE)])
-def test_who_carries_out_a_terminate(tmp_path, postgres_started, by):
+@pytest.mark.parametrize("status,postgres_started,by", [
+    ("running", True, dr.DRIVER), ("empty", None, dr.TREE), ("empty", False, dr.TREE)])
+def test_who_carries_out_a_terminate(tmp_path, status, postgres_started, by):
     """Decided in the transaction that records the request: the driver when it has started
     postgres, else the tree (no change to postgres, compute/shared/driver_requests.py)."""
-    store = make_state(str(tmp_path), postgres_started=postgres_started)
-    t = dr.submit_terminate(store, "fast")
-    assert (t.id, t.mode, t.by, t.phase) == (1, "fast", by, dr.REQUESTED)
-    assert store.get_many(("shutdown_requested", "terminate_pending")) == {
-        "shutdown_requested": True, "terminate_pending": True}
+    store = make_state(str(tmp_path), status=status, postgres_started=postgres_started)
+    call = dr.submit_terminate(store, "fast", waiter=41)
+    t = call.request
+    assert call.kind == dr.NEW and (t.id, t.mode, t.by, t.phase) == (1, "fast", by, dr.REQUESTED)
+    assert store.get_many(("status", "shutdown_requested", "terminate_waiters")) == {
+        "status": "termination_pending_fast", "shutdown_requested": True, "terminate_waiters": {"41": 1}}
 
 
-def test_a_second_terminate_joins_the_first_until_it_is_answered(tmp_path):
+@pytest.mark.parametrize("status", ["init", "configuration_pending", "configuration", "failed"])
+def test_a_terminate_is_refused_unless_empty_or_running(tmp_path, status):
+    """Neon's rule (412): nothing recorded, nobody registered, postgres untouched."""
+    store = make_state(str(tmp_path), status=status, postgres_started=True)
+    call = dr.submit_terminate(store, "immediate", waiter=41)
+    assert (call.kind, call.status) == (dr.REFUSED, status)
+    assert store.get_many(("status", "terminate", "shutdown_requested", "terminate_waiters")) == {
+        "status": status, "terminate": None, "shutdown_requested": False, "terminate_waiters": None}
+
+
+def test_twin_terminates_share_one_request_and_its_answer(tmp_path):
+    """Issue 21: a second and a third call while the first is under way join it (whatever
+    their mode); once answered, a repeated call gets the recorded answer (Neon's 201)."""
     store = make_state(str(tmp_path), postgres_started=True)
-    first = dr.submit_terminate(store, "fast")
-    assert dr.submit_terminate(store, "immediate") == first
-    dr.finish_terminate(store, first, lsn="0/1")
-    assert dr.termination_outcome({"terminate": store.get("terminate")}, first.id).answer() == (
+    first = dr.submit_terminate(store, "fast", waiter=41)
+    second = dr.submit_terminate(store, "immediate", waiter=42)
+    third = dr.submit_terminate(store, "fast", waiter=41)
+    assert (second.kind, third.kind) == (dr.JOINED, dr.JOINED)
+    assert second.request == third.request == first.request
+    assert store.get("terminate_waiters") == {"41": 2, "42": 1}
+    assert store.get("status") == "termination_pending_fast"
+    assert dr.termination_outcome({"terminate": store.get("terminate")}, first.request.id) is None
+    dr.finish_terminate(store, first.request, lsn="0/1")
+    assert store.get("status") == "terminated"
+    assert dr.termination_outcome({"terminate": store.get("terminate")}, first.request.id).answer() == (
         200, {"terminated": True, "lsn": "0/1"})
-    second = dr.submit_terminate(store, "immediate")
-    assert (second.id, second.mode) == (2, "immediate")
-    assert dr.termination_outcome({"terminate": second.to_json()}, second.id) is None
-    failed = dr.finish_terminate(store, second, error="cannot reach supervisord")
+    # a second finisher changes nothing: the first answer stays
+    assert dr.finish_terminate(store, first.request, lsn="0/2").lsn == "0/1"
+    later = dr.submit_terminate(store, "immediate", waiter=43)
+    assert later.kind == dr.ANSWERED and later.request.answer() == (200, {"terminated": True, "lsn": "0/1"})
+    for pid in (41, 41, 42):
+        dr.leave_terminate(store, pid)
+    assert store.get("terminate_waiters") == {}  # the answered call never registered
+
+
+def test_a_failed_terminate_fails_the_compute(tmp_path):
+    store = make_state(str(tmp_path), postgres_started=True)
+    call = dr.submit_terminate(store, "fast")
+    failed = dr.finish_terminate(store, call.request, error="cannot reach supervisord")
     assert failed.answer() == (500, {"error": "cannot reach supervisord"})
+    assert store.get_many(("status", "error")) == {"status": "failed", "error": "cannot reach supervisord"}
+    assert dr.submit_terminate(store, "fast").kind == dr.REFUSED
+
+
+def test_waiters_map():
+    assert dr.add_waiter(None, 7, +1) == {"7": 1}
+    assert dr.add_waiter({"7": 1}, 7, -1) == {}
+    assert dr.add_waiter({"7": 1}, 8, -1) == {"7": 1}  # never negative
+    assert dr.add_waiter("garbage", 7, +1) == {"7": 1}
 
 
 def test_the_driver_never_starts_postgres_once_a_terminate_is_there(tmp_path):
@@ -99,8 +138,25 @@ def test_the_driver_never_starts_postgres_once_a_terminate_is_there(tmp_path):
     stops the tree, so the driver's START_POSTGRES step ends the start-up instead (before it
     asks supervisord: there is none here)."""
     rt = str(tmp_path)
-    store = make_state(rt, status="init")
+    store = make_state(rt, status="empty")
     dr.submit_terminate(store, "fast")
     with pytest.raises(Terminating):
         Driver(rt).start_postgres()
     assert store.get("postgres_started") is None
+
+
+def test_a_stop_the_driver_cannot_make_fails_the_compute_and_ends_it(tmp_path, monkeypatch):
+    """supervisord refusing the stop: the waiting calls get the error (500), the compute is
+    `failed`, and it ends as every failure does (the grace period, then exit 1)."""
+    rt = str(tmp_path)
+    store = make_state(rt, postgres_started=True)
+    call = dr.submit_terminate(store, "fast")
+    driver = Driver(rt)
+    monkeypatch.setattr(driver, "stop_postgres", lambda mode: ("supervisord refused to stop postgres: BAD", False))
+    ended = []
+    monkeypatch.setattr(driver, "fail_later", ended.append)
+    driver.terminate()
+    assert ended == ["supervisord refused to stop postgres: BAD"]
+    assert store.get("status") == "failed" and store.get("failed_at") is not None
+    t = dr.Termination.from_json(store.get("terminate"))
+    assert t.id == call.request.id and t.answer() == (500, {"error": "supervisord refused to stop postgres: BAD"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compute.tree import exit_decision
-from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, postgres_exit_code,
-                                   postgres_has_ended, tree_exit_code, counts_as_restart,
+from compute.tree.exit_decision import (ExitAction, ExitDecision, decide_postgres_exit, hold_for_terminate,
+                                   live_waiters, postgres_exit_code, postgres_has_ended, tree_exit_code, counts_as_restart,
                                    terminate_without_postgres)
 
 SHUT, START = ExitAction.SHUT_DOWN, ExitAction.RECORD_START_FAILURE
@@ -94,3 +94,28 @@ def test_killed_by_names_the_signal_from_the_wait_status():
     assert exit_decision.killed_by(sig.SIGKILL).startswith("SIGKILL (signal 9): the kernel's OOM killer")
     assert exit_decision.killed_by(sig.SIGSEGV | 0x80) == "SIGSEGV (signal 11)"  # with a core dump
     assert exit_decision.killed_by(sig.SIGABRT) == "SIGABRT (signal 6)"
+
+
+@pytest.mark.parametrize("under_way,waiters,held", [
+    (True, 0, True),    # the driver is still finding the LSN (sync-safekeepers after the stop)
+    (False, 2, True),   # answered, two calls still sending it
+    (False, 0, False),  # answered and sent: the tree goes, no linger
+])
+def test_hold_for_terminate(under_way, waiters, held):
+    assert hold_for_terminate(under_way, waiters) is held
+
+
+def test_live_waiters_count_only_live_processes():
+    """A killed api worker's calls hold nothing up; garbage in the map counts as nobody."""
+    alive = {10, 30}.__contains__
+    assert live_waiters({"10": 2, "20": 5, "30": 1}, alive) == 3
+    assert live_waiters({"x": 1, "10": "two"}, alive) == 0
+    assert live_waiters(None, alive) == 0 and live_waiters([1], alive) == 0
+
+
+def test_process_alive_reads_proc():
+    """exitwatch's liveness check for the waiting calls' pids (no process started here)."""
+    import os
+    from compute.tree.exitwatch import process_alive
+    assert process_alive(os.getpid()) is True
+    assert process_alive(2 ** 22 + 1) is False  # above the kernel's pid_max: never a process

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from compute.shared.state import ALLOWED_TRANSITIONS, IllegalTransition, StateStore, Status, check_transition
+from compute.shared.state import ALLOWED_TRANSITIONS, IllegalTransition, StateStore, Status, check_transition, hyphenated
 
 LEGAL = {
     ("init", "init"), ("init", "empty"), ("init", "running"), ("init", "failed"),
@@ -15,6 +15,11 @@ LEGAL = {
     ("configuration_pending", "failed"),
     ("running", "configuration_pending"), ("running", "configuration"),
     ("configuration", "running"), ("configuration", "configuration_pending"), ("configuration", "failed"),
+    # /terminate (Neon's rule: only from empty or running), then its answer
+    ("empty", "termination_pending_fast"), ("empty", "termination_pending_immediate"),
+    ("running", "termination_pending_fast"), ("running", "termination_pending_immediate"),
+    ("termination_pending_fast", "terminated"), ("termination_pending_immediate", "terminated"),
+    ("termination_pending_fast", "failed"), ("termination_pending_immediate", "failed"),
 }
 
 
@@ -40,6 +45,19 @@ def test_store_enforces_the_table(tmp_path, src, dst):
 
 def test_failed_is_final():
     assert ALLOWED_TRANSITIONS[Status.FAILED] == frozenset()
+
+
+def test_terminated_is_final():
+    assert ALLOWED_TRANSITIONS[Status.TERMINATED] == frozenset()
+
+
+def test_neon_status_names():
+    """HEAD's ComputeStatus (libs/compute_api/src/responses.rs) serialised snake_case, but the
+    Hadron-only refresh states."""
+    assert [s.value for s in Status] == [
+        "empty", "configuration_pending", "init", "running", "configuration", "failed",
+        "termination_pending_fast", "termination_pending_immediate", "terminated"]
+    assert hyphenated("termination_pending_fast") == "termination-pending-fast"
 
 
 @pytest.mark.parametrize("bad", ["stopped", "", None, 3, "RUNNING"])
