@@ -444,7 +444,7 @@ def check_jwks(path: str, user) -> None:
     """--jwks as the api will read it (call it as the compute user): readable, JSON, at least one
     key the api can verify tokens with. Otherwise the compute would start and answer every token
     401; refused instead with a sentence (UsageError)."""
-    from compute.api.auth import load_jwks
+    from compute.api.access import load_jwks
     try:
         keys = load_jwks(path)
     except OSError as e:
@@ -459,7 +459,7 @@ def check_jwks(path: str, user) -> None:
     except ValueError as e:
         raise UsageError(f"--jwks {path}: not a JWKS: invalid JSON ({e}). Needed: a JSON object "
                          '{"keys": [...]}, as the token issuer publishes it') from None
-    if not keys:
+    if not keys.keys:
         raise UsageError(f"--jwks {path}: no usable key in it (supported: kty RSA for RS256, kty OKP "
                          "with crv Ed25519 for EdDSA; use absent or \"sig\"): every token would be "
                          "refused. Fix: give the issuer's public keys")

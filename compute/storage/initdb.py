@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import time
 
-
+from compute.base.procutil import dies_with_us
 from compute.model.environ import child_environment
 from compute.storage.attempts import StorageError, _truncate
 
@@ -25,12 +27,43 @@ def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | No
     if pwfile:
         argv.append(f"--pwfile={pwfile}")
     try:
-        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             errors="replace", env=child_environment(os.environ))
+        # Its own process group, so that a driver stopped mid-initdb (SIGTERM from supervisord)
+        # ends initdb's bootstrap postgres too, and waits for it, before it exits: nothing of
+        # the start is left for compute-ctl's last-resort reaper. SIGKILL if the driver dies.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace",
+                                env=child_environment(os.environ), start_new_session=True,
+                                preexec_fn=dies_with_us_sigkill)
     except OSError as e:
         raise StorageError(f"cannot run initdb: {e}") from None
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     for line in res.stderr.splitlines():
         log.info("initdb: %s", line)
     if res.returncode != 0:
         raise StorageError(f"initdb failed with exit code {res.returncode}: "
                            f"{_truncate((res.stdout + res.stderr).strip())}")
+
+
+def dies_with_us_sigkill() -> None:
+    dies_with_us(signal.SIGKILL)
+
+
+def stop_group(proc: subprocess.Popen, wait: float = 2.0) -> None:
+    """SIGKILL initdb's whole process group and wait (bounded) until none of it is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    ends = time.monotonic() + wait
+    while time.monotonic() < ends:
+        try:
+            os.killpg(proc.pid, 0)  # an orphaned member not yet reaped by the subreaper counts
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)

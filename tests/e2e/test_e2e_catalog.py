@@ -34,7 +34,7 @@ def configure(c: Compute, spec: dict) -> tuple[int, dict]:
 def test_role_options_at_start_and_on_configure_and_hostile_ones_refused():
     with ControlPlanePeer(None) as cp:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "jwt"}
         spec = c.new_spec()
         spec["cluster"]["roles"][0]["options"] = options(("CREATEDB", None), ("CONNECTION LIMIT", "3"))

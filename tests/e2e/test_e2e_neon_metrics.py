@@ -72,7 +72,7 @@ def test_installed_extensions_are_counted_again_after_a_new_spec():
     from tests.peers.control_plane import ControlPlanePeer
     with ControlPlanePeer(None) as cp:
         c = Compute()
-        c.args = ["-i", "compute-1", "-p", cp.url]
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
         c.env = {"NEON_CONSOLE_JWT": "console-jwt"}
         cp.spec = c.new_spec()
         with c:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 
 import psycopg
 import pytest
@@ -216,10 +215,8 @@ def metrics_page(c: Compute) -> str:
 
 
 def promtool_clean(page: str) -> None:
-    if not os.path.exists(PROMTOOL):
-        pytest.skip("promtool is not installed")
-    res = subprocess.run([PROMTOOL, "check", "metrics"], input=page, capture_output=True, text=True)
-    assert res.returncode == 0, f"promtool check metrics: {res.stdout}{res.stderr}\n{page}"
+    from tests.support.promtool import check_clean  # HEAD's two `_ms` names are its only remark
+    check_clean(page)
 
 
 HOSTILE = [

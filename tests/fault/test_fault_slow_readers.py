@@ -166,9 +166,9 @@ def pull_compute(cp: ControlPlanePeer, lock_timeout: int) -> tuple[Compute, str]
     about), and a token for it."""
     ed, _, jwks = jwks_keys()
     c = Compute()
-    c.args = ["-i", "compute-1", "-p", cp.url, "--lock-timeout", str(lock_timeout)]
-    c.use_jwks(jwks)
+    c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", "--lock-timeout", str(lock_timeout)]
     token = jwt.encode({"compute_id": "compute-1", "exp": time.time() + 3600}, ed, algorithm="EdDSA")
+    c.use_jwks(jwks, token)  # /status needs the token too (HEAD's rule)
     return c, token
 
 

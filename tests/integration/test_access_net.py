@@ -53,7 +53,8 @@ def test_without_jwks_a_non_loopback_peer_gets_403_on_guarded_routes(tmp_path, p
         # the same requests from loopback get past the check (to the status rules: 412/200 text)
         code, _, body = call(port, "POST", "/configure", b'{"spec": {}}', JSON)
         assert code == 412 and json.loads(body) == {"error": "invalid compute status: init"}
-        assert call(port, "POST", "/check_writability")[0] == 200
+        code, _, body = call(port, "POST", "/check_writability")
+        assert code == 412 and json.loads(body) == {"error": "invalid compute status: init"}
 
 
 @pytest.mark.parametrize("proxy_protocol", [False, True], ids=["off", "turned-on-by-env"])
@@ -97,7 +98,7 @@ def test_with_jwks_a_non_loopback_peer_needs_a_token_of_this_compute(tmp_path, p
             for good in (mine, admin):
                 code, _, body = call_from(source, port, "GET", "/status", None, good)
                 assert code == 200 and json.loads(body)["status"] == "init"
-                assert call_from(source, port, "POST", "/check_writability", None, good)[0] == 200  # past the check
+                assert call_from(source, port, "POST", "/check_writability", None, good)[0] == 412  # past the check: the status
             assert call_from(source, port, "GET", "/healthz")[0] == 200
     # every refusal was logged (route, peer, reason), no token ever
     with open(os.path.join(rt, "gunicorn.log"), encoding="utf-8", errors="replace") as f:

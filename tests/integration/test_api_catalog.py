@@ -128,7 +128,8 @@ def open_dump(app, dbname: str = BIG_DB):
 
     def start_response(status, headers, exc_info=None):
         got["status"], got["headers"] = status, dict(headers)
-    env = falcon.testing.create_environ(path="/database_schema", query_string=f"database={dbname}")
+    env = falcon.testing.create_environ(path="/database_schema", query_string=f"database={dbname}",
+                                        remote_addr="127.0.0.1")  # a loopback peer, as gunicorn sets it
     body = app(env, start_response)
     return got["status"], got["headers"], body
 
