@@ -93,6 +93,18 @@ _falcon_test_peer_is_loopback()
 # -- shared fixtures ----------------------------------------------------------------------------
 
 @pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """An os.pipe() (read end, write end), both ends closed afterwards (the stalls tests)."""
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.fixture
 def scratch() -> Iterator[str]:
     """A fresh directory owned by the postgres user (see scratch_dir), removed afterwards."""
     path = scratch_dir("cs-scratch-")

@@ -7,23 +7,11 @@ import os
 import shutil
 import time
 
-import pytest
 from falcon.testing import TestClient
 
 from compute.api.app import create_app
 from tests.support import promtool
 from tests.support.api_helpers import make_state
-
-
-@pytest.fixture
-def pipe():
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def test_a_forked_child_starts_with_a_fresh_buffer(pipe):

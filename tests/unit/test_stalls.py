@@ -10,7 +10,6 @@ import resource
 import threading
 import time
 
-import pytest
 
 from compute.programs import monitor
 from compute.tree import monitor_watch
@@ -20,17 +19,6 @@ from tests.support.waiting import wait_for
 
 
 # -- the bounded stdout ---------------------------------------------------------------------
-
-@pytest.fixture
-def pipe():
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
 
 def ended(out: BoundedStdout, r: int) -> None:
     """The writer thread of `out` gone (it lives as long as its process otherwise): the reader
