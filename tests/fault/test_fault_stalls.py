@@ -74,9 +74,10 @@ class StalledStdoutCompute(Compute):
     def close(self) -> None:
         if self.copier is None:
             self.resume()  # a tree that blocks on its stdout could not even stop otherwise
-        super().close()
-        self.copier.join(10)
+        self.stop()
+        self.copier.join(10)  # all it has copied before the file closes
         os.close(self.reader)
+        super().close()
 
 
 def flood_postgres_log(c: Compute) -> None:

@@ -227,7 +227,8 @@ class Compute:
                                os.path.join(self.runtime_dir, "supervisord.conf"), *args],
                               capture_output=True, text=True, timeout=30)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """SIGTERM compute-ctl if it still runs, SIGKILL after 15 s."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -235,6 +236,9 @@ class Compute:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
         if hasattr(self, "out"):
             self.out.close()
         shutil.rmtree(self.base, ignore_errors=True)
