@@ -269,6 +269,7 @@ class Driver:
         elif step is DriverStep.APPLY:
             t = time.monotonic()
             self.apply(self.spec, at_start=True)
+            self.enable_logical_subscribers(self.spec)
             self.store.record_metrics(config_ms=ms_since(t))
         elif step is DriverStep.MARK_RUNNING:
             self.mark_running()
@@ -430,7 +431,28 @@ class Driver:
         """postgresql.conf for the spec and its mode; the replication password (if any) goes to
         the passfile primary_conninfo names, written first so a reload finds it."""
         replica.write_passfile(self.pgdata, modes.replication_password(spec))
-        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec)
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
+                                     subscribers_disabled=self.subscribers_disabled(spec))
+
+    def subscribers_disabled(self, spec: ComputeSpec, catalog_applied: bool | None = None) -> bool:
+        if catalog_applied is None:  # a reconfiguration: the start's apply dropped them already
+            catalog_applied = bool(self.store.get("startup_done"))
+        return modes.logical_subscribers_disabled(spec, catalog_applied)
+
+    def enable_logical_subscribers(self, spec: ComputeSpec) -> None:
+        """After the start's catalog apply dropped the inherited subscriptions: HEAD's
+        `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
+        rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
+        catalog SQL does not run (it stays true, as HEAD)."""
+        if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
+            return
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
+                                     subscribers_disabled=False)
+        with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
+                             autocommit=True, connect_timeout=10) as conn:
+            if not pgconf.reload_and_wait(conn):
+                log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+        log.info("updated postgresql.conf to set neon.disable_logical_replication_subscribers=false")
 
     def initdb_with_password(self) -> None:
         """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
