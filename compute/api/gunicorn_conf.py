@@ -14,7 +14,7 @@ import gc
 import os
 
 
-from compute.api.listener import inherited_fd
+from compute.api.listener import inherited_fd, inherited_internal_fd
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.model.launch import LaunchSettings, require as require_settings
@@ -46,6 +46,13 @@ _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 _api_fd = inherited_fd()
 bind = [f"fd://{_api_fd}"] if _api_fd is not None else [
     bind_address(_launch_settings.http_address, _launch_settings.http_port)]
+# The internal port (compute/api/internal.py), after the external one: the worker takes the
+# connections compute-ctl's early responder held (external ones) as the first listener's.
+_internal_fd = inherited_internal_fd()
+if _internal_fd is not None:
+    bind.append(f"fd://{_internal_fd}")
+elif _api_fd is None and _launch_settings.internal_http_address is not None:
+    bind.append(bind_address(_launch_settings.internal_http_address, _launch_settings.internal_http_port))
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs

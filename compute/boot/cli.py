@@ -31,7 +31,7 @@ import urllib.parse
 
 from compute import __version__
 from compute.api.handover import handover_path
-from compute.api.listener import API_FD_ENV, BindError, bind_api_socket
+from compute.api.listener import API_FD_ENV, INTERNAL_FD_ENV, BindError, bind_api_socket
 from compute.boot.early_responder import EarlyResponder
 from compute.base.logs import setup_bootstrap_logging
 from compute.boot.paths import Policy, default_runtime_dir, secure_dir
@@ -121,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-http-port", dest="http_port", type=_port, default=default("http_port"),
                    action=_PortFlag, metavar="PORT", help="HTTP API port (default 3080); the same as --http-port")
     p.add_argument("--internal-http-port", type=_port, default=default("internal_http_port"), action=_PortFlag,
-                   metavar="PORT", help="Neon's internal API port (default 3081): accepted and recorded, not served yet")
+                   metavar="PORT", help="Neon's internal API port (default 3081): POST /grants, /extensions, no "
+                   "token; served only when this flag or --internal-http-address is given")
     p.add_argument("--http-port", type=int, default=default("http_port"), action=_PortFlag,
                    help="HTTP API port (default 3080); not with --external-http-port or --internal-http-port")
     p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
                         "e.g. 127.0.0.1 or the pod IP")
+    p.add_argument("--internal-http-address", default=None, metavar="ADDRESS",
+                   help="IP address the internal API binds to (default 127.0.0.1: loopback, and only loopback "
+                        "clients are answered); another address opens it to whoever reaches it (a warning at start)")
     p.add_argument("--runtime-dir", default=None,
                    help="rendered supervisord.conf, its control socket, the state file and logs "
                         "(default /run/compute-ctl as root, else /tmp/compute-ctl-$USER); never inside PGDATA")
@@ -330,7 +334,7 @@ def validate_flags(args: argparse.Namespace) -> None:
         raise UsageError("-i/--compute-id must not be empty")
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
-    if getattr(args, "internal_http_port_given", False) and args.internal_http_port == args.http_port:
+    if internal_served(args) and args.internal_http_port == args.http_port:
         raise UsageError("--internal-http-port must differ from the external HTTP port")
     if not (0 < args.postgres_exporter_port < 65536) or (
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
@@ -347,6 +351,9 @@ def validate_flags(args: argparse.Namespace) -> None:
         if not (0 <= value <= 86400):  # NaN fails too
             raise UsageError(f"{flag} must be 0..86400 seconds")
     args.http_address = http_address(args.http_address)
+    if internal_served(args):
+        args.internal_http_address = http_address(args.internal_http_address or INTERNAL_DEFAULT_ADDRESS,
+                                                  "--internal-http-address")
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
     if not (1 <= args.attempt_deadline <= 86400):
@@ -412,12 +419,31 @@ def spec_identity(spec) -> dict:
     return {"tenant": spec.tenant_id if spec else None, "timeline": spec.timeline_id if spec else None}
 
 
-def http_address(text: str) -> str:
+def http_address(text: str, flag: str = "--http-address") -> str:
     """The --http-address as a normalised IP literal (v4 or v6, no brackets)."""
     try:
         return str(ipaddress.ip_address(text.strip().strip("[]")))
     except ValueError:
-        raise UsageError(f"--http-address {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
+        raise UsageError(f"{flag} {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
+
+
+INTERNAL_DEFAULT_ADDRESS = "127.0.0.1"
+
+
+def internal_served(args: argparse.Namespace) -> bool:
+    """The internal API is served when --internal-http-port or --internal-http-address is given
+    (as HEAD's launch always does); a launch without either (the 2023 contract's) has none, so
+    computes sharing a machine never contend for HEAD's default 3081."""
+    return bool(getattr(args, "internal_http_port_given", False) or getattr(args, "internal_http_address", None))
+
+
+def internal_exposure_warning(address: str | None) -> str | None:
+    """The warning for an internal API (no token, ever) listening beyond loopback, or None."""
+    if address is None or ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"!!! the internal API (POST /grants, /extensions: no token) listens on {address}, not loopback: "
+            "anyone who reaches the port can grant privileges and install extensions. Use "
+            "--internal-http-address 127.0.0.1 unless the network is yours alone !!!")
 
 
 def exposure_warning(address: str, jwks: str | None) -> str | None:
@@ -505,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
         # Bound now, as root (a port < 1024 works) and before anything is touched; held until
         # we exit, served by the api program (compute/api/listener.py).
         api_sock = bind_api_socket(args.http_address, args.http_port)
+        try:
+            internal_sock = bind_api_socket(args.internal_http_address, args.internal_http_port,
+                                            "--internal-http-address/--internal-http-port") \
+                if internal_served(args) else None
+        except BindError:
+            api_sock.close()
+            raise
     except (UsageError, BindError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
@@ -515,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     # path or user: checked next, each a one-line error): never more than that.
     responder = EarlyResponder(api_sock, started=started, jwks=True if args.jwks else (None if (args.config or args.control_plane_uri) else False)).start()
     try:
-        return bootstrap(args, api_sock, responder, started)
+        return bootstrap(args, api_sock, responder, started, internal_sock)
     finally:
         responder.stop()  # bounded; on every way out
         # Our last lines, while stdout's reader keeps reading; a stopped one costs ~1 s, then
@@ -524,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         STDERR.drain()
 
 
-def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float) -> int:
+def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float,
+              internal_sock=None) -> int:
     """Everything after the bind: validate, prepare, render, drop root, become supervisord."""
     from compute.model.environ import SECRET_VARS, program_secrets, supervisord_environment
     from compute.tree.exit_decision import tree_exit_code
@@ -554,8 +588,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
 
     for line in ignored_flag_lines(args):
         log.info("%s", line)
-    if args.internal_http_port_given:
-        log.info("--internal-http-port %d: recorded; the internal API is not served yet", args.internal_http_port)
+    if internal_sock is not None:
+        log.info("internal API (POST /grants, /extensions) on %s port %d", args.internal_http_address,
+                 args.internal_http_port)
     if ctl_config is not None and ctl_config.tls is not None:
         log.info("compute_ctl_config.tls ignored: TLS is not supported")
     jwks_path, jwks_to_write, jwks_note = choose_jwks(args, runtime_dir, ctl_config)
@@ -565,7 +600,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     settings = LaunchSettings(
         pgdata=pgdata, connstr=args.connstr, pgbin=pgbin, pgbin_dir=resolve_pgbin_dir(pgbin),
         superuser=superuser, http_port=args.http_port, internal_http_port=args.internal_http_port,
-        http_address=args.http_address, runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
+        http_address=args.http_address, internal_http_address=args.internal_http_address if internal_sock else None, runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
         statement_timeout=args.statement_timeout,
         compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
         control_plane_api=args.control_plane_api,
@@ -628,6 +663,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
     for warning in (exposure_warning(args.http_address, settings.jwks_path),
+                    internal_exposure_warning(settings.internal_http_address),
                     token_warning(settings.jwks_path, settings.compute_id)):
         if warning:
             log.warning("%s", warning)
@@ -640,7 +676,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/model/environ.py, the conf's per-program environment).
     env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id}
+           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id,
+           **({INTERNAL_FD_ENV: str(internal_sock.fileno())} if internal_sock is not None else {})}
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either
@@ -650,6 +687,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
     api_sock.close()
+    if internal_sock is not None:
+        internal_sock.close()
     code = tree_exit_code(recorded_exit_code(state_path(runtime_dir)),
                           stopped_by_signal=stopped_by not in (None, STOP_BY_RPC),
                           stopped_by_rpc=stopped_by == STOP_BY_RPC)

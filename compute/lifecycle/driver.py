@@ -82,7 +82,7 @@ STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply
 # signal the API could not send (it ignores that failure: driver_requests.wake_driver).
 IDLE_RECHECK = 5.0
 WAKE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-VIEW_KEYS = ("status", "startup_done", "promotion", "terminate", "lsn_lease")
+VIEW_KEYS = ("status", "startup_done", "promotion", "terminate", "lsn_lease", driver_requests.CATALOG_KEY)
 LSN_WAIT_TIMEOUT = 30.0  # /promote: Neon gives up after 20 one-second retries
 PROMOTE_APPLICATION_NAME = "compute_ctl:promote"
 # The driver's own sessions for /promote and /terminate: bounded, as the API's were.
@@ -562,7 +562,8 @@ class Driver:
     def serve(self) -> None:
         """Until a reconfiguration has been applied (then the plan hands over) or we are stopped."""
         while not self.stopping:
-            if self.handle_pending() in (DriverStep.RECONFIGURE, DriverStep.TERMINATE, DriverStep.WAIT_FOR_STOP):
+            if self.handle_pending() in (DriverStep.RECONFIGURE, DriverStep.TERMINATE, DriverStep.WAIT_FOR_STOP,
+                                         DriverStep.CATALOG_REQUESTS):
                 return
             self.wake.wait(POLL)
             self.wake.clear()
@@ -579,7 +580,29 @@ class Driver:
             self.promote()
         elif step is DriverStep.RECONFIGURE:
             self.reconfigure()
+        elif step is DriverStep.CATALOG_REQUESTS:
+            self.serve_catalog_requests()
         return step
+
+    def serve_catalog_requests(self) -> None:
+        """The internal port's /grants and /extensions waiting in the state file, in order, each
+        answered in its record (compute/lifecycle/catalog_requests.py). The status stays
+        `running`; a /terminate meanwhile fails the rest (the API answers them 412)."""
+        from compute.lifecycle.catalog_requests import CatalogRequestError, carry_out
+        lock_ms = int(self.settings.lock_timeout * 1000)  # 0: no limit, as for the spec's apply
+        statement_ms = int(self.settings.statement_timeout * 1000)
+        for request in driver_requests.pending_catalog_requests(self.store.get(driver_requests.CATALOG_KEY)):
+            if self.stopping or self.request_view().termination is not None:
+                driver_requests.fail_catalog_requests(self.store, "the compute is being terminated")
+                return
+            try:
+                answer = carry_out(self.settings.connstr, request, lock_timeout_ms=lock_ms,
+                                   statement_timeout_ms=statement_ms)
+            except CatalogRequestError as e:
+                log.error("internal request %d (%s) failed: %s", request.id, request.kind, e)
+                driver_requests.finish_catalog_request(self.store, request.id, error=str(e))
+            else:
+                driver_requests.finish_catalog_request(self.store, request.id, answer=answer)
 
     def wait_for_stop(self) -> None:
         """The tree is being stopped (a /terminate): start nothing more, wait for SIGTERM."""
@@ -886,7 +909,8 @@ def view_of(s: dict, postgres_state: str | None = None) -> DriverView:
     return DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state=postgres_state,
                       promotion=promotion.get("phase") if isinstance(promotion, dict) else None,
                       termination=termination_phase(s["terminate"]),
-                      lease=lsn_lease_plan.keeps_driver_busy(s.get("lsn_lease")))
+                      lease=lsn_lease_plan.keeps_driver_busy(s.get("lsn_lease")),
+                      catalog_requests=bool(driver_requests.pending_catalog_requests(s.get(driver_requests.CATALOG_KEY))))
 
 
 def _has_work(path: str) -> bool:

@@ -56,6 +56,7 @@ class DriverStep(str, Enum):
     WAIT_FOR_STOP = "wait_for_stop"          # the tree is being stopped: do nothing more
     SERVE = "serve"                          # wait for a reconfiguration, apply it, return
     RECONFIGURE = "reconfigure"              # in SERVE: apply the spec /configure handed over
+    CATALOG_REQUESTS = "catalog_requests"    # in SERVE: the internal port's /grants, /extensions
     HAND_OVER = "hand_over"                  # exit 0: supervisord forks a fresh driver
     FAIL_LATER = "fail_later"                # keep the error for the grace period, exit 1
 
@@ -69,6 +70,7 @@ class DriverView:
     promotion: str | None = None    # the `promotion` record's phase
     termination: str | None = None  # driver_requests.termination_phase: a phase, "tree" or None
     lease: bool = False             # a Static compute keeps an LSN lease (compute.lifecycle.lease_keeper)
+    catalog_requests: bool = False  # internal-port requests wait (driver_requests.CatalogRequest)
 
 
 START_STEPS = (DriverStep.PREPARE_DATA, DriverStep.START_POSTGRES, DriverStep.WAIT_READY)
@@ -112,6 +114,8 @@ def pending_request(view: DriverView) -> DriverStep | None:
         return DriverStep.WAIT_FOR_STOP
     if view.status == "configuration" and view.promotion in UNDER_WAY:
         return DriverStep.PROMOTE
+    if view.catalog_requests:
+        return DriverStep.CATALOG_REQUESTS
     if wants_reconfiguration(view.status):
         return DriverStep.RECONFIGURE
     return None
@@ -127,7 +131,8 @@ def idle(view: DriverView) -> bool:
         return True
     if view.lease:  # the lease's renewals are the driver's work for the compute's whole life
         return False
-    return plan == (DriverStep.SERVE, DriverStep.HAND_OVER) and not wants_reconfiguration(view.status)
+    return plan == (DriverStep.SERVE, DriverStep.HAND_OVER) and not wants_reconfiguration(view.status) \
+        and not view.catalog_requests
 
 
 def wants_reconfiguration(status: str | None) -> bool:

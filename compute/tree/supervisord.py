@@ -34,7 +34,7 @@ from supervisor.xmlrpc import Faults, RPCError
 
 from compute.model import launch
 from compute.tree import warmfork
-from compute.api.listener import inherited_fd
+from compute.api.listener import api_fds
 from compute.tree.exitwatch import ExitWatch, Timers, note_wait_status
 from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
 from compute.shared.state import StateStore, runtime_dir_from_env
@@ -169,13 +169,13 @@ def _spawn_warm(self):
 _close_fd = options.ServerOptions.close_fd
 
 
-_api_fd: int | None = None  # compute-ctl's API socket (compute/api/listener.py), set by run()
+_api_fds: tuple[int, ...] = ()  # compute-ctl's API sockets (compute/api/listener.py), set by run()
 
 
 def _close_fd_but_api_socket(self, fd):
     """supervisord closes fds 3.. in every child it forks: not the API socket. The child's
     execve (warmfork) decides who keeps it: the api alone."""
-    if fd != _api_fd:
+    if fd not in _api_fds:
         _close_fd(self, fd)
 
 
@@ -211,7 +211,7 @@ def run(conf: str | None = None) -> int | None:
     """supervisord's loop in this process, until it has stopped every program. Returns the
     signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, or STOP_BY_RPC for `supervisorctl
     shutdown`; None if something else did (exitwatch after postgres exited)."""
-    global _api_fd
+    global _api_fds
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     mark("supervisord: warming")
     warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
@@ -219,7 +219,7 @@ def run(conf: str | None = None) -> int | None:
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
     process.Subprocess.spawn = _spawn_warm
-    _api_fd = inherited_fd()
+    _api_fds = api_fds()
     options.ServerOptions.close_fd = _close_fd_but_api_socket
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again

@@ -32,7 +32,7 @@ import signal
 import sys
 import traceback
 
-from compute.api.listener import inherited_fd, keeps_api_socket
+from compute.api.listener import api_fds, keeps_api_socket
 from compute.base import forkinfo
 from compute.base.trace import mark
 
@@ -302,12 +302,12 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
 def execve(options, filename: str, argv: list[str], env: dict[str, str]):
     """supervisor's ServerOptions.execve, in the child supervisord just forked."""
     module = forked_module(filename, argv)
-    api_fd = inherited_fd()
-    if api_fd is not None and not keeps_api_socket(module):
-        try:
-            os.close(api_fd)  # the API socket is the api's alone (compute/api/listener.py)
-        except OSError:
-            pass
+    if not keeps_api_socket(module):
+        for api_fd in api_fds():
+            try:
+                os.close(api_fd)  # the API sockets are the api's alone (compute/api/listener.py)
+            except OSError:
+                pass
     if module is None:
         mark(f"exec: {os.path.basename(argv[argv.index('--') + 1] if '--' in argv[:-1] else filename)}")
         return os.execve(filename, argv, env)
