@@ -169,3 +169,15 @@ def test_an_internal_port_in_use_is_a_one_line_error_before_anything():
         f"compute-ctl: the HTTP API cannot listen on 127.0.0.1:{port} "
         "(--internal-http-address/--internal-http-port): Address already in use"]
     assert not os.path.exists(c.pgdata) and not os.path.exists(c.runtime_dir)
+
+
+def test_only_compute_ctl_and_the_api_hold_the_internal_socket(compute):
+    """The internal socket is kept like the external one (compute/api/listener.py): compute-ctl
+    and the api hold it, no other program of the tree (postgres, the driver, the monitor)."""
+    from tests.support.fault_tree import holders, listening_inode, tree
+    compute.wait_handed_over()
+    held = holders(compute, listening_inode(compute.internal_port))
+    assert set(held.values()) <= {"compute-ctl", "api master", "api worker"}, held
+    assert compute.proc.pid in held and "api worker" in set(held.values())
+    others = {role for role, p in tree(compute.proc.pid) if p.pid not in held}
+    assert {"lifecycle", "monitor", "postgres"} <= others, others
