@@ -181,3 +181,21 @@ def test_only_compute_ctl_and_the_api_hold_the_internal_socket(compute):
     assert compute.proc.pid in held and "api worker" in set(held.values())
     others = {role for role, p in tree(compute.proc.pid) if p.pid not in held}
     assert {"lifecycle", "monitor", "postgres"} <= others, others
+
+
+def test_an_operator_may_open_it_and_is_warned():
+    """--internal-http-address 0.0.0.0 (HEAD binds every interface): a peer beyond loopback is
+    answered (here a refusal of its body, 422: it reached the app), and compute-ctl warned."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    c = InternalCompute()
+    c.internal_port = free_port()
+    c.spec = c.new_spec()
+    c.args = ["--internal-http-port", str(c.internal_port), "--internal-http-address", "0.0.0.0"]
+    with c:
+        c.wait_status("running")
+        code, answer = internal(c, "/grants", {"database": "postgres", "schema": "public",
+                                               "privileges": ["ALL"], "role": "x"}, host=address)
+        assert code == 422 and "unknown variant `ALL`" in answer["error"]
+        assert "!!! the internal API (POST /grants, /extensions: no token) listens on 0.0.0.0" in c.output()
