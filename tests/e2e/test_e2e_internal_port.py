@@ -199,3 +199,33 @@ def test_an_operator_may_open_it_and_is_warned():
                                                "privileges": ["ALL"], "role": "x"}, host=address)
         assert code == 422 and "unknown variant `ALL`" in answer["error"]
         assert "!!! the internal API (POST /grants, /extensions: no token) listens on 0.0.0.0" in c.output()
+
+
+def test_a_request_waits_for_a_driver_that_is_down_and_is_carried_out_by_the_next(compute):
+    """The request is a record in the state file, not a message to a process: with the
+    lifecycle driver stopped, /grants waits; the driver supervisord starts again carries it out."""
+    import threading
+    import time
+
+    from compute.shared.state import StateStore, state_path
+    with psycopg.connect(compute.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA later")
+    r = compute.supervisorctl("stop", "lifecycle")
+    assert r.returncode == 0, r.stdout + r.stderr
+    body = {"database": "postgres", "schema": "later", "privileges": ["USAGE"], "role": "reader"}
+    answers: list = []
+    caller = threading.Thread(target=lambda: answers.append(internal(compute, "/grants", body, timeout=120)))
+    caller.start()
+    try:
+        store = StateStore(state_path(compute.runtime_dir))
+        deadline = time.monotonic() + 30
+        while not store.get("catalog_requests"):
+            assert time.monotonic() < deadline, "the request never reached the state file"
+            time.sleep(0.05)
+        assert answers == [] and privileges(compute, "reader", "later") == (False, False)
+    finally:
+        r = compute.supervisorctl("start", "lifecycle")
+        caller.join(120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert answers == [(201, body)]
+    assert privileges(compute, "reader", "later") == (True, False)
