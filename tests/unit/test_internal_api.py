@@ -227,3 +227,19 @@ def test_the_internal_port_is_served_when_asked_loopback_by_default():
     with pytest.raises(cli.UsageError, match="--internal-http-address 'here'"):
         cli.http_address("here", "--internal-http-address")
     assert isinstance(args, argparse.Namespace)
+
+
+def test_internal_flags_are_checked_before_any_bind():
+    def flags(*extra):
+        args = cli.build_parser().parse_args(["-D", "/d", "-C", "c", "-S", "/s", *extra])
+        cli.resolve_ports(None, args)
+        cli.validate_flags(args)
+        return args
+    assert flags("--internal-http-port", "4001").internal_http_address == "127.0.0.1"
+    assert flags("--internal-http-address", "[::1]").internal_http_address == "::1"  # port 3081
+    assert flags().internal_http_address is None  # not served
+    for bad, said in ((["--internal-http-address", "localhost"], "not an IP address"),
+                      (["--external-http-port", "3081", "--internal-http-address", "127.0.0.1"], "must differ"),
+                      (["--external-http-port", "4000", "--internal-http-port", "4000"], "must differ")):
+        with pytest.raises(cli.UsageError, match=said):
+            flags(*bad)
