@@ -38,7 +38,7 @@ from compute.model import lsn_lease as lsn_lease_plan
 from compute.model.reach import connstr_mismatch
 from compute.model.spec_shape import unknown_keys_line
 from compute.storage import attempts, basebackup, initdb, safekeepers
-from compute.base import forkinfo
+from compute.base import forkinfo, proctitle
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
@@ -896,6 +896,7 @@ def main() -> None:
     die_with_parent()
     setup_program_logging()
     runtime_dir = runtime_dir_from_env()
+    proctitle.set_title("lifecycle", runtime_dir)
     if not wait_for_work(runtime_dir):
         return
     try:
