@@ -278,3 +278,39 @@ def test_each_program_has_its_own_title_and_none_shows_a_secret():
             now = ps_args(tree_pids(c.proc.pid))
             return [pid for pid, (comm, args) in now.items() if args == f"compute-ctl: monitor {suffix}" and pid != old]
         assert wait_for(new_monitor, 30, "a new monitor titled as such")
+
+
+# -- 5. the documented JWKS and tokens ---------------------------------------------------------
+
+
+def test_the_documented_tokens_open_a_compute_with_the_documented_jwks():
+    """docs/operations.md's script (run as tests/unit/test_docs_tokens.py runs it): a compute
+    started with its jwks.json and `-i compute-1` answers both tokens, and no request without one."""
+    from tests.unit.test_docs_tokens import doc_script
+    c = Compute()
+    c.spec = c.new_spec()
+    work = scratch_dir("cs-tokens-")
+    cwd = os.getcwd()
+    try:
+        os.chdir(work)
+        exec(compile(doc_script(), "make_tokens.py", "exec"), {"__name__": "__main__"})  # noqa: S102
+    finally:
+        os.chdir(cwd)
+    with open(os.path.join(work, "jwks.json")) as f:
+        jwks = json.load(f)
+    tokens = {}
+    for name in ("admin.jwt", "compute.jwt"):
+        with open(os.path.join(work, name)) as f:
+            tokens[name] = f.read()
+    subprocess.run(["rm", "-rf", work])
+    c.use_jwks(jwks, token=tokens["admin.jwt"])
+    c.args += ["-i", "compute-1"]
+    with c:
+        c.wait_status("running")
+        for token in tokens.values():
+            code, body = c.request("GET", "/status", headers={"Authorization": f"Bearer {token}"})
+            assert code == 200 and json.loads(body)["status"] == "running", body
+        assert c.request("GET", "/status", headers={"Authorization": None})[0] == 400
+        head, claims, sig = tokens["admin.jwt"].split(".")
+        sig = sig[:10] + ("B" if sig[10] == "A" else "A") + sig[11:]  # one signature byte altered
+        assert c.request("GET", "/status", headers={"Authorization": f"Bearer {head}.{claims}.{sig}"})[0] == 401
