@@ -6,7 +6,8 @@ postgresql.conf is compared with the running value in the setting's own unit (`1
 exactly; a setting postgres does not know is reported as such (postgres would reject it). A
 setting of `context` `postmaster` takes effect only at a restart (a compute never restarts in
 place: at its next start); the others at the reload a reconfiguration does. A setting that our
-postgresql.conf sets today and the spec no longer names goes back to its default.
+postgresql.conf sets today and the spec no longer names goes back to its default (names with a
+dot excepted: extensions' settings, and the neon.* lines written from the spec's storage fields).
 
 Pure: `setting_changes` gets pg_settings' rows (SETTINGS_QUERY) and returns what differs.
 """
@@ -147,7 +148,9 @@ def setting_changes(wanted: Iterable[GenericOption], running: Iterable[Running],
                                      row.context in RESTART_CONTEXTS))
     if conf_path is not None:
         for name, row in rows.items():
-            if name not in named and row.sourcefile == conf_path and row.setting != row.boot_val:
+            # dotted names: extensions' settings, and the neon.* lines written from the spec's
+            # storage fields (not its settings): never reported as removed
+            if name not in named and "." not in name and row.sourcefile == conf_path and row.setting != row.boot_val:
                 changes.append(SettingChange(row.name, _shown(row), _display(name, row.boot_val),
                                              row.context in RESTART_CONTEXTS, removed=True))
     return sorted(changes, key=lambda c: c.name.lower())

@@ -280,6 +280,35 @@ def test_each_program_has_its_own_title_and_none_shows_a_secret():
         assert wait_for(new_monitor, 30, "a new monitor titled as such")
 
 
+def test_compute_ctl_is_titled_bootstrap_until_it_becomes_supervisord():
+    """While compute-ctl bootstraps (held here in reading --jwks, a FIFO nobody writes yet), its
+    title is `compute-ctl: bootstrap (runtime dir DIR)`: its flags (an inline `-s` spec with a
+    password hash) are gone from ps already; then `compute-ctl: supervisord (...)`."""
+    from tests.support.api_helpers import jwks_keys
+    c = Compute()
+    spec = c.new_spec()
+    fifo = os.path.join(c.base, "jwks.json")
+    os.mkfifo(fifo, 0o644)
+    c.args = ["-s", json.dumps(spec), "--jwks", fifo]
+    with c:
+        def own_title():
+            return ps_args([c.proc.pid]).get(c.proc.pid, ("", ""))[1]
+        wait_for(lambda: own_title() == f"compute-ctl: bootstrap (runtime dir {c.runtime_dir})", 30,
+                 "the bootstrap title")
+        assert spec["cluster"]["roles"][0]["encrypted_password"] not in own_title()
+        _, _, jwks = jwks_keys()
+        regular = os.path.join(c.base, "jwks.regular")
+        with open(regular, "w") as f:
+            json.dump(jwks, f)
+        os.chmod(regular, 0o644)
+        fd = os.open(fifo, os.O_WRONLY)  # compute-ctl's read of the FIFO gets this
+        os.rename(regular, fifo)  # every later reader (the api) finds a regular file
+        with os.fdopen(fd, "w") as f:
+            json.dump(jwks, f)
+        wait_for(lambda: own_title() == f"compute-ctl: supervisord (runtime dir {c.runtime_dir})", 30,
+                 "the supervisord title")
+
+
 # -- 5. the documented JWKS and tokens ---------------------------------------------------------
 
 

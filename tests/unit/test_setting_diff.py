@@ -23,6 +23,7 @@ ROWS = [
     row("listen_addresses", "127.0.0.1", None, "string", "postmaster", "127.0.0.1", "localhost"),
     row("vacuum_cost_delay", "2", "ms", "real", "user", "2ms", "2", sourcefile=None),
     row("primary_conninfo", "host=a password=s3cret", None, "string", "sighup", boot_val=""),
+    row("neon.tenant_id", "abc", None, "string", "postmaster", boot_val=""),  # from a storage field
 ]
 
 
