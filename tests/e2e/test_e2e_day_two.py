@@ -99,15 +99,6 @@ def test_the_demo_listens_on_loopback_only():
             subprocess.run(["rm", "-rf", base])
 
 
-def test_the_image_runs_the_demo_spec_on_loopback():
-    """The image's CMD (Dockerfile) binds the API to 127.0.0.1 and uses the same demo spec."""
-    with open(os.path.join(REPO, "Dockerfile")) as f:
-        text = f.read()
-    cmd = text[text.index("CMD ["):]
-    assert '"/etc/compute/demo-spec.json"' in cmd and '"--http-address", "127.0.0.1"' in cmd
-    assert "cp /src/conf/demo-spec.json /etc/compute/demo-spec.json" in text
-
-
 # -- 2. compute-ctl supervisorctl ----------------------------------------------------------------
 
 
