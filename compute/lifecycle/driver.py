@@ -32,6 +32,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from compute.shared import driver_requests
+from compute.shared.log_paths import postgres_log_path
 from compute.postgres import localauth, conf as pgconf, conf_check, pglog, replica, shutdown_lsn
 from compute.model import modes, launch
 from compute.model import lsn_lease as lsn_lease_plan
@@ -452,7 +453,7 @@ class Driver:
         # stops the tree itself (driver_requests), so postgres must then never start.
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
-        self.log_offset = pglog.size(pglog.log_path(self.runtime_dir))  # postgres' lines from here on
+        self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
         self.supervisor().startProcess("postgres", False)
 
     def wait_ready(self) -> None:
@@ -476,7 +477,7 @@ class Driver:
                 said = pglog.failure_summary(self.postgres_said(wait=True))
                 raise StartupError(f"postgres exited while starting: {said}" if said else
                                    f"postgres exited while starting (state {state}); see the postgres log "
-                                   f"({pglog.log_path(self.runtime_dir)})")
+                                   f"({postgres_log_path(self.runtime_dir)})")
             time.sleep(0.01)
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
@@ -484,7 +485,7 @@ class Driver:
         """postgres' log since this driver started it (the whole tail for a restarted driver);
         with `wait`, until a FATAL or PANIC line is in (at most LOG_WAIT s: postgres has exited,
         its last lines are on their way through supervisord's pipe)."""
-        path = pglog.log_path(self.runtime_dir)
+        path = postgres_log_path(self.runtime_dir)
         offset = getattr(self, "log_offset", 0)
         deadline = time.monotonic() + (LOG_WAIT if wait else 0)
         while True:
@@ -622,7 +623,7 @@ class Driver:
                     pgconf.restore_files(files)
                     self.refuse_reconfiguration(generation, previous_doc, conf_check.describe(rejected))
                     return
-                offset = pglog.size(pglog.log_path(self.runtime_dir))
+                offset = pglog.size(postgres_log_path(self.runtime_dir))
                 if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
                     log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
                 rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
@@ -658,7 +659,7 @@ class Driver:
         """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
         s for the postmaster's lines to get through supervisord); the view's words otherwise."""
         names = [r.name for r in rejected if r.name]
-        path = pglog.log_path(self.runtime_dir)
+        path = postgres_log_path(self.runtime_dir)
         deadline = time.monotonic() + LOG_WAIT
         while True:
             found = pglog.reasons(pglog.read_since(path, offset), names)
