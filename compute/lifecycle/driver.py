@@ -640,8 +640,8 @@ class Driver:
             self.apply(spec)
             if pending:
                 log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
-            self.store.set(status="running", error=None, pending_restart=pending,
-                           tenant=spec.tenant_id, timeline=spec.timeline_id)
+            self.store.set(status="running", error=None, pending_restart=pending, tenant=spec.tenant_id,
+                           timeline=spec.timeline_id, **driver_requests.configure_answer(generation))
             if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
                 self.lease_keeper.wake.set()
             log.info("new spec applied")
@@ -652,8 +652,7 @@ class Driver:
                 msg = (f"reconfiguration lost a lock race {LOCK_RACE_POLICY.attempts} times; the compute runs "
                        f"with the spec partly applied (send it again): {msg}")
             log.error("reconfiguration failed: %s", msg)
-            self.store.set(status=status, error=msg,
-                           configure_failed={"generation": generation, "error": msg})
+            self.store.set(status=status, error=msg, **driver_requests.configure_answer(generation, msg))
 
     def rejection_reasons(self, offset: int, rejected) -> dict[str, str]:
         """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
@@ -672,7 +671,7 @@ class Driver:
         (the previous spec back in the state file), the reason on /status and in /configure's
         answer (driver_requests.configure_outcome)."""
         log.error("reconfiguration refused, nothing changed: %s", msg)
-        fields = {"status": "running", "error": msg, "configure_rejected": {"generation": generation, "error": msg}}
+        fields = {"status": "running", "error": msg, **driver_requests.configure_answer(generation, msg)}
         if previous_doc is not None:
             fields["spec"] = previous_doc
         self.store.set(**fields)

@@ -141,14 +141,14 @@ def test_configure_answer_after_a_lost_lock_race():
     failed = {"generation": 3, "error": "lost a lock race"}
     # Ours failed, the compute still runs: /configure answers the error (500), never 200.
     assert configure_outcome({"status": "running", "spec_generation": 3, "error": "x",
-                              "configure_failed": failed}, 3) == (False, "lost a lock race")
+                              "configure_answer": failed}, 3) == (False, "lost a lock race")
     # An older failure does not spoil a later configure.
     assert configure_outcome({"status": "running", "spec_generation": 4, "error": None,
-                              "configure_failed": failed}, 4) == (True, None)
+                              "configure_answer": failed}, 4) == (True, None)
     assert configure_outcome({"status": "configuration", "spec_generation": 4, "error": None,
-                              "configure_failed": failed}, 4) is None
+                              "configure_answer": failed}, 4) is None
     assert configure_outcome({"status": "failed", "spec_generation": 4, "error": "boom",
-                              "configure_failed": None}, 4) == (False, "boom")
+                              "configure_answer": None}, 4) == (False, "boom")
 
 
 def test_a_dump_spools_only_its_share_of_the_free_space():
