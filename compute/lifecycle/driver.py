@@ -610,33 +610,9 @@ class Driver:
             return
         try:
             log.info("applying a new spec")
-            files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
-                                           os.path.join(self.pgdata, modes.PASSFILE)])
-            written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
-            self.write_conf(spec)
-            with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
-                                 autocommit=True, connect_timeout=10) as conn:
-                # An unknown name or a syntax error is known before postgres is told: then the
-                # file goes back and postgres never reads the rejected one.
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
-                if rejected:
-                    pgconf.restore_files(files)
-                    self.refuse_reconfiguration(generation, previous_doc, conf_check.describe(rejected))
-                    return
-                offset = pglog.size(postgres_log_path(self.runtime_dir))
-                if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
-                    log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
-                if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
-                    msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
-                    pgconf.restore_files(files)
-                    if not pgconf.reload_and_wait(conn):
-                        log.warning("postgres did not re-read its restored configuration within %g s",
-                                    pgconf.RELOAD_WAIT)
-                    self.refuse_reconfiguration(generation, previous_doc, msg)
-                    return
-                pending = [r[0] for r in conn.execute(
-                    "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
+            pending = self.apply_settings(spec, generation, previous_doc)
+            if pending is None:  # refused: nothing changed
+                return
             self.apply(spec)
             if pending:
                 log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
@@ -653,6 +629,43 @@ class Driver:
                        f"with the spec partly applied (send it again): {msg}")
             log.error("reconfiguration failed: %s", msg)
             self.store.set(status=status, error=msg, **driver_requests.configure_answer(generation, msg))
+
+    def apply_settings(self, spec: ComputeSpec, generation: int, previous_doc) -> list[str] | None:
+        """The new spec's postgresql.conf, checked by postgres before and after the reload: the
+        settings that wait for a restart; None when postgres rejected some (the reconfiguration
+        is then refused, nothing changed: undo_settings)."""
+        files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
+                                       os.path.join(self.pgdata, modes.PASSFILE)])
+        written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
+        self.write_conf(spec)
+        with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
+                             autocommit=True, connect_timeout=10) as conn:
+            # An unknown name or a syntax error is known before postgres is told: then the
+            # file goes back and postgres never reads the rejected one.
+            rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
+            if rejected:
+                self.undo_settings(files, generation, previous_doc, conf_check.describe(rejected))
+                return None
+            offset = pglog.size(postgres_log_path(self.runtime_dir))
+            if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
+                log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+            rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
+            if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
+                msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
+                self.undo_settings(files, generation, previous_doc, msg, reload=conn)
+                return None
+            return [r[0] for r in conn.execute(
+                "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
+
+    def undo_settings(self, files, generation: int, previous_doc, msg: str,
+                      reload: psycopg.Connection | None = None) -> None:
+        """postgres rejected settings of the new spec: the previous files go back (re-read by
+        postgres through `reload` when it had read the new ones), and the reconfiguration is
+        refused with nothing changed."""
+        pgconf.restore_files(files)
+        if reload is not None and not pgconf.reload_and_wait(reload):
+            log.warning("postgres did not re-read its restored configuration within %g s", pgconf.RELOAD_WAIT)
+        self.refuse_reconfiguration(generation, previous_doc, msg)
 
     def rejection_reasons(self, offset: int, rejected) -> dict[str, str]:
         """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
