@@ -53,6 +53,7 @@ from compute.lifecycle.steps import (
     Readiness,
     DriverStep,
     after_failed_reconfiguration,
+    catalog_failure_message,
     concurrent_step,
     lost_lock_race,
     grace_remaining,
@@ -611,24 +612,33 @@ class Driver:
         try:
             log.info("applying a new spec")
             pending = self.apply_settings(spec, generation, previous_doc)
-            if pending is None:  # refused: nothing changed
-                return
+        except Exception as e:  # the settings could not be written or checked
+            self.fail_reconfiguration(generation, describe(e), in_catalog=False)
+            return
+        if pending is None:  # refused: nothing changed
+            return
+        # The new settings are in force (and kept, whatever the catalog SQL does: the stored
+        # spec is the new one, and /status reports them: after_failed_reconfiguration).
+        if pending:
+            log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
+        self.store.set(pending_restart=pending, tenant=spec.tenant_id, timeline=spec.timeline_id)
+        if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
+            self.lease_keeper.wake.set()
+        try:
             self.apply(spec)
-            if pending:
-                log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
-            self.store.set(status="running", error=None, pending_restart=pending, tenant=spec.tenant_id,
-                           timeline=spec.timeline_id, **driver_requests.configure_answer(generation))
-            if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
-                self.lease_keeper.wake.set()
-            log.info("new spec applied")
         except Exception as e:
-            msg = describe(e)
-            status = after_failed_reconfiguration(lost_lock_race(getattr(e, "sqlstate", None)))
-            if status == "running":
-                msg = (f"reconfiguration lost a lock race {LOCK_RACE_POLICY.attempts} times; the compute runs "
-                       f"with the spec partly applied (send it again): {msg}")
-            log.error("reconfiguration failed: %s", msg)
-            self.store.set(status=status, error=msg, **driver_requests.configure_answer(generation, msg))
+            msg = catalog_failure_message(describe(e), lost_lock_race(getattr(e, "sqlstate", None)))
+            self.fail_reconfiguration(generation, msg, in_catalog=True)
+            return
+        self.store.set(status="running", error=None, **driver_requests.configure_answer(generation))
+        log.info("new spec applied")
+
+    def fail_reconfiguration(self, generation: int, msg: str, *, in_catalog: bool) -> None:
+        """The answer to a failed reconfiguration: the status steps.after_failed_reconfiguration
+        decides, the reason on /status and in /configure's 500."""
+        status = after_failed_reconfiguration(in_catalog)
+        log.error("reconfiguration failed: %s", msg)
+        self.store.set(status=status, error=msg, **driver_requests.configure_answer(generation, msg))
 
     def apply_settings(self, spec: ComputeSpec, generation: int, previous_doc) -> list[str] | None:
         """The new spec's postgresql.conf, checked by postgres before and after the reload: the
