@@ -2,6 +2,7 @@
 through POST /configure on a booted tree."""
 
 import concurrent.futures
+import contextlib
 import copy
 import hashlib
 import json
@@ -9,6 +10,7 @@ import os
 import time
 
 import psycopg
+import pytest
 
 from tests.peers.control_plane import ControlPlanePeer
 from compute.shared.state import StateStore, state_path
@@ -156,16 +158,23 @@ def test_configure_rules_and_failure():
             assert c.status()["error"] is None
 
 
-def test_a_catalog_statement_failing_half_way_leaves_the_compute_running():
+@pytest.mark.parametrize("launch", ["push", "pull"])
+def test_a_catalog_statement_failing_half_way_leaves_the_compute_running(launch):
     """Issue 19 item 1, a deliberate deviation from HEAD (docs/api.md): a reconfiguration whose
     catalog SQL fails half-way (the roles step is applied, then postgres refuses ALTER DATABASE
     ... RENAME because a client is connected to that database) leaves postgres serving and the
     compute `running`: the reason (the statement, its database named, never a hash) on /status
     and in the 500 answer, the new settings kept; the same spec sent again once the client has
-    gone converges."""
-    c = Compute()
-    c.spec = c.new_spec()
-    with c:
+    gone converges. Launched with the spec (push) or fetching it from a control plane (pull)."""
+    with contextlib.ExitStack() as stack:
+        if launch == "pull":
+            cp = stack.enter_context(ControlPlanePeer(None))
+            c = pull_compute(cp)
+            cp.spec = c.new_spec()
+        else:
+            c = Compute()
+            c.spec = c.new_spec()
+        stack.enter_context(c)
         c.wait_status("running")
         spec = c.new_spec(work_mem="7MB")
         rotated = md5_hash("app", "rotated")
