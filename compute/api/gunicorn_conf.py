@@ -13,8 +13,10 @@ COMPUTE_API_FAST_PATH=0 (every request to the thread pool: compute/api/fastpath.
 import gc
 import os
 
+import gunicorn.util
 
 from compute.api.listener import inherited_fd, inherited_internal_fd
+from compute.base import proctitle
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.model.launch import LaunchSettings, require as require_settings
@@ -107,6 +109,16 @@ else:
 # gunicorn >= 24 opens a control socket under $HOME by default: shared between instances, and
 # nothing here uses it.
 control_socket_disable = True
+
+
+def _title(text: str) -> None:
+    """gunicorn titles its master and each worker (`master [proc_name]`, through setproctitle,
+    which would also make comm `gunicorn: maste`): ours instead (compute/base/proctitle.py),
+    `compute-ctl: api master|worker (runtime dir DIR)`, comm `api`."""
+    proctitle.set_title(f"api {text.split(' ', 1)[0]}", runtime_dir_from_env(required=False), comm="api")
+
+
+gunicorn.util._setproctitle = _title  # looked up at each call (gunicorn.arbiter: util._setproctitle)
 
 
 def on_starting(server):

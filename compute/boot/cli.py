@@ -57,9 +57,11 @@ class UsageError(Exception):
 # COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, COMPUTE_STATE_FILE_ID, PGPASSFILE. Written out: no
 # textwrap before the bind.
 EPILOG = (
-    "Exactly one spec source: -c, -s, -S, or -i with -p. Operators: supervisorctl -c\n"
-    "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
-    "-S SPEC` prints the SQL a reconfiguration would run, without running it.\n"
+    "Exactly one spec source: -c, -s, -S, or -i with -p. Sub-commands:\n"
+    "  compute-ctl supervisorctl [--runtime-dir DIR] status|restart monitor|tail -f api...\n"
+    "      supervisorctl against the compute's supervisord (RUNTIME_DIR/supervisord.conf)\n"
+    "  compute-ctl plan -C CONNSTR -S SPEC [--runtime-dir DIR]\n"
+    "      the SQL and setting changes a reconfiguration would make, without making them\n"
     "\n"
     "environment variables:\n"
     "  NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT\n"
@@ -520,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "plan":
         from compute.boot.plan_command import main as plan_main
         return plan_main(argv[1:])
+    if argv and argv[0] == "supervisorctl":
+        from compute.boot.supervisorctl_command import main as supervisorctl_main
+        return supervisorctl_main(argv[1:])
     mark("compute-ctl: imported")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -585,6 +590,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     except (UsageError, SpecError, ValueError) as e:  # ConfigError is a ValueError
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
+    from compute.base import proctitle  # our title in ps, instead of our flags (a -s spec...)
+    proctitle.set_title("bootstrap", runtime_dir, comm="compute-ctl")
 
     for line in ignored_flag_lines(args):
         log.info("%s", line)
@@ -681,6 +688,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either
+    proctitle.set_title("supervisord", runtime_dir, comm="compute-ctl")
     stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
     responder.stop()  # if the api never took over: the tree is down, nothing is answered any more
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the

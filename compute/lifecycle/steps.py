@@ -181,10 +181,24 @@ def lost_lock_race(sqlstate: str | None) -> bool:
     return sqlstate in LOCK_RACE_SQLSTATES
 
 
-def after_failed_reconfiguration(lost_race: bool) -> str:
-    """The status a reconfiguration that failed leaves. A lost lock race (after its retries):
-    `running`, with the error on /status and the /configure answered 500: postgres runs, the
-    old catalog partly changed toward the new spec, and a /configure again finishes it (the
-    apply is idempotent); never the final `failed` for a conflict that passes. Anything else:
+def after_failed_reconfiguration(in_catalog: bool) -> str:
+    """The status a reconfiguration that failed leaves. A failure of the catalog SQL (a
+    statement erroring half-way, a lock race still lost after its retries, the planner refusing
+    the spec, the catalog unreadable): `running`, with the error on /status and the /configure
+    answered 500. postgres runs with the new spec's settings (checked and reloaded before the
+    catalog SQL, kept: the stored spec is the new one), the catalog partly changed toward it;
+    the apply plans afresh from the catalog (idempotent), so a /configure again converges once
+    the cause is gone. Never the final `failed` for a compute that serves (Neon's HEAD: `failed`,
+    a restart expected). A failure before that (the settings could not be written or checked):
     `failed`."""
-    return "running" if lost_race else "failed"
+    return "running" if in_catalog else "failed"
+
+
+def catalog_failure_message(error: str, lost_race: bool) -> str:
+    """/status' error (and the /configure answer) after a failed catalog apply: what to do first,
+    then the executor's sentence (the failing statement, redacted: never a password or hash)."""
+    if lost_race:
+        return (f"reconfiguration lost a lock race {LOCK_RACE_ATTEMPTS} times; the compute runs "
+                f"with the spec partly applied (send it again): {error}")
+    return ("reconfiguration failed in the catalog SQL; the compute runs with the new settings and "
+            f"the spec partly applied (send it again once the cause is fixed): {error}")

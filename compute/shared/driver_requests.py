@@ -19,7 +19,8 @@ for the driver; the driver, seeing such a request, never starts postgres.
 Requests (state keys):
 - configure: status {empty, running} -> configuration_pending with the new `spec` and a bumped
   `spec_generation` (the request is the status: the driver's SERVE step takes it); the answer is
-  the status moving to `running` (or a later generation) or `failed`;
+  the `configure_answer` record of that generation (applied, or the error), written with the
+  status that ends the reconfiguration (`running`, or `failed`);
 - promote: status running -> configuration with the `promotion` record (the spec, the LSN);
   the driver promotes, then hands the spec over as a configure of its own (`generation`);
 - catalog (the internal port's /grants and /extensions): while `running`, a CatalogRequest
@@ -407,22 +408,28 @@ def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[s
         time.sleep(poll)
 
 
-CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_rejected", "configure_failed")
+CONFIGURE_ANSWER = "configure_answer"
+CONFIGURE_KEYS = ("status", "spec_generation", "error", CONFIGURE_ANSWER)
+
+
+def configure_answer(generation: int, error: str | None = None) -> dict[str, Any]:
+    """The driver's answer to the configure of `generation`, as the state fields it writes with
+    the status that ends the reconfiguration (one transaction): the `configure_answer` record,
+    `{generation, error}`; `error` None: applied. One record whatever the outcome: applied,
+    refused with nothing changed, failed."""
+    return {CONFIGURE_ANSWER: {"generation": generation, "error": error}}
 
 
 def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
     """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
-    A later generation means ours was applied and another configure came after it. A
-    `configure_rejected` record of our generation: refused with nothing changed (still `running`).
-    A reconfiguration that failed but left the compute running (a lost lock race) records
-    `configure_failed` with its generation."""
-    rejected = values.get("configure_rejected")
-    if isinstance(rejected, dict) and rejected.get("generation") == generation and values["status"] == "running":
-        return False, rejected.get("error") or "configuration rejected"
-    failed = values.get("configure_failed")
-    if isinstance(failed, dict) and failed.get("generation") == generation and \
-            (values["spec_generation"] or 0) == generation:
-        return False, failed.get("error") or "configuration failed"
+    The `configure_answer` record of our generation is the answer (an error in it: /configure
+    answers 500 with it, whatever the status). Without one (a later configure's record replaced
+    ours): a later generation means ours was answered and another configure came after it;
+    `running` means ours was applied, `failed` that it failed."""
+    answer = values.get(CONFIGURE_ANSWER)
+    if isinstance(answer, dict) and answer.get("generation") == generation:
+        error = answer.get("error")
+        return (True, None) if error is None else (False, str(error) or "configuration failed")
     if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
         return True, None
     if values["status"] == "failed":

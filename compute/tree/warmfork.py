@@ -33,7 +33,7 @@ import sys
 import traceback
 
 from compute.api.listener import api_fds, keeps_api_socket
-from compute.base import forkinfo
+from compute.base import forkinfo, proctitle
 from compute.base.trace import mark
 
 # `python -m MODULE` -> (the name the child is shown as (comm, 15 bytes at most), what that
@@ -48,7 +48,6 @@ WARM_MODULES = ("compute.lifecycle.driver", "compute.programs.monitor", "compute
                 "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker", "compute.api.gunicorn_log")
 # With --jwks only: PyJWT + cryptography (large: see compute/api/auth.py _jwt).
 JWT_MODULES = ("jwt", "jwt.algorithms")
-PR_SET_NAME = 15
 TRACE_ENV = "COMPUTE_WARMFORK_TRACE"  # a directory: see _trace_imports_after_fork
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
                  signal.SIGUSR2, signal.SIGALRM)
@@ -230,13 +229,6 @@ def _fresh_logging() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _set_comm(name: str) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
     """Debugging the footprint: what this program imports after fork (private memory in every
     process that needs it) is written to TRACE_DIR/NAME-PID.txt a few seconds after the fork."""
@@ -270,7 +262,7 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
         _fresh_stdio()
         _fresh_logging()
         name, entry = FORKED[module]
-        _set_comm(name)
+        proctitle.set_comm(name)  # the title: the program's entry (compute/base/proctitle.py)
         _trim_malloc()  # the parent's free heap pages, inherited: see warm_for
         mark(f"{name}: forked")
         if trace_dir:

@@ -71,6 +71,8 @@ def test_role_options_at_start_and_on_configure_and_hostile_ones_refused():
             cr["cluster"]["roles"][0]["options"] = options(("CREATEROLE", None), ("CREATEDB", None))
             code, body = configure(c, cr)
             assert code == 500 and "option CREATEROLE is refused" in body["error"], body
+            st = c.status()  # the catalog SQL failed: the compute still runs (issue 19 item 1)
+            assert st["status"] == "running" and st["error"] == body["error"], st
             with psycopg.connect(c.admin_conninfo()) as conn:
                 assert conn.execute("SELECT rolcreaterole, rolcreatedb FROM pg_authid WHERE rolname = 'app'"
                                     ).fetchone() == (False, False)

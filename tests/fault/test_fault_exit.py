@@ -349,8 +349,11 @@ def test_lifecycle_killed_mid_reconfiguration_does_not_wedge():
             code, body = call.result(timeout=60)
             answered = time.monotonic() - t_release
             timings.append((release, time.monotonic() - t_kill, answered))
-            status = c.status()["status"]
-            assert status == ("running" if code == 200 else "failed"), (code, body, status)
+            st = c.status()
+            # a 500 too: a catalog apply that failed half-way leaves the compute running (issue 19 item 1)
+            assert st["status"] == "running", (code, body, st)
+            if code != 200:
+                assert st["error"] == body["error"], (code, body, st)
             if release == "commit":
                 assert code in (200, 500), (code, body)
             else:
