@@ -30,7 +30,7 @@ import pytest
 
 from compute.shared.state import StateStore, state_path
 from tests.peers.control_plane import ControlPlanePeer
-from tests.support.exit_paths import TreeRecord, listening
+from tests.support.exit_paths import TreeRecord, listening, port_report
 from tests.support.fault_tree import program_child, supervisord_pid, tree
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
@@ -149,8 +149,10 @@ class Scene:
 
 
 def assert_ports_free(c: Compute) -> None:
-    assert not listening(c.http_port), f"the API port {c.http_port} is still listened on"
-    assert not listening(c.pg_port), f"the postgres port {c.pg_port} is still listened on"
+    for what, port in (("API", c.http_port), ("postgres", c.pg_port)):
+        if listening(port):  # say who holds it (the report is read before anything else moves)
+            report = port_report(port)
+            assert not listening(port), f"the {what} port {port} is still listened on; {report}"
 
 
 def stopped_at_exit(scene: Scene, action, timeout: float = 30, orderly: bool = True) -> tuple[int, float]:
