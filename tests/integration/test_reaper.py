@@ -15,6 +15,7 @@ import textwrap
 
 from compute.tree.reaper import descendants
 from tests.support.api_helpers import REPO
+from tests.support.waiting import wait_for
 
 
 STOP_SCRIPT = textwrap.dedent("""
@@ -105,3 +106,34 @@ def test_the_proc_reader_reads_this_process_and_its_group():
         child.stdin.close()
         child.wait()
     assert read_proc(child.pid) is None
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_a_thread_runs():
+    """/proc/PID/stat says Z as soon as the main thread has exited; the process still holds its
+    descriptors (a listening socket) until its last thread is gone. read_proc (and the exit
+    watcher's process_alive) read it as alive until then."""
+    from compute.tree.exitwatch import process_alive
+    from compute.tree.reaper import read_proc, thread_states
+    code = ("import ctypes, sys, threading\n"
+            "t = threading.Thread(target=sys.stdin.read)\n"
+            "t.start()\n"
+            "print('ready', flush=True)\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")  # the main thread ends; the process lives on
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        wait_for(lambda: _stat_state(child.pid) == "Z", 10, "the main thread to exit", 0.005)
+        assert sorted(thread_states(child.pid)) == ["S", "Z"]
+        assert read_proc(child.pid).state == "S" and process_alive(child.pid)
+    finally:
+        child.stdin.close()  # the thread's read ends: the last thread exits
+        child.wait(10)
+    assert read_proc(child.pid) is None and not process_alive(child.pid)
+
+
+def _stat_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
