@@ -148,10 +148,29 @@ _fork = options.ServerOptions.fork
 open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
 
 
+# What supervisord's stop of a program sends (stopsignal TERM or INT; QUIT in gunicorn's terms).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
 def _fork_without_open_stores(self):
+    """supervisord's fork of a program. The stop signals are blocked across the fork and the
+    child sets them to their default action before it lets them in: until the program installs
+    its own handlers (warmfork.run_forked, postgres' exec) the child has supervisord's Python
+    handlers, and a SIGTERM from a shutdown that came while it was being spawned (a SIGTERM of
+    compute-ctl right after the start) was swallowed by supervisord's copy in the child: the
+    program ran on until stopwaitsecs and a SIGKILL (its initdb or workers left to the group
+    kill and compute-ctl's reaper). Blocked, the signal waits in the child and stops it."""
     for store in open_stores:
         store.close()
-    return _fork(self)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pid = _fork(self)
+        if pid == 0:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # the child: a pending stop signal ends it here
+    return pid
 
 
 _spawn = process.Subprocess.spawn
