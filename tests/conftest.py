@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,7 @@ import pytest
 
 from tests.peers.pageserver import make_basebackup_tar
 from tests.support.installed import stale_reason
-from tests.support.pgcluster import PG_USER, scratch_dir
+from tests.support.pgcluster import PG_USER, SCRATCH_ROOT, scratch_dir
 from tests.support.tree import VENV, Compute, booted_compute
 
 TIERS = ("unit", "integration", "e2e", "fault")
@@ -31,6 +32,10 @@ TESTS = Path(__file__).parent
 # workers test by test: the longest of them would otherwise bound the whole run.
 SPREAD = {"e2e/test_e2e_storage.py", "e2e/test_e2e_tree.py", "fault/test_fault_exit.py",
           "integration/test_basebackup.py"}
+
+# pytest's tmp_path and every tempfile of the tests' process on the scratch root (a RAM disk when
+# there is one: tests/support/pgcluster.py); the programs the tests start keep their TMPDIR.
+tempfile.tempdir = SCRATCH_ROOT
 
 
 def tier_of(path: Path) -> str | None:
