@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +33,11 @@ TESTS = Path(__file__).parent
 # workers test by test: the longest of them would otherwise bound the whole run.
 SPREAD = {"e2e/test_e2e_storage.py", "e2e/test_e2e_tree.py", "fault/test_fault_exit.py",
           "integration/test_basebackup.py"}
+# ... and the groups are handed out in this order, longest first (xdist's own order, by number of
+# tests, put the one-test e2e and fault files, 10-25 s each, last; a worker then ran them alone at
+# the end): whole e2e and fault files, their spread tests, integration, unit (many short groups
+# that fill the workers' last gaps).
+HAND_OUT = {"e2e": 0, "fault": 0, "integration": 1, "unit": 2}
 
 # pytest's tmp_path and every tempfile of the tests' process on the scratch root (a RAM disk when
 # there is one: tests/support/pgcluster.py); the programs the tests start keep their TMPDIR.
@@ -58,6 +64,26 @@ def pytest_collection_modifyitems(config, items):
             path = Path(item.path).relative_to(TESTS).as_posix()
             if path not in SPREAD:
                 item.add_marker(pytest.mark.xdist_group(path))
+    if config.getoption("dist", None) == "loadgroup":
+        _longest_first(items)
+
+
+def _longest_first(items) -> None:
+    """Sorts items (stably: a group's tests keep their order) into HAND_OUT's order of groups."""
+    def group(item) -> tuple[str, bool]:
+        path = Path(item.path).relative_to(TESTS).as_posix()
+        return (item.nodeid, True) if path in SPREAD else (path, False)
+    sizes = Counter(group(item)[0] for item in items)
+
+    def key(item):
+        name, spread = group(item)
+        return HAND_OUT[tier_of(Path(item.path))], spread, -sizes[name], name
+    items.sort(key=key)
+
+
+def pytest_configure(config):
+    if config.getoption("dist", None) == "loadgroup":
+        config.option.loadscopereorder = False  # xdist keeps the items' order (_longest_first)
 
 
 def pytest_sessionstart(session):
