@@ -48,8 +48,9 @@ def free_port() -> int:
 
 def _scratch_root() -> str:
     """Where the tests put their files: COMPUTE_TEST_TMP if set; else /dev/shm when it is a tmpfs
-    with room (the tests write and fsync many small files: PGDATAs, state files, tars; on this
-    VM's shared disk that was a third of the unit tier's time); else /tmp."""
+    with room (the tests write and fsync many small files: PGDATAs, state files, tars; on the
+    shared disk of the VM they were measured on, waiting for those was ~40% of the unit tier and
+    ~25-50% of the other tiers: docs/performance.md, "Test suite"); else /tmp."""
     if root := os.environ.get("COMPUTE_TEST_TMP"):
         return root
     try:
