@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -21,16 +23,29 @@ import pytest
 
 from tests.peers.pageserver import make_basebackup_tar
 from tests.support.installed import stale_reason
-from tests.support.pgcluster import PG_USER, scratch_dir
+from tests.support.pgcluster import PG_USER, SCRATCH_ROOT, scratch_dir
 from tests.support.tree import VENV, Compute, booted_compute
 
 TIERS = ("unit", "integration", "e2e", "fault")
 TESTS = Path(__file__).parent
-# Under `--dist loadgroup` (scripts/test) a file's tests stay together on one worker (its module
+# Under `--dist loadfile` (scripts/test) a file's tests stay together on one worker (its module
 # fixtures are set up once), except these long files of independent tests, spread over the
-# workers test by test: the longest of them would otherwise bound the whole run.
+# workers test by test: the longest of them would otherwise bound the whole run. The scheduler
+# is this file's (pytest_xdist_make_scheduler): xdist's `loadgroup`, used before, silently
+# stopped grouping with pytest 9.2 (pytest-xdist issue 1386: it renames the items' node ids,
+# which pytest 9.2 no longer allows), so every test was spread and each worker set up the
+# module fixtures of its share of every file again.
 SPREAD = {"e2e/test_e2e_storage.py", "e2e/test_e2e_tree.py", "fault/test_fault_exit.py",
           "integration/test_basebackup.py"}
+# ... and the files are handed out in this order, longest first (xdist's own order, by number of
+# tests, put the one-test e2e and fault files, 10-25 s each, last; a worker then ran them alone at
+# the end): whole e2e and fault files, their spread tests, integration, unit (many short files
+# that fill the workers' last gaps).
+HAND_OUT = {"e2e": 0, "fault": 0, "integration": 1, "unit": 2}
+
+# pytest's tmp_path and every tempfile of the tests' process on the scratch root (a RAM disk when
+# there is one: tests/support/pgcluster.py); the programs the tests start keep their TMPDIR.
+tempfile.tempdir = SCRATCH_ROOT
 
 
 def tier_of(path: Path) -> str | None:
@@ -49,10 +64,38 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: a test lives in the folder of its tier: "
                                     + ", ".join(f"tests/{t}/" for t in TIERS))
         item.add_marker(tier)
-        if config.getoption("dist", None) == "loadgroup":
-            path = Path(item.path).relative_to(TESTS).as_posix()
-            if path not in SPREAD:
-                item.add_marker(pytest.mark.xdist_group(path))
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller hands out in this order
+        _longest_first(items)
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs whole: the test's file, or the test alone in a SPREAD file."""
+    path = nodeid.split("::", 1)[0]
+    return nodeid if path.removeprefix("tests/") in SPREAD else path
+
+
+def _longest_first(items) -> None:
+    """Sorts items (stably: a file's tests keep their order) into HAND_OUT's order of units."""
+    sizes = Counter(work_unit(item.nodeid) for item in items)
+
+    def key(item):
+        unit = work_unit(item.nodeid)
+        return HAND_OUT[tier_of(Path(item.path))], unit == item.nodeid, -sizes[unit], unit
+    items.sort(key=key)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's (scripts/test --fast runs without it)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the workers' order (_longest_first)
+    return ByFile(config, log)
 
 
 def pytest_sessionstart(session):

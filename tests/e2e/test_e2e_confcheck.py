@@ -9,16 +9,16 @@ deep is refused at the boundary."""
 import json
 import os
 import socket
+from contextlib import contextmanager
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from compute.shared.state import StateStore, state_path
-from tests.e2e.test_e2e_configure import configure, pull_compute
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.pgcluster import running_cluster
-from tests.support.tree import Compute
+from tests.support.tree import Compute, configure, pull_compute, running_in_pull_mode
 from tests.support.waiting import wait_for
 
 REPL_PASSWORD = "repl-Secret-9zQ"
@@ -71,44 +71,36 @@ def assert_exits_1_touching_nothing(c: Compute, *needles: str) -> str:
     ({"name": "log_connections", "value": None, "vartype": "bool"}, "syntax error"),
 ])
 def test_a_live_change_postgres_rejects_changes_nothing_and_says_why(bad, reason):
-    with ControlPlanePeer(None) as cp:
-        c = pull_compute(cp)
-        cp.spec = c.new_spec(statement_timeout="11s")
-        with c:
-            c.wait_status("running")
-            before_conf, before_spec = conf_text(c), stored_spec(c)
-            spec = c.new_spec(statement_timeout="22s")  # a good change beside the bad one
-            spec["cluster"]["settings"].append(bad)
-            code, body = configure(c, spec)
-            assert code == 500, body
-            assert reason in body["error"], body
-            assert bad["name"] in body["error"] or "line " in body["error"], body
-            assert "nothing was changed" in body["error"]
-            st = c.status()
-            assert st["status"] == "running" and st["error"] == body["error"]
-            assert c.request("GET", "/readyz")[0] == 200
-            # Nothing changed: the file, the stored spec, the live value (postgres had applied the
-            # good setting of a file with a bad value: it was taken back).
-            assert conf_text(c) == before_conf
-            assert stored_spec(c) == before_spec
-            wait_for(lambda: setting(c, "statement_timeout") == "11s", 10, "the old statement_timeout")
-            assert "new spec applied" not in c.output()
-            # The compute can still be reconfigured, and a good change clears the error.
-            code, body = configure(c, c.new_spec(statement_timeout="33s"))
-            assert code == 200, body
-            assert c.status()["error"] is None
-            assert setting(c, "statement_timeout") == "33s"
+    with running_in_pull_mode(statement_timeout="11s") as c:
+        before_conf, before_spec = conf_text(c), stored_spec(c)
+        spec = c.new_spec(statement_timeout="22s")  # a good change beside the bad one
+        spec["cluster"]["settings"].append(bad)
+        code, body = configure(c, spec)
+        assert code == 500, body
+        assert reason in body["error"], body
+        assert bad["name"] in body["error"] or "line " in body["error"], body
+        assert "nothing was changed" in body["error"]
+        st = c.status()
+        assert st["status"] == "running" and st["error"] == body["error"]
+        assert c.request("GET", "/readyz")[0] == 200
+        # Nothing changed: the file, the stored spec, the live value (postgres had applied the
+        # good setting of a file with a bad value: it was taken back).
+        assert conf_text(c) == before_conf
+        assert stored_spec(c) == before_spec
+        wait_for(lambda: setting(c, "statement_timeout") == "11s", 10, "the old statement_timeout")
+        assert "new spec applied" not in c.output()
+        # The compute can still be reconfigured, and a good change clears the error.
+        code, body = configure(c, c.new_spec(statement_timeout="33s"))
+        assert code == 200, body
+        assert c.status()["error"] is None
+        assert setting(c, "statement_timeout") == "33s"
 
 
 def test_a_restart_only_change_is_still_accepted():
-    with ControlPlanePeer(None) as cp:
-        c = pull_compute(cp)
-        cp.spec = c.new_spec()
-        with c:
-            c.wait_status("running")
-            code, body = configure(c, c.new_spec(max_connections="77"))
-            assert code == 200, body
-            assert c.status()["error"] is None
+    with running_in_pull_mode() as c:
+        code, body = configure(c, c.new_spec(max_connections="77"))
+        assert code == 200, body
+        assert c.status()["error"] is None
 
 
 # -- starts postgres refuses -------------------------------------------------------------------
@@ -141,19 +133,19 @@ def test_a_port_in_use_fails_the_start_with_postgres_sentence():
 
 # -- a replica of a plain primary ----------------------------------------------------------------
 
+@contextmanager
 def plain_primary(superuser: str):
     """A plain primary whose superuser is `superuser`, with a `replicator` role (password)."""
-    cm = running_cluster(superuser=superuser)
-    pg = cm.__enter__()
-    hba = os.path.join(pg.datadir, "pg_hba.conf")
-    with open(hba) as f:
-        rest = f.read()
-    with open(hba, "w") as f:
-        f.write("host replication replicator 127.0.0.1/32 scram-sha-256\n" + rest)
-    with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
-        conn.execute("SELECT pg_reload_conf()")
-        conn.execute(sql.SQL("CREATE ROLE replicator REPLICATION LOGIN PASSWORD {}").format(sql.Literal(REPL_PASSWORD)))
-    return cm, pg
+    with running_cluster(superuser=superuser) as pg:
+        hba = os.path.join(pg.datadir, "pg_hba.conf")
+        with open(hba) as f:
+            rest = f.read()
+        with open(hba, "w") as f:
+            f.write("host replication replicator 127.0.0.1/32 scram-sha-256\n" + rest)
+        with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+            conn.execute(sql.SQL("CREATE ROLE replicator REPLICATION LOGIN PASSWORD {}").format(sql.Literal(REPL_PASSWORD)))
+        yield pg
 
 
 def replica_spec(c: Compute, primary, **settings: str) -> dict:
@@ -164,8 +156,7 @@ def replica_spec(c: Compute, primary, **settings: str) -> dict:
 
 
 def test_a_replica_whose_superuser_its_primary_lacks_fails_its_start():
-    cm, pg = plain_primary("boss")  # the compute's -C superuser is cloud_admin
-    try:
+    with plain_primary("boss") as pg:  # the compute's -C superuser is cloud_admin
         c = Compute()
         c.spec = replica_spec(c, pg)
         with c:
@@ -174,13 +165,10 @@ def test_a_replica_whose_superuser_its_primary_lacks_fails_its_start():
             assert 'role "cloud_admin" does not exist' in st["error"], st
             assert "primary" in st["error"]
             assert c.wait_exit(30) == 1
-    finally:
-        cm.__exit__(None, None, None)
 
 
 def test_a_replica_with_fewer_connections_than_its_primary_fails_with_postgres_detail():
-    cm, pg = plain_primary("cloud_admin")
-    try:
+    with plain_primary("cloud_admin") as pg:
         c = Compute()
         c.spec = replica_spec(c, pg, max_connections="5")  # the primary has 100
         with c:
@@ -188,8 +176,6 @@ def test_a_replica_with_fewer_connections_than_its_primary_fails_with_postgres_d
             assert st["status"] == "failed", st
             assert "max_connections = 5 is a lower setting than on the primary server" in st["error"], st
             assert c.wait_exit(30) == 1
-    finally:
-        cm.__exit__(None, None, None)
 
 
 # -- the spec's keys -------------------------------------------------------------------------------
@@ -202,17 +188,13 @@ def test_a_misspelled_key_is_refused_at_start_naming_both():
 
 
 def test_a_misspelled_key_is_refused_by_configure_with_400():
-    with ControlPlanePeer(None) as cp:
-        c = pull_compute(cp)
-        cp.spec = c.new_spec()
-        with c:
-            c.wait_status("running")
-            spec = c.new_spec()
-            spec["cluster"]["setings"] = spec["cluster"].pop("settings")
-            code, body = configure(c, spec)
-            assert code == 400 and "'setings'" in body["error"] and "'settings'" in body["error"], body
-            st = c.status()
-            assert st["status"] == "running" and st["error"] is None, st
+    with running_in_pull_mode() as c:
+        spec = c.new_spec()
+        spec["cluster"]["setings"] = spec["cluster"].pop("settings")
+        code, body = configure(c, spec)
+        assert code == 400 and "'setings'" in body["error"] and "'settings'" in body["error"], body
+        st = c.status()
+        assert st["status"] == "running" and st["error"] is None, st
 
 
 def test_unknown_keys_are_logged_once():
@@ -255,19 +237,15 @@ def deep_spec_body(c: Compute, depth: int = 970) -> bytes:
 
 
 def test_a_deeply_nested_spec_is_refused_by_configure_and_wedges_nothing():
-    with ControlPlanePeer(None) as cp:
-        c = pull_compute(cp)
-        cp.spec = c.new_spec()
-        with c:
-            c.wait_status("running")
-            for depth in (970, 40):  # beyond json's own limit in some stacks; just beyond ours
-                code, body = c.request("POST", "/configure", deep_spec_body(c, depth),
-                                       {"Content-Type": "application/json"})
-                assert code == 400 and b"nested" in body, (depth, code, body)
-                assert c.status()["status"] == "running"
-            code, body = configure(c, c.new_spec(statement_timeout="5s"))
-            assert code == 200, body  # not wedged: the next reconfiguration goes through
+    with running_in_pull_mode() as c:
+        for depth in (970, 40):  # beyond json's own limit in some stacks; just beyond ours
+            code, body = c.request("POST", "/configure", deep_spec_body(c, depth),
+                                   {"Content-Type": "application/json"})
+            assert code == 400 and b"nested" in body, (depth, code, body)
             assert c.status()["status"] == "running"
+        code, body = configure(c, c.new_spec(statement_timeout="5s"))
+        assert code == 200, body  # not wedged: the next reconfiguration goes through
+        assert c.status()["status"] == "running"
 
 
 def test_a_deeply_nested_spec_is_refused_at_start():
@@ -281,21 +259,17 @@ def test_a_deeply_nested_spec_is_refused_at_start():
 
 
 def test_many_unknown_keys_are_accepted_bounded_and_never_stored():
-    with ControlPlanePeer(None) as cp:
-        c = pull_compute(cp)
-        cp.spec = c.new_spec()
-        with c:
-            c.wait_status("running")
-            spec = c.new_spec()
-            spec.update({f"junk_{i:05d}_{'x' * 10}": i for i in range(30_000)})
-            body = json.dumps({"spec": spec}).encode()
-            assert len(body) < 1 << 20
-            code, answer = c.request("POST", "/configure", body, {"Content-Type": "application/json"})
-            assert code == 200, answer
-            stored = json.dumps(stored_spec(c))
-            assert "junk_" not in stored and len(stored) < 10_000
-            lines = [line for line in c.output().splitlines() if "spec keys ignored" in line]
-            assert len(lines) == 1 and len(lines[0]) < 2500 and "and 29980 more" in lines[0]
+    with running_in_pull_mode() as c:
+        spec = c.new_spec()
+        spec.update({f"junk_{i:05d}_{'x' * 10}": i for i in range(30_000)})
+        body = json.dumps({"spec": spec}).encode()
+        assert len(body) < 1 << 20
+        code, answer = c.request("POST", "/configure", body, {"Content-Type": "application/json"})
+        assert code == 200, answer
+        stored = json.dumps(stored_spec(c))
+        assert "junk_" not in stored and len(stored) < 10_000
+        lines = [line for line in c.output().splitlines() if "spec keys ignored" in line]
+        assert len(lines) == 1 and len(lines[0]) < 2500 and "and 29980 more" in lines[0]
 
 
 def test_pull_mode_logs_unknown_keys_once_and_checks_the_connstr_before_pgdata():

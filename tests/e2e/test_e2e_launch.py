@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import stat
 import time
 import uuid
@@ -25,14 +24,12 @@ from tests.peers.control_plane import ControlPlanePeer
 from tests.support.api_helpers import jwks_keys
 from tests.support.fault_tree import descendants
 from tests.support.pgcluster import free_port
+from tests.support.promtool import check_clean
 from tests.support.tree import COMPUTE_CTL, Compute
 from tests.support.waiting import wait_for
 
 JSON = {"Content-Type": "application/json"}
 COMPUTE_USER = "postgres"  # compute-ctl's --user default: the tree runs as it
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-
-
 @pytest.fixture(scope="module")
 def keys():
     return jwks_keys()
@@ -264,11 +261,6 @@ def prometheus_page(c: Compute) -> str:
     return body.decode()
 
 
-def promtool_clean(page: str) -> None:
-    from tests.support.promtool import check_clean  # HEAD's two `_ms` names are its only remark
-    check_clean(page)
-
-
 def secret_holders(c: Compute, secret: str) -> list[str]:
     """Every process of the tree whose argv or environment holds `secret` (compute-ctl included:
     it scrubs its own environment block before it forks anything)."""
@@ -297,7 +289,7 @@ def test_v2_pull_mode_bearer_jwks_and_metric(keys):
             assert all(r.headers.get("Authorization") == f"Bearer {secret}" for r in cp.requests)
             assert_private_jwks(c, jwks)
             page = prometheus_page(c)
-            promtool_clean(page)
+            check_clean(page)
             assert 'compute_ctl_cplane_requests_total{rpc="GetConfig",http_status="503 Service Unavailable"} 1' in page
             assert 'compute_ctl_cplane_requests_total{rpc="GetConfig",http_status="200 OK"} 1' in page
             # The answer's JWKS guards the API.
@@ -344,7 +336,7 @@ def test_v2_pull_mode_wrong_or_missing_token_fails_the_start(sent):
             assert len(cp.requests) == 1  # 401 is not retried
             assert cp.requests[0].headers.get("Authorization") == (f"Bearer {sent}" if sent else None)
             page = prometheus_page(c)
-            promtool_clean(page)
+            check_clean(page)
             assert 'compute_ctl_cplane_requests_total{rpc="GetConfig",http_status="401 Unauthorized"} 1' in page
             assert not os.path.exists(os.path.join(c.runtime_dir, "jwks.json"))  # fails closed
             assert c.request("POST", "/terminate")[0] in (400, 401, 403)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import psycopg
 import pytest
 
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
+from tests.support.promtool import check_clean
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
 
@@ -30,9 +30,6 @@ STATIC_LSN = "0/FF000000"  # beyond the tar's WAL: postgres waits there, read-on
 SYNC_LSN = "0/16B9188"  # the fake sync-safekeepers' answer
 PROJECT = "it's a \\ project"  # a quote and a backslash: written doubled, read back intact
 ENDPOINT = "ep-'\\'-#1"
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-
-
 def conninfo(peers: list[PageserverPeer], stripe: int = 32768) -> dict:
     count = len(peers) if len(peers) > 1 else 0
     return {"shard_count": count, "stripe_size": stripe if count else None, "prefer_protocol": "libpq",
@@ -154,7 +151,7 @@ def test_a_static_compute_leases_every_shard_and_shows_it(bb_tar):
             assert valid_until == ps1.leases[0].valid_until_ms / 1000  # the earliest of the two
             assert 'compute_lsn_lease_requests_total{result="granted"} 1' in page
             assert "compute_lsn_lease_pageservers 2" in page
-            promtool_clean(page)
+            check_clean(page)
             # the driver hands over after the start-up: its successor keeps the lease (not idle),
             # and asks nothing before the renewal is due (an hour's lease: in 59 minutes)
             c.wait_handed_over()
@@ -204,7 +201,7 @@ def test_a_shard_its_pageserver_does_not_know_is_retried_and_shown(bb_tar):
             assert 'compute_lsn_lease_state{state="retrying"} 1' in page
             assert ps1.leases == [] and ps0.leases  # shard 0 granted each time, shard 1 never
             assert f"lease on {TENANT}-0102" in c.output() and "not found" in c.output()
-            promtool_clean(page)
+            check_clean(page)
             assert c.status()["status"] == "running"
 
 
@@ -212,11 +209,6 @@ def metrics_page(c: Compute) -> str:
     code, body = c.request("GET", "/metrics")
     assert code == 200
     return body.decode()
-
-
-def promtool_clean(page: str) -> None:
-    from tests.support.promtool import check_clean  # HEAD's two `_ms` names are its only remark
-    check_clean(page)
 
 
 HOSTILE = [

@@ -8,36 +8,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from compute.postgres import replica
 from tests.peers.control_plane import ControlPlanePeer
-from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
-from tests.support.pgcluster import scratch_dir
-from tests.support.tree import Compute, with_neon_storage
+from tests.support.tree import Compute, pull_compute, with_neon_storage
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 TOKEN = "deadline-e2e-token-51c2"
 DEADLINE = ["--storage-timeout", "1", "--attempt-deadline", "2"]
-
-
-def pull_compute(cp: ControlPlanePeer, *args: str) -> Compute:
-    c = Compute()
-    c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", *args]
-    c.env = {"NEON_CONSOLE_JWT": "jwt"}
-    cp.spec = c.new_spec()
-    return c
-
-
-@pytest.fixture(scope="module")
-def bb_tar():
-    base = scratch_dir("cs-e2e-deadline-")
-    yield make_basebackup_tar(os.path.join(base, "basebackup.tar"))
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def neon_compute(connstr: str, *args: str, env: dict | None = None) -> Compute:

@@ -29,20 +29,12 @@ import pytest
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.api_helpers import jwks_keys, write_jwks
 from tests.support.pgcluster import PG_USER
-from tests.support.tree import Compute
+from tests.support.tree import Compute, pull_compute
 
 JSON = {"Content-Type": "application/json"}
 PROBE_BOUND = 1.0  # seconds: what a liveness probe tolerates (the bound)
 HEAD_DEADLINE, REQUEST_DEADLINE = 10.0, 10.0  # compute/api/worker.py
 SLACK = 8.0  # a shared, noisy machine
-
-
-def pull_compute(cp: ControlPlanePeer, *args: str) -> Compute:
-    c = Compute()
-    c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023", *args]
-    c.env = {"NEON_CONSOLE_JWT": "jwt"}
-    cp.spec = c.new_spec()
-    return c
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import psycopg
 from compute.api.bodies import parse_rfc3339
 
 from tests.support.fault_tree import alive, program_child, supervisord_pid
-from tests.support import promtool
+from tests.support.promtool import check_clean
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
 
@@ -36,10 +36,6 @@ HANG = 60  # seconds: on a tree that blocks on its stdout, these never come
 def metric(page: str, name: str) -> float | None:
     m = re.search(rf"^{re.escape(name)} (\S+)$", page, re.M)
     return float(m.group(1)) if m else None
-
-
-def promtool_clean(page: str) -> None:
-    promtool.check_clean(page)
 
 
 def prometheus_page(c: Compute) -> str:
@@ -115,7 +111,7 @@ def check_compute_serves_with_stdout_stalled(c: StalledStdoutCompute) -> float:
         found = metric(page, "compute_log_lines_dropped_total")
         return (found, page) if found else None
     dropped, page = wait_for(dropped_count, HANG, "a count of dropped lines on /metrics", 0.1)
-    promtool_clean(page)
+    check_clean(page)
     print(f"lines dropped with a stopped stdout reader: {dropped:.0f} of ~{2 * FLOOD_LINES} flooded")
     return dropped
 
@@ -190,7 +186,7 @@ def test_stopped_monitor_is_detected_and_restarted():
         assert body["monitor_stall_restarts"] >= 1
         assert {"tenant", "timeline", "status", "last_active", "error", "start_time"} <= set(body)
         page = prometheus_page(c)
-        promtool_clean(page)
+        check_clean(page)
         assert metric(page, "compute_monitor_stall_restarts_total") >= 1
         assert metric(page, "compute_monitor_seconds_since_tick") is not None
         assert "monitor stopped ticking" in c.output()

@@ -183,8 +183,9 @@ class PageserverPeer:
             return [s for s in self.sessions if s.startup][-1]
 
     def start(self) -> "PageserverPeer":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pageserver-peer",
-                                        daemon=True)
+        # shutdown() waits for the loop's next poll: the default 0.5 s was paid by every test
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="pageserver-peer", daemon=True)
         self._thread.start()
         return self
 

@@ -462,4 +462,6 @@ autorestart=false
 def short_runtime_dir() -> str:
     """A runtime dir with a short path (unix socket paths are limited to ~107 bytes)."""
     import tempfile
-    return tempfile.mkdtemp(prefix="cs-api-", dir="/tmp")
+
+    from tests.support.pgcluster import SCRATCH_ROOT
+    return tempfile.mkdtemp(prefix="cs-api-", dir=SCRATCH_ROOT)

@@ -250,6 +250,35 @@ class Compute:
         self.close()
 
 
+def pull_compute(cp, *args: str, compute_id: str = "compute-1", jwt: str = "jwt") -> Compute:
+    """A tree in pull mode (-i/-p, HEAD's 2023 protocol) against the control-plane peer `cp`
+    (tests/peers/control_plane.py), `args` added to its flags; `cp` serves the tree's base spec
+    (a test may change cp.spec before the start)."""
+    c = Compute()
+    c.args = ["-i", compute_id, "-p", cp.url, "--control-plane-api", "2023", *args]
+    c.env = {"NEON_CONSOLE_JWT": jwt}
+    cp.spec = c.new_spec()
+    return c
+
+
+@contextmanager
+def running_in_pull_mode(**settings: str) -> Iterator[Compute]:
+    """A pull-mode tree, running, whose control plane served the base spec plus `settings`."""
+    from tests.peers.control_plane import ControlPlanePeer
+    with ControlPlanePeer(None) as cp:
+        c = pull_compute(cp)
+        cp.spec = c.new_spec(**settings)
+        with c:
+            c.wait_status("running")
+            yield c
+
+
+def configure(c: Compute, spec: dict, timeout: float = 60) -> tuple[int, dict | None]:
+    """POST /configure {"spec": spec}: the status code and the JSON answer."""
+    code, body = c.request("POST", "/configure", {"spec": spec}, {"Content-Type": "application/json"}, timeout)
+    return code, json.loads(body) if body else None
+
+
 @contextmanager
 def booted_compute() -> Iterator[Compute]:
     """A tree started on the embedded default (initdb, base_spec), stopped afterwards."""
