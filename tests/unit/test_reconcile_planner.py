@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 from psycopg import sql
@@ -396,16 +395,13 @@ def _walk(c):
 
 # -- scale ---------------------------------------------------------------------------------
 
-def test_planner_scales_linearly():
+def test_planner_at_scale_plans_each_object_once_and_nothing_when_done():
+    # How long it takes is measured by `python -m bench.reconcile` (1,000 roles + 100 databases),
+    # never asserted here: a wall-clock limit fails on a loaded machine, not on a slow planner.
     n_roles, n_dbs = 1000, 100
     s = spec(roles=[(f"u{i}", MD5_A) for i in range(n_roles)], dbs=[(f"d{j}", f"u{j}") for j in range(n_dbs)])
-    t0 = time.monotonic()
     p = plan(catalog(), s, superuser=SU)
-    first = time.monotonic() - t0
     assert p.statement_count == 2 * n_roles + 2 * n_dbs
     done = catalog({f"u{i}": "md5" + MD5_A for i in range(n_roles)}, {f"d{j}": f"u{j}" for j in range(n_dbs)},
                    grants={f"d{j}": {f"u{i}" for i in range(n_roles)} for j in range(n_dbs)})
-    t0 = time.monotonic()
     assert plan(done, s, superuser=SU).is_empty
-    noop = time.monotonic() - t0
-    assert first < 2.0 and noop < 2.0, (first, noop)
