@@ -2,3 +2,6 @@
 before it forks a program, read by the program (which must not import the tree)."""
 
 fully_warm = False  # forked from the whole warm image (every program but the first start's driver)
+# The first start's driver, forked by compute-ctl before supervisord runs (compute/tree/early_driver.py):
+# it starts the storage request before importing the rest of itself (compute/lifecycle/early.py).
+forked_early = False

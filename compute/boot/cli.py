@@ -535,7 +535,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     import sqlite3
     from compute.shared.state import RUNTIME_DIR_ENV, STATE_ID_ENV, StateStore, state_path
     from compute.tree.supervisord_conf import CONF_NAME, render_supervisord_conf
-    from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     from compute.boot.users import effective_user
     try:
         spec_doc, spec, superuser, ctl_config = validate(args)
@@ -624,7 +623,34 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         return 1
 
     mark("compute-ctl: validated, rendered")
-    become_subreaper()
+    become_subreaper()  # before the first fork: every orphan of the tree is ours to reap
+    # From here on we are supervisord (one PID for the life of the compute): its loop runs in
+    # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
+    # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
+    # installed package in every program). No secrets: each goes only to the program that
+    # needs it (compute/model/environ.py, the conf's per-program environment).
+    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
+           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id}
+    # The lifecycle driver now, not after supervisord's warm-up: it starts the storage request
+    # while we become supervisord, which adopts it (compute/tree/early_driver.py).
+    from compute.base.procutil import SUPERVISORD_PID_ENV
+    from compute.shared.supervisor_rpc import socket_path
+    from compute.tree import early_driver
+    early_driver.hold_stop_signals()
+    early_driver.fork_driver(early_driver.program_environment(
+        {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
+    try:
+        return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec)
+    finally:
+        early_driver.stop_unadopted()  # supervisord never took it over: a failed bootstrap
+
+
+def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec) -> int:
+    from compute.shared.state import state_path
+    from compute.tree.exit_decision import tree_exit_code
+    from compute.tree.reaper import stop_descendants
+    from compute.tree.supervisord_conf import CONF_NAME
+    from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
     for warning in (exposure_warning(args.http_address, settings.jwks_path),
@@ -634,13 +660,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     if spec is not None and spec.ignored_keys:
         from compute.model.spec_shape import unknown_keys_line
         log.warning("%s", unknown_keys_line(spec.ignored_keys))
-    # From here on we are supervisord (one PID for the life of the compute): its loop runs in
-    # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
-    # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
-    # installed package in every program). No secrets: each goes only to the program that
-    # needs it (compute/model/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id}
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either

@@ -256,8 +256,9 @@ def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
     os.register_at_fork(after_in_child=lambda: _trace_imports_after_fork(trace_dir, name + "-child"))
 
 
-def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
-    """In supervisord's child: become the program and never return."""
+def run_forked(module: str, argv: list[str], env: dict[str, str], entry: str | None = None) -> None:
+    """In supervisord's child: become the program and never return. `entry`: instead of the
+    module's own (the early driver's: compute/tree/early_driver.py)."""
     code = 1
     try:
         trace_dir = os.environ.get(TRACE_ENV)  # compute-ctl's own environment, not the program's
@@ -269,7 +270,8 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
         _set_environ(env)
         _fresh_stdio()
         _fresh_logging()
-        name, entry = FORKED[module]
+        name, own_entry = FORKED[module]
+        entry = entry or own_entry
         _set_comm(name)
         _trim_malloc()  # the parent's free heap pages, inherited: see warm_for
         mark(f"{name}: forked")
