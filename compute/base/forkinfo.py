@@ -5,3 +5,6 @@ fully_warm = False  # forked from the whole warm image (every program but the fi
 # The first start's driver, forked by compute-ctl before supervisord runs (compute/tree/early_driver.py):
 # it starts the storage request before importing the rest of itself (compute/lifecycle/early.py).
 forked_early = False
+# In that driver: (launch settings, spec) as compute-ctl wrote them to the state file just before the
+# fork, as objects: its first look at the plan parses neither again (~10-30 ms).
+bootstrap_objects: tuple | None = None

@@ -284,11 +284,10 @@ def _inside(child: str, parent: str) -> bool:
 
 def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
     """-b's binary: a name is looked up on PATH (as execvp would), a path must be executable."""
-    import shutil
     path = os.environ.get("PATH", os.defpath) if path is None else path
     example = "give the full path, e.g. -b /usr/lib/postgresql/15/bin/postgres"
     if os.sep not in pgbin:
-        found = shutil.which(pgbin, path=path)
+        found = _which(pgbin, path)
         if not found:
             raise UsageError(f"-b/--pgbin {pgbin!r}: no executable {pgbin!r} on PATH ({path}): "
                              f"{example}, or add its directory to PATH")
@@ -303,12 +302,33 @@ def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
     return os.path.abspath(pgbin)
 
 
+def _which(name: str, path: str) -> str | None:
+    """shutil.which(name, path=path) on POSIX, without importing shutil (bz2, lzma: ~5 ms on
+    compute-ctl's path to its first storage request, issue 22)."""
+    if not path:
+        return None
+    seen = set()
+    for d in path.split(os.pathsep):
+        if d in seen:
+            continue
+        seen.add(d)
+        candidate = os.path.join(d, name)
+        if os.path.exists(candidate) and os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def resolve_pgbin_dir(pgbin: str) -> str:
     """Where initdb lives for the embedded default: next to pgbin, or next to what it links to."""
     for d in (os.path.dirname(pgbin), os.path.dirname(os.path.realpath(pgbin)), "/usr/lib/postgresql/15/bin"):
         if os.access(os.path.join(d, "initdb"), os.X_OK):
             return d
     return os.path.dirname(pgbin)
+
+
+def _exporter_dsn(connstr: str) -> str:
+    from compute.programs.postgres_exporter import exporter_dsn
+    return exporter_dsn(connstr)
 
 
 def require_superuser(connstr: str) -> str:
@@ -527,10 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float) -> int:
     """Everything after the bind: validate, prepare, render, drop root, become supervisord."""
     from compute.model.environ import SECRET_VARS, program_secrets, supervisord_environment
-    from compute.tree.exit_decision import tree_exit_code
-    from compute.programs.postgres_exporter import exporter_dsn
     from compute.base.procutil import become_subreaper, scrub_initial_environment
-    from compute.tree.reaper import stop_descendants
     from compute.model.spec import SpecError
     import sqlite3
     from compute.shared.state import RUNTIME_DIR_ENV, STATE_ID_ENV, StateStore, state_path
@@ -599,7 +616,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             auth_token=spec.storage_auth_token if spec else None, vm_informant=vm_informant,
             informant_connstr=informant_connstr,
             postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
-            exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
+            exporter_dsn=_exporter_dsn(args.connstr) if args.postgres_exporter else "",
             program_env=program_secrets(os.environ, spec.storage_auth_token if spec else None))
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
@@ -637,6 +654,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from compute.shared.supervisor_rpc import socket_path
     from compute.tree import early_driver
     early_driver.hold_stop_signals()
+    from compute.base import forkinfo
+    forkinfo.bootstrap_objects = (settings, spec)  # what the state file was just created with
     early_driver.fork_driver(early_driver.program_environment(
         {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
     try:
