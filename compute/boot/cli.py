@@ -656,8 +656,11 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     early_driver.hold_stop_signals()
     from compute.base import forkinfo
     forkinfo.bootstrap_objects = (settings, spec)  # what the state file was just created with
-    early_driver.fork_driver(early_driver.program_environment(
-        {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
+    try:
+        early_driver.fork_driver(early_driver.program_environment(
+            {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
+    except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
+        log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
     try:
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec)
     finally:

@@ -7,9 +7,11 @@ forks as usual; in the child, `execve` (supervisor's `options.execve`, the seam)
 program's `python -m MODULE` entry point (what its `__main__` block calls) in-process and leaves with `os._exit` instead of
 starting a new interpreter. Restarts fork again from the same warm parent. postgres, gdb,
 vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
-Two stages: the driver (the critical path of every start) is forked as soon as its own modules
-are imported (`warm_early`); the rest is imported just before the first other program is
-spawned (`warm_for`, from compute.tree.supervisord), while the driver already runs.
+The first start's driver is not forked from here: compute-ctl forks it before supervisord runs
+and supervisord adopts it (compute/tree/early_driver.py); it runs through `run_forked` all the
+same. The warm image is imported just before the first other program is spawned (`warm_for`,
+from compute.tree.supervisord), while that driver already runs; `warm_early` (the driver's
+modules first) is for a supervisord without an early driver (standalone).
 
 Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
 program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built

@@ -179,6 +179,10 @@ def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
     """compute-ctl is supervisord (one PID): every program and postgres get a parent-death
     signal and go on their own."""
     with Scene(moment) as s:
+        # initdb may run before supervisord's loop has written its pid file (the driver is forked
+        # first: compute/tree/early_driver.py)
+        wait_for(lambda: os.path.exists(os.path.join(s.c.runtime_dir, "supervisord.pid")), 30,
+                 "supervisord's pid file", 0.005)
         assert supervisord_pid(s.c.runtime_dir) == s.c.proc.pid
         s.rec.record()
         t0 = time.monotonic()
