@@ -125,6 +125,8 @@ def fork_driver(env: dict[str, str], python: str) -> EarlyDriver:
             os._exit(127)
     os.close(child_stdin)
     os.close(child_stdout)
+    from compute.tree.warmfork import defer_driver_modules
+    defer_driver_modules()
     mark("compute-ctl: lifecycle forked early")
     _pending = EarlyDriver(pid, stdin, stdout)
     return _pending

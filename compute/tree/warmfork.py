@@ -78,13 +78,30 @@ def warm_early() -> None:
     gc.freeze()
 
 
+_deferred: tuple[str, ...] = ()  # modules left out of the warm image until a driver is forked from it
+
+
+def defer_driver_modules() -> None:
+    """The first start's driver was forked before supervisord (compute/tree/early_driver.py) and
+    imports its own modules: compute-ctl imports them only for the next driver (the start-up's
+    hand-over), not while that driver and its storage request need the CPU (issue 22)."""
+    global _deferred
+    _deferred = EARLY_PROGRAMS["lifecycle"]
+
+
 def warm_for(program: str) -> None:
     """Before supervisord spawns `program`: the whole warm image unless the early one is enough."""
-    global _loader_pages_released
+    global _loader_pages_released, _deferred
     if program not in EARLY_PROGRAMS and not forkinfo.fully_warm:
         warm()
         forkinfo.fully_warm = True
     elif program in EARLY_PROGRAMS and forkinfo.fully_warm and not _loader_pages_released:
+        if _deferred:  # a driver forked from the image from now on: its modules in it, frozen
+            for name in _deferred:
+                importlib.import_module(name)
+            _deferred = ()
+            gc.collect()
+            gc.freeze()
         # The driver spawned again once everything is warm: normally the fresh one after the
         # start-up's hand-over, when the tree is up and idle.
         mark(f"supervisord: {release_loader_pages()} KiB of loader pages unmapped")
@@ -183,6 +200,8 @@ def warm(jwks: bool | None = None) -> None:
         from compute.shared.state import runtime_dir_from_env
         jwks = jwks_configured(runtime_dir_from_env(required=False))
     for name in warm_modules(jwks):
+        if name in _deferred:
+            continue
         try:
             importlib.import_module(name)
         except ImportError:  # an optional piece (a gunicorn without our worker's hooks)
