@@ -664,7 +664,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     try:
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec)
     finally:
-        early_driver.stop_unadopted()  # supervisord never took it over: a failed bootstrap
+        if early_driver.stop_unadopted():  # supervisord never took it over: a failed bootstrap
+            from compute.tree.reaper import stop_descendants
+            stop_descendants(pgdata)  # what it left (initdb's bootstrap postgres, reparented to us)
 
 
 def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec) -> int:

@@ -161,13 +161,14 @@ def adopt(process) -> int:
     return process._spawn_as_parent(early.pid)
 
 
-def stop_unadopted(wait: float = 5.0) -> None:
+def stop_unadopted(wait: float = 5.0) -> bool:
     """A bootstrap that fails after the fork: the driver's process group (with the storage
-    request it started) is stopped and waited for; compute-ctl's reaper then finds nothing."""
+    request it started) is stopped and waited for. True when there was one to stop (the caller
+    then reaps what it left: initdb runs in a session of its own)."""
     global _pending
     early, _pending = _pending, None
     if early is None:
-        return
+        return False
     for sig, grace in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
         try:
             os.killpg(early.pid, sig)
@@ -183,3 +184,4 @@ def stop_unadopted(wait: float = 5.0) -> None:
         break
     for fd in (early.stdin, early.stdout):
         os.close(fd)
+    return True

@@ -12,6 +12,8 @@ import shutil
 import signal
 import time
 
+import pytest
+
 from compute.base.trace import read
 from compute.tree.supervisord_conf import template_dir
 from tests.peers.pageserver import PageserverPeer
@@ -140,17 +142,26 @@ def broken_templates() -> str:
     return d
 
 
-def test_a_bootstrap_that_fails_after_the_fork_leaves_nothing(bb_tar: str) -> None:
+@pytest.mark.parametrize("path", ["neon", "embedded"])
+def test_a_bootstrap_that_fails_after_the_fork_leaves_nothing(bb_tar: str, path: str) -> None:
+    """supervisord refuses its conf after the driver started the sync (held at its gate) or
+    initdb (which runs in a session of its own, with a bootstrap postgres under it)."""
     with PageserverPeer(bb_tar, password=TOKEN) as ps:
         c = gated_compute(ps.connstr)
+        if path == "embedded":
+            c.spec = c.new_spec()
         c.env["COMPUTE_TEMPLATE_DIR"] = broken_templates()
         with c:
-            rec = TreeRecord(c.proc.pid).keep_recording()
+            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
             try:
                 code = c.wait_exit(60)
                 rec.stop()
                 assert code != 0, c.output()[-3000:]
-                assert "compute-ctl: lifecycle forked early" in [e for _, _, e in read(c.trace)]
+                events = [e for _, _, e in read(c.trace)]
+                assert "compute-ctl: lifecycle forked early" in events
+                started = [e for e in events if e.startswith("lifecycle: storage request")]
+                print(f"\n{path}: the failed bootstrap stopped the driver {'after' if started else 'before'} "
+                      "its storage request")  # a race with supervisord's parse: either way, nothing left
                 assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
                 assert_ports_free(c)
             finally:

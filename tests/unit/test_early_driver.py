@@ -88,5 +88,5 @@ def test_held_stop_signals_are_replayed_in_order(monkeypatch) -> None:
 
 def test_nothing_to_stop_when_supervisord_adopted_it() -> None:
     assert not early_driver.pending()
-    early_driver.stop_unadopted()  # a no-op: no process, no fd
+    assert early_driver.stop_unadopted() is False  # a no-op: no process, no fd
     assert os.getpid()
