@@ -8,3 +8,6 @@ forked_early = False
 # In that driver: (launch settings, spec) as compute-ctl wrote them to the state file just before the
 # fork, as objects: its first look at the plan parses neither again (~10-30 ms).
 bootstrap_objects: tuple | None = None
+# In that driver: a pipe to compute-ctl, written once its storage request is started (or known to
+# be none): compute-ctl waits for it, briefly, before its own imports (compute/tree/early_driver.py).
+early_ready_fd: int | None = None

@@ -101,6 +101,19 @@ def start_early(runtime_dir: str) -> EarlyStart | None:
     return EarlyStart(request, proc, t0, password=password, pwfile=pwfile)
 
 
+def _tell_compute_ctl() -> None:
+    """compute-ctl waits (briefly) for the request to be on its way before its own imports."""
+    fd, forkinfo.early_ready_fd = forkinfo.early_ready_fd, None
+    if fd is None:
+        return
+    try:
+        os.write(fd, b".")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     """The lifecycle program (`python -m compute.lifecycle.driver` runs the same, forked from
     compute-ctl's warm image: compute/tree/warmfork.py)."""
@@ -113,5 +126,7 @@ def main() -> None:
             early = start_early(runtime_dir_from_env())
         except Exception:  # noqa: BLE001 - the driver proper does it again, and reports what fails
             early = None
+        finally:
+            _tell_compute_ctl()
     from compute.lifecycle import driver
     driver.main(early=early, parent_checked=True)
