@@ -8,8 +8,9 @@ everything is validated and the state file is written (the last step that may re
 start: nothing is touched before it), compute-ctl forks the driver at once, as supervisord
 would fork it: its own process group, stdin and stdout+stderr on pipes, every other fd closed,
 supervisord's environment for the program (`program_environment`), comm `lifecycle`. The
-driver starts the storage request before it imports anything heavy (compute/lifecycle/early.py),
-while compute-ctl, on the other core, becomes supervisord. At its first spawn of `lifecycle`
+driver starts the storage request before it imports anything heavy (compute/lifecycle/early.py)
+and says so on a pipe; compute-ctl waits for that (at most READY_WAIT), then becomes
+supervisord while the request runs. At its first spawn of `lifecycle`
 supervisord takes this process over instead of forking one (`adopt`): the pipes become the
 program's dispatchers, the pid its pid, and from there on it is the program like any other
 (stopped as a group, restarted when it exits, its lines relayed).
