@@ -1,7 +1,8 @@
 # compute-supervisor: a Postgres compute node (Neon compute_ctl compatible) under supervisord.
 #
 #   podman build --format docker --network host -t compute-supervisor .   (or docker build)
-#   docker run --rm -p 3080:3080 -p 55432:55432 compute-supervisor          # demo compute
+#   podman run --rm --network host compute-supervisor                      # demo compute, on the
+#       host's 127.0.0.1:3080 and :55432 only (loopback: its password is `demo`; docs/operations.md)
 #   docker run --rm -v $PWD/spec.json:/spec/spec.json:ro -e ... compute-supervisor \
 #       -D /var/lib/postgresql/pgdata -C postgresql://cloud_admin@127.0.0.1:55432/postgres \
 #       -S /spec/spec.json -b postgres                                      # a real compute
@@ -51,4 +52,4 @@ ENTRYPOINT ["compute-ctl"]
 CMD ["-D", "/var/lib/postgresql/pgdata", \
      "-C", "postgresql://cloud_admin@127.0.0.1:55432/postgres", \
      "-S", "/etc/compute/demo-spec.json", \
-     "--runtime-dir", "/tmp/compute-ctl"]
+     "--runtime-dir", "/tmp/compute-ctl", "--http-address", "127.0.0.1"]

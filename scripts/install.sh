@@ -77,6 +77,11 @@ trap 'rm -rf "$build"' EXIT
 (cd "$repo" && tar --exclude=.git --exclude='*.egg-info' --exclude=build -cf - .) | tar -xf - -C "$build"
 sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps "$build"
 sudo_ "$venv/bin/python" -m pip install -q --disable-pip-version-check "$build$extra"
+# `compute-ctl` on PATH (its sub-commands `supervisorctl` and `plan` need no venv path), for the
+# default venv only: another venv (a test's) never takes the name over; a real file is left alone.
+if [ "$venv" = /opt/compute-supervisor/venv ] && { [ -L /usr/local/bin/compute-ctl ] || [ ! -e /usr/local/bin/compute-ctl ]; }; then
+  sudo_ ln -sfn "$venv/bin/compute-ctl" /usr/local/bin/compute-ctl
+fi
 source_hash "$build" | sudo_ tee "$stamp" >/dev/null
 sudo_ chmod -R a+rX "$(dirname "$venv")"
 echo "install.sh: compute-ctl installed in $venv"

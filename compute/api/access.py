@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from compute.model.jwks import check_jwks_document
+from compute.model.compute_config import check_jwks_document
 
 
 def _jwt():

@@ -20,6 +20,7 @@ from compute.api.errors import BodyLimit, JsonOnly, serialize_error
 from compute.api.fastpath import RetryInPool, answering_inline
 from compute.api.health import Healthz, Readyz
 from compute.api.insights import Insights
+from compute.api.internal import ByListener, create_internal_app
 from compute.api.openapi_doc import OpenApiDocument
 from compute.api.prometheus import PrometheusMetrics
 from compute.api.promote import Promote
@@ -31,8 +32,17 @@ from compute.shared.state import StateFileLost
 log = logging.getLogger("compute.api.app")
 
 
-def create_app(runtime_dir: str | None = None) -> falcon.App:
+def create_app(runtime_dir: str | None = None) -> ByListener:
+    """The external app, and the internal port's (compute/api/internal.py), split by the port
+    of the listener a request came through."""
     ctx = ApiContext(runtime_dir or runtime_dir_from_env())
+    internal = create_internal_app(ctx)
+    internal.add_error_handler(sqlite3.OperationalError, state_file_error)
+    internal.add_error_handler(StateFileLost, state_file_lost)
+    return ByListener(ctx, create_external_app(ctx), internal)
+
+
+def create_external_app(ctx: ApiContext) -> falcon.App:
     access = Access(settings=lambda: ctx.settings)
 
     # In this order: 413, 400/401/403, 415, then a data route's share of the pool (429).

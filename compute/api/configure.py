@@ -28,7 +28,7 @@ from compute.shared import driver_requests
 from compute.model import modes
 from compute.api.context import ApiContext, head_status_name
 from compute.api.errors import json_body, read_body, spec_request
-from compute.model.jwks import ConfigError, check_compute_ctl_config
+from compute.model.compute_config import ConfigError, parse_compute_ctl_config
 from compute.model.spec import SpecError, SpecShapeError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.model.spec_shape import unknown_keys_line
 
@@ -54,7 +54,7 @@ class Configure:
         body = spec_request(read_body(req), '{"spec": {...}, "compute_ctl_config": {...}}')
         if body.get("compute_ctl_config") is not None:
             try:
-                check_compute_ctl_config(body["compute_ctl_config"])
+                parse_compute_ctl_config(body["compute_ctl_config"])
             except ConfigError as e:
                 raise falcon.HTTPBadRequest(description=str(e)) from None
             log.info("compute_ctl_config checked, not applied: the JWKS is fixed for the life of the compute")

@@ -13,8 +13,10 @@ COMPUTE_API_FAST_PATH=0 (every request to the thread pool: compute/api/fastpath.
 import gc
 import os
 
+import gunicorn.util
 
-from compute.api.listener import inherited_fd
+from compute.api.listener import inherited_fd, inherited_internal_fd
+from compute.base import proctitle
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.model.launch import LaunchSettings, require as require_settings
@@ -46,6 +48,13 @@ _access_log = os.environ.get("COMPUTE_API_ACCESS_LOG", "") not in ("", "0")
 _api_fd = inherited_fd()
 bind = [f"fd://{_api_fd}"] if _api_fd is not None else [
     bind_address(_launch_settings.http_address, _launch_settings.http_port)]
+# The internal port (compute/api/internal.py), after the external one: the worker takes the
+# connections compute-ctl's early responder held (external ones) as the first listener's.
+_internal_fd = inherited_internal_fd()
+if _internal_fd is not None:
+    bind.append(f"fd://{_internal_fd}")
+elif _api_fd is None and _launch_settings.internal_http_address is not None:
+    bind.append(bind_address(_launch_settings.internal_http_address, _launch_settings.internal_http_port))
 try:  # gthread that reads request heads in its poller, not in a pool thread (see the module)
     from compute.api.worker import HeadFirstThreadWorker as worker_class
 except (ImportError, AttributeError):  # a gunicorn without the hooks it needs
@@ -100,6 +109,16 @@ else:
 # gunicorn >= 24 opens a control socket under $HOME by default: shared between instances, and
 # nothing here uses it.
 control_socket_disable = True
+
+
+def _title(text: str) -> None:
+    """gunicorn titles its master and each worker (`master [proc_name]`, through setproctitle,
+    which would also make comm `gunicorn: maste`): ours instead (compute/base/proctitle.py),
+    `compute-ctl: api master|worker (runtime dir DIR)`, comm `api`."""
+    proctitle.set_title(f"api {text.split(' ', 1)[0]}", runtime_dir_from_env(required=False), comm="api")
+
+
+gunicorn.util._setproctitle = _title  # looked up at each call (gunicorn.arbiter: util._setproctitle)
 
 
 def on_starting(server):

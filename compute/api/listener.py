@@ -3,7 +3,9 @@
 compute-ctl binds --http-address:--http-port before it touches anything (a port in use is a
 one-line usage error, nothing left behind), and keeps the socket open until it exits. The api
 program (gunicorn, forked from compute-ctl: compute/tree/warmfork.py) gets that one descriptor and
-serves it (`bind = fd://N`, compute/api/gunicorn_conf.py). So:
+serves it (`bind = fd://N`, compute/api/gunicorn_conf.py). The internal port's socket
+(--internal-http-port, when given: compute/api/internal.py) is bound and held the same way
+(`COMPUTE_API_INTERNAL_FD`), and served by the same gunicorn. So:
 - the kernel queues connections from compute-ctl's first milliseconds: an early /status waits
   for the api instead of being refused;
 - an api restart (kill -9 of its master, `supervisorctl restart api`) never binds again: no
@@ -22,6 +24,7 @@ import os
 import socket
 
 API_FD_ENV = "COMPUTE_API_FD"  # the descriptor number, in supervisord's (so every program's) environment
+INTERNAL_FD_ENV = "COMPUTE_API_INTERNAL_FD"  # the internal port's socket (compute/api/internal.py), when served
 BACKLOG = 2048  # gunicorn's default
 
 
@@ -29,9 +32,9 @@ class BindError(Exception):
     pass
 
 
-def bind_api_socket(address: str, port: int) -> socket.socket:
+def bind_api_socket(address: str, port: int, flags: str = "--http-address/--http-port") -> socket.socket:
     """A listening TCP socket on address:port (an IP literal), close-on-exec; BindError (one
-    line) if the address cannot be had."""
+    line, naming `flags`) if the address cannot be had."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -41,7 +44,7 @@ def bind_api_socket(address: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
-        raise BindError(f"the HTTP API cannot listen on {where} (--http-address/--http-port): "
+        raise BindError(f"the HTTP API cannot listen on {where} ({flags}): "
                         f"{e.strerror or e}") from None
     if sock.fileno() <= 2:  # started with stdio closed: fds 0-2 become each child's pipes
         fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
@@ -50,10 +53,20 @@ def bind_api_socket(address: str, port: int) -> socket.socket:
     return sock
 
 
-def inherited_fd(environ=os.environ) -> int | None:
+def inherited_fd(environ=os.environ, name: str = API_FD_ENV) -> int | None:
     """The API socket's descriptor number, as compute-ctl exported it, or None."""
-    value = environ.get(API_FD_ENV, "")
+    value = environ.get(name, "")
     return int(value) if value.isdigit() else None
+
+
+def inherited_internal_fd(environ=os.environ) -> int | None:
+    """The internal port's socket, when compute-ctl bound one."""
+    return inherited_fd(environ, INTERNAL_FD_ENV)
+
+
+def api_fds(environ=os.environ) -> tuple[int, ...]:
+    """Every socket the api serves (the external first): what only the api keeps."""
+    return tuple(fd for fd in (inherited_fd(environ), inherited_internal_fd(environ)) if fd is not None)
 
 
 def keeps_api_socket(module: str | None) -> bool:

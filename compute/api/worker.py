@@ -234,6 +234,19 @@ class HeadFirstThreadWorker(gthread.ThreadWorker):
             self._on_readable(gthread.TConn(self.cfg, sock, client, server))
         super().run()
 
+    def set_accept_enabled(self, enabled):
+        """As gthread's; and a stopping worker (SIGTERM, or its master gone) closes its copy of
+        the listening socket at once. gthread only stops polling it, and keeps it open while the
+        requests in flight finish (up to graceful_timeout), so a /configure in flight kept the
+        API port listened on until the master's SIGKILL of the worker, and then for as long as
+        the dying worker's last thread took to exit (after kill -9 of compute-ctl, the port
+        outlived every process the tree's /proc showed alive). The connections waiting in the
+        backlog are not lost: the socket is also compute-ctl's (and a new master's)."""
+        super().set_accept_enabled(enabled)
+        if not enabled and (not self.alive or self.ppid != os.getppid()):
+            for listener in self.sockets:
+                listener.close()  # idempotent: gthread closes them again at the end
+
     # -- the poller: read heads, answer inline routes, hand the rest to the pool -------------
     # A connection the poller keeps (waiting for bytes, or answered inline and kept alive) stays
     # registered with the selector from one request to the next (only its callback changes: no

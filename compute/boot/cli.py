@@ -31,7 +31,7 @@ import urllib.parse
 
 from compute import __version__
 from compute.api.handover import handover_path
-from compute.api.listener import API_FD_ENV, BindError, bind_api_socket
+from compute.api.listener import API_FD_ENV, INTERNAL_FD_ENV, BindError, bind_api_socket
 from compute.boot.early_responder import EarlyResponder
 from compute.base.logs import setup_bootstrap_logging
 from compute.boot.paths import Policy, default_runtime_dir, secure_dir
@@ -57,9 +57,11 @@ class UsageError(Exception):
 # COMPUTE_API_FD, COMPUTE_SUPERVISORD_PID, COMPUTE_STATE_FILE_ID, PGPASSFILE. Written out: no
 # textwrap before the bind.
 EPILOG = (
-    "Exactly one spec source: -c, -s, -S, or -i with -p. Operators: supervisorctl -c\n"
-    "RUNTIME_DIR/supervisord.conf status. Sub-command: `compute-ctl plan -C CONNSTR\n"
-    "-S SPEC` prints the SQL a reconfiguration would run, without running it.\n"
+    "Exactly one spec source: -c, -s, -S, or -i with -p. Sub-commands:\n"
+    "  compute-ctl supervisorctl [--runtime-dir DIR] status|restart monitor|tail -f api...\n"
+    "      supervisorctl against the compute's supervisord (RUNTIME_DIR/supervisord.conf)\n"
+    "  compute-ctl plan -C CONNSTR -S SPEC [--runtime-dir DIR]\n"
+    "      the SQL and setting changes a reconfiguration would make, without making them\n"
     "\n"
     "environment variables:\n"
     "  NEON_CONTROL_PLANE_TOKEN, NEON_CONSOLE_JWT\n"
@@ -121,12 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-http-port", dest="http_port", type=_port, default=default("http_port"),
                    action=_PortFlag, metavar="PORT", help="HTTP API port (default 3080); the same as --http-port")
     p.add_argument("--internal-http-port", type=_port, default=default("internal_http_port"), action=_PortFlag,
-                   metavar="PORT", help="Neon's internal API port (default 3081): accepted and recorded, not served yet")
+                   metavar="PORT", help="Neon's internal API port (default 3081): POST /grants, /extensions, no "
+                   "token; served only when this flag or --internal-http-address is given")
     p.add_argument("--http-port", type=int, default=default("http_port"), action=_PortFlag,
                    help="HTTP API port (default 3080); not with --external-http-port or --internal-http-port")
     p.add_argument("--http-address", default=default("http_address"),
                    help="IP address the HTTP API binds to (default 0.0.0.0: all interfaces); "
                         "e.g. 127.0.0.1 or the pod IP")
+    p.add_argument("--internal-http-address", default=None, metavar="ADDRESS",
+                   help="IP address the internal API binds to (default 127.0.0.1: loopback, and only loopback "
+                        "clients are answered); another address opens it to whoever reaches it (a warning at start)")
     p.add_argument("--runtime-dir", default=None,
                    help="rendered supervisord.conf, its control socket, the state file and logs "
                         "(default /run/compute-ctl as root, else /tmp/compute-ctl-$USER); never inside PGDATA")
@@ -350,7 +356,7 @@ def validate_flags(args: argparse.Namespace) -> None:
         raise UsageError("-i/--compute-id must not be empty")
     if not (0 < args.http_port < 65536):
         raise UsageError("--http-port must be 1..65535")
-    if getattr(args, "internal_http_port_given", False) and args.internal_http_port == args.http_port:
+    if internal_served(args) and args.internal_http_port == args.http_port:
         raise UsageError("--internal-http-port must differ from the external HTTP port")
     if not (0 < args.postgres_exporter_port < 65536) or (
             args.postgres_exporter and args.postgres_exporter_port == args.http_port):
@@ -367,6 +373,9 @@ def validate_flags(args: argparse.Namespace) -> None:
         if not (0 <= value <= 86400):  # NaN fails too
             raise UsageError(f"{flag} must be 0..86400 seconds")
     args.http_address = http_address(args.http_address)
+    if internal_served(args):
+        args.internal_http_address = http_address(args.internal_http_address or INTERNAL_DEFAULT_ADDRESS,
+                                                  "--internal-http-address")
     if not (1 <= args.storage_timeout <= 86400):  # also refuses nan
         raise UsageError("--storage-timeout must be between 1 and 86400 seconds")
     if not (1 <= args.attempt_deadline <= 86400):
@@ -432,12 +441,31 @@ def spec_identity(spec) -> dict:
     return {"tenant": spec.tenant_id if spec else None, "timeline": spec.timeline_id if spec else None}
 
 
-def http_address(text: str) -> str:
+def http_address(text: str, flag: str = "--http-address") -> str:
     """The --http-address as a normalised IP literal (v4 or v6, no brackets)."""
     try:
         return str(ipaddress.ip_address(text.strip().strip("[]")))
     except ValueError:
-        raise UsageError(f"--http-address {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
+        raise UsageError(f"{flag} {text!r}: not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::1)") from None
+
+
+INTERNAL_DEFAULT_ADDRESS = "127.0.0.1"
+
+
+def internal_served(args: argparse.Namespace) -> bool:
+    """The internal API is served when --internal-http-port or --internal-http-address is given
+    (as HEAD's launch always does); a launch without either (the 2023 contract's) has none, so
+    computes sharing a machine never contend for HEAD's default 3081."""
+    return bool(getattr(args, "internal_http_port_given", False) or getattr(args, "internal_http_address", None))
+
+
+def internal_exposure_warning(address: str | None) -> str | None:
+    """The warning for an internal API (no token, ever) listening beyond loopback, or None."""
+    if address is None or ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"!!! the internal API (POST /grants, /extensions: no token) listens on {address}, not loopback: "
+            "anyone who reaches the port can grant privileges and install extensions. Use "
+            "--internal-http-address 127.0.0.1 unless the network is yours alone !!!")
 
 
 def exposure_warning(address: str, jwks: str | None) -> str | None:
@@ -514,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "plan":
         from compute.boot.plan_command import main as plan_main
         return plan_main(argv[1:])
+    if argv and argv[0] == "supervisorctl":
+        from compute.boot.supervisorctl_command import main as supervisorctl_main
+        return supervisorctl_main(argv[1:])
     mark("compute-ctl: imported")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -525,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
         # Bound now, as root (a port < 1024 works) and before anything is touched; held until
         # we exit, served by the api program (compute/api/listener.py).
         api_sock = bind_api_socket(args.http_address, args.http_port)
+        try:
+            internal_sock = bind_api_socket(args.internal_http_address, args.internal_http_port,
+                                            "--internal-http-address/--internal-http-port") \
+                if internal_served(args) else None
+        except BindError:
+            api_sock.close()
+            raise
     except (UsageError, BindError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
@@ -535,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     # path or user: checked next, each a one-line error): never more than that.
     responder = EarlyResponder(api_sock, started=started, jwks=True if args.jwks else (None if (args.config or args.control_plane_uri) else False)).start()
     try:
-        return bootstrap(args, api_sock, responder, started)
+        return bootstrap(args, api_sock, responder, started, internal_sock)
     finally:
         responder.stop()  # bounded; on every way out
         # Our last lines, while stdout's reader keeps reading; a stopped one costs ~1 s, then
@@ -544,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         STDERR.drain()
 
 
-def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float) -> int:
+def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float,
+              internal_sock=None) -> int:
     """Everything after the bind: validate, prepare, render, drop root, become supervisord."""
     from compute.model.environ import SECRET_VARS, program_secrets, supervisord_environment
     from compute.base.procutil import become_subreaper, scrub_initial_environment
@@ -567,11 +606,14 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     except (UsageError, SpecError, ValueError) as e:  # ConfigError is a ValueError
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
+    from compute.base import proctitle  # our title in ps, instead of our flags (a -s spec...)
+    proctitle.set_title("bootstrap", runtime_dir, comm="compute-ctl")
 
     for line in ignored_flag_lines(args):
         log.info("%s", line)
-    if args.internal_http_port_given:
-        log.info("--internal-http-port %d: recorded; the internal API is not served yet", args.internal_http_port)
+    if internal_sock is not None:
+        log.info("internal API (POST /grants, /extensions) on %s port %d", args.internal_http_address,
+                 args.internal_http_port)
     if ctl_config is not None and ctl_config.tls is not None:
         log.info("compute_ctl_config.tls ignored: TLS is not supported")
     jwks_path, jwks_to_write, jwks_note = choose_jwks(args, runtime_dir, ctl_config)
@@ -581,7 +623,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     settings = LaunchSettings(
         pgdata=pgdata, connstr=args.connstr, pgbin=pgbin, pgbin_dir=resolve_pgbin_dir(pgbin),
         superuser=superuser, http_port=args.http_port, internal_http_port=args.internal_http_port,
-        http_address=args.http_address, runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
+        http_address=args.http_address, internal_http_address=args.internal_http_address if internal_sock else None, runtime_dir=runtime_dir, lock_timeout=args.lock_timeout,
         statement_timeout=args.statement_timeout,
         compute_id=args.compute_id, control_plane_uri=args.control_plane_uri,
         control_plane_api=args.control_plane_api,
@@ -647,7 +689,8 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # installed package in every program). No secrets: each goes only to the program that
     # needs it (compute/model/environ.py, the conf's per-program environment).
     env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id}
+           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id,
+           **({INTERNAL_FD_ENV: str(internal_sock.fileno())} if internal_sock is not None else {})}
     # The lifecycle driver now, not after supervisord's warm-up: it starts the storage request
     # while we become supervisord, which adopts it (compute/tree/early_driver.py).
     from compute.base.procutil import SUPERVISORD_PID_ENV
@@ -662,14 +705,16 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
         log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
     try:
-        return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec)
+        return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
+                                  internal_sock)
     finally:
         if early_driver.stop_unadopted():  # supervisord never took it over: a failed bootstrap
             from compute.tree.reaper import stop_descendants
             stop_descendants(pgdata)  # what it left (initdb's bootstrap postgres, reparented to us)
 
 
-def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec) -> int:
+def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
+                       internal_sock=None) -> int:
     from compute.shared.state import state_path
     from compute.tree.exit_decision import tree_exit_code
     from compute.tree.reaper import stop_descendants
@@ -678,6 +723,7 @@ def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
     for warning in (exposure_warning(args.http_address, settings.jwks_path),
+                    internal_exposure_warning(settings.internal_http_address),
                     token_warning(settings.jwks_path, settings.compute_id)):
         if warning:
             log.warning("%s", warning)
@@ -687,12 +733,15 @@ def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either
+    proctitle.set_title("supervisord", runtime_dir, comm="compute-ctl")
     stopped_by = run_supervisord(os.path.join(runtime_dir, CONF_NAME))
     responder.stop()  # if the api never took over: the tree is down, nothing is answered any more
     # Whatever the path (postgres exited, SIGTERM, /terminate, failed start), nothing of the
     # tree outlives us: as the subreaper we see all of it.
     stop_descendants(pgdata)
     api_sock.close()
+    if internal_sock is not None:
+        internal_sock.close()
     code = tree_exit_code(recorded_exit_code(state_path(runtime_dir)),
                           stopped_by_signal=stopped_by not in (None, STOP_BY_RPC),
                           stopped_by_rpc=stopped_by == STOP_BY_RPC)

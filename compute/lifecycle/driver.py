@@ -32,13 +32,14 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from compute.shared import driver_requests
+from compute.shared.log_paths import postgres_log_path
 from compute.postgres import localauth, conf as pgconf, conf_check, pglog, replica, shutdown_lsn
 from compute.model import modes, launch
 from compute.model import lsn_lease as lsn_lease_plan
 from compute.model.reach import connstr_mismatch
 from compute.model.spec_shape import unknown_keys_line
 from compute.storage import attempts, basebackup, initdb, safekeepers
-from compute.base import forkinfo
+from compute.base import forkinfo, proctitle
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
@@ -53,6 +54,7 @@ from compute.lifecycle.steps import (
     Readiness,
     DriverStep,
     after_failed_reconfiguration,
+    catalog_failure_message,
     concurrent_step,
     lost_lock_race,
     grace_remaining,
@@ -82,7 +84,7 @@ STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply
 # signal the API could not send (it ignores that failure: driver_requests.wake_driver).
 IDLE_RECHECK = 5.0
 WAKE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-VIEW_KEYS = ("status", "startup_done", "promotion", "terminate", "lsn_lease")
+VIEW_KEYS = ("status", "startup_done", "promotion", "terminate", "lsn_lease", driver_requests.CATALOG_KEY)
 LSN_WAIT_TIMEOUT = 30.0  # /promote: Neon gives up after 20 one-second retries
 PROMOTE_APPLICATION_NAME = "compute_ctl:promote"
 # The driver's own sessions for /promote and /terminate: bounded, as the API's were.
@@ -276,6 +278,7 @@ class Driver:
         elif step is DriverStep.APPLY:
             t = time.monotonic()
             self.apply(self.spec, at_start=True)
+            self.enable_logical_subscribers(self.spec)
             self.store.record_metrics(config_ms=ms_since(t))
         elif step is DriverStep.MARK_RUNNING:
             self.mark_running()
@@ -444,7 +447,28 @@ class Driver:
         """postgresql.conf for the spec and its mode; the replication password (if any) goes to
         the passfile primary_conninfo names, written first so a reload finds it."""
         replica.write_passfile(self.pgdata, modes.replication_password(spec))
-        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec)
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
+                                     subscribers_disabled=self.subscribers_disabled(spec))
+
+    def subscribers_disabled(self, spec: ComputeSpec, catalog_applied: bool | None = None) -> bool:
+        if catalog_applied is None:  # a reconfiguration: the start's apply dropped them already
+            catalog_applied = bool(self.store.get("startup_done"))
+        return modes.logical_subscribers_disabled(spec, catalog_applied)
+
+    def enable_logical_subscribers(self, spec: ComputeSpec) -> None:
+        """After the start's catalog apply dropped the inherited subscriptions: HEAD's
+        `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
+        rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
+        catalog SQL does not run (it stays true, as HEAD)."""
+        if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
+            return
+        pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
+                                     subscribers_disabled=False)
+        with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
+                             autocommit=True, connect_timeout=10) as conn:
+            if not pgconf.reload_and_wait(conn):
+                log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+        log.info("updated postgresql.conf to set neon.disable_logical_replication_subscribers=false")
 
     def initdb_with_password(self, early: EarlyStart | None = None) -> None:
         """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
@@ -471,7 +495,7 @@ class Driver:
         # stops the tree itself (driver_requests), so postgres must then never start.
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
-        self.log_offset = pglog.size(pglog.log_path(self.runtime_dir))  # postgres' lines from here on
+        self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
         self.supervisor().startProcess("postgres", False)
 
     def wait_ready(self) -> None:
@@ -495,7 +519,7 @@ class Driver:
                 said = pglog.failure_summary(self.postgres_said(wait=True))
                 raise StartupError(f"postgres exited while starting: {said}" if said else
                                    f"postgres exited while starting (state {state}); see the postgres log "
-                                   f"({pglog.log_path(self.runtime_dir)})")
+                                   f"({postgres_log_path(self.runtime_dir)})")
             time.sleep(0.01)
         self.store.record_metrics(start_postgres_ms=ms_since(t0))
 
@@ -503,7 +527,7 @@ class Driver:
         """postgres' log since this driver started it (the whole tail for a restarted driver);
         with `wait`, until a FATAL or PANIC line is in (at most LOG_WAIT s: postgres has exited,
         its last lines are on their way through supervisord's pipe)."""
-        path = pglog.log_path(self.runtime_dir)
+        path = postgres_log_path(self.runtime_dir)
         offset = getattr(self, "log_offset", 0)
         deadline = time.monotonic() + (LOG_WAIT if wait else 0)
         while True:
@@ -559,7 +583,8 @@ class Driver:
     def serve(self) -> None:
         """Until a reconfiguration has been applied (then the plan hands over) or we are stopped."""
         while not self.stopping:
-            if self.handle_pending() in (DriverStep.RECONFIGURE, DriverStep.TERMINATE, DriverStep.WAIT_FOR_STOP):
+            if self.handle_pending() in (DriverStep.RECONFIGURE, DriverStep.TERMINATE, DriverStep.WAIT_FOR_STOP,
+                                         DriverStep.CATALOG_REQUESTS):
                 return
             self.wake.wait(POLL)
             self.wake.clear()
@@ -576,7 +601,29 @@ class Driver:
             self.promote()
         elif step is DriverStep.RECONFIGURE:
             self.reconfigure()
+        elif step is DriverStep.CATALOG_REQUESTS:
+            self.serve_catalog_requests()
         return step
+
+    def serve_catalog_requests(self) -> None:
+        """The internal port's /grants and /extensions waiting in the state file, in order, each
+        answered in its record (compute/lifecycle/catalog_requests.py). The status stays
+        `running`; a /terminate meanwhile fails the rest (the API answers them 412)."""
+        from compute.lifecycle.catalog_requests import CatalogRequestError, carry_out
+        lock_ms = int(self.settings.lock_timeout * 1000)  # 0: no limit, as for the spec's apply
+        statement_ms = int(self.settings.statement_timeout * 1000)
+        for request in driver_requests.pending_catalog_requests(self.store.get(driver_requests.CATALOG_KEY)):
+            if self.stopping or self.request_view().termination is not None:
+                driver_requests.fail_catalog_requests(self.store, "the compute is being terminated")
+                return
+            try:
+                answer = carry_out(self.settings.connstr, request, lock_timeout_ms=lock_ms,
+                                   statement_timeout_ms=statement_ms)
+            except CatalogRequestError as e:
+                log.error("internal request %d (%s) failed: %s", request.id, request.kind, e)
+                driver_requests.finish_catalog_request(self.store, request.id, error=str(e))
+            else:
+                driver_requests.finish_catalog_request(self.store, request.id, answer=answer)
 
     def wait_for_stop(self) -> None:
         """The tree is being stopped (a /terminate): start nothing more, wait for SIGTERM."""
@@ -628,56 +675,77 @@ class Driver:
             return
         try:
             log.info("applying a new spec")
-            files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
-                                           os.path.join(self.pgdata, modes.PASSFILE)])
-            written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
-            self.write_conf(spec)
-            with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
-                                 autocommit=True, connect_timeout=10) as conn:
-                # An unknown name or a syntax error is known before postgres is told: then the
-                # file goes back and postgres never reads the rejected one.
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
-                if rejected:
-                    pgconf.restore_files(files)
-                    self.refuse_reconfiguration(generation, previous_doc, conf_check.describe(rejected))
-                    return
-                offset = pglog.size(pglog.log_path(self.runtime_dir))
-                if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
-                    log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
-                rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
-                if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
-                    msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
-                    pgconf.restore_files(files)
-                    if not pgconf.reload_and_wait(conn):
-                        log.warning("postgres did not re-read its restored configuration within %g s",
-                                    pgconf.RELOAD_WAIT)
-                    self.refuse_reconfiguration(generation, previous_doc, msg)
-                    return
-                pending = [r[0] for r in conn.execute(
-                    "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
+            pending = self.apply_settings(spec, generation, previous_doc)
+        except Exception as e:  # the settings could not be written or checked
+            self.fail_reconfiguration(generation, describe(e), in_catalog=False)
+            return
+        if pending is None:  # refused: nothing changed
+            return
+        # The new settings are in force (and kept, whatever the catalog SQL does: the stored
+        # spec is the new one, and /status reports them: after_failed_reconfiguration).
+        if pending:
+            log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
+        self.store.set(pending_restart=pending, tenant=spec.tenant_id, timeline=spec.timeline_id)
+        if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
+            self.lease_keeper.wake.set()
+        try:
             self.apply(spec)
-            if pending:
-                log.warning("settings that take effect only after a restart: %s", ", ".join(pending))
-            self.store.set(status="running", error=None, pending_restart=pending,
-                           tenant=spec.tenant_id, timeline=spec.timeline_id)
-            if self.lease_keeper is not None:  # the pageservers may have changed: HEAD leases again at once
-                self.lease_keeper.wake.set()
-            log.info("new spec applied")
         except Exception as e:
-            msg = describe(e)
-            status = after_failed_reconfiguration(lost_lock_race(getattr(e, "sqlstate", None)))
-            if status == "running":
-                msg = (f"reconfiguration lost a lock race {LOCK_RACE_POLICY.attempts} times; the compute runs "
-                       f"with the spec partly applied (send it again): {msg}")
-            log.error("reconfiguration failed: %s", msg)
-            self.store.set(status=status, error=msg,
-                           configure_failed={"generation": generation, "error": msg})
+            msg = catalog_failure_message(describe(e), lost_lock_race(getattr(e, "sqlstate", None)))
+            self.fail_reconfiguration(generation, msg, in_catalog=True)
+            return
+        self.store.set(status="running", error=None, **driver_requests.configure_answer(generation))
+        log.info("new spec applied")
+
+    def fail_reconfiguration(self, generation: int, msg: str, *, in_catalog: bool) -> None:
+        """The answer to a failed reconfiguration: the status steps.after_failed_reconfiguration
+        decides, the reason on /status and in /configure's 500."""
+        status = after_failed_reconfiguration(in_catalog)
+        log.error("reconfiguration failed: %s", msg)
+        self.store.set(status=status, error=msg, **driver_requests.configure_answer(generation, msg))
+
+    def apply_settings(self, spec: ComputeSpec, generation: int, previous_doc) -> list[str] | None:
+        """The new spec's postgresql.conf, checked by postgres before and after the reload: the
+        settings that wait for a restart; None when postgres rejected some (the reconfiguration
+        is then refused, nothing changed: undo_settings)."""
+        files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
+                                       os.path.join(self.pgdata, modes.PASSFILE)])
+        written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
+        self.write_conf(spec)
+        with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),
+                             autocommit=True, connect_timeout=10) as conn:
+            # An unknown name or a syntax error is known before postgres is told: then the
+            # file goes back and postgres never reads the rejected one.
+            rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written, before_reload=True)
+            if rejected:
+                self.undo_settings(files, generation, previous_doc, conf_check.describe(rejected))
+                return None
+            offset = pglog.size(postgres_log_path(self.runtime_dir))
+            if not pgconf.reload_and_wait(conn):  # until our session has re-read the files
+                log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
+            rejected = conf_check.rejections(*conf_check.ask_postgres(conn, written), written)
+            if rejected:  # a bad value: postgres applied the rest of the file; all of it goes back
+                msg = conf_check.describe(rejected, self.rejection_reasons(offset, rejected))
+                self.undo_settings(files, generation, previous_doc, msg, reload=conn)
+                return None
+            return [r[0] for r in conn.execute(
+                "SELECT name FROM pg_catalog.pg_settings WHERE pending_restart ORDER BY name")]
+
+    def undo_settings(self, files, generation: int, previous_doc, msg: str,
+                      reload: psycopg.Connection | None = None) -> None:
+        """postgres rejected settings of the new spec: the previous files go back (re-read by
+        postgres through `reload` when it had read the new ones), and the reconfiguration is
+        refused with nothing changed."""
+        pgconf.restore_files(files)
+        if reload is not None and not pgconf.reload_and_wait(reload):
+            log.warning("postgres did not re-read its restored configuration within %g s", pgconf.RELOAD_WAIT)
+        self.refuse_reconfiguration(generation, previous_doc, msg)
 
     def rejection_reasons(self, offset: int, rejected) -> dict[str, str]:
         """postgres' own sentence for each rejected setting, from its log (waiting up to LOG_WAIT
         s for the postmaster's lines to get through supervisord); the view's words otherwise."""
         names = [r.name for r in rejected if r.name]
-        path = pglog.log_path(self.runtime_dir)
+        path = postgres_log_path(self.runtime_dir)
         deadline = time.monotonic() + LOG_WAIT
         while True:
             found = pglog.reasons(pglog.read_since(path, offset), names)
@@ -690,7 +758,7 @@ class Driver:
         (the previous spec back in the state file), the reason on /status and in /configure's
         answer (driver_requests.configure_outcome)."""
         log.error("reconfiguration refused, nothing changed: %s", msg)
-        fields = {"status": "running", "error": msg, "configure_rejected": {"generation": generation, "error": msg}}
+        fields = {"status": "running", "error": msg, **driver_requests.configure_answer(generation, msg)}
         if previous_doc is not None:
             fields["spec"] = previous_doc
         self.store.set(**fields)
@@ -883,7 +951,8 @@ def view_of(s: dict, postgres_state: str | None = None) -> DriverView:
     return DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state=postgres_state,
                       promotion=promotion.get("phase") if isinstance(promotion, dict) else None,
                       termination=termination_phase(s["terminate"]),
-                      lease=lsn_lease_plan.keeps_driver_busy(s.get("lsn_lease")))
+                      lease=lsn_lease_plan.keeps_driver_busy(s.get("lsn_lease")),
+                      catalog_requests=bool(driver_requests.pending_catalog_requests(s.get(driver_requests.CATALOG_KEY))))
 
 
 def _has_work(path: str) -> bool:
@@ -918,6 +987,7 @@ def main(early: EarlyStart | None = None, parent_checked: bool = False) -> None:
         die_with_parent()
     setup_program_logging()
     runtime_dir = runtime_dir_from_env()
+    proctitle.set_title("lifecycle", runtime_dir)
     if early is None and not wait_for_work(runtime_dir):
         return
     try:

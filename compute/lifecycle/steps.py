@@ -56,6 +56,7 @@ class DriverStep(str, Enum):
     WAIT_FOR_STOP = "wait_for_stop"          # the tree is being stopped: do nothing more
     SERVE = "serve"                          # wait for a reconfiguration, apply it, return
     RECONFIGURE = "reconfigure"              # in SERVE: apply the spec /configure handed over
+    CATALOG_REQUESTS = "catalog_requests"    # in SERVE: the internal port's /grants, /extensions
     HAND_OVER = "hand_over"                  # exit 0: supervisord forks a fresh driver
     FAIL_LATER = "fail_later"                # keep the error for the grace period, exit 1
 
@@ -69,6 +70,7 @@ class DriverView:
     promotion: str | None = None    # the `promotion` record's phase
     termination: str | None = None  # driver_requests.termination_phase: a phase, "tree" or None
     lease: bool = False             # a Static compute keeps an LSN lease (compute.lifecycle.lease_keeper)
+    catalog_requests: bool = False  # internal-port requests wait (driver_requests.CatalogRequest)
 
 
 START_STEPS = (DriverStep.PREPARE_DATA, DriverStep.START_POSTGRES, DriverStep.WAIT_READY)
@@ -137,6 +139,8 @@ def pending_request(view: DriverView) -> DriverStep | None:
         return DriverStep.WAIT_FOR_STOP
     if view.status == "configuration" and view.promotion in UNDER_WAY:
         return DriverStep.PROMOTE
+    if view.catalog_requests:
+        return DriverStep.CATALOG_REQUESTS
     if wants_reconfiguration(view.status):
         return DriverStep.RECONFIGURE
     return None
@@ -152,7 +156,8 @@ def idle(view: DriverView) -> bool:
         return True
     if view.lease:  # the lease's renewals are the driver's work for the compute's whole life
         return False
-    return plan == (DriverStep.SERVE, DriverStep.HAND_OVER) and not wants_reconfiguration(view.status)
+    return plan == (DriverStep.SERVE, DriverStep.HAND_OVER) and not wants_reconfiguration(view.status) \
+        and not view.catalog_requests
 
 
 def wants_reconfiguration(status: str | None) -> bool:
@@ -201,10 +206,24 @@ def lost_lock_race(sqlstate: str | None) -> bool:
     return sqlstate in LOCK_RACE_SQLSTATES
 
 
-def after_failed_reconfiguration(lost_race: bool) -> str:
-    """The status a reconfiguration that failed leaves. A lost lock race (after its retries):
-    `running`, with the error on /status and the /configure answered 500: postgres runs, the
-    old catalog partly changed toward the new spec, and a /configure again finishes it (the
-    apply is idempotent); never the final `failed` for a conflict that passes. Anything else:
+def after_failed_reconfiguration(in_catalog: bool) -> str:
+    """The status a reconfiguration that failed leaves. A failure of the catalog SQL (a
+    statement erroring half-way, a lock race still lost after its retries, the planner refusing
+    the spec, the catalog unreadable): `running`, with the error on /status and the /configure
+    answered 500. postgres runs with the new spec's settings (checked and reloaded before the
+    catalog SQL, kept: the stored spec is the new one), the catalog partly changed toward it;
+    the apply plans afresh from the catalog (idempotent), so a /configure again converges once
+    the cause is gone. Never the final `failed` for a compute that serves (Neon's HEAD: `failed`,
+    a restart expected). A failure before that (the settings could not be written or checked):
     `failed`."""
-    return "running" if lost_race else "failed"
+    return "running" if in_catalog else "failed"
+
+
+def catalog_failure_message(error: str, lost_race: bool) -> str:
+    """/status' error (and the /configure answer) after a failed catalog apply: what to do first,
+    then the executor's sentence (the failing statement, redacted: never a password or hash)."""
+    if lost_race:
+        return (f"reconfiguration lost a lock race {LOCK_RACE_ATTEMPTS} times; the compute runs "
+                f"with the spec partly applied (send it again): {error}")
+    return ("reconfiguration failed in the catalog SQL; the compute runs with the new settings and "
+            f"the spec partly applied (send it again once the cause is fixed): {error}")

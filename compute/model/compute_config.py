@@ -1,4 +1,5 @@
-"""HEAD's `ComputeConfig` (pure): the `-c/--config` file and the v2 pull answer's shape.
+"""HEAD's `ComputeConfig` (pure): the `-c/--config` file and the v2 pull answer's shape, and
+`compute_ctl_config` wherever it comes from (the config file, the pull answer, a /configure body).
 
     config file:  {"spec": {...} | null, "compute_ctl_config": {"jwks": {"keys": [...]}, "tls": {...} | null}}
     pull answer:  the same, plus "status": "empty" | "attached"
@@ -29,6 +30,20 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"invalid config: {field}: {message}")
+
+
+def check_jwks_document(doc: Any, path: str = "jwks") -> list[dict]:
+    """The keys of a JWK set document (`{"keys": [JWK, ...]}`, each key an object with a string
+    `kty`, as HEAD's JWK type needs), its shape checked; ConfigError otherwise. No crypto:
+    which keys are usable is compute/api/access.py's business."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ConfigError(path, "expected a JWK set: {\"keys\": [...]}")
+    for i, raw in enumerate(doc["keys"]):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}.keys[{i}]", "expected an object (a JWK)")
+        if not isinstance(raw.get("kty"), str):
+            raise ConfigError(f"{path}.keys[{i}]", "expected a string \"kty\"")
+    return doc["keys"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ def parse_compute_ctl_config(raw: Any, path: str = "compute_ctl_config") -> Comp
                     raise ConfigError(f"{path}.jwks.keys[{i}].{name}", "nested objects are not JWK fields")
                 if isinstance(v, str) and len(v) > MAX_JWK_FIELD:
                     raise ConfigError(f"{path}.jwks.keys[{i}].{name}", f"longer than {MAX_JWK_FIELD} characters")
+    check_jwks_document(jwks, f"{path}.jwks")  # bounded first (above), then each key's kty
     tls = raw.get("tls")
     if tls is not None:
         if not isinstance(tls, dict) or not all(isinstance(tls.get(k), str) for k in ("key_path", "cert_path")):

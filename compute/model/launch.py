@@ -36,8 +36,9 @@ class LaunchSettings:
     pgbin: str = "postgres"               # the postgres binary (resolved by compute-ctl)
     pgbin_dir: Optional[str] = None       # its directory (initdb, pg_dump, pg_controldata)
     http_port: int = 3080                 # --external-http-port / --http-port
-    internal_http_port: int = 3081        # --internal-http-port: recorded, not served yet
+    internal_http_port: int = 3081        # --internal-http-port
     http_address: str = "0.0.0.0"
+    internal_http_address: Optional[str] = None  # the internal API's address; None: not served (compute/api/internal.py)
     compute_id: Optional[str] = None
     control_plane_uri: Optional[str] = None
     control_plane_api: str = "v2"         # pull mode's protocol: "v2" (HEAD) or "2023"

@@ -71,6 +71,19 @@ def no_catalog_sql_reason(spec: ComputeSpec) -> str | None:
     return None
 
 
+def logical_subscribers_disabled(spec: ComputeSpec, catalog_applied: bool) -> bool:
+    """`neon.disable_logical_replication_subscribers` for this spec. As HEAD: true while a spec
+    with `drop_subscriptions_before_start` starts (the inherited subscriptions must not run
+    before they are dropped: config.rs), and back to false once a Primary's catalog apply,
+    which drops them, is done (compute.rs configure_as_primary). A compute whose catalog SQL
+    never runs (Static, Replica, skip_pg_catalog_updates) keeps true, as HEAD. Unlike HEAD, a
+    /configure after the start (`catalog_applied`) never turns it back to true: the drop is
+    once per timeline, so true again would stop the subscriptions made since until a restart."""
+    if not spec.drop_subscriptions_before_start:
+        return False
+    return not (catalog_applied and no_catalog_sql_reason(spec) is None)
+
+
 def _mode_name(spec: ComputeSpec) -> str:
     return f"Static at {spec.static_lsn}" if spec.mode == STATIC else spec.mode
 

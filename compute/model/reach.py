@@ -13,15 +13,20 @@ from __future__ import annotations
 import ipaddress
 
 from compute.model.conninfo import ConninfoError, parse as conninfo_to_dict
-from compute.model.spec import ComputeSpec
+from compute.model.spec import ComputeSpec, postgresql_conf_settings
 
 DEFAULT_PORT = "5432"
 DEFAULT_LISTEN = "localhost"
 
 
 def _setting(spec: ComputeSpec, name: str) -> tuple[str | None, bool]:
-    """(value, given) of a setting, matched as postgres does (names ignore case; the last wins)."""
+    """(value, given) of a setting, matched as postgres does (names ignore case; the last wins),
+    in postgresql.conf's order: `cluster.postgresql_conf` first (HEAD's launch sets the port
+    there, with `cluster.settings` null), then `cluster.settings`."""
     found: tuple[str | None, bool] = (None, False)
+    for conf_name, value in postgresql_conf_settings(spec.postgresql_conf):
+        if conf_name.lower() == name:
+            found = (value, True)
     for opt in spec.cluster.settings:
         if opt.name.lower() == name:
             found = (opt.value, True)

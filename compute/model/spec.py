@@ -863,6 +863,23 @@ def check_postgresql_conf(text: str, where: str) -> None:
                             "files or move its own")
 
 
+def postgresql_conf_settings(text: str | None) -> list[tuple[str, str]]:
+    """(name, value) of each setting line of a `cluster.postgresql_conf` (checked already:
+    check_postgresql_conf), in file order, values unquoted as postgres reads them."""
+    out: list[tuple[str, str]] = []
+    if not text:  # no lines: the regex is not compiled for nothing (compute-ctl's path, issue 22)
+        return out
+    for line in text.replace("\r\n", "\n").split("\n"):
+        m = _conf_line().match(line)
+        if m is None or m.group("name") is None:
+            continue
+        value = m.group("value")
+        if value.startswith("'"):
+            value = re.sub(r"''|\\(.)", lambda q: "'" if q.group(0) == "''" else q.group(1), value[1:-1])
+        out.append((m.group("name"), value))
+    return out
+
+
 def _unique(names: Iterable[str], path: str, what: str) -> None:
     seen: set[str] = set()
     for n in names:

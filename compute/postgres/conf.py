@@ -75,9 +75,13 @@ def neon_head_lines(spec: ComputeSpec) -> list[str]:
     return lines
 
 
-def neon_tail_lines(spec: ComputeSpec) -> list[str]:
-    """HEAD writes this after the managed block (config.rs), explicit even when false."""
-    return [f"neon.disable_logical_replication_subscribers={'true' if spec.drop_subscriptions_before_start else 'false'}"]
+def neon_tail_lines(spec: ComputeSpec, subscribers_disabled: bool | None = None) -> list[str]:
+    """HEAD writes this after the managed block (config.rs), explicit even when false.
+    `subscribers_disabled` None: the spec's `drop_subscriptions_before_start` (the file before
+    the start's catalog apply); after it, compute.model.modes.logical_subscribers_disabled."""
+    if subscribers_disabled is None:
+        subscribers_disabled = spec.drop_subscriptions_before_start
+    return [f"neon.disable_logical_replication_subscribers={'true' if subscribers_disabled else 'false'}"]
 
 
 def writes_neon_lines(spec: ComputeSpec | None) -> bool:
@@ -88,14 +92,14 @@ def writes_neon_lines(spec: ComputeSpec | None) -> bool:
 
 
 def render_postgresql_conf(settings: tuple[GenericOption, ...] | list[GenericOption],
-                           spec: ComputeSpec | None = None) -> str:
+                           spec: ComputeSpec | None = None, *, subscribers_disabled: bool | None = None) -> str:
     """The whole file: HEAD's lines for `spec` (neon_head_lines), our managed block (the
     spec's settings and what its mode adds: compute.model.modes.conf_settings), HEAD's tail."""
     block = [BEGIN_MARK, *(setting_line(o) for o in settings), END_MARK]
     if not writes_neon_lines(spec):
         return "\n".join(block) + "\n"
     assert spec is not None
-    return "\n".join([*neon_head_lines(spec), *block, *neon_tail_lines(spec)]) + "\n"
+    return "\n".join([*neon_head_lines(spec), *block, *neon_tail_lines(spec, subscribers_disabled)]) + "\n"
 
 
 RELOAD_WAIT = 5.0  # s: how long a reload may take to reach our session before we go on without it
@@ -120,9 +124,11 @@ def reload_and_wait(conn: Any, *, timeout: float = RELOAD_WAIT, poll: float = RE
     return True
 
 
-def write_postgresql_conf(pgdata: str, settings, spec: ComputeSpec | None = None) -> None:
+def write_postgresql_conf(pgdata: str, settings, spec: ComputeSpec | None = None, *,
+                          subscribers_disabled: bool | None = None) -> None:
     """Rewrite postgresql.conf whole, atomically (a reload must never see half a file)."""
-    _atomic_write(os.path.join(pgdata, "postgresql.conf"), render_postgresql_conf(settings, spec))
+    _atomic_write(os.path.join(pgdata, "postgresql.conf"),
+                  render_postgresql_conf(settings, spec, subscribers_disabled=subscribers_disabled))
 
 
 def write_passfile(pgdata: str, password: str | None) -> None:

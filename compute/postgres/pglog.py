@@ -1,5 +1,5 @@
 """postgres' own sentences, from its log (supervisord writes postgres' stderr to
-RUNTIME_DIR/logs/postgres.log: supervisor/supervisord.conf.tmpl).
+compute.shared.log_paths.postgres_log_path: RUNTIME_DIR/logs/postgres.log).
 
 A failed start or a rejected reload is explained by postgres only there. The driver notes the
 log's size before it acts (`size`), reads what came after (`read_since`), and these pure
@@ -34,10 +34,6 @@ _SUMMARY_LINE = re.compile(r"^configuration file \".*\" contains errors")
 class Entry:
     severity: str
     message: str
-
-
-def log_path(runtime_dir: str) -> str:
-    return os.path.join(runtime_dir, "logs", "postgres.log")
 
 
 def size(path: str) -> int:

@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 
 from compute.postgres.libpq import LibpqSession, SessionError
+from compute.base import proctitle
 from compute.programs import extensions
 from compute.base.logs import setup_program_logging
 from compute.postgres.sessions import read_postmaster_pid, session_params, socket_params, superuser_of
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runtime_dir:
         print("compute.programs.monitor: COMPUTE_RUNTIME_DIR is not set", file=sys.stderr)
         return 2
+    proctitle.set_title("monitor", runtime_dir)
     path = state_path(runtime_dir)
     store = StateStore(path)
 

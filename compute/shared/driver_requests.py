@@ -19,9 +19,14 @@ for the driver; the driver, seeing such a request, never starts postgres.
 Requests (state keys):
 - configure: status {empty, running} -> configuration_pending with the new `spec` and a bumped
   `spec_generation` (the request is the status: the driver's SERVE step takes it); the answer is
-  the status moving to `running` (or a later generation) or `failed`;
+  the `configure_answer` record of that generation (applied, or the error), written with the
+  status that ends the reconfiguration (`running`, or `failed`);
 - promote: status running -> configuration with the `promotion` record (the spec, the LSN);
   the driver promotes, then hands the spec over as a configure of its own (`generation`);
+- catalog (the internal port's /grants and /extensions): while `running`, a CatalogRequest
+  appended to `catalog_requests` (the status stays `running`, as HEAD); the driver carries the
+  queue out in order, each record answered DONE (the answer) or FAILED (the error); the API
+  call that made it removes it once read;
 - terminate: status {empty, running} -> termination_pending_<mode> with the `terminate` record
   (mode, owner) and `shutdown_requested`; the answer is the record DONE, in the same transaction
   as the status `terminated` (or `failed`). Each waiting call is counted in `terminate_waiters`
@@ -248,6 +253,118 @@ def under_way(raw: Any) -> bool:
     return t is not None and t.phase != DONE
 
 
+# -- catalog requests (the internal port: compute/api/internal.py) ------------------------------
+
+CATALOG_KEY = "catalog_requests"
+CATALOG_SEQ = "catalog_request_seq"
+CATALOG_KEYS = ("status", CATALOG_KEY, CATALOG_SEQ)
+GRANTS, EXTENSION = "grants", "extension"
+MAX_CATALOG_QUEUE = 32  # requests waiting or answered but not yet read; beyond: refused (503)
+BUSY = "busy"
+
+
+@dataclass(frozen=True)
+class CatalogRequest:
+    id: int
+    kind: str                       # GRANTS or EXTENSION
+    body: dict[str, Any]            # the checked request (compute/model/internal_requests.py)
+    phase: str = REQUESTED          # DONE: `answer` holds the result; FAILED: `error`
+    answer: Any = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "CatalogRequest | None":
+        try:
+            return cls(**raw) if isinstance(raw, dict) else None
+        except TypeError:
+            return None
+
+
+def catalog_queue(raw: Any) -> list[CatalogRequest]:
+    return [r for r in (CatalogRequest.from_json(x) for x in (raw if isinstance(raw, list) else [])) if r]
+
+
+def pending_catalog_requests(raw: Any) -> list[CatalogRequest]:
+    """The requests the driver has still to carry out, oldest first."""
+    return [r for r in catalog_queue(raw) if r.phase in (REQUESTED, STARTED)]
+
+
+def submit_catalog_request(store: StateStore, kind: str, body: dict[str, Any]) -> CatalogRequest | str:
+    """Queue a request for the driver while the compute is `running` (HEAD's rule, checked in
+    the same transaction): the request, or the status it found (412), or BUSY (too many)."""
+    found: list[Any] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        if v["status"] != "running":
+            found.append(v["status"])
+            return None
+        queue = catalog_queue(v[CATALOG_KEY])
+        if len(queue) >= MAX_CATALOG_QUEUE:
+            found.append(BUSY)
+            return None
+        made = CatalogRequest(id=int(v[CATALOG_SEQ] or 0) + 1, kind=kind, body=body)
+        found.append(made)
+        return {CATALOG_KEY: [*(r.to_json() for r in queue), made.to_json()], CATALOG_SEQ: made.id}
+
+    store.update(CATALOG_KEYS, decide)
+    return found[0]
+
+
+def finish_catalog_request(store: StateStore, request_id: int, *, answer: Any = None,
+                           error: str | None = None) -> None:
+    """The driver's answer to one request (a request no longer queued is left alone)."""
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        queue = catalog_queue(v[CATALOG_KEY])
+        if not any(r.id == request_id for r in queue):
+            return None
+        done = [replace(r, phase=FAILED if error else DONE, answer=answer, error=error)
+                if r.id == request_id else r for r in queue]
+        return {CATALOG_KEY: [r.to_json() for r in done]}
+
+    store.update((CATALOG_KEY,), decide)
+
+
+def fail_catalog_requests(store: StateStore, error: str) -> None:
+    """Every request still waiting fails with `error` (the compute is being stopped)."""
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        queue = catalog_queue(v[CATALOG_KEY])
+        if not any(r.phase in (REQUESTED, STARTED) for r in queue):
+            return None
+        return {CATALOG_KEY: [(replace(r, phase=FAILED, error=error) if r.phase in (REQUESTED, STARTED) else r
+                               ).to_json() for r in queue]}
+
+    store.update((CATALOG_KEY,), decide)
+
+
+def take_catalog_answer(store: StateStore, request_id: int) -> CatalogRequest | None:
+    """The request's record once answered, removed from the queue in the same transaction;
+    None while it waits."""
+    taken: list[CatalogRequest] = []
+
+    def decide(v: dict[str, Any]) -> dict[str, Any] | None:
+        queue = catalog_queue(v[CATALOG_KEY])
+        mine = next((r for r in queue if r.id == request_id), None)
+        if mine is None:
+            taken.append(replace(CatalogRequest(request_id, "", {}), phase=FAILED, error="the request was lost"))
+            return None
+        if mine.phase in (REQUESTED, STARTED):
+            return None
+        taken.append(mine)
+        return {CATALOG_KEY: [r.to_json() for r in queue if r.id != request_id]}
+
+    store.update((CATALOG_KEY,), decide)
+    return taken[0] if taken else None
+
+
+def drop_catalog_request(store: StateStore, request_id: int) -> None:
+    """A call that gives up (timed out) takes its request out of the queue."""
+    store.update((CATALOG_KEY,), lambda v: {CATALOG_KEY: [r.to_json() for r in catalog_queue(v[CATALOG_KEY])
+                                                          if r.id != request_id]})
+
+
 # -- wake ------------------------------------------------------------------------------------
 
 def wake_driver(runtime_dir: str) -> None:
@@ -291,22 +408,28 @@ def wait_for(store: StateStore, keys: tuple[str, ...], outcome: Callable[[dict[s
         time.sleep(poll)
 
 
-CONFIGURE_KEYS = ("status", "spec_generation", "error", "configure_rejected", "configure_failed")
+CONFIGURE_ANSWER = "configure_answer"
+CONFIGURE_KEYS = ("status", "spec_generation", "error", CONFIGURE_ANSWER)
+
+
+def configure_answer(generation: int, error: str | None = None) -> dict[str, Any]:
+    """The driver's answer to the configure of `generation`, as the state fields it writes with
+    the status that ends the reconfiguration (one transaction): the `configure_answer` record,
+    `{generation, error}`; `error` None: applied. One record whatever the outcome: applied,
+    refused with nothing changed, failed."""
+    return {CONFIGURE_ANSWER: {"generation": generation, "error": error}}
 
 
 def configure_outcome(values: dict[str, Any], generation: int) -> tuple[bool, str | None] | None:
     """(applied, error) once the driver has answered the configure of `generation`; None: not yet.
-    A later generation means ours was applied and another configure came after it. A
-    `configure_rejected` record of our generation: refused with nothing changed (still `running`).
-    A reconfiguration that failed but left the compute running (a lost lock race) records
-    `configure_failed` with its generation."""
-    rejected = values.get("configure_rejected")
-    if isinstance(rejected, dict) and rejected.get("generation") == generation and values["status"] == "running":
-        return False, rejected.get("error") or "configuration rejected"
-    failed = values.get("configure_failed")
-    if isinstance(failed, dict) and failed.get("generation") == generation and \
-            (values["spec_generation"] or 0) == generation:
-        return False, failed.get("error") or "configuration failed"
+    The `configure_answer` record of our generation is the answer (an error in it: /configure
+    answers 500 with it, whatever the status). Without one (a later configure's record replaced
+    ours): a later generation means ours was answered and another configure came after it;
+    `running` means ours was applied, `failed` that it failed."""
+    answer = values.get(CONFIGURE_ANSWER)
+    if isinstance(answer, dict) and answer.get("generation") == generation:
+        error = answer.get("error")
+        return (True, None) if error is None else (False, str(error) or "configuration failed")
     if values["status"] == "running" or (values["spec_generation"] or 0) > generation:
         return True, None
     if values["status"] == "failed":

@@ -41,7 +41,7 @@ from typing import Callable
 from supervisor import events
 from supervisor.states import ProcessStates, SupervisorStates, getProcessStateDescription
 
-from compute.tree import exit_decision, monitor_watch
+from compute.tree import exit_decision, monitor_watch, reaper
 from compute.model import launch
 from compute.base.procutil import dies_with_us
 from compute.shared import driver_requests
@@ -76,13 +76,10 @@ def note_wait_status(pid: int, status: int) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (a killed api worker not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X", b"")
+    """A process that exists and is not a zombie (a killed api worker not reaped yet); one
+    whose main thread has exited but not every thread is alive (reaper.read_proc)."""
+    p = reaper.read_proc(pid)
+    return p is not None and p.state not in ("Z", "X", "")
 
 
 def postgres_exit_code(info: dict) -> int:

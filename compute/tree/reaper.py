@@ -29,7 +29,10 @@ T = TypeVar("T")
 class Proc:
     pid: int
     ppid: int
-    state: str  # the one-letter state of /proc/PID/stat; "Z": dead, waiting to be reaped
+    # The one-letter state of /proc/PID/stat; "Z": dead (every thread), waiting to be reaped.
+    # A process whose main thread has exited while others have not is not dead: it has the
+    # state of a thread still running (process_state).
+    state: str
     start: int  # start time in clock ticks since boot: (pid, start) names one process, ever
     comm: str = ""
     pgrp: int = 0
@@ -82,10 +85,40 @@ def due_signals(table: Mapping[int, Proc], root: int, postmaster: int | None, el
     return due
 
 
+def process_state(leader: str, threads: list[str]) -> str:
+    """A process's state from its main thread's (`leader`, what /proc/PID/stat shows) and its
+    threads' (/proc/PID/task/*/stat, the main thread's included). /proc/PID/stat says Z as soon
+    as the main thread has exited, while the other threads may still be running, or on their
+    way out of a kill: they still hold the process's descriptors (a listening socket), so the
+    process is dead only once every thread is."""
+    if leader not in ("Z", "X"):
+        return leader
+    return next((t for t in threads if t not in ("Z", "X")), leader)
+
+
 # -- the thin layer that reads /proc, signals and reaps ---------------------------------------
 
+def _stat_state(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:][:1].decode() or None
+
+
+def thread_states(pid: int) -> list[str]:
+    """The states of `pid`'s threads (those gone meanwhile left out)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    return [st for tid in tids if (st := _stat_state(f"/proc/{pid}/task/{tid}/stat")) is not None]
+
+
 def read_proc(pid: int) -> Proc | None:
-    """/proc/PID/stat as a Proc; None if the process is gone (the tests read the tree with it too)."""
+    """/proc/PID/stat as a Proc; None if the process is gone (the tests read the tree with it too).
+    A zombie main thread is looked behind: the state is process_state's."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode("utf-8", "replace")
@@ -93,7 +126,10 @@ def read_proc(pid: int) -> Proc | None:
         return None
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     rest = stat[stat.rindex(")") + 2:].split()  # rest[0] is field 3 (state) of proc(5)
-    return Proc(pid=pid, ppid=int(rest[1]), state=rest[0], start=int(rest[19]), comm=comm,
+    state = rest[0]
+    if state in ("Z", "X"):  # only then are the threads read: one more look per zombie
+        state = process_state(state, thread_states(pid))
+    return Proc(pid=pid, ppid=int(rest[1]), state=state, start=int(rest[19]), comm=comm,
                 pgrp=int(rest[2]), session=int(rest[3]))
 
 

@@ -34,7 +34,7 @@ from supervisor.xmlrpc import Faults, RPCError
 
 from compute.model import launch
 from compute.tree import early_driver, warmfork
-from compute.api.listener import inherited_fd
+from compute.api.listener import api_fds
 from compute.tree.exitwatch import ExitWatch, Timers, note_wait_status
 from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
 from compute.shared.state import StateStore, runtime_dir_from_env
@@ -148,10 +148,29 @@ _fork = options.ServerOptions.fork
 open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
 
 
+# What supervisord's stop of a program sends (stopsignal TERM or INT; QUIT in gunicorn's terms).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
 def _fork_without_open_stores(self):
+    """supervisord's fork of a program. The stop signals are blocked across the fork and the
+    child sets them to their default action before it lets them in: until the program installs
+    its own handlers (warmfork.run_forked, postgres' exec) the child has supervisord's Python
+    handlers, and a SIGTERM from a shutdown that came while it was being spawned (a SIGTERM of
+    compute-ctl right after the start) was swallowed by supervisord's copy in the child: the
+    program ran on until stopwaitsecs and a SIGKILL (its initdb or workers left to the group
+    kill and compute-ctl's reaper). Blocked, the signal waits in the child and stops it."""
     for store in open_stores:
         store.close()
-    return _fork(self)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pid = _fork(self)
+        if pid == 0:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # the child: a pending stop signal ends it here
+    return pid
 
 
 _spawn = process.Subprocess.spawn
@@ -171,13 +190,13 @@ def _spawn_warm(self):
 _close_fd = options.ServerOptions.close_fd
 
 
-_api_fd: int | None = None  # compute-ctl's API socket (compute/api/listener.py), set by run()
+_api_fds: tuple[int, ...] = ()  # compute-ctl's API sockets (compute/api/listener.py), set by run()
 
 
 def _close_fd_but_api_socket(self, fd):
     """supervisord closes fds 3.. in every child it forks: not the API socket. The child's
     execve (warmfork) decides who keeps it: the api alone."""
-    if fd != _api_fd:
+    if fd not in _api_fds:
         _close_fd(self, fd)
 
 
@@ -214,7 +233,7 @@ def run(conf: str | None = None) -> int | None:
     """supervisord's loop in this process, until it has stopped every program. Returns the
     signal (SIGTERM, SIGINT, SIGQUIT) that asked it to stop, or STOP_BY_RPC for `supervisorctl
     shutdown`; None if something else did (exitwatch after postgres exited)."""
-    global _api_fd
+    global _api_fds
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
     if not early_driver.pending():  # else the driver runs already, importing its own modules
         mark("supervisord: warming")
@@ -223,7 +242,7 @@ def run(conf: str | None = None) -> int | None:
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
     process.Subprocess.spawn = _spawn_warm
-    _api_fd = inherited_fd()
+    _api_fds = api_fds()
     options.ServerOptions.close_fd = _close_fd_but_api_socket
     poller.Poller = PromptPoller
     options.ServerOptions.waitpid = _waitpid_then_turn_again

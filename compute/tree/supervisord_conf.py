@@ -12,6 +12,7 @@ import sysconfig
 
 from compute.postgres.localauth import passfile_path
 from compute.base.rlimits import MIN_FDS, MIN_PROCS
+from compute.shared.log_paths import logs_dir, postgres_log_path
 from compute.shared.supervisor_rpc import socket_path
 CONF_NAME = "supervisord.conf"
 
@@ -98,7 +99,7 @@ def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python
     """`program_env`: extra environment per program (`lifecycle`, `postgres`): the secrets
     only they get (compute/model/environ.py). `auth_token` alone still means postgres' storage token."""
     tdir = template_dir()
-    logs = os.path.join(runtime_dir, "logs")
+    logs = logs_dir(runtime_dir)
     program_env = dict(program_env or {})
     if auth_token and "NEON_AUTH_TOKEN" not in program_env.get("postgres", {}):
         program_env["postgres"] = {**program_env.get("postgres", {}), "NEON_AUTH_TOKEN": auth_token}
@@ -107,6 +108,7 @@ def render_supervisord_conf(*, runtime_dir: str, pgdata: str, pgbin: str, python
         "conf": _conf_value(os.path.join(runtime_dir, CONF_NAME)),
         "socket": _conf_value(socket_path(runtime_dir)),
         "logs": _conf_value(logs),
+        "postgres_log": _conf_value(postgres_log_path(runtime_dir)),  # where the driver reads it
         "pgdata": _command_arg(pgdata),
         "pgbin": _command_arg(pgbin),
         "python": _command_arg(python),

@@ -34,8 +34,8 @@ import signal
 import sys
 import traceback
 
-from compute.api.listener import inherited_fd, keeps_api_socket
-from compute.base import forkinfo
+from compute.api.listener import api_fds, keeps_api_socket
+from compute.base import forkinfo, proctitle
 from compute.base.trace import mark
 
 # `python -m MODULE` -> (the name the child is shown as (comm, 15 bytes at most), what that
@@ -50,7 +50,6 @@ WARM_MODULES = ("compute.lifecycle.driver", "compute.programs.monitor", "compute
                 "gunicorn.arbiter", "gunicorn.workers.gthread", "compute.api.worker", "compute.api.gunicorn_log")
 # With --jwks only: PyJWT + cryptography (large: see compute/api/auth.py _jwt).
 JWT_MODULES = ("jwt", "jwt.algorithms")
-PR_SET_NAME = 15
 TRACE_ENV = "COMPUTE_WARMFORK_TRACE"  # a directory: see _trace_imports_after_fork
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1,
                  signal.SIGUSR2, signal.SIGALRM)
@@ -251,13 +250,6 @@ def _fresh_logging() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _set_comm(name: str) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
     """Debugging the footprint: what this program imports after fork (private memory in every
     process that needs it) is written to TRACE_DIR/NAME-PID.txt a few seconds after the fork."""
@@ -293,7 +285,7 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], entry: str | N
         _fresh_logging()
         name, own_entry = FORKED[module]
         entry = entry or own_entry
-        _set_comm(name)
+        proctitle.set_comm(name)  # the title: the program's entry (compute/base/proctitle.py)
         _trim_malloc()  # the parent's free heap pages, inherited: see warm_for
         mark(f"{name}: forked")
         if trace_dir:
@@ -325,12 +317,12 @@ def run_forked(module: str, argv: list[str], env: dict[str, str], entry: str | N
 def execve(options, filename: str, argv: list[str], env: dict[str, str]):
     """supervisor's ServerOptions.execve, in the child supervisord just forked."""
     module = forked_module(filename, argv)
-    api_fd = inherited_fd()
-    if api_fd is not None and not keeps_api_socket(module):
-        try:
-            os.close(api_fd)  # the API socket is the api's alone (compute/api/listener.py)
-        except OSError:
-            pass
+    if not keeps_api_socket(module):
+        for api_fd in api_fds():
+            try:
+                os.close(api_fd)  # the API sockets are the api's alone (compute/api/listener.py)
+            except OSError:
+                pass
     if module is None:
         mark(f"exec: {os.path.basename(argv[argv.index('--') + 1] if '--' in argv[:-1] else filename)}")
         return os.execve(filename, argv, env)

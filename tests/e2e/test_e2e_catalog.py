@@ -6,6 +6,7 @@ a logical replication worker active."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import psycopg
@@ -70,6 +71,8 @@ def test_role_options_at_start_and_on_configure_and_hostile_ones_refused():
             cr["cluster"]["roles"][0]["options"] = options(("CREATEROLE", None), ("CREATEDB", None))
             code, body = configure(c, cr)
             assert code == 500 and "option CREATEROLE is refused" in body["error"], body
+            st = c.status()  # the catalog SQL failed: the compute still runs (issue 19 item 1)
+            assert st["status"] == "running" and st["error"] == body["error"], st
             with psycopg.connect(c.admin_conninfo()) as conn:
                 assert conn.execute("SELECT rolcreaterole, rolcreatedb FROM pg_authid WHERE rolname = 'app'"
                                     ).fetchone() == (False, False)
@@ -176,3 +179,18 @@ def test_a_branch_starts_without_its_inherited_subscription():
                                         ).fetchone()[0] == 0
                 assert "applying 3 subscriptions statement(s) in database 'postgres'" in c.output()
                 assert slots() == [("parents",)]  # the parent's, not ours to drop
+                # As HEAD (configure_as_primary): subscribers disabled while the start drops the
+                # inherited ones, enabled again once that apply is done; a /configure keeps it so.
+                assert disable_subscribers(c) == ("false", "neon.disable_logical_replication_subscribers=false")
+                assert "set neon.disable_logical_replication_subscribers=false" in c.output()
+                assert configure(c, spec)[0] == 200
+                assert disable_subscribers(c) == ("false", "neon.disable_logical_replication_subscribers=false")
+
+
+def disable_subscribers(c: Compute) -> tuple[str, str]:
+    """(what postgres runs with, the last line of postgresql.conf that sets it)."""
+    with psycopg.connect(c.admin_conninfo(), autocommit=True) as conn:
+        value = conn.execute("SELECT current_setting('neon.disable_logical_replication_subscribers')").fetchone()[0]
+    with open(os.path.join(c.pgdata, "postgresql.conf")) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("neon.disable_logical_replication")]
+    return value, lines[-1]

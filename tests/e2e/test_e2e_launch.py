@@ -243,7 +243,8 @@ def test_heads_flags_start_a_compute_and_each_ignored_one_logs_one_line():
                      "--pg-init-timeout", "--lakebase-mode"):
             assert sum(f"{flag} ignored: " in ln for ln in out.splitlines()) == 1, flag
         assert "SECRETVALUE" not in out
-        assert sum("internal API is not served yet" in ln for ln in out.splitlines()) == 1
+        assert sum(f"internal API (POST /grants, /extensions) on 127.0.0.1 port {c.internal_port}" in ln
+                   for ln in out.splitlines()) == 1
 
 
 def test_http_port_with_heads_port_flags_is_a_usage_error():

@@ -403,7 +403,9 @@ def test_a_killed_driver_leaves_no_clone_behind():
             c.wait_status("init", timeout=30)  # the restarted driver is cloning again
         # And nothing of the tree is left once compute-ctl is gone.
         assert c.proc.returncode is not None
-        wait_for(lambda: not processes_mentioning(c.pgdata), 30, "no process of the tree left")
+        # our programs' titles name the runtime dir, postgres' command line PGDATA
+        wait_for(lambda: not processes_mentioning(c.pgdata) and not processes_mentioning(c.runtime_dir), 30,
+                 "no process of the tree left")
 
 
 def processes_mentioning(text: str) -> list[int]:

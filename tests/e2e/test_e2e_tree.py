@@ -104,15 +104,28 @@ def sig_caught(pid: int) -> int:
         return next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
 
 
+def arg_env_areas(pid: int) -> tuple[int, ...]:
+    """arg_start, arg_end, env_start, env_end (/proc/PID/stat fields 48-51): where the kernel
+    put the process' argv and environment; an exec maps new ones (ASLR), a fork keeps them."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return tuple(int(x) for x in fields[45:49])
+
+
+def title(comm: str, runtime_dir: str) -> str:
+    return f"compute-ctl: {'api master' if comm == 'api' else comm} (runtime dir {runtime_dir})"
+
+
 def test_python_programs_are_forked_from_compute_ctl_with_clean_hygiene(compute):
     """lifecycle, monitor and the api master are compute-ctl's (= supervisord's) forks, not new
-    interpreters: compute-ctl's command line, the program's name as comm. They carry none of
-    supervisord's signal handlers, files or sockets; a killed one is forked again."""
+    interpreters: compute-ctl's address space (its argv and environment areas, where an exec
+    would map new ones), their own title in it (compute/base/proctitle.py), the program's name
+    as comm. They carry none of supervisord's signal handlers, files or sockets; a killed one is
+    forked again."""
     compute.wait_status("running")
     compute.wait_handed_over()
     ctl = compute.proc.pid
-    with open(f"/proc/{ctl}/cmdline", "rb") as f:
-        ctl_cmdline = f.read()
+    ctl_areas = arg_env_areas(ctl)
     kids = {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
@@ -125,7 +138,8 @@ def test_python_programs_are_forked_from_compute_ctl_with_clean_hygiene(compute)
         comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == ctl and comm in ("lifecycle", "monitor", "api"):
             kids[comm] = pid
-            assert cmdline == ctl_cmdline  # no exec: the same image
+            assert arg_env_areas(pid) == ctl_areas  # no exec: the same image
+            assert cmdline.rstrip(b"\0") == title(comm, compute.runtime_dir).encode()
     assert set(kids) == {"lifecycle", "monitor", "api"}, kids
     supervisord_only = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGCHLD - 1)) | (1 << (signal.SIGUSR2 - 1))
     for name, pid in kids.items():
@@ -150,8 +164,9 @@ def test_python_programs_are_forked_from_compute_ctl_with_clean_hygiene(compute)
             break
         time.sleep(0.05)
     new = int(line.split("pid ")[1].split(",")[0])
+    assert arg_env_areas(new) == ctl_areas
     with open(f"/proc/{new}/cmdline", "rb") as f:
-        assert f.read() == ctl_cmdline
+        assert f.read().rstrip(b"\0") == title("monitor", compute.runtime_dir).encode()
     with open(f"/proc/{new}/comm") as f:
         assert f.read().strip() == "monitor"
 

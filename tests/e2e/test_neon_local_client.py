@@ -7,7 +7,9 @@ Covered here:
   `key_ops: [verify]`, `alg: EdDSA`, `kid` = base64url of the key's SHA-256, `kty: OKP`, `crv`, `x`);
 - `config.json` as `start` writes it: pretty-printed `ComputeConfig`, the spec with every field
   endpoint.rs fills (`format_version` 1.0, the `test` role and `neondb` database of
-  `--create-test-user`, `postgresql_conf`, `tenant_id`, `timeline_id`, `endpoint_id`, `mode`,
+  `--create-test-user`, the cluster as `start` makes it without `respec()`: `settings` null,
+  `postgresql_conf` = the endpoint's postgresql.conf, which names the port and listen address;
+  `tenant_id`, `timeline_id`, `endpoint_id`, `mode`,
   `pageserver_connection_info` + `pageserver_connstring` + `shard_stripe_size`,
   `safekeeper_connstrings` as `127.0.0.1:<port>`, `safekeepers_generation`, `storage_auth_token`,
   `suspend_timeout_seconds: -1`, the rest null/false/[]), and `compute_ctl_config` with that JWKS;
@@ -19,20 +21,23 @@ Covered here:
   every 100 ms, errors retried, `init` waited on, `running` done, anything else (`empty` too) a failure;
 - the compute serves: psql connects and queries, the `test` role and `neondb` database exist;
 - `postgresql_conf` written verbatim first, then HEAD's storage lines (item 2), which postgres reads;
+- `endpoint reconfigure`: config.json read back, `postgresql_conf` refreshed from the endpoint's
+  (edited) postgresql.conf, `POST /configure` with the per-compute token (`compute_id` = the
+  endpoint, no scope, no aud) and `{spec, compute_ctl_config}`, 120 s; the new value is postgres';
 - `endpoint stop` in `fast` mode: `pg_ctl -D D -w -m fast stop` with a cleared environment (but
   `LD_LIBRARY_PATH`), then waiting for the compute_ctl pid to go without signalling it: compute-ctl
-  exits by itself with postgres' code, and no process of the tree is left.
+  exits by itself with postgres' code, and no process of the tree is left;
+- `endpoint stop` in `immediate-terminate` mode: `POST /terminate?mode=immediate` with the admin
+  token (no `compute_id`, `scope: compute_ctl:admin`, `aud: ["compute"]`), `{"lsn"}` parsed from
+  the answer, then SIGTERM (ignored if the process is gone) and the wait: compute-ctl exits 0,
+  no process of the tree left.
 
-Not covered yet (other pieces of issue 18):
-- the whole of `setup_pg_conf`: the spec also carries endpoint.rs's `respec()` `cluster` with
-  settings (port, sockets) so postgres listens where the connstr says; the `postgresql_conf`
-  sent is endpoint.rs's `setup_pg_conf` without the lines a stock PostgreSQL 15 refuses or hangs on
-  (`shared_preload_libraries = 'neon'`, `max_replication_*_lag`,
+Not covered (stock PostgreSQL 15 and out of scope):
+- the `postgresql_conf` sent is endpoint.rs's `setup_pg_conf` without the lines a stock PostgreSQL
+  15 refuses or hangs on (`shared_preload_libraries = 'neon'`, `max_replication_*_lag`,
   `synchronous_standby_names = 'walproposer'`: no neon extension or walproposer here);
-- tokens without `exp` and HEAD's authorize rules (item 5): `reconfigure` (`POST /configure` with the
-  per-compute token and `{spec, compute_ctl_config}`) and `stop immediate-terminate`
-  (`POST /terminate?mode=immediate` with the admin token, `{"lsn"}`, then SIGTERM);
-- `refresh_configuration` on the internal port (item 8; Hadron).
+- `reconfigure` with new pageservers or safekeepers (the same body, other spec fields);
+- `refresh_configuration` on the internal port (Hadron: answered 501, tests/e2e/test_e2e_internal_port.py).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,7 +63,7 @@ from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.fault_tree import alive, descendants
 from tests.support.pgcluster import PGBIN_DIR, free_port, scratch_dir
-from tests.support.tree import COMPUTE_CTL, base_spec
+from tests.support.tree import COMPUTE_CTL
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 ENDPOINT_ID = "ep-main"
@@ -94,14 +100,14 @@ def setup_pg_conf(pg_port: int, safekeeper_port: int) -> str:
     return text + f"neon.safekeepers='localhost:{safekeeper_port}'\n"
 
 
-def endpoint_spec(pg_port: int, sockdir: str, ps_port: int, sk_port: int) -> dict:
-    """endpoint.rs `start`'s ComputeSpec, with `--create-test-user` and a respec'd cluster."""
-    cluster = base_spec(pg_port, sockdir)["cluster"]  # respec(): settings (port, sockets) given
-    cluster.update(cluster_id=None, name=None, state=None,
-                   roles=[{"name": "test", "encrypted_password": None, "options": None}],
-                   databases=[{"name": "neondb", "owner": "test", "options": None, "restrict_conn": False,
-                               "invalid": False}],
-                   postgresql_conf=setup_pg_conf(pg_port, sk_port))
+def endpoint_spec(pg_port: int, postgresql_conf: str, ps_port: int, sk_port: int) -> dict:
+    """endpoint.rs `start`'s ComputeSpec with `--create-test-user`: its cluster as `start` makes it
+    (no respec(): `settings` null, the port and listen address in `postgresql_conf`)."""
+    cluster = {"cluster_id": None, "name": None, "state": None,
+               "roles": [{"name": "test", "encrypted_password": None, "options": None}],
+               "databases": [{"name": "neondb", "owner": "test", "options": None, "restrict_conn": False,
+                              "invalid": False}],
+               "settings": None, "postgresql_conf": postgresql_conf}
     libpq_url = f"postgres://no_user@127.0.0.1:{ps_port}"
     return {
         "format_version": 1.0, "operation_uuid": None, "features": [], "swap_size_bytes": None,
@@ -149,56 +155,124 @@ def wait_running(port: int, token: str, child: subprocess.Popen, log_path: str) 
         time.sleep(ATTEMPT_INTERVAL)
 
 
-def test_neon_local_start_status_psql_and_fast_stop(bb_tar):
-    private = ed25519.Ed25519PrivateKey.generate()
-    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    base = scratch_dir("cs-neonlocal-")
-    endpoint_dir = os.path.join(base, "endpoints", ENDPOINT_ID)
-    os.makedirs(endpoint_dir)
-    pgdata = os.path.join(endpoint_dir, "pgdata")
-    os.makedirs(pgdata)  # left by an earlier run: `start` removes it
-    pg_port, sk_port = free_port(), free_port()
-    external_port = free_port()
-    internal_port = external_port + 1  # endpoint.rs: internal = external + 1
-    pgbin = write_fake_postgres(base)  # `postgres` answering --sync-safekeepers
-    connstr = f"postgresql://cloud_admin@127.0.0.1:{pg_port}/postgres"
-    child = None
+class Endpoint:
+    """One `neon_local endpoint start`, as endpoint.rs does it; `stop()` as `endpoint stop`."""
+
+    def __init__(self, ps: PageserverPeer):
+        self.private = ed25519.Ed25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.base = scratch_dir("cs-neonlocal-")
+        self.dir = os.path.join(self.base, "endpoints", ENDPOINT_ID)
+        os.makedirs(self.dir)
+        self.pgdata = os.path.join(self.dir, "pgdata")
+        os.makedirs(self.pgdata)  # left by an earlier run: `start` removes it
+        self.pg_port, self.sk_port = free_port(), free_port()
+        self.external_port = free_port()
+        self.internal_port = self.external_port + 1  # endpoint.rs: internal = external + 1
+        self.pgbin = write_fake_postgres(self.base)  # `postgres` answering --sync-safekeepers
+        self.connstr = f"postgresql://cloud_admin@127.0.0.1:{self.pg_port}/postgres"
+        self.ps = ps
+        self.child: subprocess.Popen | None = None
+        self.log_path = os.path.join(self.dir, "compute.log")
+        self.config_path = os.path.join(self.dir, "config.json")
+        # The endpoint's own postgresql.conf (endpoint.rs `setup_pg_conf`, written at create).
+        with open(os.path.join(self.dir, "postgresql.conf"), "w") as f:
+            f.write(setup_pg_conf(self.pg_port, self.sk_port))
+
+    def read_postgresql_conf(self) -> str:
+        with open(os.path.join(self.dir, "postgresql.conf")) as f:
+            return f.read()
+
+    def start(self) -> list[str]:
+        config = {"spec": endpoint_spec(self.pg_port, self.read_postgresql_conf(), self.ps.port, self.sk_port),
+                  "compute_ctl_config": {"jwks": jwks_from_key(self.public), "tls": None}}
+        with open(self.config_path, "w") as f:
+            f.write(json.dumps(config, indent=2))  # serde_json::to_string_pretty
+        self.config = config
+        shutil.rmtree(self.pgdata)  # "We always start the compute node from scratch"
+        argv = [COMPUTE_CTL,
+                "--external-http-port", str(self.external_port),
+                "--internal-http-port", str(self.internal_port),
+                "--pgdata", self.pgdata,
+                "--connstr", self.connstr,
+                "--config", self.config_path,
+                "--pgbin", self.pgbin,
+                "--compute-id", ENDPOINT_ID,
+                "--dev", "--privileged-role-name", "neon_superuser"]
+        # The one addition to endpoint.rs's argv: this test's own runtime dir (the default,
+        # /run/compute-ctl as root, is one per machine and other tests run beside this one).
+        with open(self.log_path, "ab") as log:
+            self.child = subprocess.Popen(argv + ["--runtime-dir", os.path.join(self.base, "run")],
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        with open(os.path.join(self.dir, "compute_ctl.pid"), "w") as f:
+            f.write(str(self.child.pid))
+        return wait_running(self.external_port, compute_token(self.private), self.child, self.log_path)
+
+    def session(self) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.pg_port, dbname="postgres", user="cloud_admin",
+                               passfile=os.path.join(self.base, "run", "superuser.pgpass"), connect_timeout=5)
+
+    def reconfigure(self) -> int:
+        """endpoint.rs `reconfigure(None, None, None)`: config.json read back, a fresh
+        `postgresql_conf` from the endpoint's file, POST /configure with the per-compute token
+        and `{spec, compute_ctl_config}`, 120 s timeout; anything but 4xx/5xx is success."""
+        with open(self.config_path) as f:
+            config = json.load(f)
+        spec = config["spec"]
+        spec["cluster"]["postgresql_conf"] = self.read_postgresql_conf()
+        req = urllib.request.Request(
+            f"http://0.0.0.0:{self.external_port}/configure", method="POST",
+            data=json.dumps({"spec": spec, "compute_ctl_config": config["compute_ctl_config"]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {compute_token(self.private)}"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"Error: {e.read().decode()}") from None
+
+    def terminate_immediate(self) -> dict:
+        """endpoint.rs `stop(ImmediateTerminate)`: POST /terminate?mode=immediate with the admin
+        token, the body parsed as `TerminateResponse` ({"lsn"}); then SIGTERM (`kill(...).ok()`:
+        the process may be gone already) and wait_until_stopped."""
+        req = urllib.request.Request(f"http://0.0.0.0:{self.external_port}/terminate?mode=immediate",
+                                     method="POST", headers={"Authorization": f"Bearer {admin_token(self.private)}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+        try:
+            os.kill(self.child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        return answer
+
+    def close(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            self.child.wait(30)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def admin_token(private: ed25519.Ed25519PrivateKey) -> str:
+    """endpoint.rs `generate_jwt(Some(Admin))`: no compute_id, scope compute_ctl:admin, aud [compute]."""
+    return jwt.encode({"compute_id": None, "scope": "compute_ctl:admin", "aud": ["compute"]}, private,
+                      algorithm="EdDSA")
+
+
+def test_neon_local_start_status_psql_reconfigure_and_fast_stop(bb_tar):
     with PageserverPeer(bb_tar, tenant_id=TENANT, timeline_id=TIMELINE) as ps:
+        ep = Endpoint(ps)
         try:
             # -- endpoint start -----------------------------------------------------------------
-            config = {"spec": endpoint_spec(pg_port, base, ps.port, sk_port),
-                      "compute_ctl_config": {"jwks": jwks_from_key(public), "tls": None}}
-            config_path = os.path.join(endpoint_dir, "config.json")
-            with open(config_path, "w") as f:
-                f.write(json.dumps(config, indent=2))  # serde_json::to_string_pretty
-            shutil.rmtree(pgdata)  # "We always start the compute node from scratch"
-            argv = [COMPUTE_CTL,
-                    "--external-http-port", str(external_port),
-                    "--internal-http-port", str(internal_port),
-                    "--pgdata", pgdata,
-                    "--connstr", connstr,
-                    "--config", config_path,
-                    "--pgbin", pgbin,
-                    "--compute-id", ENDPOINT_ID,
-                    "--dev", "--privileged-role-name", "neon_superuser"]
-            # The one addition to endpoint.rs's argv: this test's own runtime dir (the default,
-            # /run/compute-ctl as root, is one per machine and other tests run beside this one).
-            log_path = os.path.join(endpoint_dir, "compute.log")
-            with open(log_path, "ab") as log:
-                child = subprocess.Popen(argv + ["--runtime-dir", os.path.join(base, "run")],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            with open(os.path.join(endpoint_dir, "compute_ctl.pid"), "w") as f:
-                f.write(str(child.pid))
-            seen = wait_running(external_port, compute_token(private), child, log_path)
+            seen = ep.start()
             assert set(seen) <= {"init", "running"}, seen  # never `empty`: endpoint.rs would abort
+            config, pgdata, child = ep.config, ep.pgdata, ep.child
+            assert config["spec"]["cluster"]["settings"] is None  # HEAD's spec: no respec'd settings
 
             # The config's JWKS is the API's; each ignored flag said so; the session serves.
-            with open(os.path.join(base, "run", "jwks.json")) as f:
+            with open(os.path.join(ep.base, "run", "jwks.json")) as f:
                 assert json.load(f) == config["compute_ctl_config"]["jwks"]
-            out = open(log_path).read()
+            out = open(ep.log_path).read()
             assert "--dev ignored" in out and "--privileged-role-name ignored" in out
-            with psycopg.connect(host="127.0.0.1", port=pg_port, dbname="postgres", user="cloud_admin",
-                                 passfile=os.path.join(base, "run", "superuser.pgpass"), connect_timeout=5) as conn:
+            with ep.session() as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
                 assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'test'").fetchone() == (1,)
                 assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
@@ -206,17 +280,28 @@ def test_neon_local_start_status_psql_and_fast_stop(bb_tar):
                 # config.json's postgresql_conf first, then HEAD's storage lines (item 2): postgres reads them
                 assert conn.execute("SHOW wal_sender_timeout").fetchone() == ("5s",)
                 assert conn.execute("SHOW neon.endpoint_id").fetchone() == (ENDPOINT_ID,)
-                assert conn.execute("SHOW neon.safekeepers").fetchone() == (f"127.0.0.1:{sk_port}",)
+                assert conn.execute("SHOW neon.safekeepers").fetchone() == (f"127.0.0.1:{ep.sk_port}",)
                 assert conn.execute("SHOW neon.pageserver_connstring").fetchone() == (
                     f"postgres://no_user@127.0.0.1:{ps.port}",)
             with open(os.path.join(pgdata, "postgresql.conf")) as f:
                 assert f.read().startswith(config["spec"]["cluster"]["postgresql_conf"] + "\n# Neon storage settings\n")
             assert ps.last.queries and ps.last.queries[0].startswith(f"basebackup {TENANT} {TIMELINE} ")
+            # psql as a neon_local user runs it, over postgres' default socket directory (the
+            # endpoint's postgresql.conf names none).
             psql = subprocess.run(
                 ["runuser", "-u", COMPUTE_USER, "--", os.path.join(PGBIN_DIR, "psql"), "-X", "-At",
-                 "-h", base, "-p", str(pg_port), "-U", "cloud_admin", "-d", "postgres", "-c", "SELECT 42"],
+                 "-h", "/var/run/postgresql", "-p", str(ep.pg_port), "-U", "cloud_admin", "-d", "postgres",
+                 "-c", "SELECT 42"],
                 capture_output=True, text=True, timeout=30)
             assert psql.returncode == 0 and psql.stdout.strip() == "42", psql.stderr
+
+            # -- endpoint reconfigure (the endpoint's postgresql.conf edited first) ---------------
+            with open(os.path.join(ep.dir, "postgresql.conf"), "a") as f:
+                f.write("wal_sender_timeout='7s'\n")
+            assert ep.reconfigure() == 200
+            with ep.session() as conn:
+                assert conn.execute("SHOW wal_sender_timeout").fetchone() == ("7s",)
+            assert get_status(ep.external_port, compute_token(ep.private))["status"] == "running"
 
             # -- endpoint stop --mode fast ----------------------------------------------------------
             tree = [p.pid for p in descendants(child.pid)]
@@ -228,10 +313,26 @@ def test_neon_local_start_status_psql_and_fast_stop(bb_tar):
                 capture_output=True, text=True, timeout=60)
             assert stop.returncode == 0, stop.stdout + stop.stderr
             # wait_for_compute_ctl_to_exit(send_sigterm=false): compute-ctl goes by itself.
-            assert child.wait(60) == 0, open(log_path).read()[-4000:]
+            assert child.wait(60) == 0, open(ep.log_path).read()[-4000:]
             assert [pid for pid in tree if alive(pid)] == []  # no orphans
         finally:
-            if child is not None and child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                child.wait(30)
-            shutil.rmtree(base, ignore_errors=True)
+            ep.close()
+
+
+def test_neon_local_stop_immediate_terminate(bb_tar):
+    """`endpoint stop --mode immediate-terminate`: /terminate?mode=immediate with the admin
+    token answers `{"lsn"}` (sync-safekeepers after the shutdown, the Neon path), then SIGTERM:
+    compute-ctl exits, no process of the tree left."""
+    with PageserverPeer(bb_tar, tenant_id=TENANT, timeline_id=TIMELINE) as ps:
+        ep = Endpoint(ps)
+        try:
+            ep.start()
+            child = ep.child
+            tree = [p.pid for p in descendants(child.pid)]
+            assert tree
+            answer = ep.terminate_immediate()
+            assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", answer["lsn"]), answer  # TerminateResponse parses
+            assert child.wait(60) == 0, open(ep.log_path).read()[-4000:]
+            assert [pid for pid in tree if alive(pid)] == []  # no orphans
+        finally:
+            ep.close()

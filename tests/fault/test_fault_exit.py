@@ -3,8 +3,10 @@
 Each path ends a booted tree at different moments: while the lifecycle driver runs initdb
 (`starting`), running with a client session open (`running`), in pull mode with a /configure
 in flight whose apply is blocked on a lock a spec role holds (`configuring`: a gunicorn worker
-thread and a postgres backend are busy), and right after the api master was killed, while its
-successor boots (`api-restarting`: the kills only). The tree's processes are recorded from
+thread and a postgres backend are busy), right after the api master was killed, while its
+successor boots (`api-restarting`: the kills only), and while the api master forks worker after
+worker, each killed as soon as it appears (`worker-respawning`: the kills only; a worker forked
+after the last look at the tree is in the master's process group). The tree's processes are recorded from
 /proc before the blow (by pid and start time, plus the programs' process groups), and afterwards none
 of them may be left and neither port may be listened on:
 
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 
 import psycopg
@@ -30,8 +33,8 @@ import pytest
 
 from compute.shared.state import StateStore, state_path
 from tests.peers.control_plane import ControlPlanePeer
-from tests.support.exit_paths import TreeRecord, listening
-from tests.support.fault_tree import program_child, supervisord_pid, tree
+from tests.support.exit_paths import TreeRecord, listening, port_report
+from tests.support.fault_tree import alive, program_child, supervisord_pid, tree
 from tests.support.tree import Compute
 from tests.support.waiting import wait_for
 
@@ -90,6 +93,9 @@ class Scene:
         self.client: psycopg.Connection | None = None
         self.c: Compute
         self.rec: TreeRecord
+        self.stop_killing = threading.Event()
+        self.killer: threading.Thread | None = None
+        self.workers_killed = 0
 
     def __enter__(self) -> "Scene":
         try:
@@ -136,6 +142,18 @@ class Scene:
             wait_for(lambda: (n := program_child(sup, "api")) and n != old, 10, "a new api master", 0.002)
             self.rec.record()
             return
+        if self.moment == "worker-respawning":
+            # The api master forks worker after worker: each is killed as soon as it is seen,
+            # until the blow (before_blow), which lands while the master reaps and forks again.
+            sup = supervisord_pid(c.runtime_dir)
+            master = program_child(sup, "api")
+            self.killer = threading.Thread(target=self._kill_workers_of, args=(master,), daemon=True)
+            self.killer.start()
+            self.stack.callback(self.before_blow)
+            wait_for(lambda: self.workers_killed >= 3, 30, "three api workers killed and forked again", 0.01)
+            self.rec.record()
+            assert {"lifecycle", "monitor", "api master", "api worker"} <= self.rec.roles(), self.rec.roles()
+            return
         if self.moment == "configuring":
             self.configure_call = self.pool.submit(configure, c, spec_with_app_password(c, "newpass"), 60)
             wait_for(lambda: blocked_apply_pids(c), 30, "the apply to block on the role's lock", 0.05)
@@ -143,14 +161,35 @@ class Scene:
         self.rec.record()
         assert EXPECTED_ROLES <= self.rec.roles(), self.rec.roles()
 
+    def _kill_workers_of(self, master: int) -> None:
+        killed: set[int] = set()
+        while not self.stop_killing.is_set():
+            for _, p in tree(self.c.proc.pid):
+                if p.ppid == master and p.state != "Z" and p.pid not in killed and not self.stop_killing.is_set():
+                    self.rec.record()  # as the test would have seen it: the worker's role noted
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGKILL)
+                    killed.add(p.pid)
+                    self.workers_killed += 1
+            time.sleep(0.002)
+
+    def before_blow(self) -> None:
+        """Just before the blow: the test's own killing stops (what is left must go by itself)."""
+        self.stop_killing.set()
+        if self.killer is not None:
+            self.killer.join(10)
+
     def __exit__(self, *exc) -> None:
+        self.before_blow()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.stack.close()
 
 
 def assert_ports_free(c: Compute) -> None:
-    assert not listening(c.http_port), f"the API port {c.http_port} is still listened on"
-    assert not listening(c.pg_port), f"the postgres port {c.pg_port} is still listened on"
+    for what, port in (("API", c.http_port), ("postgres", c.pg_port)):
+        if listening(port):  # say who holds it (the report is read before anything else moves)
+            report = port_report(port)
+            assert not listening(port), f"the {what} port {port} is still listened on; {report}"
 
 
 def stopped_at_exit(scene: Scene, action, timeout: float = 30, orderly: bool = True) -> tuple[int, float]:
@@ -174,7 +213,7 @@ def stopped_at_exit(scene: Scene, action, timeout: float = 30, orderly: bool = T
 
 # -- kill -9 compute-ctl ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("moment", MOMENTS + ["api-restarting"])
+@pytest.mark.parametrize("moment", MOMENTS + ["api-restarting", "worker-respawning"])
 def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
     """compute-ctl is supervisord (one PID): every program and postgres get a parent-death
     signal and go on their own."""
@@ -184,6 +223,7 @@ def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
         wait_for(lambda: os.path.exists(os.path.join(s.c.runtime_dir, "supervisord.pid")), 30,
                  "supervisord's pid file", 0.005)
         assert supervisord_pid(s.c.runtime_dir) == s.c.proc.pid
+        s.before_blow()
         s.rec.record()
         t0 = time.monotonic()
         os.kill(s.c.proc.pid, signal.SIGKILL)
@@ -193,6 +233,28 @@ def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
         print(f"\nkill -9 compute-ctl ({moment}): tree gone after {gone_after:.2f} s")
         assert left == [], f"still there {gone_after:.1f} s after kill -9 of compute-ctl: {left}"
         assert gone_after <= GONE_WITHIN, f"the tree took {gone_after:.2f} s to go"
+        assert_ports_free(s.c)
+
+
+def test_kill_9_compute_ctl_frees_the_api_port_before_the_request_in_flight_ends():
+    """After kill -9 of compute-ctl with a /configure in flight, the api master stops (its
+    parent-death signal) and its worker stops accepting: the worker closes its listening
+    socket at once, while it still gives the request in flight its grace period. The port
+    used to stay listened on until the master killed the worker (graceful_timeout later), and
+    then as long as the worker's last thread took to exit: a process whose main thread has
+    exited reads as a zombie in /proc/PID/stat while its other threads still hold its
+    descriptors, so the port outlived everything the tree's /proc showed alive."""
+    with Scene("configuring") as s:
+        s.rec.record()
+        workers = [pid for (pid, _), role in s.rec.members.items() if role == "api worker" and alive(pid)]
+        assert workers, s.rec.members
+        os.kill(s.c.proc.pid, signal.SIGKILL)
+        s.c.proc.wait()
+        wait_for(lambda: not listening(s.c.http_port), 3 * GONE_WITHIN, "the API port to be released", 0.002)
+        still = [pid for pid in workers if alive(pid)]
+        assert still, "the api worker was gone before the API port was released"
+        _, left = s.rec.wait_gone(3 * GONE_WITHIN)
+        assert left == [], f"still there after kill -9 of compute-ctl: {left}"
         assert_ports_free(s.c)
 
 
@@ -207,6 +269,41 @@ def test_sigterm_leaves_nothing_behind(moment):
         if s.configure_call is not None:  # the blocked /configure ended (an answer or a closed socket)
             concurrent.futures.wait([s.configure_call], timeout=10)
             assert s.configure_call.done()
+
+
+def test_sigterm_as_the_programs_are_spawned_stops_each_on_its_sigterm():
+    """SIGTERM of compute-ctl the moment the last program (the monitor) is forked: supervisord
+    stops everything on its next turn, so that program gets its SIGTERM in its first
+    milliseconds. A program forked from compute-ctl used to have supervisord's Python
+    handlers until it installed its own, and swallowed that SIGTERM: it ran on until
+    stopwaitsecs and supervisord's SIGKILL (`starting` took 2.4 s instead of 0.2 s in half the
+    runs). Now nothing needs a SIGKILL and nothing is left."""
+    with contextlib.ExitStack() as stack:
+        c = Compute()
+        c.spec = c.new_spec()
+        stack.callback(c.close)
+        c.start()
+        rec = TreeRecord(c.proc.pid).keep_recording()
+        stack.callback(rec.kill_survivors)
+        stack.callback(rec.stop)
+        sup = c.proc.pid  # compute-ctl is supervisord
+
+        def children() -> list[str]:  # the kernel's list, cheaper than a walk of /proc
+            with open(f"/proc/{sup}/task/{sup}/children") as f:
+                return f.read().split()
+        # lifecycle, api, monitor: the third is being spawned (still supervisord's code in it)
+        wait_for(lambda: len(children()) >= 3, 60, "the third program to be forked", 0.0005)
+        c.signal(signal.SIGTERM)
+        rec.record()
+        code = c.wait_exit(30)
+        rec.stop()
+        assert code == 0
+        assert rec.survivors() == [], f"left behind after SIGTERM: {rec.survivors()}"
+        assert_ports_free(c)
+        with open(os.path.join(c.runtime_dir, "logs", "supervisord.log")) as f:
+            log = f.read()
+        assert "with SIGKILL" not in log, log[-3000:]
+        assert "outlived supervisord" not in c.output(), c.output()[-3000:]
 
 
 # -- /terminate ------------------------------------------------------------------------------
@@ -353,8 +450,11 @@ def test_lifecycle_killed_mid_reconfiguration_does_not_wedge():
             code, body = call.result(timeout=60)
             answered = time.monotonic() - t_release
             timings.append((release, time.monotonic() - t_kill, answered))
-            status = c.status()["status"]
-            assert status == ("running" if code == 200 else "failed"), (code, body, status)
+            st = c.status()
+            # a 500 too: a catalog apply that failed half-way leaves the compute running (issue 19 item 1)
+            assert st["status"] == "running", (code, body, st)
+            if code != 200:
+                assert st["error"] == body["error"], (code, body, st)
             if release == "commit":
                 assert code in (200, 500), (code, body)
             else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import time
 
 import psycopg
@@ -23,6 +22,7 @@ import pytest
 from psycopg import sql
 
 from compute.postgres.sessions import session_options
+from compute.shared.log_paths import postgres_log_path
 from tests.peers.control_plane import ControlPlanePeer
 from tests.support.tree import Compute
 from tests.support.traps import TRAPS
@@ -172,7 +172,7 @@ def test_password_hashes_never_logged_and_a_held_lock_fails_the_apply_in_bounded
     assert status["status"] == "running" and status["error"] == body["error"], status
     assert "lost a lock race" in body["error"], body
 
-    with open(os.path.join(c.runtime_dir, "logs", "postgres.log"), errors="replace") as f:
+    with open(postgres_log_path(c.runtime_dir), errors="replace") as f:
         log = f.read()
     out = c.output()
     for h in HASHES:

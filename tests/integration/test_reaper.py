@@ -15,6 +15,7 @@ import textwrap
 
 from compute.tree.reaper import descendants
 from tests.support.api_helpers import REPO
+from tests.support.waiting import wait_for
 
 
 STOP_SCRIPT = textwrap.dedent("""
@@ -105,3 +106,63 @@ def test_the_proc_reader_reads_this_process_and_its_group():
         child.stdin.close()
         child.wait()
     assert read_proc(child.pid) is None
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_a_thread_runs():
+    """/proc/PID/stat says Z as soon as the main thread has exited; the process still holds its
+    descriptors (a listening socket) until its last thread is gone. read_proc (and the exit
+    watcher's process_alive) read it as alive until then."""
+    from compute.tree.exitwatch import process_alive
+    from compute.tree.reaper import read_proc, thread_states
+    code = ("import ctypes, sys, threading\n"
+            "t = threading.Thread(target=sys.stdin.read)\n"
+            "t.start()\n"
+            "print('ready', flush=True)\n"
+            "ctypes.CDLL(None).pthread_exit(None)\n")  # the main thread ends; the process lives on
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        wait_for(lambda: _stat_state(child.pid) == "Z", 10, "the main thread to exit", 0.005)
+        states = sorted(thread_states(child.pid), key=lambda st: st == "Z")  # the reader first
+        assert len(states) == 2 and states[0] in "RS" and states[1] == "Z", states
+        assert read_proc(child.pid).state in "RS" and process_alive(child.pid)
+    finally:
+        child.stdin.close()  # the thread's read ends: the last thread exits
+        child.wait(10)
+    assert read_proc(child.pid) is None and not process_alive(child.pid)
+
+
+def _stat_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_program_sent_sigterm_as_supervisord_forks_it_stops():
+    """supervisord's fork of a program (compute.tree.supervisord): until the program installs its
+    own handlers the child had supervisord's Python handlers, and a SIGTERM of a shutdown that
+    came while it was being spawned was swallowed there (the program ran on until stopwaitsecs
+    and a SIGKILL). The child now starts with the stop signals at their default action."""
+    code = textwrap.dedent("""
+        import os, signal
+        from compute.tree.supervisord import _fork_without_open_stores
+        received = []
+        signal.signal(signal.SIGTERM, lambda *_: received.append("TERM"))  # as supervisord has it
+        r, w = os.pipe()
+        pid = _fork_without_open_stores(None)
+        if pid == 0:  # still supervisord's code in the child: it gets the SIGTERM meanwhile
+            os.close(w)
+            os.read(r, 1)  # until the parent has sent it
+            os._exit(0)
+        os.close(r)
+        os.kill(pid, signal.SIGTERM)
+        os.write(w, b"x")
+        _, status = os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent's own handler is as it was
+        print(os.waitstatus_to_exitcode(status), received)
+    """)
+    out = run_module(code, {})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=1) == [str(-signal.SIGTERM), "['TERM']\n"], out.stdout

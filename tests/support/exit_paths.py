@@ -93,8 +93,10 @@ class TreeRecord:
                     pass
 
 
-def listening(port: int) -> bool:
-    """Some socket listens on TCP `port` (any address, IPv4 or IPv6), from /proc/net."""
+def listening_inodes(port: int) -> set[int]:
+    """The inodes of the sockets that listen on TCP `port` (any address, IPv4 or IPv6), from
+    /proc/net."""
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -104,5 +106,75 @@ def listening(port: int) -> bool:
         for row in rows:
             fields = row.split()
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
+                found.add(int(fields[9]))
+    return found
+
+
+def listening(port: int) -> bool:
+    """Some socket listens on TCP `port` (any address, IPv4 or IPv6), from /proc/net."""
+    return bool(listening_inodes(port))
+
+
+def _thread_state(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def port_holders(port: int) -> list[str]:
+    """Who holds the sockets listening on `port`: for each process with such a descriptor, its
+    pid, state, parent, process group, threads (tid:state) and command line. The descriptor
+    table is looked up per thread (/proc/PID/task/TID/fd): a process whose leader thread has
+    exited (state Z) while its other threads are still on their way out shows no /proc/PID/fd."""
+    inodes = listening_inodes(port)
+    if not inodes:
+        return []
+    wanted = {f"socket:[{i}]" for i in inodes}
+    holders = []
+    for pid in sorted(int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+        held = []
+        for tid in tids:
+            try:
+                fds = os.listdir(f"/proc/{pid}/task/{tid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/task/{tid}/fd/{fd}") in wanted:
+                        held.append(int(fd))
+                except OSError:
+                    continue
+            if held:
+                break  # the threads of a process share one table (bar CLONE_FILES oddities)
+        if not held:
+            continue
+        s = read_proc(pid)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\x00", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            cmdline = "?"
+        threads = " ".join(f"{t}:{_thread_state(pid, t)}" for t in tids)
+        who = (f"pid {pid} ({s.comm}), state {s.state}, parent {s.ppid}, pgrp {s.pgrp}" if s
+               else f"pid {pid} (gone)")
+        holders.append(f"{who}, fds {sorted(set(held))}, threads [{threads}], cmdline {cmdline!r}")
+    if not holders:
+        holders.append(f"no process holds socket(s) {sorted(inodes)} (closing, or held in flight)")
+    return holders
+
+
+def port_report(port: int) -> str:
+    """`ss -ltnp` for `port` and the holders found in /proc, for an assertion message."""
+    import subprocess
+    try:
+        ss = subprocess.run(["ss", "-ltnpe", f"sport = :{port}"], capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        ss = f"(ss: {e})"
+    return "held by:\n  " + "\n  ".join(port_holders(port)) + f"\nss -ltnpe:\n{ss}"

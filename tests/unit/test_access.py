@@ -22,7 +22,7 @@ from compute.api import access
 from compute.api.access import (GUARDED, INVALID_AUDIENCE, INVALID_COMPUTE_ID, INVALID_HEADER, LOOPBACK_ONLY,
                                 MISSING_AUDIENCE, MISSING_COMPUTE_ID, NOT_VERIFIED, OPEN, READ, Jwks, JwksFile,
                                 answerable_without_credentials, decide, is_loopback, parse_jwks, route_policy)
-from compute.model.jwks import ConfigError, check_compute_ctl_config
+from compute.model.compute_config import ComputeCtlConfig, ConfigError, parse_compute_ctl_config
 from tests.support.api_helpers import client_for, fake_driver, jwks_keys, launch_settings, make_state, minimal_spec, rt, write_jwks
 
 __all__ = ["rt"]
@@ -314,13 +314,13 @@ def test_jwks_file_missing_then_written_then_rotated_then_broken(tmp_path, keys)
 
 def test_compute_ctl_config_shape():
     ok = {"jwks": {"keys": []}, "tls": None}
-    assert check_compute_ctl_config(ok) is ok
-    assert check_compute_ctl_config({"jwks": {"keys": [{"kty": "OKP"}]}, "unknown": 1})
-    assert check_compute_ctl_config({"jwks": {"keys": []}, "tls": {"key_path": "/k", "cert_path": "/c"}})
+    assert parse_compute_ctl_config(ok) == ComputeCtlConfig(jwks={"keys": []}, tls=None)
+    assert parse_compute_ctl_config({"jwks": {"keys": [{"kty": "OKP"}]}, "unknown": 1}).jwks == {"keys": [{"kty": "OKP"}]}
+    assert parse_compute_ctl_config({"jwks": {"keys": []}, "tls": {"key_path": "/k", "cert_path": "/c"}}).tls
     for bad in (None, [], {"tls": None}, {"jwks": {}}, {"jwks": {"keys": [{}]}}, {"jwks": {"keys": [{"kty": 1}]}},
                 {"jwks": {"keys": []}, "tls": {"key_path": 1, "cert_path": "/c"}}):
         with pytest.raises(ConfigError):
-            check_compute_ctl_config(bad)
+            parse_compute_ctl_config(bad)
 
 
 # -- the middleware, in-process ---------------------------------------------------------------------

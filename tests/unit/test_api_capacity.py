@@ -11,7 +11,8 @@ import falcon.testing
 
 from compute.api.capacity import DataRouteShare, Permits, data_permits, pool_threads
 from compute.api.errors import MAX_CONCURRENT_BODY_READS
-from compute.lifecycle.steps import LOCK_RACE_ATTEMPTS, after_failed_reconfiguration, lost_lock_race
+from compute.lifecycle.steps import (LOCK_RACE_ATTEMPTS, after_failed_reconfiguration, catalog_failure_message,
+                                     lost_lock_race)
 from compute.shared.driver_requests import configure_outcome
 
 
@@ -132,23 +133,35 @@ def test_permits_under_concurrency_never_exceed_the_limit():
 def test_a_lost_lock_race_is_retried_then_leaves_the_compute_running():
     assert lost_lock_race("55P03") and lost_lock_race("40P01")
     assert not lost_lock_race(None) and not lost_lock_race("42501") and not lost_lock_race("57014")
-    assert after_failed_reconfiguration(True) == "running"
-    assert after_failed_reconfiguration(False) == "failed"
     assert LOCK_RACE_ATTEMPTS >= 2
+    msg = catalog_failure_message("applying the spec failed ...: canceling statement due to lock timeout", True)
+    assert msg.startswith(f"reconfiguration lost a lock race {LOCK_RACE_ATTEMPTS} times; the compute runs")
+    assert msg.endswith(": applying the spec failed ...: canceling statement due to lock timeout")
+
+
+def test_a_failed_catalog_apply_leaves_the_compute_running():
+    """Issue 19 item 1: any failure of the catalog SQL of a reconfiguration (a lost lock race, a
+    statement erroring half-way, the planner refusing) leaves `running` with the reason; only a
+    failure before it (the settings could not be written or checked) is the final `failed`."""
+    assert after_failed_reconfiguration(in_catalog=True) == "running"
+    assert after_failed_reconfiguration(in_catalog=False) == "failed"
+    msg = catalog_failure_message("applying the spec failed in database 'postgres' (databases): boom", False)
+    assert msg.startswith("reconfiguration failed in the catalog SQL; the compute runs with the new settings")
+    assert "send it again" in msg and msg.endswith(": applying the spec failed in database 'postgres' (databases): boom")
 
 
 def test_configure_answer_after_a_lost_lock_race():
     failed = {"generation": 3, "error": "lost a lock race"}
     # Ours failed, the compute still runs: /configure answers the error (500), never 200.
     assert configure_outcome({"status": "running", "spec_generation": 3, "error": "x",
-                              "configure_failed": failed}, 3) == (False, "lost a lock race")
+                              "configure_answer": failed}, 3) == (False, "lost a lock race")
     # An older failure does not spoil a later configure.
     assert configure_outcome({"status": "running", "spec_generation": 4, "error": None,
-                              "configure_failed": failed}, 4) == (True, None)
+                              "configure_answer": failed}, 4) == (True, None)
     assert configure_outcome({"status": "configuration", "spec_generation": 4, "error": None,
-                              "configure_failed": failed}, 4) is None
+                              "configure_answer": failed}, 4) is None
     assert configure_outcome({"status": "failed", "spec_generation": 4, "error": "boom",
-                              "configure_failed": None}, 4) == (False, "boom")
+                              "configure_answer": None}, 4) == (False, "boom")
 
 
 def test_a_dump_spools_only_its_share_of_the_free_space():

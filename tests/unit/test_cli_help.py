@@ -10,7 +10,7 @@ from compute.boot.cli import build_parser
 from tests.support.api_helpers import REPO
 
 # Set by compute-ctl (or supervisord) for the programs: never the operator's to give.
-SET_FOR_THE_PROGRAMS = {"COMPUTE_RUNTIME_DIR", "COMPUTE_API_FD", "COMPUTE_SUPERVISORD_PID", "COMPUTE_CTL_PID", "COMPUTE_STATE_FILE_ID",
+SET_FOR_THE_PROGRAMS = {"COMPUTE_RUNTIME_DIR", "COMPUTE_API_FD", "COMPUTE_API_INTERNAL_FD", "COMPUTE_SUPERVISORD_PID", "COMPUTE_CTL_PID", "COMPUTE_STATE_FILE_ID",
                         "PGPASSFILE", "HOME", "LOGNAME"}
 # Read by libpq (named in the help as "libpq's own variables"), or only to pass on untouched.
 LIBPQ = re.compile(r"^PG[A-Z]+\Z")

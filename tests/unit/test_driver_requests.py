@@ -41,9 +41,16 @@ def test_configure_keeps_the_spec_it_replaces(tmp_path):
     ({"status": "failed", "spec_generation": 3, "error": None}, (False, "configuration failed")),
     # postgres rejected the settings of ours: back to running, nothing changed, an error all the same
     ({"status": "running", "spec_generation": 3, "error": "x",
-      "configure_rejected": {"generation": 3, "error": "rejected"}}, (False, "rejected")),
+      "configure_answer": {"generation": 3, "error": "rejected"}}, (False, "rejected")),
     ({"status": "running", "spec_generation": 3, "error": None,
-      "configure_rejected": {"generation": 2, "error": "an older one"}}, (True, None)),
+      "configure_answer": {"generation": 2, "error": "an older one"}}, (True, None)),
+    # the driver's answer to ours, read after the next /configure moved the status on: still ours
+    ({"status": "configuration_pending", "spec_generation": 4, "error": None,
+      "configure_answer": {"generation": 3, "error": "rejected"}}, (False, "rejected")),
+    ({"status": "configuration", "spec_generation": 4, "error": None,
+      "configure_answer": {"generation": 3, "error": None}}, (True, None)),
+    ({"status": "failed", "spec_generation": 3, "error": "boom",
+      "configure_answer": {"generation": 3, "error": "boom"}}, (False, "boom")),
 ])
 def test_configure_outcome(values, outcome):
     assert dr.configure_outcome(values, 3) == outcome

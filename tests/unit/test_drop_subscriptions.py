@@ -131,3 +131,25 @@ def test_the_plan_shows_the_drops():
     text = format_plan(plan(cat(subs=[("shop", "s1")]), spec(), superuser=SU))
     assert '-- database "shop": subscriptions (one transaction, phase 2)' in text
     assert 'DROP SUBSCRIPTION "s1";' in text
+
+
+def test_subscribers_are_disabled_until_a_primarys_start_apply_is_done():
+    """neon.disable_logical_replication_subscribers as HEAD: true in the file the start writes
+    (config.rs), false once a Primary's catalog apply dropped the inherited subscriptions
+    (compute.rs configure_as_primary); true for ever where no catalog SQL runs."""
+    from compute.model import modes
+    from compute.postgres.conf import render_postgresql_conf
+
+    def tail(s, **kw) -> str:
+        return render_postgresql_conf((), s, **kw).splitlines()[-1]
+
+    on = spec()
+    assert modes.logical_subscribers_disabled(on, catalog_applied=False) is True
+    assert modes.logical_subscribers_disabled(on, catalog_applied=True) is False
+    assert tail(on) == "neon.disable_logical_replication_subscribers=true"
+    assert tail(on, subscribers_disabled=False) == "neon.disable_logical_replication_subscribers=false"
+    off = spec(drop=False)
+    assert modes.logical_subscribers_disabled(off, catalog_applied=False) is False
+    assert tail(off) == "neon.disable_logical_replication_subscribers=false"
+    skipped = dataclasses.replace(on, skip_pg_catalog_updates=True)
+    assert modes.logical_subscribers_disabled(skipped, catalog_applied=True) is True

@@ -50,3 +50,19 @@ def test_a_unix_socket_or_a_dns_name_is_checked_for_what_can_be_known():
 ])
 def test_listens_on(host, listen, ok):
     assert listens_on(host, listen) is ok
+
+
+def test_heads_launch_sets_the_port_in_postgresql_conf():
+    """endpoint.rs sends `settings: null` and the port in `cluster.postgresql_conf`, which is
+    written first: it counts, and cluster.settings (written after it) win."""
+    def conf_spec(text, **settings):
+        doc = {"format_version": 1.0, "cluster": {"roles": [], "databases": [], "settings": [
+            {"name": k, "value": v, "vartype": "string"} for k, v in settings.items()] or None,
+            "postgresql_conf": text}}
+        return parse_spec(doc)
+    text = "max_wal_senders='10'\nlisten_addresses='127.0.0.1'\nport = '55432'  # endpoint.rs\n\n"
+    assert connstr_mismatch("postgresql://cloud_admin@127.0.0.1:55432/postgres", conf_spec(text)) is None
+    assert "55433" in connstr_mismatch("postgresql://a@127.0.0.1:55432/postgres", conf_spec(text, port="55433"))
+    assert "10.1.2.3" in connstr_mismatch("postgresql://a@10.1.2.3:55432/postgres", conf_spec(text))
+    assert connstr_mismatch("postgresql://a@127.0.0.1:6000/postgres", conf_spec("port 6000\nport=7000\n")) is not None
+    assert connstr_mismatch("postgresql://a@127.0.0.1:7000/postgres", conf_spec("port 6000\nport=7000\n")) is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 
-from compute.tree.reaper import Escalation, Proc, descendants, due_signals
+from compute.tree.reaper import Escalation, Proc, descendants, due_signals, process_state
 
 ROOT = 100
 ESC = Escalation(term_after=0.5, quit_postmaster_after=2.0, kill_after=3.0)
@@ -78,3 +78,15 @@ def test_orphaned_backends_are_stopped_too():
     orphans = table((ROOT, 50), (301, ROOT), (302, ROOT))
     due = due_signals(orphans, ROOT, postmaster=300, elapsed=1.0, escalation=ESC)
     assert due == {301: signal.SIGTERM, 302: signal.SIGTERM}
+
+
+def test_a_process_is_dead_only_once_every_thread_is():
+    """/proc/PID/stat says Z once the main thread has exited; threads still on their way out of
+    a kill hold the process's descriptors (a gunicorn worker's: the API socket)."""
+    assert process_state("S", ["S", "S"]) == "S"
+    assert process_state("Z", ["Z", "S", "R"]) == "S"  # the first live thread's
+    assert process_state("Z", ["Z", "D"]) == "D"
+    assert process_state("Z", ["Z"]) == "Z"
+    assert process_state("Z", ["Z", "X"]) == "Z"
+    assert process_state("Z", []) == "Z"  # reaped meanwhile: no task left to read
+    assert process_state("X", ["R"]) == "R"

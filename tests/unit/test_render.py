@@ -1,6 +1,7 @@
 """postgresql.conf / pg_hba.conf / supervisord.conf rendering (pure)."""
 
 import configparser
+import os
 
 import pytest
 
@@ -111,6 +112,16 @@ def test_supervisord_conf_programs():
     assert pg["command"].endswith("/usr/bin/postgres -D '/data/pg data'")
     assert "environment" not in pg
     assert cp["unix_http_server"]["chmod"] == "0700"
+
+
+def test_postgres_log_is_where_the_driver_reads_it():
+    """One definition of postgres' log path (compute/shared/log_paths.py): supervisord writes
+    postgres' output there and the driver reads postgres' sentences from it."""
+    from compute.shared.log_paths import logs_dir, postgres_log_path
+    cp = parse(render(runtime_dir="/run/my c"))
+    assert cp["program:postgres"]["stdout_logfile"] == postgres_log_path("/run/my c") == "/run/my c/logs/postgres.log"
+    assert cp["supervisord"]["childlogdir"] == logs_dir("/run/my c")
+    assert cp["program:lifecycle"]["stdout_logfile"] == os.path.join(logs_dir("/run/my c"), "lifecycle.log")
 
 
 def test_supervisord_conf_token_and_informant():
