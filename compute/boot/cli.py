@@ -715,6 +715,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
 
 def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
                        internal_sock=None) -> int:
+    from compute.base import proctitle
     from compute.shared.state import state_path
     from compute.tree.exit_decision import tree_exit_code
     from compute.tree.reaper import stop_descendants
