@@ -5,8 +5,11 @@ Parts (in the order they run, quietest first):
               30 s of the same tree; the PSS again after 10 s of API load (bench/footprint.py)
   api         GET /status req/s and p99, p99 while a POST /configure is in flight, monitor CPU
               with a session idle in transaction (bench/api.py; skipped with a note if missing)
-  startup     compute-ctl exec -> running vs the same work by hand, same run; exec -> first
-              /status; kill -9 of the api's master / a worker -> /status 200 again (bench/startup.py)
+  startup     compute-ctl exec -> running vs the same work by hand, interleaved pairs (who goes
+              first alternating), on the Neon path and the embedded default: the added latency
+              in ms, with the by-hand time; exec -> first storage request (the tree's trace);
+              exec -> first /status; kill -9 of the api's master / a worker -> /status 200
+              again (bench/startup.py)
   reconcile   1,000 roles + 100 databases: first apply and no-op re-apply (bench/reconcile.py)
   basebackup  time and peak RSS of the streamed basebackup over loopback vs `psql | tar -x`
               from the same peer, interleaved pairs, real 38 MiB archive + 1 GiB (bench/basebackup.py)
@@ -77,35 +80,26 @@ def run_api(quick: bool) -> dict:
 
 
 def run_startup(quick: bool) -> dict:
-    from bench.startup import run_api_kills, run_baseline, run_compute
-    from compute.postgres.conf import render_postgresql_conf
-    from compute.model.spec import parse_spec
+    from bench.startup import added_latency_pairs, run_api_kills, timeline_summary
     from tests.peers.pageserver import make_basebackup_tar
     from tests.peers.sync_safekeepers import write_fake_postgres
     from tests.support.pgcluster import scratch_dir
-    from tests.support.tree import Compute
 
     runs = 3 if quick else 7
     tar_dir, bin_dir = scratch_dir("cs-bench-"), scratch_dir("cs-bench-bin-")
     try:
         tar = make_basebackup_tar(os.path.join(tar_dir, "basebackup.tar"))
         fake_pg = write_fake_postgres(bin_dir)
-        probe = Compute()
-        spec = parse_spec(probe.new_spec())
-        probe.close()
-        compute, base = [], []
-        for i in range(runs):  # interleaved, so both see the same machine weather
-            compute.append(run_compute(tar))
-            port = 20000 + os.getpid() % 10000 + i
-            settings = [o if o.name != "port" else type(o)("port", str(port), "integer")
-                        for o in spec.cluster.settings if o.name != "unix_socket_directories"]
-            conf = render_postgresql_conf(settings) + "unix_socket_directories = '/tmp'\n"
-            base.append(run_baseline(tar, json.dumps({"port": port, "conf": conf}), fake_pg))
+        # Interleaved pairs, who goes first alternating (bench/startup.py): both sides of a pair
+        # see the same machine weather.
+        neon = added_latency_pairs(runs, tar, fake_pg)
+        embedded = added_latency_pairs(runs, None, None)
         archive_mib = os.path.getsize(tar) / MIB
         kills = run_api_kills(3 if quick else 5)
     finally:
         shutil.rmtree(tar_dir, ignore_errors=True)
         shutil.rmtree(bin_dir, ignore_errors=True)
+    compute, base = neon["runs"], neon["baseline_runs"]
 
     def med(rs, k):
         return round(statistics.median(r[k] for r in rs), 1)
@@ -118,7 +112,10 @@ def run_startup(quick: bool) -> dict:
                           for k, v in kills.items()},
             "compute": {k: med(compute, k) for k in keys}, "baseline": {k: med(base, k) for k in keys if k in base[0]},
             "compute_wall_all": [round(r["wall_to_running_ms"]) for r in compute],
-            "baseline_all": [round(r["total_startup_ms"]) for r in base]}
+            "baseline_all": [round(r["total_startup_ms"]) for r in base],
+            "added_latency": {name: {k: v for k, v in r.items() if k not in ("runs", "baseline_runs")}
+                              for name, r in (("neon", neon), ("embedded", embedded))},
+            "timeline": {"neon": timeline_summary(neon["runs"]), "embedded": timeline_summary(embedded["runs"])}}
 
 
 def run_reconcile(quick: bool) -> dict:
@@ -174,6 +171,17 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             f"sync {c['sync_safekeepers_ms']:.0f}/{b['sync_safekeepers_ms']:.0f}, basebackup "
             f"{c['basebackup_ms']:.0f}/{b['basebackup_ms']:.0f}, postgres {c['start_postgres_ms']:.0f}/"
             f"{b['start_postgres_ms']:.0f}, SQL {c['config_ms']:.0f}/{b['config_ms']:.0f} ms")
+        for name, label in (("neon", "Neon path"), ("embedded", "embedded default")):
+            a = s.get("added_latency", {}).get(name)
+            if a and a["added_ms"]:
+                x, h = a["added_ms"], a["by_hand_ms"]
+                row(f"added latency, {label}", f"{x['median']:+.0f} ms median of {a['pairs']} pairs "
+                    f"({x['min']:+.0f}..{x['max']:+.0f}); by hand {h['median']:.0f} ms ({h['min']:.0f}-{h['max']:.0f})",
+                    "<= 50 ms", x["median"] <= 50)
+            if a and a["first_storage_ms"]:
+                f = a["first_storage_ms"]
+                row(f"  exec -> first storage request", f"{f['median']:.0f} ms ({f['min']:.0f}-{f['max']:.0f}; "
+                    f"{'sync-safekeepers' if name == 'neon' else 'initdb'})", "<= 60 ms", f["median"] <= 60)
         row("  SIGTERM -> exit 0", f"{c['stop_ms']:.0f} ms", "<= 500 ms", c["stop_ms"] <= 500)
         if "first_status_ms" in c:
             row("/status answers after exec", f"{c['first_status_ms']:.0f} ms (runs {s['first_status_all']})",
@@ -259,6 +267,11 @@ def print_table(r: dict) -> None:
         print(f"{name:<{w0}}  {lines[0]:<{wv}}  {goal:<{w2}}  {verdict}")
         for more in lines[1:]:
             print(f"{'':<{w0}}  {more}")
+    tl = (r.get("startup") or {}).get("timeline")
+    for name in ("neon", "embedded") if tl else ():
+        print(f"\nstart-up timeline, {name}, ms since exec: median (min-max)")
+        for median, lo, hi, event in tl[name]:
+            print(f"  {median:7.0f} ({lo:.0f}-{hi:.0f})  {event}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,10 @@ from the same pageserver peer (the stock pipeline a person would type), the same
 postgresql.conf, `pg_ctl start -w`, and the same SQL through `psql -f`. Both sides' phases are
 printed, so the gap per phase is visible.
 The tree's own marks (COMPUTE_TRACE, compute/base/trace.py) are printed as a timeline since exec.
+`python -m bench --only startup` runs `added_latency_pairs` (issue 22): interleaved pairs, who
+goes first alternating, on the Neon path and on the embedded default (initdb + pg_ctl start -w
++ psql -f by hand): the added latency in ms with the by-hand time, and exec -> first storage
+request from the trace.
 Then the api: kill -9 of its gunicorn master, and of a worker, at random moments; per kill, ms
 to the first 200 on /status and to a 200 once the api is whole again (--api-kills N, 0: skip).
 Needs the installed tree (scripts/install.sh) and root (it runs postgres as the postgres user).
@@ -18,6 +22,7 @@ Needs the installed tree (scripts/install.sh) and root (it runs postgres as the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -60,11 +65,29 @@ def timeline(trace_file: str, t0: float) -> list[tuple[float, str]]:
     return out
 
 
-def run_compute(tar: str) -> dict[str, float]:
-    with PageserverPeer(tar, password=TOKEN) as ps:
+# The tree's first storage request (compute/base/trace.py marks): the sync started, initdb
+# started, or a basebackup's connection asked for. Before those marks existed: the driver's
+# prepare_data step, which starts with that request.
+STORAGE_MARK = "lifecycle: storage request"
+STORAGE_MARK_FALLBACK = "lifecycle: prepare_data"
+
+
+def first_storage_ms(marks: list[tuple[float, str]]) -> float | None:
+    """ms since exec of the first storage request in a run's timeline."""
+    for prefix in (STORAGE_MARK, STORAGE_MARK_FALLBACK):
+        found = [ms for ms, event in marks if event.startswith(prefix)]
+        if found:
+            return min(found)
+    return None
+
+
+def run_compute(tar: str | None) -> dict[str, float]:
+    """One start, exec -> /status running: the Neon path with `tar` served by a pageserver peer,
+    or the embedded default (initdb) when `tar` is None."""
+    with (PageserverPeer(tar, password=TOKEN) if tar else contextlib.nullcontext()) as ps:
         c = Compute()
-        c.pgbin = write_fake_postgres(c.base)
-        c.spec = spec_for(c, ps)
+        c.pgbin = write_fake_postgres(c.base) if tar else c.pgbin
+        c.spec = spec_for(c, ps) if tar else c.new_spec()
         trace_file = os.path.join(c.base, "trace")
         os.close(os.open(trace_file, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(trace_file, 0o666)  # the tree appends to it as the compute user
@@ -95,7 +118,98 @@ def run_compute(tar: str) -> dict[str, float]:
     out.update(total_startup_ms=float(metrics["total_startup_ms"]), wall_to_running_ms=wall, stop_ms=stop,
                first_status_ms=first_status or wall)
     out["timeline"] = marks + [(first_status or wall, "bench: first /status 200"), (wall, "bench: /status running")]
+    out["first_storage_ms"] = first_storage_ms(marks)
     return out
+
+
+def run_baseline_embedded(settings_text: str) -> dict[str, float]:
+    """The embedded default by hand with the stock tools: initdb (the compute's flags, a
+    password file), the same postgresql.conf, `pg_ctl start -w`, the same SQL through `psql -f`."""
+    base = scratch_dir("cs-bench-emb-")
+    pgdata = os.path.join(base, "pgdata")
+    port = json.loads(settings_text)["port"]
+    try:
+        with open(os.path.join(base, "postgresql.conf"), "w") as f:
+            f.write(json.loads(settings_text)["conf"])
+        with open(os.path.join(base, "pw"), "w") as f:
+            f.write("bench-password\n")
+        with open(os.path.join(base, "setup.sql"), "w") as f:
+            f.write(BASELINE_SQL)
+        t0 = time.monotonic()
+        run_as_pg([f"{PGBIN_DIR}/initdb", "-D", pgdata, "-U", "cloud_admin", "--auth=trust", "--no-sync",
+                   "-E", "UTF8", "--locale=C.UTF-8", f"--pwfile={os.path.join(base, 'pw')}"])
+        initdb = time.monotonic() - t0
+        run_as_pg(["sh", "-c", 'cat "$1" >> "$2"', "-", os.path.join(base, "postgresql.conf"),
+                   os.path.join(pgdata, "postgresql.conf")])
+        t = time.monotonic()
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-w", "-l", os.path.join(base, "log"), "start"])
+        start = time.monotonic() - t
+        t = time.monotonic()
+        run_as_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
+                   "-U", "cloud_admin", "-d", "postgres", "-f", os.path.join(base, "setup.sql")])
+        sql = time.monotonic() - t
+        total = time.monotonic() - t0
+        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-m", "fast", "stop"], check=False)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"initdb_ms": initdb * 1000, "start_postgres_ms": start * 1000, "config_ms": sql * 1000,
+            "total_startup_ms": total * 1000, "wall_to_running_ms": total * 1000}
+
+
+def baseline_settings(spec, port: int) -> str:
+    """The compute's own postgresql.conf settings for a by-hand run on `port`."""
+    from compute.postgres.conf import render_postgresql_conf
+    settings = [o if o.name != "port" else type(o)("port", str(port), "integer") for o in spec.cluster.settings
+                if o.name != "unix_socket_directories"]
+    conf = render_postgresql_conf(settings) + "unix_socket_directories = '/tmp'\n"
+    return json.dumps({"port": port, "conf": conf})
+
+
+def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None) -> dict:
+    """Interleaved pairs (compute-ctl, the same work by hand), who goes first alternating, so
+    both sides of a pair see the same machine weather. Added latency = exec -> /status running
+    minus the by-hand total, per pair; its median and spread, with the by-hand time itself."""
+    from compute.model.spec import parse_spec
+    probe = Compute()
+    spec = parse_spec(probe.new_spec())
+    probe.close()
+    added, hand, ours, storage, runs, base_runs = [], [], [], [], [], []
+    for i in range(pairs):
+        port = 20000 + os.getpid() % 10000 + i
+        settings = baseline_settings(spec, port)
+        if tar:
+            by_hand = lambda: run_baseline(tar, settings, fake_pg)
+        else:
+            by_hand = lambda: run_baseline_embedded(settings)
+        if i % 2 == 0:
+            c = run_compute(tar)
+            b = by_hand()
+        else:
+            b = by_hand()
+            c = run_compute(tar)
+        runs.append(c)
+        base_runs.append(b)
+        ours.append(c["wall_to_running_ms"])
+        hand.append(b["total_startup_ms"])
+        added.append(c["wall_to_running_ms"] - b["total_startup_ms"])
+        if c.get("first_storage_ms") is not None:
+            storage.append(c["first_storage_ms"])
+
+    def summary(xs):
+        return {"median": round(statistics.median(xs), 1), "min": round(min(xs), 1), "max": round(max(xs), 1),
+                "all": [round(x) for x in xs]} if xs else None
+    return {"pairs": pairs, "added_ms": summary(added), "by_hand_ms": summary(hand), "ours_ms": summary(ours),
+            "first_storage_ms": summary(storage), "runs": runs, "baseline_runs": base_runs}
+
+
+def timeline_summary(runs: list[dict]) -> list[tuple[float, float, float, str]]:
+    """Each event's (median, min, max) ms since exec over `runs`, in time order."""
+    times: dict[str, list[float]] = {}
+    for r in runs:
+        for ms, event in r.get("timeline", []):
+            times.setdefault(event, []).append(ms)
+    return [(round(statistics.median(ts), 1), round(min(ts), 1), round(max(ts), 1), event)
+            for event, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1]))]
 
 
 def run_baseline(tar: str, settings_text: str, fake_pg: str) -> dict[str, float]:

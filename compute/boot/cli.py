@@ -290,11 +290,10 @@ def _inside(child: str, parent: str) -> bool:
 
 def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
     """-b's binary: a name is looked up on PATH (as execvp would), a path must be executable."""
-    import shutil
     path = os.environ.get("PATH", os.defpath) if path is None else path
     example = "give the full path, e.g. -b /usr/lib/postgresql/15/bin/postgres"
     if os.sep not in pgbin:
-        found = shutil.which(pgbin, path=path)
+        found = _which(pgbin, path)
         if not found:
             raise UsageError(f"-b/--pgbin {pgbin!r}: no executable {pgbin!r} on PATH ({path}): "
                              f"{example}, or add its directory to PATH")
@@ -309,12 +308,33 @@ def resolve_pgbin(pgbin: str, path: str | None = None) -> str:
     return os.path.abspath(pgbin)
 
 
+def _which(name: str, path: str) -> str | None:
+    """shutil.which(name, path=path) on POSIX, without importing shutil (bz2, lzma: ~5 ms on
+    compute-ctl's path to its first storage request, issue 22)."""
+    if not path:
+        return None
+    seen = set()
+    for d in path.split(os.pathsep):
+        if d in seen:
+            continue
+        seen.add(d)
+        candidate = os.path.join(d, name)
+        if os.path.exists(candidate) and os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def resolve_pgbin_dir(pgbin: str) -> str:
     """Where initdb lives for the embedded default: next to pgbin, or next to what it links to."""
     for d in (os.path.dirname(pgbin), os.path.dirname(os.path.realpath(pgbin)), "/usr/lib/postgresql/15/bin"):
         if os.access(os.path.join(d, "initdb"), os.X_OK):
             return d
     return os.path.dirname(pgbin)
+
+
+def _exporter_dsn(connstr: str) -> str:
+    from compute.programs.postgres_exporter import exporter_dsn
+    return exporter_dsn(connstr)
 
 
 def require_superuser(connstr: str) -> str:
@@ -566,15 +586,11 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
               internal_sock=None) -> int:
     """Everything after the bind: validate, prepare, render, drop root, become supervisord."""
     from compute.model.environ import SECRET_VARS, program_secrets, supervisord_environment
-    from compute.tree.exit_decision import tree_exit_code
-    from compute.programs.postgres_exporter import exporter_dsn
     from compute.base.procutil import become_subreaper, scrub_initial_environment
-    from compute.tree.reaper import stop_descendants
     from compute.model.spec import SpecError
     import sqlite3
     from compute.shared.state import RUNTIME_DIR_ENV, STATE_ID_ENV, StateStore, state_path
     from compute.tree.supervisord_conf import CONF_NAME, render_supervisord_conf
-    from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     from compute.boot.users import effective_user
     try:
         spec_doc, spec, superuser, ctl_config = validate(args)
@@ -642,7 +658,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             auth_token=spec.storage_auth_token if spec else None, vm_informant=vm_informant,
             informant_connstr=informant_connstr,
             postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
-            exporter_dsn=exporter_dsn(args.connstr) if args.postgres_exporter else "",
+            exporter_dsn=_exporter_dsn(args.connstr) if args.postgres_exporter else "",
             program_env=program_secrets(os.environ, spec.storage_auth_token if spec else None))
         old = os.umask(0o077)  # the conf may carry the storage token
         try:
@@ -666,7 +682,45 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         return 1
 
     mark("compute-ctl: validated, rendered")
-    become_subreaper()
+    become_subreaper()  # before the first fork: every orphan of the tree is ours to reap
+    # From here on we are supervisord (one PID for the life of the compute): its loop runs in
+    # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
+    # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
+    # installed package in every program). No secrets: each goes only to the program that
+    # needs it (compute/model/environ.py, the conf's per-program environment).
+    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
+           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id,
+           **({INTERNAL_FD_ENV: str(internal_sock.fileno())} if internal_sock is not None else {})}
+    # The lifecycle driver now, not after supervisord's warm-up: it starts the storage request
+    # while we become supervisord, which adopts it (compute/tree/early_driver.py).
+    from compute.base.procutil import SUPERVISORD_PID_ENV
+    from compute.shared.supervisor_rpc import socket_path
+    from compute.tree import early_driver
+    early_driver.hold_stop_signals()
+    from compute.base import forkinfo
+    forkinfo.bootstrap_objects = (settings, spec)  # what the state file was just created with
+    try:
+        early_driver.fork_driver(early_driver.program_environment(
+            {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
+    except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
+        log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
+    try:
+        return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
+                                  internal_sock)
+    finally:
+        if early_driver.stop_unadopted():  # supervisord never took it over: a failed bootstrap
+            from compute.tree.reaper import stop_descendants
+            stop_descendants(pgdata)  # what it left (initdb's bootstrap postgres, reparented to us)
+
+
+def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
+                       internal_sock=None) -> int:
+    from compute.base import proctitle
+    from compute.shared.state import state_path
+    from compute.tree.exit_decision import tree_exit_code
+    from compute.tree.reaper import stop_descendants
+    from compute.tree.supervisord_conf import CONF_NAME
+    from compute.tree.supervisord import STOP_BY_RPC, recorded_exit_code, run as run_supervisord
     log.info("starting compute: PGDATA %s, HTTP %s port %d, runtime dir %s, user %s",
              pgdata, args.http_address, args.http_port, runtime_dir, user.name)
     for warning in (exposure_warning(args.http_address, settings.jwks_path),
@@ -677,14 +731,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     if spec is not None and spec.ignored_keys:
         from compute.model.spec_shape import unknown_keys_line
         log.warning("%s", unknown_keys_line(spec.ignored_keys))
-    # From here on we are supervisord (one PID for the life of the compute): its loop runs in
-    # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
-    # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
-    # installed package in every program). No secrets: each goes only to the program that
-    # needs it (compute/model/environ.py, the conf's per-program environment).
-    env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id,
-           **({INTERNAL_FD_ENV: str(internal_sock.fileno())} if internal_sock is not None else {})}
     os.environ.clear()
     os.environ.update(env)
     sys.stderr = BoundedTextStream(STDERR)  # nothing of the loop waits for stderr's reader either

@@ -44,6 +44,7 @@ from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
 from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from compute.base.retry import RetryFailed, RetryPolicy, retry
+from compute.lifecycle.early import LAST_REMOVED, EarlyStart, empty_directory  # noqa: F401
 from compute.lifecycle.steps import (
     LOCK_RACE_ATTEMPTS,
     LOCK_RACE_FACTOR,
@@ -77,7 +78,6 @@ LOG_WAIT = 3.0  # s: postgres' lines reach its log through supervisord's pipe a 
 SUPERUSER_CHECK_TIMEOUT = 10.0
 # postgres' refusals of a login that no retry will change (a role missing on a replica's primary)
 FINAL_LOGIN_ERRORS = ("does not exist", "authentication failed", "no pg_hba.conf entry")
-LAST_REMOVED = ("PG_VERSION", "postgresql.conf")  # compute.boot.paths recognises PGDATA by these
 POLL = 0.5
 STALE_SESSION_WAIT_MS = 5000  # pg_terminate_backend's wait for each stale apply session to end
 # An idle driver is woken by the API's SIGUSR1; this look at the state file only covers a
@@ -129,21 +129,6 @@ def ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
 
 
-def empty_directory(path: str) -> None:
-    """Remove everything inside `path` and make it 0700. The directory itself stays: its parent
-    may belong to root (a volume mount), where we could not recreate it."""
-    with os.scandir(path) as it:
-        entries = sorted(it, key=lambda e: e.name in LAST_REMOVED)
-    # What tells compute-ctl this is our data directory goes last: a driver killed half-way
-    # leaves a PGDATA that the next start still recognises (and empties) instead of refusing.
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
-    os.chmod(path, 0o700)
-
-
 def postmaster_status(pgdata: str) -> str | None:
     """The last line of postmaster.pid: `starting`, `ready`, `stopping` (padded), or None."""
     try:
@@ -155,8 +140,11 @@ def postmaster_status(pgdata: str) -> str | None:
 
 
 class Driver:
-    def __init__(self, runtime_dir: str):
+    def __init__(self, runtime_dir: str, early: EarlyStart | None = None):
         self.runtime_dir = runtime_dir
+        # The storage request compute/lifecycle/early.py started before this module was
+        # imported: prepare_data finishes it as its first attempt.
+        self.early = early
         self.store = StateStore(state_path(runtime_dir))
         self.settings = launch.require(self.store)
         self.pgdata = self.settings.pgdata
@@ -243,6 +231,7 @@ class Driver:
                 self.wait_for_stop()
                 return
             except Exception as e:  # any failure of the start is reported, not crashed on
+                self.discard_early()
                 if self.stopping:
                     return
                 msg = describe(e)
@@ -250,6 +239,24 @@ class Driver:
                 self.store.set(status="failed", error=msg, failed_at=time.time())
                 self.fail_later(msg)
                 return
+
+    def discard_early(self) -> None:
+        """An early request the failed start-up never got to: stopped and waited for here, not
+        left to its parent-death signal."""
+        early, self.early = self.early, None
+        if early is None:
+            return
+        proc = getattr(early.started, "proc", early.started)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL) if early.request.value == "initdb" else proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if early.pwfile:
+            try:
+                os.unlink(early.pwfile)
+            except FileNotFoundError:
+                pass
 
     def run_step(self, step: DriverStep) -> None:
         mark(f"lifecycle: {step.name.lower()}")
@@ -362,7 +369,9 @@ class Driver:
         log.info("JWKS from the control plane (%d key(s)) written to %s", len(ctl_config.jwks["keys"]), target)
 
     def prepare_data(self, spec: ComputeSpec) -> None:
-        empty_directory(self.pgdata)
+        early, self.early = self.early, None
+        if early is None:  # else emptied before the early request (compute/lifecycle/early.py)
+            empty_directory(self.pgdata)
         self.store.record_metrics(sync_safekeepers_retries=0, basebackup_retries=0)
         st = spec.storage
         plan = modes.plan_start(spec)
@@ -376,23 +385,28 @@ class Driver:
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=nbytes)
             log.info("replica: cloned the primary (%d bytes) in %d ms", nbytes, ms_since(t))
         elif st is None:
-            t = time.monotonic()
-            self.initdb_with_password()
+            t = early.t0 if early else time.monotonic()
+            self.initdb_with_password(early)
             self.write_conf(spec)
             self.store.record_metrics(basebackup_ms=ms_since(t), sync_safekeepers_ms=0, basebackup_bytes=0)
             log.info("embedded default: initdb done in %d ms", ms_since(t))
         else:
             token = self.storage_token(spec)
             # Written before the sync: --sync-safekeepers reads its settings from it.
-            self.write_conf(spec)
+            if early is None:  # (an early sync's was written before it)
+                self.write_conf(spec)
             timeout, deadline = self.settings.storage_timeout, self.settings.attempt_deadline
-            t = time.monotonic()
+            t = early.t0 if early else time.monotonic()
             lsn = plan.basebackup_lsn
             if plan.sync_safekeepers:
+                first = [early.started if early else None]  # the first attempt: the early one
+
+                def sync_attempt() -> str:
+                    started, first[0] = first[0], None
+                    return safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout,
+                                                        deadline=deadline, started=started)
                 lsn = attempts.with_retries(
-                    "sync-safekeepers", attempts.SYNC_SAFEKEEPERS_RETRY,
-                    lambda: safekeepers.sync_safekeepers(self.settings.pgbin, self.pgdata, token, timeout=timeout,
-                                                 deadline=deadline),
+                    "sync-safekeepers", attempts.SYNC_SAFEKEEPERS_RETRY, sync_attempt,
                     on_retry=lambda n: self.store.record_metrics(sync_safekeepers_retries=n))
                 log.info("safekeepers synced at LSN %s in %d ms", lsn, ms_since(t))
             else:
@@ -456,14 +470,19 @@ class Driver:
                 log.warning("postgres did not re-read its configuration within %g s", pgconf.RELOAD_WAIT)
         log.info("updated postgresql.conf to set neon.disable_logical_replication_subscribers=false")
 
-    def initdb_with_password(self) -> None:
+    def initdb_with_password(self, early: EarlyStart | None = None) -> None:
         """initdb with a fresh random superuser password, then the pg_hba.conf that makes it
-        needed over TCP, and the 0600 passfile our programs find through PGPASSFILE."""
-        password = localauth.new_password()
-        pwfile = os.path.join(self.runtime_dir, "initdb.pw")
-        localauth.write_secret(pwfile, password + "\n")
+        needed over TCP, and the 0600 passfile our programs find through PGPASSFILE. `early`:
+        the initdb compute/lifecycle/early.py started, with its password and file."""
+        if early is not None:
+            password, pwfile = early.password, early.pwfile
+        else:
+            password = localauth.new_password()
+            pwfile = os.path.join(self.runtime_dir, "initdb.pw")
+            localauth.write_secret(pwfile, password + "\n")
         try:
-            initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile)
+            initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
+                                  started=early.started if early else None)
         finally:
             os.unlink(pwfile)
         pgconf.write_default_hba(self.pgdata, self.superuser)
@@ -961,15 +980,18 @@ def _has_work_child(path: str) -> bool:
     return os.waitstatus_to_exitcode(status) != 0
 
 
-def main() -> None:
-    die_with_parent()
+def main(early: EarlyStart | None = None, parent_checked: bool = False) -> None:
+    """`early`: the storage request compute/lifecycle/early.py (the program's entry point when
+    forked before supervisord runs) already started."""
+    if not parent_checked:
+        die_with_parent()
     setup_program_logging()
     runtime_dir = runtime_dir_from_env()
     proctitle.set_title("lifecycle", runtime_dir)
-    if not wait_for_work(runtime_dir):
+    if early is None and not wait_for_work(runtime_dir):
         return
     try:
-        run_driver(runtime_dir)
+        run_driver(runtime_dir, early)
     except StateFileLost as e:
         # Until SIGTERM (SystemExit(0) from on_term, or its default action if the driver never
         # got that far); a wake-up from the API is no reason to exit (a restart would follow).
@@ -978,8 +1000,8 @@ def main() -> None:
         park_without_state(e, "lifecycle")
 
 
-def run_driver(runtime_dir: str) -> None:
-    driver = Driver(runtime_dir)
+def run_driver(runtime_dir: str, early: EarlyStart | None = None) -> None:
+    driver = Driver(runtime_dir, early)
 
     def on_usr1(*_):
         driver.wake.set()

@@ -101,6 +101,31 @@ def plan_run(view: DriverView) -> tuple[DriverStep, ...]:
     return (DriverStep.WAIT_FOR_SPEC, *START_STEPS, *FINISH_STEPS)
 
 
+class EarlyRequest(str, Enum):
+    """The storage request a driver starts before it imports the rest of itself."""
+    SYNC_SAFEKEEPERS = "sync_safekeepers"  # `postgres --sync-safekeepers` (its conf written first)
+    INITDB = "initdb"                      # the embedded default
+
+
+def early_request(view: DriverView, source: str | None, sync_safekeepers: bool) -> EarlyRequest | None:
+    """What a freshly forked driver starts at once (compute/lifecycle/early.py), before it loads
+    psycopg, the basebackup and the catalog code (~100+ ms of imports that then overlap the
+    request): the first storage request of a plan that prepares PGDATA, when it is a subprocess.
+    `source`, `sync_safekeepers`: the stored spec's modes.plan_start (source None: no spec is
+    stored yet: pull mode fetches it first, an `empty` compute waits for one). None: nothing
+    early (a resumed or finished start-up, a terminate, a basebackup or a clone first: those
+    need libpq)."""
+    if view.postgres_state not in (None, "STOPPED") or source is None:
+        return None
+    if plan_run(view)[:2] != (DriverStep.WAIT_FOR_SPEC, DriverStep.PREPARE_DATA):
+        return None
+    if source == "initdb":
+        return EarlyRequest.INITDB
+    if source == "pageserver" and sync_safekeepers:
+        return EarlyRequest.SYNC_SAFEKEEPERS
+    return None
+
+
 def concurrent_step(view: DriverView) -> DriverStep | None:
     """A request that must not wait for the plan in progress: a /terminate for the driver."""
     return DriverStep.TERMINATE if view.termination in UNDER_WAY else None

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-
+from compute.model.conninfo import ConninfoError, parse as conninfo_to_dict
 from compute.model.spec import ComputeSpec, postgresql_conf_settings
 
 DEFAULT_PORT = "5432"
@@ -73,7 +71,7 @@ def connstr_mismatch(connstr: str, spec: ComputeSpec) -> str | None:
     None when it can (or when that cannot be known)."""
     try:
         params = conninfo_to_dict(connstr)
-    except psycopg.ProgrammingError:
+    except ConninfoError:
         return None  # the connstr itself is checked elsewhere
     c_port = _first(params.get("port")) or DEFAULT_PORT
     s_port, port_given = _setting(spec, "port")

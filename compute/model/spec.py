@@ -14,12 +14,12 @@ import base64
 import binascii
 import dataclasses
 import json
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from compute.model.conninfo import ConninfoError, parse as conninfo_to_dict
 
 from compute.model.spec_shape import MAX_SPEC_DEPTH, shape_report
 from compute.model import role_options
@@ -626,7 +626,7 @@ def _check_mode(spec: ComputeSpec) -> None:
     if conninfo:
         try:
             params = conninfo_to_dict(conninfo)
-        except psycopg.ProgrammingError:
+        except ConninfoError:
             # Never echo it: it usually holds the replication password.
             raise SpecError("cluster.settings.primary_conninfo", "is not a valid libpq connection string") from None
     if spec.mode == "Replica" and spec.storage is None:
@@ -699,7 +699,7 @@ def _url(value: Any, where: str) -> str:
         raise SpecError(where, "must not contain a comma (the shards' URLs are joined by commas)")
     try:
         conninfo_to_dict(value)
-    except psycopg.ProgrammingError:
+    except ConninfoError:
         raise SpecError(where, "is not a valid libpq connection string") from None
     return value
 
@@ -829,9 +829,16 @@ def resolve_storage(spec: ComputeSpec) -> NeonStorage | None:
 # setting a line, `name [=] value [# comment]`.
 _CONF_LETTER = r"A-Za-z_\x80-\U0010ffff"
 _CONF_ID = rf"[{_CONF_LETTER}][{_CONF_LETTER}0-9$]*"
-_CONF_LINE = re.compile(
+_CONF_LINE_PATTERN = (
     rf"^[ \t\f]*(?:(?P<name>{_CONF_ID}(?:\.{_CONF_ID})?)(?:[ \t\f]*=[ \t\f]*|[ \t\f]+)"
     rf"(?P<value>'(?:[^'\\\n]|\\.|'')*'|[{_CONF_LETTER}0-9.+\-:/]+)[ \t\f]*)?(?:#.*)?\Z")
+
+
+@functools.cache
+def _conf_line():
+    """Compiled on first use: its character classes up to U+10FFFF take 15-60 ms to compile,
+    on compute-ctl's path to the first storage request (issue 22) for every spec."""
+    return re.compile(_CONF_LINE_PATTERN)
 
 
 def check_postgresql_conf(text: str, where: str) -> None:
@@ -847,7 +854,7 @@ def check_postgresql_conf(text: str, where: str) -> None:
     if size > MAX_POSTGRESQL_CONF:
         raise SpecError(where, f"larger than {MAX_POSTGRESQL_CONF} bytes")
     for n, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
-        m = _CONF_LINE.match(line)
+        m = _conf_line().match(line)
         if m is None:
             raise SpecError(where, f"line {n} is not a postgresql.conf setting or comment: {_short(line)}")
         name = m.group("name")
@@ -860,8 +867,10 @@ def postgresql_conf_settings(text: str | None) -> list[tuple[str, str]]:
     """(name, value) of each setting line of a `cluster.postgresql_conf` (checked already:
     check_postgresql_conf), in file order, values unquoted as postgres reads them."""
     out: list[tuple[str, str]] = []
-    for line in (text or "").replace("\r\n", "\n").split("\n"):
-        m = _CONF_LINE.match(line)
+    if not text:  # no lines: the regex is not compiled for nothing (compute-ctl's path, issue 22)
+        return out
+    for line in text.replace("\r\n", "\n").split("\n"):
+        m = _conf_line().match(line)
         if m is None or m.group("name") is None:
             continue
         value = m.group("value")

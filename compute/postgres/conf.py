@@ -131,6 +131,24 @@ def write_postgresql_conf(pgdata: str, settings, spec: ComputeSpec | None = None
                   render_postgresql_conf(settings, spec, subscribers_disabled=subscribers_disabled))
 
 
+def write_passfile(pgdata: str, password: str | None) -> None:
+    """PGDATA/replication.pgpass for the walreceiver (named by primary_conninfo), written
+    atomically at 0600; removed when the spec has no replication password."""
+    from compute.model import modes
+    path = os.path.join(pgdata, modes.PASSFILE)
+    if password is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(modes.passfile_line(password))
+    os.replace(tmp, path)
+
+
 def snapshot_files(paths) -> dict[str, str | None]:
     """The text of each file (None: absent), to put back with `restore_files` (a /configure whose
     settings postgres rejected leaves everything as it was)."""

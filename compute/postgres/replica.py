@@ -25,6 +25,7 @@ from compute.model import modes
 from compute.base.procutil import dies_with_us
 from compute.base.retry import RetryFailed, RetryPolicy, retry
 from compute.model.launch import default
+from compute.postgres.conf import write_passfile  # noqa: F401 - its home was here
 
 log = logging.getLogger("compute.postgres.replica")
 
@@ -147,23 +148,6 @@ def directory_bytes(path: str) -> int:
             except OSError:
                 pass
     return total
-
-
-def write_passfile(pgdata: str, password: str | None) -> None:
-    """PGDATA/replication.pgpass for the walreceiver (named by primary_conninfo), written
-    atomically at 0600; removed when the spec has no replication password."""
-    path = os.path.join(pgdata, modes.PASSFILE)
-    if password is None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        return
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(modes.passfile_line(password))
-    os.replace(tmp, path)
 
 
 def write_standby_signal(pgdata: str) -> None:

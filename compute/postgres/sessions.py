@@ -39,7 +39,7 @@ import ipaddress
 import os
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict
+from compute.model.conninfo import parse as conninfo_to_dict  # psycopg's, without its import cost
 
 PINNED_SEARCH_PATH = "pg_catalog,pg_temp"
 
@@ -64,7 +64,7 @@ def superuser_of(connstr: str) -> str | None:
     saying why, if it is not a connection string. Every program's one reading of the -C user."""
     try:
         params = conninfo_to_dict(connstr)
-    except Exception as e:  # psycopg.ProgrammingError: its message names the problem, not a secret
+    except ValueError as e:  # ConninfoError: libpq's message names the problem, not a secret
         raise ValueError(f"not a valid connection string ({e})") from None
     return params.get("user") or None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from psycopg.conninfo import conninfo_to_dict
+from compute.model.conninfo import parse as conninfo_to_dict
 
 from compute.model.launch import default as _default
 

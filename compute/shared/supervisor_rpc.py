@@ -1,15 +1,15 @@
-"""Talking to supervisord over its unix control socket (XML-RPC), and shutting the tree down."""
+"""Talking to supervisord over its unix control socket (XML-RPC), and shutting the tree down.
+
+http.client and xmlrpc.client (ssl, email, decimal: ~10-30 ms) and supervisor's transport are
+imported where a request is made: compute-ctl needs only socket_path before its first storage
+request (issue 22)."""
 
 from __future__ import annotations
 
-import http.client
+import functools
 import os
 import socket
 import time
-import xmlrpc.client
-
-from supervisor.xmlrpc import SupervisorTransport
-
 
 SOCKET_NAME = "supervisor.sock"
 
@@ -18,30 +18,42 @@ def socket_path(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, SOCKET_NAME)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+@functools.cache
+def _unix_connection_class():
+    import http.client
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+    class _UnixConnection(http.client.HTTPConnection):
+        def __init__(self, path: str, timeout: float | None):
+            super().__init__("localhost", timeout=timeout)
+            self._path = path
+
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self._path)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+    return _UnixConnection
 
 
-def rpc(runtime_dir: str, timeout: float | None = None) -> xmlrpc.client.ServerProxy:
+def _unix_connection(path: str, timeout: float | None):
+    return _unix_connection_class()(path, timeout)
+
+
+def rpc(runtime_dir: str, timeout: float | None = None) -> "xmlrpc.client.ServerProxy":
     """A proxy on supervisord's XML-RPC interface (`.supervisor.getProcessInfo(...)` etc.).
     With `timeout`, each call gives up after that many seconds: a wedged supervisord must not
     wedge an API request thread."""
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
     path = socket_path(runtime_dir)
     transport = SupervisorTransport(None, None, f"unix://{path}")
     if timeout is not None:
-        transport._get_connection = lambda: _UnixConnection(path, timeout)  # noqa: SLF001
+        transport._get_connection = lambda: _unix_connection(path, timeout)  # noqa: SLF001
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
 
@@ -53,6 +65,7 @@ def shutdown_tree(runtime_dir: str, timeout: float = 20.0) -> None:
     supervisord stops one priority group per turn of its main loop, and a turn without I/O
     waits 1 s in poll(); with seven programs that is seconds of idling. Every request on the
     control socket ends the wait early, so we keep asking for its state until it is gone."""
+    import xmlrpc.client
     deadline = time.monotonic() + timeout
     try:
         rpc(runtime_dir).supervisor.shutdown()

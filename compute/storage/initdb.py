@@ -10,6 +10,7 @@ import subprocess
 import time
 
 from compute.base.procutil import dies_with_us
+from compute.base.trace import mark
 from compute.model.environ import child_environment
 from compute.storage.attempts import StorageError, _truncate
 
@@ -18,10 +19,28 @@ log = logging.getLogger("compute.storage")
 
 # ---------------------------------------------------------------- embedded default
 
-def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | None = None) -> None:
+def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | None = None, *,
+                   started: subprocess.Popen | None = None) -> None:
     """The embedded default when the spec names no pageserver: a fresh local cluster.
     `pwfile`: a file whose first line becomes the superuser's password (a path on argv, never
-    the password)."""
+    the password). `started`: the initdb start_initdb started already (compute/lifecycle/early.py)."""
+    proc = started if started is not None else start_initdb(pgbin_dir, pgdata, superuser, pwfile)
+    argv = proc.args
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    for line in res.stderr.splitlines():
+        log.info("initdb: %s", line)
+    if res.returncode != 0:
+        raise StorageError(f"initdb failed with exit code {res.returncode}: "
+                           f"{_truncate((res.stdout + res.stderr).strip())}")
+
+
+def start_initdb(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | None = None) -> subprocess.Popen:
+    """initdb started (initdb_default(started=) waits for it)."""
     argv = [os.path.join(pgbin_dir, "initdb"), "-D", pgdata, "-U", superuser, "--auth=trust",
             "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]
     if pwfile:
@@ -36,17 +55,8 @@ def initdb_default(pgbin_dir: str, pgdata: str, superuser: str, pwfile: str | No
                                 preexec_fn=dies_with_us_sigkill)
     except OSError as e:
         raise StorageError(f"cannot run initdb: {e}") from None
-    try:
-        stdout, stderr = proc.communicate()
-    except BaseException:
-        stop_group(proc)
-        raise
-    res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-    for line in res.stderr.splitlines():
-        log.info("initdb: %s", line)
-    if res.returncode != 0:
-        raise StorageError(f"initdb failed with exit code {res.returncode}: "
-                           f"{_truncate((res.stdout + res.stderr).strip())}")
+    mark("lifecycle: storage request: initdb")
+    return proc
 
 
 def dies_with_us_sigkill() -> None:

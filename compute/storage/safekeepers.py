@@ -14,25 +14,46 @@ import time
 
 from compute.model.environ import child_environment
 from compute.base.procutil import dies_with_us
+from compute.base.trace import mark
+from compute.model.spec import LSN as LSN_RE
 from compute.storage.attempts import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, StorageError, _TAIL, _truncate
-from compute.storage.basebackup import LSN_RE
 
 log = logging.getLogger("compute.storage")
 
 
 # ---------------------------------------------------------------- sync safekeepers
 
-def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
-                     timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE) -> str:
-    """One run of `<pgbin> --sync-safekeepers`; returns the LSN it prints. A run that prints
-    nothing (stdout or stderr) for `timeout` seconds, or still runs after `deadline` seconds
-    (safekeepers that keep it talking without an end), is killed. Retries: with_retries()."""
+class Started:
+    """A --sync-safekeepers run already started (start_sync), for sync_safekeepers to finish."""
+
+    def __init__(self, proc: subprocess.Popen, ends: float):
+        self.proc, self.ends = proc, ends
+
+
+def start_sync(pgbin: str, pgdata: str, auth_token: str | None, *,
+               deadline: float = DEFAULT_DEADLINE) -> Started:
+    """Start `<pgbin> --sync-safekeepers` (one attempt); sync_safekeepers(started=) watches it.
+    The driver starts its first attempt before it imports the rest of itself (compute/lifecycle/
+    early.py): the request is on its way while the imports run."""
     env = child_environment(os.environ)  # no control-plane token for a postgres binary
     env["PGDATA"] = pgdata  # the binary reads PGDATA; it is not given -D
     env.pop("NEON_AUTH_TOKEN", None)
     if auth_token:
         env["NEON_AUTH_TOKEN"] = auth_token  # env, not argv: argv is world-readable in /proc
-    rc, out, err_tail = _run_logged([pgbin, "--sync-safekeepers"], env, timeout, deadline)
+    ends = time.monotonic() + deadline
+    return Started(_start([pgbin, "--sync-safekeepers"], env), ends)
+
+
+def sync_safekeepers(pgbin: str, pgdata: str, auth_token: str | None, *,
+                     timeout: float = DEFAULT_TIMEOUT, deadline: float = DEFAULT_DEADLINE,
+                     started: Started | None = None) -> str:
+    """One run of `<pgbin> --sync-safekeepers` (or the one `started` already); returns the LSN
+    it prints. A run that prints nothing (stdout or stderr) for `timeout` seconds, or still
+    runs after `deadline` seconds (safekeepers that keep it talking without an end), is killed.
+    Retries: with_retries()."""
+    if started is None:
+        started = start_sync(pgbin, pgdata, auth_token, deadline=deadline)
+    rc, out, err_tail = _watch(started.proc, timeout, started.ends)
     lsn = out.strip()
     if rc == 0 and LSN_RE.fullmatch(lsn):
         log.info("sync-safekeepers returned LSN %s", lsn)
@@ -51,21 +72,24 @@ def _die_with_us() -> None:
     dies_with_us(signal.SIGKILL)
 
 
-_SILENT, _DEADLINE = "silent", "deadline"  # why _run_logged killed its child
+_SILENT, _DEADLINE = "silent", "deadline"  # why _watch killed the child
 
 
-def _run_logged(argv: list[str], env: dict[str, str], timeout: float,
-                deadline: float = DEFAULT_DEADLINE) -> tuple[int | str, str, str]:
-    """Run argv; log each stderr line as it comes; kill it after `timeout` s without output or
-    `deadline` s in all. Returns rc (_SILENT or _DEADLINE when killed), stdout (first 64 KiB),
-    stderr tail."""
-    ends = time.monotonic() + deadline
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     try:
         # SIGKILL with us: a lifecycle killed mid-sync must not leave the sync behind.
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, preexec_fn=_die_with_us)
     except OSError as e:
         raise StorageError(f"cannot run {argv[0]}: {e}") from None
+    mark("lifecycle: storage request: sync-safekeepers")
+    return proc
+
+
+def _watch(proc: subprocess.Popen, timeout: float, ends: float) -> tuple[int | str, str, str]:
+    """Log each stderr line of `proc` as it comes; kill it after `timeout` s without output or
+    at `ends` (monotonic). Returns rc (_SILENT or _DEADLINE when killed), stdout (first 64
+    KiB), stderr tail."""
     assert proc.stdout is not None and proc.stderr is not None
     out = bytearray()
     tail: collections.deque[str] = collections.deque()

@@ -33,7 +33,7 @@ from supervisor.states import SupervisorStates
 from supervisor.xmlrpc import Faults, RPCError
 
 from compute.model import launch
-from compute.tree import warmfork
+from compute.tree import early_driver, warmfork
 from compute.api.listener import api_fds
 from compute.tree.exitwatch import ExitWatch, Timers, note_wait_status
 from compute.tree.logrelay import DroppedLines, LogRelay, setup_relay_logging
@@ -179,6 +179,8 @@ _spawn = process.Subprocess.spawn
 def _spawn_warm(self):
     """The driver is forked from the early warm image; the modules the others need are imported
     before the first of them is spawned, while the driver already runs on the other core."""
+    if self.config.name == early_driver.PROGRAM and early_driver.pending():
+        return early_driver.adopt(self)  # forked by compute-ctl before this loop ran
     warmfork.warm_for(self.config.name)
     if self.config.name not in warmfork.EARLY_PROGRAMS:
         mark("supervisord: warm (all)")
@@ -205,6 +207,7 @@ def _runforever_with_handlers(self):
     """Supervisor.run() clears the event bus just before this: subscribe now."""
     install_handlers(self, runtime_dir_from_env())
     mark("supervisord: loop")
+    early_driver.replay_held_signals()  # a stop asked for before supervisord had its handlers
     return _runforever(self)
 
 
@@ -232,9 +235,10 @@ def run(conf: str | None = None) -> int | None:
     shutdown`; None if something else did (exitwatch after postgres exited)."""
     global _api_fds
     os.environ[SUPERVISORD_PID_ENV] = str(os.getpid())  # the programs' own check (procutil)
-    mark("supervisord: warming")
-    warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
-    mark("supervisord: warm (early)")
+    if not early_driver.pending():  # else the driver runs already, importing its own modules
+        mark("supervisord: warming")
+        warmfork.warm_early()  # the rest just before the first program that needs it (_spawn_warm)
+        mark("supervisord: warm (early)")
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
     process.Subprocess.spawn = _spawn_warm

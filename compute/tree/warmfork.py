@@ -7,9 +7,11 @@ forks as usual; in the child, `execve` (supervisor's `options.execve`, the seam)
 program's `python -m MODULE` entry point (what its `__main__` block calls) in-process and leaves with `os._exit` instead of
 starting a new interpreter. Restarts fork again from the same warm parent. postgres, gdb,
 vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
-Two stages: the driver (the critical path of every start) is forked as soon as its own modules
-are imported (`warm_early`); the rest is imported just before the first other program is
-spawned (`warm_for`, from compute.tree.supervisord), while the driver already runs.
+The first start's driver is not forked from here: compute-ctl forks it before supervisord runs
+and supervisord adopts it (compute/tree/early_driver.py); it runs through `run_forked` all the
+same. The warm image is imported just before the first other program is spawned (`warm_for`,
+from compute.tree.supervisord), while that driver already runs; `warm_early` (the driver's
+modules first) is for a supervisord without an early driver (standalone).
 
 Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
 program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built
@@ -75,13 +77,30 @@ def warm_early() -> None:
     gc.freeze()
 
 
+_deferred: tuple[str, ...] = ()  # modules left out of the warm image until a driver is forked from it
+
+
+def defer_driver_modules() -> None:
+    """The first start's driver was forked before supervisord (compute/tree/early_driver.py) and
+    imports its own modules: compute-ctl imports them only for the next driver (the start-up's
+    hand-over), not while that driver and its storage request need the CPU (issue 22)."""
+    global _deferred
+    _deferred = EARLY_PROGRAMS["lifecycle"]
+
+
 def warm_for(program: str) -> None:
     """Before supervisord spawns `program`: the whole warm image unless the early one is enough."""
-    global _loader_pages_released
+    global _loader_pages_released, _deferred
     if program not in EARLY_PROGRAMS and not forkinfo.fully_warm:
         warm()
         forkinfo.fully_warm = True
     elif program in EARLY_PROGRAMS and forkinfo.fully_warm and not _loader_pages_released:
+        if _deferred:  # a driver forked from the image from now on: its modules in it, frozen
+            for name in _deferred:
+                importlib.import_module(name)
+            _deferred = ()
+            gc.collect()
+            gc.freeze()
         # The driver spawned again once everything is warm: normally the fresh one after the
         # start-up's hand-over, when the tree is up and idle.
         mark(f"supervisord: {release_loader_pages()} KiB of loader pages unmapped")
@@ -180,6 +199,8 @@ def warm(jwks: bool | None = None) -> None:
         from compute.shared.state import runtime_dir_from_env
         jwks = jwks_configured(runtime_dir_from_env(required=False))
     for name in warm_modules(jwks):
+        if name in _deferred:
+            continue
         try:
             importlib.import_module(name)
         except ImportError:  # an optional piece (a gunicorn without our worker's hooks)
@@ -248,8 +269,9 @@ def _trace_imports_after_fork(trace_dir: str, name: str) -> None:
     os.register_at_fork(after_in_child=lambda: _trace_imports_after_fork(trace_dir, name + "-child"))
 
 
-def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
-    """In supervisord's child: become the program and never return."""
+def run_forked(module: str, argv: list[str], env: dict[str, str], entry: str | None = None) -> None:
+    """In supervisord's child: become the program and never return. `entry`: instead of the
+    module's own (the early driver's: compute/tree/early_driver.py)."""
     code = 1
     try:
         trace_dir = os.environ.get(TRACE_ENV)  # compute-ctl's own environment, not the program's
@@ -261,7 +283,8 @@ def run_forked(module: str, argv: list[str], env: dict[str, str]) -> None:
         _set_environ(env)
         _fresh_stdio()
         _fresh_logging()
-        name, entry = FORKED[module]
+        name, own_entry = FORKED[module]
+        entry = entry or own_entry
         proctitle.set_comm(name)  # the title: the program's entry (compute/base/proctitle.py)
         _trim_malloc()  # the parent's free heap pages, inherited: see warm_for
         mark(f"{name}: forked")

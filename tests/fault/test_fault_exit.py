@@ -218,6 +218,11 @@ def test_kill_9_compute_ctl_leaves_nothing_behind(moment):
     """compute-ctl is supervisord (one PID): every program and postgres get a parent-death
     signal and go on their own."""
     with Scene(moment) as s:
+        # initdb may run before supervisord's loop has written its pid file (the driver is forked
+        # first: compute/tree/early_driver.py)
+        pidfile = os.path.join(s.c.runtime_dir, "supervisord.pid")
+        wait_for(lambda: os.path.exists(pidfile) and open(pidfile).read().strip(), 30,
+                 "supervisord's pid in its pid file", 0.005)
         assert supervisord_pid(s.c.runtime_dir) == s.c.proc.pid
         s.before_blow()
         s.rec.record()

@@ -1,0 +1,87 @@
+"""The start's storage request runs while compute-ctl is still becoming supervisord (issue 22):
+the lifecycle driver is forked before supervisord's loop, starts `--sync-safekeepers` (or
+initdb) before it imports the rest of itself, and supervisord adopts that very process as its
+`lifecycle` program. Read from the tree's ordered trace (COMPUTE_TRACE: one clock, every
+process)."""
+
+from __future__ import annotations
+
+import os
+
+from compute.base.trace import read
+from tests.peers.control_plane import ControlPlanePeer
+from tests.peers.pageserver import PageserverPeer
+from tests.peers.sync_safekeepers import write_fake_postgres
+from tests.support.tree import Compute, with_neon_storage
+
+TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
+TOKEN = "early-storage-token"
+
+
+def traced(c: Compute) -> Compute:
+    c.trace = os.path.join(c.base, "trace")
+    os.close(os.open(c.trace, os.O_CREAT | os.O_WRONLY, 0o666))
+    os.chmod(c.trace, 0o666)  # appended to by the tree as the compute user
+    c.env["COMPUTE_TRACE"] = c.trace
+    return c
+
+
+def first(events: list[tuple[float, int, str]], prefix: str) -> tuple[float, int]:
+    """(time, pid) of the first mark starting with `prefix`."""
+    found = [(t, pid) for t, pid, event in events if event.startswith(prefix)]
+    assert found, f"no {prefix!r} in {[e for _, _, e in events]}"
+    return found[0]
+
+
+def assert_early(events, request: str) -> None:
+    req_t, req_pid = first(events, f"lifecycle: storage request: {request}")
+    forked_t, ctl_pid = first(events, "compute-ctl: lifecycle forked early")
+    loop_t, loop_pid = first(events, "supervisord: loop")
+    adopted_t, _ = first(events, "supervisord: lifecycle adopted")
+    assert forked_t < loop_t <= adopted_t and ctl_pid == loop_pid  # compute-ctl forked, then became supervisord
+    # the request was made before the programs' warm image and the api existed
+    assert req_t < first(events, "supervisord: warm (all)")[0] < first(events, "api: master listening")[0]
+    assert req_t < first(events, "lifecycle: wait_for_spec")[0]  # before the driver proper ran
+    # one driver from the request to the hand-over: supervisord took over the process that made it
+    assert req_pid == first(events, "lifecycle: forked")[1] == first(events, "lifecycle: hand_over")[1]
+    assert req_pid != ctl_pid
+    print(f"\n{request}: request {1000 * (req_t - forked_t):.0f} ms after the fork, "
+          f"supervisord's loop {1000 * (loop_t - forked_t):.0f} ms after it")
+
+
+def test_the_sync_starts_before_supervisord_and_the_api_are_up(bb_tar: str) -> None:
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        c = traced(Compute())
+        c.pgbin = write_fake_postgres(c.base)
+        c.spec = with_neon_storage(c.new_spec(), ps.connstr, TENANT, TIMELINE, "127.0.0.1:5454", TOKEN)
+        with c:
+            c.wait_status("running", timeout=90)
+            assert c.metrics()["sync_safekeepers_retries"] == 0
+            events = read(c.trace)
+    assert_early(events, "sync-safekeepers")
+    # the sync's own time counts from the early request (the metric is what the start waited)
+    syncs = [e for _, _, e in events if e.startswith("lifecycle: storage request")]
+    assert syncs == ["lifecycle: storage request: sync-safekeepers"]  # one attempt: the early one
+
+
+def test_initdb_starts_before_supervisord_and_the_api_are_up() -> None:
+    c = traced(Compute())
+    c.spec = c.new_spec()
+    with c:
+        c.wait_status("running", timeout=90)
+        events = read(c.trace)
+    assert_early(events, "initdb")
+    assert not os.path.exists(os.path.join(c.runtime_dir, "initdb.pw"))  # its password file is gone
+
+
+def test_pull_mode_fetches_the_spec_before_any_storage_request() -> None:
+    """No spec stored: nothing starts early; the driver fetches it, then initdb runs."""
+    with ControlPlanePeer(None) as cp:
+        c = traced(Compute())
+        c.args = ["-i", "compute-1", "-p", cp.url, "--control-plane-api", "2023"]
+        c.env["NEON_CONSOLE_JWT"] = "console-jwt"
+        cp.spec = c.new_spec()
+        with c:
+            c.wait_status("running", timeout=90)
+            events = read(c.trace)
+    assert first(events, "lifecycle: wait_for_spec")[0] < first(events, "lifecycle: storage request: initdb")[0]
