@@ -180,7 +180,7 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                     "<= 50 ms", x["median"] <= 50)
             if a and a["first_storage_ms"]:
                 f = a["first_storage_ms"]
-                row(f"  exec -> first storage request", f"{f['median']:.0f} ms ({f['min']:.0f}-{f['max']:.0f}; "
+                row("  exec -> first storage request", f"{f['median']:.0f} ms ({f['min']:.0f}-{f['max']:.0f}; "
                     f"{'sync-safekeepers' if name == 'neon' else 'initdb'})", "<= 60 ms", f["median"] <= 60)
         row("  SIGTERM -> exit 0", f"{c['stop_ms']:.0f} ms", "<= 500 ms", c["stop_ms"] <= 500)
         if "first_status_ms" in c:

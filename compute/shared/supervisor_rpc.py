@@ -10,8 +10,12 @@ import functools
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 SOCKET_NAME = "supervisor.sock"
+
+if TYPE_CHECKING:
+    import xmlrpc.client
 
 
 def socket_path(runtime_dir: str) -> str:
