@@ -79,13 +79,16 @@ def run_api(quick: bool) -> dict:
     return json.loads(out.getvalue())
 
 
-def run_startup(quick: bool) -> dict:
+def run_startup(quick: bool, runs: int | None = None, kills: int | None = None) -> dict:
+    """`runs` pairs per path (default 3 quick, 7 full), `kills` of each api process (3 / 5; 0:
+    none). `python -m bench.startup` runs this too, with its own counts."""
     from bench.startup import added_latency_pairs, run_api_kills, timeline_summary
     from tests.peers.pageserver import make_basebackup_tar
     from tests.peers.sync_safekeepers import write_fake_postgres
     from tests.support.pgcluster import scratch_dir
 
-    runs = 3 if quick else 7
+    runs = runs if runs is not None else (3 if quick else 7)
+    kills = kills if kills is not None else (3 if quick else 5)
     tar_dir, bin_dir = scratch_dir("cs-bench-"), scratch_dir("cs-bench-bin-")
     try:
         tar = make_basebackup_tar(os.path.join(tar_dir, "basebackup.tar"))
@@ -95,7 +98,7 @@ def run_startup(quick: bool) -> dict:
         neon = added_latency_pairs(runs, tar, fake_pg)
         embedded = added_latency_pairs(runs, None, None)
         archive_mib = os.path.getsize(tar) / MIB
-        kills = run_api_kills(3 if quick else 5)
+        kills = run_api_kills(kills) if kills else {}
     finally:
         shutil.rmtree(tar_dir, ignore_errors=True)
         shutil.rmtree(bin_dir, ignore_errors=True)
@@ -109,7 +112,7 @@ def run_startup(quick: bool) -> dict:
     return {"runs": runs, "archive_mib": round(archive_mib, 1),
             "first_status_all": [round(r["first_status_ms"]) for r in compute],
             "api_kills": {k: {"median": round(statistics.median(v), 1), "max": round(max(v), 1), "all": [round(x) for x in v]}
-                          for k, v in kills.items()},
+                          for k, v in kills.items() if v},
             "compute": {k: med(compute, k) for k in keys}, "baseline": {k: med(base, k) for k in keys if k in base[0]},
             "compute_wall_all": [round(r["wall_to_running_ms"]) for r in compute],
             "baseline_all": [round(r["total_startup_ms"]) for r in base],

@@ -1,6 +1,6 @@
 """Start-up time of the whole tree vs. the irreducible work done by hand, in the same run.
 
-    python -m bench.startup [--runs 5]
+    python -m bench.startup [--runs 7] [--api-kills 5] [--json FILE]
 
 Compute: `compute-ctl` on the Neon path (stand-in --sync-safekeepers, wire-protocol pageserver
 peer serving a real PG15 basebackup tar), timed from exec to `/status` = running, with the
@@ -25,12 +25,11 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import time
 
-from tests.peers.pageserver import PageserverPeer, make_basebackup_tar
+from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
 from tests.support.tree import Compute, with_neon_storage
@@ -254,61 +253,25 @@ def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str) -> dict[
             "wall_to_running_ms": total * 1000, "stop_ms": 0.0}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The same figures as `python -m bench --only startup` (bench/__main__.py's run_startup and
+    table), with the counts given here."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--api-kills", type=int, default=5, help="kill -9 of the api's master (and of a worker), each")
-    args = ap.parse_args()
-    if args.api_kills:
-        print_api_kills(run_api_kills(args.api_kills))
-    tar = make_basebackup_tar(os.path.join(scratch_dir("cs-bench-"), "basebackup.tar"))
-    fake_pg = write_fake_postgres(scratch_dir("cs-bench-bin-"))
-
-    # The same settings for the baseline as the compute renders.
-    from compute.postgres.conf import render_postgresql_conf
-    from compute.model.spec import parse_spec
-    probe = Compute()
-    spec = parse_spec(probe.new_spec())
-    probe.close()
-
-    compute_runs, base_runs = [], []
-    for i in range(args.runs):
-        compute_runs.append(run_compute(tar))
-        port = 20000 + os.getpid() % 10000 + i
-        settings = [o if o.name != "port" else type(o)("port", str(port), "integer") for o in spec.cluster.settings
-                    if o.name != "unix_socket_directories"]
-        conf = render_postgresql_conf(settings) + "unix_socket_directories = '/tmp'\n"
-        base_runs.append(run_baseline(tar, json.dumps({"port": port, "conf": conf}), fake_pg))
-
-    def med(runs, key):
-        return statistics.median(r[key] for r in runs)
-
-    print(f"# bench.startup: {args.runs} runs, median ms; {platform.node()} {os.cpu_count()} cpus, "
-          f"python {platform.python_version()}; archive {os.path.getsize(tar) >> 20} MiB")
-    print(f"{'phase':<24}{'compute-ctl':>12}{'by hand':>10}{'ratio':>8}")
-    rows = [("wait for spec", "wait_for_spec_ms"), ("sync safekeepers", "sync_safekeepers_ms"),
-            ("basebackup / psql|tar -x", "basebackup_ms"), ("postgres start", "start_postgres_ms"),
-            ("config (SQL)", "config_ms"), ("total (reported)", "total_startup_ms"),
-            ("exec -> running (wall)", "wall_to_running_ms")]
-    for label, key in rows:
-        a, b = med(compute_runs, key), med(base_runs, key)
-        ratio = f"{a / b:.2f}x" if b else "-"
-        print(f"{label:<24}{a:>12.0f}{b:>10.0f}{ratio:>8}")
-    print(f"{'SIGTERM -> exit':<24}{med(compute_runs, 'stop_ms'):>12.0f}")
-    print(f"{'exec -> first /status':<24}{med(compute_runs, 'first_status_ms'):>12.0f}")
-    print_timeline(compute_runs)
-
-
-def print_timeline(runs: list[dict]) -> None:
-    """Each event's median ms since exec (and min-max), in time order."""
-    times: dict[str, list[float]] = {}
-    for r in runs:
-        for ms, event in r.get("timeline", []):
-            times.setdefault(event, []).append(ms)
-    print("# timeline, ms since exec: median (min-max)")
-    for event, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
-        print(f"  {statistics.median(ts):7.0f} ({min(ts):.0f}-{max(ts):.0f})  {event}")
-
+    ap.add_argument("--runs", type=int, default=7, help="interleaved pairs per path (default 7)")
+    ap.add_argument("--api-kills", type=int, default=5, help="kill -9 of the api's master (and of a worker), each; 0: none")
+    ap.add_argument("--json", metavar="FILE", help="also write every raw figure to FILE")
+    args = ap.parse_args(argv)
+    from bench.__main__ import machine, print_table, run_startup
+    results: dict = {"machine": machine(), "quick": False}
+    t0 = time.monotonic()
+    results["startup"] = run_startup(False, runs=args.runs, kills=args.api_kills)
+    results["elapsed_s"] = time.monotonic() - t0
+    results["loadavg_end"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print_table(results)
+    return 0
 
 
 # -- kill -9 of the api -> /status served again ---------------------------------------------------
@@ -361,4 +324,4 @@ def print_api_kills(r: dict[str, list[float]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

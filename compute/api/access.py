@@ -45,7 +45,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from compute.model.compute_config import check_jwks_document
 
 
 def _jwt():
@@ -129,6 +128,7 @@ class Jwks:
 def parse_jwks(doc: Any) -> Jwks:
     """The usable verifying keys of a JWKS document: Ed25519 (EdDSA) and RSA (RS256) signature
     keys; others are skipped with a warning (HEAD skips keys it cannot use too)."""
+    from compute.model.compute_config import check_jwks_document  # not in the early responder's imports
     jwt = _jwt()
     keys: list[Key] = []
     for raw in check_jwks_document(doc):

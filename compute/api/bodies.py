@@ -8,7 +8,6 @@ resources (compute/api/status.py, health.py, context.py) build the same bytes fr
 
 from __future__ import annotations
 
-import calendar
 import functools
 import json
 import os
@@ -42,6 +41,7 @@ def _second(secs: int) -> str:
 
 def parse_rfc3339(text: str) -> float:
     """The inverse of rfc3339() (tests and tools)."""
+    import calendar  # tests and tools only: not in compute-ctl's start (the early responder)
     main, _, frac = text.rstrip("Z").partition(".")
     secs = calendar.timegm(time.strptime(main, "%Y-%m-%dT%H:%M:%S"))
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)

@@ -20,12 +20,22 @@ from compute.base.trace import mark
 
 mark("compute-ctl: python started")
 
+import gc
+import sys
+
+# No cyclic garbage collection until the lifecycle driver is forked (bootstrap turns it back
+# on): the imports and the validation make few cycles, and the collector's passes over the
+# growing heap were ~4 ms of CPU on the path from exec to the first storage request. The early
+# driver inherits this and turns it back on once it has imported itself (compute/lifecycle/early.py).
+# Only as the program (its console script): a process importing this module (the tests) keeps its own.
+if sys.argv and sys.argv[0].rsplit("/", 1)[-1] == "compute-ctl":
+    gc.disable()
+
 import argparse
 import ipaddress
 import logging
 import os
 import re
-import sys
 import time
 import urllib.parse
 
@@ -539,6 +549,8 @@ def prepare_runtime_files(runtime_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("plan", "supervisorctl"):
+        gc.enable()  # not a start: nothing to hurry
     if argv and argv[0] == "plan":
         from compute.boot.plan_command import main as plan_main
         return plan_main(argv[1:])
@@ -572,14 +584,34 @@ def main(argv: list[str] | None = None) -> int:
     # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
     # path or user: checked next, each a one-line error): never more than that.
     responder = EarlyResponder(api_sock, started=started, jwks=True if args.jwks else (None if (args.config or args.control_plane_uri) else False)).start()
+    return reporting_unexpected(lambda: bootstrap(args, api_sock, responder, started, internal_sock),
+                                cleanup=responder.stop)  # bounded; on every way out
+
+
+def reporting_unexpected(run, cleanup=None, streams=None) -> int:
+    """`run()`'s exit code; an exception it raises has its traceback written to sys.stderr, and
+    exit 1 (EXIT_UNEXPECTED). Once the tree runs, sys.stderr is the bounded stream, whose writer
+    is a daemon thread: a traceback left to the interpreter would be queued after our drain and
+    lost with that thread (a silent exit 1). Then `cleanup()`, then our last lines are drained
+    (`streams`, default stdout and stderr) while the reader keeps reading; a stopped one costs
+    ~1 s, then they are dropped (compute/base/stdout_buffer.py): the exit never waits for it."""
     try:
-        return bootstrap(args, api_sock, responder, started, internal_sock)
+        return run()
+    except Exception:  # noqa: BLE001 - reported, then the exit code of any unexpected failure
+        import traceback
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - nothing left to report it to
+            pass
+        return EXIT_UNEXPECTED
     finally:
-        responder.stop()  # bounded; on every way out
-        # Our last lines, while stdout's reader keeps reading; a stopped one costs ~1 s, then
-        # they are dropped (compute/base/stdout_buffer.py): the exit never waits for it.
-        STDOUT.drain()
-        STDERR.drain()
+        try:
+            if cleanup is not None:
+                cleanup()
+        finally:
+            for stream in streams if streams is not None else (STDOUT, STDERR):
+                stream.drain()
 
 
 def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, started: float,
@@ -704,6 +736,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
     except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
         log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
+    gc.enable()  # off since our first import (top of this module)
     try:
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
                                   internal_sock)

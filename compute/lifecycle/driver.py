@@ -25,7 +25,6 @@ import os
 import signal
 import threading
 import time
-import xmlrpc.client
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -41,7 +40,6 @@ from compute.storage import attempts, basebackup, initdb, safekeepers
 from compute.base import forkinfo, proctitle
 from compute.base.procutil import die_with_parent
 from compute.base.trace import mark
-from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
 from compute.base.retry import RetryFailed, RetryPolicy, retry
 from compute.lifecycle.early import LAST_REMOVED, EarlyStart, empty_directory  # noqa: F401
 from compute.lifecycle.steps import (
@@ -641,6 +639,8 @@ class Driver:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
+        # The apply's modules (compute.reconcile) are imported when it runs, not at the start.
+        from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
         name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
         try:
             with psycopg.connect(**local_sslmode(conninfo_to_dict(self.settings.connstr)), autocommit=True,
@@ -879,6 +879,7 @@ class Driver:
     def stop_postgres(self, mode: str) -> tuple[str | None, bool]:
         """(None, never_ran) once postgres is down; else (what went wrong, False)."""
         # No socket timeout: stopping blocks until supervisord reports postgres stopped.
+        import xmlrpc.client  # not at the top: ~15 ms the first start's basebackup would wait for
         supervisor = rpc(self.runtime_dir, timeout=None).supervisor
         try:
             if mode == "immediate" and self.quit_postgres(supervisor):

@@ -129,4 +129,6 @@ def main() -> None:
         finally:
             _tell_compute_ctl()
     from compute.lifecycle import driver
+    import gc
+    gc.enable()  # compute-ctl turned it off for its start (compute/boot/cli.py), this fork inherited that
     driver.main(early=early, parent_checked=True)

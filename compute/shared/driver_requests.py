@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import time
-import xmlrpc.client
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
@@ -382,6 +381,7 @@ SHUTDOWN_STATE = 6  # supervisord's Faults.SHUTDOWN_STATE: already stopping the 
 def stop_tree_after_answer(runtime_dir: str) -> str | None:
     """The exception to the rule (module docstring): postgres never ran, no postgres will end,
     so the exit watcher is asked to stop the tree once the terminate answer is out."""
+    import xmlrpc.client  # here, not at the top: the api and the driver import this module at their start
     try:
         rpc(runtime_dir).supervisor.stopAfterTerminate()
     except xmlrpc.client.Fault as e:

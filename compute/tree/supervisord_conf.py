@@ -7,7 +7,6 @@ import re
 import shlex
 import string
 import sys
-import sysconfig
 
 
 from compute.postgres.localauth import passfile_path
@@ -30,12 +29,15 @@ def template_dir() -> str:
     candidates = [
         os.environ.get("COMPUTE_TEMPLATE_DIR", ""),
         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "supervisor"),
-        os.path.join(sysconfig.get_path("data"), "share", "compute-supervisor"),
-        os.path.join(sys.prefix, "share", "compute-supervisor"),
+        os.path.join(sys.prefix, "share", "compute-supervisor"),  # a venv's data path: no sysconfig
     ]
     for d in candidates:
         if d and os.path.isfile(os.path.join(d, TEMPLATE)):
             return d
+    import sysconfig  # ~2-5 ms at compute-ctl's start, before the early fork: only when needed
+    candidates.insert(2, os.path.join(sysconfig.get_path("data"), "share", "compute-supervisor"))
+    if os.path.isfile(os.path.join(candidates[2], TEMPLATE)):
+        return candidates[2]
     raise FileNotFoundError(f"{TEMPLATE} not found (looked in: {', '.join(c for c in candidates if c)})")
 
 
