@@ -28,7 +28,11 @@ import sys
 # growing heap were ~4 ms of CPU on the path from exec to the first storage request. The early
 # driver inherits this and turns it back on once it has imported itself (compute/lifecycle/early.py).
 # Only as the program (its console script): a process importing this module (the tests) keeps its own.
-if sys.argv and sys.argv[0].rsplit("/", 1)[-1] == "compute-ctl":
+def is_the_program(argv: list[str]) -> bool:
+    return bool(argv) and argv[0].rsplit("/", 1)[-1] == "compute-ctl"
+
+
+if is_the_program(sys.argv):
     gc.disable()
 
 import argparse

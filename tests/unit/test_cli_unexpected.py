@@ -103,3 +103,16 @@ def test_a_cleanup_that_fails_still_drains(pipe, monkeypatch):
     with pytest.raises(RuntimeError, match="responder stuck"):
         reporting_unexpected(lambda: 0, cleanup=cleanup, streams=(err,))
     assert _read_all(r) == "last line\n"
+
+
+def test_gc_is_off_only_in_the_compute_ctl_program():
+    """compute-ctl turns the cyclic gc off until its early fork (issue 22); a process that merely
+    imports the module (these tests) keeps its collector."""
+    import gc
+    from compute.boot.cli import is_the_program
+    assert gc.isenabled()  # imported here: not the program
+    assert is_the_program(["/opt/compute-supervisor/venv/bin/compute-ctl", "-D", "/x"])
+    assert is_the_program(["compute-ctl"])
+    assert not is_the_program(["/usr/bin/pytest"])
+    assert not is_the_program(["/x/compute-ctl-wrapper"])
+    assert not is_the_program([])
