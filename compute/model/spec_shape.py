@@ -15,6 +15,7 @@ Keys Neon's spec has and we ignore are known (never reported, never a misspellin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,22 +79,38 @@ def nesting_depth_exceeds(doc: Any, limit: int = MAX_SPEC_DEPTH) -> bool:
 
 def edits(a: str, b: str, cap: int = MAX_TYPO_EDITS + 1) -> int:
     """Optimal string alignment distance (insert, delete, substitute, swap two neighbours),
-    capped at `cap` (keys may be long: nothing beyond the cap is worth computing)."""
+    capped at `cap` (keys may be long: nothing beyond the cap is worth computing). Only the band
+    |i - j| < cap of the table is computed (a cell outside it is at least |i - j| >= cap), and
+    the walk stops at the first row with nothing below the cap: a few cells per character, so a
+    spec with many unknown keys is checked in linear time (issue 20 item 2)."""
     if abs(len(a) - len(b)) >= cap:
         return cap
+    n, w = len(b), cap - 1
     prev2: list[int] | None = None
-    prev = list(range(len(b) + 1))
+    prev = [j if j <= w else cap for j in range(n + 1)]
     for i in range(1, len(a) + 1):
-        cur = [i] + [0] * len(b)
-        for j in range(1, len(b) + 1):
-            cost = 0 if a[i - 1] == b[j - 1] else 1
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-            if prev2 is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                cur[j] = min(cur[j], prev2[j - 2] + 1)
-        if min(cur) >= cap:
+        cur = [cap] * (n + 1)
+        if i <= w:
+            cur[0] = i
+        lo, hi = max(1, i - w), min(n, i + w)
+        ai = a[i - 1]
+        for j in range(lo, hi + 1):
+            v = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ai != b[j - 1]))
+            if prev2 is not None and j > 1 and ai == b[j - 2] and a[i - 2] == b[j - 1]:
+                v = min(v, prev2[j - 2] + 1)
+            cur[j] = v if v < cap else cap
+        if min(cur[lo - 1:hi + 1]) >= cap:
             return cap
         prev2, prev = prev, cur
-    return min(prev[len(b)], cap)
+    return min(prev[n], cap)
+
+
+@functools.lru_cache(maxsize=256)
+def _without(known: str) -> dict[int, None]:
+    """A str.translate table deleting the letters of `known`: what is left of a key are letters
+    `known` lacks, each needing an edit of its own (a swap moves only letters both share), so more
+    of them than the edits allowed rules `known` out without the distance table."""
+    return dict.fromkeys(map(ord, known))
 
 
 def misspelling_of(key: str, candidates: tuple[str, ...]) -> str | None:
@@ -101,7 +118,9 @@ def misspelling_of(key: str, candidates: tuple[str, ...]) -> str | None:
     best: tuple[int, str] | None = None
     for known in candidates:
         allowed = 1 if len(known) <= SHORT_KEY else MAX_TYPO_EDITS
-        d = edits(key, known)
+        if abs(len(key) - len(known)) > allowed or len(key.translate(_without(known))) > allowed:
+            continue
+        d = edits(key, known, allowed + 1)
         if d <= allowed and (best is None or d < best[0]):
             best = (d, known)
     return best[1] if best else None
@@ -113,6 +132,7 @@ def shape_report(doc: Any) -> ShapeReport:
     if nesting_depth_exceeds(doc):
         return ShapeReport(too_deep=True)
     unknown: list[str] = []
+    seen: set[str] = set()      # `unknown` as a set: a list's `in` made 30,000 keys quadratic
     misspelled: list[Misspelling] = []
 
     def look(obj: Any, path: str, read: tuple[str, ...], ignored: tuple[str, ...] = (), generic: str | None = None):
@@ -127,7 +147,8 @@ def shape_report(doc: Any) -> ShapeReport:
             if close is not None:
                 misspelled.append(Misspelling(where, key, close))
             shown = f"{generic}.{key}" if generic else where
-            if shown not in unknown:
+            if shown not in seen:
+                seen.add(shown)
                 unknown.append(shown)
 
     def items(obj: Any, key: str) -> list:

@@ -1,6 +1,7 @@
 """The spec document's shape (compute/model/spec_shape.py): depth, unknown keys, misspellings."""
 
 import json
+import random
 
 import pytest
 
@@ -136,3 +137,81 @@ def test_non_objects_are_left_to_the_parser():
         parse_spec([1, 2])
     with pytest.raises(SpecError, match="cluster.roles: expected list"):
         parse_spec(spec(roles={"setings": 1}))
+
+
+def full_osa(a: str, b: str) -> int:
+    """The whole optimal-string-alignment table, uncapped: the reference `edits` must agree with."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        d[i][0] = i
+    for j in range(len(b) + 1):
+        d[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def test_the_banded_distance_agrees_with_the_whole_table():
+    rng = random.Random(20)
+    for _ in range(3000):
+        a = "".join(rng.choice("ab_") for _ in range(rng.randint(0, 8)))
+        b = "".join(rng.choice("ab_") for _ in range(rng.randint(0, 8)))
+        for cap in (1, 2, 3, 4):
+            assert edits(a, b, cap) == min(full_osa(a, b), cap), (a, b, cap)
+
+
+def test_the_letter_filter_never_hides_a_misspelling():
+    known = ("settings", "roles", "mode", "cluster_id", "encrypted_password", "new_name")
+    rng = random.Random(21)
+    for _ in range(3000):
+        word = list(rng.choice(known))
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(word) + 1)
+            step = rng.choice("dis") if word else "i"
+            if step == "d" and at < len(word):
+                del word[at]
+            elif step == "i":
+                word.insert(at, rng.choice("sxe_"))
+            elif at < len(word):
+                word[at] = rng.choice("sxe_")
+        key = "".join(word)
+        scored = [(full_osa(key, k), k) for k in known]
+        close = [(d, k) for d, k in scored if d <= (1 if len(k) <= 5 else 2)]
+        assert misspelling_of(key, known) == (min(close, key=lambda c: c[0])[1] if close else None), key
+
+
+def many_junk_keys(n: int = 30_000) -> dict:
+    # the e2e test's junk, plus keys made of the letters of keys we read (the letter filter lets
+    # those through to the distance table) and of their length
+    junk = {f"junk_{i:05d}_{'x' * 10}": i for i in range(n // 2)}
+    junk.update({f"{'pageserver_connstring'[:12]}{i:09d}": i for i in range(n - len(junk))})
+    return junk
+
+
+def test_thirty_thousand_unknown_keys_give_the_same_answer():
+    doc = spec(settings=[{"name": "port", "value": "5432", "vartype": "integer"}])
+    junk = many_junk_keys()
+    doc.update(junk)
+    parsed = parse_spec(doc)
+    assert parsed.ignored_keys == tuple(junk)  # each once, in document order
+    assert to_document(parsed) == to_document(parse_spec(spec(settings=doc["cluster"]["settings"])))
+    line = unknown_keys_line(parsed.ignored_keys)
+    assert line.endswith(f"and {len(junk) - MAX_LISTED} more") and len(line) < 2500
+
+
+@pytest.mark.parametrize("key,known", [("pageserver_connstrng", "pageserver_connstring"),
+                                       ("fromat_version", "format_version"), ("moed", "mode")])
+def test_a_misspelling_among_thirty_thousand_unknown_keys_is_still_refused(key, known):
+    doc = spec()
+    doc.update(many_junk_keys())
+    value = doc.pop(known, True)
+    doc[key] = value  # last, after all the junk
+    with pytest.raises(SpecShapeError) as e:
+        parse_spec(doc)
+    assert repr(key) in str(e.value) and repr(known) in str(e.value)
+    report = shape_report(doc)
+    assert [(m.key, m.known) for m in report.misspellings] == [(key, known)]
+    assert len(report.unknown) == 30_001
