@@ -449,6 +449,17 @@ def choose_jwks(args: argparse.Namespace, runtime_dir: str, ctl_config) -> tuple
     return None, None, None
 
 
+def early_jwks(args: argparse.Namespace) -> bool | None:
+    """Whether the compute has a JWKS, as the early responder must take it before -c's file or
+    the control plane's answer is read (pure): True with --jwks; None (not known yet: only the
+    open routes answer) when -c or -p may still bring one; False otherwise."""
+    if args.jwks:
+        return True
+    if args.config or args.control_plane_uri:
+        return None
+    return False
+
+
 def spec_identity(spec) -> dict:
     """The tenant and timeline a validated spec names (None without storage or spec): /status
     shows them from the start, as the original does."""
@@ -587,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     # validate and start the tree; the api takes over the rest (compute/boot/early_responder.py).
     # It may answer `init` for a compute that then exits 1 (a bad connection string, spec,
     # path or user: checked next, each a one-line error): never more than that.
-    responder = EarlyResponder(api_sock, started=started, jwks=True if args.jwks else (None if (args.config or args.control_plane_uri) else False)).start()
+    responder = EarlyResponder(api_sock, started=started, jwks=early_jwks(args)).start()
     return reporting_unexpected(lambda: bootstrap(args, api_sock, responder, started, internal_sock),
                                 cleanup=responder.stop)  # bounded; on every way out
 

@@ -678,15 +678,22 @@ def _storage_text(value: str | None, where: str) -> str | None:
     no NUL (postgres' own lexer ends a quoted value at a newline), valid UTF-8, bounded."""
     if value is None:
         return None
-    if any(ch in value for ch in "\n\r\x00"):
-        raise SpecError(where, "must not contain a newline or NUL byte")
+    _check_text(value, where, banned="\n\r\x00", banned_what="a newline or NUL byte",
+                limit=MAX_STORAGE_TEXT, too_long="longer")
+    return value
+
+
+def _check_text(value: str, where: str, *, banned: str, banned_what: str, limit: int, too_long: str) -> None:
+    """Text written into postgresql.conf: none of the `banned` characters, valid UTF-8, at most
+    `limit` bytes encoded (`too_long`: the message's comparative)."""
+    if any(ch in value for ch in banned):
+        raise SpecError(where, f"must not contain {banned_what}")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         raise SpecError(where, "is not valid UTF-8") from None
-    if size > MAX_STORAGE_TEXT:
-        raise SpecError(where, f"longer than {MAX_STORAGE_TEXT} bytes")
-    return value
+    if size > limit:
+        raise SpecError(where, f"{too_long} than {limit} bytes")
 
 
 def _url(value: Any, where: str) -> str:
@@ -845,14 +852,7 @@ def check_postgresql_conf(text: str, where: str) -> None:
     """`cluster.postgresql_conf` is written verbatim: every line must be one postgres reads as
     a setting, a comment or nothing, and none may name a setting that makes postgres read
     other files or move its own (as for cluster.settings)."""
-    if "\x00" in text:
-        raise SpecError(where, "must not contain a NUL byte")
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise SpecError(where, "is not valid UTF-8") from None
-    if size > MAX_POSTGRESQL_CONF:
-        raise SpecError(where, f"larger than {MAX_POSTGRESQL_CONF} bytes")
+    _check_text(text, where, banned="\x00", banned_what="a NUL byte", limit=MAX_POSTGRESQL_CONF, too_long="larger")
     for n, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
         m = _conf_line().match(line)
         if m is None:

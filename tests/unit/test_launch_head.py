@@ -216,6 +216,20 @@ def test_choose_jwks():
     assert cli.choose_jwks(parse(BASE + ["-S", "s"]), run, None) == (None, None, None)
 
 
+@pytest.mark.parametrize("argv,known", [
+    (["-S", "s", "--jwks", "/k.json"], True),                           # --jwks: known at once
+    (["-c", "f", "--jwks", "/k.json"], True),                           # ... whatever -c holds
+    (["-i", "x", "-p", "http://cp", "--jwks", "/k.json"], True),        # ... or the pull answer
+    (["-c", "f"], None),                                                # -c's file not read yet
+    (["-i", "x", "-p", "http://cp"], None),                             # v2 answer not fetched yet
+    (["-i", "x", "-p", "http://cp", "--control-plane-api", "2023"], None),
+    (["-S", "s"], False), (["-s", "{}"], False),                        # nothing can bring one
+])
+def test_early_jwks(argv, known):
+    """The early responder's "JWKS known?" before the spec source is read: True, None or False."""
+    assert cli.early_jwks(parse(BASE + argv)) is known
+
+
 def test_jwks_file_is_private_and_replaced_atomically(tmp_path):
     path = str(tmp_path / "jwks.json")
     old = os.umask(0o000)  # the most permissive umask: the file is 0600 all the same

@@ -89,6 +89,25 @@ def test_hostile_text_in_top_level_fields_is_refused(field, kind):
     refused(doc(**{"pageserver_connstring": "host=h", field: HOSTILE_TEXT[kind]}), field)
 
 
+# The exact words of the two text checks (spec.py's _check_text serves both).
+@pytest.mark.parametrize("kind,message", [
+    ("newline", "must not contain a newline or NUL byte"), ("cr", "must not contain a newline or NUL byte"),
+    ("nul", "must not contain a newline or NUL byte"), ("surrogate", "is not valid UTF-8"),
+    ("huge", f"longer than {MAX_STORAGE_TEXT} bytes")])
+def test_hostile_storage_text_messages(kind, message):
+    error = refused(doc(pageserver_connstring="host=h", project_id=HOSTILE_TEXT[kind]), "project_id")
+    assert error.message == message
+
+
+@pytest.mark.parametrize("text,message", [
+    ("port=1\x00", "must not contain a NUL byte"), ("a\udc80 = 1", "is not valid UTF-8"),
+    ("x" * (MAX_POSTGRESQL_CONF + 1), f"larger than {MAX_POSTGRESQL_CONF} bytes")])
+def test_postgresql_conf_text_messages(text, message):
+    d = doc(pageserver_connstring="host=h", cluster={"roles": [], "databases": [], "settings": None,
+                                                     "postgresql_conf": text})
+    assert refused(d, "cluster.postgresql_conf").message == message
+
+
 @pytest.mark.parametrize("kind", list(HOSTILE_TEXT))
 def test_hostile_safekeepers_are_refused(kind):
     refused(doc(pageserver_connstring="host=h", safekeeper_connstrings=["ok:1", HOSTILE_TEXT[kind]]),
