@@ -244,7 +244,7 @@ def test_lifecycle_killed_during_a_silent_sync_leaves_no_orphan(bb_tar: str) -> 
             while not (pids := subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()):
                 assert time.monotonic() < deadline, c.output()[-3000:]
                 time.sleep(0.05)
-            lifecycle = int(c.supervisorctl("pid", "lifecycle").stdout.strip())
+            lifecycle = c.program_pid("lifecycle")
             os.kill(lifecycle, 9)
             deadline = time.monotonic() + 30
             while any(alive(int(p)) for p in pids):

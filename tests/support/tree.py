@@ -191,6 +191,19 @@ class Compute:
         raise AssertionError(f"status never became {wanted}; last {last}\n{self.output()[-6000:]}")
 
     # -- process ----------------------------------------------------------------------------
+    def program_pid(self, name: str, timeout: float = 30) -> int:
+        """The pid supervisord gives for program `name`, once it answers one: the first storage
+        request may run before supervisord's loop (the early driver, compute/tree/early_driver.py),
+        so its socket may not exist yet when a test sees the request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.supervisorctl("pid", name).stdout.strip()
+            if out.isdigit() and int(out) > 0:
+                return int(out)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"supervisord gave no pid for {name}: {out!r}\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+
     def wait_handed_over(self, timeout: float = 30) -> int:
         """After `running`: the driver that did the start-up hands over to a fresh one
         (compute/lifecycle/steps.py), and again after each reconfiguration. Waits for the driver
