@@ -277,6 +277,16 @@ def print_table(r: dict) -> None:
             print(f"  {median:7.0f} ({lo:.0f}-{hi:.0f})  {event}")
 
 
+def finish(results: dict, t0: float, json_path: str | None) -> None:
+    """The run's elapsed time and end load into `results`, the raw figures to `json_path`, the table."""
+    results["elapsed_s"] = time.monotonic() - t0
+    results["loadavg_end"] = round(os.getloadavg()[0], 2)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    print_table(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,12 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             results[part] = {"error": f"{type(e).__name__}: {e}"}
         print(f"bench: {part} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
-    results["elapsed_s"] = time.monotonic() - t0
-    results["loadavg_end"] = round(os.getloadavg()[0], 2)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    print_table(results)
+    finish(results, t0, args.json)
     return 0
 
 

@@ -121,6 +121,20 @@ def run_compute(tar: str | None) -> dict[str, float]:
     return out
 
 
+def start_and_configure(base: str, pgdata: str, port: int) -> tuple[float, float]:
+    """The by-hand tail of both baselines: `pg_ctl start -w`, then the compute's SQL through
+    `psql -f`; returns (start s, SQL s)."""
+    with open(os.path.join(base, "setup.sql"), "w") as f:
+        f.write(BASELINE_SQL)
+    t = time.monotonic()
+    run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-w", "-l", os.path.join(base, "log"), "start"])
+    start = time.monotonic() - t
+    t = time.monotonic()
+    run_as_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
+               "-U", "cloud_admin", "-d", "postgres", "-f", os.path.join(base, "setup.sql")])
+    return start, time.monotonic() - t
+
+
 def run_baseline_embedded(settings_text: str) -> dict[str, float]:
     """The embedded default by hand with the stock tools: initdb (the compute's flags, a
     password file), the same postgresql.conf, `pg_ctl start -w`, the same SQL through `psql -f`."""
@@ -132,21 +146,13 @@ def run_baseline_embedded(settings_text: str) -> dict[str, float]:
             f.write(json.loads(settings_text)["conf"])
         with open(os.path.join(base, "pw"), "w") as f:
             f.write("bench-password\n")
-        with open(os.path.join(base, "setup.sql"), "w") as f:
-            f.write(BASELINE_SQL)
         t0 = time.monotonic()
         run_as_pg([f"{PGBIN_DIR}/initdb", "-D", pgdata, "-U", "cloud_admin", "--auth=trust", "--no-sync",
                    "-E", "UTF8", "--locale=C.UTF-8", f"--pwfile={os.path.join(base, 'pw')}"])
         initdb = time.monotonic() - t0
         run_as_pg(["sh", "-c", 'cat "$1" >> "$2"', "-", os.path.join(base, "postgresql.conf"),
                    os.path.join(pgdata, "postgresql.conf")])
-        t = time.monotonic()
-        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-w", "-l", os.path.join(base, "log"), "start"])
-        start = time.monotonic() - t
-        t = time.monotonic()
-        run_as_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
-                   "-U", "cloud_admin", "-d", "postgres", "-f", os.path.join(base, "setup.sql")])
-        sql = time.monotonic() - t
+        start, sql = start_and_configure(base, pgdata, port)
         total = time.monotonic() - t0
         run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-m", "fast", "stop"], check=False)
     finally:
@@ -235,15 +241,7 @@ def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str) -> dict[
                   env={**os.environ, "PS": ps.connstr, "PGPASSWORD": TOKEN, "PGDATA": pgdata,
                        "TENANT": TENANT, "TIMELINE": TIMELINE})
         extract = time.monotonic() - t
-        t = time.monotonic()
-        run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-w", "-l", os.path.join(base, "log"), "start"])
-        start = time.monotonic() - t
-        t = time.monotonic()
-        with open(os.path.join(base, "setup.sql"), "w") as f:
-            f.write(BASELINE_SQL)
-        run_as_pg(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(port),
-                   "-U", "cloud_admin", "-d", "postgres", "-f", os.path.join(base, "setup.sql")])
-        sql = time.monotonic() - t
+        start, sql = start_and_configure(base, pgdata, port)
         total = time.monotonic() - t0
         run_as_pg([f"{PGBIN_DIR}/pg_ctl", "-D", pgdata, "-m", "fast", "stop"], check=False)
     finally:
@@ -261,16 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-kills", type=int, default=5, help="kill -9 of the api's master (and of a worker), each; 0: none")
     ap.add_argument("--json", metavar="FILE", help="also write every raw figure to FILE")
     args = ap.parse_args(argv)
-    from bench.__main__ import machine, print_table, run_startup
+    from bench.__main__ import finish, machine, run_startup
     results: dict = {"machine": machine(), "quick": False}
     t0 = time.monotonic()
     results["startup"] = run_startup(False, runs=args.runs, kills=args.api_kills)
-    results["elapsed_s"] = time.monotonic() - t0
-    results["loadavg_end"] = round(os.getloadavg()[0], 2)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    print_table(results)
+    finish(results, t0, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +18,10 @@ import sys
 from compute.api import bodies
 from compute.api.handover import HELLO, handover_path
 from compute.shared.state import StateStore, state_path
-from compute.tree.supervisord_conf import template_dir
 from tests.support.api_helpers import jwks_keys, token_for
 from tests.support.fault_tree import alive, proc_table
-from tests.support.pgcluster import PG_USER, scratch_dir
+from tests.support.pgcluster import PG_USER
+from tests.support.templates import templates_with
 from tests.support.tree import Compute
 from tests.support.waiting import nothing_sent, wait_for
 
@@ -31,18 +30,7 @@ ROUTES = ("/status", "/healthz", "/metrics.json", "/info")
 
 def held_back_templates() -> str:
     """A copy of the supervisord templates in which the api does not start by itself."""
-    d = scratch_dir("cs-tmpl-")
-    for name in os.listdir(template_dir()):
-        shutil.copy(os.path.join(template_dir(), name), d)
-    path = os.path.join(d, "supervisord.conf.tmpl")
-    with open(path) as f:
-        text = f.read()
-    head, sep, rest = text.partition("[program:api]\n")
-    assert sep and "autostart=true" in rest
-    with open(path, "w") as f:
-        f.write(head + sep + rest.replace("autostart=true", "autostart=false", 1))
-    os.chmod(path, 0o644)
-    return d
+    return templates_with("api", "autostart=true", "autostart=false")
 
 
 def compute_with_api_held_back(**kw) -> Compute:

@@ -8,19 +8,17 @@ then acted on: exit 0), and a bootstrap that fails after the fork (exit != 0, no
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
 from compute.base.trace import read
-from compute.tree.supervisord_conf import template_dir
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.exit_paths import TreeRecord, listening
 from tests.support.fault_tree import tree
-from tests.support.pgcluster import scratch_dir
+from tests.support.templates import templates_with
 from tests.support.tree import Compute, with_neon_storage
 from tests.support.waiting import wait_for
 
@@ -128,18 +126,7 @@ def test_sigterm_before_supervisord_runs_is_kept_and_acted_on(bb_tar: str) -> No
 def broken_templates() -> str:
     """supervisord.conf templates supervisord refuses to read (a bad value in [program:monitor]):
     compute-ctl fails after the driver was forked."""
-    d = scratch_dir("cs-tmpl-")
-    for name in os.listdir(template_dir()):
-        shutil.copy(os.path.join(template_dir(), name), d)
-    path = os.path.join(d, "supervisord.conf.tmpl")
-    with open(path) as f:
-        text = f.read()
-    head, sep, rest = text.partition("[program:monitor]\n")
-    assert sep and "startsecs=0" in rest
-    with open(path, "w") as f:
-        f.write(head + sep + rest.replace("startsecs=0", "startsecs=never", 1))
-    os.chmod(path, 0o644)
-    return d
+    return templates_with("monitor", "startsecs=0", "startsecs=never")
 
 
 @pytest.mark.parametrize("path", ["neon", "embedded"])

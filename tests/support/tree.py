@@ -191,6 +191,16 @@ class Compute:
         raise AssertionError(f"status never became {wanted}; last {last}\n{self.output()[-6000:]}")
 
     # -- process ----------------------------------------------------------------------------
+    def refused_over_precious_pgdata(self) -> str:
+        """Start over a PGDATA that holds one file, `precious`; compute-ctl must exit 1 before it
+        touches the runtime dir. Returns compute-ctl's output (the caller checks PGDATA)."""
+        os.makedirs(self.pgdata)
+        open(os.path.join(self.pgdata, "precious"), "w").close()
+        self.start()
+        assert self.wait_exit(10) == 1
+        assert not os.path.exists(self.runtime_dir)
+        return self.output().strip()
+
     def program_pid(self, name: str, timeout: float = 30) -> int:
         """The pid supervisord gives for program `name`, once it answers one: the first storage
         request may run before supervisord's loop (the early driver, compute/tree/early_driver.py),

@@ -11,17 +11,6 @@ import pytest
 from compute.base.stdout_buffer import BoundedStdout, BoundedTextStream
 
 
-@pytest.fixture
-def pipe():
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def _read_all(r: int) -> str:
     os.set_blocking(r, False)
     out = bytearray()
