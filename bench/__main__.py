@@ -15,7 +15,9 @@ Parts (in the order they run, quietest first):
               from the same peer, interleaved pairs, real 38 MiB archive + 1 GiB (bench/basebackup.py)
 
 Figures are medians over the runs of each part. --quick uses fewer runs, shorter load and
-smaller archives (it still measures the goals' sizes where that is cheap). Needs root, the
+smaller archives (it still measures the goals' sizes where that is cheap). --load N runs N
+busy processes (a Python busy loop each, nice 0) for the whole run: a loaded machine on
+demand, so a figure can be given "quiet" and "loaded" from the same code (issue 22). Needs root, the
 installed tree (scripts/install.sh) and PostgreSQL 15, like the parts it runs.
 """
 
@@ -258,7 +260,8 @@ def print_table(r: dict) -> None:
     print(f"\nmachine: {m['cpu']}, {m['cpus']} CPUs ({m['physical_cores']} physical cores), {m['memory_gib']} GiB, "
           f"kernel {m['kernel']}, python {m['python']}" + (f", {m['virtualization']}" if m["virtualization"] else "")
           + f"; load average {m['loadavg_start']} at start, {r['loadavg_end']} at end; "
-            f"{'quick' if r['quick'] else 'full'} run, {r['elapsed_s']:.0f} s")
+            f"{'quick' if r['quick'] else 'full'} run, {r['elapsed_s']:.0f} s"
+          + (f"; {r['load']} busy processes (--load) throughout" if r.get("load") else ""))
     table = rows(r)
     wv = 64  # long values wrap onto continuation lines
     w0 = max(len(t[0]) for t in table)
@@ -275,6 +278,21 @@ def print_table(r: dict) -> None:
         print(f"\nstart-up timeline, {name}, ms since exec: median (min-max)")
         for median, lo, hi, event in tl[name]:
             print(f"  {median:7.0f} ({lo:.0f}-{hi:.0f})  {event}")
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """`n` CPU-bound processes for the duration of the block (the --load option): each spins
+    until the block ends; they are killed and reaped on every way out."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+             for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def finish(results: dict, t0: float, json_path: str | None) -> None:
@@ -294,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write every raw figure to FILE")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="run N busy processes (one CPU each) during the whole run: a loaded machine")
     args = ap.parse_args(argv)
     skip = {p for p in args.skip.split(",") if p}
     only = {p for p in args.only.split(",") if p} or set(PARTS)
@@ -301,21 +321,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
 
-    results: dict = {"machine": machine(), "quick": args.quick}
+    results: dict = {"machine": machine(), "quick": args.quick, "load": args.load}
     t0 = time.monotonic()
+    with busy_processes(args.load):
+        run_parts(results, skip, only, args.quick)
+    finish(results, t0, args.json)
+    return 0
+
+
+def run_parts(results: dict, skip: set[str], only: set[str], quick: bool) -> None:
     for part in PARTS:
         if part in skip or part not in only:
             continue
         print(f"bench: {part} ...", file=sys.stderr, flush=True)
         t = time.monotonic()
         try:
-            results[part] = RUNNERS[part](args.quick)
+            results[part] = RUNNERS[part](quick)
         except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
             traceback.print_exc()
             results[part] = {"error": f"{type(e).__name__}: {e}"}
         print(f"bench: {part} done in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
-    finish(results, t0, args.json)
-    return 0
 
 
 if __name__ == "__main__":
