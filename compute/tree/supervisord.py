@@ -218,11 +218,11 @@ def _start_up_over() -> bool:
 def _transition_holding_autostart(self):
     """supervisor's per-turn transition of a program, minus the autostart (STOPPED, never
     started) of a forked program (not the driver: its first spawn adopts the early one) while
-    the first start's early driver runs its start-up
-    (early_driver.start_up_over): its warm-up (~200 ms of CPU) and its fork would compete
-    with the driver's imports and storage request on our 2 cores, and delay postgres' spawn
-    behind them. An explicit start (supervisorctl start api) is not a transition: it still
-    spawns at once. Nothing else happens to a STOPPED program in a transition."""
+    the first start's early driver runs its start-up (early_driver.start_up_over): the warm-up
+    (~200 ms of CPU, in this loop) and the forks would delay postgres' spawn behind them and
+    compete with the driver's imports and storage request on our 2 cores. An explicit start
+    (supervisorctl start api) is not a transition: it still spawns, and warms, at once. Nothing
+    else happens to a STOPPED program in a transition."""
     if (self.state == ProcessStates.STOPPED and not self.laststart and self.config.autostart
             and self.config.name != early_driver.PROGRAM and not _start_up_over() and _forked(self)):
         return None
