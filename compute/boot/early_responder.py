@@ -1,7 +1,8 @@
 """compute-ctl answers the plain read-only requests itself until the api serves.
 
-The api (gunicorn, forked from compute-ctl's warm image) serves ~0.25 s after exec: compute-ctl
-first imports psycopg and supervisor, then the api's modules. The API socket is bound much
+The api (gunicorn, forked from compute-ctl's warm image) serves only once the start-up is over
+(supervisord holds it back while the early driver runs it, at most ~1 s after its loop started:
+compute/tree/supervisord.py), ~0.8 s after exec. The API socket is bound much
 earlier (compute/api/listener.py), so compute-ctl starts this responder, a thread, right after
 the bind and before any heavy import; it answers:
 
@@ -145,7 +146,7 @@ class EarlyResponder:
 
     # -- the main thread's side ------------------------------------------------------------------
     def start(self) -> "EarlyResponder":
-        self.listener.setblocking(False)  # workers share it from ~0.25 s on: never block in accept
+        self.listener.setblocking(False)  # workers share it once the api runs: never block in accept
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._set_accepting(True)
         self._thread.start()

@@ -44,6 +44,13 @@ MAX_FD = 1 << 20
 # supervisor and the warm image: those would otherwise take the CPU the request needs (on a
 # busy machine, the request came 150-250 ms after the fork instead of 30-50).
 READY_WAIT = 0.1
+# How long after its loop started supervisord holds back the forked programs (api, monitor) and
+# their warm image while the early driver still runs its start-up (`start_up_over`). The start-up
+# normally ends well before (hand-over ~0.4 s after the loop on this VM); a long basebackup must
+# not leave the tree without its api: meanwhile the early responder answers /status & co. and
+# holds every other request (compute/boot/early_responder.py) until the api takes them, so
+# nothing is refused, only answered later.
+FORKED_PROGRAMS_HELD_AT_MOST = 1.0
 
 
 @dataclass
@@ -54,11 +61,33 @@ class EarlyDriver:
 
 
 _pending: EarlyDriver | None = None
+_start_up_pid: int | None = None  # the early driver until it exits (hand-over, failure, kill)
 held_signals: list[int] = []  # stop signals that came before supervisord had its handlers
 
 
 def pending() -> bool:
     return _pending is not None
+
+
+def start_up_running() -> bool:
+    """Whether the early driver (adopted or not) has not exited yet."""
+    return _start_up_pid is not None
+
+
+def note_exited(pid: int) -> None:
+    """supervisord reaped `pid`: when it is the early driver, the start-up is over."""
+    global _start_up_pid
+    if pid == _start_up_pid:
+        _start_up_pid = None
+
+
+def start_up_over(driver_running: bool, since_loop: float,
+                  held_at_most: float = FORKED_PROGRAMS_HELD_AT_MOST) -> bool:
+    """Whether supervisord may warm up and autostart the forked programs (api, monitor): once
+    the early driver has exited (it does at the hand-over, right when the status is running, or
+    when it dies), or at the latest `held_at_most` seconds after supervisord's loop started.
+    Without an early driver (standalone, or its fork failed) at once."""
+    return not driver_running or since_loop >= held_at_most
 
 
 def _conf_environment(conf: str, section: str) -> dict[str, str]:
@@ -111,7 +140,7 @@ def replay_held_signals() -> None:
 
 def fork_driver(env: dict[str, str], python: str) -> EarlyDriver:
     """Fork the lifecycle driver now (module docstring); the child never returns."""
-    global _pending
+    global _pending, _start_up_pid
     from compute.tree.warmfork import run_forked
     child_stdin, stdin = os.pipe()
     stdout, child_stdout = os.pipe()
@@ -144,6 +173,7 @@ def fork_driver(env: dict[str, str], python: str) -> EarlyDriver:
     from compute.tree.warmfork import defer_driver_modules
     defer_driver_modules()
     _pending = EarlyDriver(pid, stdin, stdout)
+    _start_up_pid = pid
     return _pending
 
 
@@ -180,8 +210,8 @@ def stop_unadopted(wait: float = 5.0) -> bool:
     """A bootstrap that fails after the fork: the driver's process group (with the storage
     request it started) is stopped and waited for. True when there was one to stop (the caller
     then reaps what it left: initdb runs in a session of its own)."""
-    global _pending
-    early, _pending = _pending, None
+    global _pending, _start_up_pid
+    early, _pending, _start_up_pid = _pending, None, None
     if early is None:
         return False
     for sig, grace in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):

@@ -11,6 +11,14 @@ While it shuts down, a turn waits at most SHUTDOWN_TICK: supervisord stops one p
 per turn, and nobody may be left to poke its control socket (compute-ctl killed outright: our
 parent-death signal is what started the shutdown).
 
+At the first start the lifecycle driver runs already (forked by compute-ctl before this loop,
+adopted at its first spawn: compute/tree/early_driver.py). Until it has exited (the start-up's
+hand-over) or for at most early_driver.FORKED_PROGRAMS_HELD_AT_MOST after the loop started,
+supervisord neither warms the forked programs' image nor autostarts them (api, monitor): the
+start-up's critical path (the driver, postgres' spawn) has the CPU and the loop to itself. Then
+the whole image is imported in one step before the first of them (or the hand-over's driver) is
+forked. Exec'd programs (postgres) never wait for it.
+
 The tree's event handlers run here, in-process (no eventlistener processes): exit decisions
 (compute/tree/exitwatch.py) and the log relay (compute/tree/logrelay.py) are subscribed to supervisor's
 event bus once supervisord has set it up, and their timers run on this loop: a turn waits at
@@ -27,9 +35,10 @@ import os
 import select
 import signal
 import sqlite3
+import time
 
 from supervisor import options, poller, process, rpcinterface, supervisord
-from supervisor.states import SupervisorStates
+from supervisor.states import ProcessStates, SupervisorStates
 from supervisor.xmlrpc import Faults, RPCError
 
 from compute.model import launch
@@ -89,6 +98,7 @@ def _waitpid_then_turn_again(self):
     pid, sts = _waitpid(self)
     if pid and sts is not None:
         note_wait_status(pid, sts)  # exitwatch names the signal that killed postgres
+        early_driver.note_exited(pid)  # the early driver's exit ends the start-up's hold
     if pid and isinstance(self.poller, PromptPoller):
         self.poller.again = True  # the next transition() respawns it: do not wait 1 s for it
     return pid, sts
@@ -176,15 +186,47 @@ def _fork_without_open_stores(self):
 _spawn = process.Subprocess.spawn
 
 
+def _forked(proc) -> bool:
+    """Whether supervisord forks this program from the warm image (else it execs it)."""
+    try:
+        filename, argv = proc.get_execv_args()
+    except process.ProcessException:
+        return False  # spawn reports it
+    return warmfork.forked_module(filename, argv) is not None
+
+
 def _spawn_warm(self):
-    """The driver is forked from the early warm image; the modules the others need are imported
-    before the first of them is spawned, while the driver already runs on the other core."""
+    """The first start's driver is adopted (forked before this loop ran); a forked program is
+    forked from the warm image, imported just before the first of them; an exec'd one
+    (postgres: the start-up's critical path) is spawned at once, nothing warmed for it."""
     if self.config.name == early_driver.PROGRAM and early_driver.pending():
         return early_driver.adopt(self)  # forked by compute-ctl before this loop ran
-    warmfork.warm_for(self.config.name)
-    if self.config.name not in warmfork.EARLY_PROGRAMS:
-        mark("supervisord: warm (all)")
+    if _forked(self):
+        warmfork.warm_for(self.config.name)
     return _spawn(self)
+
+
+_transition = process.Subprocess.transition
+_loop_started: float | None = None  # time.monotonic() when the loop started
+
+
+def _start_up_over() -> bool:
+    since_loop = 0.0 if _loop_started is None else time.monotonic() - _loop_started
+    return early_driver.start_up_over(early_driver.start_up_running(), since_loop)
+
+
+def _transition_holding_autostart(self):
+    """supervisor's per-turn transition of a program, minus the autostart (STOPPED, never
+    started) of a forked program (not the driver: its first spawn adopts the early one) while
+    the first start's early driver runs its start-up (early_driver.start_up_over): the warm-up
+    (~200 ms of CPU, in this loop) and the forks would delay postgres' spawn behind them and
+    compete with the driver's imports and storage request on our 2 cores. An explicit start
+    (supervisorctl start api) is not a transition: it still spawns, and warms, at once. Nothing
+    else happens to a STOPPED program in a transition."""
+    if (self.state == ProcessStates.STOPPED and not self.laststart and self.config.autostart
+            and self.config.name != early_driver.PROGRAM and not _start_up_over() and _forked(self)):
+        return None
+    return _transition(self)
 
 
 _close_fd = options.ServerOptions.close_fd
@@ -205,8 +247,12 @@ _runforever = supervisord.Supervisor.runforever
 
 def _runforever_with_handlers(self):
     """Supervisor.run() clears the event bus just before this: subscribe now."""
+    global _loop_started
     install_handlers(self, runtime_dir_from_env())
     mark("supervisord: loop")
+    _loop_started = time.monotonic()
+    if early_driver.start_up_running():  # a turn when the hold ends, if the driver has not exited
+        TIMERS.call_later(early_driver.FORKED_PROGRAMS_HELD_AT_MOST, lambda: None)
     early_driver.replay_held_signals()  # a stop asked for before supervisord had its handlers
     return _runforever(self)
 
@@ -242,6 +288,7 @@ def run(conf: str | None = None) -> int | None:
     options.ServerOptions.execve = warmfork.execve
     options.ServerOptions.fork = _fork_without_open_stores
     process.Subprocess.spawn = _spawn_warm
+    process.Subprocess.transition = _transition_holding_autostart
     _api_fds = api_fds()
     options.ServerOptions.close_fd = _close_fd_but_api_socket
     poller.Poller = PromptPoller

@@ -9,9 +9,10 @@ starting a new interpreter. Restarts fork again from the same warm parent. postg
 vm-informant and the exporter (anything that is not `${python} -m` one of FORKED) still exec.
 The first start's driver is not forked from here: compute-ctl forks it before supervisord runs
 and supervisord adopts it (compute/tree/early_driver.py); it runs through `run_forked` all the
-same. The warm image is imported just before the first other program is spawned (`warm_for`,
-from compute.tree.supervisord), while that driver already runs; `warm_early` (the driver's
-modules first) is for a supervisord without an early driver (standalone).
+same. The warm image is then imported once that driver's start-up is over, just before the first
+program is forked from it (`warm_for`, from compute.tree.supervisord, which holds the api and the
+monitor back until then); `warm_early` (the driver's modules first) is for a supervisord
+without an early driver (standalone).
 
 Child hygiene, on top of what supervisord already did (own process group, fds 0-2 on the
 program's pipes, every other fd closed, user, cwd, umask): the environment supervisord built
@@ -77,31 +78,30 @@ def warm_early() -> None:
     gc.freeze()
 
 
-_deferred: tuple[str, ...] = ()  # modules left out of the warm image until a driver is forked from it
+_early_stage_skipped = False  # the first start's driver was forked before the image: see below
 
 
 def defer_driver_modules() -> None:
     """The first start's driver was forked before supervisord (compute/tree/early_driver.py) and
-    imports its own modules: compute-ctl imports them only for the next driver (the start-up's
-    hand-over), not while that driver and its storage request need the CPU (issue 22)."""
-    global _deferred
-    _deferred = EARLY_PROGRAMS["lifecycle"]
+    imports its own modules: compute-ctl imports nothing while that driver and its storage
+    request need the CPU (issue 22). Its first warm-up, held back by supervisord until the
+    start-up is over (compute/tree/supervisord.py), is then the whole image, the driver's
+    modules included, before whichever forked program comes first: the hand-over's driver too."""
+    global _early_stage_skipped
+    _early_stage_skipped = True
 
 
 def warm_for(program: str) -> None:
-    """Before supervisord spawns `program`: the whole warm image unless the early one is enough."""
-    global _loader_pages_released, _deferred
-    if program not in EARLY_PROGRAMS and not forkinfo.fully_warm:
+    """Before supervisord forks `program` (a FORKED one: exec'd programs need no warm image):
+    the whole warm image unless the early one is enough."""
+    global _loader_pages_released
+    if not forkinfo.fully_warm and (program not in EARLY_PROGRAMS or _early_stage_skipped):
+        mark("supervisord: warming (all)")
         warm()
         forkinfo.fully_warm = True
-    elif program in EARLY_PROGRAMS and forkinfo.fully_warm and not _loader_pages_released:
-        if _deferred:  # a driver forked from the image from now on: its modules in it, frozen
-            for name in _deferred:
-                importlib.import_module(name)
-            _deferred = ()
-            gc.collect()
-            gc.freeze()
-        # The driver spawned again once everything is warm: normally the fresh one after the
+        mark("supervisord: warm (all)")
+    if program in EARLY_PROGRAMS and forkinfo.fully_warm and not _loader_pages_released:
+        # The driver spawned once everything is warm: normally the fresh one after the
         # start-up's hand-over, when the tree is up and idle.
         mark(f"supervisord: {release_loader_pages()} KiB of loader pages unmapped")
         # What the early responder's thread and the start-up freed (its malloc arena, the
@@ -199,8 +199,6 @@ def warm(jwks: bool | None = None) -> None:
         from compute.shared.state import runtime_dir_from_env
         jwks = jwks_configured(runtime_dir_from_env(required=False))
     for name in warm_modules(jwks):
-        if name in _deferred:
-            continue
         try:
             importlib.import_module(name)
         except ImportError:  # an optional piece (a gunicorn without our worker's hooks)

@@ -7,12 +7,15 @@ process)."""
 from __future__ import annotations
 
 import os
+import socket
+from collections import Counter
 
 from compute.base.trace import read
 from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.tree import Compute, with_neon_storage
+from tests.support.waiting import wait_for
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 TOKEN = "early-storage-token"
@@ -24,6 +27,17 @@ def traced(c: Compute) -> Compute:
     os.chmod(c.trace, 0o666)  # appended to by the tree as the compute user
     c.env["COMPUTE_TRACE"] = c.trace
     return c
+
+
+def events_once(c: Compute, *marks: str) -> list[tuple[float, int, str]]:
+    """The trace once each of `marks` is in it (the api and the monitor come after the start-up)."""
+    want = Counter(marks)
+
+    def seen():
+        events = read(c.trace)
+        have = Counter(e for _, _, e in events)
+        return events if all(have[m] >= n for m, n in want.items()) else None
+    return wait_for(seen, 30, f"{marks} in the trace")
 
 
 def first(events: list[tuple[float, int, str]], prefix: str) -> tuple[float, int]:
@@ -57,7 +71,7 @@ def test_the_sync_starts_before_supervisord_and_the_api_are_up(bb_tar: str) -> N
         with c:
             c.wait_status("running", timeout=90)
             assert c.metrics()["sync_safekeepers_retries"] == 0
-            events = read(c.trace)
+            events = events_once(c, "api: master listening")
     assert_early(events, "sync-safekeepers")
     # the sync's own time counts from the early request (the metric is what the start waited)
     syncs = [e for _, _, e in events if e.startswith("lifecycle: storage request")]
@@ -69,7 +83,7 @@ def test_initdb_starts_before_supervisord_and_the_api_are_up() -> None:
     c.spec = c.new_spec()
     with c:
         c.wait_status("running", timeout=90)
-        events = read(c.trace)
+        events = events_once(c, "api: master listening")
     assert_early(events, "initdb")
     assert not os.path.exists(os.path.join(c.runtime_dir, "initdb.pw"))  # its password file is gone
 
@@ -85,3 +99,49 @@ def test_pull_mode_fetches_the_spec_before_any_storage_request() -> None:
             c.wait_status("running", timeout=90)
             events = read(c.trace)
     assert first(events, "lifecycle: wait_for_spec")[0] < first(events, "lifecycle: storage request: initdb")[0]
+
+
+# Not the responder's to answer (a POST): held until the api takes it. An empty spec: refused by
+# the api's validation, nothing changes.
+HELD_REQUEST = (b"POST /configure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+
+def _held_request(port: int) -> socket.socket | None:
+    """A request the early responder does not answer itself, sent as soon as the socket is bound."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    except OSError:
+        return None  # not bound yet
+    s.sendall(HELD_REQUEST)
+    return s
+
+
+def test_postgres_is_spawned_before_the_apis_warm_image_which_then_serves() -> None:
+    """While the early driver runs the start-up, supervisord neither warms the api's and the
+    monitor's image nor starts them: postgres' spawn does not wait behind that. The api comes
+    after, forked from the whole image (the hand-over's driver too), and answers what was held."""
+    c = traced(Compute())
+    c.spec = c.new_spec()
+    with c:
+        s = wait_for(lambda: _held_request(c.http_port), 30, "the API socket")
+        with s:
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        c.wait_status("running", timeout=90)
+        c.wait_handed_over()
+        events = events_once(c, "lifecycle: forked", "lifecycle: forked", "monitor: forked")
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert b"\r\nServer: " in head and head.split(b" ")[1] in (b"400", b"412", b"422"), answer  # the api's
+    assert any(e.startswith("compute-ctl: responder handed over") and not e.endswith(" 0") for _, _, e in events)
+    exec_t, _ = first(events, "exec: postgres")
+    warming_t, ctl_pid = first(events, "supervisord: warming (all)")
+    assert exec_t < warming_t < first(events, "supervisord: warm (all)")[0] < first(events, "api: forked")[0]
+    assert exec_t < first(events, "monitor: forked")[0]
+    # one warm-up, in compute-ctl, before any program is forked from it: the hand-over's driver too
+    assert [pid for _, pid, e in events if e == "supervisord: warming (all)"] == [ctl_pid]
+    early_pid = first(events, "lifecycle: forked")[1]
+    forked_later = [(t, e) for t, pid, e in events if e.endswith(": forked") and pid != early_pid]
+    assert forked_later and all(t > warming_t for t, _ in forked_later), forked_later
+    assert any(e == "lifecycle: forked" for _, e in forked_later)

@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.fault_tree import tree
 from tests.support.tree import COMPUTE_CTL, Compute
+from tests.support.waiting import wait_for
 
 APP_PASSWORD = "apppass"
 
@@ -54,6 +55,8 @@ def test_embedded_default_boots_and_stops_cleanly(compute):
     # Nothing runs as root; the password hash is nowhere in the output.
     pm = compute.postmaster_pid()
     assert uid_of(pm) != 0
+    # the driver's lines are relayed by supervisord's loop, a moment after the state it wrote
+    wait_for(lambda: "compute is running" in compute.output(), 30, "the driver's lines")
     out = compute.output()
     assert "240aeccb7a1d859a99844d012bfe74cc" not in out
     assert "lifecycle" in out and "postgres" in out and "compute is running" in out

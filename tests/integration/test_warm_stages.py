@@ -22,9 +22,32 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("first", ["api", "monitor", "postgres"])
+@pytest.mark.parametrize("first", ["api", "monitor"])
 def test_any_other_program_gets_the_whole_image(first):
     script = SCRIPT.replace('warmfork.warm_for("api")', f'warmfork.warm_for("{first}")')
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+AFTER_EARLY_DRIVER = """
+import sys
+from compute.base import forkinfo
+from compute.tree import warmfork
+warmfork.defer_driver_modules()  # the first start's driver was forked before the image
+assert "compute.lifecycle.driver" not in sys.modules and "falcon" not in sys.modules
+warmfork.warm_for("{first}")
+assert forkinfo.fully_warm
+assert all(m in sys.modules for m in ("compute.lifecycle.driver", "psycopg", "falcon", "gunicorn.arbiter",
+                                      "compute.api.app", "compute.programs.monitor"))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", ["lifecycle", "api", "monitor"])
+def test_after_an_early_driver_the_first_warm_up_is_the_whole_image(first):
+    """Whichever comes first once the start-up is over, the hand-over's driver included
+    (supervisord respawns it first: priority 1), is forked from the whole image."""
+    script = AFTER_EARLY_DRIVER.replace("{first}", first)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

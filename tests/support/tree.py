@@ -225,10 +225,33 @@ class Compute:
                 res = self.supervisorctl("pid", "lifecycle")
                 pid = int(res.stdout.strip()) if res.stdout.strip().isdigit() else 0
                 if pid and pid != int(handed[-1]):
+                    self.wait_serving(max(1.0, deadline - time.monotonic()))
                     return pid
             if time.monotonic() > deadline:
                 raise AssertionError("the driver did not hand over:\n" + self.output()[-3000:])
             time.sleep(0.05)
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        """The api and the monitor run, and the api (gunicorn: a Server header) answers. At the
+        first start they come once the start-up is over, not with `running` (supervisord holds
+        them back while the early driver runs it: compute/tree/supervisord.py)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = [self.supervisorctl("pid", name).stdout.strip() for name in ("api", "monitor")]
+            if all(p.isdigit() and p != "0" for p in pids) and self._api_answers():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the api and the monitor are not up ({pids}):\n" + self.output()[-3000:])
+            time.sleep(0.05)
+
+    def _api_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as r:
+                return r.headers.get("Server") is not None  # the early responder sends none
+        except urllib.error.HTTPError as e:
+            return e.headers.get("Server") is not None
+        except (OSError, urllib.error.URLError):
+            return False
 
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None

@@ -90,3 +90,19 @@ def test_nothing_to_stop_when_supervisord_adopted_it() -> None:
     assert not early_driver.pending()
     assert early_driver.stop_unadopted() is False  # a no-op: no process, no fd
     assert os.getpid()
+
+
+HELD = early_driver.FORKED_PROGRAMS_HELD_AT_MOST
+
+
+@pytest.mark.parametrize("driver_running,since_loop,over", [
+    (True, 0.0, False),            # the early driver runs its start-up: api and monitor wait
+    (True, HELD / 2, False),
+    (True, HELD, True),            # a long start-up: the api comes at the latest then
+    (True, HELD * 10, True),
+    (False, 0.0, True),            # it exited (hand-over, failure, kill), or there never was one
+    (False, HELD * 10, True),
+])
+def test_the_forked_programs_wait_for_the_early_drivers_start_up(driver_running, since_loop, over) -> None:
+    assert early_driver.start_up_over(driver_running, since_loop) is over
+
