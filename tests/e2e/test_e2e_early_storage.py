@@ -145,3 +145,21 @@ def test_postgres_is_spawned_before_the_apis_warm_image_which_then_serves() -> N
     forked_later = [(t, e) for t, pid, e in events if e.endswith(": forked") and pid != early_pid]
     assert forked_later and all(t > warming_t for t, _ in forked_later), forked_later
     assert any(e == "lifecycle: forked" for _, e in forked_later)
+
+
+def test_with_a_jwks_the_api_is_warmed_once_postgres_is_spawned() -> None:
+    """With a JWKS the early responder cannot answer a token holder's /status (it verifies no
+    token): the api's warm-up starts once postgres is spawned, while the driver still waits for
+    postgres and applies the spec, not after `running`; the token's /status comes from the api."""
+    from tests.support.api_helpers import jwks_keys, token_for
+    ed, _, jwks = jwks_keys()
+    c = traced(Compute())
+    c.spec = c.new_spec()
+    c.use_jwks(jwks, token_for(ed))  # an admin token (this push-mode compute has no compute id): status() sends it
+    with c:
+        c.wait_status("running", timeout=90)
+        events = events_once(c, "api: master listening", "lifecycle: hand_over")
+    asked_t, _ = first(events, "lifecycle: start_postgres")  # exec's mark is the child's: after the fork
+    warming_t, _ = first(events, "supervisord: warming (all)")
+    assert first(events, "lifecycle: storage request: initdb")[0] < asked_t < warming_t
+    assert warming_t < first(events, "lifecycle: hand_over")[0]

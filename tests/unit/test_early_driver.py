@@ -106,3 +106,14 @@ HELD = early_driver.FORKED_PROGRAMS_HELD_AT_MOST
 def test_the_forked_programs_wait_for_the_early_drivers_start_up(driver_running, since_loop, over) -> None:
     assert early_driver.start_up_over(driver_running, since_loop) is over
 
+
+
+@pytest.mark.parametrize("postgres_spawned, tokens_needed, over", [
+    (False, False, False),
+    (True, False, False),   # no JWKS: the early responder answers /status; the api can wait for running
+    (False, True, False),   # a JWKS, but postgres not asked for yet: the storage work has the CPU
+    (True, True, True),     # a JWKS: a token holder's /status needs the api, warmed while postgres boots
+])
+def test_with_a_jwks_the_hold_ends_once_postgres_is_spawned(postgres_spawned, tokens_needed, over) -> None:
+    assert early_driver.start_up_over(True, 0.2, postgres_spawned=postgres_spawned,
+                                      tokens_needed=tokens_needed) is over
