@@ -80,13 +80,17 @@ def first_storage_ms(marks: list[tuple[float, str]]) -> float | None:
     return None
 
 
-def run_compute(tar: str | None) -> dict[str, float]:
+def run_compute(tar: str | None, jwks: tuple | None = None) -> dict[str, float]:
     """One start, exec -> /status running: the Neon path with `tar` served by a pageserver peer,
-    or the embedded default (initdb) when `tar` is None."""
+    or the embedded default (initdb) when `tar` is None. `jwks`: (JWKS, token): the compute
+    gets --jwks and every /status carries the token, as Neon's control plane polls it (then
+    only the api, not the early responder, answers it)."""
     with (PageserverPeer(tar, password=TOKEN) if tar else contextlib.nullcontext()) as ps:
         c = Compute()
         c.pgbin = write_fake_postgres(c.base) if tar else c.pgbin
         c.spec = spec_for(c, ps) if tar else c.new_spec()
+        if jwks:
+            c.use_jwks(*jwks)
         trace_file = os.path.join(c.base, "trace")
         os.close(os.open(trace_file, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(trace_file, 0o666)  # the tree appends to it as the compute user
@@ -170,10 +174,16 @@ def baseline_settings(spec, port: int) -> str:
     return json.dumps({"port": port, "conf": conf})
 
 
-def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None) -> dict:
+def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: bool = False) -> dict:
     """Interleaved pairs (compute-ctl, the same work by hand), who goes first alternating, so
     both sides of a pair see the same machine weather. Added latency = exec -> /status running
-    minus the by-hand total, per pair; its median and spread, with the by-hand time itself."""
+    minus the by-hand total, per pair; its median and spread, with the by-hand time itself.
+    `jwks`: the compute has a JWKS and /status is asked with a token (run_compute)."""
+    keys = None
+    if jwks:
+        from tests.support.api_helpers import jwks_keys, token_for
+        ed, _, document = jwks_keys()
+        keys = (document, token_for(ed))  # an admin token: these push-mode computes have no compute id
     from compute.model.spec import parse_spec
     probe = Compute()
     spec = parse_spec(probe.new_spec())
@@ -187,11 +197,11 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None) -> dic
         else:
             by_hand = lambda: run_baseline_embedded(settings)
         if i % 2 == 0:
-            c = run_compute(tar)
+            c = run_compute(tar, keys)
             b = by_hand()
         else:
             b = by_hand()
-            c = run_compute(tar)
+            c = run_compute(tar, keys)
         runs.append(c)
         base_runs.append(b)
         ours.append(c["wall_to_running_ms"])
