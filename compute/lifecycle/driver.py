@@ -25,9 +25,7 @@ import os
 import signal
 import threading
 import time
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from typing import TYPE_CHECKING
 
 from compute.shared import driver_requests
 from compute.shared.log_paths import postgres_log_path
@@ -61,12 +59,16 @@ from compute.lifecycle.steps import (
     readiness,
 )
 from compute.base.logs import setup_program_logging
+from compute.model.conninfo import parse as conninfo_to_dict  # psycopg's answers, without its import
 from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
                                   runtime_dir_from_env, state_path)
 from compute.shared.supervisor_rpc import rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("compute.lifecycle.driver")
 
@@ -124,6 +126,29 @@ def describe(e: Exception) -> str:
 
 def ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
+
+
+def preload_psycopg() -> None:
+    """Import psycopg in a daemon thread (unless it is imported already: a driver forked from
+    compute-ctl's full warm image has it). The driver's modules leave it out (~110-140 ms of
+    CPU: its first storage steps need none of it, compute/storage/basebackup.py connects
+    through libpq itself), but the SQL after postgres starts does: imported meanwhile, while
+    this thread waits on the sync, the pageserver's socket, postgres' boot. Called once the
+    driver's module-level imports are done (no import lock held, no deadlock). A failure is
+    logged here in one line; the main thread's own `import psycopg` raises it again."""
+    import sys
+    if "psycopg" in sys.modules:
+        return
+
+    def load() -> None:
+        # Signals go to the main thread only (one delivered here would not interrupt its waits).
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+        try:
+            import psycopg  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - reported by the main thread's import, when it needs it
+            log.warning("preloading psycopg failed: %s: %s", type(e).__name__, e)
+
+    threading.Thread(target=load, name="preload-psycopg", daemon=True).start()
 
 
 def postmaster_status(pgdata: str) -> str | None:
@@ -215,6 +240,8 @@ class Driver:
         for the grace period, then exit 1) instead of crashing the driver."""
         self.t_start = time.monotonic()
         self.spec: ComputeSpec | None = None
+        if any(step in STARTUP_STEPS for step in steps):
+            preload_psycopg()
         for step in steps:
             if self.stopping:
                 return
@@ -457,6 +484,7 @@ class Driver:
         `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
         rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
         catalog SQL does not run (it stays true, as HEAD)."""
+        import psycopg  # here, not at the top: see preload_psycopg
         if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
             return
         pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
@@ -537,6 +565,7 @@ class Driver:
         """When no catalog SQL runs (a read-only mode, skip_pg_catalog_updates), nothing else
         would notice at start that our programs cannot log in as -C's superuser (a replica's
         catalog is its primary's): /readyz would answer 503 for ever. One session proves it."""
+        import psycopg  # here, not at the top: see preload_psycopg
         deadline = time.monotonic() + SUPERUSER_CHECK_TIMEOUT
         while True:
             try:
@@ -639,6 +668,7 @@ class Driver:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
+        import psycopg  # here, not at the top: see preload_psycopg
         # The apply's modules (compute.reconcile) are imported when it runs, not at the start.
         from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
         name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
@@ -707,6 +737,7 @@ class Driver:
         """The new spec's postgresql.conf, checked by postgres before and after the reload: the
         settings that wait for a restart; None when postgres rejected some (the reconfiguration
         is then refused, nothing changed: undo_settings)."""
+        import psycopg  # here, not at the top: see preload_psycopg
         files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
                                        os.path.join(self.pgdata, modes.PASSFILE)])
         written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
@@ -764,6 +795,7 @@ class Driver:
 
     # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
     def request_session(self) -> psycopg.Connection:
+        import psycopg  # here, not at the top: see preload_psycopg
         return psycopg.connect(**session_params(self.settings.connstr, lock_timeout_ms=REQUEST_LOCK_TIMEOUT_MS,
                                                 statement_timeout_ms=REQUEST_STATEMENT_TIMEOUT_MS),
                                autocommit=True, connect_timeout=10, application_name=PROMOTE_APPLICATION_NAME)
@@ -773,6 +805,7 @@ class Driver:
         a reconfiguration (SERVE applies it). A failure leaves the replica it was, `running`.
         Resumable: a promotion STARTED whose postgres is out of recovery was done by the dead
         driver."""
+        import psycopg  # here, not at the top: see preload_psycopg
         p = Promotion.from_json(self.store.get("promotion"))
         if p is None or not p.pending:
             return
@@ -855,6 +888,7 @@ class Driver:
             return None
 
     def flush_lsn(self) -> str | None:
+        import psycopg  # here, not at the top: see preload_psycopg
         try:
             with self.request_session() as conn:
                 return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]
