@@ -128,27 +128,26 @@ def ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
 
 
+_psycopg_import = threading.Lock()
+
+
+def psycopg_module():
+    """psycopg, imported by one of this driver's threads at a time: two threads importing its
+    modules at once can each see the other's half-initialised (ImportError "partially
+    initialized module 'psycopg.conninfo'", seen when the import ran in a thread of its own)."""
+    with _psycopg_import:
+        import psycopg
+    return psycopg
+
+
 def preload_psycopg() -> None:
-    """Import psycopg in a daemon thread (unless it is imported already: a driver forked from
-    compute-ctl's full warm image has it). The driver's modules leave it out (~110-140 ms of
-    CPU: its first storage steps need none of it, compute/storage/basebackup.py connects
-    through libpq itself), but the SQL after postgres starts does: imported meanwhile, while
-    this thread waits on the sync, the pageserver's socket, postgres' boot. Called once the
-    driver's module-level imports are done (no import lock held, no deadlock). A failure is
-    logged here in one line; the main thread's own `import psycopg` raises it again."""
-    import sys
-    if "psycopg" in sys.modules:
-        return
-
-    def load() -> None:
-        # Signals go to the main thread only (one delivered here would not interrupt its waits).
-        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
-        try:
-            import psycopg  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - reported by the main thread's import, when it needs it
-            log.warning("preloading psycopg failed: %s: %s", type(e).__name__, e)
-
-    threading.Thread(target=load, name="preload-psycopg", daemon=True).start()
+    """Import psycopg now, while nothing waits on this thread (postgres boots, asked to start
+    just before). The driver's modules leave it out (~110-140 ms of CPU): its first storage
+    steps need none of it (compute/storage/basebackup.py connects through libpq itself), but
+    the SQL once postgres is up does. Nothing to do in a driver forked from compute-ctl's
+    full warm image (psycopg imported already). An ImportError is raised here, as the SQL's
+    own import would: the start fails with it."""
+    psycopg_module()
 
 
 def postmaster_status(pgdata: str) -> str | None:
@@ -214,6 +213,7 @@ class Driver:
         from compute.lifecycle.lease_keeper import LeaseKeeper, wants_lease
         if not wants_lease(spec) or self.lease_keeper is not None:
             return
+        psycopg_module()  # the lease thread's sessions use psycopg's pq: imported here, by one thread
         assert spec is not None
         self.lease_keeper = LeaseKeeper(self.store, timeout=self.settings.storage_timeout, token=self.storage_token)
         self.lease_keeper.start(spec)
@@ -240,8 +240,6 @@ class Driver:
         for the grace period, then exit 1) instead of crashing the driver."""
         self.t_start = time.monotonic()
         self.spec: ComputeSpec | None = None
-        if any(step in STARTUP_STEPS for step in steps):
-            preload_psycopg()
         for step in steps:
             if self.stopping:
                 return
@@ -484,7 +482,7 @@ class Driver:
         `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
         rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
         catalog SQL does not run (it stays true, as HEAD)."""
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
             return
         pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
@@ -522,6 +520,7 @@ class Driver:
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
         self.supervisor().startProcess("postgres", False)
+        preload_psycopg()  # while postgres boots (startProcess does not wait for it: False)
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
@@ -565,7 +564,7 @@ class Driver:
         """When no catalog SQL runs (a read-only mode, skip_pg_catalog_updates), nothing else
         would notice at start that our programs cannot log in as -C's superuser (a replica's
         catalog is its primary's): /readyz would answer 503 for ever. One session proves it."""
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         deadline = time.monotonic() + SUPERUSER_CHECK_TIMEOUT
         while True:
             try:
@@ -668,7 +667,7 @@ class Driver:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         # The apply's modules (compute.reconcile) are imported when it runs, not at the start.
         from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
         name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
@@ -737,7 +736,7 @@ class Driver:
         """The new spec's postgresql.conf, checked by postgres before and after the reload: the
         settings that wait for a restart; None when postgres rejected some (the reconfiguration
         is then refused, nothing changed: undo_settings)."""
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
                                        os.path.join(self.pgdata, modes.PASSFILE)])
         written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
@@ -795,7 +794,7 @@ class Driver:
 
     # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
     def request_session(self) -> psycopg.Connection:
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         return psycopg.connect(**session_params(self.settings.connstr, lock_timeout_ms=REQUEST_LOCK_TIMEOUT_MS,
                                                 statement_timeout_ms=REQUEST_STATEMENT_TIMEOUT_MS),
                                autocommit=True, connect_timeout=10, application_name=PROMOTE_APPLICATION_NAME)
@@ -805,7 +804,7 @@ class Driver:
         a reconfiguration (SERVE applies it). A failure leaves the replica it was, `running`.
         Resumable: a promotion STARTED whose postgres is out of recovery was done by the dead
         driver."""
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         p = Promotion.from_json(self.store.get("promotion"))
         if p is None or not p.pending:
             return
@@ -888,7 +887,7 @@ class Driver:
             return None
 
     def flush_lsn(self) -> str | None:
-        import psycopg  # here, not at the top: see preload_psycopg
+        psycopg = psycopg_module()
         try:
             with self.request_session() as conn:
                 return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]
