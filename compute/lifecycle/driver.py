@@ -20,12 +20,14 @@ A /terminate is carried out at once by a thread of its own, beside whatever step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from compute.shared import driver_requests
 from compute.shared.log_paths import postgres_log_path
@@ -140,14 +142,35 @@ def psycopg_module():
     return psycopg
 
 
-def preload_psycopg() -> None:
-    """Import psycopg now, while nothing waits on this thread (postgres boots, asked to start
-    just before). The driver's modules leave it out (~110-140 ms of CPU): its first storage
-    steps need none of it (compute/storage/basebackup.py connects through libpq itself), but
-    the SQL once postgres is up does. Nothing to do in a driver forked from compute-ctl's
-    full warm image (psycopg imported already). An ImportError is raised here, as the SQL's
-    own import would: the start fails with it."""
-    psycopg_module()
+@contextlib.contextmanager
+def preload_psycopg() -> Iterator[None]:
+    """psycopg imported by a thread while the body (this thread) only waits: supervisord's
+    answer to startProcess("postgres"), which comes once it has warmed the api's image (it
+    handles one request at a time). The driver's modules leave psycopg out (~110-140 ms of CPU:
+    its first storage steps need none of it, compute/storage/basebackup.py connects through
+    libpq itself), but the SQL once postgres is up does. Joined on leaving, whatever happened:
+    this thread must not import psycopg's modules while that one does (each could see the
+    other's half initialised), and the body imports none. Nothing to do in a driver forked from
+    compute-ctl's whole warm image (psycopg imported already). A failure is logged in one line;
+    the SQL's own `import psycopg` raises it again."""
+    if "psycopg" in sys.modules:
+        yield
+        return
+
+    def load() -> None:
+        # Signals go to the main thread only (one delivered here would not interrupt its waits).
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+        try:
+            psycopg_module()
+        except Exception as e:  # noqa: BLE001 - raised again by the import that needs it
+            log.warning("importing psycopg beside postgres' start failed: %s: %s", type(e).__name__, e)
+
+    loader = threading.Thread(target=load, name="preload-psycopg", daemon=True)
+    loader.start()
+    try:
+        yield
+    finally:
+        loader.join()
 
 
 def postmaster_status(pgdata: str) -> str | None:
@@ -519,8 +542,9 @@ class Driver:
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
-        self.supervisor().startProcess("postgres", False)
-        preload_psycopg()  # while postgres boots (startProcess does not wait for it: False)
+        supervisor = self.supervisor()  # its modules imported before psycopg's start beside it
+        with preload_psycopg():
+            supervisor.startProcess("postgres", False)
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
