@@ -144,9 +144,11 @@ def psycopg_module():
 
 @contextlib.contextmanager
 def preload_psycopg() -> Iterator[None]:
-    """psycopg imported by a thread while the body (this thread) only waits: supervisord's
-    answer to startProcess("postgres"), which comes once it has warmed the api's image (it
-    handles one request at a time). The driver's modules leave psycopg out (~110-140 ms of CPU:
+    """psycopg imported by a thread while the body (this thread) only waits: initdb (the
+    embedded default), or supervisord's answer to startProcess("postgres"), which comes once it
+    has warmed the api's image (it handles one request at a time). Not during the sync and the
+    basebackup: the sync ends first (the basebackup would wait for the import), and preparing
+    PGDATA may read a connection string with psycopg. The driver's modules leave psycopg out (~110-140 ms of CPU:
     its first storage steps need none of it, compute/storage/basebackup.py connects through
     libpq itself), but the SQL once postgres is up does. Joined on leaving, whatever happened:
     this thread must not import psycopg's modules while that one does (each could see the
@@ -527,8 +529,9 @@ class Driver:
             pwfile = os.path.join(self.runtime_dir, "initdb.pw")
             localauth.write_secret(pwfile, password + "\n")
         try:
-            initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
-                                  started=early.started if early else None)
+            with preload_psycopg():
+                initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
+                                      started=early.started if early else None)
         finally:
             os.unlink(pwfile)
         pgconf.write_default_hba(self.pgdata, self.superuser)
