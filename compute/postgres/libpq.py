@@ -1,6 +1,7 @@
-"""The one non-blocking libpq driver: psycopg's thin libpq wrapper (psycopg.pq) driven with
-poll(), for the monitor's session (compute/programs/monitor.py) and the basebackup's COPY stream
-(compute/storage.py).
+"""The non-blocking driver of psycopg's thin libpq wrapper (psycopg.pq), driven with poll(), for
+the monitor's session (compute/programs/monitor.py), the LSN leases and a basebackup's COPY
+stream over TLS (compute/storage/). A plain basebackup connects without psycopg:
+compute/postgres/pqconnect.py.
 
 Not a psycopg Connection: the monitor runs one query every tick for the life of the compute,
 and psycopg's Python layers (connection generators, adapters, cursors, row makers) copied
