@@ -145,16 +145,16 @@ def psycopg_module():
 @contextlib.contextmanager
 def preload_psycopg() -> Iterator[None]:
     """psycopg imported by a thread while the body (this thread) only waits: initdb (the
-    embedded default), or supervisord's answer to startProcess("postgres"), which comes once it
-    has warmed the api's image (it handles one request at a time). Not during the sync and the
-    basebackup: the sync ends first (the basebackup would wait for the import), and preparing
-    PGDATA may read a connection string with psycopg. The driver's modules leave psycopg out (~110-140 ms of CPU:
-    its first storage steps need none of it, compute/storage/basebackup.py connects through
-    libpq itself), but the SQL once postgres is up does. Joined on leaving, whatever happened:
-    this thread must not import psycopg's modules while that one does (each could see the
-    other's half initialised), and the body imports none. Nothing to do in a driver forked from
-    compute-ctl's whole warm image (psycopg imported already). A failure is logged in one line;
-    the SQL's own `import psycopg` raises it again."""
+    embedded default), or supervisord's answer to startProcess("postgres"), which comes once
+    it has warmed the api's image (it handles one request at a time). The driver's modules
+    leave psycopg out (~110-140 ms of CPU: its first storage steps need none of it, the
+    basebackup connects through libpq itself), but the SQL once postgres is up does. Not
+    beside the sync and the basebackup: the sync ends first (the basebackup would wait for the
+    import), and preparing PGDATA may read a connection string with psycopg. Joined on leaving,
+    whatever happened: this thread must not import psycopg's modules while that one does (each
+    could see the other's half initialised), and the body imports none. Nothing to do in a
+    driver forked from compute-ctl's whole warm image (psycopg imported already). A failure is
+    logged in one line; the SQL's own `import psycopg` raises it again."""
     if "psycopg" in sys.modules:
         yield
         return
@@ -165,7 +165,7 @@ def preload_psycopg() -> Iterator[None]:
         try:
             psycopg_module()
         except Exception as e:  # noqa: BLE001 - raised again by the import that needs it
-            log.warning("importing psycopg beside postgres' start failed: %s: %s", type(e).__name__, e)
+            log.warning("importing psycopg ahead of its use failed: %s: %s", type(e).__name__, e)
 
     loader = threading.Thread(target=load, name="preload-psycopg", daemon=True)
     loader.start()
