@@ -20,14 +20,14 @@ A /terminate is carried out at once by a thread of its own, beside whatever step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from typing import TYPE_CHECKING, Iterator
 
 from compute.shared import driver_requests
 from compute.shared.log_paths import postgres_log_path
@@ -61,12 +61,16 @@ from compute.lifecycle.steps import (
     readiness,
 )
 from compute.base.logs import setup_program_logging
+from compute.model.conninfo import parse as conninfo_to_dict  # psycopg's answers, without its import
 from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
                                   runtime_dir_from_env, state_path)
 from compute.shared.supervisor_rpc import rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger("compute.lifecycle.driver")
 
@@ -124,6 +128,51 @@ def describe(e: Exception) -> str:
 
 def ms_since(t0: float) -> int:
     return int((time.monotonic() - t0) * 1000)
+
+
+_psycopg_import = threading.Lock()
+
+
+def psycopg_module():
+    """psycopg, imported by one of this driver's threads at a time: two threads importing its
+    modules at once can each see the other's half-initialised (ImportError "partially
+    initialized module 'psycopg.conninfo'", seen when the import ran in a thread of its own)."""
+    with _psycopg_import:
+        import psycopg
+    return psycopg
+
+
+@contextlib.contextmanager
+def preload_psycopg() -> Iterator[None]:
+    """psycopg imported by a thread while the body (this thread) only waits: initdb (the
+    embedded default), or supervisord's answer to startProcess("postgres"), which comes once
+    it has warmed the api's image (it handles one request at a time). The driver's modules
+    leave psycopg out (~110-140 ms of CPU: its first storage steps need none of it, the
+    basebackup connects through libpq itself), but the SQL once postgres is up does. Not
+    beside the sync and the basebackup: the sync ends first (the basebackup would wait for the
+    import), and preparing PGDATA may read a connection string with psycopg. Joined on leaving,
+    whatever happened: this thread must not import psycopg's modules while that one does (each
+    could see the other's half initialised), and the body imports none. Nothing to do in a
+    driver forked from compute-ctl's whole warm image (psycopg imported already). A failure is
+    logged in one line; the SQL's own `import psycopg` raises it again."""
+    if "psycopg" in sys.modules:
+        yield
+        return
+
+    def load() -> None:
+        # Signals go to the main thread only (one delivered here would not interrupt its waits).
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
+        try:
+            psycopg_module()
+        except Exception as e:  # noqa: BLE001 - raised again by the import that needs it
+            log.warning("importing psycopg ahead of its use failed: %s: %s", type(e).__name__, e)
+
+    loader = threading.Thread(target=load, name="preload-psycopg", daemon=True)
+    loader.start()
+    try:
+        yield
+    finally:
+        loader.join()
 
 
 def postmaster_status(pgdata: str) -> str | None:
@@ -189,6 +238,7 @@ class Driver:
         from compute.lifecycle.lease_keeper import LeaseKeeper, wants_lease
         if not wants_lease(spec) or self.lease_keeper is not None:
             return
+        psycopg_module()  # the lease thread's sessions use psycopg's pq: imported here, by one thread
         assert spec is not None
         self.lease_keeper = LeaseKeeper(self.store, timeout=self.settings.storage_timeout, token=self.storage_token)
         self.lease_keeper.start(spec)
@@ -457,6 +507,7 @@ class Driver:
         `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
         rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
         catalog SQL does not run (it stays true, as HEAD)."""
+        psycopg = psycopg_module()
         if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
             return
         pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
@@ -478,8 +529,9 @@ class Driver:
             pwfile = os.path.join(self.runtime_dir, "initdb.pw")
             localauth.write_secret(pwfile, password + "\n")
         try:
-            initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
-                                  started=early.started if early else None)
+            with preload_psycopg():
+                initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
+                                      started=early.started if early else None)
         finally:
             os.unlink(pwfile)
         pgconf.write_default_hba(self.pgdata, self.superuser)
@@ -493,7 +545,9 @@ class Driver:
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
-        self.supervisor().startProcess("postgres", False)
+        supervisor = self.supervisor()  # its modules imported before psycopg's start beside it
+        with preload_psycopg():
+            supervisor.startProcess("postgres", False)
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
@@ -537,6 +591,7 @@ class Driver:
         """When no catalog SQL runs (a read-only mode, skip_pg_catalog_updates), nothing else
         would notice at start that our programs cannot log in as -C's superuser (a replica's
         catalog is its primary's): /readyz would answer 503 for ever. One session proves it."""
+        psycopg = psycopg_module()
         deadline = time.monotonic() + SUPERUSER_CHECK_TIMEOUT
         while True:
             try:
@@ -639,6 +694,7 @@ class Driver:
         """End the sessions a killed driver left applying the spec. postgres only notices their
         client is gone when it next talks to it: one blocked on a lock would hold the locks it
         already has, and our own apply would wait behind it, or collide with it."""
+        psycopg = psycopg_module()
         # The apply's modules (compute.reconcile) are imported when it runs, not at the start.
         from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
         name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
@@ -707,6 +763,7 @@ class Driver:
         """The new spec's postgresql.conf, checked by postgres before and after the reload: the
         settings that wait for a restart; None when postgres rejected some (the reconfiguration
         is then refused, nothing changed: undo_settings)."""
+        psycopg = psycopg_module()
         files = pgconf.snapshot_files([os.path.join(self.pgdata, "postgresql.conf"),
                                        os.path.join(self.pgdata, modes.PASSFILE)])
         written = [o.name for o in modes.conf_settings(spec, self.pgdata)]
@@ -764,6 +821,7 @@ class Driver:
 
     # -- requests of the API (compute/shared/driver_requests.py) ---------------------------------------
     def request_session(self) -> psycopg.Connection:
+        psycopg = psycopg_module()
         return psycopg.connect(**session_params(self.settings.connstr, lock_timeout_ms=REQUEST_LOCK_TIMEOUT_MS,
                                                 statement_timeout_ms=REQUEST_STATEMENT_TIMEOUT_MS),
                                autocommit=True, connect_timeout=10, application_name=PROMOTE_APPLICATION_NAME)
@@ -773,6 +831,7 @@ class Driver:
         a reconfiguration (SERVE applies it). A failure leaves the replica it was, `running`.
         Resumable: a promotion STARTED whose postgres is out of recovery was done by the dead
         driver."""
+        psycopg = psycopg_module()
         p = Promotion.from_json(self.store.get("promotion"))
         if p is None or not p.pending:
             return
@@ -855,6 +914,7 @@ class Driver:
             return None
 
     def flush_lsn(self) -> str | None:
+        psycopg = psycopg_module()
         try:
             with self.request_session() as conn:
                 return conn.execute(shutdown_lsn.FLUSH_LSN_QUERY).fetchone()[0]

@@ -1,6 +1,7 @@
-"""The one non-blocking libpq driver: psycopg's thin libpq wrapper (psycopg.pq) driven with
-poll(), for the monitor's session (compute/programs/monitor.py) and the basebackup's COPY stream
-(compute/storage.py).
+"""The non-blocking driver of psycopg's thin libpq wrapper (psycopg.pq), driven with poll(), for
+the monitor's session (compute/programs/monitor.py), the LSN leases and a basebackup's COPY
+stream over TLS (compute/storage/). A plain basebackup connects without psycopg:
+compute/postgres/pqconnect.py.
 
 Not a psycopg Connection: the monitor runs one query every tick for the life of the compute,
 and psycopg's Python layers (connection generators, adapters, cursors, row makers) copied
@@ -9,70 +10,20 @@ handler raises (the monitor's SIGTERM) cuts a connect or a query short, a silent
 an attempt after a bounded wait, and a stop flag (the basebackup's extractor gave up) is seen
 while waiting. Every query runs outside a transaction (libpq's default).
 
-Imports psycopg.pq and psycopg.conninfo only: this module is in the monitor's footprint.
+Imports psycopg.pq and psycopg.conninfo only: this module is in the monitor's footprint. How
+long to wait, and the errors, are compute/postgres/waiting.py's (no psycopg there).
 """
 
 from __future__ import annotations
 
-import select
-import time
 from typing import Any
 
 from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
-STOP_CHECK = 0.2  # s: how often a wait with a stop flag looks at it
-
-
-class SessionError(Exception):
-    """What libpq reported: the connection failed or was lost, or the query failed."""
-
-
-class Timeout(SessionError):
-    """The socket stayed silent until the waiter's deadline. `overall`: the waiter's `ends`
-    (the attempt's deadline, whatever the progress) was the one that passed."""
-
-    def __init__(self, message: str, overall: bool = False) -> None:
-        super().__init__(message)
-        self.overall = overall
-
-
-class Stopped(Exception):
-    """The waiter's stop flag was set (its owner's own error is the one reported)."""
-
-
-class Waiter:
-    """How long the driver waits for the socket: `timeout` seconds in all from now (a connect's
-    or a query's budget) or, with silence=True, `timeout` seconds of silence (every wait anew:
-    progress resets it) and, with `ends` (a time.monotonic() value), never past it (an
-    attempt's overall deadline). `stop`, anything with is_set(), is looked at every STOP_CHECK s."""
-
-    def __init__(self, timeout: float, *, silence: bool = False, stop: Any = None,
-                 ends: float | None = None) -> None:
-        self.timeout = timeout
-        self.silence = silence
-        self.stop = stop
-        self.ends = ends
-        self.deadline = time.monotonic() + timeout
-
-    def wait(self, fd: int, write: bool) -> None:
-        """Until fd is ready for reading (or writing): Timeout at the deadline, Stopped once stop
-        is set. A signal handler that raises interrupts it (poll: PEP 475)."""
-        deadline = time.monotonic() + self.timeout if self.silence else self.deadline
-        overall = self.ends is not None and self.ends <= deadline
-        if overall:
-            deadline = self.ends
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT if write else select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout("timed out", overall=overall)
-            if poller.poll(min(left, STOP_CHECK if self.stop is not None else left) * 1000):
-                return
-            if self.stop is not None and self.stop.is_set():
-                raise Stopped()
-
+# The waiting part has its own psycopg-free home (the basebackup's plain path needs it without
+# psycopg); these names stay reachable here, as libpq.Waiter etc., for this driver's callers.
+from compute.postgres.waiting import STOP_CHECK, SessionError, Stopped, Timeout, Waiter  # noqa: F401
 
 def error_message(pgconn: pq.abc.PGconn, fallback: str) -> str:
     return pgconn.error_message.decode("utf-8", "replace").strip() or fallback

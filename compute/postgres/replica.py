@@ -16,16 +16,16 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Callable
-
-import psycopg
-from psycopg.conninfo import make_conninfo
+from typing import TYPE_CHECKING, Callable
 
 from compute.model import modes
 from compute.base.procutil import dies_with_us
 from compute.base.retry import RetryFailed, RetryPolicy, retry
 from compute.model.launch import default
 from compute.postgres.conf import write_passfile  # noqa: F401 - its home was here
+
+if TYPE_CHECKING:  # psycopg is imported where used: the driver imports this module at its start
+    import psycopg
 
 log = logging.getLogger("compute.postgres.replica")
 
@@ -52,6 +52,7 @@ CLONE_RETRY = RetryPolicy(attempts=3)
 def clone_command(pgbin_dir: str, pgdata: str, primary_conninfo: str, passfile: str | None) -> tuple[list[str], str | None]:
     """(argv, password) for pg_basebackup: the password taken out of the conninfo, and the
     passfile named in its place. Pure."""
+    from psycopg.conninfo import make_conninfo  # a clone's start only (this module is in the driver's)
     params, password = modes.split_password(primary_conninfo)
     params.pop("replication", None)  # pg_basebackup asks for a replication connection itself
     params.pop("dbname", None)

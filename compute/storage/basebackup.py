@@ -1,10 +1,17 @@
 """The pageserver's basebackup: one attempt streamed over the Postgres wire protocol (COPY OUT)
 into a tar extractor, inflated on the way when asked.
+
+The connection: for a connection string that asks for neither TLS nor GSS encryption (Neon's
+case), libpq through ctypes (compute/postgres/pqconnect.py) makes it, and _WireCopy reads the
+stream from its socket; psycopg is not imported (its ~110-140 ms would delay the driver's first
+storage step: issue 22). Otherwise, or when libpq.so.5 cannot be loaded, psycopg makes it (and,
+for TLS, libpq reads the stream: _libpq_copy_out). Same errors either way.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -14,13 +21,9 @@ import struct
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import psycopg
-from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from compute.postgres import libpq
+from compute.postgres import pqconnect, waiting
 from compute.storage.tarextract import ArchiveError, TarExtractor
 from compute.storage.attempts import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, StorageError, _one_line
 
@@ -68,30 +71,27 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     `deadline`: seconds in all (a pageserver that trickles). Retries: with_retries()."""
     query = basebackup_query(tenant_id, timeline_id, lsn, compression, replica)
     ends = time.monotonic() + deadline
-    # libpq's connect_timeout bounds the whole connect (auth included): within the deadline too.
-    conninfo = _pageserver_conninfo(pageserver_connstr, auth_token, min(timeout, deadline))
+    lib = pqconnect.load()
+    params = _parse_connstr(pageserver_connstr, lib)
     os.makedirs(pgdata, mode=0o700, exist_ok=True)
     t0 = time.monotonic()
+    # libpq's connect_timeout bounds the whole connect (auth included): within the deadline too.
+    connect_timeout = min(timeout, deadline)
+    if lib is not None and _plain(params):
+        connection = _plain_connection(lib, pageserver_connstr, params, auth_token, connect_timeout, timeout)
+    else:
+        connection = _psycopg_connection(pageserver_connstr, auth_token, connect_timeout, timeout)
     try:
         with TarExtractor(pgdata) as tx:
             sink: Callable[[Any], None] = tx.feed
             gunzip = _Gunzip(tx.feed) if compression == "gzip" else None
             if gunzip is not None:
                 sink = gunzip.feed
-            # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                try:
-                    total = _pipelined(conn.pgconn, query, sink, timeout, progress, ends, deadline)
-                finally:
-                    conn.close()  # never let psycopg cancel/drain a possibly huge stream
+            with connection as pgconn:
+                total = _pipelined(pgconn, query, sink, timeout, progress, ends, deadline)
             if gunzip is not None:
                 gunzip.finish()
             tx.finish()  # the stream has ended (read past the archive): the archive must have too
-    except psycopg.errors.ConnectionTimeout:
-        raise StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s (connecting)",
-                           retryable=True) from None
-    except psycopg.Error as e:
-        raise StorageError(f"basebackup: {_pg_error_text(e)}", retryable=_retryable(e)) from None
     except ArchiveError as e:
         raise StorageError(f"basebackup: {e}") from None
     except OSError as e:
@@ -102,7 +102,53 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     return total
 
 
-_Stopped = libpq.Stopped  # the consumer gave up (its own error is the one reported)
+def _connect_timed_out(timeout: float) -> StorageError:
+    return StorageError(f"basebackup: no progress from the pageserver for {timeout:g} s (connecting)",
+                        retryable=True)
+
+
+@contextlib.contextmanager
+def _plain_connection(lib: pqconnect.Libpq, connstr: str, params: dict[str, str], auth_token: str | None,
+                      connect_timeout: float, timeout: float) -> Iterator[pqconnect.Connection]:
+    """A plain connection made by libpq through ctypes, PQfinish'd on leaving. As psycopg's
+    connect: a failure is retryable (no SQLSTATE), connect_timeout bounds the whole connect."""
+    defaults, overrides = _pageserver_params(auth_token, connect_timeout)
+    # The connection string as `dbname` (expanded by libpq): after our defaults, so that its own
+    # values win, and before our overrides (application_name, the token as password).
+    keywords = [*defaults.items(), ("dbname", connstr), *overrides.items()]
+    # Non-blocking, libpq does not time its connect itself: connect_timeout read as psycopg does.
+    waiter = waiting.Waiter(_connect_seconds(params.get("connect_timeout", defaults["connect_timeout"])))
+    try:
+        conn = lib.connect(keywords, waiter)
+    except waiting.Timeout:
+        raise _connect_timed_out(timeout) from None
+    except waiting.SessionError as e:
+        raise StorageError(f"basebackup: connection failed: {_one_line(str(e))}", retryable=True) from None
+    with conn:
+        yield conn
+
+
+@contextlib.contextmanager
+def _psycopg_connection(connstr: str, auth_token: str | None, connect_timeout: float,
+                        timeout: float) -> Iterator[Any]:
+    """A connection made by psycopg (TLS or GSS asked for, or no libpq.so.5 to load): its
+    PGconn, closed on leaving; psycopg's errors (also the stream's, on its TLS path) worded."""
+    import psycopg  # here only: the plain path never pays its import
+    conninfo = _pageserver_conninfo(connstr, auth_token, connect_timeout)
+    try:
+        # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            try:
+                yield conn.pgconn
+            finally:
+                conn.close()  # never let psycopg cancel/drain a possibly huge stream
+    except psycopg.errors.ConnectionTimeout:
+        raise _connect_timed_out(timeout) from None
+    except psycopg.Error as e:
+        raise StorageError(f"basebackup: {_pg_error_text(e)}", retryable=_retryable(e)) from None
+
+
+_Stopped = waiting.Stopped  # the consumer gave up (its own error is the one reported)
 
 
 class _Channel:
@@ -170,7 +216,7 @@ def _pipelined(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: fl
         while (chunk := channel.get()) is not None:
             sink(chunk)
     finally:
-        channel.stop()  # a failed sink: the receiver stops within libpq.STOP_CHECK s
+        channel.stop()  # a failed sink: the receiver stops within waiting.STOP_CHECK s
         receiver.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -190,7 +236,7 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
     buffers one CopyData message whole, whatever length the server announces (up to 1 GiB),
     while here a CopyData payload leaves a fixed buffer in pieces as it arrives, and any other
     message is refused beyond MAX_MESSAGE bytes. Memory is bounded whatever the peer sends."""
-    waiter = libpq.Waiter(timeout, silence=True, stop=stop, ends=ends)
+    waiter = waiting.Waiter(timeout, silence=True, stop=stop, ends=ends)
 
     def late(where: str) -> StorageError:
         return StorageError(f"basebackup: not done within the attempt deadline of {deadline:g} s "
@@ -203,6 +249,7 @@ def _copy_out(pgconn: Any, query: str, sink: Callable[[Any], None], timeout: flo
                             retryable=True)
     if not pgconn.ssl_in_use:
         return _WireCopy(pgconn.socket, waiter, silent, late, ends).run(query, sink, progress)
+    # TLS: only on psycopg's connection (pqconnect's are plain: sslmode=disable).
     return _libpq_copy_out(pgconn, query, sink, progress, waiter, silent, late, ends)
 
 
@@ -211,7 +258,7 @@ class _WireCopy:
     (type byte, 4-byte length) into one fixed buffer. libpq made the connection and has
     consumed everything up to ReadyForQuery; it is closed, never used again, afterwards."""
 
-    def __init__(self, fd: int, waiter: libpq.Waiter, silent: Callable[[str, bool], StorageError],
+    def __init__(self, fd: int, waiter: waiting.Waiter, silent: Callable[[str, bool], StorageError],
                  late: Callable[[str], StorageError], ends: float | None) -> None:
         self.sock = socket.socket(fileno=os.dup(fd))
         self.sock.setblocking(False)
@@ -270,7 +317,7 @@ class _WireCopy:
     def _wait(self, write: bool, where: str) -> None:
         try:
             self.waiter.wait(self.fd, write)
-        except libpq.Timeout as e:
+        except waiting.Timeout as e:
             raise self.silent(where, e.overall) from None
 
     def _fill(self) -> None:
@@ -352,14 +399,16 @@ def _error_response(body: bytes) -> StorageError:
 
 
 def _libpq_copy_out(pgconn: Any, query: str, sink: Callable[[Any], None],
-                    progress: Callable[[int], None] | None, waiter: libpq.Waiter,
+                    progress: Callable[[int], None] | None, waiter: waiting.Waiter,
                     silent: Callable[[str, bool], StorageError], late: Callable[[str], StorageError],
                     ends: float | None) -> int:
     """The COPY through libpq, for a TLS connection the connection string asked for: libpq
     holds each CopyData message whole (documented limit of the memory bound)."""
+    from psycopg import pq
+    from compute.postgres import libpq
     try:
         libpq.send(pgconn, query.encode(), None, waiter)
-    except libpq.Timeout as e:
+    except waiting.Timeout as e:
         raise silent("sending the query", e.overall) from None
     res = _next_result(pgconn, waiter, silent)
     if res is None or res.status != pq.ExecStatus.COPY_OUT:
@@ -380,7 +429,7 @@ def _libpq_copy_out(pgconn: Any, query: str, sink: Callable[[Any], None],
         elif nbytes == 0:
             try:
                 waiter.wait(pgconn.socket, False)
-            except libpq.Timeout as e:
+            except waiting.Timeout as e:
                 raise silent(f"after {total} bytes", e.overall) from None
             pgconn.consume_input()
         elif nbytes == -1:
@@ -396,18 +445,21 @@ def _libpq_copy_out(pgconn: Any, query: str, sink: Callable[[Any], None],
     return total
 
 
-def _next_result(pgconn: Any, waiter: libpq.Waiter, silent: Callable[[str, bool], StorageError]) -> Any:
+def _next_result(pgconn: Any, waiter: waiting.Waiter, silent: Callable[[str, bool], StorageError]) -> Any:
+    from compute.postgres import libpq
     try:
         return libpq.next_result(pgconn, waiter)
-    except libpq.Timeout as e:
+    except waiting.Timeout as e:
         raise silent("waiting for a result", e.overall) from None
 
 
 def _conn_message(pgconn: Any) -> str:
+    from compute.postgres import libpq
     return _one_line(libpq.error_message(pgconn, "")) or "connection closed"
 
 
 def _result_error(res: Any, fallback: str) -> StorageError:
+    from psycopg import pq
     if res is None or res.status not in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.NONFATAL_ERROR):
         return StorageError(f"basebackup: {fallback}")
     sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode("ascii", "replace")
@@ -426,7 +478,7 @@ def _retryable_sqlstate(sqlstate: str | None) -> bool:
     return not sqlstate or sqlstate[:2] in ("08", "53", "57", "58")
 
 
-def _retryable(e: psycopg.Error) -> bool:
+def _retryable(e: Any) -> bool:
     return _retryable_sqlstate(e.diag.sqlstate if e.diag else None)
 
 
@@ -464,25 +516,62 @@ class _Gunzip:
             raise ArchiveError("gzip stream truncated")
 
 
-def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -> str:
+def _parse_connstr(connstr: str, lib: pqconnect.Libpq | None) -> dict[str, str]:
+    """The parameters the pageserver's connection string sets, read by libpq (PQconninfoParse:
+    through ctypes, or psycopg's when libpq.so.5 cannot be loaded)."""
     try:
-        params = conninfo_to_dict(connstr)
-    except psycopg.ProgrammingError:
+        if lib is not None:
+            return lib.parse(connstr)
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+        try:
+            return conninfo_to_dict(connstr)
+        except ProgrammingError:
+            raise pqconnect.ConninfoError() from None
+    except pqconnect.ConninfoError:
         raise StorageError("invalid pageserver connection string") from None  # may hold a secret
-    extra: dict[str, object] = {"application_name": "compute_ctl"}
-    if auth_token:
-        extra["password"] = auth_token  # the storage token is the password; it overrides the connstr's
-    if "connect_timeout" not in params:
-        extra["connect_timeout"] = max(2, int(math.ceil(timeout)))  # libpq's minimum is 2 s
+
+
+def _plain(params: dict[str, str]) -> bool:
+    """The connection string asks for neither TLS nor GSS encryption (our default: disable)."""
+    return (params.get("sslmode", "disable") == "disable" and params.get("gssencmode", "disable") == "disable"
+            and params.get("requiressl", "0") == "0")
+
+
+def _pageserver_params(auth_token: str | None, timeout: float) -> tuple[dict[str, str], dict[str, str]]:
+    """What we add to the pageserver's connection string: (defaults its own values override,
+    overrides of its values)."""
     # No TLS unless asked for, as Neon's compute_ctl (NoTls): with "prefer", a pageserver could
     # answer the SSLRequest and move the COPY onto libpq's path, which holds a message whole.
-    for key in ("sslmode", "gssencmode"):
-        if key not in params:
-            extra[key] = "disable"
+    defaults = {"sslmode": "disable", "gssencmode": "disable",
+                "connect_timeout": str(max(2, int(math.ceil(timeout))))}  # libpq's minimum is 2 s
+    overrides = {"application_name": "compute_ctl"}
+    if auth_token:
+        overrides["password"] = auth_token  # the storage token is the password; it overrides the connstr's
+    return defaults, overrides
+
+
+def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -> str:
+    """The connection string psycopg connects with (the lease's, the basebackup's over TLS)."""
+    from psycopg.conninfo import make_conninfo
+    params = _parse_connstr(connstr, pqconnect.load())
+    defaults, overrides = _pageserver_params(auth_token, timeout)
+    extra = {k: v for k, v in defaults.items() if k not in params} | overrides
     return make_conninfo(connstr, **extra)
 
 
-def _pg_error_text(e: psycopg.Error) -> str:
+def _connect_seconds(value: str) -> float:
+    """How long a connect may take for a connect_timeout, as psycopg reads it (libpq's rules:
+    0 or less is no limit, for which psycopg waits 130 s; at least 2 s). A value libpq refuses
+    fails the connect anyway."""
+    try:
+        seconds = int(float(value))
+    except ValueError:
+        return 130.0
+    return 130.0 if seconds <= 0 else float(max(2, seconds))
+
+
+def _pg_error_text(e: Any) -> str:
     diag = e.diag
     if diag.message_primary:
         return _one_line(f"{diag.severity or 'ERROR'}: {diag.message_primary} (SQLSTATE {diag.sqlstate})")

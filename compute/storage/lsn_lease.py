@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from psycopg.conninfo import conninfo_to_dict
-
-from compute.postgres import libpq
 from compute.storage.attempts import DEFAULT_TIMEOUT, StorageError, _one_line
 from compute.storage.basebackup import LSN_RE, _pageserver_conninfo
+
+if TYPE_CHECKING:
+    from compute.postgres import libpq
 
 log = logging.getLogger("compute.storage")
 
@@ -37,6 +37,10 @@ def lease_one(url: str, auth_token: str | None, tenant_shard_id: str, timeline_i
               timeout: float = DEFAULT_TIMEOUT) -> float | None:
     """valid_until (epoch seconds) from one pageserver, None when it refuses; StorageError when
     it cannot be reached or answers anything else."""
+    # Here, not at the top: the driver imports this module (its lease keeper's) at its start,
+    # where psycopg's import would delay the basebackup (issue 22).
+    from psycopg.conninfo import conninfo_to_dict
+    from compute.postgres import libpq
     query = lease_query(tenant_shard_id, timeline_id, lsn)
     params = conninfo_to_dict(_pageserver_conninfo(url, auth_token, timeout))
     try:

@@ -16,6 +16,7 @@ import pickle
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from typing import Any, Callable
@@ -464,3 +465,44 @@ def test_an_oversized_non_copy_message_is_refused_before_it_is_read(bb_tar: str,
                                                rf"\(the limit is {MAX_MESSAGE}\)") as ei:
             basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, None)
     assert not ei.value.retryable
+
+
+# ---------------------------------------------------------------- psycopg only where needed (issue 22)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fresh_python(code: str) -> str:
+    """What `code` prints, run by a Python that has imported nothing of ours (pytest has psycopg)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def test_the_basebackup_and_the_driver_import_no_psycopg() -> None:
+    assert _fresh_python("import sys, compute.storage.basebackup, compute.lifecycle.driver, "
+                         "compute.lifecycle.lease_keeper; print('psycopg' in sys.modules)") == "False"
+
+
+@pytest.mark.parametrize("suffix,outcome", [
+    ("", "ok ssl_requested=False psycopg=False"),  # libpq through ctypes, the stream read by _WireCopy
+    ("?sslmode=require", "failed ssl_requested=True psycopg=True"),  # psycopg's path (the peer has no TLS)
+])
+def test_only_a_connection_string_asking_for_tls_needs_psycopg(bb_tar: str, pgdata: str, suffix: str,
+                                                                outcome: str) -> None:
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        code = f"""
+import sys
+from compute.storage.attempts import StorageError
+from compute.storage.basebackup import basebackup
+try:
+    n = basebackup({ps.connstr + suffix!r}, {TENANT!r}, {TIMELINE!r}, "0/0", {pgdata!r}, {TOKEN!r})
+    print("ok" if n == {os.path.getsize(bb_tar)} else n, end=" ")
+except StorageError as e:
+    print("failed" if e.retryable and "SSL was required" in str(e) else e, end=" ")
+print("psycopg=" + str("psycopg" in sys.modules))
+"""
+        said = _fresh_python(code).split()
+    sessions = [s for s in ps.sessions if s.startup or s.ssl_requested]
+    assert " ".join([said[0], f"ssl_requested={sessions[0].ssl_requested}", said[1]]) == outcome
+    if not suffix:
+        assert ps.last.password == TOKEN and ps.last.terminated
+        assert ps.last.startup.get("application_name") == "compute_ctl"

@@ -12,12 +12,14 @@ import sys
 from compute.tree import warmfork
 api_modules = ("falcon", "gunicorn.arbiter", "compute.api.app")
 warmfork.warm_early()
-assert "compute.lifecycle.driver" in sys.modules and "psycopg" in sys.modules
+assert "compute.lifecycle.driver" in sys.modules
+assert "psycopg" not in sys.modules, "the driver imports it as postgres boots (preload_psycopg), not at its start"
 assert not any(m in sys.modules for m in api_modules), "the early image is the driver's only"
 warmfork.warm_for("lifecycle")
 assert not any(m in sys.modules for m in api_modules), "the driver needs no more"
 warmfork.warm_for("api")
 assert all(m in sys.modules for m in api_modules) and "compute.programs.monitor" in sys.modules
+assert "psycopg" in sys.modules  # the whole image: a driver forked from it (the hand-over's) shares it
 print("ok")
 """
 

@@ -95,3 +95,75 @@ def test_progress_is_reported_about_once_a_second(scratch: str, pgdata: str) -> 
     assert total == os.path.getsize(path)
     assert calls and calls[-1][1] <= total
     assert all(b[0] - a[0] >= 0.99 and b[1] > a[1] for a, b in zip(calls, calls[1:]))
+
+
+# ---------------------------------------------------------------- the connection (issue 22)
+# A plain connection string connects through libpq via ctypes (compute/postgres/pqconnect.py);
+# one asking for TLS goes through psycopg. Same errors either way. Which path ran is visible to
+# a process that had not imported psycopg: tests/integration/test_basebackup.py.
+
+SECRET = "hunter2-not-to-be-shown"
+
+
+@pytest.mark.parametrize("connstr", [
+    f"host=127.0.0.1 password={SECRET} port",
+    f"host=127.0.0.1 passwrd={SECRET}",
+    f"host='127.0.0.1 password={SECRET}",
+    f"postgresql://u:{SECRET}@127.0.0.1:5432?nosuch={SECRET}",
+    SECRET,
+])
+def test_an_invalid_connection_string_is_refused_without_echoing_it(connstr: str, pgdata: str) -> None:
+    with pytest.raises(StorageError) as ei:
+        basebackup(connstr, TENANT, TIMELINE, "0/0", pgdata, "the-token")
+    assert str(ei.value) == "invalid pageserver connection string" and not ei.value.retryable
+
+
+@pytest.mark.parametrize("connstr", [
+    "host=h port=1 user=u password='a b\\'c' sslmode=require connect_timeout=7",
+    "postgresql://u:p%40ss@h:5/db?application_name=x&gssencmode=disable",
+    "postgresql://h1:1,h2:2/db",
+    "",
+])
+def test_pqconnect_reads_a_connection_string_as_psycopg_does(connstr: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+    from compute.postgres import pqconnect
+    lib = pqconnect.load()
+    assert lib is not None  # Debian's libpq5 comes with postgresql-15
+    assert lib.parse(connstr) == conninfo_to_dict(connstr)
+
+
+def test_a_wrong_token_fails_as_a_connection_failure_without_showing_it(scratch: str, pgdata: str) -> None:
+    """No SQLSTATE reaches us from a failed connect (psycopg's path neither): retryable, as before."""
+    data = build_tar([Member("PG_VERSION", b"15\n")])
+    with PageserverPeer(_serve_bytes(scratch, data), password="the-right-one") as ps:
+        with pytest.raises(StorageError, match=r'^basebackup: connection failed: .*password authentication '
+                                               r'failed for user "no_user"$') as ei:
+            basebackup(ps.connstr, TENANT, TIMELINE, "0/0", pgdata, SECRET)
+    assert ei.value.retryable and SECRET not in str(ei.value) and "the-right-one" not in str(ei.value)
+    assert ps.last.password == SECRET and not ps.last.queries and not ps.last.ssl_requested
+
+
+def test_a_listener_that_never_answers_times_out_connecting(pgdata: str) -> None:
+    """The TCP connect succeeds (the kernel's backlog), the startup message is never answered."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        with pytest.raises(StorageError, match=r"^basebackup: no progress from the pageserver for 2 s "
+                                               r"\(connecting\)$") as ei:
+            basebackup(f"postgresql://no_user@127.0.0.1:{port}", TENANT, TIMELINE, "0/0", pgdata, None, timeout=2)
+    assert ei.value.retryable
+
+
+@pytest.mark.parametrize("suffix,ssl_requested", [("", False), ("?sslmode=disable", False),
+                                                  ("?sslmode=require", True), ("?sslmode=prefer", True)])
+def test_tls_only_when_the_connection_string_asks_for_it(scratch: str, pgdata: str, suffix: str,
+                                                         ssl_requested: bool) -> None:
+    """The peer refuses TLS: `require` fails, `prefer` goes on without; no SSLRequest otherwise."""
+    data = build_tar([Member("PG_VERSION", b"15\n")])
+    with PageserverPeer(_serve_bytes(scratch, data)) as ps:
+        try:
+            basebackup(ps.connstr + suffix, TENANT, TIMELINE, "0/0", pgdata, None)
+        except StorageError as e:
+            assert suffix == "?sslmode=require" and "server does not support SSL, but SSL was required" in str(e)
+            assert e.retryable
+        assert [(s.ssl_requested, s.gssenc_requested) for s in ps.sessions] == [(ssl_requested, False)]
