@@ -119,9 +119,10 @@ class StartupError(Exception):
 def describe(e: Exception) -> str:
     """Our own errors say what went wrong in one line; anything else also says what it is."""
     from compute.storage.control_plane import ControlPlaneError
-    from compute.reconcile import ReconcileError
-    if isinstance(e, (StartupError, attempts.StorageError, SpecError, StoredSpecError, ReconcileError,
-                      ControlPlaneError, replica.ReplicaError)):
+    # Not imported (or still being imported by preload_psycopg's thread): e is none of its errors.
+    reconcile_error = getattr(sys.modules.get("compute.reconcile.errors"), "ReconcileError", None)
+    if isinstance(e, (StartupError, attempts.StorageError, SpecError, StoredSpecError, ControlPlaneError,
+                      replica.ReplicaError) + ((reconcile_error,) if reconcile_error else ())):
         return str(e)
     return f"{type(e).__name__}: {e}"
 
@@ -142,37 +143,49 @@ def psycopg_module():
     return psycopg
 
 
-@contextlib.contextmanager
-def preload_psycopg() -> Iterator[None]:
-    """psycopg imported by a thread while the body (this thread) only waits: initdb (the
-    embedded default), or supervisord's answer to startProcess("postgres"), which comes once
-    it has warmed the api's image (it handles one request at a time). The driver's modules
-    leave psycopg out (~110-140 ms of CPU: its first storage steps need none of it, the
-    basebackup connects through libpq itself), but the SQL once postgres is up does. Not
-    beside the sync and the basebackup: the sync ends first (the basebackup would wait for the
-    import), and preparing PGDATA may read a connection string with psycopg. Joined on leaving,
-    whatever happened: this thread must not import psycopg's modules while that one does (each
-    could see the other's half initialised), and the body imports none. Nothing to do in a
-    driver forked from compute-ctl's whole warm image (psycopg imported already). A failure is
-    logged in one line; the SQL's own `import psycopg` raises it again."""
-    if "psycopg" in sys.modules:
-        yield
-        return
+def reconcile_module():
+    """compute.reconcile (it imports psycopg.sql & co.), under the same one-thread-at-a-time rule."""
+    with _psycopg_import:
+        import psycopg  # noqa: F401 - first, whole: the reconciler's modules import its submodules
+        import compute.reconcile
+    return compute.reconcile
+
+
+def preload_psycopg() -> threading.Thread | None:
+    """Start importing psycopg and the reconciler (~80-140 ms of CPU) in a thread, to run while
+    this thread waits (initdb; postgres' boot); None when they are imported already (a driver
+    forked from compute-ctl's whole warm image). The driver's modules leave psycopg out: its
+    first storage steps need none of it (the basebackup connects through libpq itself), the
+    SQL once postgres is up does. Not beside the sync and the basebackup: the sync ends first
+    (the basebackup would wait for the import), and preparing PGDATA may read a connection
+    string with psycopg. Every import of psycopg's modules from here on goes through
+    psycopg_module() / reconcile_module(): whoever comes second waits for the first. A failure
+    is logged in one line; the SQL's own import raises it again."""
+    if "compute.reconcile" in sys.modules:
+        return None
 
     def load() -> None:
         # Signals go to the main thread only (one delivered here would not interrupt its waits).
         signal.pthread_sigmask(signal.SIG_BLOCK, WAKE_SIGNALS)
         try:
-            psycopg_module()
+            reconcile_module()
         except Exception as e:  # noqa: BLE001 - raised again by the import that needs it
             log.warning("importing psycopg ahead of its use failed: %s: %s", type(e).__name__, e)
 
     loader = threading.Thread(target=load, name="preload-psycopg", daemon=True)
     loader.start()
+    return loader
+
+
+@contextlib.contextmanager
+def psycopg_preloaded_beside() -> Iterator[None]:
+    """preload_psycopg() while the body (this thread) only waits, joined on leaving."""
+    loader = preload_psycopg()
     try:
         yield
     finally:
-        loader.join()
+        if loader is not None:
+            loader.join()
 
 
 def postmaster_status(pgdata: str) -> str | None:
@@ -529,7 +542,7 @@ class Driver:
             pwfile = os.path.join(self.runtime_dir, "initdb.pw")
             localauth.write_secret(pwfile, password + "\n")
         try:
-            with preload_psycopg():
+            with psycopg_preloaded_beside():
                 initdb.initdb_default(self.settings.pgbin_dir, self.pgdata, self.superuser, pwfile=pwfile,
                                       started=early.started if early else None)
         finally:
@@ -546,8 +559,10 @@ class Driver:
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
         supervisor = self.supervisor()  # its modules imported before psycopg's start beside it
-        with preload_psycopg():
-            supervisor.startProcess("postgres", False)
+        # psycopg and the reconciler are imported while supervisord spawns postgres and postgres
+        # boots (wait_ready polls a file); apply() waits for the import if it is not done.
+        preload_psycopg()
+        supervisor.startProcess("postgres", False)
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
@@ -615,7 +630,8 @@ class Driver:
             if at_start:
                 self.check_superuser_session(spec)
             return
-        from compute.reconcile import ApplyError, apply_spec
+        reconcile = reconcile_module()  # waits for preload_psycopg's import, if it runs
+        ApplyError, apply_spec = reconcile.ApplyError, reconcile.apply_spec
 
         def attempt() -> None:
             apply_spec(self.settings.connstr, spec, superuser=self.superuser,
@@ -696,7 +712,7 @@ class Driver:
         already has, and our own apply would wait behind it, or collide with it."""
         psycopg = psycopg_module()
         # The apply's modules (compute.reconcile) are imported when it runs, not at the start.
-        from compute.reconcile.connections import APPLICATION_NAME as APPLY_APPLICATION_NAME
+        APPLY_APPLICATION_NAME = reconcile_module().connections.APPLICATION_NAME
         name = conninfo_to_dict(self.settings.connstr).get("application_name") or APPLY_APPLICATION_NAME
         try:
             with psycopg.connect(**local_sslmode(conninfo_to_dict(self.settings.connstr)), autocommit=True,
