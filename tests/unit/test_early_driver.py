@@ -101,7 +101,7 @@ def test_the_state_files_variables_reach_the_early_drivers_environment(monkeypat
     os.write(w, b"COMPUTE_STATE_FILE_ID=64768:1234\n")
     os.close(w)
     monkeypatch.setattr(forkinfo, "state_ready_fd", r)
-    monkeypatch.delenv("COMPUTE_STATE_FILE_ID", raising=False)
+    monkeypatch.setenv("COMPUTE_STATE_FILE_ID", "")  # restored (absent) after the test
     forkinfo.wait_for_state_file()
     assert os.environ["COMPUTE_STATE_FILE_ID"] == "64768:1234"
     assert forkinfo.state_ready_fd is None
