@@ -28,7 +28,8 @@ from enum import Enum
 from typing import Any, Iterable
 
 # The file's name and the variables naming it (compute-ctl needs them before sqlite3): theirs.
-from compute.shared.state_names import RUNTIME_DIR_ENV, STATE_FILE, STATE_ID_ENV, state_path  # noqa: F401
+from compute.shared.state_names import (RUNTIME_DIR_ENV, STATE_FILE, STATE_ID_ENV,  # noqa: F401
+                                        runtime_dir_from_env, state_path)
 
 
 class Status(str, Enum):
@@ -389,15 +390,6 @@ class StateStore:
 
     def integrity_ok(self) -> bool:
         return self._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
-
-def runtime_dir_from_env(environ=None, *, required: bool = True) -> str | None:
-    """The runtime dir compute-ctl gave this program; the one place the variable is read.
-    `required`: a RuntimeError naming it when it is not set (else None)."""
-    value = (os.environ if environ is None else environ).get(RUNTIME_DIR_ENV) or None
-    if value is None and required:
-        raise RuntimeError(f"{RUNTIME_DIR_ENV} is not set")
-    return value
 
 
 def now() -> float:
