@@ -747,7 +747,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     try:
         import sqlite3
         try:
-            state_id = write_tree_files(runtime_dir, conf, jwks_path, jwks_to_write, responder, {
+            state_id = create_state_file(runtime_dir, {
                 # last_active starts at the start (as the original): a compute nobody ever connects
                 # to must still look idle since then, not "never", to be suspended. `started` and
                 # the spec's tenant/timeline are what the early responder has answered so far.
@@ -755,14 +755,16 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
                 "last_active": started, "spec": spec_doc, "spec_generation": 1 if spec_doc else 0,
                 "metrics": {}, **identity,
             })
+            env[STATE_ID_ENV] = state_id
+            early_driver.state_file_ready({STATE_ID_ENV: state_id})  # the driver may read it now
+            mark("compute-ctl: state file ready")
+            write_tree_files(runtime_dir, conf, jwks_path, jwks_to_write, responder)
         except (OSError, ValueError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
             print(f"compute-ctl: {e}", file=sys.stderr)
             return 1
-        env[STATE_ID_ENV] = state_id
-        early_driver.state_file_ready({STATE_ID_ENV: state_id})  # the driver may read it now
         responder.jwks_known(bool(settings.jwks_path))
         responder.state_ready(state_path(runtime_dir))
-        mark("compute-ctl: state file ready")
+        mark("compute-ctl: tree files written")
         early_driver.wait_request_started()
         gc.enable()  # off since our first import (top of this module)
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
@@ -773,13 +775,20 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             stop_descendants(pgdata)  # what it left (initdb's bootstrap postgres, reparented to us)
 
 
-def write_tree_files(runtime_dir: str, conf: str, jwks_path: str | None, jwks_to_write: dict | None,
-                     responder: EarlyResponder, initial_state: dict) -> str:
-    """As the compute user, after the driver's fork (none of it is the storage request's): the
-    JWKS compute-ctl writes (0600, before the api starts), the hand-over socket, supervisord.conf
-    (0600: it may carry the storage token), then the state file, last (it must exist only once
-    everything it points at does). Returns the state file's identity (STATE_ID_ENV)."""
+def create_state_file(runtime_dir: str, initial_state: dict) -> str:
+    """As the compute user, after the driver's fork (its storage request does not need it, the
+    driver proper does: it waits for its identity, which this returns, STATE_ID_ENV)."""
     from compute.shared.state import StateStore, state_path
+    store = StateStore.create(state_path(runtime_dir), initial_state)
+    store.close()
+    return store.identity
+
+
+def write_tree_files(runtime_dir: str, conf: str, jwks_path: str | None, jwks_to_write: dict | None,
+                     responder: EarlyResponder) -> None:
+    """As the compute user, after the driver's fork and the state file (none of it is the
+    driver's): the JWKS compute-ctl writes (0600, before the api starts), the hand-over socket,
+    supervisord.conf (0600: it may carry the storage token)."""
     from compute.tree.supervisord_conf import CONF_NAME
     if jwks_to_write is not None:
         from compute.shared.jwks_file import write_jwks
@@ -791,9 +800,6 @@ def write_tree_files(runtime_dir: str, conf: str, jwks_path: str | None, jwks_to
             f.write(conf)
     finally:
         os.umask(old)
-    store = StateStore.create(state_path(runtime_dir), initial_state)
-    store.close()
-    return store.identity
 
 
 def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
