@@ -17,8 +17,6 @@ early_ready_fd: int | None = None
 # storage request does not need it) and then writes the variables that come with it, once, and
 # closes the pipe (compute/tree/early_driver.py state_file_ready). Read by wait_for_state_file.
 state_ready_fd: int | None = None
-# Written on early_ready_fd by a driver that waits for the state file before its request.
-WAITING_FOR_STATE_FILE = b"w"
 
 
 def wait_for_state_file() -> None:
@@ -31,11 +29,6 @@ def wait_for_state_file() -> None:
     fd, state_ready_fd = state_ready_fd, None
     if fd is None:
         return
-    if early_ready_fd is not None:  # before the storage request: compute-ctl must not wait for it first
-        try:
-            os.write(early_ready_fd, WAITING_FOR_STATE_FILE)
-        except OSError:
-            pass
     data = b""
     try:
         while chunk := os.read(fd, 4096):

@@ -745,7 +745,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
         log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
     try:
-        early_driver.wait_before_state_file()
         import sqlite3
         try:
             state_id = create_state_file(runtime_dir, {

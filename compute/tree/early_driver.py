@@ -9,12 +9,11 @@ touched before the last check), compute-ctl forks the driver at once, as supervi
 fork it: its own process group, stdin and stdout+stderr on pipes, every other fd closed,
 supervisord's environment for the program (`program_environment`), comm `lifecycle`. The
 driver starts the storage request before it imports anything heavy (compute/lifecycle/early.py)
-and says so on a pipe; compute-ctl waits for that (at most READY_WAIT, `wait_before_state_file`),
-then creates the state file, sends the driver the file's identity on another pipe
-(`state_file_ready`: the driver reads the state file only after that, compute/base/forkinfo.py
-wait_for_state_file), writes supervisord.conf and becomes supervisord while the request runs.
-A driver that must read the state file before its request says so on the first pipe instead:
-compute-ctl then makes the file at once, and waits for the request after (`wait_request_started`). At its first spawn of `lifecycle`
+and says so on a pipe. Meanwhile compute-ctl writes supervisord.conf and creates the state
+file, and sends the driver the file's identity on another pipe (`state_file_ready`: the driver
+reads the state file only after that, compute/base/forkinfo.py wait_for_state_file); then it
+waits for the request's start (at most READY_WAIT, `wait_request_started`) and becomes
+supervisord while the request runs. At its first spawn of `lifecycle`
 supervisord takes this process over instead of forking one (`adopt`): the pipes become the
 program's dispatchers, the pid its pid, and from there on it is the program like any other
 (stopped as a group, restarted when it exits, its lines relayed).
@@ -175,49 +174,19 @@ def state_file_ready(environ: dict[str, str]) -> None:
         os.close(fd)
 
 
-def _wait_ready(early: EarlyDriver) -> bytes:
-    """The driver's next word on the ready pipe (at most READY_WAIT): b"." its storage request
-    is started, forkinfo.WAITING_FOR_STATE_FILE it waits for the state file first; b"" none."""
-    ready, _, _ = select.select([early.ready], [], [], READY_WAIT)
-    if not ready:
-        return b""
-    try:
-        return os.read(early.ready, 1)
-    except OSError:
-        return b""
-
-
-def _close_ready(early: EarlyDriver) -> None:
-    fd, early.ready = early.ready, None
-    if fd is not None:
-        os.close(fd)
-
-
-def wait_before_state_file() -> None:
-    """Right after the fork: until the driver's storage request is started, or the driver says it
-    waits for the state file before it (at most READY_WAIT; the responder thread answers
-    meanwhile). The state file is made after that, not while the request starts: on a busy
-    machine the two compete for the CPU."""
-    early = _pending
-    if early is None or early.ready is None:
-        return
-    if _wait_ready(early) != forkinfo.WAITING_FOR_STATE_FILE:
-        _close_ready(early)  # started (or silent): nothing more to wait for
-
-
 def wait_request_started() -> None:
-    """Once the state file is there: until the driver's storage request is started, if it was
-    not yet (at most READY_WAIT), then supervisor's imports and the warm image, which would
-    otherwise take the CPU the request needs (on a busy machine, the request came 150-250 ms
-    after the fork instead of 30-50)."""
+    """Until the driver says its storage request is started (at most READY_WAIT): then
+    supervisor's imports and the warm image, which would otherwise take the CPU the request
+    needs (on a busy machine, the request came 150-250 ms after the fork instead of 30-50)."""
     early = _pending
     if early is None:
         return  # no early driver (its fork failed): supervisord forks it from the warm image
     if early.ready is not None:
-        try:
-            _wait_ready(early)
+        fd, early.ready = early.ready, None
+        try:  # bounded; the responder thread answers meanwhile
+            select.select([fd], [], [], READY_WAIT)
         finally:
-            _close_ready(early)
+            os.close(fd)
     from compute.tree.warmfork import defer_driver_modules
     defer_driver_modules()
 
