@@ -31,7 +31,7 @@ token selects among keys that carry one.
 
 `decide()` is the whole decision, pure (the JWKS, the time and the peer are arguments); the
 falcon middleware (compute/api/auth.py) only gathers its inputs and turns a refusal into the
-answer. No falcon here: compute-ctl's early responder uses the route table before any heavy import.
+answer. No falcon here; the route table itself is compute/api/route_policy.py (the early responder's).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+# The route table (the early responder imports it alone): re-exported from here.
+from compute.api.route_policy import (GUARDED, OPEN, OPEN_ROUTES, READ, READ_ROUTES,  # noqa: F401
+                                      answerable_without_credentials, route_policy)
 
 
 def _jwt():
@@ -62,9 +65,6 @@ def _jwt():
 
 log = logging.getLogger("compute.api.access")
 
-OPEN, READ, GUARDED = "open", "read", "guarded"
-OPEN_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
-READ_ROUTES = frozenset({"/status", "/metrics.json", "/info", "/openapi.yaml"})
 
 COMPUTE_AUDIENCE = "compute"  # HEAD's libs/compute_api/src/requests.rs
 ADMIN_SCOPE = "compute_ctl:admin"
@@ -80,22 +80,6 @@ LOOPBACK_ONLY = ("this route answers only clients on this machine (loopback) whe
                  "(--jwks or compute_ctl_config.jwks)")
 
 _ALG_FOR_KTY = {"OKP": "EdDSA", "RSA": "RS256"}
-
-
-def route_policy(route: str) -> str:
-    """OPEN, READ or GUARDED (module docstring); unknown routes are GUARDED: fail closed."""
-    if route in OPEN_ROUTES:
-        return OPEN
-    if route in READ_ROUTES:
-        return READ
-    return GUARDED
-
-
-def answerable_without_credentials(route: str, jwks_configured: bool | None) -> bool:
-    """Whether anyone may get `route` with no token, whatever the peer: what compute-ctl's early
-    responder may answer itself (`jwks_configured` None: not known yet, so only OPEN)."""
-    policy = route_policy(route)
-    return policy == OPEN or (policy == READ and jwks_configured is False)
 
 
 def is_loopback(peer: str | None) -> bool:

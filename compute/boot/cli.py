@@ -36,12 +36,12 @@ if is_the_program(sys.argv):
     gc.disable()
 
 import argparse
+import functools
 import ipaddress
 import logging
 import os
 import re
 import time
-import urllib.parse
 
 from compute import __version__
 from compute.api.handover import handover_path
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a Postgres compute node from a spec, as a supervisord-managed process\n"
                     "tree (Neon compute_ctl compatible). Exits with postgres' exit code.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's list keeps its lines
+        # argparse makes a formatter at every add_argument (to check nargs); without a width each
+        # looks the terminal up, importing shutil (bz2, lzma: ~2 ms of the start, issue 22).
+        formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter, width=80),
     )
     p.add_argument("-D", "--pgdata", required=True, help="data directory; emptied at every start")
     p.add_argument("-C", "--connstr", required=True,
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     ignored.add_argument("--lakebase-mode", type=_clap_bool, default=IGNORED_UNSET, metavar="true|false")
     for flag in ("--dev", "--resize-swap-on-bind"):
         ignored.add_argument(flag, action="store_const", const=True, default=IGNORED_UNSET)
+    # Help, usage and errors: the terminal's width, looked up only when one is printed.
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's list keeps its lines
     return p
 
 
@@ -256,6 +260,7 @@ def _privileged_role_name(text: str) -> str:
 
 def _remote_ext_base_url(text: str) -> str:
     """As HEAD: trailing slashes normalised to one; an absolute URL without a query string."""
+    import urllib.parse  # here: only this ignored flag needs it before the fork (issue 22)
     value = text.rstrip("/") + "/"
     parsed = urllib.parse.urlsplit(value)
     if not parsed.scheme or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parsed.scheme) or any(
@@ -578,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_ports(parser, args)
     check_conflicts(parser, args)
     setup_bootstrap_logging(args.log_format)
+    mark("compute-ctl: flags parsed")
     try:
         validate_flags(args)
         # Bound now, as root (a port < 1024 works) and before anything is touched; held until
@@ -635,12 +641,13 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     from compute.model.environ import SECRET_VARS, program_secrets, supervisord_environment
     from compute.base.procutil import become_subreaper, scrub_initial_environment
     from compute.model.spec import SpecError
-    import sqlite3
-    from compute.shared.state import RUNTIME_DIR_ENV, STATE_ID_ENV, StateStore, state_path
-    from compute.tree.supervisord_conf import CONF_NAME, render_supervisord_conf
+    from compute.shared.state_names import RUNTIME_DIR_ENV, STATE_ID_ENV, state_path
+    from compute.tree.supervisord_conf import render_supervisord_conf
     from compute.boot.users import effective_user
+    mark("compute-ctl: bootstrap imported")
     try:
         spec_doc, spec, superuser, ctl_config = validate(args)
+        mark("compute-ctl: spec validated")
         identity = spec_identity(spec)
         responder.known(**identity)
         pgbin = resolve_pgbin(args.pgbin)
@@ -650,6 +657,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             raise UsageError("--runtime-dir and --pgdata must not contain each other (PGDATA is wiped)")
         user = effective_user(args.user)
         check_dirs(runtime_dir, pgdata, user)
+        mark("compute-ctl: paths, user validated")
     except (UsageError, SpecError, ValueError) as e:  # ConfigError is a ValueError
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
@@ -692,14 +700,13 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         if args.jwks:  # the operator's file (not -c's or the pull answer's), read as the api will
             check_jwks(settings.jwks_path, user)
         prepare_runtime_files(runtime_dir)
-        if jwks_to_write is not None:  # as the user: 0600, ours, before any program starts
-            from compute.shared.jwks_file import write_jwks
-            write_jwks(jwks_path, jwks_to_write)
-        responder.offer_handover(handover_path(runtime_dir))  # as the user: 0600, ours
+        mark("compute-ctl: dirs prepared, root dropped")
         if not os.access(sys.executable, os.X_OK):
             raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
                              "compute-supervisor where that user can read it (scripts/install.sh)")
         informant_connstr = f"dbname=postgres user={superuser} sslmode=disable"
+        # Rendered before the fork: it refuses a token that cannot be passed in a program's
+        # environment (an exit 1 before anything starts), and the driver's environment is its.
         conf = render_supervisord_conf(
             runtime_dir=runtime_dir, pgdata=pgdata, pgbin=pgbin, python=sys.executable,
             auth_token=spec.storage_auth_token if spec else None, vm_informant=vm_informant,
@@ -707,24 +714,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             postgres_exporter=settings.postgres_exporter, postgres_exporter_port=args.postgres_exporter_port,
             exporter_dsn=_exporter_dsn(args.connstr) if args.postgres_exporter else "",
             program_env=program_secrets(os.environ, spec.storage_auth_token if spec else None))
-        old = os.umask(0o077)  # the conf may carry the storage token
-        try:
-            with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:
-                f.write(conf)
-        finally:
-            os.umask(old)
-        store = StateStore.create(state_path(runtime_dir), {
-            # last_active starts at the start (as the original): a compute nobody ever connects
-            # to must still look idle since then, not "never", to be suspended. `started` and
-            # the spec's tenant/timeline are what the early responder has answered so far.
-            "launch": settings.to_json(), "status": "init", "error": None, "start_time": started, "last_active": started,
-            "spec": spec_doc, "spec_generation": 1 if spec_doc else 0, "metrics": {}, **identity,
-        })
-        state_id = store.identity
-        store.close()
-        responder.jwks_known(bool(settings.jwks_path))
-        responder.state_ready(state_path(runtime_dir))
-    except (OSError, UsageError, ValueError, sqlite3.Error) as e:
+    except (OSError, UsageError, ValueError) as e:
         print(f"compute-ctl: {e}", file=sys.stderr)
         return 1
 
@@ -734,31 +724,82 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     # this process until every program has stopped. PYTHONSAFEPATH: `python -m` must not
     # import from the working directory (a `compute/` or `gunicorn.py` there would shadow the
     # installed package in every program). No secrets: each goes only to the program that
-    # needs it (compute/model/environ.py, the conf's per-program environment).
+    # needs it (compute/model/environ.py, the conf's per-program environment). The state
+    # file's identity (STATE_ID_ENV) is added once the file exists, after the driver's fork.
     env = {**supervisord_environment(os.environ), RUNTIME_DIR_ENV: runtime_dir, "PYTHONSAFEPATH": "1",
-           API_FD_ENV: str(api_sock.fileno()), STATE_ID_ENV: state_id,
+           API_FD_ENV: str(api_sock.fileno()),
            **({INTERNAL_FD_ENV: str(internal_sock.fileno())} if internal_sock is not None else {})}
-    # The lifecycle driver now, not after supervisord's warm-up: it starts the storage request
-    # while we become supervisord, which adopts it (compute/tree/early_driver.py).
+    # The lifecycle driver now, not after supervisord's warm-up, nor after the state file: it
+    # starts the storage request (which needs the validated spec and settings, PGDATA, the
+    # runtime dir and no root) while we write the conf and the state file and become
+    # supervisord, which adopts it (compute/tree/early_driver.py).
     from compute.base.procutil import SUPERVISORD_PID_ENV
     from compute.shared.supervisor_rpc import socket_path
     from compute.tree import early_driver
     early_driver.hold_stop_signals()
     from compute.base import forkinfo
-    forkinfo.bootstrap_objects = (settings, spec)  # what the state file was just created with
+    forkinfo.bootstrap_objects = (settings, spec)  # what the state file is created with, next
     try:
         early_driver.fork_driver(early_driver.program_environment(
             {**env, SUPERVISORD_PID_ENV: str(os.getpid())}, conf, f"unix://{socket_path(runtime_dir)}"), sys.executable)
     except OSError as e:  # no process or fd to spare now: supervisord forks it, as it would retry
         log.warning("could not fork the lifecycle driver early (%s): supervisord starts it", e)
-    gc.enable()  # off since our first import (top of this module)
     try:
+        import sqlite3
+        try:
+            state_id = create_state_file(runtime_dir, {
+                # last_active starts at the start (as the original): a compute nobody ever connects
+                # to must still look idle since then, not "never", to be suspended. `started` and
+                # the spec's tenant/timeline are what the early responder has answered so far.
+                "launch": settings.to_json(), "status": "init", "error": None, "start_time": started,
+                "last_active": started, "spec": spec_doc, "spec_generation": 1 if spec_doc else 0,
+                "metrics": {}, **identity,
+            })
+            env[STATE_ID_ENV] = state_id
+            early_driver.state_file_ready({STATE_ID_ENV: state_id})  # the driver may read it now
+            mark("compute-ctl: state file ready")
+            write_tree_files(runtime_dir, conf, jwks_path, jwks_to_write, responder)
+        except (OSError, ValueError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
+            print(f"compute-ctl: {e}", file=sys.stderr)
+            return 1
+        responder.jwks_known(bool(settings.jwks_path))
+        responder.state_ready(state_path(runtime_dir))
+        mark("compute-ctl: tree files written")
+        early_driver.wait_request_started()
+        gc.enable()  # off since our first import (top of this module)
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
                                   internal_sock)
     finally:
         if early_driver.stop_unadopted():  # supervisord never took it over: a failed bootstrap
             from compute.tree.reaper import stop_descendants
             stop_descendants(pgdata)  # what it left (initdb's bootstrap postgres, reparented to us)
+
+
+def create_state_file(runtime_dir: str, initial_state: dict) -> str:
+    """As the compute user, after the driver's fork (its storage request does not need it, the
+    driver proper does: it waits for its identity, which this returns, STATE_ID_ENV)."""
+    from compute.shared.state import StateStore, state_path
+    store = StateStore.create(state_path(runtime_dir), initial_state)
+    store.close()
+    return store.identity
+
+
+def write_tree_files(runtime_dir: str, conf: str, jwks_path: str | None, jwks_to_write: dict | None,
+                     responder: EarlyResponder) -> None:
+    """As the compute user, after the driver's fork and the state file (none of it is the
+    driver's): the JWKS compute-ctl writes (0600, before the api starts), the hand-over socket,
+    supervisord.conf (0600: it may carry the storage token)."""
+    from compute.tree.supervisord_conf import CONF_NAME
+    if jwks_to_write is not None:
+        from compute.shared.jwks_file import write_jwks
+        write_jwks(jwks_path, jwks_to_write)
+    responder.offer_handover(handover_path(runtime_dir))
+    old = os.umask(0o077)
+    try:
+        with open(os.path.join(runtime_dir, CONF_NAME), "w") as f:
+            f.write(conf)
+    finally:
+        os.umask(old)
 
 
 def become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,

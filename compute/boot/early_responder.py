@@ -11,7 +11,7 @@ the bind and before any heavy import; it answers:
   (compute/api/bodies.py), with `Connection: close`. Before the state file exists, from what
   compute-ctl knows (status `init`, its start time, the spec's tenant and timeline once
   validated: what the state file is then created with); after, from the state file.
-  Only what the api would give anyone without a token (compute/api/access.py
+  Only what the api would give anyone without a token (compute/api/route_policy.py
   answerable_without_credentials): with a JWKS, or while compute-ctl does not know yet whether
   it has one, that is /healthz alone; /status & co. are then held for the api, which checks the
   token. It never verifies a token itself.
@@ -44,14 +44,16 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compute.api import bodies
-from compute.api.access import answerable_without_credentials
+from compute.api.route_policy import answerable_without_credentials
 from compute.api.fastpath import MAX_HEAD, plain_get
 from compute.api.handover import MAX_HELD, listen, read_hello, send_held
-from compute.shared.state import StateStore, bound_busy_wait
 from compute.base.trace import mark
+
+if TYPE_CHECKING:
+    from compute.shared.state import StateStore
 
 log = logging.getLogger("compute.boot.cli")
 
@@ -192,7 +194,6 @@ class EarlyResponder:
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
-        bound_busy_wait(STATE_BUSY_TIMEOUT_MS)
         try:
             while not self._stopping:
                 try:
@@ -296,6 +297,10 @@ class EarlyResponder:
         with _state_lock:
             try:
                 if not _open_connections:  # first answer, or a fork closed it: a fresh handle
+                    # Imported here, not at the start: sqlite3 is not on compute-ctl's path to
+                    # the driver's fork (the state file is created after it, issue 22).
+                    from compute.shared.state import StateStore, bound_busy_wait
+                    bound_busy_wait(STATE_BUSY_TIMEOUT_MS)  # this thread's connections
                     self._store = StateStore(path)
                     _open_connections.append(self._store.connection())
                 if route == b"/status":

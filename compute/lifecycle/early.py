@@ -122,6 +122,7 @@ def main() -> None:
     die_with_parent()
     early = None
     if forkinfo.forked_early:  # the first start's driver, forked before supervisord runs
+        forkinfo.wait_for_state_file()  # compute-ctl creates it after our fork
         from compute.shared.state import runtime_dir_from_env
         try:
             early = start_early(runtime_dir_from_env())

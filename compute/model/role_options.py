@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 # keyword -> (attribute in the catalog snapshot, value it sets)
 FLAGS: dict[str, tuple[str, bool]] = {
@@ -153,6 +152,7 @@ def _valid_until(value: str | None) -> RoleAttr:
         text = text[:-2] + ":" + text[-2:]
     elif re.search(r"[ T][0-9:.]+[+-][0-9]{2}\Z", text):  # +HH -> +HH:00
         text += ":00"
+    from datetime import datetime, timezone  # here: a VALID UNTIL is rare, compute-ctl's start needs none (issue 22)
     try:
         ts = datetime.fromisoformat(text)
     except ValueError:

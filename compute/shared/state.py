@@ -27,6 +27,10 @@ import urllib.parse
 from enum import Enum
 from typing import Any, Iterable
 
+# The file's name and the variables naming it (compute-ctl needs them before sqlite3): theirs.
+from compute.shared.state_names import (RUNTIME_DIR_ENV, STATE_FILE, STATE_ID_ENV,  # noqa: F401
+                                        runtime_dir_from_env, state_path)
+
 
 class Status(str, Enum):
     """The compute's status as /status reports it (Neon's ComputeStatus, snake_case)."""
@@ -106,11 +110,6 @@ def check_transition(current: Any, new: Any) -> Status:
         raise IllegalTransition(f"status {source.value} cannot become {target.value}")
     return target
 
-STATE_FILE = "state.db"
-# The state file compute-ctl created, as `st_dev:st_ino`: compute-ctl puts it in the environment
-# supervisord and every program inherit. A store opens only that file (never creates one), and
-# a file that is gone, replaced or truncated is StateFileLost, never silently a new database.
-STATE_ID_ENV = "COMPUTE_STATE_FILE_ID"
 # The smallest state file there can be: SQLite's 100-byte header (WAL mode is written into it
 # when compute-ctl creates the file).
 MIN_STATE_FILE_BYTES = 100
@@ -391,24 +390,6 @@ class StateStore:
 
     def integrity_ok(self) -> bool:
         return self._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
-
-def state_path(runtime_dir: str) -> str:
-    return os.path.join(runtime_dir, STATE_FILE)
-
-
-# compute-ctl hands the runtime dir (where the state file is) to supervisord and every program
-# in this one variable; everything else a program needs is in the state file (`launch`).
-RUNTIME_DIR_ENV = "COMPUTE_RUNTIME_DIR"
-
-
-def runtime_dir_from_env(environ=None, *, required: bool = True) -> str | None:
-    """The runtime dir compute-ctl gave this program; the one place the variable is read.
-    `required`: a RuntimeError naming it when it is not set (else None)."""
-    value = (os.environ if environ is None else environ).get(RUNTIME_DIR_ENV) or None
-    if value is None and required:
-        raise RuntimeError(f"{RUNTIME_DIR_ENV} is not set")
-    return value
 
 
 def now() -> float:

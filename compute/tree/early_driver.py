@@ -4,12 +4,15 @@ as its `lifecycle` program (issue 22: exec -> first storage request).
 Until now the driver was supervisord's first spawn, ~350 ms after exec on this VM: compute-ctl
 imported supervisor and the driver's modules, parsed supervisord.conf and entered the loop
 first. None of that is needed to start `postgres --sync-safekeepers` or initdb. So once
-everything is validated and the state file is written (the last step that may refuse the
-start: nothing is touched before it), compute-ctl forks the driver at once, as supervisord
-would fork it: its own process group, stdin and stdout+stderr on pipes, every other fd closed,
+everything is validated, the two directories are prepared and root is dropped (nothing is
+touched before the last check), compute-ctl forks the driver at once, as supervisord would
+fork it: its own process group, stdin and stdout+stderr on pipes, every other fd closed,
 supervisord's environment for the program (`program_environment`), comm `lifecycle`. The
 driver starts the storage request before it imports anything heavy (compute/lifecycle/early.py)
-and says so on a pipe; compute-ctl waits for that (at most READY_WAIT), then becomes
+and says so on a pipe. Meanwhile compute-ctl writes supervisord.conf and creates the state
+file, and sends the driver the file's identity on another pipe (`state_file_ready`: the driver
+reads the state file only after that, compute/base/forkinfo.py wait_for_state_file); then it
+waits for the request's start (at most READY_WAIT, `wait_request_started`) and becomes
 supervisord while the request runs. At its first spawn of `lifecycle`
 supervisord takes this process over instead of forking one (`adopt`): the pipes become the
 program's dispatchers, the pid its pid, and from there on it is the program like any other
@@ -18,8 +21,9 @@ program's dispatchers, the pid its pid, and from there on it is the program like
 One owner on every path: the driver is compute-ctl's child from the fork on, with a
 parent-death signal; a stop signal that reaches compute-ctl before supervisord's loop is kept
 (`hold_stop_signals`) and handed to supervisord as soon as it has its handlers, which then
-stops the adopted driver in order; a bootstrap that fails after the fork stops it
-(`stop_unadopted`) before exiting 1.
+stops the adopted driver in order; a bootstrap that fails after the fork (the state file
+cannot be created, supervisord refuses its conf) stops it (`stop_unadopted`) before exiting 1;
+the driver itself exits 1 when the pipe closes without the state file's word.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class EarlyDriver:
     pid: int
     stdin: int   # our end of its stdin pipe
     stdout: int  # our end of its stdout+stderr pipe
+    ready: int | None = None        # the pipe it writes once its storage request is started
+    state_ready: int | None = None  # the pipe we write once the state file exists (state_file_ready)
 
 
 _pending: EarlyDriver | None = None
@@ -142,12 +148,15 @@ def replay_held_signals() -> None:
 
 
 def fork_driver(env: dict[str, str], python: str) -> EarlyDriver:
-    """Fork the lifecycle driver now (module docstring); the child never returns."""
+    """Fork the lifecycle driver now (module docstring); the child never returns. The state
+    file need not exist yet: the driver waits for `state_file_ready` before it reads it
+    (compute/base/forkinfo.py wait_for_state_file), and starts its storage request meanwhile."""
     global _pending, _start_up_pid
     from compute.tree.warmfork import run_forked
     child_stdin, stdin = os.pipe()
     stdout, child_stdout = os.pipe()
     ready_r, ready_w = os.pipe()
+    state_r, state_w = os.pipe()
     for fd in (stdin, stdout):  # as supervisord's own pipes (supervisor.options.make_pipes)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NDELAY)
     pid = os.fork()
@@ -157,27 +166,62 @@ def fork_driver(env: dict[str, str], python: str) -> EarlyDriver:
             os.dup2(child_stdin, 0)
             os.dup2(child_stdout, 1)
             os.dup2(child_stdout, 2)
-            # the API socket, the responder's, our pipes' other ends; not the ready pipe
-            os.closerange(3, ready_w)
-            os.closerange(ready_w + 1, MAX_FD)
+            # the API socket, the responder's, our pipes' other ends; not the two the driver keeps
+            close_all_but((ready_w, state_r))
             forkinfo.forked_early = True
             forkinfo.early_ready_fd = ready_w
+            forkinfo.state_ready_fd = state_r
             run_forked(MODULE, [python, "-m", MODULE], env, entry=ENTRY)
         finally:
             os._exit(127)
     mark("compute-ctl: lifecycle forked early")
-    os.close(child_stdin)
-    os.close(child_stdout)
-    os.close(ready_w)
-    try:  # the request first: then supervisor's imports (bounded; the responder thread answers meanwhile)
-        select.select([ready_r], [], [], READY_WAIT)
-    finally:
-        os.close(ready_r)
-    from compute.tree.warmfork import defer_driver_modules
-    defer_driver_modules()
-    _pending = EarlyDriver(pid, stdin, stdout)
+    for fd in (child_stdin, child_stdout, ready_w, state_r):
+        os.close(fd)
+    _pending = EarlyDriver(pid, stdin, stdout, ready=ready_r, state_ready=state_w)
     _start_up_pid = pid
     return _pending
+
+
+def close_all_but(keep: tuple[int, ...], first: int = 3) -> None:
+    """Close every fd from `first` up (to MAX_FD) but those in `keep`."""
+    low = first
+    for fd in sorted(k for k in keep if k >= first):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAX_FD)
+
+
+def state_file_ready(environ: dict[str, str]) -> None:
+    """The state file exists: tell the early driver, with the variables that came with it (its
+    identity, compute/shared/state.py STATE_ID_ENV), which it adds to its environment. Nothing to
+    do without an early driver (its fork failed: supervisord forks it, with them)."""
+    early = _pending
+    if early is None or early.state_ready is None:
+        return
+    fd, early.state_ready = early.state_ready, None
+    try:
+        os.write(fd, "".join(f"{k}={v}\n" for k, v in environ.items()).encode())
+    except OSError:  # it is gone: supervisord reaps it and starts `lifecycle` again
+        pass
+    finally:
+        os.close(fd)
+
+
+def wait_request_started() -> None:
+    """Until the driver says its storage request is started (at most READY_WAIT): then
+    supervisor's imports and the warm image, which would otherwise take the CPU the request
+    needs (on a busy machine, the request came 150-250 ms after the fork instead of 30-50)."""
+    early = _pending
+    if early is None:
+        return  # no early driver (its fork failed): supervisord forks it from the warm image
+    if early.ready is not None:
+        fd, early.ready = early.ready, None
+        try:  # bounded; the responder thread answers meanwhile
+            select.select([fd], [], [], READY_WAIT)
+        finally:
+            os.close(fd)
+    from compute.tree.warmfork import defer_driver_modules
+    defer_driver_modules()
 
 
 def adopt(process) -> int:
@@ -230,6 +274,7 @@ def stop_unadopted(wait: float = 5.0) -> bool:
         else:
             continue
         break
-    for fd in (early.stdin, early.stdout):
-        os.close(fd)
+    for fd in (early.stdin, early.stdout, early.ready, early.state_ready):
+        if fd is not None:
+            os.close(fd)
     return True

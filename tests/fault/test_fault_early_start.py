@@ -8,6 +8,7 @@ then acted on: exit 0), and a bootstrap that fails after the fork (exit != 0, no
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import time
 
@@ -149,6 +150,39 @@ def test_a_bootstrap_that_fails_after_the_fork_leaves_nothing(bb_tar: str, path:
                 started = [e for e in events if e.startswith("lifecycle: storage request")]
                 print(f"\n{path}: the failed bootstrap stopped the driver {'after' if started else 'before'} "
                       "its storage request")  # a race with supervisord's parse: either way, nothing left
+                assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
+                assert_ports_free(c)
+            finally:
+                rec.stop()
+                rec.kill_survivors()
+
+
+@pytest.mark.parametrize("path", ["neon", "embedded"])
+def test_a_state_file_that_cannot_be_created_after_the_fork_leaves_nothing(bb_tar: str, path: str) -> None:
+    """compute-ctl creates the state file after the driver's fork (its storage request does not
+    need it, compute/boot/cli.py write_tree_files). A directory where the file goes: exit 1 with
+    the reason, the driver and whatever it started stopped, nothing left."""
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        c = gated_compute(ps.connstr)
+        if path == "embedded":
+            c.spec = c.new_spec()
+        pg = pwd.getpwnam("postgres")
+        blocker = os.path.join(c.runtime_dir, "state.db")
+        os.makedirs(os.path.join(blocker, "inside"))
+        for d in (c.runtime_dir, blocker, os.path.join(blocker, "inside")):
+            os.chown(d, pg.pw_uid, pg.pw_gid)
+            os.chmod(d, 0o700)
+        with c:
+            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
+            try:
+                code = c.wait_exit(60)
+                rec.stop()
+                assert code == 1, c.output()[-3000:]
+                assert "state.db" in c.output(), c.output()[-3000:]
+                events = [e for _, _, e in read(c.trace)]
+                assert "compute-ctl: lifecycle forked early" in events, events
+                assert "compute-ctl: state file ready" not in events, events
+                assert "supervisord: loop" not in events, events
                 assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
                 assert_ports_free(c)
             finally:

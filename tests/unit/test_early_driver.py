@@ -117,3 +117,39 @@ def test_the_forked_programs_wait_for_the_early_drivers_start_up(driver_running,
 def test_with_a_jwks_the_hold_ends_once_postgres_is_spawned(postgres_spawned, tokens_needed, over) -> None:
     assert early_driver.start_up_over(True, 0.2, postgres_spawned=postgres_spawned,
                                       tokens_needed=tokens_needed) is over
+
+
+def test_the_state_files_variables_reach_the_early_drivers_environment(monkeypatch) -> None:
+    """compute-ctl's side (state_file_ready, no early driver: nothing) and the driver's
+    (forkinfo.wait_for_state_file) of the pipe that says the state file exists."""
+    from compute.base import forkinfo
+    early_driver.state_file_ready({"COMPUTE_STATE_FILE_ID": "1:2"})  # no early driver: a no-op
+    r, w = os.pipe()
+    os.write(w, b"COMPUTE_STATE_FILE_ID=64768:1234\n")
+    os.close(w)
+    monkeypatch.setattr(forkinfo, "state_ready_fd", r)
+    monkeypatch.setenv("COMPUTE_STATE_FILE_ID", "")  # restored (absent) after the test
+    forkinfo.wait_for_state_file()
+    assert os.environ["COMPUTE_STATE_FILE_ID"] == "64768:1234"
+    assert forkinfo.state_ready_fd is None
+    forkinfo.wait_for_state_file()  # once only; any other driver: returns at once
+
+
+def test_a_pipe_closed_without_the_state_file_ends_the_early_driver(monkeypatch) -> None:
+    from compute.base import forkinfo
+    r, w = os.pipe()
+    os.close(w)  # compute-ctl's bootstrap failed after the fork (it stops the driver too)
+    monkeypatch.setattr(forkinfo, "state_ready_fd", r)
+    with pytest.raises(SystemExit) as exited:
+        forkinfo.wait_for_state_file()
+    assert exited.value.code == 1
+
+
+@pytest.mark.parametrize("text, want", [
+    ("", {}),
+    ("COMPUTE_STATE_FILE_ID=1:2\n", {"COMPUTE_STATE_FILE_ID": "1:2"}),
+    ("A=x=y\nB=\n", {"A": "x=y", "B": ""}),
+])
+def test_environment_lines(text, want) -> None:
+    from compute.base.forkinfo import parse_environment_lines
+    assert parse_environment_lines(text) == want
