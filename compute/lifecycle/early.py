@@ -4,11 +4,13 @@ imports the rest of itself (issue 22).
 The driver (compute/lifecycle/driver.py) imports the basebackup, the state, the steps: ~15 ms
 of CPU (psycopg, ~110-140 ms more, only as postgres boots: driver.preload_psycopg), none of
 which `postgres --sync-safekeepers` or `initdb` needs. So the
-lifecycle program's entry point is here: it reads the state file and plans as every driver
-does (steps.plan_run); when the plan's first storage request is a subprocess
+lifecycle program's entry point is here: it plans from what compute-ctl validated before
+forking it (forkinfo.bootstrap_objects: the state file, created by compute-ctl after the fork,
+holds just that); when the plan's first storage request is a subprocess
 (steps.early_request, pure), it empties PGDATA and starts it (its postgresql.conf first, for
 the sync), then imports the driver, which finishes that request as its first attempt
-(Driver.prepare_data): the imports run while the request does. It is the same process, the
+(Driver.prepare_data): the imports run while the request does, and so does compute-ctl's
+creation of the state file, waited for before the driver proper reads it. It is the same process, the
 lifecycle driver: the one program that changes postgres or storage. A driver killed here
 leaves nothing: the subprocess gets SIGKILL with it (its parent-death signal), and the next
 driver plans from the state file, which this part never writes.
@@ -58,26 +60,18 @@ def empty_directory(path: str) -> None:
 
 def start_early(runtime_dir: str) -> EarlyStart | None:
     """The plan's first storage request, started; None when there is none to start early."""
-    from compute.model import launch, modes
-    from compute.model.spec import load_stored
-    from compute.shared.state import StateStore, state_path
-    store = StateStore(state_path(runtime_dir))
-    try:
-        s = store.get_many(("status", "startup_done", "terminate", "postgres_started", "spec_generation"))
-        if s["terminate"] is not None or s["postgres_started"]:
-            return None  # the driver proper reads what these mean
-        view = DriverView(status=s["status"], startup_done=bool(s["startup_done"]), postgres_state="STOPPED")
-        # What compute-ctl wrote just before it forked us, as it still had it: not parsed again.
-        # Only while the stored spec is still that one (generation 1; 0: none stored).
-        known = forkinfo.bootstrap_objects if s["spec_generation"] in (0, 1) else None
-        spec = known[1] if known else load_stored(store)
-        plan = modes.plan_start(spec) if spec is not None else None
-        request = early_request(view, plan.source if plan else None, bool(plan and plan.sync_safekeepers))
-        if request is None:
-            return None
-        settings = known[0] if known else launch.require(store)
-    finally:
-        store.close()
+    from compute.model import modes
+    # What compute-ctl validated just before it forked us, as it still had it: not parsed
+    # again. The state file it creates after our fork holds just these (status `init`, no
+    # /terminate, postgres never started, spec generation 1 or none): nothing else writes it
+    # before we do (the api is not up; the early responder only reads), so the plan needs no
+    # read of it and the request does not wait for the file (forkinfo.wait_for_state_file).
+    settings, spec = forkinfo.bootstrap_objects
+    view = DriverView(status="init", startup_done=False, postgres_state="STOPPED")
+    plan = modes.plan_start(spec) if spec is not None else None
+    request = early_request(view, plan.source if plan else None, bool(plan and plan.sync_safekeepers))
+    if request is None:
+        return None
     empty_directory(settings.pgdata)
     t0 = time.monotonic()
     if request is EarlyRequest.SYNC_SAFEKEEPERS:
@@ -122,8 +116,7 @@ def main() -> None:
     die_with_parent()
     early = None
     if forkinfo.forked_early:  # the first start's driver, forked before supervisord runs
-        forkinfo.wait_for_state_file()  # compute-ctl creates it after our fork
-        from compute.shared.state import runtime_dir_from_env
+        from compute.shared.state_names import runtime_dir_from_env  # not sqlite3's import: not yet
         try:
             early = start_early(runtime_dir_from_env())
         except Exception:  # noqa: BLE001 - the driver proper does it again, and reports what fails
@@ -133,4 +126,5 @@ def main() -> None:
     from compute.lifecycle import driver
     import gc
     gc.enable()  # compute-ctl turned it off for its start (compute/boot/cli.py), this fork inherited that
+    forkinfo.wait_for_state_file()  # compute-ctl creates it after our fork; the driver proper reads it
     driver.main(early=early, parent_checked=True)

@@ -16,6 +16,7 @@ The data is a key/value table whose values are JSON. Keys in use:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.parse
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 # The file's name and the variables naming it (compute-ctl needs them before sqlite3): theirs.
 from compute.shared.state_names import (RUNTIME_DIR_ENV, STATE_FILE, STATE_ID_ENV,  # noqa: F401
@@ -118,7 +119,13 @@ PARK_MAX_WAIT = 5.0
 
 class StateFileLost(sqlite3.OperationalError):
     """The state file compute-ctl created is gone: removed, replaced by another file, or
-    truncated. Nothing reads or writes a substitute; every use raises this from then on."""
+    truncated (or overwritten: SQLite finds no database in it). Nothing reads or writes a
+    substitute; every use raises this from then on."""
+
+
+# SQLite's result codes for a file that holds no (sound) database: what a truncated state file
+# reads as once a writer that still had it open put pages back past the empty header.
+NOT_A_DATABASE_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 def file_identity(path: str) -> str:
@@ -204,7 +211,25 @@ class StateStore:
             self.lost = reason
         raise StateFileLost(f"the state file {self.path} was {self.lost}")
 
+    @contextlib.contextmanager
+    def _sound(self) -> Iterator[None]:
+        """SQLite finding no database in the file is the file lost (StateFileLost), as a stat
+        would say for a truncated one (check); recorded, so every later use says it too."""
+        try:
+            yield
+        except StateFileLost:
+            raise
+        except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) not in NOT_A_DATABASE_CODES:
+                raise
+            self.lost = f"overwritten ({e})"
+            raise StateFileLost(f"the state file {self.path} was {self.lost}") from None
+
     def _conn(self) -> sqlite3.Connection:
+        with self._sound():
+            return self._open()
+
+    def _open(self) -> sqlite3.Connection:
         self.check()
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
@@ -265,30 +290,35 @@ class StateStore:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
-        row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        with self._sound():
+            row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
         marks = ",".join("?" * len(keys))
-        rows = self._conn().execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
+        with self._sound():
+            rows = self._conn().execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", keys).fetchall()
         found = {k: json.loads(v) for k, v in rows}
         return {k: found.get(k) for k in keys}
 
     def snapshot(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self._conn().execute("SELECT key, value FROM kv")}
+        with self._sound():
+            rows = self._conn().execute("SELECT key, value FROM kv").fetchall()
+        return {k: json.loads(v) for k, v in rows}
 
     # -- writes ---------------------------------------------------------------------------
     def _write(self, fn) -> Any:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+        with self._sound():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
 
     @staticmethod
     def _put(conn: sqlite3.Connection, fields: dict[str, Any]) -> None:

@@ -49,6 +49,24 @@ def test_a_truncated_state_file_is_lost_and_stays_lost(store):
         store.get("status")
 
 
+def test_a_state_file_without_its_database_header_is_lost_and_stays_lost(store):
+    """Truncated, then pages written back past the empty header (a WAL checkpoint of a program
+    that still had it open): the size looks fine, SQLite finds no database. Lost, for every use
+    of the store from then on, not an sqlite3.DatabaseError that a caller would not expect."""
+    store.close()  # a fresh connection: SQLite reads the header again
+    with open(store.path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.truncate(0)
+        f.seek(4096)
+        f.write(b"\xff" * (size - 4096 if size > 8192 else 8192))
+    with pytest.raises(StateFileLost, match="overwritten"):
+        store.get("status")
+    with pytest.raises(StateFileLost, match="overwritten"):
+        store.check()  # the one stat the exit watcher makes: the loss is remembered
+    with pytest.raises(StateFileLost):
+        store.set(last_active=1.0)
+
+
 @pytest.mark.parametrize("replacement", ["empty", "a valid database"])
 def test_a_replaced_state_file_is_lost(store, tmp_path, replacement):
     other = str(tmp_path / "other.db")
