@@ -66,7 +66,7 @@ from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
                                   runtime_dir_from_env, state_path)
-from compute.shared.supervisor_rpc import rpc, shutdown_tree
+from compute.shared.supervisor_rpc import import_client as import_rpc_client, rpc, shutdown_tree
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
 if TYPE_CHECKING:
@@ -430,6 +430,8 @@ class Driver:
 
     def prepare_data(self, spec: ComputeSpec) -> None:
         early, self.early = self.early, None
+        if early is not None:  # its request runs: this thread would only wait for it
+            import_rpc_client()  # startProcess("postgres"), the first request, then needs no import
         if early is None:  # else emptied before the early request (compute/lifecycle/early.py)
             empty_directory(self.pgdata)
         self.store.record_metrics(sync_safekeepers_retries=0, basebackup_retries=0)
@@ -558,11 +560,11 @@ class Driver:
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
-        supervisor = self.supervisor()  # its modules imported before psycopg's start beside it
-        # psycopg and the reconciler are imported while supervisord spawns postgres and postgres
-        # boots (wait_ready polls a file); apply() waits for the import if it is not done.
+        self.supervisor().startProcess("postgres", False)
+        # psycopg and the reconciler are imported while postgres boots (wait_ready polls a
+        # file); apply() waits for the import if it is not done. After the request: a thread
+        # importing beside it made its round trip ~10-40 ms slower (the GIL).
         preload_psycopg()
-        supervisor.startProcess("postgres", False)
 
     def wait_ready(self) -> None:
         t0 = getattr(self, "t_postgres", time.monotonic())
