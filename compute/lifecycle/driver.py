@@ -66,7 +66,7 @@ from compute.postgres.sessions import local_sslmode, session_params
 from compute.model.spec import ComputeSpec, SpecError, StoredSpecError, load_stored, parse_spec, to_document
 from compute.shared.state import (CPLANE_REQUESTS_KEY, StateFileLost, StateStore, park_without_state,
                                   runtime_dir_from_env, state_path)
-from compute.shared.supervisor_rpc import import_client as import_rpc_client, rpc, shutdown_tree
+from compute.shared.supervisor_rpc import import_client as import_rpc_client, rpc, shutdown_tree, wait_until_serving
 from compute.shared.driver_requests import DONE, FAILED, STARTED, Promotion, Termination, termination_phase
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("compute.lifecycle.driver")
 
 READY_TIMEOUT = 60.0
+SUPERVISORD_WAIT = 60.0  # s: supervisord's control socket, for the first start's early driver
 LOG_WAIT = 3.0  # s: postgres' lines reach its log through supervisord's pipe a moment after it acts
 SUPERUSER_CHECK_TIMEOUT = 10.0
 # postgres' refusals of a login that no retry will change (a role missing on a replica's primary)
@@ -560,6 +561,10 @@ class Driver:
         if not self.store.update(("terminate",), lambda v: None if v["terminate"] else {"postgres_started": True}):
             raise Terminating()
         self.log_offset = pglog.size(postgres_log_path(self.runtime_dir))  # postgres' lines from here on
+        # The first start's driver runs before supervisord's loop: on a busy machine its
+        # control socket may not be there yet when the data is.
+        if not wait_until_serving(self.runtime_dir, SUPERVISORD_WAIT):
+            raise StartupError(f"supervisord did not open its control socket within {SUPERVISORD_WAIT:.0f} s")
         self.supervisor().startProcess("postgres", False)
         # psycopg and the reconciler are imported while postgres boots (wait_ready polls a
         # file); apply() waits for the import if it is not done. After the request: a thread

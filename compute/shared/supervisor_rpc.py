@@ -47,6 +47,29 @@ def _unix_connection(path: str, timeout: float | None):
     return _unix_connection_class()(path, timeout)
 
 
+SERVING_POLL = 0.005  # s between two connects to a control socket that is not there yet
+
+
+def wait_until_serving(runtime_dir: str, timeout: float) -> bool:
+    """Until supervisord accepts connections on its control socket (True), at most `timeout`
+    seconds (False). For the first start's driver, forked before supervisord's loop: on a busy
+    machine its first request can come before supervisord has bound the socket (the file is not
+    there yet, or not listening: refused). One connect when it serves."""
+    path = socket_path(runtime_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                return False
+        finally:
+            sock.close()
+        time.sleep(SERVING_POLL)
+
+
 def import_client() -> None:
     """Import the client's modules now (xmlrpc.client, http.client, supervisor's transport:
     ~20 ms of CPU): for a caller that has time to spare before its first, urgent request (the
