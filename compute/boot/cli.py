@@ -697,8 +697,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
-        if args.jwks:  # the operator's file (not -c's or the pull answer's), read as the api will
-            check_jwks(settings.jwks_path, user)
         prepare_runtime_files(runtime_dir)
         mark("compute-ctl: dirs prepared, root dropped")
         if not os.access(sys.executable, os.X_OK):
@@ -747,6 +745,12 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
     try:
         import sqlite3
         try:
+            if args.jwks:  # the operator's file (not -c's or the pull answer's), read as the api will
+                # After the fork: its keys are built with PyJWT and cryptography (~50-60 ms of
+                # imports), while the driver's storage request starts. Before the state file: a
+                # refused start leaves none. Still one line and exit 1 before supervisord runs;
+                # the driver and its request are stopped first (finally, below).
+                check_jwks(settings.jwks_path, user)
             state_id = create_state_file(runtime_dir, {
                 # last_active starts at the start (as the original): a compute nobody ever connects
                 # to must still look idle since then, not "never", to be suspended. `started` and
@@ -759,7 +763,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
             early_driver.state_file_ready({STATE_ID_ENV: state_id})  # the driver may read it now
             mark("compute-ctl: state file ready")
             write_tree_files(runtime_dir, conf, jwks_path, jwks_to_write, responder)
-        except (OSError, ValueError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
+        except (OSError, ValueError, UsageError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
             print(f"compute-ctl: {e}", file=sys.stderr)
             return 1
         responder.jwks_known(bool(settings.jwks_path))

@@ -188,3 +188,36 @@ def test_a_state_file_that_cannot_be_created_after_the_fork_leaves_nothing(bb_ta
             finally:
                 rec.stop()
                 rec.kill_survivors()
+
+
+@pytest.mark.parametrize("path", ["neon", "embedded"])
+def test_a_jwks_refused_after_the_fork_leaves_nothing(bb_tar: str, path: str) -> None:
+    """--jwks is checked (its keys built with PyJWT and cryptography) after the driver's fork,
+    beside its storage request: a file with no usable key is one line, exit 1, the driver and
+    whatever it started stopped, no state file, nothing left."""
+    with PageserverPeer(bb_tar, password=TOKEN) as ps:
+        c = gated_compute(ps.connstr)
+        if path == "embedded":
+            c.spec = c.new_spec()
+        jwks = os.path.join(c.base, "jwks.json")
+        with open(jwks, "w") as f:
+            f.write('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+        os.chmod(jwks, 0o644)
+        c.args += ["--jwks", jwks]
+        with c:
+            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
+            try:
+                code = c.wait_exit(60)
+                rec.stop()
+                assert code == 1, c.output()[-3000:]
+                lines = [ln for ln in c.output().splitlines() if ln.startswith("compute-ctl: ")]
+                assert len(lines) == 1 and "no usable key" in lines[0], c.output()[-3000:]
+                events = [e for _, _, e in read(c.trace)]
+                assert "compute-ctl: lifecycle forked early" in events, events
+                assert "compute-ctl: state file ready" not in events, events
+                assert not os.path.exists(os.path.join(c.runtime_dir, "state.db"))
+                assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
+                assert_ports_free(c)
+            finally:
+                rec.stop()
+                rec.kill_survivors()
