@@ -15,6 +15,7 @@ password among them) stay in this process' memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Iterable
 
 from compute.postgres.waiting import SessionError, Waiter
@@ -141,14 +142,10 @@ class Connection:
         self.close()
 
 
-_loaded: list[Libpq | None] = []
-
-
+@functools.cache
 def load() -> Libpq | None:
     """libpq.so.5, loaded once; None when it cannot be (not installed, a symbol missing)."""
-    if not _loaded:
-        try:
-            _loaded.append(Libpq(ctypes.CDLL(SONAME)))
-        except (OSError, AttributeError):
-            _loaded.append(None)
-    return _loaded[0]
+    try:
+        return Libpq(ctypes.CDLL(SONAME))
+    except (OSError, AttributeError):
+        return None

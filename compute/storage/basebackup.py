@@ -80,7 +80,7 @@ def basebackup(pageserver_connstr: str, tenant_id: str, timeline_id: str, lsn: s
     if lib is not None and _plain(params):
         connection = _plain_connection(lib, pageserver_connstr, params, auth_token, connect_timeout, timeout)
     else:
-        connection = _psycopg_connection(pageserver_connstr, auth_token, connect_timeout, timeout)
+        connection = _psycopg_connection(pageserver_connstr, params, auth_token, connect_timeout, timeout)
     try:
         with TarExtractor(pgdata) as tx:
             sink: Callable[[Any], None] = tx.feed
@@ -129,12 +129,13 @@ def _plain_connection(lib: pqconnect.Libpq, connstr: str, params: dict[str, str]
 
 
 @contextlib.contextmanager
-def _psycopg_connection(connstr: str, auth_token: str | None, connect_timeout: float,
+def _psycopg_connection(connstr: str, params: dict[str, str], auth_token: str | None, connect_timeout: float,
                         timeout: float) -> Iterator[Any]:
     """A connection made by psycopg (TLS or GSS asked for, or no libpq.so.5 to load): its
-    PGconn, closed on leaving; psycopg's errors (also the stream's, on its TLS path) worded."""
+    PGconn, closed on leaving; psycopg's errors (also the stream's, on its TLS path) worded.
+    `params`: what the connection string sets (_parse_connstr)."""
     import psycopg  # here only: the plain path never pays its import
-    conninfo = _pageserver_conninfo(connstr, auth_token, connect_timeout)
+    conninfo = _pageserver_conninfo(connstr, auth_token, connect_timeout, params)
     try:
         # autocommit: psycopg would otherwise send BEGIN, which the pageserver does not know.
         with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -551,10 +552,13 @@ def _pageserver_params(auth_token: str | None, timeout: float) -> tuple[dict[str
     return defaults, overrides
 
 
-def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float) -> str:
-    """The connection string psycopg connects with (the lease's, the basebackup's over TLS)."""
+def _pageserver_conninfo(connstr: str, auth_token: str | None, timeout: float,
+                         params: dict[str, str] | None = None) -> str:
+    """The connection string psycopg connects with (the lease's, the basebackup's over TLS);
+    `params`: what it sets, when the caller has read them already."""
     from psycopg.conninfo import make_conninfo
-    params = _parse_connstr(connstr, pqconnect.load())
+    if params is None:
+        params = _parse_connstr(connstr, pqconnect.load())
     defaults, overrides = _pageserver_params(auth_token, timeout)
     extra = {k: v for k, v in defaults.items() if k not in params} | overrides
     return make_conninfo(connstr, **extra)

@@ -130,6 +130,22 @@ def broken_templates() -> str:
     return templates_with("monitor", "startsecs=0", "startsecs=never")
 
 
+def exit_after_the_fork(c: Compute) -> tuple[int, list[str]]:
+    """A started tree whose bootstrap fails after the driver's fork: its exit code and its trace
+    events, once nothing of it is left (every process recorded while it ran is gone, the ports
+    free)."""
+    rec = TreeRecord(c.proc.pid).keep_recording(0.01)
+    try:
+        code = c.wait_exit(60)
+        rec.stop()
+        assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
+        assert_ports_free(c)
+        return code, [e for _, _, e in read(c.trace)]
+    finally:
+        rec.stop()
+        rec.kill_survivors()
+
+
 @pytest.mark.parametrize("path", ["neon", "embedded"])
 def test_a_bootstrap_that_fails_after_the_fork_leaves_nothing(bb_tar: str, path: str) -> None:
     """supervisord refuses its conf after the driver started the sync (held at its gate) or
@@ -140,21 +156,12 @@ def test_a_bootstrap_that_fails_after_the_fork_leaves_nothing(bb_tar: str, path:
             c.spec = c.new_spec()
         c.env["COMPUTE_TEMPLATE_DIR"] = broken_templates()
         with c:
-            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
-            try:
-                code = c.wait_exit(60)
-                rec.stop()
-                assert code != 0, c.output()[-3000:]
-                events = [e for _, _, e in read(c.trace)]
-                assert "compute-ctl: lifecycle forked early" in events
-                started = [e for e in events if e.startswith("lifecycle: storage request")]
-                print(f"\n{path}: the failed bootstrap stopped the driver {'after' if started else 'before'} "
-                      "its storage request")  # a race with supervisord's parse: either way, nothing left
-                assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
-                assert_ports_free(c)
-            finally:
-                rec.stop()
-                rec.kill_survivors()
+            code, events = exit_after_the_fork(c)
+            assert code != 0, c.output()[-3000:]
+            assert "compute-ctl: lifecycle forked early" in events
+            started = [e for e in events if e.startswith("lifecycle: storage request")]
+            print(f"\n{path}: the failed bootstrap stopped the driver {'after' if started else 'before'} "
+                  "its storage request")  # a race with supervisord's parse: either way, nothing left
 
 
 @pytest.mark.parametrize("path", ["neon", "embedded"])
@@ -173,21 +180,12 @@ def test_a_state_file_that_cannot_be_created_after_the_fork_leaves_nothing(bb_ta
             os.chown(d, pg.pw_uid, pg.pw_gid)
             os.chmod(d, 0o700)
         with c:
-            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
-            try:
-                code = c.wait_exit(60)
-                rec.stop()
-                assert code == 1, c.output()[-3000:]
-                assert "state.db" in c.output(), c.output()[-3000:]
-                events = [e for _, _, e in read(c.trace)]
-                assert "compute-ctl: lifecycle forked early" in events, events
-                assert "compute-ctl: state file ready" not in events, events
-                assert "supervisord: loop" not in events, events
-                assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
-                assert_ports_free(c)
-            finally:
-                rec.stop()
-                rec.kill_survivors()
+            code, events = exit_after_the_fork(c)
+            assert code == 1, c.output()[-3000:]
+            assert "state.db" in c.output(), c.output()[-3000:]
+            assert "compute-ctl: lifecycle forked early" in events, events
+            assert "compute-ctl: state file ready" not in events, events
+            assert "supervisord: loop" not in events, events
 
 
 @pytest.mark.parametrize("path", ["neon", "embedded"])
@@ -205,19 +203,10 @@ def test_a_jwks_refused_after_the_fork_leaves_nothing(bb_tar: str, path: str) ->
         os.chmod(jwks, 0o644)
         c.args += ["--jwks", jwks]
         with c:
-            rec = TreeRecord(c.proc.pid).keep_recording(0.01)
-            try:
-                code = c.wait_exit(60)
-                rec.stop()
-                assert code == 1, c.output()[-3000:]
-                lines = [ln for ln in c.output().splitlines() if ln.startswith("compute-ctl: ")]
-                assert len(lines) == 1 and "no usable key" in lines[0], c.output()[-3000:]
-                events = [e for _, _, e in read(c.trace)]
-                assert "compute-ctl: lifecycle forked early" in events, events
-                assert "compute-ctl: state file ready" not in events, events
-                assert not os.path.exists(os.path.join(c.runtime_dir, "state.db"))
-                assert rec.survivors() == [], f"left behind when compute-ctl exited: {rec.survivors()}"
-                assert_ports_free(c)
-            finally:
-                rec.stop()
-                rec.kill_survivors()
+            code, events = exit_after_the_fork(c)
+            assert code == 1, c.output()[-3000:]
+            lines = [ln for ln in c.output().splitlines() if ln.startswith("compute-ctl: ")]
+            assert len(lines) == 1 and "no usable key" in lines[0], c.output()[-3000:]
+            assert "compute-ctl: lifecycle forked early" in events, events
+            assert "compute-ctl: state file ready" not in events, events
+            assert not os.path.exists(os.path.join(c.runtime_dir, "state.db"))
