@@ -431,8 +431,12 @@ class Driver:
 
     def prepare_data(self, spec: ComputeSpec) -> None:
         early, self.early = self.early, None
-        if early is not None:  # its request runs: this thread would only wait for it
-            import_rpc_client()  # startProcess("postgres"), the first request, then needs no import
+        if early is not None and early.running():  # this thread would only wait for it
+            # startProcess("postgres"), the first request, then needs no import. Not once the
+            # request is over: the import would delay the basebackup; it then comes with
+            # startProcess, after the basebackup, when the other processes' own start-up no
+            # longer competes for the CPU.
+            import_rpc_client()
         if early is None:  # else emptied before the early request (compute/lifecycle/early.py)
             empty_directory(self.pgdata)
         self.store.record_metrics(sync_safekeepers_retries=0, basebackup_retries=0)
@@ -523,9 +527,9 @@ class Driver:
         `neon.disable_logical_replication_subscribers=false` (configure_as_primary), the file
         rewritten and postgres reloaded. Nothing for a spec that never set it true, or whose
         catalog SQL does not run (it stays true, as HEAD)."""
-        psycopg = psycopg_module()
         if not spec.drop_subscriptions_before_start or self.subscribers_disabled(spec, catalog_applied=True):
             return
+        psycopg = psycopg_module()
         pgconf.write_postgresql_conf(self.pgdata, modes.conf_settings(spec, self.pgdata), spec,
                                      subscribers_disabled=False)
         with psycopg.connect(**session_params(self.settings.connstr, statement_timeout_ms=10_000),

@@ -41,6 +41,11 @@ class EarlyStart:
     password: str | None = None  # initdb: the superuser's new password (never on disk but in pwfile)
     pwfile: str | None = None    # initdb: the 0600 file initdb reads it from
 
+    def running(self) -> bool:
+        """Whether the request's process still runs (reaped, not waited for, when it is over)."""
+        proc = getattr(self.started, "proc", self.started)  # safekeepers.Started wraps its Popen
+        return proc.poll() is None
+
 
 def empty_directory(path: str) -> None:
     """Remove everything inside `path` and make it 0700. The directory itself stays: its parent

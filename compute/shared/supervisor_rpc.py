@@ -1,8 +1,11 @@
 """Talking to supervisord over its unix control socket (XML-RPC), and shutting the tree down.
 
-http.client and xmlrpc.client (ssl, email, decimal: ~10-30 ms) and supervisor's transport are
-imported where a request is made: compute-ctl needs only socket_path before its first storage
-request (issue 22)."""
+http.client and xmlrpc.client (ssl, email, decimal: ~30 ms of CPU) are imported where a request
+is made: compute-ctl needs only socket_path before its first storage request (issue 22). The
+transport is xmlrpc.client's own, over the unix socket (_UnixConnection), not supervisor's
+SupervisorTransport: importing that module (supervisor.compat's importlib.metadata, html.parser,
+configparser; medusa's HTTP server) cost the start-up's driver ~37 ms of CPU more, just before it
+asks supervisord to start postgres (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -43,8 +46,23 @@ def _unix_connection_class():
     return _UnixConnection
 
 
-def _unix_connection(path: str, timeout: float | None):
-    return _unix_connection_class()(path, timeout)
+@functools.cache
+def _unix_transport_class():
+    import xmlrpc.client
+
+    class _UnixTransport(xmlrpc.client.Transport):
+        """xmlrpc.client's transport (one persistent HTTP/1.1 connection, Fault and
+        ProtocolError as usual) to supervisord's control socket at `path`."""
+
+        def __init__(self, path: str, timeout: float | None):
+            super().__init__()
+            self._path, self._timeout = path, timeout
+
+        def make_connection(self, host):
+            if self._connection[1] is None:  # none yet, or closed after an error
+                self._connection = host, _unix_connection_class()(self._path, self._timeout)
+            return self._connection[1]
+    return _UnixTransport
 
 
 SERVING_POLL = 0.005  # s between two connects to a control socket that is not there yet
@@ -71,11 +89,10 @@ def wait_until_serving(runtime_dir: str, timeout: float) -> bool:
 
 
 def import_client() -> None:
-    """Import the client's modules now (xmlrpc.client, http.client, supervisor's transport:
-    ~20 ms of CPU): for a caller that has time to spare before its first, urgent request (the
-    start-up's driver while its storage request runs: the request is startProcess("postgres"))."""
-    import xmlrpc.client  # noqa: F401
-    from supervisor.xmlrpc import SupervisorTransport  # noqa: F401
+    """Import the client's modules now (xmlrpc.client, http.client: ~30 ms of CPU): for a
+    caller that has time to spare before its first, urgent request (the start-up's driver while
+    its storage request runs: the request is startProcess("postgres"))."""
+    _unix_transport_class()
 
 
 def rpc(runtime_dir: str, timeout: float | None = None) -> "xmlrpc.client.ServerProxy":
@@ -83,12 +100,7 @@ def rpc(runtime_dir: str, timeout: float | None = None) -> "xmlrpc.client.Server
     With `timeout`, each call gives up after that many seconds: a wedged supervisord must not
     wedge an API request thread."""
     import xmlrpc.client
-
-    from supervisor.xmlrpc import SupervisorTransport
-    path = socket_path(runtime_dir)
-    transport = SupervisorTransport(None, None, f"unix://{path}")
-    if timeout is not None:
-        transport._get_connection = lambda: _unix_connection(path, timeout)  # noqa: SLF001
+    transport = _unix_transport_class()(socket_path(runtime_dir), timeout)
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
 

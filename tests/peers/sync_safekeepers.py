@@ -20,6 +20,8 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
 * env FAKE_SK_GATE=<path>: once `<path>.armed` exists, an invocation writes `<path>.waiting`
   (its pid), then waits until `<path>` exists before it answers (safekeepers slow to agree: a
   test holds the sync a /terminate runs, and releases it when it wants the answer).
+* env COMPUTE_TRACE=<file> (bench/startup.py's timeline, compute/base/trace.py's format):
+  appends `sync stand-in: started` once this script runs and `sync stand-in: done` as it exits.
 * any other invocation: exec the real postgres with the same arguments.
 """
 
@@ -140,9 +142,24 @@ def sync_main(argv: list[str]) -> int:
     return 0
 
 
+def _trace(event: str) -> None:
+    path = os.environ.get("COMPUTE_TRACE")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        os.write(fd, f"{time.monotonic():.6f} {os.getpid()} {event}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1] == "--sync-safekeepers":
-        return sync_main(argv)
+        _trace("sync stand-in: started")
+        try:
+            return sync_main(argv)
+        finally:
+            _trace("sync stand-in: done")
     # argv[0] must be the real path: postgres finds its share/lib dirs relative to it.
     os.execv(REAL_POSTGRES, [REAL_POSTGRES, *argv[1:]])
     return 127  # not reached
