@@ -7,7 +7,8 @@ Parts (in the order they run, quietest first):
               with a session idle in transaction (bench/api.py; skipped with a note if missing)
   startup     compute-ctl exec -> running vs the same work by hand, interleaved pairs (who goes
               first alternating), on the Neon path, the embedded default, and the Neon path with a
-              JWKS (/status polled with a token, as Neon's control plane does): the added latency
+              JWKS (/status polled with a token, as Neon's control plane does; every 100 ms, as
+              its endpoint.rs, `running` timed by the driver's trace mark): the added latency
               in ms, with the by-hand time; exec -> first storage request (the tree's trace);
               exec -> first /status; kill -9 of the api's master / a worker -> /status 200
               again (bench/startup.py)
