@@ -32,7 +32,9 @@ def compute():
         cp.spec = c.new_spec()
         with c:
             c.wait_status("running")
+            c.wait_serving()  # the api comes after `running` when the start-up is quick (< 1 s)
             c.workers = api_workers(c)
+            assert c.workers, "no api worker"  # else "no worker was replaced" would hold vacuously
             yield c
 
 
