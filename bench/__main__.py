@@ -8,7 +8,8 @@ Parts (in the order they run, quietest first):
   startup     compute-ctl exec -> running vs the same work by hand, interleaved pairs (who goes
               first alternating), on the Neon path, the embedded default, and the Neon path with a
               JWKS (/status polled with a token, as Neon's control plane does; every 100 ms, as
-              its endpoint.rs, `running` timed by the driver's trace mark): the added latency
+              its endpoint.rs, `running` timed by the driver's trace mark), and the Neon path
+              with a sync that waits 300 ms (remote safekeepers' round trips): the added latency
               in ms, with the by-hand time; exec -> first storage request (the tree's trace);
               exec -> first /status; kill -9 of the api's master / a worker -> /status 200
               again (bench/startup.py)
@@ -42,6 +43,7 @@ import traceback
 
 PARTS = ("footprint", "api", "startup", "reconcile", "basebackup")
 MIB = 1 << 20
+SLOW_SYNC_MS = 300  # the "Neon path, sync 300 ms" series: the stand-in sync waits this long (idle)
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -102,6 +104,9 @@ def run_startup(quick: bool, runs: int | None = None, kills: int | None = None) 
         neon = added_latency_pairs(runs, tar, fake_pg)
         embedded = added_latency_pairs(runs, None, None)
         neon_jwks = added_latency_pairs(runs, tar, fake_pg, jwks=True)  # as Neon's control plane: a token
+        # Safekeepers are remote in production: a sync that waits (SLOW_SYNC_MS, idle) shows
+        # what the tree's own start-up hides behind it there.
+        neon_slow_sync = added_latency_pairs(runs, tar, fake_pg, sync_delay_ms=SLOW_SYNC_MS)
         archive_mib = os.path.getsize(tar) / MIB
         kills = run_api_kills(kills) if kills else {}
     finally:
@@ -122,9 +127,11 @@ def run_startup(quick: bool, runs: int | None = None, kills: int | None = None) 
             "compute_wall_all": [round(r["wall_to_running_ms"]) for r in compute],
             "baseline_all": [round(r["total_startup_ms"]) for r in base],
             "added_latency": {name: {k: v for k, v in r.items() if k not in ("runs", "baseline_runs")}
-                              for name, r in (("neon", neon), ("embedded", embedded), ("neon_jwks", neon_jwks))},
+                              for name, r in (("neon", neon), ("embedded", embedded), ("neon_jwks", neon_jwks),
+                                              ("neon_slow_sync", neon_slow_sync))},
             "timeline": {"neon": timeline_summary(neon["runs"]), "embedded": timeline_summary(embedded["runs"]),
-                         "neon_jwks": timeline_summary(neon_jwks["runs"])}}
+                         "neon_jwks": timeline_summary(neon_jwks["runs"]),
+                         "neon_slow_sync": timeline_summary(neon_slow_sync["runs"])}}
 
 
 def run_reconcile(quick: bool) -> dict:
@@ -181,7 +188,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             f"{c['basebackup_ms']:.0f}/{b['basebackup_ms']:.0f}, postgres {c['start_postgres_ms']:.0f}/"
             f"{b['start_postgres_ms']:.0f}, SQL {c['config_ms']:.0f}/{b['config_ms']:.0f} ms")
         for name, label in (("neon", "Neon path"), ("embedded", "embedded default"),
-                            ("neon_jwks", "Neon path, JWKS + token")):
+                            ("neon_jwks", "Neon path, JWKS + token"),
+                            ("neon_slow_sync", f"Neon path, sync {SLOW_SYNC_MS} ms")):
             a = s.get("added_latency", {}).get(name)
             if a and a["added_ms"]:
                 x, h = a["added_ms"], a["by_hand_ms"]

@@ -93,12 +93,12 @@ CLIENT_POLL_S = 0.1
 RUNNING_MARK = "lifecycle: running"
 
 
-def run_compute(tar: str | None, jwks: tuple | None = None) -> dict[str, float]:
+def run_compute(tar: str | None, jwks: tuple | None = None, sync_delay_ms: int = 0) -> dict[str, float]:
     """One start, exec -> running (RUNNING_MARK; /status asked as a client asks it, above):
     the Neon path with `tar` served by a pageserver peer, or the embedded default (initdb) when
     `tar` is None. `jwks`: (JWKS, token): the compute gets --jwks and every /status carries the
     token, as Neon's control plane polls it (then only the api, not the early responder,
-    answers it)."""
+    answers it). `sync_delay_ms`: the stand-in sync waits that long (FAKE_SK_DELAY_MS)."""
     with (PageserverPeer(tar, password=TOKEN) if tar else contextlib.nullcontext()) as ps:
         c = Compute()
         c.pgbin = write_fake_postgres(c.base) if tar else c.pgbin
@@ -109,6 +109,8 @@ def run_compute(tar: str | None, jwks: tuple | None = None) -> dict[str, float]:
         os.close(os.open(trace_file, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(trace_file, 0o666)  # the tree appends to it as the compute user
         c.env["COMPUTE_TRACE"] = trace_file
+        if sync_delay_ms:
+            c.env["FAKE_SK_DELAY_MS"] = str(sync_delay_ms)
         t0 = time.monotonic()
         c.start()
         first_status = None
@@ -192,11 +194,14 @@ def baseline_settings(spec, port: int) -> str:
     return json.dumps({"port": port, "conf": conf})
 
 
-def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: bool = False) -> dict:
+def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: bool = False,
+                        sync_delay_ms: int = 0) -> dict:
     """Interleaved pairs (compute-ctl, the same work by hand), who goes first alternating, so
     both sides of a pair see the same machine weather. Added latency = exec -> running (run_compute)
     minus the by-hand total, per pair; its median and spread, with the by-hand time itself.
-    `jwks`: the compute has a JWKS and /status is asked with a token (run_compute)."""
+    `jwks`: the compute has a JWKS and /status is asked with a token (run_compute).
+    `sync_delay_ms`: both sides' stand-in sync waits that long, idle, as the round trips to
+    remote safekeepers would: what the tree's work beside the sync hides in production."""
     keys = None
     if jwks:
         from tests.support.api_helpers import jwks_keys, token_for
@@ -211,15 +216,15 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
         port = 20000 + os.getpid() % 10000 + i
         settings = baseline_settings(spec, port)
         if tar:
-            by_hand = lambda: run_baseline(tar, settings, fake_pg)
+            by_hand = lambda: run_baseline(tar, settings, fake_pg, sync_delay_ms)
         else:
             by_hand = lambda: run_baseline_embedded(settings)
         if i % 2 == 0:
-            c = run_compute(tar, keys)
+            c = run_compute(tar, keys, sync_delay_ms)
             b = by_hand()
         else:
             b = by_hand()
-            c = run_compute(tar, keys)
+            c = run_compute(tar, keys, sync_delay_ms)
         runs.append(c)
         base_runs.append(b)
         ours.append(c["wall_to_running_ms"])
@@ -245,12 +250,12 @@ def timeline_summary(runs: list[dict]) -> list[tuple[float, float, float, str]]:
             for event, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1]))]
 
 
-def run_baseline(tar: str, settings_text: str, fake_pg: str) -> dict[str, float]:
+def run_baseline(tar: str, settings_text: str, fake_pg: str, sync_delay_ms: int = 0) -> dict[str, float]:
     with PageserverPeer(tar, password=TOKEN) as ps:
-        return _run_baseline(ps, settings_text, fake_pg)
+        return _run_baseline(ps, settings_text, fake_pg, sync_delay_ms)
 
 
-def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str) -> dict[str, float]:
+def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str, sync_delay_ms: int = 0) -> dict[str, float]:
     base = scratch_dir("cs-bench-base-")
     pgdata = os.path.join(base, "pgdata")
     port = json.loads(settings_text)["port"]
@@ -261,7 +266,8 @@ def _run_baseline(ps: PageserverPeer, settings_text: str, fake_pg: str) -> dict[
             f.write(json.loads(settings_text)["conf"])
         run_as_pg(["cp", os.path.join(base, "postgresql.conf"), pgdata])
         t = time.monotonic()
-        run_as_pg([fake_pg, "--sync-safekeepers"], env={**os.environ, "PGDATA": pgdata})
+        run_as_pg([fake_pg, "--sync-safekeepers"], env={**os.environ, "PGDATA": pgdata,
+                                                        **({"FAKE_SK_DELAY_MS": str(sync_delay_ms)} if sync_delay_ms else {})})
         sync = time.monotonic() - t
         t = time.monotonic()
         # The stock pipeline: psql writes the COPY OUT stream to stdout, tar extracts it.

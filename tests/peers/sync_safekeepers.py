@@ -20,6 +20,8 @@ by Debian's /usr/bin/python3 so the unprivileged postgres user can execute it. B
 * env FAKE_SK_GATE=<path>: once `<path>.armed` exists, an invocation writes `<path>.waiting`
   (its pid), then waits until `<path>` exists before it answers (safekeepers slow to agree: a
   test holds the sync a /terminate runs, and releases it when it wants the answer).
+* env FAKE_SK_DELAY_MS=N: waits N ms (idle) before it answers, as the round trips to remote
+  safekeepers would (bench/startup.py's "sync 300 ms" series).
 * env COMPUTE_TRACE=<file> (bench/startup.py's timeline, compute/base/trace.py's format):
   appends `sync stand-in: started` once this script runs and `sync stand-in: done` as it exits.
 * any other invocation: exec the real postgres with the same arguments.
@@ -134,6 +136,9 @@ def sync_main(argv: list[str]) -> int:
         while not os.path.exists(gate):
             time.sleep(0.02)
     _log("LOG", "[WP] connecting to safekeepers from neon.safekeepers")
+    delay_ms = int(os.environ.get("FAKE_SK_DELAY_MS", "0") or 0)
+    if delay_ms > 0:
+        time.sleep(delay_ms / 1000)
     _log("LOG", "[WP] proposer connected to quorum (3) safekeepers, propTerm=2")
     lsn = os.environ.get("FAKE_SK_LSN", DEFAULT_LSN)
     _log("LOG", f"[WP] sync-safekeepers: commit LSN reached {lsn}")
