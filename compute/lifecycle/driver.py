@@ -307,7 +307,7 @@ class Driver:
         early, self.early = self.early, None
         if early is None:
             return
-        proc = getattr(early.started, "proc", early.started)
+        proc = early.process
         try:
             os.killpg(proc.pid, signal.SIGKILL) if early.request.value == "initdb" else proc.kill()
         except ProcessLookupError:

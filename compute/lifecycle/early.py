@@ -41,10 +41,14 @@ class EarlyStart:
     password: str | None = None  # initdb: the superuser's new password (never on disk but in pwfile)
     pwfile: str | None = None    # initdb: the 0600 file initdb reads it from
 
+    @property
+    def process(self) -> Any:
+        """The request's Popen (safekeepers.Started wraps the sync's; initdb's is `started`)."""
+        return getattr(self.started, "proc", self.started)
+
     def running(self) -> bool:
         """Whether the request's process still runs (reaped, not waited for, when it is over)."""
-        proc = getattr(self.started, "proc", self.started)  # safekeepers.Started wraps its Popen
-        return proc.poll() is None
+        return self.process.poll() is None
 
 
 def empty_directory(path: str) -> None:
