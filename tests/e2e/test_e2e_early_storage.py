@@ -11,6 +11,7 @@ import socket
 from collections import Counter
 
 from compute.base.trace import read
+from compute.tree.early_driver import FORKED_PROGRAMS_HELD_AT_MOST
 from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
@@ -45,6 +46,14 @@ def first(events: list[tuple[float, int, str]], prefix: str) -> tuple[float, int
     found = [(t, pid) for t, pid, event in events if event.startswith(prefix)]
     assert found, f"no {prefix!r} in {[e for _, _, e in events]}"
     return found[0]
+
+
+def hold_ran_out(events, warming_t: float) -> bool:
+    """Whether supervisord's warm-up came because its hold on the forked programs ran out
+    (FORKED_PROGRAMS_HELD_AT_MOST after its loop started: a start-up slowed by a loaded
+    machine), not because of what ends the hold. The loop's mark is written just before the
+    hold's clock starts, so a warm-up earlier than this bound was not the time-out's."""
+    return warming_t >= first(events, "supervisord: loop")[0] + FORKED_PROGRAMS_HELD_AT_MOST
 
 
 def assert_early(events, request: str) -> None:
@@ -137,8 +146,15 @@ def test_postgres_is_spawned_before_the_apis_warm_image_which_then_serves() -> N
     assert any(e.startswith("compute-ctl: responder handed over") and not e.endswith(" 0") for _, _, e in events)
     exec_t, _ = first(events, "exec: postgres")
     warming_t, ctl_pid = first(events, "supervisord: warming (all)")
-    assert exec_t < warming_t < first(events, "supervisord: warm (all)")[0] < first(events, "api: forked")[0]
-    assert exec_t < first(events, "monitor: forked")[0]
+    assert warming_t < first(events, "supervisord: warm (all)")[0] < first(events, "api: forked")[0]
+    if not hold_ran_out(events, warming_t):
+        # the hold ends when the early driver exits: at its hand-over, long after postgres' exec
+        early_pid = first(events, "lifecycle: forked")[1]
+        handed_t = next(t for t, pid, e in events if e == "lifecycle: hand_over" and pid == early_pid)
+        assert exec_t < handed_t < warming_t
+        assert exec_t < first(events, "monitor: forked")[0]
+    else:
+        print(f"\nthe hold ran out: warming {1000 * (warming_t - exec_t):.0f} ms after postgres' exec")
     # one warm-up, in compute-ctl, before any program is forked from it: the hand-over's driver too
     assert [pid for _, pid, e in events if e == "supervisord: warming (all)"] == [ctl_pid]
     early_pid = first(events, "lifecycle: forked")[1]
@@ -161,5 +177,6 @@ def test_with_a_jwks_the_api_is_warmed_once_postgres_is_spawned() -> None:
         events = events_once(c, "api: master listening", "lifecycle: hand_over")
     asked_t, _ = first(events, "lifecycle: start_postgres")  # exec's mark is the child's: after the fork
     warming_t, _ = first(events, "supervisord: warming (all)")
-    assert first(events, "lifecycle: storage request: initdb")[0] < asked_t < warming_t
+    assert first(events, "lifecycle: storage request: initdb")[0] < asked_t
+    assert asked_t < warming_t or hold_ran_out(events, warming_t)
     assert warming_t < first(events, "lifecycle: hand_over")[0]
