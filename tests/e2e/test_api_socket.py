@@ -106,6 +106,7 @@ def test_restart_api_under_load_refuses_and_cuts_nothing():
     c.spec = c.new_spec()
     with c:
         c.wait_status("running")
+        c.wait_serving()  # the restarts start from the api, not from the responder's hand-over
         sup = supervisord_pid(c.runtime_dir)
         inode = listening_inode(c.http_port)
         with ExitStack() as stack:

@@ -100,7 +100,8 @@ def start_api_and_wait_for_hand_over(c: Compute) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     wait_for(lambda: any(m.startswith("compute-ctl: responder handed over") for m in marks(c)), 30,
              "the api to take over the held connections")
-    assert not os.path.exists(handover_path(c.runtime_dir))
+    # the responder marks the hand-over, then removes its socket
+    wait_for(lambda: not os.path.exists(handover_path(c.runtime_dir)), 30, "the hand-over socket to go")
 
 
 def test_status_is_answered_before_the_api_exists_with_the_apis_bytes():
@@ -122,7 +123,8 @@ def test_status_is_answered_before_the_api_exists_with_the_apis_bytes():
         # The start goes on without the api; the responder follows the state file.
         wait_for(lambda: json.loads(split(get(c.http_port, "/status"))[2])["status"] == "running", 60, "running")
         # /status shows the monitor's last tick: hold the monitor still, so that both answer
-        # from the same state.
+        # from the same state. Once it runs: a monitor still held back would be started after the stop.
+        c.program_pid("monitor")
         r = c.supervisorctl("stop", "monitor")
         assert r.returncode == 0, r.stdout + r.stderr
         store = StateStore(state_path(c.runtime_dir))

@@ -80,14 +80,15 @@ def test_a_pageserver_that_trickles_fails_the_attempt_and_is_retried(bb_tar: str
     """One archive byte per CopyData message every 0.5 s: the no-progress bound never acts; the
     attempt's deadline does, and the next attempt (a normal session) brings the compute up."""
     with PageserverPeer(bb_tar, password=TOKEN, faults=["trickle"]) as ps:
-        c = neon_compute(ps.connstr, *DEADLINE)
+        # 6 s, not 2: the second attempt's whole 38 MiB basebackup must fit in it on a loaded machine
+        c = neon_compute(ps.connstr, "--storage-timeout", "1", "--attempt-deadline", "6")
         with c:
             c.wait_status("running", timeout=120)
             assert [s.fault for s in ps.startups] == ["trickle", None]
             assert c.metrics()["basebackup_retries"] == 1
             out = c.output()
             assert re.search(r"basebackup attempt 1/10 failed: basebackup: not done within the attempt deadline "
-                             r"of 2 s \(--attempt-deadline; (after \d+ bytes|waiting for a result)\)", out), out[-3000:]
+                             r"of 6 s \(--attempt-deadline; (after \d+ bytes|waiting for a result)\)", out), out[-3000:]
 
 
 FAKE_PG_BASEBACKUP = """#!/bin/sh

@@ -43,6 +43,7 @@ def open_compute():
         c = pull_compute(cp)
         with c:
             c.wait_status("running")
+            c.wait_serving()  # else the hostile connections meet the early responder's bounded hold
             yield c
 
 

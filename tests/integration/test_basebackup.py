@@ -182,7 +182,8 @@ def test_sync_safekeepers_silent_is_killed_and_retried(fake_pg: dict[str, str],
     """Safekeepers that accept and go quiet: the run is killed after the timeout, then retried."""
     monkeypatch.setenv("FAKE_SK_STALL", "1")
     t = time.monotonic()
-    lsn, retries = run_demoted(synced_with_retries, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, FAST, 1.0)
+    # 3 s: the stand-in (a Python script) must speak within it on the retry, on a loaded machine
+    lsn, retries = run_demoted(synced_with_retries, fake_pg["pgbin"], fake_pg["pgdata"], TOKEN, FAST, 3.0)
     assert lsn == DEFAULT_LSN and retries == [1]
     assert time.monotonic() - t < 30  # not hung
     with pytest.raises(StorageError, match=r"no progress for 1 s \(killed\).*will not answer"):
