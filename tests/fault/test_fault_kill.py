@@ -25,14 +25,14 @@ from compute.shared.state import StateStore, state_path
 from compute.shared.supervisor_rpc import rpc
 from tests.support.fault_tree import (StatusPoller, alive, kill_leftovers, program_child, read_proc,
                                       supervisord_pid, tree)
-from tests.support.tree import Compute, booted_compute
+from tests.support.tree import Compute
 from tests.support.waiting import status_answers, wait_for
 
 KILLS = 20
-GOAL = 2.0  # seconds from kill -9 to RUNNING with a new pid (issue 6)
-LIVENESS = 5.0  # what the tests below require; the goal itself is checked by test_restart_goal
-# Restart times measured by test_kill_9_program_repeatedly, checked against GOAL by test_restart_goal.
-MEASURED: dict[str, list[float]] = {}
+# What the tests below require: each program comes back, and /status is refused no longer than
+# this. How fast (issue 6's 2 s goal) is a figure of `python -m bench` (startup's kill -9 rows),
+# not an assertion here.
+LIVENESS = 5.0
 
 
 def postmaster_start_time(c: Compute):
@@ -47,7 +47,7 @@ def test_kill_9_program_repeatedly(compute, program):
 
 def kill_9_program_repeatedly(c: Compute, program: str) -> None:
     """KILLS x kill -9 of `program` in the booted tree `c`, with every check on the way; the
-    restart times go to MEASURED."""
+    restart times are printed."""
     st0 = c.wait_status("running")
     c.wait_handed_over()  # kill the serving driver, not the one handing over
     pm, pm_started = c.postmaster_pid(), postmaster_start_time(c)
@@ -90,8 +90,7 @@ def kill_9_program_repeatedly(c: Compute, program: str) -> None:
     info = rpc(c.runtime_dir).supervisor.getProcessInfo("postgres")
     assert info["statename"] == "RUNNING" and info["pid"] == pm
 
-    # every program came back (the 2 s goal: test_restart_goal)
-    MEASURED[program] = running_s
+    # every program came back
     assert max(running_s) <= LIVENESS, f"restart times {['%.2f' % x for x in running_s]}"
 
     # /status kept its state and answered throughout (the api itself: back within the limit)
@@ -119,19 +118,6 @@ def kill_9_program_repeatedly(c: Compute, program: str) -> None:
     assert c.supervisorctl("status").returncode == 0
     c.signal(signal.SIGTERM)
     assert c.wait_exit(10) == 0
-
-
-@pytest.mark.parametrize("program", ["monitor", "lifecycle"])
-def test_restart_goal(program):
-    """The 2 s goal on the restart times measured above. Stock supervisord 4.3 needs one or two
-    full 1 s poll() periods per restart; compute.tree.supervisord wakes its loop on SIGCHLD.
-    Run without test_kill_9_program_repeatedly[program] before it, it measures them itself."""
-    if program not in MEASURED:
-        with booted_compute() as c:
-            kill_9_program_repeatedly(c, program)
-    times = MEASURED[program]
-    assert max(times) <= GOAL and sorted(times)[len(times) // 2] <= GOAL / 4, \
-        f"restart times {['%.2f' % x for x in times]}"
 
 
 def tree_pids(c: Compute) -> dict[int, str]:
