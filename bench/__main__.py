@@ -12,7 +12,7 @@ Parts (in the order they run, quietest first):
               with a sync that waits 300 ms (remote safekeepers' round trips): the added latency
               in ms, with the by-hand time; exec -> first storage request (the tree's trace);
               exec -> first /status; kill -9 of the api's master / a worker -> /status 200
-              again (bench/startup.py)
+              again, of the monitor / the driver -> RUNNING again (bench/startup.py)
   reconcile   1,000 roles + 100 databases: first apply and no-op re-apply (bench/reconcile.py)
   basebackup  time and peak RSS of the streamed basebackup over loopback vs `psql | tar -x`
               from the same peer, interleaved pairs, real 38 MiB archive + 1 GiB (bench/basebackup.py)

@@ -154,7 +154,7 @@ def test_postgres_is_spawned_before_the_apis_warm_image_which_then_serves() -> N
         assert exec_t < handed_t < warming_t
         assert exec_t < first(events, "monitor: forked")[0]
     else:
-        print(f"\nthe hold ran out: warming {1000 * (warming_t - exec_t):.0f} ms after postgres' exec")
+        print(f"\nthe hold ran out: postgres' exec {1000 * (exec_t - warming_t):+.0f} ms from the warm-up's start")
     # one warm-up, in compute-ctl, before any program is forked from it: the hand-over's driver too
     assert [pid for _, pid, e in events if e == "supervisord: warming (all)"] == [ctl_pid]
     early_pid = first(events, "lifecycle: forked")[1]
