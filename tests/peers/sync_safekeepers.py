@@ -185,11 +185,17 @@ def write_fake_postgres(dir: str) -> str:
     with open(path, "w") as f:
         f.write(body)
     os.chmod(path, 0o755)
+    link_real_binaries(dir, but=("postgres", "postmaster"))
+    return path
+
+
+def link_real_binaries(dir: str, but: tuple[str, ...]) -> None:
+    """Link PostgreSQL's real binaries into `dir`, except `but` (a stand-in's names), so that
+    `dirname(-b)` is still a whole bin dir (initdb & co)."""
     for name in os.listdir(REAL_PGBIN_DIR):
         link = os.path.join(dir, name)
-        if name not in ("postgres", "postmaster") and not os.path.lexists(link):
+        if name not in but and not os.path.lexists(link):
             os.symlink(os.path.join(REAL_PGBIN_DIR, name), link)
-    return path
 
 
 if __name__ == "__main__":

@@ -343,18 +343,17 @@ def with_initdb_that_waits(c: Compute) -> str:
     `initdb`), until a line is written into the returned FIFO, then runs the real one: a test
     that acts "while initdb runs" is not raced by a start-up that ends first. The other
     binaries are the real ones (links), so `dirname(-b)` stays a bin dir."""
+    from tests.peers.sync_safekeepers import REAL_PGBIN_DIR, link_real_binaries
     bindir = os.path.join(c.base, "bin-initdb-waits")
     os.mkdir(bindir)
     os.chmod(bindir, 0o755)  # the compute user runs what is in it
-    for name in os.listdir(PGBIN_DIR):
-        if name != "initdb":
-            os.symlink(os.path.join(PGBIN_DIR, name), os.path.join(bindir, name))
+    link_real_binaries(bindir, but=("initdb",))
     gate = os.path.join(bindir, "initdb.gate")
     os.mkfifo(gate)
     os.chmod(gate, 0o644)  # read (waited on) by the compute user, written by the test
     script = os.path.join(bindir, "initdb")
     with open(script, "w") as f:
-        f.write(f"#!/bin/sh\nread _ < '{gate}'\nexec '{os.path.join(PGBIN_DIR, 'initdb')}' \"$@\"\n")
+        f.write(f"#!/bin/sh\nread _ < '{gate}'\nexec '{os.path.join(REAL_PGBIN_DIR, 'initdb')}' \"$@\"\n")
     os.chmod(script, 0o755)
     c.pgbin = os.path.join(bindir, "postgres")
     return gate
