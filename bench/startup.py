@@ -97,8 +97,8 @@ def run_compute(tar: str | None, jwks: tuple | None = None, sync_delay_ms: int =
     """One start, exec -> running (RUNNING_MARK; /status asked as a client asks it, above):
     the Neon path with `tar` served by a pageserver peer, or the embedded default (initdb) when
     `tar` is None. `jwks`: (JWKS, token): the compute gets --jwks and every /status carries the
-    token, as Neon's control plane polls it (then only the api, not the early responder,
-    answers it). `sync_delay_ms`: the stand-in sync waits that long (FAKE_SK_DELAY_MS)."""
+    token, as Neon's control plane polls it (the early responder answers it once compute-ctl
+    has checked the JWKS, with the api's decision). `sync_delay_ms`: the stand-in sync waits that long (FAKE_SK_DELAY_MS)."""
     with (PageserverPeer(tar, password=TOKEN) if tar else contextlib.nullcontext()) as ps:
         c = Compute()
         c.pgbin = write_fake_postgres(c.base) if tar else c.pgbin

@@ -44,6 +44,7 @@ class PlainGet(NamedTuple):
     route: bytes  # one of INLINE_ROUTES
     version: bytes  # b"HTTP/1.1" or b"HTTP/1.0"
     length: int  # bytes of the head, its empty line included
+    authorization: bytes | None = None  # the Authorization field's value, when there is one
 
 
 def plain_get(data: bytes) -> PlainGet | None:
@@ -59,6 +60,7 @@ def plain_get(data: bytes) -> PlainGet | None:
     if m is None or m.group(1) not in INLINE_ROUTES or len(lines) - 1 > MAX_HEADER_LINES:
         return None
     seen = set()
+    authorization = None
     for line in lines[1:]:
         h = _HEADER_LINE.match(line)
         if h is None:
@@ -67,7 +69,9 @@ def plain_get(data: bytes) -> PlainGet | None:
         if name in seen or name.startswith(_NOT_PLAIN):
             return None  # a repeated field (gunicorn refuses some), or not plain
         seen.add(name)
-    return PlainGet(m.group(1), m.group(3), end + 4)
+        if name == b"authorization":
+            authorization = h.group(2) or b""
+    return PlainGet(m.group(1), m.group(3), end + 4, authorization)
 
 
 class RetryInPool(Exception):

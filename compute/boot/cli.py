@@ -751,6 +751,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
                 # refused start leaves none. Still one line and exit 1 before supervisord runs;
                 # the driver and its request are stopped first (finally, below).
                 check_jwks(settings.jwks_path, user)
+            # Token holders' /status & co. answered from here on, held ones too (-c's JWKS once
+            # it is written, below), not only once the api serves (compute/boot/early_responder.py).
+            responder.jwks_known(settings.jwks_path, settings.compute_id, settings.jwt_require_exp)
             state_id = create_state_file(runtime_dir, {
                 # last_active starts at the start (as the original): a compute nobody ever connects
                 # to must still look idle since then, not "never", to be suspended. `started` and
@@ -766,7 +769,6 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         except (OSError, ValueError, UsageError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
             print(f"compute-ctl: {e}", file=sys.stderr)
             return 1
-        responder.jwks_known(bool(settings.jwks_path))
         responder.state_ready(state_path(runtime_dir))
         mark("compute-ctl: tree files written")
         early_driver.wait_request_started()

@@ -11,10 +11,13 @@ the bind and before any heavy import; it answers:
   (compute/api/bodies.py), with `Connection: close`. Before the state file exists, from what
   compute-ctl knows (status `init`, its start time, the spec's tenant and timeline once
   validated: what the state file is then created with); after, from the state file.
-  Only what the api would give anyone without a token (compute/api/route_policy.py
-  answerable_without_credentials): with a JWKS, or while compute-ctl does not know yet whether
-  it has one, that is /healthz alone; /status & co. are then held for the api, which checks the
-  token. It never verifies a token itself.
+  Only what the api would give the same request: without a JWKS, what it gives anyone
+  (compute/api/route_policy.py answerable_without_credentials); with one, /healthz to anyone
+  and /status & co. to a request whose token the api's own decision admits
+  (compute/api/access.py decide(), pure: the same JWKS file, compute id and rules). A request
+  the decision refuses (no token, not verified, another compute's) is held, not answered: the
+  api gives it its 400/401/403 and logs it. While compute-ctl does not know yet whether the
+  compute has a JWKS (-c, -p before their spec is read), /healthz alone.
 
 Everything else it neither answers nor reads: it looks at what arrived with MSG_PEEK and
 keeps the connection ("held"): any other route or method, a body, bytes pipelined after the
@@ -48,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from compute.api import bodies
 from compute.api.route_policy import answerable_without_credentials
-from compute.api.fastpath import MAX_HEAD, plain_get
+from compute.api.fastpath import MAX_HEAD, PlainGet, plain_get
 from compute.api.handover import MAX_HELD, listen, read_hello, send_held
 from compute.base.trace import mark
 
@@ -111,6 +114,21 @@ os.register_at_fork(before=_before_fork, after_in_parent=_state_lock.release,
                     after_in_child=_after_fork_in_child)
 
 
+class _TokenRule:
+    """What the api's decision takes from the settings (compute/api/auth.py Access), and the
+    JwksFile it reads, made at the first token."""
+
+    def __init__(self, jwks_path: str, compute_id: str | None, require_exp: bool):
+        self.jwks_path, self.compute_id, self.require_exp = jwks_path, compute_id, require_exp
+        self._file = None
+
+    def file(self):
+        if self._file is None:
+            from compute.api.access import JwksFile
+            self._file = JwksFile(self.jwks_path)
+        return self._file
+
+
 class _Conn:
     __slots__ = ("sock", "held")
 
@@ -127,6 +145,7 @@ class EarlyResponder:
                  jwks: bool | None = None):
         self.listener = listener
         self.jwks = jwks  # the compute has a JWKS; None: not known yet (only OPEN routes answered)
+        self._tokens: _TokenRule | None = None  # with a JWKS: whose tokens the api admits (jwks_known)
         self.known_status: dict[str, Any] = {"status": "init", "error": None, "tenant": None, "timeline": None,
                                              "start_time": started, "last_active": started}
         self.info = bodies.encode(bodies.info_body(cores))
@@ -159,13 +178,17 @@ class EarlyResponder:
         """What /status says before the state file exists (tenant, timeline: the spec's)."""
         self.known_status = {**self.known_status, **fields}
 
-    def jwks_known(self, configured: bool) -> None:
-        """Whether the compute has a JWKS, once its settings are built."""
-        self.jwks = configured
+    def jwks_known(self, jwks_path: str | None, compute_id: str | None = None, require_exp: bool = False) -> None:
+        """The compute's JWKS (None: it has none), once its settings are built, with what the
+        api's decision also takes from them (--jwt-require-exp, the compute id)."""
+        self._tokens = _TokenRule(jwks_path, compute_id, require_exp) if jwks_path else None
+        self.jwks = bool(jwks_path)
+        self._wake()  # what it held for want of this may be answerable now
 
     def state_ready(self, path: str) -> None:
-        """The state file exists: answer from it from now on."""
+        """The state file exists: answer from it from now on (and -c's JWKS is written)."""
         self.state_path = path
+        self._wake()
 
     def offer_handover(self, path: str) -> None:
         """Listen for the api worker that takes the held connections (as the compute user, in
@@ -180,13 +203,17 @@ class EarlyResponder:
         if not self._thread.is_alive():
             return
         self._stopping = True
+        self._wake()
+        self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        """The thread looks again: at `_stopping`, and at what it holds (_reconsider)."""
         with self._wake_lock:
             if not self._closed:
                 try:
                     os.write(self._wake_w, b"x")
-                except OSError:
+                except OSError:  # full: a wake-up is pending anyway
                     pass
-        self._thread.join(timeout)
 
     @property
     def running(self) -> bool:
@@ -202,6 +229,7 @@ class EarlyResponder:
                     continue
                 for fd, ev in events:
                     if fd == self._wake_r:
+                        self._reconsider()
                         continue
                     if fd == self.listener.fileno():
                         self._accept()
@@ -241,6 +269,21 @@ class EarlyResponder:
             self._on_event(conn)
         self._set_accepting(len(self._conns) < MAX_HELD)
 
+    def _reconsider(self) -> None:
+        """Woken by the main thread: what was held for want of what it has learnt since (the
+        JWKS rule, the state file) is decided again; the rest stays held, still unread."""
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self._stopping:
+            return
+        for conn in list(self._conns.values()):
+            if conn.held:
+                conn.held = False
+                self._on_event(conn)
+
     def _drop(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
         self._conns.pop(fd, None)
@@ -267,7 +310,9 @@ class EarlyResponder:
         verdict = classify(data)
         if verdict == MORE:
             return
-        if verdict == HOLD or not answerable_without_credentials(verdict.decode(), self.jwks):
+        request = plain_get(data) if verdict != HOLD else None
+        if request is None or not (answerable_without_credentials(verdict.decode(), self.jwks)
+                                   or self._token_admits(request, conn.sock)):
             conn.held = True  # the api's: unread, handed over when it starts
             return
         body = self._body(verdict)
@@ -279,10 +324,28 @@ class EarlyResponder:
             mark("compute-ctl: responder first answer")
         try:
             conn.sock.recv(len(data))  # exactly the head we looked at: nothing is left unread
-            conn.sock.send(http_answer(body, plain_get(data).version.decode()))
+            conn.sock.send(http_answer(body, request.version.decode()))
         except OSError:
             pass
         self._drop(conn)
+
+    def _token_admits(self, request: PlainGet, sock: socket.socket) -> bool:
+        """With a JWKS: whether the api's decision admits this request's token (decide(), with
+        the api's JwksFile: re-read when the file changes). Everything else is the api's to
+        refuse: no Authorization field; a JWKS file not there yet (pull mode: the driver writes
+        the control plane's), left unread here so that no warning is logged for it; an error."""
+        rule = self._tokens
+        if rule is None or self.jwks is not True or request.authorization is None:
+            return False
+        try:
+            if not os.path.exists(rule.jwks_path):
+                return False
+            from compute.api.access import decide  # PyJWT with the first key (compute/api/access.py _jwt)
+            decision = decide(request.route.decode(), sock.getpeername()[0], request.authorization.decode("latin-1"),
+                              rule.file().current(), rule.compute_id, require_exp=rule.require_exp)
+        except Exception:  # noqa: BLE001 - held: the api decides, and says why
+            return False
+        return decision.allowed
 
     def _body(self, route: bytes) -> str | None:
         if route == b"/healthz":

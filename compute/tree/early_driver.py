@@ -87,16 +87,15 @@ def note_exited(pid: int) -> None:
         _start_up_pid = None
 
 
-def start_up_over(driver_running: bool, since_loop: float, *, postgres_spawned: bool = False,
-                  tokens_needed: bool = False, held_at_most: float = FORKED_PROGRAMS_HELD_AT_MOST) -> bool:
+def start_up_over(driver_running: bool, since_loop: float, *,
+                  held_at_most: float = FORKED_PROGRAMS_HELD_AT_MOST) -> bool:
     """Whether supervisord may warm up and autostart the forked programs (api, monitor): once
     the early driver has exited (it does at the hand-over, right when the status is running, or
     when it dies), or at the latest `held_at_most` seconds after supervisord's loop started.
-    Without an early driver (standalone, or its fork failed) at once.
-    With a JWKS (`tokens_needed`) already once postgres has been spawned: the early responder
-    answers a token holder's /status only through the api (it verifies no token), so the api's
-    warm-up then overlaps postgres' boot and the catalog SQL instead of following `running`."""
-    return not driver_running or since_loop >= held_at_most or (postgres_spawned and tokens_needed)
+    Without an early driver (standalone, or its fork failed) at once. With a JWKS too: compute-ctl's
+    early responder answers a token holder's /status & co. itself, with the api's own decision
+    (compute/boot/early_responder.py), so nobody polling the start waits for the api."""
+    return not driver_running or since_loop >= held_at_most
 
 
 def _conf_environment(conf: str, section: str) -> dict[str, str]:

@@ -199,28 +199,20 @@ def _spawn_warm(self):
     """The first start's driver is adopted (forked before this loop ran); a forked program is
     forked from the warm image, imported just before the first of them; an exec'd one
     (postgres: the start-up's critical path) is spawned at once, nothing warmed for it."""
-    global _postgres_spawned
     if self.config.name == early_driver.PROGRAM and early_driver.pending():
         return early_driver.adopt(self)  # forked by compute-ctl before this loop ran
     if _forked(self):
         warmfork.warm_for(self.config.name)
-    elif self.config.name == "postgres":
-        _postgres_spawned = True
-        if _tokens_needed:  # the hold ends now (start_up_over): a turn at once, not at the next event
-            TIMERS.call_later(0, lambda: None)
     return _spawn(self)
 
 
 _transition = process.Subprocess.transition
 _loop_started: float | None = None  # time.monotonic() when the loop started
-_postgres_spawned = False  # the driver has had supervisord spawn postgres
-_tokens_needed = False  # the compute has a JWKS (read once, when the loop starts)
 
 
 def _start_up_over() -> bool:
     since_loop = 0.0 if _loop_started is None else time.monotonic() - _loop_started
-    return early_driver.start_up_over(early_driver.start_up_running(), since_loop,
-                                      postgres_spawned=_postgres_spawned, tokens_needed=_tokens_needed)
+    return early_driver.start_up_over(early_driver.start_up_running(), since_loop)
 
 
 def _transition_holding_autostart(self):
@@ -255,9 +247,8 @@ _runforever = supervisord.Supervisor.runforever
 
 def _runforever_with_handlers(self):
     """Supervisor.run() clears the event bus just before this: subscribe now."""
-    global _loop_started, _tokens_needed
-    watch = install_handlers(self, runtime_dir_from_env())
-    _tokens_needed = bool(watch.settings and watch.settings.jwks_path)
+    global _loop_started
+    install_handlers(self, runtime_dir_from_env())
     mark("supervisord: loop")
     _loop_started = time.monotonic()
     if early_driver.start_up_running():  # a turn when the hold ends, if the driver has not exited

@@ -225,25 +225,40 @@ def test_what_arrives_early_gets_the_apis_own_answer_later():
         assert got["pipelined"].count(b"HTTP/1.1 200 OK") == 2
 
 
-def test_with_jwks_only_the_open_routes_are_answered_early():
-    """With a JWKS, /status & co. need a token (HEAD): the responder answers /healthz alone and
-    holds the rest for the api, which checks the token (400 without one, 200 with ours)."""
+def test_with_jwks_a_token_the_api_admits_is_answered_early_and_the_rest_waits_for_the_api():
+    """With a JWKS, /status & co. need a token (HEAD). compute-ctl's responder answers /healthz,
+    and /status for a token the api's own decision admits (here an admin token: this push-mode
+    compute has no compute id); it refuses nothing itself: a request without a token, another
+    compute's, a forged one, are held and get the api's 400/403/401 once it serves."""
+    import jwt
     ed, _, jwks = jwks_keys()
     c = compute_with_api_held_back()
     c.use_jwks(jwks)
-    token = token_for(ed)  # an admin token: this push-mode compute has no compute id
+    token = token_for(ed)
     with c:
         first = wait_for(lambda: _try_get(c.http_port, "/healthz"), 30, "a first /healthz")
         assert from_responder(first) and split(first)[0] == 200
-        held = {}
-        for name, path, auth in (("status", "/status", ""), ("status-with-token", "/status", token),
-                                 ("info", "/info", ""), ("metrics.json", "/metrics.json", ""),
-                                 ("dbs", "/dbs_and_roles", "")):
-            s = held[name] = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
+
+        def ask(path: str, auth: str = "") -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
             header = f"Authorization: Bearer {auth}\r\n" if auth else ""
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
-        configure = held["configure"] = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
-        configure.sendall(HELD["post-configure"])
+            return s
+
+        # Asked as soon as the socket answers: held until compute-ctl has checked the JWKS and
+        # built its settings, then answered by the responder (the api is held back here).
+        early = exchange(c.http_port, f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                                      "Connection: close\r\n\r\n".encode())
+        assert from_responder(early) and split(early)[0] == 200 and json.loads(split(early)[2])["status"]
+        assert from_responder(exchange(c.http_port, f"GET /info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                                    f"{token}\r\nConnection: close\r\n\r\n".encode()))
+        held = {"status": ask("/status"), "info": ask("/info"), "metrics.json": ask("/metrics.json"),
+                "dbs": ask("/dbs_and_roles"),
+                "another compute's": ask("/status", token_for(ed, "compute-other")),
+                "forged": ask("/status", jwt.encode({"scope": "compute_ctl:admin", "aud": ["compute"]}, "s" * 32,
+                                                    algorithm="HS256"))}
+        held["configure"] = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
+        held["configure"].sendall(HELD["post-configure"])
         assert from_responder(get(c.http_port, "/healthz"))
         assert all(nothing_sent(s) for s in held.values())
         start_api_and_wait_for_hand_over(c)
@@ -253,8 +268,8 @@ def test_with_jwks_only_the_open_routes_are_answered_early():
             s.close()
             assert not from_responder(answer), name
             codes[name] = split(answer)[0]
-        assert codes == {"status": 400, "status-with-token": 200, "info": 400, "metrics.json": 400, "dbs": 400,
-                         "configure": 400}, codes
+        assert codes == {"status": 400, "info": 400, "metrics.json": 400, "dbs": 400, "another compute's": 403,
+                         "forged": 401, "configure": 400}, codes
 
 
 def test_sigterm_while_the_responder_holds_connections():

@@ -152,7 +152,10 @@ def test_one_grammar_for_the_fast_path_and_the_early_responder():
     from compute.api.fastpath import MAX_HEAD, plain_get
     from compute.boot.early_responder import HOLD, classify
     head = b"GET /metrics.json?a=1 HTTP/1.0\r\nHost: x\r\n\r\n"
-    assert plain_get(head) == (b"/metrics.json", b"HTTP/1.0", len(head))
+    assert plain_get(head) == (b"/metrics.json", b"HTTP/1.0", len(head), None)
+    with_token = b"GET /status HTTP/1.1\r\nauthorization:  Bearer a.b.c \r\n\r\n"
+    assert plain_get(with_token).authorization == b"Bearer a.b.c"  # the field's value, as gunicorn strips it
+    assert plain_get(b"GET /status HTTP/1.1\r\nAuthorization:\r\n\r\n").authorization == b""
     assert classify(head) == b"/metrics.json" and inline_candidate(head)
     assert plain_get(head + b"GET /status HTTP/1.1\r\n\r\n").length == len(head)
     assert classify(head + b"x") == HOLD and inline_candidate(head + b"x")  # pipelined: the worker's parser

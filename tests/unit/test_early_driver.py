@@ -108,17 +108,6 @@ def test_the_forked_programs_wait_for_the_early_drivers_start_up(driver_running,
 
 
 
-@pytest.mark.parametrize("postgres_spawned, tokens_needed, over", [
-    (False, False, False),
-    (True, False, False),   # no JWKS: the early responder answers /status; the api can wait for running
-    (False, True, False),   # a JWKS, but postgres not asked for yet: the storage work has the CPU
-    (True, True, True),     # a JWKS: a token holder's /status needs the api, warmed while postgres boots
-])
-def test_with_a_jwks_the_hold_ends_once_postgres_is_spawned(postgres_spawned, tokens_needed, over) -> None:
-    assert early_driver.start_up_over(True, 0.2, postgres_spawned=postgres_spawned,
-                                      tokens_needed=tokens_needed) is over
-
-
 def test_the_state_files_variables_reach_the_early_drivers_environment(monkeypatch) -> None:
     """compute-ctl's side (state_file_ready, no early driver: nothing) and the driver's
     (forkinfo.wait_for_state_file) of the pipe that says the state file exists."""

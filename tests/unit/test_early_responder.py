@@ -140,10 +140,10 @@ def test_what_it_does_not_answer_is_handed_over_unread(rig, data):
     assert take_held(rig.dir) == []  # a second worker: nobody there, it just serves
 
 
-@pytest.mark.parametrize("jwks", [True, None], ids=["jwks", "not-known-yet"])
-def test_with_a_jwks_it_answers_only_healthz_and_holds_the_rest_for_the_api(jwks):
-    """The api checks the token (compute/api/access.py); the responder never does: with a JWKS,
-    or before compute-ctl knows whether it has one, /status & co. wait for the api."""
+@pytest.mark.parametrize("jwks", [True, None], ids=["jwks-not-read-yet", "not-known-yet"])
+def test_before_its_jwks_is_known_it_answers_only_healthz_and_holds_the_rest_for_the_api(jwks):
+    """With a JWKS whose settings compute-ctl has not built yet, or before it knows whether it
+    has one, /status & co. wait for the api, token or not."""
     rig = Rig(jwks=jwks)
     try:
         held = {path: rig.connect(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer x.y.z\r\n\r\n".encode())
@@ -151,10 +151,118 @@ def test_with_a_jwks_it_answers_only_healthz_and_holds_the_rest_for_the_api(jwks
         assert body_of(rig.ask("/healthz")) == b'{"alive": true}'
         wait_for(lambda: len(rig.responder._conns) == 3, 10, "the three held")
         assert all(nothing_sent(s) for s in held.values())
-        if jwks is None:  # the settings say: no JWKS; from now on /status is answered
-            rig.responder.jwks_known(False)
+        if jwks is None:  # the settings say: no JWKS; from now on /status & co. are answered, held ones too
+            rig.responder.jwks_known(None)
+            assert json.loads(body_of(read_to_eof(held["/status"])))["status"] == "init"
+            assert all(body_of(read_to_eof(held[path])) for path in ("/metrics.json", "/info"))
             assert json.loads(body_of(rig.ask("/status")))["status"] == "init"
-        assert len(take_held(rig.dir)) == 3
+            assert take_held(rig.dir) == []
+        else:
+            assert len(take_held(rig.dir)) == 3
+    finally:
+        rig.close()
+
+
+ME = "compute-me"
+
+
+@pytest.fixture(scope="module")
+def token_keys():
+    from tests.support.api_helpers import jwks_keys
+    return jwks_keys()  # (ed25519 key, rsa key, the JWKS of their public halves)
+
+
+def _forged_tokens(ed, rs, doc) -> dict[str, str]:
+    """Tokens the api's decision refuses (tests/unit/test_access.py has the whole list)."""
+    import hashlib
+    import hmac
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from tests.support.api_helpers import token_for
+
+    def b64(data: bytes) -> str:
+        import base64
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def forged(header: dict, claims: dict, secret: bytes | None) -> str:
+        signing_input = (b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())).encode()
+        sig = b"" if secret is None else hmac.new(secret, signing_input, hashlib.sha256).digest()
+        return signing_input.decode() + "." + b64(sig)
+
+    mine = {"compute_id": ME, "scope": None, "aud": None}
+    rsa_pem = rs.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return {
+        "another compute's": token_for(ed, "compute-other"),
+        "no compute id": token_for(ed, None, scope=None, aud=None),
+        "admin without aud": token_for(ed, None, aud=None),
+        "expired": token_for(ed, ME, exp=1),
+        "a stranger's key": token_for(ed25519.Ed25519PrivateKey.generate(), ME),
+        "alg none": forged({"alg": "none", "typ": "JWT"}, mine, None),
+        "HS256 keyed with the RSA public key": forged({"alg": "HS256", "kid": "rs"}, mine, rsa_pem),
+        "HS256 keyed with a secret": jwt.encode(mine, "s" * 32, algorithm="HS256"),
+        "garbage": "not.a.jwt",
+        "empty": "",
+    }
+
+
+@pytest.mark.parametrize("require_exp", [False, True], ids=["exp-optional", "jwt-require-exp"])
+def test_with_a_jwks_it_answers_the_tokens_the_apis_decision_admits_and_holds_the_rest(tmp_path, token_keys,
+                                                                                        require_exp):
+    """compute/api/access.py decide(), the api's own: a token for this compute (or an admin's)
+    gets /status & co. from the responder; every token the api would refuse, and a request
+    without one, is held unread for the api, which gives its 400/401/403 and logs it."""
+    from tests.support.api_helpers import token_for, write_jwks
+    ed, rs, doc = token_keys
+    jwks = write_jwks(str(tmp_path / "jwks.json"), doc)
+    rig = Rig(jwks=True)
+    try:
+        exp = {"exp": 4102444800} if require_exp else {}
+        good = {"ours": token_for(ed, ME, **exp), "ours, RS256": token_for(rs, ME, algorithm="RS256", **exp),
+                "an admin's": token_for(ed, None, **exp)}
+        # Before compute-ctl has built its settings: held; answered as soon as it has
+        early = rig.connect(f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {good['ours']}\r\n\r\n".encode())
+        wait_for(lambda: len(rig.responder._conns) == 1, 10, "held")
+        assert nothing_sent(early)
+        rig.responder.jwks_known(jwks, ME, require_exp)
+        assert json.loads(body_of(read_to_eof(early)))["status"] == "init"
+        for name, token in good.items():
+            for path in ("/status", "/metrics.json", "/info"):
+                s = rig.connect(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+                body = body_of(read_to_eof(s))
+                if path == "/status":
+                    assert json.loads(body)["status"] == "init", name
+        refused = {name: f"Bearer {token}" for name, token in _forged_tokens(ed, rs, doc).items()}
+        refused["no Authorization field"] = None
+        refused["another scheme"] = f"Basic {good['ours']}"
+        if require_exp:
+            refused["ours without exp (--jwt-require-exp)"] = f"Bearer {token_for(ed, ME)}"
+        held = []
+        for name, authorization in refused.items():
+            field = f"Authorization: {authorization}\r\n" if authorization is not None else ""
+            held.append(rig.connect(f"GET /status HTTP/1.1\r\nHost: x\r\n{field}\r\n".encode()))
+        wait_for(lambda: len(rig.responder._conns) == len(refused), 10, "every refused request held")
+        assert all(nothing_sent(s) for s in held), refused
+        assert len(take_held(rig.dir)) == len(refused)  # the api's, unread
+    finally:
+        rig.close()
+
+
+def test_a_jwks_file_not_there_yet_holds_every_token_until_it_is(tmp_path, token_keys):
+    """v2 pull mode: the JWKS path is known, the driver writes the control plane's JWKS later."""
+    from tests.support.api_helpers import token_for, write_jwks
+    ed, _rs, doc = token_keys
+    path = str(tmp_path / "jwks.json")
+    rig = Rig(jwks=True)
+    try:
+        rig.responder.jwks_known(path, ME)
+        ask = f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(ed, ME)}\r\n\r\n".encode()
+        early = rig.connect(ask)
+        wait_for(lambda: len(rig.responder._conns) == 1, 10, "held")
+        assert nothing_sent(early)
+        write_jwks(path, doc)
+        assert json.loads(body_of(read_to_eof(rig.connect(ask))))["status"] == "init"
+        assert len(take_held(rig.dir)) == 1
     finally:
         rig.close()
 
