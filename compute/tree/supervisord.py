@@ -30,6 +30,7 @@ waits for stdout's reader: compute/base/stdout_buffer.py), to publish their coun
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -202,8 +203,20 @@ def _spawn_warm(self):
     if self.config.name == early_driver.PROGRAM and early_driver.pending():
         return early_driver.adopt(self)  # forked by compute-ctl before this loop ran
     if _forked(self):
-        warmfork.warm_for(self.config.name)
+        stopping = functools.partial(stop_pending, self.config.options)
+        if stopping() or not warmfork.warm_for(self.config.name, stopping):
+            # This turn ends with the stop (Supervisor.handle_signal, after the transitions):
+            # no warm-up, nor a fork, ahead of it for a program it would stop at once. Still
+            # STOPPED, never started: no later turn autostarts it once the tree is stopping.
+            return None
     return _spawn(self)
+
+
+def stop_pending(options_) -> bool:
+    """A stop signal that supervisord has received and not acted on yet: its handler only
+    records it (supervisor.options.SignalReceiver, pinned 4.3.0), the loop reads it at the
+    end of its turn."""
+    return any(sig in STOP_SIGNALS for sig in options_.signal_receiver._signals_recvd)
 
 
 _transition = process.Subprocess.transition

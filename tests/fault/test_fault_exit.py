@@ -311,6 +311,48 @@ def test_sigterm_as_the_programs_are_spawned_stops_each_on_its_sigterm():
         assert "outlived supervisord" not in c.output(), c.output()[-3000:]
 
 
+def test_sigterm_during_the_warm_up_stops_the_tree_without_finishing_it():
+    """SIGTERM while supervisord imports the programs' warm image (~300 ms of CPU, right after
+    the start-up's hand-over, in its loop): it looks for a stop between two of the image's
+    modules, forks nothing more and stops the tree. Before, the signal waited for the whole
+    image and the api's and monitor's forks (the bench's SIGTERM -> exit: ~620 ms)."""
+    from compute.base.trace import read
+    with contextlib.ExitStack() as stack:
+        c = Compute()
+        c.spec = c.new_spec()
+        trace = os.path.join(c.base, "trace")
+        os.close(os.open(trace, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(trace, 0o666)  # appended to by the tree as the compute user
+        c.env["COMPUTE_TRACE"] = trace
+        stack.callback(c.close)
+        c.start()
+        rec = TreeRecord(c.proc.pid).keep_recording()
+        stack.callback(rec.kill_survivors)
+        stack.callback(rec.stop)
+        wait_for(lambda: any(e == "supervisord: warming (all)" for _, _, e in read(trace)), 90,
+                 "supervisord's warm-up", 0.0005)
+        c.signal(signal.SIGTERM)
+        signalled = time.monotonic()  # the trace's clock
+        rec.record()
+        code = c.wait_exit(30)
+        exited = time.monotonic()
+        rec.stop()
+        assert code == 0
+        assert rec.survivors() == [], f"left behind after SIGTERM: {rec.survivors()}"
+        assert_ports_free(c)
+        events = read(trace)
+    cut = [t for t, _, e in events if e == "supervisord: warm-up cut short (stopping)"]
+    warm = [t for t, _, e in events if e == "supervisord: warm (all)"]
+    # Cut short; or it had ended before the signal came (a fast machine, or a slow test)
+    assert cut or (warm and warm[0] < signalled), events[-12:]
+    if cut:
+        assert not warm, "warmed after all"
+        forked = [e for t, _, e in events if e.endswith(": forked") and t > signalled]
+        assert forked == [], f"forked after the stop: {forked}"
+    print(f"\nSIGTERM during the warm-up: {'cut short' if cut else 'the warm-up had ended'}, "
+          f"exit 0 {1000 * (exited - signalled):.0f} ms after the signal")
+
+
 # -- /terminate ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("moment", ["starting", "running", "configuring"])
