@@ -206,8 +206,8 @@ def _spawn_warm(self):
         stopping = functools.partial(stop_pending, self.config.options)
         if stopping() or not warmfork.warm_for(self.config.name, stopping):
             # This turn ends with the stop (Supervisor.handle_signal, after the transitions):
-            # no warm-up, nor a fork, ahead of it for a program it would stop at once. Still
-            # STOPPED, never started: no later turn autostarts it once the tree is stopping.
+            # no warm-up, nor a fork, ahead of it for a program it would stop at once. Its
+            # state stays as it was (STOPPED, EXITED): no later turn starts it, the tree is stopping.
             return None
     return _spawn(self)
 

@@ -507,3 +507,46 @@ print("psycopg=" + str("psycopg" in sys.modules))
     if not suffix:
         assert ps.last.password == TOKEN and ps.last.terminated
         assert ps.last.startup.get("application_name") == "compute_ctl"
+
+
+# -- without a loadable libpq.so.5: psycopg's own libpq -------------------------------------------
+
+_CHILD = """
+import json, sys
+from compute.postgres import pqconnect
+from compute.storage.basebackup import basebackup
+n = basebackup(sys.argv[1], sys.argv[2], sys.argv[3], "0/0", sys.argv[4], sys.argv[5])
+print(json.dumps({"bytes": n, "libpq_loaded": pqconnect.load() is not None, "psycopg": "psycopg" in sys.modules}))
+"""
+
+
+def _system_libpq() -> str:
+    """The file the dynamic loader gives for libpq.so.5 (Debian's libpq5), found as it maps it."""
+    out = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libpq.so.5'); "
+                          "print(open('/proc/self/maps').read())"], capture_output=True, text=True, check=True)
+    paths = {line.split()[-1] for line in out.stdout.splitlines() if "/libpq.so.5" in line}
+    assert len(paths) == 1, paths
+    return os.path.realpath(paths.pop())
+
+
+@pytest.mark.parametrize("libpq", ["loadable", "unloadable"])
+def test_the_basebackup_uses_libpq_through_ctypes_or_else_psycopg(bb_tar: str, pgdata: str, libpq: str) -> None:
+    """compute/storage/basebackup.py connects through Debian's libpq.so.5 (ctypes) and does not
+    import psycopg; when that library cannot be loaded, through psycopg (its own libpq), with
+    the same archive extracted. The library is made unloadable for one process, for real: a
+    private mount namespace in which /dev/null is bind-mounted over it (unshare, as root)."""
+    with PageserverPeer(bb_tar, password=TOKEN, tenant_id=TENANT, timeline_id=TIMELINE) as ps:
+        argv = [sys.executable, "-c", _CHILD, ps.connstr, TENANT, TIMELINE, pgdata, TOKEN]
+        if libpq == "unloadable":
+            mount = f"mount --bind /dev/null {_system_libpq()} && exec \"$@\""
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *argv]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/",
+                             env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["bytes"] == os.path.getsize(bb_tar)
+    assert got == {"bytes": got["bytes"], "libpq_loaded": libpq == "loadable", "psycopg": libpq == "unloadable"}, got
+    assert ps.last.queries == [f"basebackup {TENANT} {TIMELINE}"] and ps.last.password == TOKEN
+    with open(os.path.join(pgdata, "PG_VERSION")) as f:
+        assert f.read().strip() == "15"
+    assert os.path.getsize(os.path.join(pgdata, "global", "pg_control")) > 0
