@@ -63,6 +63,14 @@ def _jwt():
     return jwt
 
 
+def preload_verifier() -> None:
+    """Import now what verifying a token imports on first use (PyJWT, cryptography, the JWKS
+    document's checks): for compute-ctl's early responder, whose thread must not import while
+    the main thread may fork."""
+    from compute.model.compute_config import check_jwks_document  # noqa: F401 - parse_jwks' import
+    _jwt()
+
+
 log = logging.getLogger("compute.api.access")
 
 

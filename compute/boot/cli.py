@@ -562,9 +562,17 @@ def prepare_dirs(runtime_dir: str, pgdata: str, user) -> None:
     secure_dir(pgdata, policy, what="--pgdata", uid=user.uid, gid=user.gid, pgdata_marker=BEGIN_MARK)
 
 
-def prepare_runtime_files(runtime_dir: str) -> None:
-    """As the compute user: root never creates or chowns anything the user could have planted."""
+def prepare_runtime_files(runtime_dir: str, ours_jwks: str | None = None) -> None:
+    """As the compute user: root never creates or chowns anything the user could have planted.
+    `ours_jwks`: the JWKS file this start writes itself (-c) or its driver does (v2 pull), i.e.
+    RUNTIME_DIR/jwks.json: a previous run's copy (the runtime dir outlives a restart) is removed
+    first, so that no token is ever verified with the keys of another start."""
     os.makedirs(os.path.join(runtime_dir, "logs"), mode=0o700, exist_ok=True)
+    if ours_jwks is not None:
+        try:
+            os.unlink(ours_jwks)
+        except FileNotFoundError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,7 +705,7 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         # the conf's per-program environment). Before demote: then /proc/self is no longer ours.
         scrub_initial_environment(SECRET_VARS)
         user.demote()  # from here on nothing runs as root
-        prepare_runtime_files(runtime_dir)
+        prepare_runtime_files(runtime_dir, jwks_path if jwks_path and not args.jwks else None)
         mark("compute-ctl: dirs prepared, root dropped")
         if not os.access(sys.executable, os.X_OK):
             raise UsageError(f"{sys.executable} is not executable by user {user.name}: install "
@@ -751,9 +759,9 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
                 # refused start leaves none. Still one line and exit 1 before supervisord runs;
                 # the driver and its request are stopped first (finally, below).
                 check_jwks(settings.jwks_path, user)
-            # Token holders' /status & co. answered from here on, held ones too (-c's JWKS once
-            # it is written, below), not only once the api serves (compute/boot/early_responder.py).
-            responder.jwks_known(settings.jwks_path, settings.compute_id, settings.jwt_require_exp)
+                # Token holders' /status & co. answered from here on, held ones too, not only
+                # once the api serves (compute/boot/early_responder.py; PyJWT is imported now).
+                responder.jwks_known(settings.jwks_path, settings.compute_id, settings.jwt_require_exp)
             state_id = create_state_file(runtime_dir, {
                 # last_active starts at the start (as the original): a compute nobody ever connects
                 # to must still look idle since then, not "never", to be suspended. `started` and
@@ -769,9 +777,14 @@ def bootstrap(args: argparse.Namespace, api_sock, responder: EarlyResponder, sta
         except (OSError, ValueError, UsageError, sqlite3.Error) as e:  # the driver is stopped (finally, below)
             print(f"compute-ctl: {e}", file=sys.stderr)
             return 1
+        if not settings.jwks_path:
+            responder.jwks_known(None)  # /status & co. answered to anyone from now on
         responder.state_ready(state_path(runtime_dir))
         mark("compute-ctl: tree files written")
         early_driver.wait_request_started()
+        if settings.jwks_path and not args.jwks:  # -c's (written now) or the pull answer's (the driver's)
+            # after the request has started: the rule imports PyJWT and cryptography (~60 ms)
+            responder.jwks_known(settings.jwks_path, settings.compute_id, settings.jwt_require_exp)
         gc.enable()  # off since our first import (top of this module)
         return become_supervisord(args, api_sock, responder, env, runtime_dir, pgdata, user, settings, spec,
                                   internal_sock)

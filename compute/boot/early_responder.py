@@ -116,17 +116,16 @@ os.register_at_fork(before=_before_fork, after_in_parent=_state_lock.release,
 
 class _TokenRule:
     """What the api's decision takes from the settings (compute/api/auth.py Access), and the
-    JwksFile it reads, made at the first token."""
+    JwksFile it reads."""
 
     def __init__(self, jwks_path: str, compute_id: str | None, require_exp: bool):
+        # Imported here, in the main thread (PyJWT, cryptography: with --jwks already there),
+        # never by the responder's: a fork in the middle of a thread's import leaves the child
+        # a held import lock.
+        from compute.api.access import JwksFile, preload_verifier
+        preload_verifier()
         self.jwks_path, self.compute_id, self.require_exp = jwks_path, compute_id, require_exp
-        self._file = None
-
-    def file(self):
-        if self._file is None:
-            from compute.api.access import JwksFile
-            self._file = JwksFile(self.jwks_path)
-        return self._file
+        self.file = JwksFile(jwks_path)
 
 
 class _Conn:
@@ -340,9 +339,9 @@ class EarlyResponder:
         try:
             if not os.path.exists(rule.jwks_path):
                 return False
-            from compute.api.access import decide  # PyJWT with the first key (compute/api/access.py _jwt)
+            from compute.api.access import decide  # imported by _TokenRule already
             decision = decide(request.route.decode(), sock.getpeername()[0], request.authorization.decode("latin-1"),
-                              rule.file().current(), rule.compute_id, require_exp=rule.require_exp)
+                              rule.file.current(), rule.compute_id, require_exp=rule.require_exp)
         except Exception:  # noqa: BLE001 - held: the api decides, and says why
             return False
         return decision.allowed

@@ -272,6 +272,56 @@ def test_with_jwks_a_token_the_api_admits_is_answered_early_and_the_rest_waits_f
                          "forged": 401, "configure": 400}, codes
 
 
+def test_a_previous_runs_jwks_file_never_verifies_a_token():
+    """RUNTIME_DIR/jwks.json is the hand-off this start writes (-c's compute_ctl_config.jwks) or
+    its driver does (v2 pull: once the control plane has answered). A copy a previous run left
+    there (the runtime dir outlives a restart) is removed before anyone reads it: while the
+    control plane has not answered, a token signed with the old keys is never answered by
+    compute-ctl; the api refuses it (401) once the answer's JWKS is written, and admits the new."""
+    import threading
+    import jwt
+    from tests.peers.control_plane import ControlPlanePeer
+    old_ed, _, old_jwks = jwks_keys()
+    new_ed, _, new_jwks = jwks_keys()
+    c = compute_with_api_held_back()
+    spec, c.spec = c.spec, None
+    c.token = token_for(new_ed)  # status() asks with it (an admin token)
+    os.makedirs(c.runtime_dir, mode=0o700, exist_ok=True)
+    stale = os.path.join(c.runtime_dir, "jwks.json")
+    with open(stale, "w") as f:
+        json.dump(old_jwks, f)
+    for path, mode in ((c.runtime_dir, 0o700), (stale, 0o600)):
+        os.chown(path, PG_USER.uid, PG_USER.gid)
+        os.chmod(path, mode)
+
+    def ask(key) -> socket.socket:
+        admin = jwt.encode({"scope": "compute_ctl:admin", "aud": ["compute"]}, key, algorithm="EdDSA",
+                           headers={"kid": "ed"})
+        s = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
+        s.sendall(f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        return s
+    answer = threading.Event()
+    with ControlPlanePeer(spec, compute_id="compute-1", jwks=new_jwks, answer_after=answer) as cp:
+        c.args += ["-i", "compute-1", "-p", cp.url]
+        with c:
+            try:
+                wait_for(lambda: cp.requests and "supervisord: loop" in marks(c), 30,
+                         "the driver asking the control plane, supervisord running")
+                assert not os.path.exists(stale)  # gone before the responder or the api could read it
+                old = ask(old_ed)
+                assert from_responder(get(c.http_port, "/healthz"))
+            finally:
+                answer.set()
+            start_api_and_wait_for_hand_over(c)
+            c.wait_status("running", timeout=90)  # asked with a token of the answer's keys
+            refused = read_to_eof(old)
+            old.close()
+            assert not from_responder(refused) and split(refused)[0] == 401, refused
+            admitted = read_to_eof(ask(new_ed))
+            assert split(admitted)[0] == 200, admitted
+
+
 def test_sigterm_while_the_responder_holds_connections():
     """compute-ctl stops at once, whatever its responder holds: exit 0, nothing left, the
     held clients see their connection end."""

@@ -50,8 +50,10 @@ class ControlPlanePeer:
                  fail_status: int = 503, drop_first: int = 0, jwt: str | None = None,
                  raw_body: bytes | None = None, status: int | None = None,
                  answer_status: str | None = None, trickle: float | None = None, trickle_first: int | None = None,
-                 jwks: dict | None = None, host: str = "127.0.0.1", port: int = 0):
+                 jwks: dict | None = None, host: str = "127.0.0.1", port: int = 0,
+                 answer_after: threading.Event | None = None):
         self.spec = spec
+        self.answer_after = answer_after  # set: each answer waits for it (a slow control plane)
         self.compute_id = compute_id
         self.fail_first = fail_first
         self.fail_status = fail_status
@@ -160,6 +162,8 @@ def _handler_for(peer: ControlPlanePeer) -> type[BaseHTTPRequestHandler]:
             if action == "trickle":
                 self._trickle()
                 return
+            if peer.answer_after is not None:
+                peer.answer_after.wait(60)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
