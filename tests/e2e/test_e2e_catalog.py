@@ -177,12 +177,15 @@ def test_a_branch_starts_without_its_inherited_subscription():
                         == [(1, timeline)]
                     assert conn.execute("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL"
                                         ).fetchone()[0] == 0
-                assert "applying 3 subscriptions statement(s) in database 'postgres'" in c.output()
+                # the driver's lines come through supervisord's log relay: maybe after `running`
+                wait_for(lambda: "applying 3 subscriptions statement(s) in database 'postgres'" in c.output(), 30,
+                         "the driver's line")
                 assert slots() == [("parents",)]  # the parent's, not ours to drop
                 # As HEAD (configure_as_primary): subscribers disabled while the start drops the
                 # inherited ones, enabled again once that apply is done; a /configure keeps it so.
                 assert disable_subscribers(c) == ("false", "neon.disable_logical_replication_subscribers=false")
-                assert "set neon.disable_logical_replication_subscribers=false" in c.output()
+                wait_for(lambda: "set neon.disable_logical_replication_subscribers=false" in c.output(), 30,
+                         "the driver's line")
                 assert configure(c, spec)[0] == 200
                 assert disable_subscribers(c) == ("false", "neon.disable_logical_replication_subscribers=false")
 

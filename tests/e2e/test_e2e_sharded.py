@@ -200,7 +200,8 @@ def test_a_shard_its_pageserver_does_not_know_is_retried_and_shown(bb_tar):
                                               p := metrics_page(c)) and p, 60, "three failed lease attempts", period=0.1)
             assert 'compute_lsn_lease_state{state="retrying"} 1' in page
             assert ps1.leases == [] and ps0.leases  # shard 0 granted each time, shard 1 never
-            assert f"lease on {TENANT}-0102" in c.output() and "not found" in c.output()
+            wait_for(lambda: f"lease on {TENANT}-0102" in c.output() and "not found" in c.output(), 30,
+                     "the lease keeper's line (through supervisord's log relay)")
             check_clean(page)
             assert c.status()["status"] == "running"
 

@@ -22,6 +22,7 @@ from tests.support import promtool
 from tests.support.hostile_tar import Member, raw_header, snapshot_tree, with_basebackup
 from tests.support.pgcluster import free_port
 from tests.support.tree import Compute, with_neon_storage
+from tests.support.waiting import wait_for
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
 TOKEN = "storage-e2e-token-7f3a"
@@ -199,7 +200,8 @@ def test_silent_safekeepers_are_killed_and_retried(bb_tar: str) -> None:
         with c:
             c.wait_status("running", timeout=90)
             assert c.metrics()["sync_safekeepers_retries"] == 1
-            assert "sync-safekeepers attempt 1/5 failed: sync-safekeepers: no progress for 2 s (killed)" in c.output()
+            wait_for(lambda: "sync-safekeepers attempt 1/5 failed: sync-safekeepers: no progress for 2 s (killed)"
+                     in c.output(), 30, "the driver's line (through supervisord's log relay)")
         out = subprocess.run(["pgrep", "-f", f"{c.pgbin} --sync-safekeepers"], capture_output=True, text=True)
         assert out.stdout == ""  # the silent one did not outlive its compute
 

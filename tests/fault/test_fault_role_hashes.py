@@ -22,6 +22,7 @@ import pytest
 from tests.peers.control_plane import ControlPlanePeer
 from tests.peers.md5_replay import AUTH_MD5, AUTH_SASL, login_with_hash
 from tests.support.tree import SUPERUSER, Compute
+from tests.support.waiting import wait_for
 
 PASSWORDS = {"attacker": "attacker-pw-1", "victim_md5": "victim-md5-pw", "victim_scram": "victim-scram-pw"}
 
@@ -106,7 +107,11 @@ def test_a_scram_verifier_read_from_the_catalog_does_not_log_in(compute: Compute
 def test_each_md5_verifier_is_logged_once(compute: Compute) -> None:
     """Said when the verifier is written, not at every apply: a reconfiguration that keeps it
     says nothing new."""
-    assert compute.output().count(f"role 'victim_md5' {NOTE} 'victim_md5'") == 1, compute.output()[-3000:]
+    line = f"role 'victim_md5' {NOTE} 'victim_md5'"
+    # The driver's lines reach compute-ctl's stdout through supervisord's log relay, which runs in
+    # its loop: `running` on /status may come before the line does (the loop is warming up then).
+    wait_for(lambda: line in compute.output(), 30, "the driver's md5 note in the output")
+    assert compute.output().count(line) == 1, compute.output()[-3000:]
     code, body = compute.request("POST", "/configure", {"spec": make_spec(compute, extra_db=True)},
                                  {"Content-Type": "application/json"}, 60)
     assert code == 200, body
