@@ -185,9 +185,8 @@ class EarlyResponder:
         self._wake()  # what it held for want of this may be answerable now
 
     def state_ready(self, path: str) -> None:
-        """The state file exists: answer from it from now on (and -c's JWKS is written)."""
+        """The state file exists: answer from it from now on."""
         self.state_path = path
-        self._wake()
 
     def offer_handover(self, path: str) -> None:
         """Listen for the api worker that takes the held connections (as the compute user, in
@@ -269,8 +268,8 @@ class EarlyResponder:
         self._set_accepting(len(self._conns) < MAX_HELD)
 
     def _reconsider(self) -> None:
-        """Woken by the main thread: what was held for want of what it has learnt since (the
-        JWKS rule, the state file) is decided again; the rest stays held, still unread."""
+        """Woken by the main thread: what was held for want of what it has learnt since (whether
+        there is a JWKS, and its rule) is decided again; the rest stays held, still unread."""
         try:
             while os.read(self._wake_r, 512):
                 pass
