@@ -54,6 +54,8 @@ from compute.base.procutil import COMPUTE_CTL_PID_ENV, SUPERVISORD_PID_ENV, die_
 log = logging.getLogger("compute.boot.cli")
 
 SHUTDOWN_TICK = 0.05
+# The signals that stop supervisord, and what its stop of a program sends (stopsignal TERM or
+# INT; QUIT in gunicorn's terms).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # What asked supervisord to stop, in order: a signal, or the operator's `supervisorctl shutdown`
 # (STOP_BY_RPC). Either is a wanted stop: the tree exits 0, not as a failure.
@@ -157,10 +159,6 @@ def make_rpcinterface(supervisord_) -> ComputeRPCInterface:
 
 _fork = options.ServerOptions.fork
 open_stores: list = []  # our state-db handles: closed before every fork (SQLite after fork only)
-
-
-# What supervisord's stop of a program sends (stopsignal TERM or INT; QUIT in gunicorn's terms).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def _fork_without_open_stores(self):

@@ -7,6 +7,7 @@ is a state the test controls, not a race it hopes to win."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -53,6 +54,14 @@ def exchange(port: int, data: bytes, timeout: float = 30) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         return read_to_eof(s)
+
+
+def send_get(port: int, path: str, token: str | None = None) -> socket.socket:
+    """A plain GET (with `Authorization: Bearer token`), sent; the socket, to read its answer."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    header = f"Authorization: Bearer {token}\r\n" if token else ""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
+    return s
 
 
 def read_to_eof(s: socket.socket) -> bytes:
@@ -238,20 +247,12 @@ def test_with_jwks_a_token_the_api_admits_is_answered_early_and_the_rest_waits_f
     with c:
         first = wait_for(lambda: _try_get(c.http_port, "/healthz"), 30, "a first /healthz")
         assert from_responder(first) and split(first)[0] == 200
-
-        def ask(path: str, auth: str = "") -> socket.socket:
-            s = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
-            header = f"Authorization: Bearer {auth}\r\n" if auth else ""
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
-            return s
-
+        ask = functools.partial(send_get, c.http_port)
         # Asked as soon as the socket answers: held until compute-ctl has checked the JWKS and
         # built its settings, then answered by the responder (the api is held back here).
-        early = exchange(c.http_port, f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                                      "Connection: close\r\n\r\n".encode())
+        early = read_to_eof(ask("/status", token))
         assert from_responder(early) and split(early)[0] == 200 and json.loads(split(early)[2])["status"]
-        assert from_responder(exchange(c.http_port, f"GET /info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                                                    f"{token}\r\nConnection: close\r\n\r\n".encode()))
+        assert from_responder(read_to_eof(ask("/info", token)))
         held = {"status": ask("/status"), "info": ask("/info"), "metrics.json": ask("/metrics.json"),
                 "dbs": ask("/dbs_and_roles"),
                 "another compute's": ask("/status", token_for(ed, "compute-other")),
@@ -279,7 +280,6 @@ def test_a_previous_runs_jwks_file_never_verifies_a_token():
     control plane has not answered, a token signed with the old keys is never answered by
     compute-ctl; the api refuses it (401) once the answer's JWKS is written, and admits the new."""
     import threading
-    import jwt
     from tests.peers.control_plane import ControlPlanePeer
     old_ed, _, old_jwks = jwks_keys()
     new_ed, _, new_jwks = jwks_keys()
@@ -294,13 +294,8 @@ def test_a_previous_runs_jwks_file_never_verifies_a_token():
         os.chown(path, PG_USER.uid, PG_USER.gid)
         os.chmod(path, mode)
 
-    def ask(key) -> socket.socket:
-        admin = jwt.encode({"scope": "compute_ctl:admin", "aud": ["compute"]}, key, algorithm="EdDSA",
-                           headers={"kid": "ed"})
-        s = socket.create_connection(("127.0.0.1", c.http_port), timeout=30)
-        s.sendall(f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        return s
+    def ask(key) -> socket.socket:  # /status with an admin token signed by `key`
+        return send_get(c.http_port, "/status", token_for(key))
     answer = threading.Event()
     with ControlPlanePeer(spec, compute_id="compute-1", jwks=new_jwks, answer_after=answer) as cp:
         c.args += ["-i", "compute-1", "-p", cp.url]

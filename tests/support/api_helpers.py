@@ -292,6 +292,16 @@ def jwks_keys():
     return ed, rs, jwks
 
 
+def forged_token(header: dict, claims: dict, secret: bytes | None) -> str:
+    """A JWT made by hand, as an attacker would: `header` and `claims` as given, signed with
+    HMAC-SHA256 keyed with `secret`, or with an empty signature when `secret` is None."""
+    import hashlib
+    import hmac
+    signing_input = (_b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())).encode()
+    sig = b"" if secret is None else hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return signing_input.decode() + "." + _b64(sig)
+
+
 def token_for(key, compute_id: str | None = None, *, algorithm: str = "EdDSA", **claims: Any) -> str:
     """A token as Neon's clients make them (cp/endpoint.rs generate_jwt): for one compute
     (`compute_id`), or, without one, an admin token (scope compute_ctl:admin, aud ["compute"]).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import os
 import time
@@ -23,7 +22,8 @@ from compute.api.access import (GUARDED, INVALID_AUDIENCE, INVALID_COMPUTE_ID, I
                                 MISSING_AUDIENCE, MISSING_COMPUTE_ID, NOT_VERIFIED, OPEN, READ, Jwks, JwksFile,
                                 answerable_without_credentials, decide, is_loopback, parse_jwks, route_policy)
 from compute.model.compute_config import ComputeCtlConfig, ConfigError, parse_compute_ctl_config
-from tests.support.api_helpers import client_for, fake_driver, jwks_keys, launch_settings, make_state, minimal_spec, rt, write_jwks
+from tests.support.api_helpers import (client_for, fake_driver, forged_token, jwks_keys, launch_settings, make_state,
+                                       minimal_spec, rt, write_jwks)
 
 __all__ = ["rt"]
 
@@ -214,11 +214,7 @@ def test_bad_signatures_and_alg_tricks_are_401(keys, jwks):
     rsa_pem = rs.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     ed_raw = ed.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
-    def forged(header: dict, claims: dict, secret: bytes | None) -> str:
-        signing_input = (b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())).encode()
-        sig = b"" if secret is None else hmac.new(secret, signing_input, hashlib.sha256).digest()
-        return signing_input.decode() + "." + b64(sig)
-
+    forged = forged_token
     good = ed_token(keys, mine())
     head, payload, sig = good.split(".")
     bad = {

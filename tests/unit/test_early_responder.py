@@ -179,21 +179,10 @@ def token_keys():
 
 def _forged_tokens(ed, rs, doc) -> dict[str, str]:
     """Tokens the api's decision refuses (tests/unit/test_access.py has the whole list)."""
-    import hashlib
-    import hmac
     import jwt
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-    from tests.support.api_helpers import token_for
-
-    def b64(data: bytes) -> str:
-        import base64
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    def forged(header: dict, claims: dict, secret: bytes | None) -> str:
-        signing_input = (b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())).encode()
-        sig = b"" if secret is None else hmac.new(secret, signing_input, hashlib.sha256).digest()
-        return signing_input.decode() + "." + b64(sig)
+    from tests.support.api_helpers import forged_token as forged, token_for
 
     mine = {"compute_id": ME, "scope": None, "aud": None}
     rsa_pem = rs.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
