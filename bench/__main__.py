@@ -101,7 +101,7 @@ def run_startup(quick: bool, runs: int | None = None, kills: int | None = None) 
         fake_pg = write_fake_postgres(bin_dir)
         # Interleaved pairs, who goes first alternating (bench/startup.py): both sides of a pair
         # see the same machine weather.
-        neon = added_latency_pairs(runs, tar, fake_pg)
+        neon = added_latency_pairs(runs, tar, fake_pg, floor=True)
         embedded = added_latency_pairs(runs, None, None)
         neon_jwks = added_latency_pairs(runs, tar, fake_pg, jwks=True)  # as Neon's control plane: a token
         # Safekeepers are remote in production: a sync that waits (SLOW_SYNC_MS, idle) shows
@@ -200,6 +200,13 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
                 f = a["first_storage_ms"]
                 row("  exec -> first storage request", f"{f['median']:.0f} ms ({f['min']:.0f}-{f['max']:.0f}; "
                     f"{'initdb' if name == 'embedded' else 'sync-safekeepers'})", "<= 60 ms", f["median"] <= 60)
+            fl = a.get("floor_ms") if a else None
+            if fl:  # bench/startup.py FLOOR_LEVELS: what the first request cannot come before
+                row("  its floor: fresh interpreters, imports only",
+                    f"python -c pass {fl['interpreter']['median']:.0f} ms ({fl['interpreter']['min']:.0f}-"
+                    f"{fl['interpreter']['max']:.0f}); + the stdlib it needs {fl['stdlib']['median']:.0f} "
+                    f"({fl['stdlib']['min']:.0f}-{fl['stdlib']['max']:.0f}); + our modules "
+                    f"{fl['ours']['median']:.0f} ({fl['ours']['min']:.0f}-{fl['ours']['max']:.0f})")
         row("  SIGTERM -> exit 0", f"{c['stop_ms']:.0f} ms", "<= 500 ms", c["stop_ms"] <= 500)
         if "first_status_ms" in c:
             row("/status answers after exec", f"{c['first_status_ms']:.0f} ms (runs {s['first_status_all']})",

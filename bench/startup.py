@@ -28,11 +28,13 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import time
 
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
+from tests.support import tree as tree_support
 from tests.support.tree import Compute, with_neon_storage
 from tests.support.waiting import status_answers, wait_for
 
@@ -194,14 +196,44 @@ def baseline_settings(spec, port: int) -> str:
     return json.dumps({"port": port, "conf": conf})
 
 
+# The floor under exec -> first storage request (issue 22's goal: <= 60 ms), in three fresh
+# interpreters of the tree's own venv, timed from the parent like compute-ctl's exec:
+#   interpreter: `python -c pass` (the venv's site, the .pth files);
+#   stdlib:      the standard library that compute-ctl's checks and its first request need, whatever
+#                our code does: argparse (the flags), json (the spec), re (the spec's patterns, and
+#                argparse's), dataclasses + typing (the typed spec model, compute/model/), socket
+#                (the API socket, bound before anything is touched), ipaddress (--http-address),
+#                ctypes (the subreaper's prctl), subprocess (the sync or initdb);
+#   ours:        those plus our modules that run before the driver's request (compute-ctl's, the
+#                spec model's, the early driver's), imports only: no flag is read, no byte validated.
+# Each is the wall time of the whole process (fork, exec, imports, exit).
+FLOOR_STDLIB = ("argparse", "json", "re", "dataclasses", "typing", "socket", "ipaddress", "ctypes", "subprocess")
+FLOOR_OURS = ("compute.boot.cli", "compute.model.spec", "compute.model.compute_config", "compute.boot.users",
+              "compute.tree.supervisord_conf", "compute.tree.early_driver", "compute.lifecycle.early",
+              "compute.storage.safekeepers", "compute.storage.initdb")
+FLOOR_LEVELS = {"interpreter": "pass", "stdlib": "import " + ", ".join(FLOOR_STDLIB),
+                "ours": "import " + ", ".join(FLOOR_STDLIB + FLOOR_OURS)}
+
+
+def import_floor(python: str) -> dict[str, float]:
+    """ms of each FLOOR_LEVELS process (above), once each."""
+    out = {}
+    for level, code in FLOOR_LEVELS.items():
+        t = time.monotonic()
+        subprocess.run([python, "-c", code], cwd="/", check=True)
+        out[level] = (time.monotonic() - t) * 1000
+    return out
+
+
 def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: bool = False,
-                        sync_delay_ms: int = 0) -> dict:
+                        sync_delay_ms: int = 0, floor: bool = False) -> dict:
     """Interleaved pairs (compute-ctl, the same work by hand), who goes first alternating, so
     both sides of a pair see the same machine weather. Added latency = exec -> running (run_compute)
     minus the by-hand total, per pair; its median and spread, with the by-hand time itself.
     `jwks`: the compute has a JWKS and /status is asked with a token (run_compute).
     `sync_delay_ms`: both sides' stand-in sync waits that long, idle, as the round trips to
-    remote safekeepers would: what the tree's work beside the sync hides in production."""
+    remote safekeepers would: what the tree's work beside the sync hides in production.
+    `floor`: each pair also times the import floor (import_floor) right after its compute run."""
     keys = None
     if jwks:
         from tests.support.api_helpers import jwks_keys, token_for
@@ -212,6 +244,8 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
     spec = parse_spec(probe.new_spec())
     probe.close()
     added, hand, ours, storage, runs, base_runs = [], [], [], [], [], []
+    floors: dict[str, list[float]] = {level: [] for level in FLOOR_LEVELS}
+    python = os.path.join(os.path.dirname(tree_support.COMPUTE_CTL), "python")
     for i in range(pairs):
         port = 20000 + os.getpid() % 10000 + i
         settings = baseline_settings(spec, port)
@@ -221,10 +255,14 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
             by_hand = lambda: run_baseline_embedded(settings)
         if i % 2 == 0:
             c = run_compute(tar, keys, sync_delay_ms)
+            f = import_floor(python) if floor else {}
             b = by_hand()
         else:
             b = by_hand()
             c = run_compute(tar, keys, sync_delay_ms)
+            f = import_floor(python) if floor else {}
+        for level, ms in f.items():
+            floors[level].append(ms)
         runs.append(c)
         base_runs.append(b)
         ours.append(c["wall_to_running_ms"])
@@ -237,7 +275,8 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
         return {"median": round(statistics.median(xs), 1), "min": round(min(xs), 1), "max": round(max(xs), 1),
                 "all": [round(x) for x in xs]} if xs else None
     return {"pairs": pairs, "added_ms": summary(added), "by_hand_ms": summary(hand), "ours_ms": summary(ours),
-            "first_storage_ms": summary(storage), "runs": runs, "baseline_runs": base_runs}
+            "first_storage_ms": summary(storage), "runs": runs, "baseline_runs": base_runs,
+            **({"floor_ms": {level: summary(ms) for level, ms in floors.items()}} if floor else {})}
 
 
 def timeline_summary(runs: list[dict]) -> list[tuple[float, float, float, str]]:
