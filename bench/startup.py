@@ -233,7 +233,7 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
     `jwks`: the compute has a JWKS and /status is asked with a token (run_compute).
     `sync_delay_ms`: both sides' stand-in sync waits that long, idle, as the round trips to
     remote safekeepers would: what the tree's work beside the sync hides in production.
-    `floor`: each pair also times the import floor (import_floor) right after its compute run."""
+    `floor`: each pair also times the import floor (import_floor) right before its compute run."""
     keys = None
     if jwks:
         from tests.support.api_helpers import jwks_keys, token_for
@@ -254,13 +254,13 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
         else:
             by_hand = lambda: run_baseline_embedded(settings)
         if i % 2 == 0:
-            c = run_compute(tar, keys, sync_delay_ms)
             f = import_floor(python) if floor else {}
+            c = run_compute(tar, keys, sync_delay_ms)
             b = by_hand()
         else:
             b = by_hand()
-            c = run_compute(tar, keys, sync_delay_ms)
             f = import_floor(python) if floor else {}
+            c = run_compute(tar, keys, sync_delay_ms)
         for level, ms in f.items():
             floors[level].append(ms)
         runs.append(c)
