@@ -10,7 +10,9 @@ Parts (in the order they run, quietest first):
               JWKS (/status polled with a token, as Neon's control plane does; every 100 ms, as
               its endpoint.rs, `running` timed by the driver's trace mark), and the Neon path
               with a sync that waits 300 ms (remote safekeepers' round trips): the added latency
-              in ms, with the by-hand time; exec -> first storage request (the tree's trace);
+              in ms, with the by-hand time; exec -> first storage request (the tree's trace), and
+              under it the import floor (fresh interpreters: nothing, the stdlib the path needs,
+              our modules: bench/startup.py FLOOR_LEVELS);
               exec -> first /status; kill -9 of the api's master / a worker -> /status 200
               again, of the monitor / the driver -> RUNNING again (bench/startup.py)
   reconcile   1,000 roles + 100 databases: first apply and no-op re-apply (bench/reconcile.py)
@@ -203,7 +205,7 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             fl = a.get("floor_ms") if a else None
             if fl:  # bench/startup.py FLOOR_LEVELS: what the first request cannot come before
                 row("  its floor: fresh interpreters, imports only",
-                    f"python -c pass {fl['interpreter']['median']:.0f} ms ({fl['interpreter']['min']:.0f}-"
+                    f"interpreter {fl['interpreter']['median']:.0f} ms ({fl['interpreter']['min']:.0f}-"
                     f"{fl['interpreter']['max']:.0f}); + the stdlib it needs {fl['stdlib']['median']:.0f} "
                     f"({fl['stdlib']['min']:.0f}-{fl['stdlib']['max']:.0f}); + our modules "
                     f"{fl['ours']['median']:.0f} ({fl['ours']['min']:.0f}-{fl['ours']['max']:.0f})")

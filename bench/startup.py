@@ -14,7 +14,7 @@ The tree's own marks (COMPUTE_TRACE, compute/base/trace.py) are printed as a tim
 `python -m bench --only startup` runs `added_latency_pairs` (issue 22): interleaved pairs, who
 goes first alternating, on the Neon path and on the embedded default (initdb + pg_ctl start -w
 + psql -f by hand): the added latency in ms with the by-hand time, and exec -> first storage
-request from the trace.
+request from the trace, with the import floor under it (FLOOR_LEVELS, Neon pairs).
 Then the api: kill -9 of its gunicorn master, and of a worker, at random moments; per kill, ms
 to the first 200 on /status and to a 200 once the api is whole again (--api-kills N, 0: skip).
 Needs the installed tree (scripts/install.sh) and root (it runs postgres as the postgres user).
