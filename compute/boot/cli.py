@@ -34,6 +34,12 @@ def is_the_program(argv: list[str]) -> bool:
 
 if is_the_program(sys.argv):
     gc.disable()
+    if not (len(sys.argv) > 1 and sys.argv[1] in ("plan", "supervisorctl")):
+        # Our title at once, before the flags are even parsed: they may hold a password (-C) or a
+        # spec with password hashes (-s), which every user can read in `ps` until the title
+        # replaces them (compute/base/proctitle.py). Set again with the runtime dir once known.
+        from compute.base import proctitle
+        proctitle.set_title("bootstrap", None, comm="compute-ctl")
 
 import argparse
 import functools

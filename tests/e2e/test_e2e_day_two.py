@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 
 import psycopg
 
@@ -269,6 +270,26 @@ def test_each_program_has_its_own_title_and_none_shows_a_secret():
             now = ps_args(tree_pids(c.proc.pid))
             return [pid for pid, (comm, args) in now.items() if args == f"compute-ctl: monitor {suffix}" and pid != old]
         assert wait_for(new_monitor, 30, "a new monitor titled as such")
+
+
+def test_compute_ctl_hides_its_flags_from_other_users_before_its_checks():
+    """-C with a password, -S a FIFO nobody writes yet: compute-ctl has parsed its flags (its
+    early responder answers) and waits in its spec check. Another user reading its command line
+    then finds its title, not its flags: the title is set at its first instruction, not after
+    the checks (which a slow spec source, or a slow machine, can make long)."""
+    c = Compute()
+    fifo = os.path.join(c.base, "spec.json")
+    os.mkfifo(fifo, 0o600)
+    secret = "pw-" + uuid.uuid4().hex
+    c.spec = None
+    c.args = ["-C", f"postgresql://cloud_admin:{secret}@127.0.0.1:{c.pg_port}/postgres", "-S", fifo]
+    with c:
+        wait_for(lambda: c.status() is not None, 30, "compute-ctl's early responder")
+        seen = subprocess.run(["runuser", "-u", "nobody", "--", "cat", f"/proc/{c.proc.pid}/cmdline"],
+                              capture_output=True, timeout=30).stdout
+        assert c.proc.poll() is None  # still waiting for its spec: the command line read is its own
+        assert seen.split(b"\0")[0] == b"compute-ctl: bootstrap", seen[:200]
+        assert secret.encode() not in seen and b"-C" not in seen.split(b"\0"), seen[:200]
 
 
 def test_compute_ctl_is_titled_bootstrap_until_it_becomes_supervisord():
