@@ -34,8 +34,7 @@ import time
 from tests.peers.pageserver import PageserverPeer
 from tests.peers.sync_safekeepers import write_fake_postgres
 from tests.support.pgcluster import PGBIN_DIR, run_as_pg, scratch_dir
-from tests.support import tree as tree_support
-from tests.support.tree import Compute, with_neon_storage
+from tests.support.tree import VENV, Compute, with_neon_storage
 from tests.support.waiting import status_answers, wait_for
 
 TENANT, TIMELINE = "3aa8fcc61f6d357410b7de754b1d9001", "de200bd42b49cc1814412c7e592dd6e9"
@@ -247,7 +246,7 @@ def added_latency_pairs(pairs: int, tar: str | None, fake_pg: str | None, jwks: 
     probe.close()
     added, hand, ours, storage, runs, base_runs = [], [], [], [], [], []
     floors: dict[str, list[float]] = {level: [] for level in FLOOR_LEVELS}
-    python = os.path.join(os.path.dirname(tree_support.COMPUTE_CTL), "python")
+    python = os.path.join(VENV, "bin", "python")
     for i in range(pairs):
         port = 20000 + os.getpid() % 10000 + i
         settings = baseline_settings(spec, port)

@@ -32,9 +32,11 @@ def is_the_program(argv: list[str]) -> bool:
     return bool(argv) and argv[0].rsplit("/", 1)[-1] == "compute-ctl"
 
 
+SUBCOMMANDS = ("plan", "supervisorctl")  # compute-ctl's other uses: not a start (main)
+
 if is_the_program(sys.argv):
     gc.disable()
-    if not (len(sys.argv) > 1 and sys.argv[1] in ("plan", "supervisorctl")):
+    if not (len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS):
         # Our title at once, before the flags are even parsed: they may hold a password (-C) or a
         # spec with password hashes (-s), which every user can read in `ps` until the title
         # replaces them (compute/base/proctitle.py). Set again with the runtime dir once known.
@@ -583,7 +585,7 @@ def prepare_runtime_files(runtime_dir: str, ours_jwks: str | None = None) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("plan", "supervisorctl"):
+    if argv and argv[0] in SUBCOMMANDS:
         gc.enable()  # not a start: nothing to hurry
     if argv and argv[0] == "plan":
         from compute.boot.plan_command import main as plan_main

@@ -19,7 +19,7 @@ import sys
 from compute.api import bodies
 from compute.api.handover import HELLO, handover_path
 from compute.shared.state import StateStore, state_path
-from tests.support.api_helpers import jwks_keys, token_for
+from tests.support.api_helpers import jwks_keys, read_to_eof, send_get, split, token_for
 from tests.support.fault_tree import alive, proc_table
 from tests.support.pgcluster import PG_USER
 from tests.support.templates import templates_with
@@ -56,30 +56,8 @@ def exchange(port: int, data: bytes, timeout: float = 30) -> bytes:
         return read_to_eof(s)
 
 
-def send_get(port: int, path: str, token: str | None = None) -> socket.socket:
-    """A plain GET (with `Authorization: Bearer token`), sent; the socket, to read its answer."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    header = f"Authorization: Bearer {token}\r\n" if token else ""
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
-    return s
-
-
-def read_to_eof(s: socket.socket) -> bytes:
-    out = b""
-    while chunk := s.recv(65536):
-        out += chunk
-    return out
-
-
 def get(port: int, path: str) -> bytes:
     return exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-
-
-def split(answer: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 def comparable(answer: bytes) -> bytes:

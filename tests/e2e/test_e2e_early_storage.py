@@ -168,14 +168,14 @@ def test_with_a_jwks_a_token_holder_is_answered_by_compute_ctl_and_the_api_waits
     """With a JWKS compute-ctl's responder answers a token holder's /status itself (the api's
     own decision admits the token), so the forked programs are held as without a JWKS: the
     api's warm-up follows the early driver's hand-over, not postgres' spawn."""
-    from tests.support.api_helpers import jwks_keys, token_for
+    from tests.support.api_helpers import jwks_keys, read_to_eof, send_get, split, token_for
     ed, _, jwks = jwks_keys()
     c = traced(Compute())
     c.spec = c.new_spec()
     c.use_jwks(jwks, token_for(ed))  # an admin token (this push-mode compute has no compute id): status() sends it
     with c:
         events_once(c, "compute-ctl: tree files written")  # the responder takes tokens from here on
-        code, headers, body = _get_with_token(c.http_port, c.token)
+        code, headers, body = split(read_to_eof(send_get(c.http_port, "/status", c.token, timeout=60)))
         handed_over = any(e.startswith("compute-ctl: responder handed over") for _, _, e in read(c.trace))
         assert code == 200 and json.loads(body)["status"] in ("init", "running"), body
         assert handed_over or "server" not in headers, headers  # compute-ctl's answer, not gunicorn's
@@ -188,16 +188,3 @@ def test_with_a_jwks_a_token_holder_is_answered_by_compute_ctl_and_the_api_waits
         assert first(events, "exec: postgres")[0] < handed_t < warming_t
     else:
         print("\nthe hold ran out before the early driver's hand-over")
-
-
-def _get_with_token(port: int, token: str) -> tuple[int, dict[str, str], bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(f"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, body

@@ -475,3 +475,28 @@ def short_runtime_dir() -> str:
 
     from tests.support.pgcluster import SCRATCH_ROOT
     return tempfile.mkdtemp(prefix="cs-api-", dir=SCRATCH_ROOT)
+
+
+# -- raw HTTP on loopback: exactly the bytes a client sends, exactly the bytes it gets -------------
+
+def send_get(port: int, path: str, token: str | None = None, timeout: float = 30) -> socket.socket:
+    """A plain GET (with `Authorization: Bearer token`), sent; the socket, to read its answer."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    header = f"Authorization: Bearer {token}\r\n" if token else ""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n".encode())
+    return s
+
+
+def read_to_eof(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def split(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status code, headers with lower-case names, body) of a raw HTTP answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
